@@ -1,0 +1,176 @@
+"""memfd file handler: `memfd-v1` and `memfd-v2` (include/linux/kho/abi/memfd.h).
+
+`luo_file_ser.data` is the physical address of a packed `struct memfd_luo_ser`:
+
+    memfd-v1 (6.19 .. 7.0), 40 bytes: u64 pos; u64 size; u64 nr_folios; struct kho_vmalloc folios;
+    memfd-v2 (7.1 ..),      48 bytes: u64 pos; u64 size; u32 seals; u32 flags; u64 nr_folios;
+                                      struct kho_vmalloc folios;
+
+`folios` is a vmalloc'ed array of 16-byte `memfd_luo_folio_ser { u64 pfn:52, flags:12; u64 index; }`
+(pfn in bits 0..51, flags in 52..63 on little-endian). Preservation pins every page of the file,
+holes included, so a healthy array covers the whole size.
+"""
+
+from __future__ import annotations
+
+import struct
+from array import array
+from dataclasses import dataclass, field
+
+from .context import DecodeContext
+from .errors import AbiError
+from .extents import ExtentMap
+from .memory import PageAllocator, SparseMemory
+from .vmalloc import VmallocDesc, encode_vmalloc, read_vmalloc
+
+FOLIO_DIRTY = 0x1
+FOLIO_UPTODATE = 0x2
+ALL_SEALS = 0x3F  # F_SEAL_SEAL|SHRINK|GROW|WRITE|FUTURE_WRITE|EXEC
+FOLIO_SER_SIZE = 16
+PFN_MASK = (1 << 52) - 1
+MAX_FOLIO_PAGES = 1 << 10  # a folio spans at most 2^MAX_PAGE_ORDER pages (x86-64, 4 KiB)
+
+
+@dataclass(frozen=True)
+class MemfdFormat:
+    compatible: str
+    ser_size: int
+    has_seals: bool
+
+
+FORMATS: dict[str, MemfdFormat] = {
+    "memfd-v1": MemfdFormat("memfd-v1", 40, False),
+    "memfd-v2": MemfdFormat("memfd-v2", 48, True),
+}
+
+
+@dataclass
+class MemfdState:
+    compatible: str
+    pos: int
+    size: int
+    seals: int | None
+    flags: int | None
+    nr_folios: int
+    folio_array: VmallocDesc
+    folios_read: int = 0
+    folio_flags: dict[int, int] = field(default_factory=dict)  # flags value -> folio count
+    data: ExtentMap = field(default_factory=ExtentMap)  # pages holding the file's data
+    first_page: int | None = None  # physical address of the folio at index 0
+    complete: bool = True
+
+
+def decode(compatible: str, ctx: DecodeContext, phys: int, path: str) -> MemfdState | None:
+    fmt = FORMATS[compatible]
+    if phys == 0 or phys % 8:
+        ctx.add("misaligned", path, f"{compatible}: memfd_luo_ser address {phys:#x} is invalid")
+        return None
+    ctx.ref(phys, fmt.ser_size, path, "memfd_luo_ser")
+    raw = ctx.read(phys, fmt.ser_size, path, "memfd_luo_ser")
+    if raw is None:
+        return None
+    if fmt.has_seals:
+        pos, size, seals, flags, nr_folios = struct.unpack_from("<QQIIQ", raw, 0)
+        desc = VmallocDesc.unpack(raw[32:48])
+    else:
+        pos, size, nr_folios = struct.unpack_from("<QQQ", raw, 0)
+        seals = flags = None
+        desc = VmallocDesc.unpack(raw[24:40])
+    state = MemfdState(compatible, pos, size, seals, flags, nr_folios, desc,
+                       data=ExtentMap(ctx.page_shift))
+    if seals is not None and seals & ~ALL_SEALS:
+        ctx.add("memfd-seals-invalid", path, f"seals {seals:#x} include bits outside "
+                f"{ALL_SEALS:#x}; the next kernel refuses to retrieve this file (EOPNOTSUPP)")
+    if flags:
+        ctx.add("property-malformed", path, f"memfd_luo_ser flags {flags:#x} must be 0")
+    _decode_folios(ctx, state, path)
+    return state
+
+
+def _decode_folios(ctx: DecodeContext, state: MemfdState, path: str) -> None:
+    ps = ctx.page_size
+    npages = -(-state.size // ps)
+    if state.nr_folios == 0:
+        if state.size:
+            ctx.add("memfd-short", path, f"memfd of {state.size} bytes has no folios; its data "
+                    "would come back as zeros")
+        return
+    if state.folio_array.total_pages * ps < state.nr_folios * FOLIO_SER_SIZE:
+        ctx.add("count-mismatch", path, f"nr_folios {state.nr_folios} needs "
+                f"{state.nr_folios * FOLIO_SER_SIZE} bytes but the folio array has "
+                f"{state.folio_array.total_pages} page(s)")
+    area = read_vmalloc(ctx, state.folio_array, path, "memfd folio array")
+    if not area.complete:
+        state.complete = False
+        return
+    remaining = state.nr_folios
+    # Folio sizes are not in the array (the kernel takes them from the preserved-memory map), so
+    # a hole is provable only where two indices lie farther apart than the largest folio can
+    # span, where the first folio does not start at index 0, or where the tail is out of reach.
+    gap: tuple[int, int] | None = None
+    prev_index = -1
+    ascending = True
+    block = ps << area.desc.order
+    for blk in area.blocks:
+        if remaining <= 0:
+            break
+        raw = ctx.read(blk, block, path, "memfd folio array page")
+        if raw is None:
+            state.complete = False
+            return
+        words = array("Q", raw)
+        n = min(remaining, len(words) // 2)
+        for i in range(n):
+            word, index = words[2 * i], words[2 * i + 1]
+            pfn, fflags = word & PFN_MASK, word >> 52
+            state.folio_flags[fflags] = state.folio_flags.get(fflags, 0) + 1
+            if index <= prev_index:
+                ascending = False
+            elif gap is None and index - max(prev_index, 0) > (MAX_FOLIO_PAGES if prev_index >= 0
+                                                                else 0):
+                gap = (prev_index + 1, index)
+            prev_index = max(prev_index, index)
+            if pfn == 0:
+                continue  # the kernel skips a zero pfn on restore
+            state.data.add(pfn << ctx.page_shift, ps, 0)
+            if index == 0:
+                state.first_page = pfn << ctx.page_shift
+        state.folios_read += n
+        remaining -= n
+    if not ascending:
+        ctx.add("blob-malformed", path, "memfd folio indices are not strictly increasing")
+    if state.folios_read < state.nr_folios:
+        ctx.add("count-mismatch", path, f"nr_folios is {state.nr_folios} but the folio array "
+                f"holds only {state.folios_read}")
+    if gap is not None:
+        ctx.add("memfd-short", path, f"no folio can cover pages {gap[0]}..{gap[1] - 1} of the "
+                "file; that data would be lost")
+    elif npages - prev_index > MAX_FOLIO_PAGES:
+        ctx.add("memfd-short", path, f"the last folio starts at page {prev_index} but the file "
+                f"has {npages} pages ({state.size} bytes); the tail would be lost")
+
+
+def encode(compatible: str, content: bytes, memory: SparseMemory, alloc: PageAllocator, *,
+           size: int | None = None, pos: int = 0, seals: int = 0x1) -> int:
+    """Preserve a memfd holding `content` (zero-filled up to `size`), as memfd_luo_preserve()
+    does: every page gets an order-0 folio, holes included. Returns the memfd_luo_ser address."""
+    fmt = FORMATS.get(compatible)
+    if fmt is None:
+        raise AbiError(f"no memfd format {compatible!r}")
+    ps = memory.page_size
+    size = len(content) if size is None else size
+    npages = -(-size // ps)
+    folios = bytearray()
+    for index in range(npages):
+        phys = alloc.alloc(ps)
+        memory.write(phys, content[index * ps:(index + 1) * ps].ljust(ps, b"\0"))
+        word = (phys >> (ps.bit_length() - 1)) | ((FOLIO_DIRTY | FOLIO_UPTODATE) << 52)
+        folios += struct.pack("<QQ", word, index)
+    desc = encode_vmalloc(bytes(folios), memory, alloc) if npages else VmallocDesc(0, 0, 0, 0)
+    ser_phys = alloc.alloc(fmt.ser_size)
+    if fmt.has_seals:
+        raw = struct.pack("<QQIIQ", pos, size, seals, 0, npages) + desc.pack()
+    else:
+        raw = struct.pack("<QQQ", pos, size, npages) + desc.pack()
+    memory.write(ser_phys, raw)
+    return ser_phys

@@ -1,0 +1,217 @@
+"""Decode a whole KHO state: root FDT, preserved-memory map, and every subtree.
+
+Inputs are what a host can show: the root FDT as read (possibly cut short by the debugfs defect, or
+absent on a kernel that itself booted through KHO), the debugfs copies of the subtree blobs, the
+scratch areas, and optionally physical memory. Nothing here raises for bad input: every defect is a
+finding and the rest is still decoded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from . import kexec_metadata, kho_test, luo, memblock
+from . import memmap as memmap_mod
+from .checks import check_state
+from .context import DecodeContext, MemRef, Side
+from .errors import AbiError, FdtTruncated, MemoryUnavailable
+from .fdt import FDT_MAGIC
+from .findings import Finding
+from .kho_root import ROOT_FORMATS, KhoRoot, decode_root, recover_truncated_root
+from .memmap import MemoryMapWalk
+
+SubtreeDecoder = Callable[[bytes, DecodeContext, str], object | None]
+SUBTREE_DECODERS: dict[str, SubtreeDecoder] = {
+    luo.SUBTREE_NAME: luo.decode,
+    memblock.SUBTREE_NAME: memblock.decode,
+    kexec_metadata.SUBTREE_NAME: kexec_metadata.decode,
+    kho_test.SUBTREE_NAME: kho_test.decode,
+}
+MAX_UNSIZED_BLOB = 1 << 20  # kho-v1 subtree FDTs carry no size; bound what we read
+
+
+@dataclass(frozen=True)
+class ScratchArea:
+    phys: int
+    size: int
+    role: str  # "lowmem", "global", "node N"
+
+
+def scratch_roles(count: int) -> list[str]:
+    """kho_scratch[] order: lowmem, global, then one area per NUMA node with memory."""
+    return ["lowmem", "global", *(f"node {i}" for i in range(max(count - 2, 0)))][:count]
+
+
+@dataclass
+class KhoInput:
+    root_fdt: bytes | None
+    sub_blobs: dict[str, bytes] = field(default_factory=dict)
+    scratch: list[ScratchArea] = field(default_factory=list)
+    memory: memmap_mod.PhysicalMemory | None = None
+    side: Side = Side.OUT
+    page_shift: int = 12
+
+
+@dataclass
+class Subtree:
+    name: str
+    phys: int | None
+    size: int | None
+    source: str  # where the bytes came from: "memory", "debugfs", or "none"
+    decoded: object | None = None
+
+
+@dataclass
+class KhoState:
+    side: Side
+    compatible: str | None
+    root_source: str  # "fdt", "truncated-fdt", "none"
+    fdt_size: int | None
+    memmap_phys: int | None
+    memmap: MemoryMapWalk | None
+    subtrees: list[Subtree]
+    scratch: list[ScratchArea]
+    findings: list[Finding]
+    refs: list[MemRef]
+
+
+def _root(inp: KhoInput, ctx: DecodeContext) -> tuple[KhoRoot | None, str]:
+    if inp.root_fdt is None:
+        if inp.side is Side.OUT:
+            ctx.add("debugfs-fdt-absent", "/",
+                    "there is no outgoing root FDT to read (a kernel that booted through KHO does "
+                    "not expose kho/out/fdt); the subtrees were decoded from out/sub_fdts")
+        else:
+            ctx.add("property-missing", "/", "there is no incoming root FDT: this boot did not "
+                    "come through KHO, so nothing was handed over", )
+        return None, "none"
+    try:
+        return decode_root(inp.root_fdt), "fdt"
+    except FdtTruncated as exc:
+        root = recover_truncated_root(inp.root_fdt)
+        ctx.add("debugfs-fdt-truncated", "/",
+                f"the root FDT is cut short ({exc.have} of {exc.need} bytes): a known kernel "
+                "defect fixes debugfs kho/out/fdt at its size when KHO starts, and later "
+                "subtrees grow the FDT. "
+                + ("The root compatible and memory map were read from the prefix; "
+                   if root else "")
+                + "the subtrees were decoded from out/sub_fdts")
+        return root, "truncated-fdt"
+    except AbiError as exc:
+        ctx.add("blob-malformed", "/", f"the root FDT cannot be decoded: {exc}; the next kernel "
+                "would disable KHO revival and every preserved page would be lost")
+        return None, "none"
+
+
+def _fetch(inp: KhoInput, ctx: DecodeContext, name: str, phys: int | None,
+           size: int | None) -> tuple[bytes | None, str]:
+    path = f"/{name}"
+    if phys and inp.memory is not None:
+        try:
+            if size is None:
+                head = inp.memory.read(phys, 8)
+                if int.from_bytes(head[:4], "big") != FDT_MAGIC:
+                    size = ctx.page_size
+                else:
+                    size = min(int.from_bytes(head[4:8], "big"), MAX_UNSIZED_BLOB)
+            return inp.memory.read(phys, size), "memory"
+        except MemoryUnavailable:
+            pass
+    if name in inp.sub_blobs:
+        return inp.sub_blobs[name], "debugfs"
+    where = f" at {phys:#x}" if phys else ""
+    ctx.add("memory-unavailable", path, f"the {name} subtree blob{where} is neither in the "
+            "memory source nor among the sub_fdts copies; it was not decoded")
+    return None, "none"
+
+
+def decode_state(inp: KhoInput) -> KhoState:
+    ctx = DecodeContext(inp.memory, inp.side, inp.page_shift)
+    root, root_source = _root(inp, ctx)
+    fmt = ROOT_FORMATS.get(root.compatible) if root else None
+    if root is not None:
+        for code, path, message in root.problems:
+            ctx.add(code, path, message)
+        if fmt is None and root.compatible:
+            ctx.add("compatible-unknown", "/",
+                    f"KHO root compatible {root.compatible!r} is unknown to this decoder (known: "
+                    f"{', '.join(ROOT_FORMATS)}); a kernel that speaks another version disables "
+                    "KHO revival and every preserved page is lost")
+
+    # Subtrees: those the root lists, else the debugfs copies (truncated or absent root FDT).
+    refs: list[tuple[str, int | None, int | None]]
+    if root is not None and not root.recovered:
+        refs = [(s.name, s.phys, s.size) for s in root.subtrees]
+        for s in root.subtrees:
+            for code, message in s.problems:
+                ctx.add(code, f"/{s.name}", message)
+        for extra in sorted(set(inp.sub_blobs) - {s.name for s in root.subtrees}):
+            refs.append((extra, None, None))
+            ctx.add("count-mismatch", f"/{extra}", f"sub_fdts has {extra!r} but the root FDT "
+                    "does not list it")
+    else:
+        refs = [(name, None, None) for name in sorted(inp.sub_blobs)]
+
+    subtrees: list[Subtree] = []
+    for name, phys, size in refs:
+        path = f"/{name}"
+        if phys is not None and inp.side is Side.OUT:
+            if phys % 8:
+                ctx.add("misaligned", path, f"subtree data address {phys:#x} is not 8-aligned")
+            ctx.ref(phys, size or ctx.page_size, path, f"{name} subtree blob")
+        blob, source = _fetch(inp, ctx, name, phys, size)
+        sub = Subtree(name, phys, size if size is not None else (len(blob) if blob else None),
+                      source)
+        subtrees.append(sub)
+        if blob is None:
+            continue
+        if size is not None and len(blob) != size:
+            ctx.add("count-mismatch", path, f"blob-size is {size} but {len(blob)} bytes were "
+                    "read")
+        decoder = SUBTREE_DECODERS.get(name)
+        if decoder is None:
+            ctx.add("subtree-unknown", path, f"subtree {name!r} has no decoder here; its "
+                    "contents were not checked (a newer kernel subsystem, or a test module)")
+            continue
+        sub.decoded = decoder(blob, ctx, path)
+
+    walk = _memmap(inp, ctx, root, fmt.memmap if fmt else None)
+    scratch = list(inp.scratch)
+    check_state(ctx, walk, scratch)
+    return KhoState(inp.side, root.compatible if root else None, root_source,
+                    root.fdt_size if root else None, root.memmap_phys if root else None, walk,
+                    subtrees, scratch, ctx.findings, ctx.refs)
+
+
+def _memmap(inp: KhoInput, ctx: DecodeContext, root: KhoRoot | None,
+            fmt_name: str | None) -> MemoryMapWalk | None:
+    path = "/preserved-memory-map"
+    if root is None or root.memmap_phys is None or fmt_name is None:
+        return None
+    if root.memmap_phys == 0:
+        if root.compatible == "kho-v1" and inp.side is Side.OUT:
+            ctx.add("memmap-not-checked", path, "preserved-memory-map is 0: a kho-v1 kernel "
+                    "writes the map only at finalize (inside reboot() with LUO)")
+        else:
+            ctx.add("property-malformed", path, "preserved-memory-map is 0; the next kernel "
+                    "disables KHO revival and every preserved page is lost")
+        return None
+    if inp.side is Side.IN:
+        ctx.add("memmap-not-checked", path, "on the incoming side the map's pages are no longer "
+                "reserved and may hold other data; the map is checked on the outgoing side, "
+                "before the kexec")
+        return None
+    if inp.memory is None:
+        ctx.add("memmap-not-checked", path, f"the map at {root.memmap_phys:#x} was not read: no "
+                "memory source (pass --memory CORE or --kcore)")
+        return None
+    walker = memmap_mod.MEMMAP_FORMATS.get(fmt_name)
+    if walker is None:
+        ctx.add("memmap-not-checked", path, f"no walker for memory-map format {fmt_name!r}")
+        return None
+    try:
+        return walker(inp.memory, root.memmap_phys, inp.page_shift)
+    except AbiError as exc:
+        ctx.add("blob-malformed", path, f"the preserved-memory map cannot be walked: {exc}")
+        return None

@@ -1,0 +1,164 @@
+"""`struct kho_vmalloc` chunk chains (include/linux/kho/abi/kexec_handover.h, 7.0+; versioned by
+the KHO root compatible).
+
+    struct kho_vmalloc { u64 first; u32 total_pages; u16 flags; u16 order; };  // 16 bytes
+    struct kho_vmalloc_chunk { u64 next; u64 phys[(PAGE_SIZE - 8) / 8]; };    // one page
+
+`phys[]` lists blocks of 2^order pages; it is zero-terminated unless the chunk is full, and a new
+chunk is allocated as soon as one fills, so the last chunk may be empty. The kernel's restore fails
+unless the blocks add up to exactly `total_pages`.
+"""
+
+from __future__ import annotations
+
+import struct
+from array import array
+from dataclasses import dataclass, field
+
+from .context import DecodeContext
+from .errors import AbiError
+from .memory import PageAllocator, SparseMemory
+
+DESC_SIZE = 16
+FLAG_ALLOC = 0x0001      # VM_ALLOC
+FLAG_HUGE_VMAP = 0x0002  # VM_ALLOW_HUGE_VMAP
+KNOWN_FLAGS = FLAG_ALLOC | FLAG_HUGE_VMAP
+MAX_CHUNKS = 1 << 20     # 2 GiB of area data at 4 KiB: far beyond any real use; bounds a bad chain
+
+
+@dataclass
+class VmallocDesc:
+    first: int
+    total_pages: int
+    flags: int
+    order: int
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> VmallocDesc:
+        if len(raw) < DESC_SIZE:
+            raise AbiError(f"kho_vmalloc descriptor is {len(raw)} bytes, needs {DESC_SIZE}")
+        return cls(*struct.unpack_from("<QIHH", raw, 0))
+
+    def pack(self) -> bytes:
+        return struct.pack("<QIHH", self.first, self.total_pages, self.flags, self.order)
+
+
+@dataclass
+class VmallocArea:
+    desc: VmallocDesc
+    chunk_pages: list[int] = field(default_factory=list)
+    blocks: list[int] = field(default_factory=list)  # physical address of each 2^order block
+    complete: bool = True
+
+    def pages(self, page_size: int) -> list[int]:
+        step = page_size
+        n = 1 << self.desc.order
+        return [b + i * step for b in self.blocks for i in range(n)]
+
+
+def read_vmalloc(ctx: DecodeContext, desc: VmallocDesc, path: str, what: str) -> VmallocArea:
+    area = VmallocArea(desc)
+    ps = ctx.page_size
+    if desc.flags & ~KNOWN_FLAGS:
+        ctx.add("vmalloc-flags-unknown", path, f"{what}: kho_vmalloc flags {desc.flags:#x} carry "
+                f"bits outside {KNOWN_FLAGS:#x}; the next kernel silently drops them")
+    if desc.first == 0:
+        if desc.total_pages:
+            ctx.add("count-mismatch", path, f"{what}: kho_vmalloc has total_pages "
+                    f"{desc.total_pages} but no chunk")
+            area.complete = False
+        return area
+    per_chunk = (ps - 8) // 8
+    seen: set[int] = set()
+    phys = desc.first
+    while phys:
+        if phys in seen:
+            ctx.add("chain-cycle", path, f"{what}: kho_vmalloc chunk chain loops back to "
+                    f"{phys:#x}")
+            area.complete = False
+            break
+        if len(seen) >= MAX_CHUNKS:
+            ctx.add("chain-too-long", path, f"{what}: kho_vmalloc chain exceeds {MAX_CHUNKS} "
+                    "chunks")
+            area.complete = False
+            break
+        if phys % ps:
+            ctx.add("misaligned", path, f"{what}: kho_vmalloc chunk {phys:#x} is not page aligned")
+            area.complete = False
+            break
+        seen.add(phys)
+        area.chunk_pages.append(phys)
+        ctx.ref(phys, ps, path, f"{what} vmalloc chunk")
+        page = ctx.read(phys, ps, path, f"{what} vmalloc chunk")
+        if page is None:
+            area.complete = False
+            break
+        words = array("Q", page)
+        nxt = words[0]
+        full = True
+        for entry in words[1:1 + per_chunk]:
+            if entry == 0:
+                full = False
+                break
+            area.blocks.append(entry)
+        if not full and nxt:
+            # A chunk that is not full ends the list in the kernel's writer; a link after it is
+            # ignored by the reader too, but it means the structure is not what the kernel wrote.
+            ctx.add("blob-malformed", path, f"{what}: kho_vmalloc chunk {phys:#x} is not full "
+                    "but links to another chunk")
+            break
+        phys = nxt
+    block = ps << desc.order
+    for b in area.blocks:
+        if b % block:
+            ctx.add("misaligned", path, f"{what}: vmalloc block {b:#x} is not aligned to its "
+                    f"order {desc.order}")
+            break
+    for b in area.blocks:
+        ctx.ref(b, block, path, f"{what} vmalloc data")
+    if area.complete and len(area.blocks) << desc.order != desc.total_pages:
+        ctx.add("count-mismatch", path, f"{what}: kho_vmalloc lists {len(area.blocks) << desc.order}"
+                f" pages but total_pages is {desc.total_pages}; the next kernel refuses to "
+                "restore it")
+    return area
+
+
+def read_area_bytes(ctx: DecodeContext, area: VmallocArea, length: int, path: str,
+                    what: str) -> bytes | None:
+    """Concatenate the area's data up to `length` bytes (None if any page is unavailable)."""
+    block = ctx.page_size << area.desc.order
+    out = bytearray()
+    for b in area.blocks:
+        if len(out) >= length:
+            break
+        data = ctx.read(b, min(block, length - len(out)), path, what)
+        if data is None:
+            return None
+        out += data
+    return bytes(out) if len(out) >= length else None
+
+
+def encode_vmalloc(data: bytes, memory: SparseMemory, alloc: PageAllocator, *,
+                   flags: int = FLAG_ALLOC, order: int = 0) -> VmallocDesc:
+    """Preserve `data` as a vmalloc area the way kho_preserve_vmalloc() lays it out."""
+    ps = memory.page_size
+    block = ps << order
+    nblocks = max(1, -(-len(data) // block)) if data else 0
+    if nblocks == 0:
+        return VmallocDesc(0, 0, 0, 0)
+    per_chunk = (ps - 8) // 8
+    chunks: list[list[int]] = [[]]
+    for i in range(nblocks):
+        phys = alloc.alloc(block, align=block)
+        memory.write(phys, data[i * block:(i + 1) * block].ljust(block, b"\0"))
+        chunks[-1].append(phys)
+        if len(chunks[-1]) == per_chunk:
+            chunks.append([])  # the kernel starts a new chunk as soon as one fills
+    addrs = [alloc.alloc(ps) for _ in chunks]
+    for n, (phys, entries) in enumerate(zip(addrs, chunks, strict=True)):
+        page = bytearray(ps)
+        struct.pack_into("<Q", page, 0, addrs[n + 1] if n + 1 < len(addrs) else 0)
+        for i, entry in enumerate(entries):
+            struct.pack_into("<Q", page, 8 + 8 * i, entry)
+        memory.write(phys, bytes(page))
+    return VmallocDesc(addrs[0], nblocks << order, flags, order)
