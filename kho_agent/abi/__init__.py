@@ -3,6 +3,7 @@ findings out. No other I/O. Every format is keyed by its compatible string or ve
 its own module; see ROOT_FORMATS, MEMMAP_FORMATS, SUBTREE_DECODERS, luo.RAW_FORMATS, FILE_HANDLERS.
 """
 
+from . import memmap_chunks as _memmap_chunks  # noqa: F401  (registers the kho-v1 walkers)
 from . import radix as _radix  # noqa: F401  (registers the radix memory-map walkers)
 from .context import Side
 from .errors import AbiError, FdtTruncated, MemoryUnavailable

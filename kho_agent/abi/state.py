@@ -29,6 +29,9 @@ SUBTREE_DECODERS: dict[str, SubtreeDecoder] = {
     kho_test.SUBTREE_NAME: kho_test.decode,
 }
 MAX_UNSIZED_BLOB = 1 << 20  # kho-v1 subtree FDTs carry no size; bound what we read
+# blob-size comes from the FDT: never turn an absurd value into a read of that size (on /proc/kcore
+# it would copy all of RAM). Real subtree blobs are a page or less.
+MAX_SIZED_BLOB = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,11 @@ def _root(inp: KhoInput, ctx: DecodeContext) -> tuple[KhoRoot | None, str]:
 def _fetch(inp: KhoInput, ctx: DecodeContext, name: str, phys: int | None,
            size: int | None) -> tuple[bytes | None, str]:
     path = f"/{name}"
+    if size is not None and size > MAX_SIZED_BLOB:
+        ctx.add("property-malformed", path, f"blob-size {size:#x} is beyond any real subtree "
+                f"blob (this decoder reads at most {MAX_SIZED_BLOB:#x} bytes); the blob was not "
+                "read from memory")
+        phys = None
     if phys and inp.memory is not None:
         try:
             if size is None:

@@ -1,0 +1,53 @@
+"""kho-agentctl: one module per command, registered in COMMANDS (name -> module).
+
+Exit codes are stable for fleet tooling: 0 ok, 1 the check found errors, 2 could not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from types import ModuleType
+
+from ..abi.errors import AbiError
+from ..kernel.debugfs import DebugfsError
+from . import compat, decode
+from .common import EXIT_CANNOT_RUN, CliError
+
+COMMANDS: dict[str, ModuleType] = {
+    "decode": decode,
+    "check": decode,
+    "compat": compat,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kho-agentctl",
+        description="Drive and check Linux live updates (KHO + LUO).",
+        epilog="Exit codes: 0 ok, 1 errors found, 2 could not run.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module in COMMANDS.items():
+        add: Callable[[argparse._SubParsersAction[argparse.ArgumentParser], str], None] = \
+            module.add_parser
+        add(sub, name)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.run(args)
+        return code
+    except (CliError, DebugfsError, AbiError) as exc:
+        print(f"kho-agentctl {args.command}: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_RUN
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"kho-agentctl {args.command}: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_CANNOT_RUN
+    except KeyboardInterrupt:
+        print(f"kho-agentctl {args.command}: interrupted", file=sys.stderr)
+        return EXIT_CANNOT_RUN

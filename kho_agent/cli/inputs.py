@@ -1,0 +1,86 @@
+"""Gather a KhoInput from the command line: a debugfs copy or file, a memory source, live mode."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from contextlib import ExitStack
+
+from ..abi import KhoInput, ScratchArea, Side
+from ..abi.state import scratch_roles
+from ..kernel import debugfs
+from ..kernel.physmem import KCORE_PATH, ElfCoreMemory
+from .common import CliError
+
+
+def add_state_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("fdt", nargs="?", metavar="FDT",
+                   help="root KHO FDT file, or a directory laid out like debugfs kho/out or "
+                        "kho/in (fdt, sub_fdts/, scratch_phys, scratch_len)")
+    mem = p.add_mutually_exclusive_group()
+    mem.add_argument("--memory", metavar="CORE",
+                     help="ELF core with physical addresses in p_paddr (the /proc/kcore layout)")
+    mem.add_argument("--kcore", action="store_true", help=f"read physical memory from "
+                     f"{KCORE_PATH} (root)")
+    p.add_argument("--live", action="store_true",
+                   help="read this host's state: debugfs kho/out (kho/in with --in) and "
+                        "/proc/kcore")
+    p.add_argument("--in", dest="incoming", action="store_true",
+                   help="the state is the incoming side after a kexec")
+    p.add_argument("--sub-fdts", metavar="DIR",
+                   help="directory of subtree blobs (debugfs sub_fdts) when FDT is a file")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--debugfs", default=debugfs.DEFAULT_DEBUGFS, help=argparse.SUPPRESS)
+    p.add_argument("--kcore-path", default=KCORE_PATH, help=argparse.SUPPRESS)
+
+
+def _blobs_from_dir(path: str) -> dict[str, bytes]:
+    blobs: dict[str, bytes] = {}
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        if os.path.isfile(full):
+            with open(full, "rb") as fh:
+                blobs[name] = fh.read()
+    return blobs
+
+
+def load_input(args: argparse.Namespace, stack: ExitStack) -> tuple[KhoInput, str]:
+    """Return the decoder input and a one-line description of where it came from."""
+    side = Side.IN if args.incoming else Side.OUT
+    if args.live:
+        if args.fdt or args.memory:
+            raise CliError("--live reads this host; do not also give FDT or --memory")
+        path = debugfs.kho_dir(args.debugfs, side.value)
+        snap = debugfs.read_snapshot(path)
+        mem_path: str | None = args.kcore_path
+        source = f"live {path}"
+    else:
+        if not args.fdt:
+            raise CliError("give FDT (a file or a debugfs-style directory), or --live")
+        if os.path.isdir(args.fdt):
+            snap = debugfs.read_snapshot(args.fdt)
+        else:
+            with open(args.fdt, "rb") as fh:
+                snap = debugfs.KhoDebugfsSnapshot(args.fdt, fh.read())
+        if args.sub_fdts:
+            if not os.path.isdir(args.sub_fdts):
+                raise CliError(f"--sub-fdts {args.sub_fdts} is not a directory")
+            snap.sub_blobs.update(_blobs_from_dir(args.sub_fdts))
+        mem_path = args.kcore_path if args.kcore else args.memory
+        source = args.fdt
+    memory = None
+    if mem_path:
+        try:
+            memory = stack.enter_context(ElfCoreMemory(mem_path))
+        except PermissionError as exc:
+            raise CliError(f"{mem_path}: permission denied; reading physical memory needs "
+                           "root") from exc
+        except FileNotFoundError as exc:
+            raise CliError(f"{mem_path} does not exist" + (
+                " (the kernel lacks CONFIG_PROC_KCORE)" if mem_path == KCORE_PATH else "")) \
+                from exc
+        source += f" + memory {mem_path}"
+    roles = scratch_roles(len(snap.scratch_phys))
+    scratch = [ScratchArea(p, n, r) for p, n, r in zip(snap.scratch_phys, snap.scratch_len,
+                                                       roles, strict=True)]
+    return KhoInput(snap.fdt, snap.sub_blobs, scratch, memory, side), source

@@ -1,0 +1,19 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def samples_dir() -> Path:
+    """The captured KHO/LUO samples: tests/data/kho-samples, else ../shared/kho-samples."""
+    for candidate in (REPO / "tests" / "data" / "kho-samples",
+                      REPO.parent / "shared" / "kho-samples"):
+        if (candidate / "case-in-1").is_dir():
+            return candidate
+    pytest.skip("kho-samples not found in tests/data/kho-samples or ../shared/kho-samples")
