@@ -1,4 +1,4 @@
-"""The decoder against state captured from a real 7.3-rc7 KHO/LUO kernel (tests/data/kho-samples)."""
+"""The decoder against state captured from a real 7.3-rc7 KHO/LUO kernel (tests/data)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,18 @@ from typing import Any
 
 import pytest
 
-from kho_agent.abi import KhoInput, KhoState, Severity, Side, decode_state
-from kho_agent.abi import kexec_metadata, kho_root, kho_test, luo_v5, memblock
+from kho_agent.abi import (
+    KhoInput,
+    KhoState,
+    Severity,
+    Side,
+    decode_state,
+    kexec_metadata,
+    kho_root,
+    kho_test,
+    luo_v5,
+    memblock,
+)
 from kho_agent.abi.context import DecodeContext
 from kho_agent.abi.jsonview import to_json
 from kho_agent.abi.luo_common import LuoState

@@ -1,4 +1,4 @@
-"""KHO serialization blocks (`kho-v4`, include/linux/kho/abi/block.h, kernel/liveupdate/kho_block.c).
+"""KHO serialization blocks (`kho-v4`; include/linux/kho/abi/block.h, kho_block.c).
 
 Each block is one page headed by
 
@@ -33,7 +33,8 @@ class BlockChain:
     complete: bool = True  # False when a block could not be read or the chain was cut
 
 
-def walk_blocks(ctx: DecodeContext, first: int, entry_size: int, path: str, what: str) -> BlockChain:
+def walk_blocks(ctx: DecodeContext, first: int, entry_size: int, path: str,
+                what: str) -> BlockChain:
     """Read a block chain; every defect the kernel would refuse becomes an error finding."""
     chain = BlockChain()
     cap = capacity(entry_size, ctx.page_size)
@@ -56,6 +57,9 @@ def walk_blocks(ctx: DecodeContext, first: int, entry_size: int, path: str, what
             chain.complete = False
             break
         seen.add(phys)
+        if not ctx.claim(phys, bpath, f"{what} block"):
+            chain.complete = False
+            break
         ctx.ref(phys, ctx.page_size, bpath, f"{what} block")
         page = ctx.read(phys, ctx.page_size, bpath, f"{what} block")
         if page is None:

@@ -37,6 +37,11 @@ class DecodeContext:
     findings: list[Finding] = field(default_factory=list)
     refs: list[MemRef] = field(default_factory=list)
     missing: int = 0  # reads the memory source could not serve
+    # page -> path of the chain (block chain, vmalloc chunk chain) that owns it. The kernel
+    # restores each such page once, so a page reached from two owners is a defect, and not
+    # following it again keeps a decode linear in the input (a shared chain would otherwise be
+    # walked once per referrer).
+    owners: dict[int, str] = field(default_factory=dict)
 
     @property
     def page_size(self) -> int:
@@ -47,6 +52,17 @@ class DecodeContext:
 
     def ref(self, phys: int, length: int, path: str, what: str) -> None:
         self.refs.append(MemRef(phys, length, path, what))
+
+    def claim(self, phys: int, path: str, what: str) -> bool:
+        """Mark a chain page as owned by `path`; if another owner has it, report chain-cycle
+        and return False (the caller stops following that chain)."""
+        owner = self.owners.get(phys)
+        if owner is None:
+            self.owners[phys] = path
+            return True
+        self.add("chain-cycle", path, f"{what} at {phys:#x} already belongs to {owner}; the next "
+                 "kernel restores a page once, so the second restore fails")
+        return False
 
     def read(self, phys: int, length: int, path: str, what: str) -> bytes | None:
         """Read from the memory source; a miss becomes one info finding and returns None."""

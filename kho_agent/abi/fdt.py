@@ -221,7 +221,7 @@ class FdtTree:
     @classmethod
     def open(cls, blob: bytes) -> FdtTree:
         """fdt_open_into(): take an existing blob, keeping its string table and name offsets."""
-        totalsize, off_struct, off_strings, off_rsv, size_strings, _ = check_header(blob)
+        _, _, off_strings, off_rsv, size_strings, _ = check_header(blob)
         parsed = parse_fdt(blob)
         strtab = blob[off_strings:off_strings + size_strings]
 

@@ -63,6 +63,9 @@ CODES: dict[str, tuple[Severity, str]] = {
     "memfd-short": (Severity.ERROR, "a memfd's folio list does not cover its size"),
     "memfd-seals-invalid": (Severity.ERROR, "seal bits the kernel refuses on retrieve"),
     "vmalloc-flags-unknown": (Severity.WARNING, "kho_vmalloc flag bits the kernel drops on restore"),
+    # ABI compatibility between the running and a target kernel (abi/compat.py)
+    "abi-incompatible": (Severity.ERROR, "the target kernel does not accept a contract the running kernel hands over"),
+    "abi-unverified": (Severity.WARNING, "a contract's version is not known on one side; compatibility is not proven"),
     # kernel quirks
     "debugfs-fdt-truncated": (Severity.INFO, "debugfs kho/out/fdt is cut short by a known kernel defect"),
     "debugfs-fdt-absent": (Severity.INFO, "no kho/out/fdt: the kernel booted through KHO and does not expose it"),

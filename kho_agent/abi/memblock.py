@@ -1,4 +1,4 @@
-"""memblock `reserve_mem` preservation: `memblock-v1` / `reserve-mem-v1` (include/linux/kho/abi/memblock.h).
+"""memblock `reserve_mem` preservation: `memblock-v1` / `reserve-mem-v1` (abi/memblock.h).
 
 The `memblock` subtree is an FDT written with libfdt's sequential-write API:
 

@@ -114,7 +114,9 @@ def _decode_folios(ctx: DecodeContext, state: MemfdState, path: str) -> None:
     for blk in area.blocks:
         if remaining <= 0:
             break
-        raw = ctx.read(blk, block, path, "memfd folio array page")
+        # Read only the part of the block that holds the remaining entries.
+        raw = ctx.read(blk, min(block, remaining * FOLIO_SER_SIZE), path,
+                       "memfd folio array page")
         if raw is None:
             state.complete = False
             return
@@ -137,6 +139,8 @@ def _decode_folios(ctx: DecodeContext, state: MemfdState, path: str) -> None:
                 state.first_page = pfn << ctx.page_shift
         state.folios_read += n
         remaining -= n
+    for ext in state.data:  # coalesced: one reference per physically contiguous run
+        ctx.ref(ext.phys, ext.size, path, "memfd data folio")
     if not ascending:
         ctx.add("blob-malformed", path, "memfd folio indices are not strictly increasing")
     if state.folios_read < state.nr_folios:

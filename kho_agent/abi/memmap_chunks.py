@@ -70,7 +70,7 @@ def _order_usable(order: int, page_shift: int) -> bool:
 
 
 def read_chain(memory: PhysicalMemory, root: int, page_shift: int = 12, *,
-               max_chunks: int = MAX_CHUNKS) -> ChunkChain:
+               max_chunks: int | None = None) -> ChunkChain:
     """Follow `next` from `root`, collecting every chunk's header and entries.
 
     A cycle, an overlong chain, a misaligned `next` or a page the memory source lacks ends the
@@ -80,6 +80,7 @@ def read_chain(memory: PhysicalMemory, root: int, page_shift: int = 12, *,
     if root == 0 or root % ps:
         raise AbiError(f"kho-v1 memory map root {root:#x} is not a page-aligned physical address")
     cap = capacity(ps)
+    max_chunks = MAX_CHUNKS if max_chunks is None else max_chunks  # read now: tests patch it
     chain = ChunkChain()
     seen: set[int] = set()
     phys = root
@@ -132,9 +133,11 @@ def detect_bitmap_bytes(chain: ChunkChain, page_shift: int = 12) -> int:
     """512 when any pointer rules out page-sized bitmaps, else PAGE_SIZE.
 
     Page-sized bitmaps are whole pages and their phys_start is a multiple of the page variant's
-    span; a 512-byte bitmap lives in a kmalloc-512 slot (page aligned only one time in eight) and
-    its phys_start a multiple of an eighth of that span. A map that satisfies both reads alike
-    either way only where every bitmap is page aligned, so the newer variant is the default.
+    span; a 512-byte bitmap lives in a kmalloc-512 slot (page aligned one time in eight) and its
+    phys_start is a multiple of an eighth of that span. Only a 6.16 map whose every bitmap sits
+    in the first slot of its slab page, at such a phys_start, looks like the newer variant; it is
+    then read as one (the page read also takes in the slab neighbours' bytes), which is why the
+    chosen variant is recorded in the walk's format.
     """
     ps = 1 << page_shift
     for chunk in chain.chunks:
@@ -145,9 +148,34 @@ def detect_bitmap_bytes(chain: ChunkChain, page_shift: int = 12) -> int:
     return ps
 
 
+class _EntryProblems:
+    """Entry defects of one chunk, one issue per kind: a corrupt chunk holds up to 255 alike,
+    and a line each would bury everything else."""
+
+    def __init__(self) -> None:
+        self._kinds: dict[tuple[str, str], tuple[MapIssue, int]] = {}  # (code, field)
+
+    def note(self, code: str, field_name: str, chunk: MemChunk, index: int, what: str) -> None:
+        kind = (code, field_name)
+        if kind in self._kinds:
+            issue, count = self._kinds[kind]
+            self._kinds[kind] = (issue, count + 1)
+            return
+        issue = MapIssue(code, chunk.phys, f"khoser_mem_chunk {chunk.phys:#x} (order "
+                         f"{chunk.order}) entry {index} {what}")
+        self._kinds[kind] = (issue, 1)
+
+    def flush(self, out: list[MapIssue]) -> None:
+        for issue, count in self._kinds.values():
+            if count > 1:
+                issue.message += f" (and {count - 1} more entries of this chunk alike)"
+            out.append(issue)
+        self._kinds.clear()
+
+
 def chunks_walk(memory: PhysicalMemory, root: int, page_shift: int = 12,
                 bitmap_bytes: int | None = None, *,
-                max_chunks: int = MAX_CHUNKS) -> MemoryMapWalk:
+                max_chunks: int | None = None) -> MemoryMapWalk:
     """Walk the chunk list under `root`; `bitmap_bytes` None detects the variant.
 
     Entries with a null, misaligned or unreadable bitmap are reported and skipped; the others
@@ -165,31 +193,29 @@ def chunks_walk(memory: PhysicalMemory, root: int, page_shift: int = 12,
                          missing_pages=chain.missing_pages)
     meta: dict[int, None] = {c.phys: None for c in chain.chunks}  # ordered set
     missing = set(chain.missing_pages)
+    problems = _EntryProblems()
     for chunk in chain.chunks:
         shift = page_shift + chunk.order
         span = _span(bitmap_bytes, chunk.order, page_shift)
         for i, entry in enumerate(chunk.entries):
-            where = f"khoser_mem_chunk {chunk.phys:#x} entry {i}"
             if entry.bitmap == 0:
-                walk.issues.append(MapIssue("property-malformed", chunk.phys,
-                                            f"{where} has a null bitmap pointer; the next kernel "
-                                            "would dereference it"))
+                problems.note("property-malformed", "bitmap", chunk, i,
+                              "has a null bitmap pointer; the next kernel would dereference it")
                 continue
             if entry.bitmap % bitmap_bytes:
-                walk.issues.append(MapIssue("misaligned", chunk.phys,
-                                            f"{where}: bitmap {entry.bitmap:#x} is not "
-                                            f"{bitmap_bytes}-byte aligned"))
+                problems.note("misaligned", "bitmap", chunk, i,
+                              f"has bitmap {entry.bitmap:#x}, not {bitmap_bytes}-byte aligned")
                 continue
             if entry.phys_start % span:
                 # The kernel only ever writes multiples of the span; it would still reserve
                 # relative to this start, so the entry is decoded as written.
-                walk.issues.append(MapIssue("misaligned", chunk.phys,
-                                            f"{where}: phys_start {entry.phys_start:#x} is not a "
-                                            f"multiple of the {span:#x} bytes a bitmap covers"))
+                problems.note("misaligned", "phys_start", chunk, i,
+                              f"has phys_start {entry.phys_start:#x}, not a multiple of the "
+                              f"{span:#x} bytes a bitmap covers")
             if entry.phys_start + span > 1 << 64:
-                walk.issues.append(MapIssue("property-malformed", chunk.phys,
-                                            f"{where}: order-{chunk.order} bitmap at phys_start "
-                                            f"{entry.phys_start:#x} reaches past 2^64"))
+                problems.note("property-malformed", "phys_start", chunk, i,
+                              f"has an order-{chunk.order} bitmap at phys_start "
+                              f"{entry.phys_start:#x} reaching past 2^64")
                 continue
             page = entry.bitmap - entry.bitmap % ps
             meta[page] = None
@@ -203,6 +229,7 @@ def chunks_walk(memory: PhysicalMemory, root: int, page_shift: int = 12,
             for start, end in _bit_runs(bits):
                 walk.extents.add(entry.phys_start + (start << shift), (end - start) << shift,
                                  chunk.order)
+        problems.flush(walk.issues)
     walk.meta_pages = list(meta)
     return walk
 

@@ -28,7 +28,8 @@ U64_MASK = (1 << 64) - 1
 @dataclass(frozen=True)
 class RadixGeometry:
     page_shift: int = 12
-    depth_plus_one: bool = True  # kho-v3/v4 (and 7.3's KHO_RADIX_KEY_WIDTH form); False: first kho-v2
+    # True for kho-v3/v4 (and 7.3's KHO_RADIX_KEY_WIDTH form); False for the first kho-v2
+    depth_plus_one: bool = True
 
     @property
     def page_size(self) -> int:

@@ -19,7 +19,9 @@ from .errors import AbiError, FdtTruncated, MemoryUnavailable
 from .fdt import FDT_MAGIC
 from .findings import Finding
 from .kho_root import ROOT_FORMATS, KhoRoot, decode_root, recover_truncated_root
+from .luo_common import LuoState
 from .memmap import MemoryMapWalk
+from .memory import PhysicalMemory
 
 SubtreeDecoder = Callable[[bytes, DecodeContext, str], object | None]
 SUBTREE_DECODERS: dict[str, SubtreeDecoder] = {
@@ -29,6 +31,15 @@ SUBTREE_DECODERS: dict[str, SubtreeDecoder] = {
     kho_test.SUBTREE_NAME: kho_test.decode,
 }
 MAX_UNSIZED_BLOB = 1 << 20  # kho-v1 subtree FDTs carry no size; bound what we read
+
+# Which LUO and memfd versions each KHO root version was shipped with (reference section 0): a
+# combination outside this table was not written by any one kernel.
+SHIPPED_WITH: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    "kho-v1": (frozenset({"luo-v1"}), frozenset({"memfd-v1"})),
+    "kho-v2": (frozenset({"luo-v1"}), frozenset({"memfd-v1", "memfd-v2"})),
+    "kho-v3": (frozenset({"luo-v1"}), frozenset({"memfd-v2"})),
+    "kho-v4": (frozenset({"luo-v5"}), frozenset({"memfd-v2"})),
+}
 # blob-size comes from the FDT: never turn an absurd value into a read of that size (on /proc/kcore
 # it would copy all of RAM). Real subtree blobs are a page or less.
 MAX_SIZED_BLOB = 16 << 20
@@ -51,7 +62,7 @@ class KhoInput:
     root_fdt: bytes | None
     sub_blobs: dict[str, bytes] = field(default_factory=dict)
     scratch: list[ScratchArea] = field(default_factory=list)
-    memory: memmap_mod.PhysicalMemory | None = None
+    memory: PhysicalMemory | None = None
     side: Side = Side.OUT
     page_shift: int = 12
 
@@ -87,7 +98,7 @@ def _root(inp: KhoInput, ctx: DecodeContext) -> tuple[KhoRoot | None, str]:
                     "not expose kho/out/fdt); the subtrees were decoded from out/sub_fdts")
         else:
             ctx.add("property-missing", "/", "there is no incoming root FDT: this boot did not "
-                    "come through KHO, so nothing was handed over", )
+                    "come through KHO, so nothing was handed over")
         return None, "none"
     try:
         return decode_root(inp.root_fdt), "fdt"
@@ -164,11 +175,14 @@ def decode_state(inp: KhoInput) -> KhoState:
     subtrees: list[Subtree] = []
     for name, phys, size in refs:
         path = f"/{name}"
-        if phys is not None and inp.side is Side.OUT:
-            if phys % 8:
-                ctx.add("misaligned", path, f"subtree data address {phys:#x} is not 8-aligned")
-            ctx.ref(phys, size or ctx.page_size, path, f"{name} subtree blob")
+        if phys is not None and inp.side is Side.OUT and phys % 8:
+            ctx.add("misaligned", path, f"subtree data address {phys:#x} is not 8-aligned")
         blob, source = _fetch(inp, ctx, name, phys, size)
+        if phys is not None and inp.side is Side.OUT:
+            # An unsized blob (kho-v1, first kho-v2) reaches as far as its FDT totalsize, which
+            # may be more than one page.
+            length = size if size is not None else max(ctx.page_size, len(blob or b""))
+            ctx.ref(phys, length, path, f"{name} subtree blob")
         sub = Subtree(name, phys, size if size is not None else (len(blob) if blob else None),
                       source)
         subtrees.append(sub)
@@ -184,12 +198,36 @@ def decode_state(inp: KhoInput) -> KhoState:
             continue
         sub.decoded = decoder(blob, ctx, path)
 
+    if root is not None:
+        _check_versions(ctx, root.compatible, subtrees)
     walk = _memmap(inp, ctx, root, fmt.memmap if fmt else None)
     scratch = list(inp.scratch)
     check_state(ctx, walk, scratch)
     return KhoState(inp.side, root.compatible if root else None, root_source,
                     root.fdt_size if root else None, root.memmap_phys if root else None, walk,
                     subtrees, scratch, ctx.findings, ctx.refs)
+
+
+def _check_versions(ctx: DecodeContext, compatible: str, subtrees: list[Subtree]) -> None:
+    shipped = SHIPPED_WITH.get(compatible)
+    if shipped is None:
+        return
+    luo_ok, memfd_ok = shipped
+    for sub in subtrees:
+        state = sub.decoded
+        if not isinstance(state, LuoState):
+            continue
+        if state.compatible not in luo_ok:
+            ctx.add("compatible-mismatch", f"/{sub.name}",
+                    f"LUO {state.compatible!r} under a {compatible!r} root: no kernel writes this "
+                    f"pair (a {compatible} kernel speaks {', '.join(sorted(luo_ok))}); the state "
+                    "was not produced by one kernel")
+        for session in state.sessions:
+            for f in session.files:
+                if f.compatible.startswith("memfd-") and f.compatible not in memfd_ok:
+                    ctx.add("compatible-mismatch", f"/{sub.name}/session[{session.name}]/file"
+                            f"[{f.token:#x}]", f"{f.compatible!r} under a {compatible!r} root: "
+                            f"kernels of that root speak {', '.join(sorted(memfd_ok))}")
 
 
 def _memmap(inp: KhoInput, ctx: DecodeContext, root: KhoRoot | None,

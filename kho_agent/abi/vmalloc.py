@@ -24,6 +24,7 @@ FLAG_ALLOC = 0x0001      # VM_ALLOC
 FLAG_HUGE_VMAP = 0x0002  # VM_ALLOW_HUGE_VMAP
 KNOWN_FLAGS = FLAG_ALLOC | FLAG_HUGE_VMAP
 MAX_CHUNKS = 1 << 20     # 2 GiB of area data at 4 KiB: far beyond any real use; bounds a bad chain
+MAX_ORDER = 10           # MAX_PAGE_ORDER (x86-64, arm64 4K): no kernel allocates a larger block
 
 
 @dataclass
@@ -62,6 +63,12 @@ def read_vmalloc(ctx: DecodeContext, desc: VmallocDesc, path: str, what: str) ->
     if desc.flags & ~KNOWN_FLAGS:
         ctx.add("vmalloc-flags-unknown", path, f"{what}: kho_vmalloc flags {desc.flags:#x} carry "
                 f"bits outside {KNOWN_FLAGS:#x}; the next kernel silently drops them")
+    if desc.order > MAX_ORDER:
+        ctx.add("property-malformed", path, f"{what}: kho_vmalloc order {desc.order} is above "
+                f"the largest page block ({MAX_ORDER}); no kernel writes it and its blocks were "
+                "not read")
+        area.complete = False
+        return area
     if desc.first == 0:
         if desc.total_pages:
             ctx.add("count-mismatch", path, f"{what}: kho_vmalloc has total_pages "
@@ -87,6 +94,9 @@ def read_vmalloc(ctx: DecodeContext, desc: VmallocDesc, path: str, what: str) ->
             area.complete = False
             break
         seen.add(phys)
+        if not ctx.claim(phys, path, f"{what}: kho_vmalloc chunk"):
+            area.complete = False
+            break
         area.chunk_pages.append(phys)
         ctx.ref(phys, ps, path, f"{what} vmalloc chunk")
         page = ctx.read(phys, ps, path, f"{what} vmalloc chunk")
@@ -117,7 +127,8 @@ def read_vmalloc(ctx: DecodeContext, desc: VmallocDesc, path: str, what: str) ->
     for b in area.blocks:
         ctx.ref(b, block, path, f"{what} vmalloc data")
     if area.complete and len(area.blocks) << desc.order != desc.total_pages:
-        ctx.add("count-mismatch", path, f"{what}: kho_vmalloc lists {len(area.blocks) << desc.order}"
+        listed = len(area.blocks) << desc.order
+        ctx.add("count-mismatch", path, f"{what}: kho_vmalloc lists {listed}"
                 f" pages but total_pages is {desc.total_pages}; the next kernel refuses to "
                 "restore it")
     return area

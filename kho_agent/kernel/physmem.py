@@ -19,6 +19,7 @@ ELF_MAGIC = b"\x7fELF"
 PT_LOAD = 1
 KCORE_PATH = "/proc/kcore"
 NO_PADDR = (1 << 64) - 1  # kcore marks segments without a physical address with -1
+DIRECT_MAP = 0xFFFF888000000000  # x86-64 page_offset_base without KASLR, as in our extracts
 
 
 @dataclass(frozen=True)
@@ -28,24 +29,22 @@ class Segment:
     offset: int
 
 
-def parse_elf_segments(header: bytes, read_at: int | None = None) -> list[Segment]:
-    """PT_LOAD segments of a little-endian ELF64 core that have a physical address."""
+def parse_elf_segments(header: bytes, table: bytes) -> list[Segment]:
+    """PT_LOAD segments with a physical address, from a little-endian ELF64 core's 64-byte
+    header and its program-header table."""
     if len(header) < 64 or header[:4] != ELF_MAGIC:
         raise AbiError("not an ELF file (a memory core must be an ELF64 core like /proc/kcore)")
     if header[4] != 2 or header[5] != 1:
         raise AbiError("only little-endian ELF64 cores are supported")
-    del read_at
-    phoff, = struct.unpack_from("<Q", header, 32)
     phentsize, phnum = struct.unpack_from("<HH", header, 54)
     if phentsize < 56:
         raise AbiError(f"ELF program header size {phentsize} is too small")
+    if len(table) < phentsize * phnum:
+        raise AbiError("ELF program headers run past the end of the file")
     segs: list[Segment] = []
     for i in range(phnum):
-        off = phoff + i * phentsize
-        if off + 56 > len(header):
-            raise AbiError("ELF program headers run past the end of the file")
-        p_type, _flags, p_offset, _vaddr, p_paddr, p_filesz = struct.unpack_from("<IIQQQQ",
-                                                                                 header, off)
+        p_type, _flags, p_offset, _vaddr, p_paddr, p_filesz = struct.unpack_from(
+            "<IIQQQQ", table, i * phentsize)
         if p_type == PT_LOAD and p_filesz and p_paddr != NO_PADDR:
             segs.append(Segment(p_paddr, p_filesz, p_offset))
     segs.sort(key=lambda s: s.phys)
@@ -59,13 +58,17 @@ class ElfCoreMemory:
         self.path = path
         self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            head = os.pread(self._fd, 64, 0)
+            try:
+                head = os.pread(self._fd, 64, 0)
+            except OSError as exc:  # e.g. EISDIR: pread errors carry no file name
+                raise OSError(exc.errno, exc.strerror, path) from exc
             if len(head) < 64 or head[:4] != ELF_MAGIC:
                 raise AbiError(f"{path} is not an ELF core")
             phoff, = struct.unpack_from("<Q", head, 32)
             phentsize, phnum = struct.unpack_from("<HH", head, 54)
-            table = os.pread(self._fd, phoff + phentsize * phnum, 0)
-            self.segments = parse_elf_segments(table)
+            # at most 65535 entries of phentsize bytes: a bounded read wherever phoff points
+            table = os.pread(self._fd, phentsize * phnum, phoff)
+            self.segments = parse_elf_segments(head, table)
         except BaseException:
             os.close(self._fd)
             raise
@@ -124,3 +127,34 @@ class RawImageMemory:
         if off < 0 or off + length > self.size:
             raise MemoryUnavailable(phys, length, f"outside image {self.path}")
         return os.pread(self._fd, length, off)
+
+
+def write_elf_core(path: str, runs: list[tuple[int, bytes]]) -> None:
+    """Write an ELF64 core in the /proc/kcore layout: one PT_LOAD per run, `p_paddr` = physical
+    address, `p_vaddr` in the x86-64 direct map. Adjacent runs are merged into one segment."""
+    merged: list[tuple[int, bytearray]] = []
+    for phys, data in sorted(runs, key=lambda r: r[0]):
+        if merged and merged[-1][0] + len(merged[-1][1]) == phys:
+            merged[-1][1].extend(data)
+        else:
+            merged.append((phys, bytearray(data)))
+    phnum = len(merged)
+    if phnum > 0xFFFF:
+        raise AbiError(f"{phnum} segments do not fit an ELF core's 16-bit count")
+    header = bytearray(64)
+    header[:16] = ELF_MAGIC + bytes([2, 1, 1]) + bytes(9)
+    struct.pack_into("<HHIQQQIHHHHHH", header, 16, 4, 62, 1, 0, 64, 0, 0, 64, 56, phnum, 0,
+                     0, 0)  # ET_CORE, EM_X86_64
+    offsets = []
+    offset = (64 + 56 * phnum + 4095) // 4096 * 4096  # data page aligned, as kcore does
+    for _, run in merged:
+        offsets.append(offset)
+        offset += (len(run) + 4095) // 4096 * 4096
+    table = b"".join(struct.pack("<IIQQQQQQ", PT_LOAD, 6, off, DIRECT_MAP + start, start,
+                                 len(run), len(run), 4096)
+                     for (start, run), off in zip(merged, offsets, strict=True))
+    with open(path, "wb") as fh:
+        fh.write(header + table)
+        for (_, run), off in zip(merged, offsets, strict=True):
+            fh.seek(off)
+            fh.write(run)

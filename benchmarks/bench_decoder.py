@@ -1,0 +1,236 @@
+"""Decoder throughput figures (printed, not asserted): see benchmarks/README.md.
+
+Run from the repository root:  .venv/bin/python benchmarks/bench_decoder.py [--repeat N] [--profile]
+
+Each figure times only the decode (inputs are built first, untimed), takes the best of --repeat
+runs, measures the decode's own peak allocation with tracemalloc in a separate run, and prints a
+floor measured in the same process: reading the very pages the decode reads (SparseMemory.read of
+each whole page plus bytes.count(b"\\0") over it). ratio = figure / floor says how much work the
+decoder does per byte of metadata beyond touching it once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import gc
+import pstats
+import random
+import resource
+import struct
+import sys
+import time
+import tracemalloc
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from kho_agent.abi import Severity  # noqa: E402
+from kho_agent.abi.context import Side  # noqa: E402
+from kho_agent.abi.kho_root import encode_root  # noqa: E402
+from kho_agent.abi.luo_common import LuoFile, LuoSession, LuoState  # noqa: E402
+from kho_agent.abi.memfd import encode as memfd_encode  # noqa: E402
+from kho_agent.abi.memory import PageAllocator, SparseMemory  # noqa: E402
+from kho_agent.abi.radix import RadixGeometry, radix_encode, radix_walk  # noqa: E402
+from kho_agent.abi.state import KhoInput, decode_state  # noqa: E402
+from kho_agent.abi.vmalloc import DESC_SIZE  # noqa: E402
+
+PAGE = 4096
+GIB = 1 << 30
+MIB = 1 << 20
+
+
+@dataclass
+class Figure:
+    name: str
+    seconds: float
+    floor: float
+    peak_bytes: int
+    target_s: float
+    target_bytes: int | None
+    detail: str
+
+    @property
+    def ok(self) -> bool:
+        return self.seconds < self.target_s and (self.target_bytes is None
+                                                 or self.peak_bytes < self.target_bytes)
+
+
+def best_of(repeat: int, fn: Callable[[], object]) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        gc.collect()
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def traced_peak(fn: Callable[[], object]) -> int:
+    gc.collect()
+    tracemalloc.start()
+    try:
+        fn()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return peak
+
+
+def floor_for(mem: SparseMemory, pages: list[int], repeat: int) -> float:
+    def touch() -> int:
+        zeros = 0
+        for phys in pages:
+            zeros += mem.read(phys, PAGE).count(b"\0")
+        return zeros
+    return best_of(repeat, touch)
+
+
+def maybe_profile(enabled: bool, label: str, fn: Callable[[], object]) -> None:
+    if not enabled:
+        return
+    prof = cProfile.Profile()
+    prof.runcall(fn)
+    print(f"\n--- cProfile: {label} ---")
+    pstats.Stats(prof).sort_stats("cumulative").print_stats(18)
+
+
+# ----------------------------------------------------------------------------- figure 1 and 2
+
+
+def radix_figure(name: str, blocks: list[tuple[int, int, int]], target_s: float,
+                 target_bytes: int | None, repeat: int, profile: bool) -> Figure:
+    mem, alloc = SparseMemory(), PageAllocator(0x40_0000_0000)
+    root = radix_encode(blocks, mem, alloc)
+    geom = RadixGeometry()
+    walk = radix_walk(mem, root, geom)  # warm-up, and the page list for the floor
+    pages = list(walk.meta_pages)
+    expect = sum(size for _, size, _ in blocks)
+    if walk.extents.total_bytes != expect or walk.issues or walk.missing_pages:
+        raise SystemExit(f"{name}: decode disagrees with the input (bytes "
+                         f"{walk.extents.total_bytes} != {expect}, issues {walk.issues[:3]})")
+    seconds = best_of(repeat, lambda: radix_walk(mem, root, geom))
+    peak = traced_peak(lambda: radix_walk(mem, root, geom))
+    maybe_profile(profile, name, lambda: radix_walk(mem, root, geom))
+    detail = (f"{len(pages)} node pages, {len(walk.extents)} extent(s), "
+              f"{walk.extents.block_count()} blocks")
+    return Figure(name, seconds, floor_for(mem, pages, repeat), peak, target_s, target_bytes,
+                  detail)
+
+
+def figure_dense(repeat: int, profile: bool) -> Figure:
+    return radix_figure("radix: 64 GiB order-0, one extent", [(0x1_0000_0000, 64 * GIB, 0)],
+                        0.5, 100 * MIB, repeat, profile)
+
+
+def figure_scattered(repeat: int, profile: bool) -> Figure:
+    rng = random.Random(20261121)
+    base = 0x1_0000_0000
+    pfns = sorted(rng.sample(range(64 * GIB // PAGE), 1 << 20))
+    blocks = [(base + pfn * PAGE, PAGE, 0) for pfn in pfns]
+    return radix_figure("radix: 1M scattered order-0 pages / 64 GiB", blocks, 2.0, None, repeat,
+                        profile)
+
+
+# ----------------------------------------------------------------------------- figure 3
+
+
+def figure_luo(repeat: int, profile: bool, sessions: int = 2000, files: int = 50) -> Figure:
+    from kho_agent.abi import luo_v5
+
+    mem, alloc = SparseMemory(), PageAllocator(0x1000_0000)
+    first = alloc.next
+    state = LuoState("luo-v5", 7, 0, 0, True)
+    token = 0
+    for s in range(sessions):
+        session = LuoSession(f"session-{s:05d}", 0, 0)
+        for f in range(files):
+            token += 1
+            ser = memfd_encode("memfd-v2", f"s{s} f{f}".encode(), mem, alloc, size=PAGE)
+            session.files.append(LuoFile(f, "memfd-v2", token, ser))
+        state.sessions.append(session)
+    blob = luo_v5.encode(state, mem, alloc)
+    luo_phys = alloc.alloc(len(blob))
+    mem.write(luo_phys, blob)
+    preserved = (first, alloc.next - first, 0)  # everything above: one order-0 extent
+    memmap = radix_encode([preserved], mem, alloc)
+    root = encode_root("kho-v4", memmap, [("LUO", luo_phys, len(blob))])
+    inp = KhoInput(root, {}, memory=mem, side=Side.OUT)
+
+    result = decode_state(inp)
+    luo_state = result.subtrees[0].decoded
+    if (not isinstance(luo_state, LuoState) or len(luo_state.sessions) != sessions
+            or sum(len(s.files) for s in luo_state.sessions) != sessions * files
+            or [f for f in result.findings if f.severity is Severity.ERROR]):
+        raise SystemExit(f"LUO figure: decode disagrees with the input: "
+                         f"{[f.code for f in result.findings][:5]}")
+    # The metadata pages the decode reads: the block chains, every memfd_luo_ser, every
+    # vmalloc chunk and every folio-array page (not the file data).
+    pages: set[int] = set(p for p, _ in _chain(mem, luo_state.sessions_phys))
+    for session in luo_state.sessions:
+        pages.update(p for p, _ in _chain(mem, session.files_phys))
+        for f in session.files:
+            ser = mem.read(f.data, 48)
+            first_chunk = struct.unpack_from("<Q", ser, 48 - DESC_SIZE)[0]
+            pages.update((f.data & ~(PAGE - 1), first_chunk,
+                          struct.unpack_from("<Q", mem.read(first_chunk, 16), 8)[0]))
+    ordered = sorted(pages)
+    seconds = best_of(repeat, lambda: decode_state(inp))
+    peak = traced_peak(lambda: decode_state(inp))
+    maybe_profile(profile, "luo", lambda: decode_state(inp))
+    detail = (f"{sessions} sessions x {files} memfds, {len(ordered)} metadata pages, "
+              f"{len(result.refs)} refs checked against the map")
+    return Figure(f"luo-v5: {sessions} sessions x {files} memfds, decode+checks", seconds,
+                  floor_for(mem, ordered, repeat), peak, 1.0, None, detail)
+
+
+def _chain(mem: SparseMemory, first: int) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    phys = first
+    while phys:
+        nxt, count = struct.unpack_from("<QQ", mem.read(phys, 16))
+        out.append((phys, count))
+        phys = nxt
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per figure (best of)")
+    parser.add_argument("--profile", action="store_true", help="print a cProfile of each decode")
+    parser.add_argument("--only", choices=["dense", "scattered", "luo"], action="append")
+    args = parser.parse_args(argv)
+    figures: list[tuple[Figure, int]] = []
+    for key, fn in (("dense", figure_dense), ("scattered", figure_scattered),
+                    ("luo", figure_luo)):
+        if args.only and key not in args.only:
+            continue
+        fig = fn(args.repeat, args.profile)
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        figures.append((fig, rss))
+        print(f"  built and measured: {fig.name} ({fig.detail})", file=sys.stderr)
+
+    head = (f"{'figure':<46} {'decode':>9} {'target':>8} {'floor':>9} {'ratio':>7} "
+            f"{'peak(tm)':>9} {'maxrss':>9}  result")
+    print(head)
+    print("-" * len(head))
+    for fig, rss in figures:
+        target = f"<{fig.target_s:g} s"
+        if fig.target_bytes is not None:
+            target += f",<{fig.target_bytes // MIB}M"
+        print(f"{fig.name:<46} {fig.seconds * 1000:>7.1f}ms {target:>8} "
+              f"{fig.floor * 1000:>7.2f}ms {fig.seconds / fig.floor:>6.1f}x "
+              f"{fig.peak_bytes / MIB:>7.1f}M {rss / MIB:>7.0f}M  "
+              f"{'PASS' if fig.ok else 'MISS'}")
+    print(f"(python {sys.version.split()[0]}; best of {args.repeat}; peak(tm) = tracemalloc peak of "
+          "one decode; maxrss = process high-water mark so far, input building included)")
+    return 0 if all(fig.ok for fig, _ in figures) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Set up kho-agent on a Debian machine (as root) and run its main job or its tests.
+#
+#   ./quickstart.sh main    install, then decode and check the real KHO/LUO state shipped in
+#                           tests/data/kho-samples (captured from a 7.3-rc7 kernel)
+#   ./quickstart.sh test    install, then lint (ruff, mypy --strict) and run the test suite
+#
+# Idempotent: apt packages are installed only when missing, the venv (.venv) is reused, and pip
+# runs again only when pyproject.toml changed.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+APT_PACKAGES=(
+    python3 python3-venv python3-dev pkg-config gcc      # venv; PyGObject and systemd-python build
+    libgirepository1.0-dev libcairo2-dev libsystemd-dev  # from source on bookworm (no wheels)
+    dbus-daemon device-tree-compiler iproute2            # private buses, dtc cross-checks
+    zstd lz4 xz-utils bzip2                              # kernel image compressors in tests
+)
+
+log() { printf '==> %s\n' "$*" >&2; }
+
+install_apt() {
+    local missing=()
+    for pkg in "${APT_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
+            || missing+=("$pkg")
+    done
+    if ((${#missing[@]})); then
+        [ "$(id -u)" = 0 ] || { echo "missing packages ${missing[*]}: run as root" >&2; exit 2; }
+        log "apt-get install ${missing[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            "${missing[@]}" >/dev/null
+    fi
+}
+
+install_venv() {
+    # Debian's interpreter: a venv from pyenv's (under /root, mode 700) is unusable by the
+    # unprivileged users some tests switch to.
+    local stamp=.venv/.kho-agent-installed want
+    want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+    [ -x .venv/bin/python ] || { log "creating .venv"; /usr/bin/python3 -m venv .venv; }
+    if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+        log "pip install -e .[dev]"
+        .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+        .venv/bin/python -m pip install -q -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' || true
+        .venv/bin/python -c 'import kho_agent.abi, gi, pydbus, fdt, pyroute2, systemd.daemon'
+        echo "$want" > "$stamp"
+    fi
+}
+
+run_main() {
+    local samples=tests/data/kho-samples rc=0
+    log "outgoing state of a 7.3-rc7 kernel after 'kexec -s -l' (root FDT + memory extract)"
+    .venv/bin/kho-agentctl check "$samples/case-out-1" --memory "$samples/case-out-1/memory.core" \
+        || rc=$?
+    log "the same kernel's debugfs as read live (out/fdt cut short by the kernel)"
+    .venv/bin/kho-agentctl check "$samples/debugfs/stage1-3-loaded/out" \
+        --memory "$samples/case-out-1/memory.core" || rc=$?
+    log "incoming state of the next kernel: sessions, tokens and memfds handed over"
+    .venv/bin/kho-agentctl check --in "$samples/case-in-1" --memory "$samples/case-in-1/memory.core" \
+        || rc=$?
+    return "$rc"
+}
+
+run_tests() {
+    log "ruff"
+    .venv/bin/ruff check kho_agent tests benchmarks
+    log "mypy --strict kho_agent"
+    .venv/bin/mypy --strict kho_agent
+    log "pytest"
+    local rc=0
+    .venv/bin/python -m pytest "$@" || rc=$?
+    # pytest exits 5 when it collected nothing: that is a failure here, not a pass
+    return "$rc"
+}
+
+case "${1:-}" in
+    main) install_apt; install_venv; run_main ;;
+    test) shift; install_apt; install_venv; run_tests "$@" ;;
+    *) echo "usage: $0 main | test [pytest args]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,245 @@
+"""decode(encode(x)) == x for every encoder, as Hypothesis properties."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from synth import META_START, Synth, block_set, luo_state
+
+from kho_agent.abi import kexec_metadata, luo_v1, luo_v5, memblock, memfd
+from kho_agent.abi.block import capacity, encode_blocks, walk_blocks
+from kho_agent.abi.context import DecodeContext
+from kho_agent.abi.fdt import FdtNode, FdtWriter, parse_fdt
+from kho_agent.abi.luo_common import LuoFile, LuoState
+from kho_agent.abi.memmap_chunks import BITMAP_512_BYTES, chunks_walk, encode_chunks
+from kho_agent.abi.memory import PageAllocator, SparseMemory
+from kho_agent.abi.radix import RadixGeometry, radix_encode, radix_walk
+from kho_agent.abi.vmalloc import VmallocDesc, encode_vmalloc, read_area_bytes, read_vmalloc
+
+FAST = settings(max_examples=50, deadline=None)
+PAGE = 4096
+MAX_PFN = 1 << 26  # 256 GiB of 4 KiB pages: a realistic physical address range
+
+
+@st.composite
+def block_lists(draw: st.DrawFn, max_order: int = 10) -> list[tuple[int, int, int]]:
+    """Distinct (phys, size, order) blocks; blocks of different orders may overlap, as keys of
+    different orders may name the same memory."""
+    blocks = draw(st.sets(st.tuples(st.integers(0, MAX_PFN - 1), st.integers(0, max_order)),
+                          max_size=40))
+    out: set[tuple[int, int]] = set()
+    for pfn, order in blocks:
+        out.add(((pfn >> order) << (order + 12), order))
+    # Runs: some neighbours of the first block, so that bits coalesce and cross word boundaries.
+    if blocks:
+        run = draw(st.integers(0, 200))
+        pa, order = min(out)
+        out.update((pa + (i << (12 + order)), order) for i in range(run))
+    return [(pa, 1 << (12 + order), order) for pa, order in sorted(out)]
+
+
+# ----------------------------------------------------------------------------- memory maps
+
+
+@FAST
+@given(block_lists(), st.sampled_from([(12, True), (12, False), (16, True), (16, False)]))
+def test_radix(blocks: list[tuple[int, int, int]], geometry: tuple[int, bool]) -> None:
+    page_shift, plus_one = geometry
+    geom = RadixGeometry(page_shift, plus_one)
+    scaled = [(pa << (page_shift - 12), size << (page_shift - 12), order)
+              for pa, size, order in blocks]
+    memory = SparseMemory(1 << page_shift)
+    root = radix_encode(scaled, memory, PageAllocator(META_START << 4, 1 << page_shift), geom)
+    walk = radix_walk(memory, root, geom)
+    assert walk.issues == [] and walk.missing_pages == []
+    assert block_set(walk.extents, page_shift) == block_set(scaled, page_shift)
+
+
+@FAST
+@given(block_lists(max_order=18), st.sampled_from([None, BITMAP_512_BYTES]))
+def test_chunks(blocks: list[tuple[int, int, int]], bitmap_bytes: int | None) -> None:
+    memory = SparseMemory(PAGE)
+    root = encode_chunks(blocks, memory, PageAllocator(META_START << 4, PAGE),
+                         bitmap_bytes=bitmap_bytes)
+    if not blocks:
+        assert root == 0
+        return
+    forced = chunks_walk(memory, root, 12, bitmap_bytes or PAGE)
+    assert forced.format == ("chunks-512" if bitmap_bytes else "chunks-page")
+    assert forced.issues == [] and forced.missing_pages == []
+    assert block_set(forced.extents) == block_set(blocks)
+    detected = chunks_walk(memory, root)
+    assert detected.issues == []
+    assert block_set(detected.extents) == block_set(blocks)
+    if bitmap_bytes is None:
+        assert detected.format == "chunks-page"
+
+
+# ----------------------------------------------------------------------------- containers
+
+
+@FAST
+@given(st.sampled_from([16, 64, 80]), st.integers(0, 200))
+def test_block_chain(entry_size: int, count: int) -> None:
+    entries = [bytes([i % 251]) * entry_size for i in range(count)]
+    memory = SparseMemory(PAGE)
+    first = encode_blocks(entries, entry_size, memory, PageAllocator(META_START, PAGE))
+    ctx = DecodeContext(memory)
+    chain = walk_blocks(ctx, first, entry_size, "/t", "things")
+    assert chain.entries == entries and chain.complete
+    assert ctx.findings == []
+    assert len(chain.blocks) == -(-count // capacity(entry_size))
+
+
+@FAST
+@given(st.binary(max_size=3 * PAGE), st.integers(0, 2), st.integers(0, 1100))
+def test_vmalloc(data: bytes, order: int, pad_pages: int) -> None:
+    # pad_pages makes some areas need more than one 511-entry chunk.
+    data = data + bytes(pad_pages * PAGE if order == 0 else 0)
+    memory = SparseMemory(PAGE)
+    desc = encode_vmalloc(data, memory, PageAllocator(META_START, PAGE), order=order)
+    assert VmallocDesc.unpack(desc.pack()) == desc
+    ctx = DecodeContext(memory)
+    area = read_vmalloc(ctx, desc, "/t", "area")
+    assert ctx.findings == [] and area.complete
+    assert area.desc.total_pages == -(-len(data) // (PAGE << order)) << order
+    assert read_area_bytes(ctx, area, len(data), "/t", "area") == data
+
+
+@FAST
+@given(st.sampled_from(sorted(memfd.FORMATS)), st.binary(max_size=3 * PAGE),
+       st.integers(0, 3 * PAGE), st.integers(0, 1 << 40), st.integers(0, memfd.ALL_SEALS))
+def test_memfd(compatible: str, content: bytes, extra: int, pos: int, seals: int) -> None:
+    memory = SparseMemory(PAGE)
+    alloc = PageAllocator(META_START, PAGE)
+    size = len(content) + extra
+    phys = memfd.encode(compatible, content, memory, alloc, size=size, pos=pos, seals=seals)
+    ctx = DecodeContext(memory)
+    state = memfd.decode(compatible, ctx, phys, "/f")
+    assert state is not None and ctx.findings == []
+    has_seals = memfd.FORMATS[compatible].has_seals
+    assert (state.pos, state.size, state.seals, state.nr_folios) == (
+        pos, size, seals if has_seals else None, -(-size // PAGE))
+    if content:
+        assert state.first_page is not None
+        assert memory.read(state.first_page, min(len(content), PAGE)) == content[:PAGE]
+
+
+# ----------------------------------------------------------------------------- LUO
+
+session_names = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7e), min_size=1,
+                        max_size=63)
+luo_sessions = st.dictionaries(
+    session_names,
+    st.tuples(st.lists(st.integers(0, (1 << 64) - 1), max_size=70, unique=True),
+              st.sampled_from(sorted(memfd.FORMATS))),
+    max_size=60)
+
+
+def _luo_roundtrip(compatible: str, number: int,
+                   sessions: dict[str, tuple[list[int], str]]) -> None:
+    s = Synth()
+    ser: dict[str, list[LuoFile]] = {}
+    for name, (tokens, handler) in sessions.items():
+        # One real (empty) memfd shared by all files: only the LUO layer is under test here.
+        data = memfd.encode(handler, b"", s.memory, s.alloc)
+        ser[name] = [LuoFile(0, handler, token, data) for token in tokens]
+    state = luo_state(compatible, number, ser)
+    ctx = DecodeContext(s.memory)
+    decoded: LuoState | None
+    if compatible == luo_v1.COMPATIBLE:
+        decoded = luo_v1.decode(luo_v1.encode(state, s.memory, s.alloc), ctx, "/LUO")
+    else:
+        decoded = luo_v5.decode(luo_v5.encode(state, s.memory, s.alloc), ctx, "/LUO")
+    assert decoded is not None
+    # With no sessions the kernel leaves sessions_pa 0, which reads as "not serialized yet".
+    quiet = compatible == luo_v1.COMPATIBLE or sessions
+    assert [f.code for f in ctx.findings] == ([] if quiet else ["sessions-not-serialized"])
+    assert (decoded.compatible, decoded.liveupdate_number) == (compatible, number)
+    assert [(x.name, x.file_count, [(f.token, f.compatible) for f in x.files])
+            for x in decoded.sessions] == [
+        (name, len(tokens), [(t, handler) for t in tokens])
+        for name, (tokens, handler) in sessions.items()]
+
+
+@FAST
+@given(st.integers(0, (1 << 64) - 1), luo_sessions.filter(
+    lambda d: all(len(t) <= 128 for t, _ in d.values())))
+def test_luo_v1(number: int, sessions: dict[str, tuple[list[int], str]]) -> None:
+    _luo_roundtrip(luo_v1.COMPATIBLE, number, sessions)
+
+
+@FAST
+@given(st.integers(0, (1 << 64) - 1), luo_sessions)
+def test_luo_v5(number: int, sessions: dict[str, tuple[list[int], str]]) -> None:
+    _luo_roundtrip(luo_v5.COMPATIBLE, number, sessions)
+
+
+# ----------------------------------------------------------------------------- small blobs
+
+
+@FAST
+@given(st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7e), max_size=64),
+       st.integers(0, (1 << 32) - 1))
+def test_kexec_metadata(release: str, count: int) -> None:
+    meta = kexec_metadata.KexecMetadata(kexec_metadata.VERSION, release, count)
+    ctx = DecodeContext(None)
+    assert kexec_metadata.decode(kexec_metadata.encode(meta), ctx, "/k") == meta
+    assert ctx.findings == []
+
+
+node_names = st.text(st.sampled_from("abcdefghijklmnopqrstuvwxyz0123456789_-,."), min_size=1,
+                     max_size=20)
+
+
+@FAST
+@given(st.dictionaries(node_names, st.tuples(st.integers(0, (1 << 52) - 1),
+                                             st.integers(0, (1 << 40) - 1)), max_size=8))
+def test_memblock(regions: dict[str, tuple[int, int]]) -> None:
+    state = memblock.MemblockState(memblock.COMPATIBLE, [
+        memblock.ReserveMemRegion(name, memblock.REGION_COMPATIBLE, pfn << 12, size)
+        for name, (pfn, size) in regions.items()])
+    ctx = DecodeContext(None)
+    assert memblock.decode(memblock.encode(state), ctx, "/memblock") == state
+    assert ctx.findings == []
+    assert len(ctx.refs) == sum(1 for _, size in regions.values() if size)
+
+
+FdtTreeSpec = tuple[str, list[tuple[str, bytes]], list["FdtTreeSpec"]]
+
+
+@st.composite
+def fdt_trees(draw: st.DrawFn, depth: int = 0) -> FdtTreeSpec:
+    name = "" if depth == 0 else draw(node_names)
+    props = draw(st.dictionaries(node_names, st.binary(max_size=40), max_size=5))
+    children: list[FdtTreeSpec] = []
+    if depth < 3:
+        kids = draw(st.lists(fdt_trees(depth + 1), max_size=3,
+                             unique_by=lambda c: c[0]))
+        children = kids
+    return name, list(props.items()), children
+
+
+def _write(w: FdtWriter, tree: FdtTreeSpec) -> None:
+    name, props, children = tree
+    w.begin_node(name)
+    for key, value in props:
+        w.property(key, value)
+    for child in children:
+        _write(w, child)
+    w.end_node()
+
+
+@FAST
+@given(fdt_trees())
+def test_fdt_writer_to_parser(tree: FdtTreeSpec) -> None:
+    w = FdtWriter()
+    _write(w, tree)
+    blob = w.finish()
+    fdt = parse_fdt(blob)
+    assert fdt.totalsize == len(blob)
+
+    def spec(node: FdtNode) -> FdtTreeSpec:
+        return node.name, list(node.props), [spec(c) for c in node.children]
+
+    assert spec(fdt.root) == tree
