@@ -266,6 +266,21 @@ def test_compare_luo_session_mismatch_fdt_era() -> None:
     assert report.verdict is Verdict.INCOMPATIBLE
 
 
+@pytest.mark.parametrize(("running", "target", "verdict"), [
+    ("6.19.3", "6.19.8", Verdict.COMPATIBLE),
+    ("6.16.1", "6.19.8", Verdict.UNKNOWN),
+    (None, "6.19.8", Verdict.UNKNOWN),
+])
+def test_compare_kho_v1_same_string_different_layout(running: str | None, target: str,
+                                                     verdict: Verdict) -> None:
+    r = abi_from_payload(payload("kho-v1"), "r", running)
+    t = abi_from_payload(payload("kho-v1"), "t", target)
+    root = row(compare(r, t), "kho-root")
+    assert root.verdict is verdict
+    if verdict is Verdict.UNKNOWN:
+        assert root.note is not None and "512 bytes to a page" in root.note
+
+
 def test_compare_flb_dropped_by_older_kernel() -> None:
     running = image_abi("kho-v1", "luo-v1", "luo-session-v2", "luo-flb-v1", "memfd-v1")
     target = image_abi("kho-v1", "luo-v1", "luo-session-v2", "memfd-v1")
@@ -400,6 +415,9 @@ def test_cli_two_images_incompatible_json(tmp_path: Path,
     assert (luo["running"], luo["target"], luo["verdict"]) == (["luo-v5"], ["luo-v6"],
                                                                "incompatible")
     assert luo["consequence"] == LUO_MISMATCH
+    root = next(r for r in doc["rows"] if r["contract"] == "kho-root")
+    assert (root["verdict"], root["consequence"]) == ("compatible", None)
+    assert root["on_mismatch"] == KHO_ROOT_MISMATCH
     assert doc["images"]["target"]["compression"] == "zstd"
     assert doc["images"]["running"]["kind"] == "bzImage"
     assert doc["target"]["release"] == "7.3.0-test"

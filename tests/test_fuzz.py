@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kho_agent.abi import kexec_metadata, luo, luo_v5, memblock, memfd
+from kho_agent.abi import kexec_metadata, luo, luo_v5, memblock, memfd, vmalloc
 from kho_agent.abi.block import MAX_BLOCKS
 from kho_agent.abi.context import DecodeContext, Side
 from kho_agent.abi.errors import AbiError
@@ -440,7 +440,7 @@ def test_radix_node_pointing_to_itself() -> None:
     assert [i.code for i in walk.issues].count("chain-cycle") == 2
     assert counter.reads == 1
     # and through decode_state
-    state, counter = checked_decode(KhoInput(encode_root("kho-v4", root, []), memory=mem))
+    state, _ = checked_decode(KhoInput(encode_root("kho-v4", root, []), memory=mem))
     assert "chain-cycle" in _codes(state)
 
 
@@ -640,3 +640,145 @@ def test_fdt_with_100k_nodes() -> None:
     # as a root FDT: 100k subtrees, none of which can be fetched
     root_state, _ = checked_decode(KhoInput(blob, {}, memory=SparseMemory()))
     assert len(root_state.subtrees) == 100_000
+
+
+# ----------------------------------------------------------------------------- differential
+
+
+def _reference_read_vmalloc(ctx: DecodeContext, desc: vmalloc.VmallocDesc, path: str,
+                            what: str) -> vmalloc.VmallocArea:
+    """read_vmalloc() as first written (one entry at a time), kept to pin the optimised one."""
+    area = vmalloc.VmallocArea(desc)
+    ps = ctx.page_size
+    if desc.flags & ~vmalloc.KNOWN_FLAGS:
+        ctx.add("vmalloc-flags-unknown", path, f"{what}: kho_vmalloc flags {desc.flags:#x} carry "
+                f"bits outside {vmalloc.KNOWN_FLAGS:#x}; the next kernel silently drops them")
+    if desc.order > vmalloc.MAX_ORDER:
+        ctx.add("property-malformed", path, f"{what}: kho_vmalloc order {desc.order} is above "
+                f"the largest page block ({vmalloc.MAX_ORDER}); no kernel writes it and its "
+                "blocks were not read")
+        area.complete = False
+        return area
+    if desc.first == 0:
+        if desc.total_pages:
+            ctx.add("count-mismatch", path, f"{what}: kho_vmalloc has total_pages "
+                    f"{desc.total_pages} but no chunk")
+            area.complete = False
+        return area
+    per_chunk = (ps - 8) // 8
+    seen: set[int] = set()
+    phys = desc.first
+    while phys:
+        if phys in seen:
+            ctx.add("chain-cycle", path, f"{what}: kho_vmalloc chunk chain loops back to "
+                    f"{phys:#x}")
+            area.complete = False
+            break
+        if phys % ps:
+            ctx.add("misaligned", path, f"{what}: kho_vmalloc chunk {phys:#x} is not page aligned")
+            area.complete = False
+            break
+        seen.add(phys)
+        if not ctx.claim(phys, path, f"{what}: kho_vmalloc chunk"):
+            area.complete = False
+            break
+        area.chunk_pages.append(phys)
+        ctx.ref(phys, ps, path, f"{what} vmalloc chunk")
+        page = ctx.read(phys, ps, path, f"{what} vmalloc chunk")
+        if page is None:
+            area.complete = False
+            break
+        words = struct.unpack(f"<{ps // 8}Q", page)
+        full = True
+        for entry in words[1:1 + per_chunk]:
+            if entry == 0:
+                full = False
+                break
+            area.blocks.append(entry)
+        if not full and words[0]:
+            ctx.add("blob-malformed", path, f"{what}: kho_vmalloc chunk {phys:#x} is not full "
+                    "but links to another chunk")
+            break
+        phys = words[0]
+    block = ps << desc.order
+    for b in area.blocks:
+        if b % block:
+            ctx.add("misaligned", path, f"{what}: vmalloc block {b:#x} is not aligned to its "
+                    f"order {desc.order}")
+            break
+    for b in area.blocks:
+        ctx.ref(b, block, path, f"{what} vmalloc data")
+    if area.complete and len(area.blocks) << desc.order != desc.total_pages:
+        ctx.add("count-mismatch", path, f"{what}: kho_vmalloc lists "
+                f"{len(area.blocks) << desc.order} pages but total_pages is {desc.total_pages}; "
+                "the next kernel refuses to restore it")
+    return area
+
+
+CHUNKS = [0x30_0000 + i * PAGE for i in range(4)]
+
+
+@st.composite
+def vmalloc_chains(draw: st.DrawFn) -> tuple[SparseMemory, vmalloc.VmallocDesc, list[int]]:
+    """Up to 4 chunk pages: full or zero-terminated, linked to each other, to themselves, to
+    nothing, or to a missing or unaligned page; blocks aligned or not."""
+    mem = SparseMemory()
+    per_chunk = (PAGE - 8) // 8
+    for phys in draw(st.lists(st.sampled_from(CHUNKS), max_size=4, unique=True)):
+        nxt = draw(st.sampled_from([0, *CHUNKS, 0x50_0000, 0x30_0008]))
+        count = draw(st.sampled_from([0, 1, 2, 5, per_chunk - 1, per_chunk]))
+        block = draw(st.sampled_from([0x4000_0000, 0x4000_1000, 0x4000_0008]))
+        entries = [block + i * 0x10_0000 for i in range(count)]
+        if count and draw(st.booleans()):
+            entries += [0] + [block] * draw(st.integers(0, 3))  # junk after the terminator
+        words = [nxt, *entries][:1 + per_chunk]
+        mem.write(phys, struct.pack(f"<{len(words)}Q", *words))
+    desc = vmalloc.VmallocDesc(draw(st.sampled_from([0, *CHUNKS, 0x50_0000, 0x30_0010])),
+                               draw(st.sampled_from([0, 1, 2, 5, per_chunk, 2 * per_chunk])),
+                               draw(st.sampled_from([0, 1, 3, 4])),
+                               draw(st.sampled_from([0, 1, 9, 10, 11])))
+    claimed = draw(st.lists(st.sampled_from(CHUNKS), max_size=2))
+    return mem, desc, claimed
+
+
+@settings(max_examples=400, deadline=None)
+@given(vmalloc_chains())
+def test_read_vmalloc_matches_reference(chain: tuple[SparseMemory, vmalloc.VmallocDesc,
+                                                     list[int]]) -> None:
+    mem, desc, claimed = chain
+    results = []
+    for impl in (vmalloc.read_vmalloc, _reference_read_vmalloc):
+        ctx = DecodeContext(mem)
+        for phys in claimed:
+            ctx.claim(phys, "/other", "other chain")
+        area = impl(ctx, desc, "/p", "test")
+        results.append((area.chunk_pages, area.blocks, area.complete,
+                        [(f.code, f.message) for f in ctx.findings], ctx.refs))
+    assert results[0] == results[1]
+
+
+def test_read_vmalloc_spanning_chunks() -> None:
+    """600 blocks: one full chunk of 511, a second chunk of 89, all read and referenced."""
+    mem, alloc = SparseMemory(), PageAllocator()
+    data = bytes(range(256)) * (600 * PAGE // 256)
+    desc = vmalloc.encode_vmalloc(data, mem, alloc)
+    ctx = DecodeContext(mem)
+    area = vmalloc.read_vmalloc(ctx, desc, "/p", "test")
+    assert len(area.chunk_pages) == 2 and len(area.blocks) == 600 and area.complete
+    assert not ctx.findings
+    assert len(ctx.refs) == 2 + 600
+    assert vmalloc.read_area_bytes(ctx, area, len(data), "/p", "test") == data
+
+
+def test_decode_state_restores_the_collector() -> None:
+    import gc
+    inp = KhoInput(encode_root("kho-v4", 0, []), {})
+    assert gc.isenabled()
+    decode_state(inp)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        decode_state(inp)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

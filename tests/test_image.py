@@ -5,6 +5,7 @@ from __future__ import annotations
 import bz2
 import gzip
 import lzma
+import os
 import shutil
 import struct
 import subprocess
@@ -133,10 +134,24 @@ def test_lz4_legacy_from_the_lz4_command(tmp_path: Path) -> None:
 def test_lz4_multiple_blocks_with_a_short_last_block() -> None:
     big = (b"0123456789abcdef" * (LZ4_LEGACY_BLOCK // 16)) + b"short tail block"
     framed = lz4_legacy(big)
-    assert framed.count(b"short tail") == 1  # two blocks, the second one short
+    # Two blocks: a full 8 MiB one and a 16-byte one, which lz4.block.decompress must return
+    # at its real length even though it is given an 8 MiB buffer.
+    (first,) = struct.unpack_from("<I", framed, 4)
+    (second,) = struct.unpack_from("<I", framed, 8 + first)
+    assert 12 + first + second == len(framed)
+    last = framed[12 + first:]
+    assert lz4.block.decompress(last, uncompressed_size=LZ4_LEGACY_BLOCK) == b"short tail block"
     name, out = decompress(with_size(framed, len(big)))
     assert name == "lz4"
     assert out == big
+
+
+def test_lz4_truncated_after_a_complete_block() -> None:
+    big = os.urandom(64) * (LZ4_LEGACY_BLOCK // 64) + os.urandom(4096)
+    framed = lz4_legacy(big)
+    # The first block is whole; the second is cut: no silent partial payload.
+    with pytest.raises(ImageError, match="truncated"):
+        decompress(framed[:-100])
 
 
 def test_lz4_concatenated_frames() -> None:

@@ -318,6 +318,7 @@ class CompatRow:
     reached: bool                     # False: an earlier contract already drops this state
     consequence: str | None           # what the kexec does, when not compatible
     note: str | None = None
+    on_mismatch: str = ""             # what a version mismatch of this contract would do
 
 
 @dataclass
@@ -436,7 +437,7 @@ def compare(running: KernelAbi, target: KernelAbi) -> CompatReport:
                                f"kernel hands over no {parent.title} state")
         row = CompatRow(key, c.title, rspoken.versions if rspoken else None,
                         tspoken.versions if tspoken else None, outcome.verdict, c.impact,
-                        reached, outcome.consequence, outcome.note)
+                        reached, outcome.consequence, outcome.note, c.mismatch)
         rows.append(row)
         by_key[key] = row
     notes = list(running.notes) + [n for n in target.notes if n not in running.notes]

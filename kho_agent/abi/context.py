@@ -21,7 +21,7 @@ class Side(enum.Enum):
     IN = "in"    # the state a kernel received, after the kexec
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MemRef:
     phys: int
     length: int

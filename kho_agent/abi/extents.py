@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Extent:
     phys: int
     size: int
@@ -48,6 +48,10 @@ class ExtentMap:
         for phys, size, order in zip(self._phys, self._size, self._order, strict=True):
             yield Extent(phys, size, order)
 
+    def spans(self) -> Iterator[tuple[int, int, int]]:
+        """(phys, size, order) tuples: like iterating, without building Extent objects."""
+        return zip(self._phys, self._size, self._order, strict=True)
+
     @property
     def total_bytes(self) -> int:
         return sum(self._size)
@@ -78,6 +82,10 @@ class ExtentMap:
                     ends.append(phys + size)
             self._union = (starts, ends)
         return self._union
+
+    def union(self) -> tuple[array[int], array[int]]:
+        """The merged extents as sorted (starts, ends) arrays; built once, cached until add()."""
+        return self._build_union()
 
     def covers(self, phys: int, length: int) -> bool:
         """True when every byte of [phys, phys+length) lies in preserved memory."""

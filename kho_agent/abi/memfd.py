@@ -88,22 +88,24 @@ def decode(compatible: str, ctx: DecodeContext, phys: int, path: str) -> MemfdSt
 
 
 def _decode_folios(ctx: DecodeContext, state: MemfdState, path: str) -> None:
-    ps = ctx.page_size
+    shift = ctx.page_shift
+    ps = 1 << shift
+    nr_folios = state.nr_folios
     npages = -(-state.size // ps)
-    if state.nr_folios == 0:
+    if nr_folios == 0:
         if state.size:
             ctx.add("memfd-short", path, f"memfd of {state.size} bytes has no folios; its data "
                     "would come back as zeros")
         return
-    if state.folio_array.total_pages * ps < state.nr_folios * FOLIO_SER_SIZE:
-        ctx.add("count-mismatch", path, f"nr_folios {state.nr_folios} needs "
-                f"{state.nr_folios * FOLIO_SER_SIZE} bytes but the folio array has "
+    if state.folio_array.total_pages * ps < nr_folios * FOLIO_SER_SIZE:
+        ctx.add("count-mismatch", path, f"nr_folios {nr_folios} needs "
+                f"{nr_folios * FOLIO_SER_SIZE} bytes but the folio array has "
                 f"{state.folio_array.total_pages} page(s)")
     area = read_vmalloc(ctx, state.folio_array, path, "memfd folio array")
     if not area.complete:
         state.complete = False
         return
-    remaining = state.nr_folios
+    remaining = nr_folios
     # Folio sizes are not in the array (the kernel takes them from the preserved-memory map), so
     # a hole is provable only where two indices lie farther apart than the largest folio can
     # span, where the first folio does not start at index 0, or where the tail is out of reach.
@@ -111,6 +113,8 @@ def _decode_folios(ctx: DecodeContext, state: MemfdState, path: str) -> None:
     prev_index = -1
     ascending = True
     block = ps << area.desc.order
+    folio_flags = state.folio_flags
+    add = state.data.add
     for blk in area.blocks:
         if remaining <= 0:
             break
@@ -122,25 +126,26 @@ def _decode_folios(ctx: DecodeContext, state: MemfdState, path: str) -> None:
             return
         words = array("Q", raw)
         n = min(remaining, len(words) // 2)
-        for i in range(n):
-            word, index = words[2 * i], words[2 * i + 1]
+        for i in range(0, 2 * n, 2):
+            word, index = words[i], words[i + 1]
             pfn, fflags = word & PFN_MASK, word >> 52
-            state.folio_flags[fflags] = state.folio_flags.get(fflags, 0) + 1
+            folio_flags[fflags] = folio_flags.get(fflags, 0) + 1
             if index <= prev_index:
                 ascending = False
-            elif gap is None and index - max(prev_index, 0) > (MAX_FOLIO_PAGES if prev_index >= 0
-                                                                else 0):
-                gap = (prev_index + 1, index)
-            prev_index = max(prev_index, index)
+            else:
+                if gap is None and index - max(prev_index, 0) > (MAX_FOLIO_PAGES
+                                                                 if prev_index >= 0 else 0):
+                    gap = (prev_index + 1, index)
+                prev_index = index
             if pfn == 0:
                 continue  # the kernel skips a zero pfn on restore
-            state.data.add(pfn << ctx.page_shift, ps, 0)
+            add(pfn << shift, ps, 0)
             if index == 0:
-                state.first_page = pfn << ctx.page_shift
+                state.first_page = pfn << shift
         state.folios_read += n
         remaining -= n
-    for ext in state.data:  # coalesced: one reference per physically contiguous run
-        ctx.ref(ext.phys, ext.size, path, "memfd data folio")
+    for phys, size, _ in state.data.spans():  # coalesced: one per physically contiguous run
+        ctx.ref(phys, size, path, "memfd data folio")
     if not ascending:
         ctx.add("blob-malformed", path, "memfd folio indices are not strictly increasing")
     if state.folios_read < state.nr_folios:

@@ -48,6 +48,8 @@ class SparseMemory:
             buf = self._pages.get(page)
             if buf is None:
                 raise MemoryUnavailable(phys, length)
+            if length == ps:
+                return bytes(buf)  # a whole page: one copy instead of slice-then-copy
             return bytes(buf[off:off + length])
         out = bytearray()
         pos = 0

@@ -59,12 +59,13 @@ class VmallocArea:
 
 def read_vmalloc(ctx: DecodeContext, desc: VmallocDesc, path: str, what: str) -> VmallocArea:
     area = VmallocArea(desc)
-    ps = ctx.page_size
+    ps = 1 << ctx.page_shift
+    order = desc.order
     if desc.flags & ~KNOWN_FLAGS:
         ctx.add("vmalloc-flags-unknown", path, f"{what}: kho_vmalloc flags {desc.flags:#x} carry "
                 f"bits outside {KNOWN_FLAGS:#x}; the next kernel silently drops them")
-    if desc.order > MAX_ORDER:
-        ctx.add("property-malformed", path, f"{what}: kho_vmalloc order {desc.order} is above "
+    if order > MAX_ORDER:
+        ctx.add("property-malformed", path, f"{what}: kho_vmalloc order {order} is above "
                 f"the largest page block ({MAX_ORDER}); no kernel writes it and its blocks were "
                 "not read")
         area.complete = False
@@ -76,6 +77,10 @@ def read_vmalloc(ctx: DecodeContext, desc: VmallocDesc, path: str, what: str) ->
             area.complete = False
         return area
     per_chunk = (ps - 8) // 8
+    chunk_what = f"{what} vmalloc chunk"
+    claim_what = f"{what}: kho_vmalloc chunk"
+    blocks = area.blocks
+    chunk_pages = area.chunk_pages
     seen: set[int] = set()
     phys = desc.first
     while phys:
@@ -84,7 +89,7 @@ def read_vmalloc(ctx: DecodeContext, desc: VmallocDesc, path: str, what: str) ->
                     f"{phys:#x}")
             area.complete = False
             break
-        if len(seen) >= MAX_CHUNKS:
+        if len(chunk_pages) >= MAX_CHUNKS:
             ctx.add("chain-too-long", path, f"{what}: kho_vmalloc chain exceeds {MAX_CHUNKS} "
                     "chunks")
             area.complete = False
@@ -94,40 +99,40 @@ def read_vmalloc(ctx: DecodeContext, desc: VmallocDesc, path: str, what: str) ->
             area.complete = False
             break
         seen.add(phys)
-        if not ctx.claim(phys, path, f"{what}: kho_vmalloc chunk"):
+        if not ctx.claim(phys, path, claim_what):
             area.complete = False
             break
-        area.chunk_pages.append(phys)
-        ctx.ref(phys, ps, path, f"{what} vmalloc chunk")
-        page = ctx.read(phys, ps, path, f"{what} vmalloc chunk")
+        chunk_pages.append(phys)
+        ctx.ref(phys, ps, path, chunk_what)
+        page = ctx.read(phys, ps, path, chunk_what)
         if page is None:
             area.complete = False
             break
         words = array("Q", page)
         nxt = words[0]
-        full = True
-        for entry in words[1:1 + per_chunk]:
-            if entry == 0:
-                full = False
-                break
-            area.blocks.append(entry)
-        if not full and nxt:
+        try:  # phys[] is zero-terminated unless the chunk is full
+            end = words.index(0, 1, 1 + per_chunk)
+        except ValueError:
+            end = 1 + per_chunk
+        blocks.extend(words[1:end])
+        if end <= per_chunk and nxt:
             # A chunk that is not full ends the list in the kernel's writer; a link after it is
             # ignored by the reader too, but it means the structure is not what the kernel wrote.
             ctx.add("blob-malformed", path, f"{what}: kho_vmalloc chunk {phys:#x} is not full "
                     "but links to another chunk")
             break
         phys = nxt
-    block = ps << desc.order
-    for b in area.blocks:
-        if b % block:
+    block = ps << order
+    data_what = f"{what} vmalloc data"
+    misaligned = False
+    for b in blocks:
+        if b % block and not misaligned:
             ctx.add("misaligned", path, f"{what}: vmalloc block {b:#x} is not aligned to its "
-                    f"order {desc.order}")
-            break
-    for b in area.blocks:
-        ctx.ref(b, block, path, f"{what} vmalloc data")
-    if area.complete and len(area.blocks) << desc.order != desc.total_pages:
-        listed = len(area.blocks) << desc.order
+                    f"order {order}")
+            misaligned = True
+        ctx.ref(b, block, path, data_what)
+    if area.complete and len(blocks) << order != desc.total_pages:
+        listed = len(blocks) << order
         ctx.add("count-mismatch", path, f"{what}: kho_vmalloc lists {listed}"
                 f" pages but total_pages is {desc.total_pages}; the next kernel refuses to "
                 "restore it")
