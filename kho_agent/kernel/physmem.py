@@ -57,6 +57,7 @@ class ElfCoreMemory:
     def __init__(self, path: str) -> None:
         self.path = path
         self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        opened = False
         try:
             try:
                 head = os.pread(self._fd, 64, 0)
@@ -69,9 +70,10 @@ class ElfCoreMemory:
             # at most 65535 entries of phentsize bytes: a bounded read wherever phoff points
             table = os.pread(self._fd, phentsize * phnum, phoff)
             self.segments = parse_elf_segments(head, table)
-        except BaseException:
-            os.close(self._fd)
-            raise
+            opened = True
+        finally:
+            if not opened:  # do not leak the descriptor when the file is not a usable core
+                os.close(self._fd)
         self._starts = [s.phys for s in self.segments]
 
     def close(self) -> None:
