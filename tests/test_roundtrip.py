@@ -106,6 +106,49 @@ def test_vmalloc(data: bytes, order: int, pad_pages: int) -> None:
     assert read_area_bytes(ctx, area, len(data), "/t", "area") == data
 
 
+class RecordingMemory:
+    def __init__(self, inner: SparseMemory) -> None:
+        self.inner, self.reads = inner, []  # type: list[tuple[int, int]]
+
+    def read(self, phys: int, length: int) -> bytes:
+        self.reads.append((phys, length))
+        return self.inner.read(phys, length)
+
+
+@FAST
+@given(st.integers(1, 1100), st.integers(0, 1200))
+def test_vmalloc_blocks_do_not_depend_on_total_pages(nblocks: int, claimed: int) -> None:
+    """The decoder reads a prefix of each chunk sized by total_pages; a total_pages that lies
+    must change only the count finding, never which blocks are listed."""
+    memory = SparseMemory(PAGE)
+    desc = encode_vmalloc(bytes(nblocks * PAGE), memory, PageAllocator(META_START, PAGE))
+    recorder = RecordingMemory(memory)
+    ctx = DecodeContext(recorder)  # type: ignore[arg-type]
+    lying = VmallocDesc(desc.first, claimed, desc.flags, desc.order)
+    area = read_vmalloc(ctx, lying, "/t", "area")
+    honest = read_vmalloc(DecodeContext(memory), desc, "/t", "area")
+    assert area.blocks == honest.blocks and len(area.blocks) == nblocks
+    assert [f.code for f in ctx.findings] == ([] if claimed == nblocks else ["count-mismatch"])
+    if claimed == nblocks:  # a healthy chunk is read as far as its terminator, not whole
+        assert sum(n for _, n in recorder.reads) == 8 * (len(area.chunk_pages) + nblocks + 1)
+
+
+def test_memfd_data_runs_coalesce_contiguous_folios() -> None:
+    memory = SparseMemory(PAGE)
+    alloc = PageAllocator(META_START, PAGE)
+    phys = memfd.encode("memfd-v2", bytes(3 * PAGE), memory, alloc)  # 3 adjacent data pages
+    alloc.alloc(PAGE)
+    other = memfd.encode("memfd-v2", bytes(PAGE), memory, alloc)
+    ctx = DecodeContext(memory)
+    state = memfd.decode("memfd-v2", ctx, phys, "/f")
+    assert state is not None and state.first_page is not None
+    assert state.data_runs == [(state.first_page, 3 * PAGE)]
+    refs = [(r.phys, r.length) for r in ctx.refs if r.what == "memfd data folio"]
+    assert refs == [(state.first_page, 3 * PAGE)]
+    second = memfd.decode("memfd-v2", ctx, other, "/g")
+    assert second is not None and second.data_runs == [(second.first_page, PAGE)]
+
+
 @FAST
 @given(st.sampled_from(sorted(memfd.FORMATS)), st.binary(max_size=3 * PAGE),
        st.integers(0, 3 * PAGE), st.integers(0, 1 << 40), st.integers(0, memfd.ALL_SEALS))

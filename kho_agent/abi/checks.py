@@ -44,11 +44,16 @@ def _check_refs(ctx: DecodeContext, walk: MemoryMapWalk) -> None:
     bad = 0
     starts, ends = walk.extents.union()
     bisect_right = bisect.bisect_right
+    lo = hi = 0  # the union interval that covered the last reference: neighbours share it
     for ref in ctx.refs:
         # ExtentMap.covers() inlined: this loop runs once per structure (400k for 100k memfds)
         phys = ref.phys
+        end = phys + (ref.length or 1)
+        if lo <= phys and end <= hi:
+            continue
         i = bisect_right(starts, phys) - 1
-        if i >= 0 and ends[i] >= phys + (ref.length or 1):
+        if i >= 0 and ends[i] >= end:
+            lo, hi = starts[i], ends[i]
             continue
         gaps = walk.extents.uncovered(ref.phys, ref.length)
         if not gaps:

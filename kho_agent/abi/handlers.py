@@ -6,6 +6,7 @@ only memfd; in-flight handlers (guest_memfd, KVM, VFIO) get a row here when they
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 from . import memfd
@@ -15,10 +16,6 @@ from .context import DecodeContext
 FileDecoder = Callable[[DecodeContext, int, str], object | None]
 
 
-def _memfd(compatible: str) -> FileDecoder:
-    def decode(ctx: DecodeContext, data: int, path: str) -> object | None:
-        return memfd.decode(compatible, ctx, data, path)
-    return decode
-
-
-FILE_HANDLERS: dict[str, FileDecoder] = {name: _memfd(name) for name in memfd.FORMATS}
+FILE_HANDLERS: dict[str, FileDecoder] = {
+    name: functools.partial(memfd.decode, name) for name in memfd.FORMATS
+}

@@ -27,7 +27,7 @@ FLB_HEADER_SIZE = 16
 FLB_SER_SIZE = 64
 
 
-@dataclass
+@dataclass(slots=True)
 class LuoFile:
     index: int
     compatible: str
@@ -36,7 +36,7 @@ class LuoFile:
     handler: object | None = None  # the handler's decoded state (memfd: MemfdState)
 
 
-@dataclass
+@dataclass(slots=True)
 class LuoSession:
     name: str
     file_count: int
@@ -90,7 +90,7 @@ def unpack_file(ctx: DecodeContext, raw: bytes, spath: str, index: int) -> LuoFi
     compatible, had_nul = cstr(raw[:HNDL_COMPAT_LENGTH])
     data, token = struct.unpack_from("<QQ", raw, HNDL_COMPAT_LENGTH)
     f = LuoFile(index, compatible, token, data)
-    fpath = file_path(spath, token)
+    fpath = f"{spath}/file[{token:#x}]"  # file_path() inlined: this runs for every file
     if not had_nul:
         ctx.add("name-unterminated", fpath, "file handler compatible has no NUL in its 48 bytes")
     decoder = FILE_HANDLERS.get(compatible)

@@ -17,9 +17,8 @@ import struct
 from array import array
 from dataclasses import dataclass, field
 
-from .context import DecodeContext
+from .context import DecodeContext, MemRef
 from .errors import AbiError
-from .extents import ExtentMap
 from .memory import PageAllocator, SparseMemory
 from .vmalloc import VmallocDesc, encode_vmalloc, read_vmalloc
 
@@ -44,7 +43,7 @@ FORMATS: dict[str, MemfdFormat] = {
 }
 
 
-@dataclass
+@dataclass(slots=True)
 class MemfdState:
     compatible: str
     pos: int
@@ -55,7 +54,8 @@ class MemfdState:
     folio_array: VmallocDesc
     folios_read: int = 0
     folio_flags: dict[int, int] = field(default_factory=dict)  # flags value -> folio count
-    data: ExtentMap = field(default_factory=ExtentMap)  # pages holding the file's data
+    # Physically contiguous runs (phys, bytes) of the file's data pages, in folio-index order.
+    data_runs: list[tuple[int, int]] = field(default_factory=list)
     first_page: int | None = None  # physical address of the folio at index 0
     complete: bool = True
 
@@ -65,19 +65,20 @@ def decode(compatible: str, ctx: DecodeContext, phys: int, path: str) -> MemfdSt
     if phys == 0 or phys % 8:
         ctx.add("misaligned", path, f"{compatible}: memfd_luo_ser address {phys:#x} is invalid")
         return None
-    ctx.ref(phys, fmt.ser_size, path, "memfd_luo_ser")
+    ctx.refs.append(MemRef(phys, fmt.ser_size, path, "memfd_luo_ser"))
     raw = ctx.read(phys, fmt.ser_size, path, "memfd_luo_ser")
     if raw is None:
         return None
+    # one unpack for the header and its kho_vmalloc descriptor (this runs for every memfd)
     if fmt.has_seals:
-        pos, size, seals, flags, nr_folios = struct.unpack_from("<QQIIQ", raw, 0)
-        desc = VmallocDesc.unpack(raw[32:48])
+        pos, size, seals, flags, nr_folios, first, total, vflags, order = struct.unpack_from(
+            "<QQIIQQIHH", raw, 0)
     else:
-        pos, size, nr_folios = struct.unpack_from("<QQQ", raw, 0)
+        pos, size, nr_folios, first, total, vflags, order = struct.unpack_from(
+            "<QQQQIHH", raw, 0)
         seals = flags = None
-        desc = VmallocDesc.unpack(raw[24:40])
-    state = MemfdState(compatible, pos, size, seals, flags, nr_folios, desc,
-                       data=ExtentMap(ctx.page_shift))
+    desc = VmallocDesc(first, total, vflags, order)
+    state = MemfdState(compatible, pos, size, seals, flags, nr_folios, desc)
     if seals is not None and seals & ~ALL_SEALS:
         ctx.add("memfd-seals-invalid", path, f"seals {seals:#x} include bits outside "
                 f"{ALL_SEALS:#x}; the next kernel refuses to retrieve this file (EOPNOTSUPP)")
@@ -111,10 +112,12 @@ def _decode_folios(ctx: DecodeContext, state: MemfdState, path: str) -> None:
     # span, where the first folio does not start at index 0, or where the tail is out of reach.
     gap: tuple[int, int] | None = None
     prev_index = -1
+    reach = 1  # the first folio must be at index 0; later ones within a folio's span
     ascending = True
     block = ps << area.desc.order
     folio_flags = state.folio_flags
-    add = state.data.add
+    runs = state.data_runs
+    run_start = run_end = -1  # the run being grown; folios are coalesced as they come
     for blk in area.blocks:
         if remaining <= 0:
             break
@@ -126,26 +129,34 @@ def _decode_folios(ctx: DecodeContext, state: MemfdState, path: str) -> None:
             return
         words = array("Q", raw)
         n = min(remaining, len(words) // 2)
-        for i in range(0, 2 * n, 2):
-            word, index = words[i], words[i + 1]
-            pfn, fflags = word & PFN_MASK, word >> 52
+        for word, index in zip(words[0:2 * n:2], words[1:2 * n:2], strict=True):
+            fflags = word >> 52
             folio_flags[fflags] = folio_flags.get(fflags, 0) + 1
             if index <= prev_index:
                 ascending = False
             else:
-                if gap is None and index - max(prev_index, 0) > (MAX_FOLIO_PAGES
-                                                                 if prev_index >= 0 else 0):
+                if gap is None and index - prev_index > reach:
                     gap = (prev_index + 1, index)
                 prev_index = index
-            if pfn == 0:
+                reach = MAX_FOLIO_PAGES
+            pfn = word & PFN_MASK
+            if not pfn:
                 continue  # the kernel skips a zero pfn on restore
-            add(pfn << shift, ps, 0)
+            page = pfn << shift
+            if page != run_end:
+                if run_end >= 0:
+                    runs.append((run_start, run_end - run_start))
+                run_start = page
+            run_end = page + ps
             if index == 0:
-                state.first_page = pfn << shift
+                state.first_page = page
         state.folios_read += n
         remaining -= n
-    for phys, size, _ in state.data.spans():  # coalesced: one per physically contiguous run
-        ctx.ref(phys, size, path, "memfd data folio")
+    if run_end >= 0:
+        runs.append((run_start, run_end - run_start))
+    refs_append = ctx.refs.append  # ctx.ref() inlined: this runs for every memfd
+    for phys, size in runs:  # one reference per physically contiguous run, not per page
+        refs_append(MemRef(phys, size, path, "memfd data folio"))
     if not ascending:
         ctx.add("blob-malformed", path, "memfd folio indices are not strictly increasing")
     if state.folios_read < state.nr_folios:

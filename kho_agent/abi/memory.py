@@ -43,7 +43,7 @@ class SparseMemory:
 
     def read(self, phys: int, length: int) -> bytes:
         ps = self.page_size
-        page, off = divmod(phys, ps)
+        page, off = phys // ps, phys % ps
         if off + length <= ps:  # the common case: inside one page
             buf = self._pages.get(page)
             if buf is None:

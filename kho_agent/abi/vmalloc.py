@@ -11,11 +11,12 @@ unless the blocks add up to exactly `total_pages`.
 
 from __future__ import annotations
 
+import functools
 import struct
 from array import array
 from dataclasses import dataclass, field
 
-from .context import DecodeContext
+from .context import DecodeContext, MemRef
 from .errors import AbiError
 from .memory import PageAllocator, SparseMemory
 
@@ -27,7 +28,7 @@ MAX_CHUNKS = 1 << 20     # 2 GiB of area data at 4 KiB: far beyond any real use;
 MAX_ORDER = 10           # MAX_PAGE_ORDER (x86-64, arm64 4K): no kernel allocates a larger block
 
 
-@dataclass
+@dataclass(slots=True)
 class VmallocDesc:
     first: int
     total_pages: int
@@ -44,7 +45,7 @@ class VmallocDesc:
         return struct.pack("<QIHH", self.first, self.total_pages, self.flags, self.order)
 
 
-@dataclass
+@dataclass(slots=True)
 class VmallocArea:
     desc: VmallocDesc
     chunk_pages: list[int] = field(default_factory=list)
@@ -55,6 +56,13 @@ class VmallocArea:
         step = page_size
         n = 1 << self.desc.order
         return [b + i * step for b in self.blocks for i in range(n)]
+
+
+@functools.cache
+def _labels(what: str) -> tuple[str, str, str]:
+    """The labels for one caller's chunks and data; cached because a LUO state with 100k memfds
+    reads 100k folio arrays under the same `what`."""
+    return f"{what} vmalloc chunk", f"{what}: kho_vmalloc chunk", f"{what} vmalloc data"
 
 
 def read_vmalloc(ctx: DecodeContext, desc: VmallocDesc, path: str, what: str) -> VmallocArea:
@@ -77,13 +85,16 @@ def read_vmalloc(ctx: DecodeContext, desc: VmallocDesc, path: str, what: str) ->
             area.complete = False
         return area
     per_chunk = (ps - 8) // 8
-    chunk_what = f"{what} vmalloc chunk"
-    claim_what = f"{what}: kho_vmalloc chunk"
+    chunk_what, claim_what, data_what = _labels(what)
     blocks = area.blocks
     chunk_pages = area.chunk_pages
-    seen: set[int] = set()
+    refs_append = ctx.refs.append  # ctx.ref() inlined: this runs for every memfd
+    owners = ctx.owners
+    seen: set[int] = set()  # chunks of this chain; filled from the second chunk on
     phys = desc.first
     while phys:
+        if chunk_pages and not seen:
+            seen.update(chunk_pages)
         if phys in seen:
             ctx.add("chain-cycle", path, f"{what}: kho_vmalloc chunk chain loops back to "
                     f"{phys:#x}")
@@ -98,22 +109,40 @@ def read_vmalloc(ctx: DecodeContext, desc: VmallocDesc, path: str, what: str) ->
             ctx.add("misaligned", path, f"{what}: kho_vmalloc chunk {phys:#x} is not page aligned")
             area.complete = False
             break
-        seen.add(phys)
-        if not ctx.claim(phys, path, claim_what):
+        if seen:
+            seen.add(phys)
+        if phys in owners:  # ctx.claim() with its common case inlined
+            ctx.claim(phys, path, claim_what)
             area.complete = False
             break
+        owners[phys] = path
         chunk_pages.append(phys)
-        ctx.ref(phys, ps, path, chunk_what)
-        page = ctx.read(phys, ps, path, chunk_what)
+        refs_append(MemRef(phys, ps, path, chunk_what))
+        # Most areas are small (a one-page memfd has one block), so read only the words that
+        # total_pages says are used, plus the terminator; a prefix without a terminator (a
+        # total_pages that lies) is read again whole, so the result does not depend on it.
+        expect = (desc.total_pages >> order) - len(blocks)
+        page = ctx.read(phys, 16 + 8 * expect if 0 <= expect < per_chunk else ps, path,
+                        chunk_what)
         if page is None:
             area.complete = False
             break
         words = array("Q", page)
-        nxt = words[0]
         try:  # phys[] is zero-terminated unless the chunk is full
-            end = words.index(0, 1, 1 + per_chunk)
+            end = words.index(0, 1)
         except ValueError:
-            end = 1 + per_chunk
+            end = len(words)
+            if end <= per_chunk:
+                page = ctx.read(phys, ps, path, chunk_what)
+                if page is None:
+                    area.complete = False
+                    break
+                words = array("Q", page)
+                try:
+                    end = words.index(0, 1)
+                except ValueError:
+                    end = 1 + per_chunk
+        nxt = words[0]
         blocks.extend(words[1:end])
         if end <= per_chunk and nxt:
             # A chunk that is not full ends the list in the kernel's writer; a link after it is
@@ -123,14 +152,13 @@ def read_vmalloc(ctx: DecodeContext, desc: VmallocDesc, path: str, what: str) ->
             break
         phys = nxt
     block = ps << order
-    data_what = f"{what} vmalloc data"
     misaligned = False
     for b in blocks:
         if b % block and not misaligned:
             ctx.add("misaligned", path, f"{what}: vmalloc block {b:#x} is not aligned to its "
                     f"order {order}")
             misaligned = True
-        ctx.ref(b, block, path, data_what)
+        refs_append(MemRef(b, block, path, data_what))
     if area.complete and len(blocks) << order != desc.total_pages:
         listed = len(blocks) << order
         ctx.add("count-mismatch", path, f"{what}: kho_vmalloc lists {listed}"
