@@ -1,0 +1,353 @@
+"""SimKernel: a simulated KHO/LUO kernel whose state lives in a directory.
+
+    DIR/boot.json          the current boot (state.py); shared bookkeeping between processes
+    DIR/faults.json        injected faults (faults.py)
+    DIR/kernel/            this boot's baseline memory and the incoming memory still reserved
+    DIR/handover/          what the last kexec handed over (handover.py)
+    DIR/root/              the fake root: proc, sys, debugfs, dev/liveupdate, boot/ (rootfs.py)
+    DIR/liveupdate.lock    flock()ed while a process holds /dev/liveupdate open
+
+A process attaches with SimKernel(DIR) and gets a Host whose seams behave like the 7.2/7.3
+kernel. Outgoing sessions live in the process that created them (the kernel keeps them while
+their files are open); when that process is gone, so are they, as on a real host.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from ..abi.memory import SparseMemory
+from ..errors import AgentError, Busy, InvalidArgument
+from ..kernel.host import Host
+from . import faults as faults_mod
+from . import rootfs
+from .boot import Memblock, cold_layout, kho_layout, parse_cmdline
+from .handover import Accepted, Panic, Received, Refused, accept, clear_handover, read_handover
+from .images import build_bzimage
+from .memory import load_core, save_core
+from .outgoing import BASELINE_CORE, Outgoing, build_baseline, debugfs_fdt_size
+from .state import BootState, Incoming, load, save
+from .store import locked, pid_alive
+from .versions import SimAbi, check_abi
+
+INCOMING_CORE = "kernel/incoming.core"
+DEFAULT_ABI = SimAbi()
+DEMO_RESERVE_MEM = "reserve_mem=1M:4096:kho_demo_rsv"
+SIM_FILES = ("boot.json", "faults.json", "kernel", "handover", "handover.new", "root",
+             "liveupdate.lock", "liveupdate.holder", "state.lock")
+KEXECD = ("the simulated kernel has kexec'd into a new boot: objects of the old boot (device, "
+          "sessions, seams) are gone, as a real process would be; attach a new "
+          "SimKernel(directory)")
+
+
+class Runtime:
+    """What one attached SimKernel shares with its seams, devices and sessions."""
+
+    def __init__(self, directory: Path, state: BootState) -> None:
+        self.directory = directory
+        self.state = state
+        self.token = uuid.uuid4().hex
+        self.gone = False
+        self._outgoing: Outgoing | None = None
+        self._incoming_pages: dict[int, bytes] | None = None
+        # inode -> incoming session name, for files this process retrieved (EBUSY on preserve)
+        self.retrieved_inodes: dict[tuple[int, int], str] = {}
+        # what a process of this boot holds (device lock, session fds); released at the kexec
+        self.closers: list[Callable[[], None]] = []
+
+    @property
+    def root(self) -> Path:
+        return self.directory / "root"
+
+    def check(self) -> None:
+        if self.gone:
+            raise AgentError(KEXECD)
+        try:
+            on_disk = (self.root / "proc/sys/kernel/random/boot_id").read_text().strip()
+        except OSError:
+            on_disk = ""
+        if on_disk != self.state.boot_id:
+            self.gone = True
+            raise AgentError(KEXECD)
+
+    def fresh(self) -> BootState:
+        return load(self.directory)
+
+    @property
+    def outgoing(self) -> Outgoing:
+        if self._outgoing is None:
+            self._outgoing = Outgoing(self.directory, self.state)
+        return self._outgoing
+
+    def claim_outgoing(self) -> None:
+        """Outgoing sessions live in one process; another live owner makes this one wait."""
+        with locked(self.directory):
+            st = load(self.directory)
+            owner = st.outgoing_owner
+            mine = (os.getpid(), self.token)
+            if owner is not None and owner != mine and pid_alive(owner[0]):
+                raise Busy(f"process {owner[0]} holds the outgoing sessions of this simulated "
+                           "kernel; the simulator keeps outgoing sessions in the one process "
+                           "that created them: use that process, or end it first")
+            if owner != mine:
+                st.outgoing_owner = mine
+                save(self.directory, st)
+
+    def release_outgoing(self) -> None:
+        with locked(self.directory):
+            st = load(self.directory)
+            if st.outgoing_owner == (os.getpid(), self.token):
+                st.outgoing_owner = None
+                save(self.directory, st)
+
+    def foreign_owner(self) -> int | None:
+        owner = self.fresh().outgoing_owner
+        if owner is not None and owner != (os.getpid(), self.token) and pid_alive(owner[0]):
+            return owner[0]
+        return None
+
+    def incoming_pages(self) -> dict[int, bytes]:
+        if self._incoming_pages is None:
+            mem = SparseMemory()
+            path = self.directory / INCOMING_CORE
+            if path.exists():
+                load_core(str(path), mem)
+            self._incoming_pages = dict(mem.pages())
+        return self._incoming_pages
+
+    def sync(self) -> None:
+        """Rewrite debugfs kho/out and proc/kcore from the outgoing state, if it changed. A
+        process that does not own the outgoing sessions leaves the owner's files alone."""
+        self.check()
+        if self.foreign_owner() is not None:
+            return
+        out = self.outgoing
+        if not out.dirty:
+            return
+        write_views(self.directory, self.state, out, self.incoming_pages())
+        out.dirty = False
+
+    def kexecd(self) -> None:
+        """Everything this process held in the old boot is gone."""
+        self.gone = True
+        for close in self.closers:
+            close()
+        self.closers.clear()
+        if self._outgoing is not None:
+            self._outgoing.release_all()
+
+
+def write_views(directory: Path, state: BootState, out: Outgoing,
+                incoming: dict[int, bytes]) -> None:
+    root = directory / "root"
+    memmap, meta = out.live_map()
+    blobs = out.sub_blobs() if state.kho_enabled else {}
+    fdt: bytes | None = None
+    if state.kho_enabled:
+        from .outgoing import root_fdt
+        full = root_fdt(state, memmap)
+        if not state.abi.debugfs_72:
+            fdt = full
+        elif not state.kho_boot:
+            fdt = full[:debugfs_fdt_size(state)]  # the size debugfs froze at kho_init()
+        out.memory.write(state.baseline.root, full)
+    rootfs.write_out(root, fdt, blobs)
+    pages = dict(incoming)
+    pages.update(out.memory.pages())
+    pages.update(meta.pages())
+    save_core(str(root / "proc/kcore.tmp"), pages)
+    os.replace(root / "proc/kcore.tmp", root / "proc/kcore")
+
+
+def finish_boot(directory: Path, state: BootState, mb: Memblock, incoming_pages: dict[int, bytes],
+                in_tree: tuple[bytes, dict[str, bytes]] | None) -> BootState:
+    """Allocate what the kernel preserves at boot, save the boot and write the fake root."""
+    memory = SparseMemory()
+    build_baseline(state, mb, memory)
+    state.reserved = mb.merged()
+    (directory / "kernel").mkdir(parents=True, exist_ok=True)
+    save_core(str(directory / BASELINE_CORE), dict(memory.pages()))
+    inc = directory / INCOMING_CORE
+    if incoming_pages:
+        save_core(str(inc), incoming_pages)
+    else:
+        inc.unlink(missing_ok=True)
+    (directory / "liveupdate.holder").unlink(missing_ok=True)
+    save(directory, state)
+    rootfs.write_boot(directory / "root", state, mb, in_tree)
+    write_views(directory, state, Outgoing(directory, state), incoming_pages)
+    return state
+
+
+def cold_boot(directory: Path, *, release: str, abi: SimAbi, cmdline: str, memory_mib: int,
+              nodes: int, boot_count: int, panics: list[dict[str, object]],
+              notes: list[str]) -> BootState:
+    cmd = parse_cmdline(cmdline)
+    mb, scratch, regions = cold_layout(memory_mib, nodes, cmd)
+    sizes = {r.name: r.size for r in cmd.reserve_mem}
+    state = BootState(
+        boot_count=boot_count, boot_id=str(uuid.uuid4()), release=release, abi=abi,
+        cmdline=cmdline, memory_mib=memory_mib, nodes=nodes, kho_enabled=cmd.kho,
+        luo_enabled=cmd.luo, scratch=scratch, reserved=[],
+        reserve_mem={n: (p, sizes[n]) for n, p in regions.items()} if cmd.kho else {},
+        liveupdate_number=1, kexec_count=1, kho_boot=False, previous_release=None,
+        panics=panics, notes=notes + [f"Malformed early option '{w}'" for w in cmd.malformed])
+    return finish_boot(directory, state, mb, {}, None)
+
+
+def boot_after_kexec(directory: Path, prev: BootState, loaded: dict[str, object], *,
+                     handed_over: bool, drop: bool, luo_mismatch: bool) -> BootState:
+    """The kexec'd kernel boots: takes the handover (or not), panics, or comes up."""
+    abi = SimAbi.from_json(loaded["abi"])
+    release, cmdline = str(loaded["release"]), str(loaded["cmdline"])
+    cmd = parse_cmdline(cmdline)
+    rec = read_handover(directory) if handed_over else None
+    result: Accepted | Refused | Panic | None
+    if drop and rec is not None:
+        result = Refused(["KHO: handover ignored (injected fault drop-kho)",
+                          "KHO: disabling KHO revival"])
+    elif isinstance(rec, str):
+        result = Refused([f"KHO: {rec}", "KHO: disabling KHO revival"])
+    elif isinstance(rec, Received):
+        result = accept(rec, abi, cmd, luo_mismatch=luo_mismatch)
+    else:
+        result = None
+    panics = list(prev.panics)
+    count = prev.boot_count + 1
+    if isinstance(result, Accepted):
+        preserved = result.preserved
+        layout = kho_layout(prev.memory_mib, prev.nodes, cmd, result.scratch, preserved,
+                            result.revived)
+        if isinstance(layout, str):
+            result = Panic(layout)
+        else:
+            mb, regions = layout
+            sizes = {r.name: r.size for r in cmd.reserve_mem}
+            state = BootState(
+                boot_count=count, boot_id=str(uuid.uuid4()), release=release, abi=abi,
+                cmdline=cmdline, memory_mib=prev.memory_mib, nodes=prev.nodes,
+                kho_enabled=cmd.kho, luo_enabled=cmd.luo,
+                scratch=result.scratch if cmd.kho else [], reserved=[],
+                reserve_mem={n: (p, sizes[n]) for n, p in regions.items()} if cmd.kho else {},
+                liveupdate_number=(result.luo_number or 0) + 1,
+                kexec_count=result.kexec_count + 1, kho_boot=True,
+                previous_release=result.previous_release,
+                incoming=Incoming(present=result.luo_number is not None),
+                panics=panics, notes=result.notes)
+            return finish_boot(directory, state, mb, result.pages,
+                               (rec.root_blob, result.in_blobs)
+                               if isinstance(rec, Received) and cmd.kho else None)
+    if isinstance(result, Panic):
+        panics.append({"boot": count, "release": release, "message": result.message})
+        clear_handover(directory)
+        # panic=-1: the machine resets and the firmware boots the installed default kernel,
+        # the one that did the kexec; nothing of the handover survives a cold boot
+        return cold_boot(directory, release=prev.release, abi=prev.abi, cmdline=prev.cmdline,
+                         memory_mib=prev.memory_mib, nodes=prev.nodes, boot_count=count + 1,
+                         panics=panics, notes=[f"cold boot after a panic of {release}"])
+    notes = result.notes if isinstance(result, Refused) else []
+    return cold_boot(directory, release=release, abi=abi, cmdline=cmdline,
+                     memory_mib=prev.memory_mib, nodes=prev.nodes, boot_count=count,
+                     panics=panics, notes=notes)
+
+
+class SimKernel:
+    """A simulated kernel in `directory`: attach to the current boot, or create() a cold one."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        state = load(self.directory)
+        self._rt = Runtime(self.directory, state)
+        with locked(self.directory):
+            st = load(self.directory)
+            if st.outgoing_owner is not None and not pid_alive(st.outgoing_owner[0]):
+                # the process that held the outgoing sessions is gone: so are its sessions
+                st.outgoing_owner = None
+                save(self.directory, st)
+
+    @classmethod
+    def create(cls, directory: Path, *, release: str = "7.3.0-sim", abi: SimAbi = DEFAULT_ABI,
+               memory_mib: int = 4096, nodes: int = 1,
+               cmdline: str = "console=ttyS0 kho=on liveupdate=on",
+               reserve_mem: bool = True) -> SimKernel:
+        """A cold boot in a fresh (or emptied) directory."""
+        check_abi(abi)
+        if not release or any(c.isspace() for c in release) or len(release) > 64:
+            raise InvalidArgument(f"release {release!r} must be 1..64 characters without spaces")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        for name in SIM_FILES:
+            path = directory / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        if reserve_mem and "reserve_mem=" not in cmdline:
+            cmdline = f"{cmdline} {DEMO_RESERVE_MEM}".strip()
+        cold_boot(directory, release=release, abi=abi, cmdline=cmdline, memory_mib=memory_mib,
+                  nodes=nodes, boot_count=1, panics=[], notes=[])
+        return cls(directory)
+
+    # --- the current boot ---------------------------------------------------------------------
+    @property
+    def state(self) -> BootState:
+        return self._rt.state
+
+    @property
+    def boot_count(self) -> int:
+        return self._rt.state.boot_count
+
+    @property
+    def boot_id(self) -> str:
+        return self._rt.state.boot_id
+
+    @property
+    def release(self) -> str:
+        return self._rt.state.release
+
+    @property
+    def abi(self) -> SimAbi:
+        return self._rt.state.abi
+
+    @property
+    def liveupdate_number(self) -> int:
+        """The outgoing liveupdate number (1 after a cold boot, previous + 1 after an update)."""
+        return self._rt.state.liveupdate_number
+
+    @property
+    def panics(self) -> list[str]:
+        """Panic messages of kernels that failed to boot here, oldest first."""
+        return [str(p["message"]) for p in self._rt.fresh().panics]
+
+    @property
+    def notes(self) -> list[str]:
+        """What this boot's kernel logged about the handover (KHO/LUO/memblock lines)."""
+        return list(self._rt.state.notes)
+
+    def host(self) -> Host:
+        from .kexec import SimKexec
+        from .liveupdate import SimLiveUpdate
+
+        self._rt.check()
+        return Host(root=self._rt.root, liveupdate=SimLiveUpdate(self._rt),
+                    kexec=SimKexec(self._rt), simulated=True, sync=self._rt.sync)
+
+    def write_kernel_image(self, path: Path, *, release: str, abi: SimAbi) -> Path:
+        """A synthetic bzImage of a kernel with that release and ABI."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(build_bzimage(release, abi))
+        return path
+
+    def inject(self, fault: str, **params: object) -> None:
+        faults_mod.inject(self.directory, fault, params)
+
+    def clear_faults(self) -> None:
+        faults_mod.clear(self.directory)
+
+    def faults(self) -> dict[str, dict[str, object]]:
+        return faults_mod.pending(self.directory)

@@ -1,0 +1,150 @@
+"""kexec of the simulated kernel: kexec_file_load (image checks, scratch placement) and the
+reboot that freezes and serializes LUO, writes the handover and boots the loaded kernel."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+from ..abi.compat import abi_from_payload
+from ..errors import Busy, InvalidArgument, KernelRefused
+from ..kernel.image import ImageError, read_image
+from . import faults as faults_mod
+from . import rootfs
+from .boot import PAGE_SIZE
+from .handover import clear_handover, write_handover
+from .kernel import Runtime, boot_after_kexec
+from .state import load, save
+from .store import locked
+from .versions import SimAbi, check_abi
+
+BOOT_PARAMS = PAGE_SIZE  # struct boot_params + setup_data, one page
+
+
+class SimKexec:
+    def __init__(self, rt: Runtime) -> None:
+        self._rt = rt
+
+    def available(self) -> bool:
+        self._rt.check()
+        return True
+
+    def loaded(self) -> bool:
+        self._rt.check()
+        return self._rt.fresh().loaded is not None
+
+    def load(self, kernel: Path, initrd: Path | None, cmdline: str) -> None:
+        rt = self._rt
+        rt.check()
+        op = "kexec_file_load"
+        fault = faults_mod.take(rt.directory, "load-fails")
+        if fault is not None:
+            err = int(str(fault["errno"]))
+            raise KernelRefused(op, err, "injected fault load-fails")
+        for path in (kernel, initrd):
+            if path is not None and not Path(path).is_file():
+                raise KernelRefused(op, errno.ENOENT, f"{path} does not exist")
+        try:
+            image = read_image(str(kernel))
+        except ImageError as exc:
+            raise KernelRefused(op, errno.ENOEXEC, str(exc)) from exc
+        spoken = abi_from_payload(image.payload, release=image.info.release)
+        versions = {key: spoken.contracts[key].primary
+                    for key in ("kho-root", "luo", "handler:memfd", "memblock")}
+        if not all(versions.values()) or image.info.release is None:
+            missing = ", ".join(k for k, v in versions.items() if not v) or "release"
+            raise InvalidArgument(f"{kernel}: the simulator boots only kernels with KHO, LUO, a "
+                                  f"memfd handler and memblock built in; this image lacks "
+                                  f"{missing}")
+        abi = SimAbi(str(versions["kho-root"]), str(versions["luo"]),
+                     str(versions["handler:memfd"]), str(versions["memblock"]))
+        check_abi(abi)
+        st = rt.state
+        need = os.path.getsize(kernel) + (os.path.getsize(initrd) if initrd else 0) \
+            + BOOT_PARAMS + len(cmdline) + 1
+        if st.kho_enabled:
+            largest = max((s.size for s in st.scratch), default=0)
+            if need > largest:
+                raise KernelRefused(op, errno.EADDRNOTAVAIL, f"kernel, initrd and boot "
+                                    f"parameters need {need} bytes but the largest KHO scratch "
+                                    f"area has {largest}: with KHO every segment must fit in "
+                                    "scratch; boot with a larger kho_scratch= or use a smaller "
+                                    "initrd")
+        record: dict[str, object] = {
+            "kernel": str(kernel), "initrd": str(initrd) if initrd else None,
+            "cmdline": cmdline, "release": image.info.release, "abi": abi.to_json(),
+            "kho": st.kho_enabled}
+        with locked(rt.directory):
+            fresh = load(rt.directory)
+            fresh.loaded = record
+            save(rt.directory, fresh)
+        rootfs.set_kexec_loaded(rt.root, True)
+
+    def unload(self) -> None:
+        rt = self._rt
+        rt.check()
+        with locked(rt.directory):
+            fresh = load(rt.directory)
+            fresh.loaded = None
+            save(rt.directory, fresh)
+        rootfs.set_kexec_loaded(rt.root, False)
+
+    def reboot(self, *, via_systemd: bool) -> None:
+        """reboot(LINUX_REBOOT_CMD_KEXEC): liveupdate_reboot() (freeze, serialize), the handover,
+        then the loaded kernel boots. `via_systemd` makes no difference here (no service
+        manager runs in the simulation)."""
+        rt = self._rt
+        rt.check()
+        op = "reboot(LINUX_REBOOT_CMD_KEXEC)"
+        st = rt.fresh()
+        if st.loaded is None:
+            raise KernelRefused(op, errno.EINVAL, "no kernel is loaded; load one with kexec "
+                                "first")
+        other = rt.foreign_owner()
+        if other is not None:
+            raise Busy(f"process {other} holds the outgoing sessions of this simulated kernel; "
+                       "reboot from that process (the simulator keeps outgoing sessions in the "
+                       "process that created them)")
+        out = rt.outgoing
+        handed_over = bool(st.kho_enabled and st.loaded.get("kho"))
+        if rt.state.luo_enabled:
+            if faults_mod.take(rt.directory, "freeze-fails") is not None:
+                raise KernelRefused(op, errno.EINVAL, "a file handler's freeze() failed "
+                                    "(injected fault freeze-fails); nothing was changed, the "
+                                    "sessions stay preserved")
+            out.check_freeze()
+        if handed_over:
+            ho = out.serialize()
+            corrupt = faults_mod.take(rt.directory, "corrupt-file")
+            if corrupt is not None:
+                _corrupt(out, ho.pages, corrupt)
+            write_handover(rt.directory, ho, st.scratch, {
+                "from_release": st.release, "from_boot_id": st.boot_id,
+                "from_abi": st.abi.to_json(), "via_systemd": via_systemd})
+        else:
+            clear_handover(rt.directory)
+        drop = faults_mod.take(rt.directory, "drop-kho") is not None
+        mismatch = faults_mod.take(rt.directory, "luo-mismatch") is not None
+        rt.kexecd()
+        boot_after_kexec(rt.directory, st, st.loaded, handed_over=handed_over, drop=drop,
+                         luo_mismatch=mismatch)
+
+
+def _corrupt(out: object, pages: dict[int, bytes], params: dict[str, object]) -> None:
+    """Flip `length` bytes at `offset` of one preserved file's data in the handover."""
+    from .outgoing import Outgoing
+
+    assert isinstance(out, Outgoing)
+    session, token = str(params["session"]), int(str(params["token"]))
+    offset, length = int(str(params["offset"])), int(str(params["length"]))
+    target = next((f for s in out.sessions if s.name == session for f in s.files
+                   if f.token == token), None)
+    if target is None:
+        raise InvalidArgument(f"fault corrupt-file: no preserved file {token:#x} in session "
+                              f"{session!r}")
+    for pos in range(offset, min(offset + length, target.size)):
+        page = target.data_pages[pos // PAGE_SIZE]
+        data = bytearray(pages[page])
+        data[pos % PAGE_SIZE] ^= 0xFF
+        pages[page] = bytes(data)

@@ -1,0 +1,405 @@
+"""`/dev/liveupdate` of the simulated kernel: the LiveUpdate / LiveUpdateDevice /
+LiveUpdateSession seams with the 7.2/7.3 rules (reference §3.1-§3.5).
+
+Session fds are real: one end of a socketpair (O_CLOEXEC), so they can be passed to another
+process (SCM_RIGHTS, D-Bus); the session's state itself stays in this process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import socket
+
+from ..abi.memfd import ALL_SEALS
+from ..errors import KernelRefused
+from ..kernel.liveupdate import SESSION_NAME_LENGTH
+from . import faults as faults_mod
+from .handover import IncomingSession, deserialize, restore_content
+from .kernel import Runtime
+from .outgoing import OutSession
+from .state import load, save
+from .store import locked, pid_alive, write_atomic
+
+TMPFS_MAGIC = 0x01021994
+HUGETLBFS_MAGIC = 0x958458F6
+LOCK_FILE = "liveupdate.lock"
+HOLDER_FILE = "liveupdate.holder"
+LUO_V1_MAX_SESSIONS = 819       # (16 pages - 8) / 80
+LUO_V1_MAX_FILES = 128          # 2 pages / 64
+BLOCK_MAX_SESSIONS = 510_000    # 10000 blocks x 51
+BLOCK_MAX_FILES = 630_000       # 10000 blocks x 63
+SESSION_BLOCK = 51
+F_SEAL_FUTURE_WRITE = 0x10
+F_SEAL_EXEC = 0x20
+
+
+def _fs_type(fd: int) -> int:
+    """fstatfs(fd).f_type (the first word of struct statfs on 64-bit Linux)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = ctypes.create_string_buffer(128)
+    if libc.fstatfs(fd, buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return int.from_bytes(buf.raw[:8], "little")
+
+
+def check_seals(seals: int) -> None:
+    """memfd_luo_preserve() refuses seal bits outside MEMFD_LUO_ALL_SEALS."""
+    if seals & ~ALL_SEALS:
+        raise KernelRefused("PRESERVE_FD", errno.EOPNOTSUPP,
+                            f"the memfd carries seals {seals:#x}; only {ALL_SEALS:#x} can be "
+                            "preserved")
+
+
+def kernel_name(name: str, op: str) -> str:
+    """The name as the kernel sees it in its 64-byte field: up to the first NUL; EINVAL when
+    empty or with no NUL in 64 bytes."""
+    raw = name.encode()
+    if b"\0" in raw:
+        raw = raw[:raw.index(b"\0")]
+    if not raw or len(raw) >= SESSION_NAME_LENGTH:
+        raise KernelRefused(op, errno.EINVAL, f"session name {name!r} must be 1 to "
+                            f"{SESSION_NAME_LENGTH - 1} bytes")
+    return raw.decode(errors="surrogateescape")
+
+
+class SimLiveUpdate:
+    def __init__(self, rt: Runtime) -> None:
+        self._rt = rt
+
+    def present(self) -> bool:
+        self._rt.check()
+        return self._rt.state.luo_enabled
+
+    def holders(self) -> list[int]:
+        directory = self._rt.directory
+        fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                pid = int((directory / HOLDER_FILE).read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            return [pid] if pid_alive(pid) else []
+        finally:
+            os.close(fd)
+        return []
+
+    def open(self) -> SimLiveUpdateDevice:
+        rt = self._rt
+        rt.check()
+        op = "open /dev/liveupdate"
+        if not rt.state.luo_enabled:
+            raise KernelRefused(op, errno.ENOENT, "the simulated kernel booted without KHO and "
+                                f"LUO enabled (cmdline: {rt.state.cmdline!r}); boot it with "
+                                "kho=on liveupdate=on")
+        fd = os.open(rt.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            pids = self.holders()
+            who = f"process {pids[0]}" if pids else "another process"
+            raise KernelRefused(op, errno.EBUSY, f"{who} holds /dev/liveupdate open (it opens "
+                                "only once); close it there first") from None
+        write_atomic(rt.directory / HOLDER_FILE, str(os.getpid()).encode())
+        try:
+            sessions = self._first_open()
+        except KernelRefused:
+            (rt.directory / HOLDER_FILE).unlink(missing_ok=True)
+            os.close(fd)
+            raise
+        return SimLiveUpdateDevice(rt, fd, sessions)
+
+    def _first_open(self) -> list[IncomingSession]:
+        """The first open after a live update deserializes the incoming sessions; a failure
+        makes this and every later open of the boot fail with EIO."""
+        rt = self._rt
+        if not rt.state.incoming.present:
+            return []
+        with locked(rt.directory):
+            st = load(rt.directory)
+            inc = st.incoming
+            if inc.status == "pending":
+                result: list[IncomingSession] | str
+                if faults_mod.pending(rt.directory).get("corrupt-handover") is not None:
+                    result = "injected fault corrupt-handover"
+                else:
+                    result = deserialize(rt.directory, st.abi)
+                inc.status, inc.error = (("error", result) if isinstance(result, str)
+                                         else ("ok", ""))
+                save(rt.directory, st)
+        if inc.status == "pending":
+            return []  # unreachable: set above
+        if inc.status == "error":
+            faults_mod.take(rt.directory, "corrupt-handover")
+            raise KernelRefused("open /dev/liveupdate", errno.EIO,
+                                f"the incoming live-update state is unusable ({inc.error}); "
+                                "the preserved sessions are lost: reboot cleanly")
+        result = deserialize(rt.directory, st.abi)
+        return result if isinstance(result, list) else []
+
+
+class SimLiveUpdateDevice:
+    def __init__(self, rt: Runtime, lock_fd: int, incoming: list[IncomingSession]) -> None:
+        self._rt = rt
+        self._fd = lock_fd
+        self._incoming = {s.name: s for s in incoming}
+        rt.closers.append(self.close)
+
+    def _check(self) -> None:
+        self._rt.check()
+        if self._fd < 0:
+            raise KernelRefused("ioctl /dev/liveupdate", errno.EBADF, "the device was closed")
+
+    def create_session(self, name: str) -> SimSession:
+        self._check()
+        op = "CREATE_SESSION"
+        key = kernel_name(name, op)
+        rt = self._rt
+        rt.claim_outgoing()
+        out = rt.outgoing
+        count = len(out.sessions)
+        blocks = rt.state.abi.luo_blocks
+        if blocks and count >= BLOCK_MAX_SESSIONS:
+            raise KernelRefused(op, errno.ENOSPC, f"the session chain is full ({count} "
+                                "sessions); close sessions first")
+        if not blocks and count >= LUO_V1_MAX_SESSIONS:
+            raise KernelRefused(op, errno.ENOMEM, f"this LUO version holds at most "
+                                f"{LUO_V1_MAX_SESSIONS} sessions; close sessions first")
+        if any(s.name == key for s in out.sessions):
+            if blocks and count % SESSION_BLOCK == 0:
+                out.empty_block = True  # the chain grew before the duplicate check (§1.5)
+            raise KernelRefused(op, errno.EEXIST, f"an outgoing session named {key!r} exists; "
+                                "use it or close it")
+        out.empty_block = False
+        session = OutSession(key)
+        out.sessions.append(session)
+        return SimSession(rt, key, outgoing=session)
+
+    def retrieve_session(self, name: str) -> SimSession:
+        self._check()
+        op = "RETRIEVE_SESSION"
+        key = name.encode().split(b"\0")[0][:SESSION_NAME_LENGTH].decode(
+            errors="surrogateescape")
+        rt = self._rt
+        incoming = self._incoming.get(key)
+        with locked(rt.directory):
+            st = load(rt.directory)
+            inc = st.incoming
+            holder = inc.retrieved.get(key)
+            if holder is not None and not pid_alive(holder):
+                # its holder exited: closing a retrieved session finishes it
+                inc.retrieved.pop(key)
+                inc.finished.append(key)
+                save(rt.directory, st)
+            if incoming is None or key in inc.finished:
+                raise KernelRefused(op, errno.ENOENT, f"no incoming session named {key!r} "
+                                    "(never handed over, or already finished)")
+            if key in inc.retrieved:
+                raise KernelRefused(op, errno.EINVAL, f"session {key!r} is already retrieved "
+                                    f"and open (process {inc.retrieved[key]})")
+            inc.retrieved[key] = os.getpid()
+            save(rt.directory, st)
+        return SimSession(rt, key, incoming=incoming)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            if self.close in self._rt.closers:
+                self._rt.closers.remove(self.close)
+            if not self._rt.gone:
+                (self._rt.directory / HOLDER_FILE).unlink(missing_ok=True)
+            os.close(self._fd)
+            self._fd = -1
+
+
+class SimSession:
+    def __init__(self, rt: Runtime, name: str, *, outgoing: OutSession | None = None,
+                 incoming: IncomingSession | None = None) -> None:
+        self._rt = rt
+        self._name = name
+        self._out = outgoing
+        self._in = incoming
+        self._sock, self._peer = socket.socketpair()  # both ends O_CLOEXEC
+        self._closed = False
+        self._finished = False
+        self._retrieved: dict[int, int] = {}   # token -> restored memfd (the kernel's file)
+        self._errors: dict[int, int] = {}      # token -> cached errno of a failed retrieve
+        rt.closers.append(self._drop)
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def incoming(self) -> bool:
+        return self._in is not None
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def _check(self, op: str) -> None:
+        self._rt.check()
+        if self._closed:
+            raise KernelRefused(op, errno.EBADF, f"session {self._name!r} was closed")
+
+    def get_name(self) -> str:
+        self._check("GET_NAME")
+        return self._name
+
+    def preserve_fd(self, fd: int, token: int) -> None:
+        op = "PRESERVE_FD"
+        self._check(op)
+        out = self._out
+        if out is None:
+            raise KernelRefused(op, errno.EINVAL, f"session {self._name!r} was retrieved from "
+                                "the previous kernel; preserve files in a session created in "
+                                "this boot")
+        rt = self._rt
+        if any(f.token == token for f in out.files):
+            raise KernelRefused(op, errno.EEXIST, f"token {token:#x} is already used in "
+                                f"session {self._name!r}")
+        limit = BLOCK_MAX_FILES if rt.state.abi.luo_blocks else LUO_V1_MAX_FILES
+        if len(out.files) >= limit:
+            raise KernelRefused(op, errno.ENOSPC, f"session {self._name!r} holds its maximum "
+                                f"of {limit} files; use another session")
+        try:
+            st = os.fstat(fd)
+            fstype = _fs_type(fd)
+        except OSError as exc:
+            raise KernelRefused(op, exc.errno or errno.EBADF, f"fd {fd} is not an open "
+                                "file") from exc
+        if fstype != TMPFS_MAGIC or st.st_nlink != 0:
+            what = ("a hugetlb memfd" if fstype == HUGETLBFS_MAGIC else
+                    "a linked tmpfs file" if fstype == TMPFS_MAGIC else "not a memfd")
+            raise KernelRefused(op, errno.ENOENT, f"fd {fd} is {what}: only memfds and "
+                                "unlinked shmem files can be preserved")
+        inode = (st.st_dev, st.st_ino)
+        for session in out_sessions(rt):
+            if any(f.inode == inode for f in session.files):
+                raise KernelRefused(op, errno.EBUSY, f"that file is already preserved in "
+                                    f"session {session.name!r}")
+        if inode in rt.retrieved_inodes:
+            raise KernelRefused(op, errno.EBUSY, "that file was retrieved from incoming session "
+                                f"{rt.retrieved_inodes[inode]!r}, which is not finished; "
+                                "FINISH it first")
+        try:
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        except OSError:
+            seals = 0
+        check_seals(seals)
+        rt.outgoing.preserve(out, fd, token, inode, seals)
+
+    def retrieve_fd(self, token: int) -> int:
+        op = "RETRIEVE_FD"
+        self._check(op)
+        if self._in is None:
+            raise KernelRefused(op, errno.EINVAL, f"session {self._name!r} was created in this "
+                                "boot; RETRIEVE_FD works on retrieved sessions")
+        if self._finished:
+            raise KernelRefused(op, errno.ENOENT, f"session {self._name!r} is finished")
+        if token in self._errors:
+            raise KernelRefused(op, self._errors[token], f"restoring token {token:#x} failed "
+                                "before; the error stays")
+        if token in self._retrieved:
+            return fcntl.fcntl(self._retrieved[token], fcntl.F_DUPFD_CLOEXEC, 0)
+        entry = next((f for f in self._in.files if f.token == token), None)
+        if entry is None:
+            raise KernelRefused(op, errno.ENOENT, f"session {self._name!r} has no token "
+                                f"{token:#x}")
+        content = restore_content(self._rt.directory, entry.memfd) if entry.memfd else "EIO"
+        if isinstance(content, str):
+            self._errors[token] = getattr(errno, content)
+            raise KernelRefused(op, self._errors[token], f"token {token:#x} cannot be "
+                                "restored")
+        assert entry.memfd is not None
+        fd = _restore_memfd(content, entry.memfd.pos, entry.memfd.seals)
+        self._retrieved[token] = fd
+        st = os.fstat(fd)
+        self._rt.retrieved_inodes[(st.st_dev, st.st_ino)] = self._name
+        return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 0)
+
+    def finish(self) -> None:
+        op = "FINISH"
+        self._check(op)
+        if self._in is None:
+            raise KernelRefused(op, errno.EINVAL, f"session {self._name!r} was created in this "
+                                "boot; FINISH works on retrieved sessions")
+        self._do_finish()
+
+    def _do_finish(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        for fd in self._retrieved.values():
+            info = os.fstat(fd)
+            self._rt.retrieved_inodes.pop((info.st_dev, info.st_ino), None)
+            os.close(fd)  # LUO drops its reference; the caller's fds stay valid
+        self._retrieved.clear()
+        rt = self._rt
+        with locked(rt.directory):
+            st = load(rt.directory)
+            if self._name not in st.incoming.finished:
+                st.incoming.finished.append(self._name)
+                save(rt.directory, st)
+
+    def _drop(self) -> None:
+        """The process is gone (kexec): every fd it held is closed."""
+        self._closed = True
+        self._sock.close()
+        self._peer.close()
+        for fd in self._retrieved.values():
+            os.close(fd)
+        self._retrieved.clear()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._sock.close()
+        self._peer.close()
+        rt = self._rt
+        if self._drop in rt.closers:
+            rt.closers.remove(self._drop)
+        if rt.gone:
+            return
+        if self._out is not None:
+            out = rt.outgoing
+            out.unpreserve(self._out)
+            out.sessions.remove(self._out)
+            out.empty_block = False  # the chain shrinks
+            if not out.sessions:
+                rt.release_outgoing()
+            return
+        self._do_finish()
+        with locked(rt.directory):
+            st = load(rt.directory)
+            st.incoming.retrieved.pop(self._name, None)
+            save(rt.directory, st)
+
+
+def out_sessions(rt: Runtime) -> list[OutSession]:
+    return rt.outgoing.sessions
+
+
+def _restore_memfd(content: bytes, pos: int, seals: int | None) -> int:
+    """memfd_luo_retrieve(): a new memfd with an empty name and MFD_ALLOW_SEALING, the saved
+    content, size and position, then the saved seals."""
+    fd = os.memfd_create("", os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, len(content))
+        view = memoryview(content)
+        done = 0
+        while done < len(content):
+            done += os.pwrite(fd, view[done:done + (1 << 24)], done)
+        os.lseek(fd, pos, os.SEEK_SET)
+        if seals:
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
