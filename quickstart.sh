@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Set up kho-agent on a Debian machine (as root) and run its main job or its tests.
 #
-#   ./quickstart.sh main    install, then decode and check the real KHO/LUO state shipped in
-#                           tests/data/kho-samples (captured from a 7.3-rc7 kernel)
+#   ./quickstart.sh main    install, then rehearse a whole live update on the simulated kernel
+#                           (preflight, prepare, commit, simulated kexec, verify), and decode and
+#                           check the real KHO/LUO state in tests/data/kho-samples (7.3-rc7)
 #   ./quickstart.sh test    install, then lint (ruff, mypy --strict) and run the test suite
 #   ./quickstart.sh bench   install, then print the decoder benchmarks (figures, not a verdict)
 #
@@ -16,6 +17,7 @@ APT_PACKAGES=(
     libgirepository1.0-dev libcairo2-dev libsystemd-dev  # from source on bookworm (no wheels)
     dbus-daemon device-tree-compiler iproute2            # private buses, dtc cross-checks
     zstd lz4 xz-utils bzip2                              # kernel image compressors in tests
+    b3sum xxhash                                         # digest benchmark comparisons
 )
 
 log() { printf '==> %s\n' "$*" >&2; }
@@ -45,13 +47,15 @@ install_venv() {
         log "pip install -e .[dev]"
         .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
         .venv/bin/python -m pip install -q -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' || true
-        .venv/bin/python -c 'import kho_agent.abi, gi, pydbus, fdt, pyroute2, systemd.daemon'
+        .venv/bin/python -c 'import kho_agent.abi, gi, pydbus, fdt, pyroute2, systemd.daemon, blake3'
         echo "$want" > "$stamp"
     fi
 }
 
 run_main() {
     local samples=tests/data/kho-samples rc=0
+    log "rehearsal: a whole live update on the simulated kernel"
+    .venv/bin/kho-agentctl rehearse || rc=$?
     log "outgoing state of a 7.3-rc7 kernel after 'kexec -s -l' (root FDT + memory extract)"
     .venv/bin/kho-agentctl check "$samples/case-out-1" --memory "$samples/case-out-1/memory.core" \
         || rc=$?
@@ -81,6 +85,12 @@ run_bench() {
     # benchmark that cannot run at all fails.
     local rc=0
     .venv/bin/python benchmarks/bench_decoder.py || rc=$?
+    [ "$rc" -le 1 ] || return "$rc"
+    rc=0
+    .venv/bin/python benchmarks/bench_engine.py || rc=$?
+    [ "$rc" -le 1 ] || return "$rc"
+    rc=0
+    .venv/bin/python benchmarks/bench_digest.py || rc=$?
     [ "$rc" -le 1 ] || return "$rc"
 }
 

@@ -1,6 +1,7 @@
 """kho-agentctl: one module per command, registered in COMMANDS (name -> module).
 
-Exit codes are stable for fleet tooling: 0 ok, 1 the check found errors, 2 could not run.
+Exit codes are stable for fleet tooling: 0 ok, 1 the check found errors (or a refusal), 2 could
+not run; agent errors use their own codes (kho_agent.errors: 3 Busy ... 10 StateCorrupt).
 """
 
 from __future__ import annotations
@@ -11,14 +12,18 @@ from collections.abc import Callable
 from types import ModuleType
 
 from ..abi.errors import AbiError
+from ..errors import AgentError
 from ..kernel.debugfs import DebugfsError
-from . import compat, decode
-from .common import EXIT_CANNOT_RUN, CliError
+from . import compat, decode, preflight, rehearse, scratch
+from .common import EXIT_CANNOT_RUN, CliError, print_json
 
 COMMANDS: dict[str, ModuleType] = {
     "decode": decode,
     "check": decode,
     "compat": compat,
+    "scratch": scratch,
+    "preflight": preflight,
+    "rehearse": rehearse,
 }
 
 
@@ -44,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     except (CliError, DebugfsError, AbiError) as exc:
         print(f"kho-agentctl {args.command}: {exc}", file=sys.stderr)
         return EXIT_CANNOT_RUN
+    except AgentError as exc:
+        if getattr(args, "json", False):
+            print_json(exc.to_json())
+        print(f"kho-agentctl {args.command}: {exc.name}: {exc.message}", file=sys.stderr)
+        return exc.exit_code
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"kho-agentctl {args.command}: {where}{exc.strerror or exc}", file=sys.stderr)

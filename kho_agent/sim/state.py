@@ -129,4 +129,5 @@ def load(directory: Path) -> BootState:
 
 
 def save(directory: Path, state: BootState) -> None:
-    write_atomic(directory / BOOT_FILE, json.dumps(state.to_json(), indent=1).encode())
+    # compact: the boot state is rewritten on every retrieve, and indenting dominated a verify
+    write_atomic(directory / BOOT_FILE, json.dumps(state.to_json()).encode())

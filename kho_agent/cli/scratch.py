@@ -1,0 +1,268 @@
+"""`kho-agentctl scratch`: are the KHO scratch areas big enough, and what should kho_scratch= be?
+
+Reads the host facts (sysinfo), the current scratch areas from KHO debugfs (out/scratch_phys and
+out/scratch_len) and the sizes of the next kernel and initrd, then prints reserved against
+recommended with the breakdown and both command-line forms.
+
+Exit 0 sufficient, 1 too small or not proven (areas unknown, segments do not fit), 2 could not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..abi.jsonview import to_json
+from ..abi.state import ScratchArea, scratch_roles
+from ..errors import AgentError
+from ..kernel import debugfs
+from ..kernel.image import ImageError, read_image
+from ..kernel.sysinfo import SysInfo, kho_enabled, read_sysinfo
+from ..scratch import (
+    DEFAULT_MARGIN_PERCENT,
+    IMAGE_HEADER_BYTES,
+    ScratchPlan,
+    human,
+    image_memory_size,
+    plan_scratch,
+)
+from .common import EXIT_CANNOT_RUN, EXIT_FINDINGS, EXIT_OK, CliError, print_json
+
+HELP = "compare the reserved KHO scratch areas with what the next live update needs"
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str) -> None:
+    p = sub.add_parser(name, help=HELP, description=HELP + ". Exit 0 sufficient, 1 too small "
+                       "or not proven, 2 could not run.")
+    p.add_argument("--kernel", metavar="IMAGE",
+                   help="the next kernel image (default: /boot/vmlinuz-<running release>)")
+    p.add_argument("--initrd", metavar="FILE",
+                   help="the next kernel's initrd (default: /boot/initrd.img-<running release>)")
+    p.add_argument("--margin", metavar="PCT", type=int, default=DEFAULT_MARGIN_PERCENT,
+                   help=f"headroom on top of the need, in percent (default "
+                        f"{DEFAULT_MARGIN_PERCENT})")
+    p.add_argument("--next-excludes-hugetlb", action="store_true",
+                   help="the next kernel is 7.3 or later: boot-time HugeTLB pages need no scratch")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--root", default="/", help=argparse.SUPPRESS)
+    p.set_defaults(run=run)
+
+
+@dataclass
+class FileSize:
+    path: str
+    memory: int               # bytes it takes in memory once loaded
+    how: str                  # where `memory` comes from
+
+
+def kernel_memory_size(path: str) -> FileSize:
+    """How much memory a kernel image takes once kexec loads it (scratch.image_memory_size());
+    compressed images without such a header (arm64 Image.gz, zboot) are decompressed first."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(IMAGE_HEADER_BYTES)
+        file_size = os.path.getsize(path)
+    except OSError as exc:
+        raise CliError(f"cannot read the kernel image {path}: {exc.strerror}") from exc
+    sized = image_memory_size(head, file_size)
+    if sized is not None:
+        return FileSize(path, *sized)
+    try:
+        image = read_image(path)
+    except ImageError as exc:
+        raise CliError(f"the kernel image: {exc}") from exc
+    payload = image.payload
+    sized = image_memory_size(payload[:IMAGE_HEADER_BYTES], len(payload))
+    if sized is not None:
+        return FileSize(path, *sized)
+    return FileSize(path, len(payload), f"{image.info.kind} payload size")
+
+
+def _file_size(path: str, what: str) -> FileSize:
+    try:
+        return FileSize(path, os.path.getsize(path), "file size")
+    except OSError as exc:
+        raise CliError(f"cannot read the {what} {path}: {exc.strerror}") from exc
+
+
+def _boot_file(root: Path, names: tuple[str, ...]) -> str | None:
+    for name in names:
+        path = root / "boot" / name
+        if path.is_file():
+            return str(path)
+    return None
+
+
+@dataclass
+class Inputs:
+    info: SysInfo
+    areas: list[ScratchArea]
+    kho_boot: bool
+    areas_note: str | None
+    kernel: FileSize | None
+    initrd: FileSize | None
+    running_kernel: FileSize | None
+    running_initrd: FileSize | None
+    guessed_next: bool
+
+
+def _areas(root: Path, info: SysInfo) -> tuple[list[ScratchArea], bool, str | None]:
+    mount = str(root / "sys/kernel/debug")
+    kho_boot = os.path.isdir(os.path.join(mount, "kho", "in"))
+    try:
+        snap = debugfs.read_snapshot(debugfs.kho_dir(mount, "out"))
+    except debugfs.DebugfsError as exc:
+        why = str(exc)
+        if not kho_enabled(info) and "does not exist" in why:
+            why += " (the command line has no kho=on)"
+        return [], kho_boot, f"scratch areas unknown: {why}"
+    roles = scratch_roles(len(snap.scratch_phys))
+    areas = [ScratchArea(p, n, r) for p, n, r in zip(snap.scratch_phys, snap.scratch_len, roles,
+                                                      strict=True)]
+    if not areas:
+        return [], kho_boot, f"scratch areas unknown: {snap.path} lists no scratch areas"
+    return areas, kho_boot, None
+
+
+def gather(args: argparse.Namespace) -> Inputs:
+    root = Path(args.root)
+    info = read_sysinfo(root)
+    areas, kho_boot, areas_note = _areas(root, info)
+    release = info.release
+    running_kernel_path = _boot_file(root, (f"vmlinuz-{release}", f"bzImage-{release}"))
+    running_initrd_path = _boot_file(root, (f"initrd.img-{release}", f"initramfs-{release}.img",
+                                            f"initrd-{release}"))
+    running_kernel = kernel_memory_size(running_kernel_path) if running_kernel_path else None
+    running_initrd = (_file_size(running_initrd_path, "initrd") if running_initrd_path
+                      else None)
+    guessed = False
+    kernel: FileSize | None
+    initrd: FileSize | None
+    if args.kernel:
+        kernel = kernel_memory_size(args.kernel)
+    else:
+        kernel, guessed = running_kernel, running_kernel is not None
+    if args.initrd:
+        initrd = _file_size(args.initrd, "initrd")
+    elif args.kernel:
+        initrd = None  # a new kernel without --initrd boots without one
+    else:
+        initrd = running_initrd
+    return Inputs(info, areas, kho_boot, areas_note, kernel, initrd, running_kernel,
+                  running_initrd, guessed)
+
+
+def build_plan(inputs: Inputs, args: argparse.Namespace) -> ScratchPlan:
+    plan = plan_scratch(
+        inputs.info, inputs.areas, kho_boot=inputs.kho_boot,
+        image_bytes=inputs.kernel.memory if inputs.kernel else None,
+        initrd_bytes=inputs.initrd.memory if inputs.initrd else None,
+        running_image_bytes=inputs.running_kernel.memory if inputs.running_kernel else None,
+        running_initrd_bytes=inputs.running_initrd.memory if inputs.running_initrd else None,
+        margin=args.margin / 100, exclude_hugetlb=args.next_excludes_hugetlb)
+    if inputs.areas_note:
+        plan.notes.insert(0, inputs.areas_note)
+    if inputs.guessed_next:
+        plan.notes.append("no --kernel given: the running kernel's image and initrd from /boot "
+                          "stand in for the next kernel's")
+    return plan
+
+
+def verdict(plan: ScratchPlan) -> str:
+    if plan.sufficient:
+        return "SUFFICIENT: the scratch areas hold the next boot's early memory and segments"
+    if not plan.reserved:
+        return ("NOT PROVEN: the current scratch areas are unknown; boot with the recommended "
+                "kho_scratch= and check again")
+    return "TOO SMALL: see the warnings; set the recommended kho_scratch= and cold boot"
+
+
+def render(plan: ScratchPlan, inputs: Inputs) -> str:
+    info = inputs.info
+    boot = "KHO boot (areas inherited)" if plan.kho_boot else "cold boot"
+    nodes = ", ".join(str(n) for n in plan.node_ids)
+    lines = [f"host: {info.release} ({info.machine}), MemTotal {human(info.mem_total)}, "
+             f"NUMA node(s) with memory: {nodes}, {boot}"]
+    for role, f in (("next kernel", inputs.kernel), ("next initrd", inputs.initrd)):
+        if f is not None:
+            lines.append(f"{role}: {f.path}: {human(f.memory)} in memory ({f.how})")
+    k = plan.kern
+    per_node = ", ".join(f"node {n} {human(v)}" for n, v in sorted(k.per_node.items()))
+    lines += ["", f"kernel-reserved memory ({plan.kern_source}): below 4 GiB {human(k.low)}, "
+              f"total {human(k.total)}" + (f", {per_node}" if per_node else "")]
+    for item in plan.estimate:
+        lines.append(f"  {item.label:<36} {human(item.bytes):>12}  {item.note}")
+    req, rec = plan.required, plan.recommended
+    lines += ["", f"{'AREA':<8} {'ADDRESS':>18} {'RESERVED':>12} {'REQUIRED':>12} "
+              f"{'RECOMMENDED':>12}"]
+    wanted = [("lowmem", req.lowmem, rec.lowmem), ("global", req.global_, rec.global_)]
+    wanted += [(f"node {i}", req.pernode, rec.pernode) for i in range(len(plan.node_ids))]
+    have = {a.role: a for a in plan.reserved}
+    for role, need, want in wanted:
+        area = have.pop(role, None)
+        addr = f"{area.phys:#x}" if area else "-"
+        size = human(area.size) if area else "unknown"
+        lines.append(f"{role:<8} {addr:>18} {size:>12} {human(need):>12} {human(want):>12}")
+    for area in have.values():
+        lines.append(f"{area.role:<8} {area.phys:>#18x} {human(area.size):>12}")
+    if plan.reserved:
+        lines.append(f"{'total':<8} {'':>18} {human(plan.reserved_total):>12}")
+    lines += ["", "recommended, broken down:"]
+    for item in plan.breakdown:
+        lines.append(f"  {item.label:<52} {human(item.bytes):>12}  {item.note}")
+    lines.append(f"  {'total':<52} {human(rec.total(len(plan.node_ids))):>12}")
+    lines += ["", f"recommended: {plan.absolute_form()}"]
+    if plan.percent is not None:
+        lines.append(f"         or: {plan.percent_form()}  (the smallest scale that gives at "
+                     "least these sizes here)")
+    if plan.segments:
+        lines += ["", "next kernel's kexec segments in the current areas:"]
+        for p in plan.segments:
+            where = f"{p.area} at {p.phys:#x}" if p.area is not None and p.phys is not None \
+                else "NO ROOM"
+            lines.append(f"  {p.segment.label:<28} {human(p.segment.memsz):>12}  {where}")
+    if plan.warnings:
+        lines.append("")
+        lines += [f"warning: {w}" for w in plan.warnings]
+    if plan.notes:
+        lines.append("")
+        lines += [f"note: {n}" for n in plan.notes]
+    lines += ["", f"Verdict: {verdict(plan)}"]
+    return "\n".join(lines)
+
+
+def report_json(plan: ScratchPlan, inputs: Inputs) -> dict[str, Any]:
+    info = inputs.info
+    return {
+        "sufficient": plan.sufficient,
+        "verdict": verdict(plan).split(":")[0].lower().replace(" ", "_"),
+        "host": {"release": info.release, "machine": info.machine, "mem_total": info.mem_total,
+                 "page_size": info.page_size, "nodes": [n.nid for n in info.nodes],
+                 "kho_enabled": kho_enabled(info), "kho_boot": plan.kho_boot},
+        "inputs": {role: to_json(f) if f else None
+                   for role, f in (("kernel", inputs.kernel), ("initrd", inputs.initrd),
+                                   ("running_kernel", inputs.running_kernel),
+                                   ("running_initrd", inputs.running_initrd))},
+        "plan": plan.to_json(),
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.margin < 0:
+        print(f"kho-agentctl scratch: --margin {args.margin} is negative; give 0 or more",
+              file=sys.stderr)
+        return EXIT_CANNOT_RUN
+    try:
+        inputs = gather(args)
+        plan = build_plan(inputs, args)
+    except (CliError, AgentError) as exc:
+        print(f"kho-agentctl scratch: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_RUN
+    if args.json:
+        print_json(report_json(plan, inputs))
+    else:
+        print(render(plan, inputs))
+    return EXIT_OK if plan.sufficient else EXIT_FINDINGS

@@ -1,0 +1,727 @@
+"""The live-update state machine.
+
+    IDLE -> PREPARING -> PREPARED -> COMMITTING -> (kexec) -> VERIFYING -> VERIFIED | FAILED
+                          PREPARED -> CANCELLING -> IDLE
+
+One operation at a time; every transition is persisted (statefile.py) before the work it
+announces, so a restart knows where it was. Session fds live only as long as this process: a
+restart in the same boot after PREPARED means the preservation is gone, and the orchestrator says
+so instead of claiming it.
+
+The orchestrator talks to the kernel only through a `Host` (real or simulated) and decides with
+the pure modules (preflight, scratch, manifest).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shlex
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import netstate
+from .abi import Severity, Side
+from .abi.compat import Spoken, compare
+from .abi.kexec_metadata import KexecMetadata
+from .digest import DigestResult, digest_fd
+from .errors import (
+    AgentError,
+    Busy,
+    InvalidArgument,
+    KernelRefused,
+    NotFound,
+    NotPrepared,
+    PreflightFailed,
+    StateCorrupt,
+)
+from .facts import (
+    FileFacts,
+    TargetImage,
+    file_facts,
+    file_size,
+    kho_view,
+    running_abi,
+    target_image,
+)
+from .kernel.host import Host
+from .kernel.liveupdate import LiveUpdateDevice, LiveUpdateSession
+from .kernel.sysinfo import SysInfo, read_sysinfo
+from .manifest import (
+    AGENT_SESSION,
+    MANIFEST_TOKEN,
+    FileEntry,
+    Manifest,
+    Observation,
+    ObservedFile,
+    ObservedSession,
+    SessionEntry,
+    SubtreeEntry,
+    VerifyReport,
+    compare_manifest,
+    manifest_from_fd,
+    manifest_memfd,
+    manifest_to_json,
+    read_manifest,
+    write_atomic,
+)
+from .preflight import PlannedSession, PreflightInputs, PreflightResult, handoff_mode, preflight
+from .scratch import ScratchPlan, plan_scratch
+from .statefile import AgentState, Phase, StateStore, Target, now
+
+F_GET_SEALS = 1034
+LAST_VERIFY_FILE = "last-verify.json"
+MAX_FAILURES_IN_STATE = 50
+MAX_SESSION_NAME = 63
+
+
+@dataclass
+class EngineConfig:
+    state_dir: Path
+    digests: bool = True          # default for sessions that do not say
+    scratch_margin: float = 0.25
+
+
+@dataclass
+class PrepareOptions:
+    kernel: Path
+    initrd: Path | None = None
+    cmdline: str | None = None    # None: reuse the running kernel's command line
+    scratch: str = "keep"         # "keep", "auto" (recommended kho_scratch=), or a value
+
+
+@dataclass
+class CommitOptions:
+    force: bool = False           # commit although some clients are not ready
+    dry_run: bool = False
+
+
+@dataclass
+class PreservedFile:
+    token: int
+    # The agent's own reference, for the digest taken at ready; dropped after it, because the
+    # kernel holds the file and freezes its size, and 10k files would otherwise cost 10k fds.
+    fd: int | None
+    size: int
+    seals: int | None
+    facts: FileFacts
+    digest: DigestResult | None = None
+
+    def drop_fd(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+@dataclass
+class ClientSession:
+    name: str
+    owner: str
+    handle: LiveUpdateSession
+    digests: bool
+    files: dict[int, PreservedFile] = field(default_factory=dict)
+    ready: bool = False
+
+    def entry(self) -> SessionEntry:
+        return SessionEntry(self.name, self.owner, [
+            FileEntry(f.token, f.size, f.digest.hexdigest if f.digest else None,
+                      f.digest.alg if f.digest else None,
+                      f.digest.seconds if f.digest else None, f.seals)
+            for f in sorted(self.files.values(), key=lambda f: f.token)], self.ready,
+            self.digests)
+
+
+@dataclass
+class CommitResult:
+    dry_run: bool
+    handoff_seconds: float | None
+    plan: list[str]
+
+
+@dataclass
+class RecoveryResult:
+    phase: Phase
+    message: str
+    verify_pending: bool
+
+
+def _seals(fd: int) -> int | None:
+    try:
+        return fcntl.fcntl(fd, F_GET_SEALS)
+    except OSError:  # a shmem file without sealing support answers EINVAL
+        return None
+
+
+def _check_name(name: str) -> None:
+    raw = name.encode("utf-8", errors="surrogatepass")
+    if not raw or len(raw) > MAX_SESSION_NAME or b"\0" in raw:
+        raise InvalidArgument(f"session name {name!r} must be 1..{MAX_SESSION_NAME} bytes of "
+                              "UTF-8 without NUL")
+
+
+class Orchestrator:
+    def __init__(self, host: Host, config: EngineConfig) -> None:
+        self.host = host
+        self.config = config
+        self.store = StateStore(config.state_dir)
+        self.state = AgentState()
+        self.device: LiveUpdateDevice | None = None
+        self.agent_session: LiveUpdateSession | None = None
+        self.clients: dict[str, ClientSession] = {}
+        self.incoming: dict[str, LiveUpdateSession] = {}  # retrieved at verify, for owners
+        self.commit_blocker: str | None = None
+        self.last_preflight: PreflightResult | None = None
+        self._lock = threading.Lock()
+        self._handed_off = False
+        # from the last preflight with a target, for the cmdline and the manifest
+        self._scratch_plan: ScratchPlan | None = None
+        self._target: TargetImage | None = None
+        self._abi_running: dict[str, Spoken] = {}
+        self._abi_target: dict[str, Spoken] = {}
+        self._prepared: Manifest | None = None
+        self.persist_problem: str | None = None  # the last state write that failed
+
+    # ------------------------------------------------------------------ state
+
+    @contextmanager
+    def _operation(self, name: str) -> Iterator[None]:
+        if self._handed_off:
+            raise Busy("the host has kexec'd; this agent instance is finished")
+        if not self._lock.acquire(blocking=False):
+            raise Busy(f"another operation is running; {name} was not started")
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    def _transition(self, phase: Phase, message: str, **changes: Any) -> None:
+        self.state.phase = phase
+        self.state.message = message
+        self.state.boot_id = self.sysinfo().boot_id
+        for key, value in changes.items():
+            setattr(self.state, key, value)
+        self.store.save(self.state)
+
+    def _transition_best_effort(self, phase: Phase, message: str, **changes: Any) -> None:
+        """For rollbacks: a state that cannot be written (disk full) must not hide the error
+        being reported. The in-memory state moves on; the file keeps the earlier phase, which a
+        restart in this boot resolves to "cancelled"."""
+        try:
+            self._transition(phase, message, **changes)
+        except AgentError as exc:
+            self.persist_problem = exc.message
+
+    def sysinfo(self) -> SysInfo:
+        return read_sysinfo(self.host.root)
+
+    def start(self) -> RecoveryResult:
+        """Load the persisted state and reconcile it with this boot (call once at start)."""
+        try:
+            self.state = self.store.load()
+        except StateCorrupt as exc:
+            aside = self.store.move_aside()
+            self.state = AgentState()
+            self._transition(Phase.IDLE, f"{exc.message}; kept as {aside}")
+            return RecoveryResult(Phase.IDLE, self.state.message, self._incoming_present())
+        boot = self.sysinfo().boot_id
+        if not self.store.path.exists():
+            self._transition(Phase.IDLE, "started")
+        phase = self.state.phase
+        same_boot = self.state.boot_id == boot
+        if phase in (Phase.PREPARING, Phase.PREPARED, Phase.COMMITTING, Phase.CANCELLING):
+            if same_boot:
+                return self._restarted_before_kexec(phase)
+            if phase in (Phase.PREPARED, Phase.COMMITTING):
+                return RecoveryResult(phase, "rebooted since the last state was written: "
+                                      "verification is pending", True)
+            self._transition(Phase.FAILED, f"the host rebooted while {phase.value}; nothing "
+                             "was committed", last_result={"result": "failed",
+                                                           "reason": f"rebooted {phase.value}"})
+        elif phase is Phase.VERIFYING:
+            self._transition(Phase.FAILED, "verification was interrupted (the agent stopped "
+                             "while verifying); sessions it had retrieved were finished when it "
+                             "exited", last_result={"result": "failed",
+                                                    "reason": "verification interrupted"})
+        return RecoveryResult(self.state.phase, self.state.message,
+                              not same_boot and self._incoming_present())
+
+    def _incoming_present(self) -> bool:
+        return self.host.path("sys/kernel/debug/kho/in/fdt").exists()
+
+    def _restarted_before_kexec(self, phase: Phase) -> RecoveryResult:
+        notes = [f"the agent restarted while {phase.value}, before any kexec: its session fds "
+                 "closed with the old process, so nothing is preserved any more"]
+        if self.state.loaded_by_us and self.host.kexec.loaded():
+            try:
+                self.host.kexec.unload()
+                notes.append("the loaded kernel was unloaded")
+            except KernelRefused as exc:
+                notes.append(f"unloading the kernel failed: {exc.message}")
+        self.store.manifest_path.unlink(missing_ok=True)
+        message = "; ".join(notes) + ". Run prepare again."
+        self._transition(Phase.IDLE, message, loaded_by_us=False, target=None,
+                         last_result={"result": "cancelled", "reason": message})
+        return RecoveryResult(Phase.IDLE, message, False)
+
+    # ------------------------------------------------------------------ sessions (daemon API)
+
+    def _device(self) -> LiveUpdateDevice:
+        if self.device is None:
+            self.device = self.host.liveupdate.open()
+        return self.device
+
+    def create_session(self, name: str, owner: str, digests: bool | None = None
+                       ) -> LiveUpdateSession:
+        _check_name(name)
+        if name == AGENT_SESSION:
+            raise InvalidArgument(f"session name {AGENT_SESSION!r} is the agent's own")
+        if self.state.phase in (Phase.COMMITTING, Phase.CANCELLING, Phase.PREPARING):
+            raise Busy(f"cannot create sessions while {self.state.phase.value}")
+        if name in self.clients:
+            # Never ask the kernel: a CREATE_SESSION that fails with EEXIST can leave an empty
+            # block that panics the next kernel (platform notes).
+            raise Busy(f"session {name!r} already exists (owner {self.clients[name].owner})")
+        try:
+            handle = self._device().create_session(name)
+        except KernelRefused as exc:
+            if exc.errno == errno.EEXIST:  # from the kernel despite our records
+                self.commit_blocker = (f"CREATE_SESSION {name!r} failed with EEXIST: the "
+                                       "kernel may hand over an empty session block that "
+                                       "panics the next kernel; only a cold reboot is safe")
+            raise
+        self.clients[name] = ClientSession(name, owner, handle,
+                                           self.config.digests if digests is None else digests)
+        return handle
+
+    def _client(self, name: str) -> ClientSession:
+        client = self.clients.get(name)
+        if client is None:
+            raise NotFound(f"no session {name!r} (known: {', '.join(self.clients) or 'none'})")
+        return client
+
+    def preserve(self, name: str, fd: int, token: int) -> None:
+        client = self._client(name)
+        if not 0 <= token < 1 << 64:
+            raise InvalidArgument(f"token {token} is outside 0..2^64-1")
+        if token in client.files:
+            raise InvalidArgument(f"token {token:#x} is already used in session {name!r}")
+        if self.state.phase in (Phase.COMMITTING, Phase.CANCELLING):
+            raise Busy(f"cannot preserve files while {self.state.phase.value}")
+        facts = file_facts(fd)
+        if facts.hugetlb or not facts.shmem or facts.linked:
+            raise InvalidArgument(f"fd {fd} cannot be preserved: only memfds (not hugetlb) and "
+                                  "unlinked tmpfs files can")
+        client.handle.preserve_fd(fd, token)
+        own = os.dup(fd)
+        client.files[token] = PreservedFile(token, own, facts.size, _seals(own), facts)
+        client.ready = False  # new data: the client says ready again
+
+    def set_ready(self, name: str, ready: bool) -> None:
+        """A ready client's memory is quiescent: only now are sizes and digests taken."""
+        client = self._client(name)
+        if ready:
+            for f in client.files.values():
+                if f.fd is None:
+                    continue  # measured at an earlier ready; the kernel froze its size since
+                f.size = os.fstat(f.fd).st_size
+                f.seals = _seals(f.fd)
+                f.digest = digest_fd(f.fd, f.size) if client.digests else None
+                f.drop_fd()
+        else:
+            for f in client.files.values():
+                if f.fd is None:
+                    f.digest = None  # cannot be taken again: the manifest records no digest
+        client.ready = ready
+
+    def release_session(self, name: str) -> None:
+        """Close a client session before the kexec (the kernel unpreserves its files)."""
+        client = self.clients.pop(name, None)
+        if client is None:
+            raise NotFound(f"no session {name!r}")
+        self._close_client(client)
+
+    def _close_client(self, client: ClientSession) -> None:
+        for f in client.files.values():
+            f.drop_fd()
+        client.handle.close()
+
+    # ------------------------------------------------------------------ prepare
+
+    def gather_preflight(self, target_path: Path | None, initrd: Path | None) -> PreflightResult:
+        info = self.sysinfo()
+        out = kho_view(self.host, Side.OUT)
+        target: TargetImage | None = None
+        target_problem = None
+        compat = None
+        scratch: ScratchPlan | None = None
+        if target_path is not None:
+            try:
+                target = target_image(target_path)
+            except AgentError as exc:
+                target_problem = exc.message
+        if target is not None:
+            compat = compare(running_abi(self.host, info.release, out), target.abi)
+            scratch = plan_scratch(info, out.scratch, kho_boot=self._incoming_present(),
+                                   image_bytes=target.memory_size,
+                                   initrd_bytes=file_size(initrd, "initrd"),
+                                   margin=self.config.scratch_margin)
+        luo = out.luo
+        errors = ([f for f in out.state.findings if f.severity is Severity.ERROR]
+                  if out.state else [])
+        holders = [p for p in self.host.liveupdate.holders() if p != os.getpid()]
+        inputs = PreflightInputs(
+            sysinfo=info, simulated=self.host.simulated,
+            device_present=self.host.liveupdate.present(), device_holders=holders,
+            kexec_available=self.host.kexec.available(),
+            kho_debugfs=out.directory is not None, debugfs_problem=out.problem,
+            running_luo=luo.compatible if luo else None, compat=compat,
+            target_problem=target_problem, scratch=scratch,
+            sessions=[PlannedSession(c.name, [f.facts for f in c.files.values()])
+                      for c in self.clients.values()],
+            outgoing_errors=errors)
+        result = preflight(inputs)
+        self.last_preflight = result
+        self._scratch_plan = scratch
+        self._target = target
+        self._abi_running = compat.running.contracts if compat else {}
+        self._abi_target = compat.target.contracts if compat else {}
+        return result
+
+    def prepare(self, options: PrepareOptions) -> Manifest:
+        with self._operation("prepare"):
+            if self.state.phase not in (Phase.IDLE, Phase.VERIFIED, Phase.FAILED):
+                raise Busy(f"cannot prepare while {self.state.phase.value}; cancel first")
+            previous = self.state.phase
+            try:
+                self._transition(Phase.PREPARING, f"preparing {options.kernel}")
+            except AgentError:
+                self.state.phase = previous  # not even the state could be written: no change
+                raise
+            loaded = False
+            try:
+                result = self.gather_preflight(options.kernel, options.initrd)
+                if result.blockers:
+                    raise PreflightFailed("preflight found blockers: " + "; ".join(
+                        f"{c.name}: {c.message}" for c in result.blockers))
+                info = self.sysinfo()
+                cmdline = self._cmdline(options, info)
+                self.host.kexec.load(options.kernel, options.initrd, cmdline)
+                loaded = True
+                manifest = self._manifest(info, cmdline, final=False)
+                self._prepared = manifest
+                write_atomic(self.store.manifest_path, manifest_to_json(manifest))
+                self._replace_agent_session(manifest)
+                self._transition(Phase.PREPARED, f"prepared {options.kernel}", loaded_by_us=True,
+                                 target=Target(str(options.kernel),
+                                               str(options.initrd) if options.initrd else None,
+                                               cmdline))
+                return manifest
+            except AgentError as exc:
+                self._rollback_prepare(loaded)
+                self._transition_best_effort(
+                    previous if previous is not Phase.FAILED else Phase.IDLE,
+                    f"prepare failed: {exc.message}", loaded_by_us=False, target=None)
+                raise
+
+    def _rollback_prepare(self, loaded: bool) -> None:
+        if self.agent_session is not None:
+            self.agent_session.close()
+            self.agent_session = None
+        if loaded:
+            self.host.kexec.unload()
+        self.store.manifest_path.unlink(missing_ok=True)
+
+    def _cmdline(self, options: PrepareOptions, info: SysInfo) -> str:
+        base = options.cmdline if options.cmdline is not None else info.cmdline
+        words = shlex.split(base)
+        if options.scratch != "keep":
+            value = (self._scratch_plan.absolute_form() if options.scratch == "auto"
+                     and self._scratch_plan else f"kho_scratch={options.scratch}")
+            words = [w for w in words if not w.startswith("kho_scratch=")] + [value]
+        for required in ("kho=on", "liveupdate=on"):
+            key = required.split("=")[0]
+            if not any(w.split("=")[0] == key for w in words):
+                words.append(required)  # without them the next kernel cannot hand on again
+        return shlex.join(words)
+
+    def _replace_agent_session(self, manifest: Manifest) -> None:
+        """The manifest memfd is sealed, so a newer manifest replaces the whole agent session
+        (closing it unpreserves the old memfd)."""
+        if self.agent_session is not None:
+            self.agent_session.close()
+            self.agent_session = None
+        session = self._device().create_session(AGENT_SESSION)
+        fd = manifest_memfd(manifest)
+        try:
+            session.preserve_fd(fd, MANIFEST_TOKEN)
+        except KernelRefused:
+            session.close()
+            raise
+        finally:
+            os.close(fd)  # the kernel holds its own reference
+        self.agent_session = session
+
+    def _manifest(self, info: SysInfo, cmdline: str, *, final: bool,
+                  network: dict[str, object] | None = None) -> Manifest:
+        out = kho_view(self.host, Side.OUT, with_memory=False)
+        luo = out.luo
+        plan = self._scratch_plan
+        if network is None:
+            net, _reason = netstate.snapshot_or_reason()
+            network = net.to_json() if net else None
+        number = luo.liveupdate_number if luo else None
+        return Manifest(
+            schema=1, created=now(), host=socket.gethostname(), release_from=info.release,
+            release_to=(self._target.info.release or "") if self._target else "",
+            boot_id_from=info.boot_id,
+            abi_from={k: v.primary for k, v in self._abi_running.items() if v.primary},
+            abi_to={k: v.primary for k, v in self._abi_target.items() if v.primary},
+            cmdline_to=cmdline,
+            scratch={"areas": [{"role": a.role, "phys": a.phys, "size": a.size}
+                               for a in out.scratch],
+                     "kho_scratch": info.params.get("kho_scratch"),
+                     "recommended": plan.absolute_form() if plan else None},
+            liveupdate_number_from=number,
+            liveupdate_number_expected=number + 1 if number is not None else None,
+            sessions=[c.entry() for c in self.clients.values()],
+            subtrees=[SubtreeEntry(name, size, None)
+                      for name, size in sorted(out.sub_blob_sizes.items())],
+            network=network, final=final)
+
+    # ------------------------------------------------------------------ commit
+
+    def commit(self, options: CommitOptions) -> CommitResult:
+        with self._operation("commit"):
+            if self.state.phase is not Phase.PREPARED:
+                raise NotPrepared(f"nothing is prepared (state {self.state.phase.value}); run "
+                                  "prepare first")
+            if self.commit_blocker:
+                raise PreflightFailed(self.commit_blocker)
+            waiting = [c.name for c in self.clients.values() if not c.ready]
+            if waiting and not options.force:
+                raise Busy(f"session(s) not ready: {', '.join(waiting)}; wait for their owners "
+                           "or commit with force")
+            mode = handoff_mode(self.sysinfo(), self.host.simulated)
+            plan = [f"kernel {self.state.target.kernel if self.state.target else '?'} is loaded",
+                    f"{len(self.clients)} client session(s), "
+                    f"{sum(len(c.files) for c in self.clients.values())} file(s)",
+                    f"final manifest to {self.store.manifest_path} and session {AGENT_SESSION}",
+                    f"reboot via {mode}"]
+            if options.dry_run:
+                return CommitResult(True, None, plan)
+            start = time.perf_counter()
+            if not self.host.kexec.loaded():
+                raise NotPrepared("the prepared kernel is no longer loaded (kexec -u or another "
+                                  "loader?); cancel and prepare again")
+            info = self.sysinfo()
+            # The network was recorded at prepare: reading it again (pyroute2) would add to
+            # the blackout for no gain.
+            manifest = self._manifest(info, self.state.target.cmdline if self.state.target
+                                      else info.cmdline, final=True,
+                                      network=self._prepared.network if self._prepared else None)
+            write_atomic(self.store.manifest_path, manifest_to_json(manifest))
+            self._replace_agent_session(manifest)
+            self._transition(Phase.COMMITTING, "handing off to the loaded kernel")
+            handoff = time.perf_counter() - start
+            self.state.handoff_seconds = handoff
+            self.store.save(self.state)
+            try:
+                self.host.kexec.reboot(via_systemd=mode in ("direct", "fdstore"))
+            except KernelRefused as exc:
+                self._transition_best_effort(Phase.PREPARED, f"the kexec was refused, nothing "
+                                             f"lost: {exc.message}")
+                raise
+            self._handed_off = True  # only the simulator returns from a successful reboot
+            return CommitResult(False, handoff, plan)
+
+    # ------------------------------------------------------------------ verify
+
+    def verify(self) -> VerifyReport:
+        with self._operation("verify"):
+            info = self.sysinfo()
+            if self.state.boot_id == info.boot_id and self.state.phase in (
+                    Phase.PREPARED, Phase.COMMITTING):
+                raise NotPrepared("this host has not rebooted since prepare; commit first")
+            manifest_disk: Manifest | None = None
+            disk_problem = None
+            try:
+                manifest_disk = read_manifest(self.store.manifest_path)
+            except (AgentError, OSError) as exc:
+                disk_problem = str(exc)
+            self._transition(Phase.VERIFYING, "verifying the live update")
+            try:
+                report = self._verify(info, manifest_disk, disk_problem)
+            except AgentError as exc:
+                self._transition_best_effort(Phase.FAILED, f"verification could not run: "
+                                             f"{exc.message}", last_result={
+                                                 "result": "failed", "reason": exc.message})
+                raise
+            verdict = Phase.VERIFIED if report.ok else Phase.FAILED
+            # The full report can hold 40k items: it gets its own file, written once; the state
+            # (rewritten on every transition) keeps a summary and the failures.
+            full = self.store.directory / LAST_VERIFY_FILE
+            write_atomic(full, json.dumps(report.to_json()).encode() + b"\n")
+            self._transition(verdict, "verified: every preserved item came back" if report.ok
+                             else "verification found problems",
+                             last_result=_summary(report, full))
+            return report
+
+    def _verify(self, info: SysInfo, disk: Manifest | None, disk_problem: str | None
+                ) -> VerifyReport:
+        incoming = kho_view(self.host, Side.IN)
+        out = kho_view(self.host, Side.OUT, with_memory=False)
+        previous = None
+        if incoming.state is not None:
+            for sub in incoming.state.subtrees:
+                if isinstance(sub.decoded, KexecMetadata):
+                    previous = sub.decoded.previous_release
+        memfd_manifest: Manifest | None = None
+        memfd_problem = None
+        device_problem = None
+        try:
+            device = self._device()
+        except KernelRefused as exc:
+            device, device_problem = None, exc.message
+        if device is not None:
+            try:
+                agent = device.retrieve_session(AGENT_SESSION)
+                fd = agent.retrieve_fd(MANIFEST_TOKEN)
+                try:
+                    memfd_manifest = manifest_from_fd(fd)
+                finally:
+                    os.close(fd)
+                agent.finish()
+                agent.close()
+            except AgentError as exc:
+                memfd_problem = exc.message
+        manifest = memfd_manifest or disk
+        if manifest is None:
+            raise NotFound("no manifest to verify against: "
+                           f"disk: {disk_problem or 'absent'}; memfd: "
+                           f"{memfd_problem or device_problem or 'absent'}")
+        sessions = [self._observe(device, entry, device_problem) for entry in manifest.sessions]
+        net, _ = netstate.snapshot_or_reason()
+        luo = out.luo
+        observation = Observation(
+            boot_id=info.boot_id, release=info.release,
+            kho_boot=incoming.state is not None and incoming.state.root_source != "none",
+            liveupdate_number=luo.liveupdate_number if luo else None,
+            previous_release=previous,
+            abi={k: v.primary for k, v in running_abi(self.host, info.release, out,
+                                                      incoming).contracts.items() if v.primary},
+            sessions=sessions,
+            subtrees=[SubtreeEntry(n, s, None) for n, s in sorted(
+                incoming.sub_blob_sizes.items())],
+            network=net.to_json() if net else None,
+            disk_manifest_matches_memfd=_manifests_agree(disk, memfd_manifest, memfd_problem))
+        return compare_manifest(manifest, observation)
+
+    def _observe(self, device: LiveUpdateDevice | None, entry: SessionEntry,
+                 device_problem: str | None) -> ObservedSession:
+        if device is None:
+            return ObservedSession(entry.name, None, device_problem)
+        try:
+            session = device.retrieve_session(entry.name)
+        except AgentError as exc:
+            return ObservedSession(entry.name, None, exc.message)
+        self.incoming[entry.name] = session  # closing would finish it: keep it for its owner
+        files = []
+        for f in entry.files:
+            try:
+                fd = session.retrieve_fd(f.token)
+            except AgentError as exc:
+                files.append(ObservedFile(f.token, 0, None, None, exc.message))
+                continue
+            try:
+                size = os.fstat(fd).st_size
+                digest = digest_fd(fd, size).hexdigest if f.digest else None
+                files.append(ObservedFile(f.token, size, digest, _seals(fd), None))
+            finally:
+                os.close(fd)  # the kernel allows retrieving a token again: the owner will
+        return ObservedSession(entry.name, files, None)
+
+    def claim_session(self, name: str) -> LiveUpdateSession:
+        """Hand a retrieved incoming session to its owner (who finishes it)."""
+        session = self.incoming.pop(name, None)
+        if session is None:
+            raise NotFound(f"no retrieved incoming session {name!r}")
+        return session
+
+    def finish_unclaimed(self) -> list[str]:
+        """After the grace period: finish sessions nobody claimed (their data is discarded)."""
+        names = list(self.incoming)
+        for name in names:
+            session = self.incoming.pop(name)
+            session.finish()
+            session.close()
+        return names
+
+    # ------------------------------------------------------------------ cancel
+
+    def cancel(self) -> str:
+        with self._operation("cancel"):
+            if self.state.phase not in (Phase.PREPARED, Phase.FAILED, Phase.PREPARING):
+                raise NotPrepared(f"nothing to cancel (state {self.state.phase.value})")
+            self._transition(Phase.CANCELLING, "cancelling")
+            notes = []
+            if self.state.loaded_by_us and self.host.kexec.loaded():
+                self.host.kexec.unload()
+                notes.append("unloaded the kernel")
+            for client in list(self.clients.values()):
+                self._close_client(client)
+            if self.clients:
+                notes.append(f"released {len(self.clients)} session(s)")
+            self.clients.clear()
+            if self.agent_session is not None:
+                self.agent_session.close()
+                self.agent_session = None
+            self.store.manifest_path.unlink(missing_ok=True)
+            message = "cancelled: " + (", ".join(notes) or "nothing was held")
+            self._transition(Phase.IDLE, message, loaded_by_us=False, target=None,
+                             last_result={"result": "cancelled", "reason": message})
+            return message
+
+    def close(self) -> None:
+        """Drop every kernel handle (process exit does the same)."""
+        for session in self.incoming.values():
+            session.close()
+        self.incoming.clear()
+        for client in self.clients.values():
+            self._close_client(client)
+        self.clients.clear()
+        if self.agent_session is not None:
+            self.agent_session.close()
+            self.agent_session = None
+        if self.device is not None:
+            self.device.close()
+            self.device = None
+
+
+def _summary(report: VerifyReport, full: Path) -> dict[str, Any]:
+    counts: dict[str, int] = {}
+    for item in report.items:
+        counts[item.verdict.value] = counts.get(item.verdict.value, 0) + 1
+    failures = [{"kind": i.kind, "name": i.name, "verdict": i.verdict.value, "detail": i.detail}
+                for i in report.failures()]
+    return {"result": "verified" if report.ok else "failed", "ok": report.ok, "counts": counts,
+            "failures": failures[:MAX_FAILURES_IN_STATE],
+            "failures_total": len(failures), "report": str(full)}
+
+
+def _manifests_agree(disk: Manifest | None, memfd: Manifest | None,
+                     memfd_problem: str | None) -> bool | None:
+    """Equal copies: True. A memfd copy that did not survive while the disk copy did: False (the
+    handover damaged or lost it). Nothing to compare: None."""
+    if disk is not None and memfd is not None:
+        return manifest_to_json(disk) == manifest_to_json(memfd)
+    if disk is not None and memfd_problem is not None:
+        return False
+    return None

@@ -1,0 +1,254 @@
+"""The engine on the simulated kernel: the whole cycle and every failure path."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from kho_agent import manifest as manifest_mod
+from kho_agent.cli import main as cli_main
+from kho_agent.errors import (
+    AgentError,
+    Busy,
+    KernelRefused,
+    NotPrepared,
+    PreflightFailed,
+)
+from kho_agent.orchestrator import CommitOptions, EngineConfig, Orchestrator, PrepareOptions
+from kho_agent.rehearsal import client_plans, rehearse
+from kho_agent.sim import SimAbi, SimKernel
+from kho_agent.statefile import Phase
+
+PAGE = 4096
+
+
+class Rig:
+    """A simulated host with an agent, a target image, and helpers to play the clients."""
+
+    def __init__(self, tmp: Path, target_abi: SimAbi | None = None) -> None:
+        self.tmp = tmp
+        self.sim = SimKernel.create(tmp / "sim")
+        self.target = self.sim.write_kernel_image(tmp / "boot" / "vmlinuz-7.3.1-sim",
+                                                  release="7.3.1-sim",
+                                                  abi=target_abi or SimAbi())
+        self.config = EngineConfig(state_dir=tmp / "state")
+        self.agent = self.new_agent()
+
+    def new_agent(self) -> Orchestrator:
+        agent = Orchestrator(self.sim.host(), self.config)
+        agent.start()
+        return agent
+
+    def client(self, name: str, contents: dict[int, bytes], ready: bool = True) -> None:
+        self.agent.create_session(name, "test")
+        for token, data in contents.items():
+            fd = os.memfd_create(f"t{token}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            os.write(fd, data)
+            self.agent.preserve(name, fd, token)
+            os.close(fd)
+        if ready:
+            self.agent.set_ready(name, True)
+
+    def reboot_view(self) -> Orchestrator:
+        """After the simulated kexec: a new kernel, a new agent process."""
+        self.sim = SimKernel(self.tmp / "sim")
+        return self.new_agent()
+
+    def state(self) -> dict[str, object]:
+        data: dict[str, object] = json.loads((self.config.state_dir / "state.json").read_text())
+        return data
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Rig:
+    return Rig(tmp_path)
+
+
+def test_rehearsal_cycle_keeps_every_byte(tmp_path: Path) -> None:
+    result = rehearse(tmp_path, sessions=2)
+    assert result.ok, [(s.name, s.detail) for s in result.steps]
+    assert [s.name for s in result.steps] == ["boot", "sessions", "preflight", "prepare",
+                                              "commit", "reboot", "verify", "clients"]
+    assert result.report is not None and result.report.ok
+    kinds = {i.kind for i in result.report.items}
+    assert {"session", "file"} <= kinds
+    # every byte of every client file was read back: one page + a 3.5-page sparse file + text
+    plans = client_plans(2)
+    assert result.bytes_checked == sum(len(f.content) for p in plans for f in p.files)
+    assert all(p.files[1].size == PAGE * 3 + PAGE // 2 for p in plans)
+    assert result.handoff_seconds is not None and result.handoff_seconds > 0
+
+
+def test_verify_proves_the_live_update(rig: Rig) -> None:
+    rig.client("vm-a", {1: b"alpha" * 1000, 2: b"beta"})
+    before = rig.sim.boot_id
+    rig.agent.prepare(PrepareOptions(kernel=rig.target))
+    rig.agent.commit(CommitOptions())
+    agent = rig.reboot_view()
+    assert rig.sim.boot_id != before
+    report = agent.verify()
+    assert report.ok, [(i.kind, i.name, i.detail) for i in report.items if i.verdict.value != "ok"]
+    state = rig.state()
+    assert state["phase"] == "verified"
+    session = agent.claim_session("vm-a")
+    fd = session.retrieve_fd(1)
+    assert os.pread(fd, 5000, 0) == b"alpha" * 1000
+    os.close(fd)
+    session.finish()
+    session.close()
+    agent.close()
+
+
+def test_prepare_refuses_an_incompatible_target(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, target_abi=SimAbi(kho="kho-v3", luo="luo-v1", memfd="memfd-v1"))
+    with pytest.raises(PreflightFailed) as exc:
+        rig.agent.prepare(PrepareOptions(kernel=rig.target))
+    assert "target-abi" in exc.value.message and exc.value.exit_code == 5
+    assert not rig.sim.host().kexec.loaded()
+    assert rig.state()["phase"] == "idle"
+    assert not rig.config.state_dir.joinpath("manifest.json").exists()
+
+
+def test_commit_needs_prepare_and_ready_clients(rig: Rig) -> None:
+    with pytest.raises(NotPrepared):
+        rig.agent.commit(CommitOptions())
+    rig.client("vm-slow", {1: b"x"}, ready=False)
+    rig.agent.prepare(PrepareOptions(kernel=rig.target))
+    with pytest.raises(Busy, match="vm-slow"):
+        rig.agent.commit(CommitOptions())
+    dry = rig.agent.commit(CommitOptions(force=True, dry_run=True))
+    assert dry.dry_run and rig.state()["phase"] == "prepared"
+    rig.agent.commit(CommitOptions(force=True))
+    report = rig.reboot_view().verify()
+    assert report.ok
+
+
+def test_duplicate_session_name_never_reaches_the_kernel(rig: Rig) -> None:
+    rig.client("vm-a", {1: b"x"})
+    with pytest.raises(Busy, match="already exists"):
+        rig.agent.create_session("vm-a", "someone else")
+    assert rig.agent.commit_blocker is None
+
+
+def test_restart_after_prepare_reports_cancelled_and_unloads(rig: Rig) -> None:
+    rig.client("vm-a", {1: b"x"})
+    rig.agent.prepare(PrepareOptions(kernel=rig.target))
+    assert rig.sim.host().kexec.loaded()
+    rig.agent.close()  # the process dies: its fds close, the kernel drops the sessions
+    agent = rig.new_agent()
+    assert agent.state.phase is Phase.IDLE
+    assert "nothing is preserved" in agent.state.message
+    assert not rig.sim.host().kexec.loaded()
+    assert rig.state()["last_result"] == {"result": "cancelled", "reason": agent.state.message}
+
+
+@pytest.mark.parametrize("phase", ["preparing", "committing", "cancelling"])
+def test_killed_in_a_transient_phase_in_the_same_boot(rig: Rig, phase: str) -> None:
+    rig.agent.close()
+    state = rig.state()
+    state["phase"] = phase
+    (rig.config.state_dir / "state.json").write_text(json.dumps(state))
+    agent = rig.new_agent()
+    assert agent.state.phase is Phase.IDLE and phase in agent.state.message
+
+
+def test_killed_while_verifying_is_failed_not_verified(rig: Rig) -> None:
+    rig.client("vm-a", {1: b"x"})
+    rig.agent.prepare(PrepareOptions(kernel=rig.target))
+    rig.agent.commit(CommitOptions())
+    agent = rig.reboot_view()
+    agent.close()
+    state = rig.state()
+    state["phase"] = "verifying"
+    (rig.config.state_dir / "state.json").write_text(json.dumps(state))
+    again = rig.new_agent()
+    assert again.state.phase is Phase.FAILED and "interrupted" in again.state.message
+
+
+def test_corrupt_state_file_is_kept_aside(rig: Rig) -> None:
+    rig.agent.close()
+    (rig.config.state_dir / "state.json").write_text("{not json")
+    agent = rig.new_agent()
+    assert agent.state.phase is Phase.IDLE
+    assert list(rig.config.state_dir.glob("state.json.corrupt-*"))
+
+
+def test_cancel_releases_everything(rig: Rig) -> None:
+    rig.client("vm-a", {1: b"x"})
+    rig.agent.prepare(PrepareOptions(kernel=rig.target))
+    message = rig.agent.cancel()
+    assert "unloaded" in message and not rig.sim.host().kexec.loaded()
+    assert not rig.config.state_dir.joinpath("manifest.json").exists()
+    # released in the kernel too: the same name and file can be used again
+    rig.client("vm-a", {1: b"y"})
+    with pytest.raises(NotPrepared):
+        rig.agent.commit(CommitOptions())
+
+
+def test_freeze_failure_keeps_everything_prepared(rig: Rig) -> None:
+    rig.client("vm-a", {1: b"x" * PAGE})
+    rig.agent.prepare(PrepareOptions(kernel=rig.target))
+    rig.sim.inject("freeze-fails")
+    with pytest.raises(KernelRefused) as exc:
+        rig.agent.commit(CommitOptions())
+    assert exc.value.errno == errno.EINVAL
+    assert rig.state()["phase"] == "prepared"
+    rig.sim.clear_faults()
+    rig.agent.commit(CommitOptions())
+    assert rig.reboot_view().verify().ok
+
+
+def test_disk_full_while_writing_the_manifest(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    rig.client("vm-a", {1: b"x"})
+    real_fsync = os.fsync
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(manifest_mod.os, "fsync", full)
+    with pytest.raises(AgentError) as exc:
+        rig.agent.prepare(PrepareOptions(kernel=rig.target))
+    monkeypatch.setattr(manifest_mod.os, "fsync", real_fsync)
+    assert "ENOSPC" in exc.value.message or "No space" in exc.value.message
+    assert not rig.sim.host().kexec.loaded()
+    assert rig.agent.state.phase is Phase.IDLE
+
+
+@pytest.mark.parametrize(("fault", "params", "expect"), [
+    ("corrupt-file", {"session": "kho-agent", "token": 0, "offset": 10}, "manifest"),
+    ("drop-kho", {}, "session"),
+    ("corrupt-handover", {}, "session"),
+    ("luo-mismatch", {}, "session"),
+])
+def test_faults_in_the_handover_fail_verification(rig: Rig, fault: str,
+                                                  params: dict[str, object],
+                                                  expect: str) -> None:
+    rig.client("vm-a", {1: b"payload" * 100})
+    rig.agent.prepare(PrepareOptions(kernel=rig.target))
+    rig.sim.inject(fault, **params)
+    rig.agent.commit(CommitOptions())
+    agent = rig.reboot_view()
+    report = agent.verify()
+    assert not report.ok
+    bad = [i for i in report.items if i.verdict.value in ("mismatch", "missing", "failed")]
+    assert any(expect in i.kind for i in bad), [(i.kind, i.detail) for i in bad]
+    assert rig.state()["phase"] == "failed"
+
+
+def test_cli_rehearse_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = cli_main(["rehearse", "--dir", str(tmp_path / "r"), "--sessions", "1", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["ok"] is True
+    assert out["verify"]["ok"] is True
+
+
+def test_cli_rehearse_incompatible_target_is_refused(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    code = cli_main(["rehearse", "--dir", str(tmp_path / "r"), "--sessions", "1",
+                     "--target-abi", "old"])
+    text = capsys.readouterr().out
+    assert code == 1 and "FAIL" in text and "prepare" in text
