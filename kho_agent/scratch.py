@@ -484,6 +484,15 @@ def _crashkernel(values: Sequence[str | None], ram: int) -> tuple[int, int]:
     return low, high
 
 
+def memparse(text: str) -> int | None:
+    """memparse() over the whole string (reserve_mem=, kho_scratch= fields); None when it does
+    not consume all of it."""
+    if not text:
+        return None
+    value, end = _memparse(text, 0)
+    return value if end == len(text) else None
+
+
 def _memparse_all(text: str) -> int:
     value, end = _memparse(text, 0)
     return value if end == len(text) and end > 0 else 0

@@ -166,9 +166,14 @@ def cmdline_bool(params: dict[str, str | None], key: str, default: bool) -> bool
     The kernel rejects a bare `kho` (no value) and `kho=` with "Malformed early option" and
     leaves its default in place, so both give `default` here.
     """
-    value = params.get(key.replace("-", "_"))
+    parsed = kstrtobool(params.get(key.replace("-", "_")))
+    return default if parsed is None else parsed
+
+
+def kstrtobool(value: str | None) -> bool | None:
+    """The kernel's kstrtobool(): None when it rejects the value (or there is none)."""
     if not value:
-        return default
+        return None
     first = value[0]
     if first in _TRUE_FIRST:
         return True
@@ -179,7 +184,7 @@ def cmdline_bool(params: dict[str, str | None], key: str, default: bool) -> bool
             return True
         if value[1] in "fF":
             return False
-    return default
+    return None
 
 
 def kho_enabled(info: SysInfo) -> bool:

@@ -9,10 +9,11 @@ sized by the default algorithm (§5.4) or `kho_scratch=` and allocated top-down 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
+from .. import scratch
 from ..errors import InvalidArgument
+from ..kernel.sysinfo import kstrtobool
 
 MiB = 1 << 20
 PAGE_SIZE = 4096
@@ -37,38 +38,6 @@ def round_up(value: int, align: int) -> int:
     return -(-value // align) * align
 
 
-def kstrtobool(value: str | None) -> bool | None:
-    """The kernel's kstrtobool(): None when it rejects the value."""
-    if not value:
-        return None
-    first = value[0]
-    if first in "1yYtTeE":
-        return True
-    if first in "0nNfFdD":
-        return False
-    if first in "oO" and len(value) > 1:
-        if value[1] in "nN":
-            return True
-        if value[1] in "fF":
-            return False
-    return None
-
-
-_MEMPARSE = re.compile(r"(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)([kKmMgGtTpPeE]?)")
-_SUFFIX = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
-
-
-def memparse(text: str) -> int | None:
-    """memparse() that must consume the whole string (the kernel's kho_scratch= rule)."""
-    m = _MEMPARSE.fullmatch(text)
-    if m is None:
-        return None
-    number, suffix = m.groups()
-    value = int(number, 16) if number[:2].lower() == "0x" else int(number, 8 if
-                                                                   number.startswith("0") else 10)
-    return value << _SUFFIX[suffix.lower()]
-
-
 @dataclass(frozen=True)
 class ScratchSpec:
     """kho_scratch=: a percent scale, or three absolute sizes (lowmem, global, per node)."""
@@ -78,24 +47,17 @@ class ScratchSpec:
 
 
 def parse_kho_scratch(value: str | None) -> ScratchSpec | None:
-    """kho_parse_scratch_size(); None for a malformed value (the kernel keeps its defaults)."""
+    """kho_parse_scratch_size() through the planner's parser; None for a malformed value (the
+    kernel logs it and keeps its defaults)."""
     if not value:
         return None
-    if value.endswith("%"):
-        digits = value[:-1]
-        if len(value) > 11 or not digits.isdigit() or int(digits) > 0xFFFF_FFFF:
-            return None
-        return ScratchSpec(scale=int(digits))
-    parts = value.split(",")
-    if len(parts) != 3:
+    try:
+        param = scratch.parse_kho_scratch(value)
+    except InvalidArgument:
         return None
-    sizes = [memparse(p) for p in parts]
-    if any(s is None for s in sizes):
-        return None
-    lo, gl, pn = (int(s or 0) for s in sizes)
-    if lo + gl + pn == 0:
-        return None
-    return ScratchSpec(scale=0, sizes=(lo, gl, pn))
+    if param.sizes is not None:
+        return ScratchSpec(0, (param.sizes.lowmem, param.sizes.global_, param.sizes.pernode))
+    return ScratchSpec(scale=DEFAULT_SCALE if param.scale is None else param.scale)
 
 
 @dataclass(frozen=True)
@@ -160,7 +122,7 @@ def _parse_reserve_mem(value: str) -> ReserveMem | None:
     parts = value.split(":")
     if len(parts) != 3 or not parts[2]:
         return None
-    size, align = memparse(parts[0]), memparse(parts[1])
+    size, align = scratch.memparse(parts[0]), scratch.memparse(parts[1])
     if not size or align is None or (align and align & (align - 1)):
         return None
     return ReserveMem(parts[2], round_up(size, PAGE_SIZE), max(align, PAGE_SIZE))
@@ -290,18 +252,14 @@ class Memblock:
 
 
 def scratch_sizes(mb: Memblock, spec: ScratchSpec) -> tuple[int, int, list[int]]:
-    """(lowmem, global, per-node) sizes, rounded to SCRATCH_ALIGN (§5.4)."""
-    nodes = len(mb.nodes)
-    if spec.sizes is not None:
-        lo, gl, pn = spec.sizes
-        return (round_up(lo, SCRATCH_ALIGN), round_up(gl, SCRATCH_ALIGN),
-                [round_up(pn, SCRATCH_ALIGN)] * nodes)
-    low = mb.kern_size(LOW_LIMIT) * spec.scale // 100
-    lowmem = round_up(low, SCRATCH_ALIGN)
-    glob = round_up(max(mb.kern_size() * spec.scale // 100 - low, 0), SCRATCH_ALIGN)
-    per = [round_up(mb.kern_size(nid=n) * spec.scale // 100, SCRATCH_ALIGN)
-           for n in range(nodes)]
-    return lowmem, glob, per
+    """(lowmem, global, per-node) sizes by the kernel's algorithm (§5.4, scratch.py)."""
+    nodes = range(len(mb.nodes))
+    kern = scratch.KernReserved(mb.kern_size(LOW_LIMIT), mb.kern_size(),
+                                {n: mb.kern_size(nid=n) for n in nodes})
+    param = (scratch.ScratchParam(sizes=scratch.ScratchSizes(*spec.sizes))
+             if spec.sizes is not None else scratch.ScratchParam(scale=spec.scale))
+    sizes = scratch.kernel_scratch_sizes(kern, param, nodes=nodes, align=SCRATCH_ALIGN)
+    return sizes.lowmem, sizes.global_, [sizes.per_node[n] for n in nodes]
 
 
 def _area(mb: Memblock, size: int, *, hi: int | None = None, nid: int | None = None) -> Scratch:
