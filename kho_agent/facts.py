@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import stat
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,12 +26,10 @@ from .abi.luo_common import LuoState
 from .abi.state import ScratchArea, scratch_roles
 from .errors import InvalidArgument, NotFound
 from .kernel import debugfs
+from .kernel.fsmagic import HUGETLBFS_MAGIC, TMPFS_MAGIC, fs_magic
 from .kernel.host import Host
 from .kernel.image import ImageError, ImageInfo, read_image
 from .scratch import image_memory_size
-
-HUGETLBFS_MAGIC = 0x958458F6
-TMPFS_MAGIC = 0x01021994
 
 
 @dataclass
@@ -155,20 +152,8 @@ class FileFacts:
 def file_facts(fd: int) -> FileFacts:
     try:
         st = os.fstat(fd)
-        magic = _fs_magic(fd)
+        magic = fs_magic(fd)
     except OSError as exc:
         raise InvalidArgument(f"fd {fd} cannot be inspected: {exc.strerror}") from exc
     return FileFacts(fd, st.st_size, st.st_blocks * 512, stat.S_ISREG(st.st_mode)
                      and magic == TMPFS_MAGIC, magic == HUGETLBFS_MAGIC, st.st_nlink > 0)
-
-
-def _fs_magic(fd: int) -> int:
-    # os has no fstatfs; the magic is the first field of struct statfs (f_type, a long).
-    import ctypes
-
-    buf = ctypes.create_string_buffer(120)
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.fstatfs(fd, buf) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return int.from_bytes(buf.raw[:ctypes.sizeof(ctypes.c_long)], sys.byteorder) & 0xFFFFFFFF

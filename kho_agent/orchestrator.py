@@ -53,7 +53,12 @@ from .facts import (
     target_image,
 )
 from .kernel.host import Host
-from .kernel.liveupdate import LiveUpdateDevice, LiveUpdateSession
+from .kernel.liveupdate import (
+    LiveUpdateDevice,
+    LiveUpdateSession,
+    validate_session_name,
+    validate_token,
+)
 from .kernel.sysinfo import SysInfo, read_sysinfo
 from .manifest import (
     AGENT_SESSION,
@@ -77,10 +82,8 @@ from .preflight import PlannedSession, PreflightInputs, PreflightResult, handoff
 from .scratch import ScratchPlan, plan_scratch
 from .statefile import AgentState, Phase, StateStore, Target, now
 
-F_GET_SEALS = 1034
 LAST_VERIFY_FILE = "last-verify.json"
 MAX_FAILURES_IN_STATE = 50
-MAX_SESSION_NAME = 63
 
 
 @dataclass
@@ -155,16 +158,9 @@ class RecoveryResult:
 
 def _seals(fd: int) -> int | None:
     try:
-        return fcntl.fcntl(fd, F_GET_SEALS)
+        return fcntl.fcntl(fd, fcntl.F_GET_SEALS)
     except OSError:  # a shmem file without sealing support answers EINVAL
         return None
-
-
-def _check_name(name: str) -> None:
-    raw = name.encode("utf-8", errors="surrogatepass")
-    if not raw or len(raw) > MAX_SESSION_NAME or b"\0" in raw:
-        raise InvalidArgument(f"session name {name!r} must be 1..{MAX_SESSION_NAME} bytes of "
-                              "UTF-8 without NUL")
 
 
 class Orchestrator:
@@ -280,7 +276,7 @@ class Orchestrator:
 
     def create_session(self, name: str, owner: str, digests: bool | None = None
                        ) -> LiveUpdateSession:
-        _check_name(name)
+        validate_session_name(name)
         if name == AGENT_SESSION:
             raise InvalidArgument(f"session name {AGENT_SESSION!r} is the agent's own")
         if self.state.phase in (Phase.COMMITTING, Phase.CANCELLING, Phase.PREPARING):
@@ -309,8 +305,7 @@ class Orchestrator:
 
     def preserve(self, name: str, fd: int, token: int) -> None:
         client = self._client(name)
-        if not 0 <= token < 1 << 64:
-            raise InvalidArgument(f"token {token} is outside 0..2^64-1")
+        validate_token(token)
         if token in client.files:
             raise InvalidArgument(f"token {token:#x} is already used in session {name!r}")
         if self.state.phase in (Phase.COMMITTING, Phase.CANCELLING):

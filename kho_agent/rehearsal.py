@@ -9,6 +9,7 @@ a real host, on any machine, and shows what the agent would do and find.
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import random
@@ -24,8 +25,6 @@ from .preflight import PreflightResult
 from .sim import SimAbi, SimKernel
 
 PAGE = 4096
-F_ADD_SEALS = 1033
-F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_WRITE = 0x2, 0x4, 0x8
 TARGET_RELEASE = "7.3.1-sim"
 
 # What `--fault` injects into the simulated kernel, and what the rehearsal expects to see.
@@ -109,9 +108,8 @@ def _memfd(f: ClientFile) -> int:
         if chunk.strip(b"\0"):
             os.pwrite(fd, chunk, start)
     if f.sealed:
-        import fcntl
-
-        fcntl.fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
+                    fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
     return fd
 
 

@@ -24,6 +24,7 @@ from kho_agent.abi.memfd import MemfdState
 from kho_agent.abi.state import KhoState, scratch_roles
 from kho_agent.errors import AgentError, Busy, InvalidArgument, KernelRefused, NotFound
 from kho_agent.kernel import debugfs
+from kho_agent.kernel.fsmagic import TMPFS_MAGIC, fs_magic
 from kho_agent.kernel.host import Host
 from kho_agent.kernel.image import read_image
 from kho_agent.kernel.physmem import ElfCoreMemory
@@ -362,7 +363,11 @@ def test_preserve_fd_rules(sim: SimKernel, fds: list[int], tmp_path: Path) -> No
 
 def test_unlinked_shmem_file_is_preservable(sim: SimKernel, fds: list[int]) -> None:
     shm = Path("/dev/shm")
-    if not shm.is_dir() or simlu._fs_type(os.open(shm, os.O_RDONLY)) != simlu.TMPFS_MAGIC:
+    if not shm.is_dir():
+        pytest.skip("no /dev/shm")
+    probe = os.open(shm, os.O_RDONLY)
+    fds.append(probe)
+    if fs_magic(probe) != TMPFS_MAGIC:
         pytest.skip("no tmpfs at /dev/shm")
     path = shm / f"kho-sim-{os.getpid()}"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)

@@ -7,7 +7,6 @@ process (SCM_RIGHTS, D-Bus); the session's state itself stays in this process.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import os
@@ -15,6 +14,7 @@ import socket
 
 from ..abi.memfd import ALL_SEALS
 from ..errors import KernelRefused
+from ..kernel.fsmagic import HUGETLBFS_MAGIC, TMPFS_MAGIC, fs_magic
 from ..kernel.liveupdate import SESSION_NAME_LENGTH
 from . import faults as faults_mod
 from .handover import IncomingSession, deserialize, restore_content
@@ -23,8 +23,6 @@ from .outgoing import OutSession
 from .state import load, save
 from .store import locked, pid_alive, write_atomic
 
-TMPFS_MAGIC = 0x01021994
-HUGETLBFS_MAGIC = 0x958458F6
 LOCK_FILE = "liveupdate.lock"
 HOLDER_FILE = "liveupdate.holder"
 LUO_V1_MAX_SESSIONS = 819       # (16 pages - 8) / 80
@@ -34,16 +32,6 @@ BLOCK_MAX_FILES = 630_000       # 10000 blocks x 63
 SESSION_BLOCK = 51
 F_SEAL_FUTURE_WRITE = 0x10
 F_SEAL_EXEC = 0x20
-
-
-def _fs_type(fd: int) -> int:
-    """fstatfs(fd).f_type (the first word of struct statfs on 64-bit Linux)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    buf = ctypes.create_string_buffer(128)
-    if libc.fstatfs(fd, buf) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return int.from_bytes(buf.raw[:8], "little")
 
 
 def check_seals(seals: int) -> None:
@@ -269,7 +257,7 @@ class SimSession:
                                 f"of {limit} files; use another session")
         try:
             st = os.fstat(fd)
-            fstype = _fs_type(fd)
+            fstype = fs_magic(fd)
         except OSError as exc:
             raise KernelRefused(op, exc.errno or errno.EBADF, f"fd {fd} is not an open "
                                 "file") from exc
