@@ -56,7 +56,10 @@ class KhoView:
 def kho_view(host: Host, side: Side, *, with_memory: bool = True) -> KhoView:
     """Decode `kho/out` or `kho/in`. A missing tree is a view with a problem, not an error:
     debugfs is optional, and `in` exists only after a KHO boot."""
-    host.sync()
+    # After the kexec the incoming map's pages are no longer reserved and LUO's page was freed:
+    # reading memory for the incoming side would read whatever reused it.
+    with_memory = with_memory and side is Side.OUT
+    host.sync(with_memory)
     name = "out" if side is Side.OUT else "in"
     try:
         directory = debugfs.kho_dir(host.debugfs, name)
@@ -66,9 +69,7 @@ def kho_view(host: Host, side: Side, *, with_memory: bool = True) -> KhoView:
     scratch = [ScratchArea(p, n, role) for p, n, role in
                zip(snap.scratch_phys, snap.scratch_len, scratch_roles(len(snap.scratch_phys)),
                    strict=True)]
-    # After the kexec the incoming map's pages are no longer reserved and LUO's page was freed:
-    # reading memory for the incoming side would read whatever reused it.
-    memory = host.memory() if with_memory and side is Side.OUT else None
+    memory = host.memory() if with_memory else None
     state = decode_state(KhoInput(snap.fdt, snap.sub_blobs, scratch, memory, side))
     sizes = {n: len(b) for n, b in snap.sub_blobs.items()}
     return KhoView(side, directory, state, sizes, scratch)

@@ -716,7 +716,7 @@ def _manifests_agree(disk: Manifest | None, memfd: Manifest | None,
     """Equal copies: True. A memfd copy that did not survive while the disk copy did: False (the
     handover damaged or lost it). Nothing to compare: None."""
     if disk is not None and memfd is not None:
-        return manifest_to_json(disk) == manifest_to_json(memfd)
+        return disk == memfd  # dataclass equality: every field, the sessions' files too
     if disk is not None and memfd_problem is not None:
         return False
     return None

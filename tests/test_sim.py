@@ -736,7 +736,12 @@ HOLDER = textwrap.dedent("""
     from kho_agent.sim import SimKernel
     host = SimKernel(Path(sys.argv[1])).host()
     dev = host.liveupdate.open()
-    if sys.argv[2] == "preserve":
+    if sys.argv[2] == "retrieve":
+        s = dev.retrieve_session("s")
+        dev.close()  # the session outlives the device
+        print("holding", flush=True)
+        sys.stdin.read()
+    elif sys.argv[2] == "preserve":
         s = dev.create_session("left-behind")
         m = os.memfd_create("m")
         os.write(m, b"lost")
@@ -782,6 +787,32 @@ def test_restart_without_reboot_finds_no_outgoing_sessions(sim: SimKernel) -> No
         fresh.retrieve_fd(1)
 
 
+def test_retrieved_state_is_shared_between_processes_of_a_boot(sim: SimKernel,
+                                                               fds: list[int]) -> None:
+    dev = sim.host().liveupdate.open()
+    for name in ("s", "done"):
+        m = memfd(name.encode())
+        fds.append(m)
+        dev.create_session(name).preserve_fd(m, 1)
+    new = kexec(sim)
+    ndev = new.host().liveupdate.open()
+    ndev.retrieve_session("done").finish()
+    ndev.close()
+    child = _child(new.directory, "retrieve")
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "holding"
+        other = SimKernel(new.directory).host().liveupdate.open()
+        with refused(errno.ENOENT):   # finished by the first process
+            other.retrieve_session("done")
+        with pytest.raises(KernelRefused, match=f"process {child.pid}") as exc:
+            other.retrieve_session("s")
+        assert exc.value.errno == errno.EINVAL   # still open in the child
+    finally:
+        child.communicate("")
+    with refused(errno.ENOENT):       # the child exited: closing its session finished it
+        other.retrieve_session("s")
+
+
 def test_another_live_owner_keeps_outgoing_sessions(sim: SimKernel) -> None:
     first = sim.host().liveupdate.open()
     first.create_session("mine")
@@ -801,6 +832,8 @@ def test_sync_only_rewrites_when_something_changed(sim: SimKernel, fds: list[int
     m = memfd(b"z" * 3 * PAGE)
     fds.append(m)
     host.liveupdate.open().create_session("s").preserve_fd(m, 1)
+    host.sync(memory=False)  # debugfs only: the core (the costly part) stays as it was
+    assert kcore.stat().st_ino == before[1]
     host.sync()
     assert kcore.stat().st_ino != before[1]
     core = ElfCoreMemory(str(kcore))

@@ -8,14 +8,18 @@ is a directory the simulator keeps (proc, sys, debugfs files written byte-exact)
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from ..abi.errors import AbiError
 from ..abi.memory import PhysicalMemory
 from .kexec import Kexec
 from .liveupdate import LiveUpdate
+
+
+class Sync(Protocol):
+    def __call__(self, memory: bool = True) -> None: ...
 
 
 @dataclass
@@ -24,9 +28,10 @@ class Host:
     liveupdate: LiveUpdate
     kexec: Kexec
     simulated: bool = False
-    # Make the kernel's views (debugfs, /proc/kcore) current. A real kernel always is; the
-    # simulator writes its files lazily and flushes them here. Call before reading either.
-    sync: Callable[[], None] = field(default=lambda: None)
+    # Make the kernel's views current: debugfs always, /proc/kcore when the argument (memory)
+    # is true. A real kernel always is current; the simulator writes its files lazily and
+    # flushes them here. Call before reading either.
+    sync: Sync = field(default=lambda memory=True: None)
 
     def path(self, relative: str) -> Path:
         """A path under the host root (`proc/cmdline` -> /proc/cmdline on a real host)."""

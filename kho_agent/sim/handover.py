@@ -28,6 +28,7 @@ from ..abi.kho_root import ROOT_FORMATS, KhoRoot, decode_root
 from ..abi.luo_common import LuoState
 from ..abi.memfd import ALL_SEALS, MemfdState
 from ..abi.memmap import MEMMAP_FORMATS
+from ..abi.memory import PhysicalMemory
 from ..kernel.physmem import ElfCoreMemory, write_elf_core
 from .boot import PAGE_SIZE, Cmdline, Scratch
 from .outgoing import Handover
@@ -292,24 +293,30 @@ def deserialize(directory: Path, abi: SimAbi) -> list[IncomingSession] | str:
     return sessions
 
 
-def restore_content(directory: Path, state: MemfdState) -> bytes | str:
-    """memfd_luo_retrieve()'s data: the file's bytes, or why the folios cannot be restored."""
+def handover_memory(directory: Path) -> ElfCoreMemory | None:
+    """The memory image the last kexec handed over, or None when it is gone."""
+    path = directory / HANDOVER_DIR / "memory.core"
+    try:
+        return ElfCoreMemory(str(path))
+    except FileNotFoundError:
+        return None
+
+
+def restore_content(memory: PhysicalMemory | None, state: MemfdState) -> bytes | str:
+    """memfd_luo_retrieve()'s data from the handed-over memory: the file's bytes, or why the
+    folios cannot be restored. Only the memory image is needed: the root FDT was checked at boot
+    (and parsing it again for each of thousands of files made retrieval the slowest part of a
+    verify)."""
     if state.seals is not None and state.seals & ~ALL_SEALS:
         return "EOPNOTSUPP"
-    if not state.complete:
-        return "EIO"
-    # Only the memory image is needed here; the root FDT was checked at boot (and parsing it
-    # again for each of thousands of files made retrieval the slowest part of a verify).
-    memory_path = directory / HANDOVER_DIR / "memory.core"
-    if not memory_path.exists():
+    if not state.complete or memory is None:
         return "EIO"
     out = bytearray()
-    with ElfCoreMemory(str(memory_path)) as mem:
-        for phys, length in state.data_runs:
-            try:
-                out += mem.read(phys, length)
-            except MemoryUnavailable:
-                return "EIO"
+    for phys, length in state.data_runs:
+        try:
+            out += memory.read(phys, length)
+        except MemoryUnavailable:
+            return "EIO"
     if len(out) < state.size:
         return "EIO"
     return bytes(out[:state.size])

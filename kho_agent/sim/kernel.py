@@ -1,6 +1,7 @@
 """SimKernel: a simulated KHO/LUO kernel whose state lives in a directory.
 
     DIR/boot.json          the current boot (state.py); shared bookkeeping between processes
+    DIR/incoming.log       which incoming sessions are retrieved or finished (retrieval.py)
     DIR/faults.json        injected faults (faults.py)
     DIR/kernel/            this boot's baseline memory and the incoming memory still reserved
     DIR/handover/          what the last kexec handed over (handover.py)
@@ -23,13 +24,23 @@ from pathlib import Path
 from ..abi.memory import SparseMemory
 from ..errors import AgentError, Busy, InvalidArgument
 from ..kernel.host import Host
+from ..kernel.physmem import ElfCoreMemory
 from . import faults as faults_mod
-from . import rootfs
+from . import retrieval, rootfs
 from .boot import Memblock, cold_layout, kho_layout, parse_cmdline
-from .handover import Accepted, Panic, Received, Refused, accept, clear_handover, read_handover
+from .handover import (
+    Accepted,
+    Panic,
+    Received,
+    Refused,
+    accept,
+    clear_handover,
+    handover_memory,
+    read_handover,
+)
 from .images import build_bzimage
 from .memory import load_core, save_core
-from .outgoing import BASELINE_CORE, Outgoing, build_baseline, debugfs_fdt_size
+from .outgoing import BASELINE_CORE, Outgoing, build_baseline, debugfs_fdt_size, root_fdt
 from .state import BootState, Incoming, load, save
 from .store import locked, pid_alive
 from .versions import SimAbi, check_abi
@@ -38,7 +49,7 @@ INCOMING_CORE = "kernel/incoming.core"
 DEFAULT_ABI = SimAbi()
 DEMO_RESERVE_MEM = "reserve_mem=1M:4096:kho_demo_rsv"
 SIM_FILES = ("boot.json", "faults.json", "kernel", "handover", "handover.new", "root",
-             "liveupdate.lock", "liveupdate.holder", "state.lock")
+             "liveupdate.lock", "liveupdate.holder", "state.lock", retrieval.LOG_FILE)
 KEXECD = ("the simulated kernel has kexec'd into a new boot: objects of the old boot (device, "
           "sessions, seams) are gone, as a real process would be; attach a new "
           "SimKernel(directory)")
@@ -54,6 +65,10 @@ class Runtime:
         self.gone = False
         self._outgoing: Outgoing | None = None
         self._incoming_pages: dict[int, bytes] | None = None
+        self._handover_memory: ElfCoreMemory | None = None
+        self.retrieval = retrieval.RetrievalLog(directory)
+        self._boot_id_path = str(self.root / "proc/sys/kernel/random/boot_id")
+        self._boot_id_stat: tuple[int, int, int] | None = None
         # inode -> incoming session name, for files this process retrieved (EBUSY on preserve)
         self.retrieved_inodes: dict[tuple[int, int], str] = {}
         # what a process of this boot holds (device lock, session fds); released at the kexec
@@ -64,15 +79,34 @@ class Runtime:
         return self.directory / "root"
 
     def check(self) -> None:
+        """Raise once the simulated kernel has kexec'd away from this process's boot. Called on
+        every seam operation: a stat of the boot id file, read only when the file changed."""
         if self.gone:
             raise AgentError(KEXECD)
         try:
-            on_disk = (self.root / "proc/sys/kernel/random/boot_id").read_text().strip()
+            info = os.stat(self._boot_id_path)
         except OSError:
+            self.gone = True
+            raise AgentError(KEXECD) from None
+        key = (info.st_ino, info.st_mtime_ns, info.st_size)
+        if key == self._boot_id_stat:
+            return
+        try:
+            with open(self._boot_id_path, encoding="ascii") as fh:
+                on_disk = fh.read().strip()
+        except (OSError, ValueError):
             on_disk = ""
         if on_disk != self.state.boot_id:
             self.gone = True
             raise AgentError(KEXECD)
+        self._boot_id_stat = key
+
+    def handover_memory(self) -> ElfCoreMemory | None:
+        """The handed-over memory image, opened once per process (thousands of RETRIEVE_FDs
+        read from it)."""
+        if self._handover_memory is None:
+            self._handover_memory = handover_memory(self.directory)
+        return self._handover_memory
 
     def fresh(self) -> BootState:
         return load(self.directory)
@@ -119,17 +153,20 @@ class Runtime:
             self._incoming_pages = dict(mem.pages())
         return self._incoming_pages
 
-    def sync(self) -> None:
-        """Rewrite debugfs kho/out and proc/kcore from the outgoing state, if it changed. A
-        process that does not own the outgoing sessions leaves the owner's files alone."""
+    def sync(self, memory: bool = True) -> None:
+        """Make debugfs kho/out current, and /proc/kcore too when `memory` (writing the core
+        costs most: skip it when the caller reads no memory). A process that does not own the
+        outgoing sessions leaves the owner's files alone."""
         self.check()
         if self.foreign_owner() is not None:
             return
         out = self.outgoing
-        if not out.dirty:
-            return
-        write_views(self.directory, self.state, out, self.incoming_pages())
-        out.dirty = False
+        if out.debugfs_dirty:
+            write_debugfs(self.directory, self.state, out)
+            out.debugfs_dirty = False
+        if memory and out.dirty:
+            write_kcore(self.directory, self.state, out, self.incoming_pages())
+            out.dirty = False
 
     def kexecd(self) -> None:
         """Everything this process held in the old boot is gone."""
@@ -137,25 +174,38 @@ class Runtime:
         for close in self.closers:
             close()
         self.closers.clear()
+        if self._handover_memory is not None:
+            self._handover_memory.close()
+            self._handover_memory = None
+        self.retrieval.close()
         if self._outgoing is not None:
             self._outgoing.release_all()
 
 
-def write_views(directory: Path, state: BootState, out: Outgoing,
+def write_debugfs(directory: Path, state: BootState, out: Outgoing) -> None:
+    """debugfs kho/out: the root FDT (truncated as 7.2/7.3 froze it) and the sub-blobs. The
+    root FDT's memory-map root is fixed at boot (the radix root is the first page of the map
+    window; kho-v1 has none before finalize), so this needs no map encoding."""
+    if not state.kho_enabled:
+        return
+    fdt: bytes | None = root_fdt(state, state.baseline.memmap)
+    if state.abi.debugfs_72:
+        # the size debugfs froze at kho_init(); a KHO boot shows no out/fdt
+        fdt = None if state.kho_boot or fdt is None else fdt[:debugfs_fdt_size(state)]
+    rootfs.write_out(directory / "root", fdt, out.sub_blobs())
+
+
+def write_kcore(directory: Path, state: BootState, out: Outgoing,
                 incoming: dict[int, bytes]) -> None:
-    root = directory / "root"
+    """/proc/kcore: the incoming pages still reserved, the outgoing memory with the root FDT,
+    and the live preserved-memory map."""
     memmap, meta = out.live_map()
-    blobs = out.sub_blobs() if state.kho_enabled else {}
-    fdt: bytes | None = None
     if state.kho_enabled:
-        from .outgoing import root_fdt
-        full = root_fdt(state, memmap)
-        if not state.abi.debugfs_72:
-            fdt = full
-        elif not state.kho_boot:
-            fdt = full[:debugfs_fdt_size(state)]  # the size debugfs froze at kho_init()
-        out.memory.write(state.baseline.root, full)
-    rootfs.write_out(root, fdt, blobs)
+        if memmap != state.baseline.memmap:
+            raise AgentError(f"internal: the live memory map root moved ({memmap:#x}, boot put "
+                             f"it at {state.baseline.memmap:#x})")
+        out.memory.write(state.baseline.root, root_fdt(state, memmap))
+    root = directory / "root"
     pages = dict(incoming)
     pages.update(out.memory.pages())
     pages.update(meta.pages())
@@ -177,9 +227,12 @@ def finish_boot(directory: Path, state: BootState, mb: Memblock, incoming_pages:
     else:
         inc.unlink(missing_ok=True)
     (directory / "liveupdate.holder").unlink(missing_ok=True)
+    retrieval.reset(directory)
     save(directory, state)
     rootfs.write_boot(directory / "root", state, mb, in_tree)
-    write_views(directory, state, Outgoing(directory, state), incoming_pages)
+    out = Outgoing(directory, state)
+    write_debugfs(directory, state, out)
+    write_kcore(directory, state, out, incoming_pages)
     return state
 
 

@@ -109,27 +109,26 @@ class SimLiveUpdate:
         rt = self._rt
         if not rt.state.incoming.present:
             return []
+        sessions: list[IncomingSession] | str | None = None
         with locked(rt.directory):
             st = load(rt.directory)
             inc = st.incoming
             if inc.status == "pending":
-                result: list[IncomingSession] | str
                 if faults_mod.pending(rt.directory).get("corrupt-handover") is not None:
-                    result = "injected fault corrupt-handover"
+                    sessions = "injected fault corrupt-handover"
                 else:
-                    result = deserialize(rt.directory, st.abi)
-                inc.status, inc.error = (("error", result) if isinstance(result, str)
+                    sessions = deserialize(rt.directory, st.abi)
+                inc.status, inc.error = (("error", sessions) if isinstance(sessions, str)
                                          else ("ok", ""))
                 save(rt.directory, st)
-        if inc.status == "pending":
-            return []  # unreachable: set above
         if inc.status == "error":
             faults_mod.take(rt.directory, "corrupt-handover")
             raise KernelRefused("open /dev/liveupdate", errno.EIO,
                                 f"the incoming live-update state is unusable ({inc.error}); "
                                 "the preserved sessions are lost: reboot cleanly")
-        result = deserialize(rt.directory, st.abi)
-        return result if isinstance(result, list) else []
+        if sessions is None:  # deserialized by an earlier open of this boot: again, for us
+            sessions = deserialize(rt.directory, st.abi)
+        return sessions if isinstance(sessions, list) else []
 
 
 class SimLiveUpdateDevice:
@@ -176,23 +175,15 @@ class SimLiveUpdateDevice:
             errors="surrogateescape")
         rt = self._rt
         incoming = self._incoming.get(key)
-        with locked(rt.directory):
-            st = load(rt.directory)
-            inc = st.incoming
-            holder = inc.retrieved.get(key)
-            if holder is not None and not pid_alive(holder):
-                # its holder exited: closing a retrieved session finishes it
-                inc.retrieved.pop(key)
-                inc.finished.append(key)
-                save(rt.directory, st)
-            if incoming is None or key in inc.finished:
-                raise KernelRefused(op, errno.ENOENT, f"no incoming session named {key!r} "
-                                    "(never handed over, or already finished)")
-            if key in inc.retrieved:
-                raise KernelRefused(op, errno.EINVAL, f"session {key!r} is already retrieved "
-                                    f"and open (process {inc.retrieved[key]})")
-            inc.retrieved[key] = os.getpid()
-            save(rt.directory, st)
+        log = rt.retrieval
+        holder = log.holder(key)
+        if incoming is None or log.finished(key):
+            raise KernelRefused(op, errno.ENOENT, f"no incoming session named {key!r} "
+                                "(never handed over, or already finished)")
+        if holder is not None:
+            raise KernelRefused(op, errno.EINVAL, f"session {key!r} is already retrieved "
+                                f"and open (process {holder})")
+        log.mark_retrieved(key)
         return SimSession(rt, key, incoming=incoming)
 
     def close(self) -> None:
@@ -299,7 +290,8 @@ class SimSession:
         if entry is None:
             raise KernelRefused(op, errno.ENOENT, f"session {self._name!r} has no token "
                                 f"{token:#x}")
-        content = restore_content(self._rt.directory, entry.memfd) if entry.memfd else "EIO"
+        content = (restore_content(self._rt.handover_memory(), entry.memfd) if entry.memfd
+                   else "EIO")
         if isinstance(content, str):
             self._errors[token] = getattr(errno, content)
             raise KernelRefused(op, self._errors[token], f"token {token:#x} cannot be "
@@ -328,12 +320,7 @@ class SimSession:
             self._rt.retrieved_inodes.pop((info.st_dev, info.st_ino), None)
             os.close(fd)  # LUO drops its reference; the caller's fds stay valid
         self._retrieved.clear()
-        rt = self._rt
-        with locked(rt.directory):
-            st = load(rt.directory)
-            if self._name not in st.incoming.finished:
-                st.incoming.finished.append(self._name)
-                save(rt.directory, st)
+        self._rt.retrieval.mark_finished(self._name)
 
     def _drop(self) -> None:
         """The process is gone (kexec): every fd it held is closed."""
@@ -363,11 +350,7 @@ class SimSession:
             if not out.sessions:
                 rt.release_outgoing()
             return
-        self._do_finish()
-        with locked(rt.directory):
-            st = load(rt.directory)
-            st.incoming.retrieved.pop(self._name, None)
-            save(rt.directory, st)
+        self._do_finish()  # closing a retrieved session finishes it
 
 
 def out_sessions(rt: Runtime) -> list[OutSession]:

@@ -163,7 +163,8 @@ class Outgoing:
         self.alloc = SimAllocator(b.free_ranges, b.cursor)
         self.sessions: list[OutSession] = []
         self.empty_block = False  # the 7.2/7.3 duplicate-CREATE_SESSION defect (§1.5)
-        self.dirty = True
+        self.dirty = True           # /proc/kcore is stale
+        self.debugfs_dirty = True   # debugfs kho/out is stale
 
     # --- preservation --------------------------------------------------------------------------
     def preserve(self, session: OutSession, fd: int, token: int, inode: tuple[int, int],
@@ -185,7 +186,7 @@ class Outgoing:
         pages = [p for phys, length in (decoded.data_runs if decoded else [])
                  for p in range(phys, phys + length, PAGE_SIZE)]
         session.files.append(PreservedFile(token, dup, inode, size, seals, ser, pages, allocs))
-        self.dirty = True
+        self.dirty = self.debugfs_dirty = True
 
     def unpreserve(self, session: OutSession) -> None:
         for f in session.files:
@@ -193,7 +194,7 @@ class Outgoing:
                 self.alloc.free(phys, self.memory)
             os.close(f.fd)
         session.files.clear()
-        self.dirty = True
+        self.dirty = self.debugfs_dirty = True
 
     def release_all(self) -> None:
         for s in self.sessions:

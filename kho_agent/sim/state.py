@@ -1,6 +1,6 @@
 """The persisted state of the current simulated boot (`boot.json`): everything a process attaching
 to the directory needs to act as this kernel, and the bookkeeping processes share (who holds the
-device, who owns outgoing sessions, which incoming sessions were retrieved or finished)."""
+device, who owns outgoing sessions, whether the incoming state was deserialized)."""
 
 from __future__ import annotations
 
@@ -23,8 +23,7 @@ class Incoming:
     present: bool = False          # a LUO state was accepted at boot
     status: str = "pending"        # pending (not yet opened), ok, error
     error: str = ""
-    finished: list[str] = field(default_factory=list)
-    retrieved: dict[str, int] = field(default_factory=dict)  # name -> pid holding it open
+    # which sessions are retrieved or finished: retrieval.py (a marker file per session)
 
 
 @dataclass
@@ -96,6 +95,8 @@ class BootState:
     def from_json(cls, raw: dict[str, object]) -> BootState:
         d = dict(raw)
         inc = dict(d.pop("incoming"))  # type: ignore[call-overload]
+        for moved in ("finished", "retrieved"):  # a directory of an earlier version
+            inc.pop(moved, None)
         base = dict(d.pop("baseline"))  # type: ignore[call-overload]
         owner = d.pop("outgoing_owner")
         state = cls(
