@@ -121,17 +121,23 @@ def running_abi(host: Host, release: str, out: KhoView | None = None,
     else:
         abi = KernelAbi(source="none", notes=[f"KHO state not readable: {out.problem}"])
     abi.release = abi.release or release
-    path = host.path(f"boot/vmlinuz-{release}")
+    return with_running_image(abi, host.path(f"boot/vmlinuz-{release}"), release)[0]
+
+
+def with_running_image(abi: KernelAbi, path: Path, release: str, hint: str = ""
+                       ) -> tuple[KernelAbi, ImageInfo | None]:
+    """Add what the running kernel's own image says (the file handler versions) to what its
+    KHO state says; a missing or unreadable image is a note, not an error."""
     if not path.exists():
         abi.notes.append(f"{path} does not exist: file handler versions of the running kernel "
-                         "are not known")
-        return abi
+                         f"are not known{hint}")
+        return abi, None
     try:
         image = read_image(str(path))
     except ImageError as exc:
         abi.notes.append(f"running kernel image not used: {exc}")
-        return abi
-    return merge(abi, abi_from_payload(image.payload, f"image {path}", release))
+        return abi, None
+    return merge(abi, abi_from_payload(image.payload, f"image {path}", release)), image.info
 
 
 def compat_report(host: Host, release: str, target: TargetImage) -> CompatReport:

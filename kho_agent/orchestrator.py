@@ -91,6 +91,9 @@ class EngineConfig:
     state_dir: Path
     digests: bool = True          # default for sessions that do not say
     scratch_margin: float = 0.25
+    # After verify, incoming client sessions wait this long for their owners; then they are
+    # finished (their memory is discarded). None: wait until an operator finishes them.
+    claim_grace_seconds: float | None = 1800.0
 
 
 @dataclass
@@ -110,8 +113,10 @@ class CommitOptions:
 @dataclass
 class PreservedFile:
     token: int
-    # The agent's own reference, for the digest taken at ready; dropped after it, because the
-    # kernel holds the file and freezes its size, and 10k files would otherwise cost 10k fds.
+    # The agent's own reference, for the size and digest taken at ready. Without digests it is
+    # dropped at ready (the kernel holds the file and freezes its size, and 10k files would
+    # otherwise cost 10k fds); with digests it is kept, so that a client that says "not ready"
+    # and then "ready" again gets a digest of its memory as it is now.
     fd: int | None
     size: int
     seals: int | None
@@ -184,6 +189,8 @@ class Orchestrator:
         self._abi_target: dict[str, Spoken] = {}
         self._prepared: Manifest | None = None
         self.persist_problem: str | None = None  # the last state write that failed
+        # monotonic time after which unclaimed incoming sessions are finished (set by verify)
+        self.claim_deadline: float | None = None
 
     # ------------------------------------------------------------------ state
 
@@ -205,15 +212,21 @@ class Orchestrator:
         for key, value in changes.items():
             setattr(self.state, key, value)
         self.store.save(self.state)
+        self.persist_problem = None
 
-    def _transition_best_effort(self, phase: Phase, message: str, **changes: Any) -> None:
+    def _transition_best_effort(self, cause: AgentError, phase: Phase, message: str,
+                                **changes: Any) -> None:
         """For rollbacks: a state that cannot be written (disk full) must not hide the error
-        being reported. The in-memory state moves on; the file keeps the earlier phase, which a
-        restart in this boot resolves to "cancelled"."""
+        being reported (`cause`), so it is added to it. The in-memory state moves on; the file
+        keeps the earlier phase, which a restart in this boot resolves to "cancelled"."""
         try:
             self._transition(phase, message, **changes)
         except AgentError as exc:
             self.persist_problem = exc.message
+            cause.message += (f"; in addition the agent's state could not be saved "
+                              f"({exc.message}): until it can, a restart of the agent reports "
+                              "an earlier state")
+            cause.args = (cause.message,)
 
     def sysinfo(self) -> SysInfo:
         return read_sysinfo(self.host.root)
@@ -314,13 +327,26 @@ class Orchestrator:
         if facts.hugetlb or not facts.shmem or facts.linked:
             raise InvalidArgument(f"fd {fd} cannot be preserved: only memfds (not hugetlb) and "
                                   "unlinked tmpfs files can")
-        client.handle.preserve_fd(fd, token)
-        own = os.dup(fd)
+        try:
+            own = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 0)
+        except OSError as exc:  # before the kernel is asked: nothing preserved, nothing to undo
+            code = exc.errno or errno.EBADF
+            raise KernelRefused("dup", code, (
+                "the agent has no file descriptor left for its own reference to the file "
+                "(raise LimitNOFILE= of the service)" if code in (errno.EMFILE, errno.ENFILE)
+                else f"fd {fd} cannot be duplicated")) from exc
+        try:
+            client.handle.preserve_fd(fd, token)
+        except BaseException:
+            os.close(own)
+            raise
         client.files[token] = PreservedFile(token, own, facts.size, _seals(own), facts)
         client.ready = False  # new data: the client says ready again
 
     def set_ready(self, name: str, ready: bool) -> None:
-        """A ready client's memory is quiescent: only now are sizes and digests taken."""
+        """A ready client's memory is quiescent: only now are sizes and digests taken. A client
+        that is no longer ready may change its memory: its digests are void until it is ready
+        again (and a session is not committed while not ready, unless forced)."""
         client = self._client(name)
         if ready:
             for f in client.files.values():
@@ -328,12 +354,13 @@ class Orchestrator:
                     continue  # measured at an earlier ready; the kernel froze its size since
                 f.size = os.fstat(f.fd).st_size
                 f.seals = _seals(f.fd)
-                f.digest = digest_fd(f.fd, f.size) if client.digests else None
-                f.drop_fd()
+                if client.digests:
+                    f.digest = digest_fd(f.fd, f.size)
+                else:
+                    f.drop_fd()
         else:
             for f in client.files.values():
-                if f.fd is None:
-                    f.digest = None  # cannot be taken again: the manifest records no digest
+                f.digest = None
         client.ready = ready
 
     def release_session(self, name: str) -> None:
@@ -422,7 +449,7 @@ class Orchestrator:
             except AgentError as exc:
                 self._rollback_prepare(loaded)
                 self._transition_best_effort(
-                    previous if previous is not Phase.FAILED else Phase.IDLE,
+                    exc, previous if previous is not Phase.FAILED else Phase.IDLE,
                     f"prepare failed: {exc.message}", loaded_by_us=False, target=None)
                 raise
 
@@ -531,8 +558,8 @@ class Orchestrator:
             try:
                 self.host.kexec.reboot(via_systemd=mode in ("direct", "fdstore"))
             except KernelRefused as exc:
-                self._transition_best_effort(Phase.PREPARED, f"the kexec was refused, nothing "
-                                             f"lost: {exc.message}")
+                self._transition_best_effort(exc, Phase.PREPARED, "the kexec was refused, "
+                                             f"nothing lost: {exc.message}")
                 raise
             self._handed_off = True  # only the simulator returns from a successful reboot
             return CommitResult(False, handoff, plan)
@@ -551,14 +578,17 @@ class Orchestrator:
                 manifest_disk = read_manifest(self.store.manifest_path)
             except (AgentError, OSError) as exc:
                 disk_problem = str(exc)
-            self._transition(Phase.VERIFYING, "verifying the live update")
+            self._transition(Phase.VERIFYING, "verifying the live update", discarded=[])
             try:
                 report = self._verify(info, manifest_disk, disk_problem)
             except AgentError as exc:
-                self._transition_best_effort(Phase.FAILED, f"verification could not run: "
+                self._transition_best_effort(exc, Phase.FAILED, f"verification could not run: "
                                              f"{exc.message}", last_result={
                                                  "result": "failed", "reason": exc.message})
                 raise
+            grace = self.config.claim_grace_seconds
+            self.claim_deadline = (time.monotonic() + grace
+                                   if grace is not None and self.incoming else None)
             verdict = Phase.VERIFIED if report.ok else Phase.FAILED
             # The full report can hold 40k items: it gets its own file, written once; the state
             # (rewritten on every transition) keeps a summary and the failures.
@@ -588,15 +618,20 @@ class Orchestrator:
         if device is not None:
             try:
                 agent = device.retrieve_session(AGENT_SESSION)
-                fd = agent.retrieve_fd(MANIFEST_TOKEN)
-                try:
-                    memfd_manifest = manifest_from_fd(fd)
-                finally:
-                    os.close(fd)
-                agent.finish()
-                agent.close()
             except AgentError as exc:
                 memfd_problem = exc.message
+            else:
+                try:
+                    fd = agent.retrieve_fd(MANIFEST_TOKEN)
+                    try:
+                        memfd_manifest = manifest_from_fd(fd)
+                    finally:
+                        os.close(fd)
+                    agent.finish()
+                except AgentError as exc:
+                    memfd_problem = exc.message
+                finally:
+                    agent.close()  # closing a retrieved session finishes it, failed FINISH or not
         manifest = memfd_manifest or disk
         if manifest is None:
             raise NotFound("no manifest to verify against: "
@@ -647,17 +682,46 @@ class Orchestrator:
         """Hand a retrieved incoming session to its owner (who finishes it)."""
         session = self.incoming.pop(name, None)
         if session is None:
+            if name in self.state.discarded:
+                raise NotFound(f"incoming session {name!r} was finished unclaimed after the "
+                               "grace period; its memory is discarded")
             raise NotFound(f"no retrieved incoming session {name!r}")
+        if not self.incoming:
+            self.claim_deadline = None
         return session
 
     def finish_unclaimed(self) -> list[str]:
-        """After the grace period: finish sessions nobody claimed (their data is discarded)."""
-        names = list(self.incoming)
+        """Finish every incoming session nobody claimed (their memory is discarded): what the
+        grace period ends with, or an operator's decision. The names are recorded in the state,
+        so that an owner who comes later learns what happened to its session."""
+        names = sorted(self.incoming)
+        problems = []
         for name in names:
             session = self.incoming.pop(name)
-            session.finish()
+            try:
+                session.finish()
+            except KernelRefused as exc:  # closing finishes it as well
+                problems.append(f"{name}: {exc.message}")
             session.close()
+        self.claim_deadline = None
+        if names:
+            self.state.discarded = sorted(set(self.state.discarded) | set(names))
+            note = (f"finished {len(names)} unclaimed incoming session(s), their memory is "
+                    f"discarded: {', '.join(names)}")
+            if problems:
+                note += "; FINISH failed for " + "; ".join(problems)
+            self.state.message = note
+            self.store.save(self.state)
         return names
+
+    def finish_expired(self, now: float | None = None) -> list[str]:
+        """Called by the daemon's timer: once the grace period after verify has ended, finish
+        the sessions still unclaimed. Before that, or with no grace period configured, nothing."""
+        if self.claim_deadline is None or not self.incoming:
+            return []
+        if (time.monotonic() if now is None else now) < self.claim_deadline:
+            return []
+        return self.finish_unclaimed()
 
     # ------------------------------------------------------------------ cancel
 

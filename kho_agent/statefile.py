@@ -50,6 +50,9 @@ class AgentState:
     loaded_by_us: bool = False   # the kexec image is ours to unload on cancel
     last_result: dict[str, Any] | None = None
     handoff_seconds: float | None = None
+    # incoming sessions of this boot finished unclaimed (their memory discarded), for owners
+    # that come after the grace period
+    discarded: list[str] = field(default_factory=list)
     history: list[dict[str, str]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -73,6 +76,7 @@ def _parse(data: dict[str, Any], path: Path) -> AgentState:
             loaded_by_us=bool(data.get("loaded_by_us", False)),
             last_result=data.get("last_result"),
             handoff_seconds=data.get("handoff_seconds"),
+            discarded=[str(n) for n in data.get("discarded", [])],
             history=list(data.get("history", [])))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise StateCorrupt(f"{path} is not a valid kho-agent state ({type(exc).__name__}: "

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 from pathlib import Path
 
+import blake3
 import pytest
 
 from kho_agent import manifest as manifest_mod
+from kho_agent import orchestrator as orchestrator_mod
 from kho_agent.cli import main as cli_main
 from kho_agent.errors import (
     AgentError,
     Busy,
     KernelRefused,
+    NotFound,
     NotPrepared,
     PreflightFailed,
 )
@@ -252,3 +256,119 @@ def test_cli_rehearse_incompatible_target_is_refused(tmp_path: Path,
                      "--target-abi", "old"])
     text = capsys.readouterr().out
     assert code == 1 and "FAIL" in text and "prepare" in text
+
+
+# --- readiness and digests ----------------------------------------------------------------------
+
+def _entry(agent: Orchestrator, name: str) -> list[tuple[int, str | None]]:
+    return [(f.token, f.digest) for f in agent.clients[name].entry().files]
+
+
+def test_not_ready_voids_digests_and_ready_takes_them_again(rig: Rig) -> None:
+    rig.agent.create_session("vm-a", "test", digests=True)
+    fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, b"before" * 1000)
+        rig.agent.preserve("vm-a", fd, 1)
+        rig.agent.set_ready("vm-a", True)
+        first = _entry(rig.agent, "vm-a")
+        assert first[0][1] == blake3.blake3(b"before" * 1000).hexdigest()
+        rig.agent.set_ready("vm-a", False)        # the guest runs again: memory changes
+        assert _entry(rig.agent, "vm-a") == [(1, None)]
+        os.pwrite(fd, b"after!" * 1000, 0)
+        rig.agent.set_ready("vm-a", True)
+        assert _entry(rig.agent, "vm-a") == [(1, blake3.blake3(b"after!" * 1000).hexdigest())]
+    finally:
+        os.close(fd)
+    rig.agent.prepare(PrepareOptions(kernel=rig.target))
+    rig.agent.commit(CommitOptions())
+    report = rig.reboot_view().verify()
+    assert report.ok
+    digest = [i for i in report.items if i.kind == "file-digest"]
+    assert [(i.name, i.verdict.value) for i in digest] == [("vm-a/1", "ok")]
+
+
+def test_no_fd_left_for_the_agent_preserves_nothing(rig: Rig,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    rig.agent.create_session("vm-a", "test")
+    fd = os.memfd_create("m", os.MFD_CLOEXEC)
+    os.write(fd, b"x")
+    real = orchestrator_mod.fcntl.fcntl
+
+    def no_fds(f: int, cmd: int, arg: int = 0) -> int:
+        if cmd == fcntl.F_DUPFD_CLOEXEC:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return real(f, cmd, arg)
+
+    monkeypatch.setattr(orchestrator_mod.fcntl, "fcntl", no_fds)
+    with pytest.raises(KernelRefused, match="LimitNOFILE") as exc:
+        rig.agent.preserve("vm-a", fd, 1)
+    assert exc.value.errno == errno.EMFILE
+    monkeypatch.setattr(orchestrator_mod.fcntl, "fcntl", real)
+    assert rig.agent.clients["vm-a"].files == {}
+    rig.agent.preserve("vm-a", fd, 1)  # the kernel did not keep it: no EBUSY, no EEXIST
+    os.close(fd)
+    assert list(rig.agent.clients["vm-a"].files) == [1]
+
+
+# --- after the reboot: claiming, grace period ----------------------------------------------------
+
+def test_unclaimed_sessions_are_finished_after_the_grace_period(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    rig.config.claim_grace_seconds = 60.0
+    rig.client("vm-a", {1: b"a"})
+    rig.client("vm-b", {1: b"b"})
+    rig.agent.prepare(PrepareOptions(kernel=rig.target))
+    rig.agent.commit(CommitOptions())
+    agent = rig.reboot_view()
+    assert agent.verify().ok
+    assert agent.claim_deadline is not None
+    start = agent.claim_deadline - 60.0
+    claimed = agent.claim_session("vm-a")
+    assert agent.finish_expired(start + 59.0) == []   # still inside the grace period
+    assert agent.finish_expired(start + 60.0) == ["vm-b"]
+    assert rig.state()["discarded"] == ["vm-b"] and "vm-b" in str(rig.state()["message"])
+    with pytest.raises(NotFound, match="grace period"):
+        agent.claim_session("vm-b")
+    claimed.finish()
+    claimed.close()
+    agent.close()
+    dev = SimKernel(tmp_path / "sim").host().liveupdate.open()
+    with pytest.raises(KernelRefused) as exc:   # FINISHed in the kernel, not just forgotten
+        dev.retrieve_session("vm-b")
+    assert exc.value.errno == errno.ENOENT
+
+
+def test_without_a_grace_period_sessions_wait_for_their_owner(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    rig.config.claim_grace_seconds = None
+    rig.client("vm-a", {1: b"a"})
+    rig.agent.prepare(PrepareOptions(kernel=rig.target))
+    rig.agent.commit(CommitOptions())
+    agent = rig.reboot_view()
+    assert agent.verify().ok
+    assert agent.claim_deadline is None and agent.finish_expired(1e12) == []
+    assert agent.claim_session("vm-a").name == "vm-a"
+
+
+def test_a_state_that_cannot_be_saved_is_added_to_the_error(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    rig.client("vm-a", {1: b"x"})
+    rig.agent.prepare(PrepareOptions(kernel=rig.target))
+    rig.sim.inject("freeze-fails")
+    kexec = rig.agent.host.kexec
+    real_reboot = kexec.reboot
+
+    def reboot_then_disk_full(*, via_systemd: bool) -> None:
+        def full(state: object) -> None:
+            raise KernelRefused("writing state.json", errno.ENOSPC, "the disk is full")
+        monkeypatch.setattr(rig.agent.store, "save", full)
+        real_reboot(via_systemd=via_systemd)
+
+    monkeypatch.setattr(kexec, "reboot", reboot_then_disk_full)
+    with pytest.raises(KernelRefused) as exc:
+        rig.agent.commit(CommitOptions())
+    assert exc.value.errno == errno.EINVAL           # the kernel's refusal stays the error
+    assert "could not be saved" in exc.value.message and "disk is full" in exc.value.message
+    assert rig.agent.persist_problem is not None
+    assert rig.state()["phase"] == "committing"      # what a restart would find

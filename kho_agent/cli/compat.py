@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 from typing import Any
 
 from ..abi import KhoInput, Side, decode_state
@@ -24,9 +25,9 @@ from ..abi.compat import (
     abi_from_payload,
     abi_from_state,
     compare,
-    merge,
 )
 from ..abi.jsonview import to_json
+from ..facts import with_running_image
 from ..kernel import debugfs
 from ..kernel.image import ImageError, ImageInfo, read_image
 from .common import EXIT_FINDINGS, EXIT_OK, CliError, print_json
@@ -73,17 +74,8 @@ def _running_from_host(args: argparse.Namespace) -> tuple[KernelAbi, ImageInfo |
     abi = abi_from_state(state, incoming, f"debugfs {out_dir}")
     release = os.uname().release
     abi.release = abi.release or release
-    path = os.path.join(args.boot_dir, f"vmlinuz-{release}")
-    if not os.path.exists(path):
-        abi.notes.append(f"{path} does not exist: file handler versions of the running kernel "
-                         "are not known (give --running-image IMAGE)")
-        return abi, None
-    try:
-        image = read_image(path)
-    except ImageError as exc:
-        abi.notes.append(f"running kernel image not used: {exc}")
-        return abi, None
-    return merge(abi, abi_from_payload(image.payload, f"image {path}", release)), image.info
+    return with_running_image(abi, Path(args.boot_dir) / f"vmlinuz-{release}", release,
+                              " (give --running-image IMAGE)")
 
 
 def _text(versions: tuple[str, ...] | None) -> str:
