@@ -13,9 +13,12 @@ from typing import ClassVar
 
 DBUS_ERROR_PREFIX = "org.khoagent.Agent1.Error."
 
+# The exit codes of kho-agentctl (issue 4's table; fleet tooling keys on them):
 EXIT_OK = 0
-EXIT_FINDINGS = 1        # a check or verification found errors; a refusal with a reason
-EXIT_CANNOT_RUN = 2      # bad arguments, missing input or kernel feature
+EXIT_FINDINGS = 1        # a check or verification found errors
+EXIT_CANNOT_RUN = 2      # usage: bad arguments, missing input, state or feature; cannot run
+EXIT_REFUSED = 3         # refused by policy: a blocker, the state, a permission, a busy agent
+EXIT_KERNEL = 4          # the kernel refused a system call (the errno is in the message/JSON)
 
 
 class AgentError(Exception):
@@ -38,34 +41,34 @@ class AgentError(Exception):
 
 class InvalidArgument(AgentError):
     name = "InvalidArgument"
-    exit_code = 2
+    exit_code = EXIT_CANNOT_RUN
 
 
 class Busy(AgentError):
     name = "Busy"
-    exit_code = 3
+    exit_code = EXIT_REFUSED
 
 
 class NotPrepared(AgentError):
     name = "NotPrepared"
-    exit_code = 4
+    exit_code = EXIT_REFUSED
 
 
 class PreflightFailed(AgentError):
     name = "PreflightFailed"
-    exit_code = 5
+    exit_code = EXIT_REFUSED
 
 
 class AbiMismatch(AgentError):
     name = "AbiMismatch"
-    exit_code = 6
+    exit_code = EXIT_REFUSED
 
 
 class KernelRefused(AgentError):
     """A system call failed. `errno` is the kernel's; `op` names the call (`PRESERVE_FD`)."""
 
     name = "KernelRefused"
-    exit_code = 7
+    exit_code = EXIT_KERNEL
 
     def __init__(self, op: str, err: int, advice: str) -> None:
         code = errno_mod.errorcode.get(err, str(err))
@@ -82,19 +85,19 @@ class KernelRefused(AgentError):
 
 class PermissionDenied(AgentError):
     name = "PermissionDenied"
-    exit_code = 8
+    exit_code = EXIT_REFUSED
 
 
 class NotFound(AgentError):
     name = "NotFound"
-    exit_code = 9
+    exit_code = EXIT_CANNOT_RUN
 
 
 class StateCorrupt(AgentError):
     """Persisted state (state file, manifest) cannot be read back; nothing was changed."""
 
     name = "StateCorrupt"
-    exit_code = 10
+    exit_code = EXIT_CANNOT_RUN
 
 
 class VerificationFailed(AgentError):

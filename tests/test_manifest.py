@@ -348,7 +348,7 @@ def test_each_corruption_names_its_json_path(mutate: Callable[[dict[str, Any]], 
     assert isinstance(err, mf.ManifestCorrupt)
     assert err.json_path == path
     assert path in str(err)
-    assert err.name == "StateCorrupt" and err.exit_code == 10
+    assert err.name == "StateCorrupt" and err.exit_code == 2
     # The schema says the same about every rule it can express.
     assert bool(schema_errors(d, schema, schema)) == schema_rejects
 

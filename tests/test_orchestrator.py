@@ -111,7 +111,7 @@ def test_prepare_refuses_an_incompatible_target(tmp_path: Path) -> None:
     rig = Rig(tmp_path, target_abi=SimAbi(kho="kho-v3", luo="luo-v1", memfd="memfd-v1"))
     with pytest.raises(PreflightFailed) as exc:
         rig.agent.prepare(PrepareOptions(kernel=rig.target))
-    assert "target-abi" in exc.value.message and exc.value.exit_code == 5
+    assert "target-abi" in exc.value.message and exc.value.exit_code == 3
     assert not rig.sim.host().kexec.loaded()
     assert rig.state()["phase"] == "idle"
     assert not rig.config.state_dir.joinpath("manifest.json").exists()

@@ -1,7 +1,7 @@
 """kho-agentctl: one module per command, registered in COMMANDS (name -> module).
 
-Exit codes are stable for fleet tooling: 0 ok, 1 the check found errors (or a refusal), 2 could
-not run; agent errors use their own codes (kho_agent.errors: 3 Busy ... 10 StateCorrupt).
+Exit codes are stable for fleet tooling: 0 ok, 1 a check failed, 2 usage or cannot run, 3 refused
+by policy, 4 the kernel refused (kho_agent.errors maps every error to one of them).
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kho-agentctl",
         description="Drive and check Linux live updates (KHO + LUO).",
-        epilog="Exit codes: 0 ok, 1 errors found, 2 could not run.")
+        epilog="Exit codes: 0 ok, 1 a check failed, 2 usage or cannot run, 3 refused by policy, "
+               "4 the kernel refused.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module in COMMANDS.items():
         add: Callable[[argparse._SubParsersAction[argparse.ArgumentParser], str], None] = \

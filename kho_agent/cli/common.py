@@ -6,9 +6,10 @@ import json
 import sys
 from typing import Any
 
-EXIT_OK = 0
-EXIT_FINDINGS = 1
-EXIT_CANNOT_RUN = 2
+from ..errors import EXIT_CANNOT_RUN, EXIT_FINDINGS, EXIT_KERNEL, EXIT_OK, EXIT_REFUSED
+
+__all__ = ["EXIT_CANNOT_RUN", "EXIT_FINDINGS", "EXIT_KERNEL", "EXIT_OK", "EXIT_REFUSED", "CliError",
+           "print_json"]
 
 
 class CliError(Exception):
