@@ -22,7 +22,7 @@ import shlex
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,6 +191,10 @@ class Orchestrator:
         self.persist_problem: str | None = None  # the last state write that failed
         # monotonic time after which unclaimed incoming sessions are finished (set by verify)
         self.claim_deadline: float | None = None
+        self.verified_manifest: Manifest | None = None  # what the last verify compared with
+        # Called with a percentage as an operation advances (the daemon's Job.Progress); it
+        # runs on the caller's thread and must not call back into the orchestrator.
+        self.on_progress: Callable[[int], None] = lambda percent: None
 
     # ------------------------------------------------------------------ state
 
@@ -417,6 +421,30 @@ class Orchestrator:
         self._abi_target = compat.target.contracts if compat else {}
         return result
 
+    def plan_prepare(self, options: PrepareOptions) -> dict[str, Any]:
+        """prepare --dry-run: the preflight and the command line prepare would load the kernel
+        with; nothing is loaded, written or preserved."""
+        with self._operation("prepare"):
+            result = self.gather_preflight(options.kernel, options.initrd)
+            info = self.sysinfo()
+            return {"kernel": str(options.kernel),
+                    "initrd": str(options.initrd) if options.initrd else None,
+                    "cmdline": self._cmdline(options, info),
+                    "sessions": sorted(self.clients),
+                    "would_prepare": not result.blockers,
+                    "preflight": result.to_json()}
+
+    def scratch_plan(self, kernel: Path | None, initrd: Path | None,
+                     margin: float | None = None) -> ScratchPlan:
+        """The kho_scratch= plan for a target kernel (the running kernel's image by default)."""
+        info = self.sysinfo()
+        out = kho_view(self.host, Side.OUT, with_memory=False)
+        target = target_image(kernel or self.host.path(f"boot/vmlinuz-{info.release}"))
+        return plan_scratch(info, out.scratch, kho_boot=self._incoming_present(),
+                            image_bytes=target.memory_size,
+                            initrd_bytes=file_size(initrd, "initrd"),
+                            margin=self.config.scratch_margin if margin is None else margin)
+
     def prepare(self, options: PrepareOptions) -> Manifest:
         with self._operation("prepare"):
             if self.state.phase not in (Phase.IDLE, Phase.VERIFIED, Phase.FAILED):
@@ -430,6 +458,7 @@ class Orchestrator:
             loaded = False
             try:
                 result = self.gather_preflight(options.kernel, options.initrd)
+                self.on_progress(30)
                 if result.blockers:
                     raise PreflightFailed("preflight found blockers: " + "; ".join(
                         f"{c.name}: {c.message}" for c in result.blockers))
@@ -437,10 +466,12 @@ class Orchestrator:
                 cmdline = self._cmdline(options, info)
                 self.host.kexec.load(options.kernel, options.initrd, cmdline)
                 loaded = True
+                self.on_progress(60)
                 manifest = self._manifest(info, cmdline, final=False)
                 self._prepared = manifest
                 write_atomic(self.store.manifest_path, manifest_to_json(manifest))
                 self._replace_agent_session(manifest)
+                self.on_progress(90)
                 self._transition(Phase.PREPARED, f"prepared {options.kernel}", loaded_by_us=True,
                                  target=Target(str(options.kernel),
                                                str(options.initrd) if options.initrd else None,
@@ -551,6 +582,7 @@ class Orchestrator:
                                       network=self._prepared.network if self._prepared else None)
             write_atomic(self.store.manifest_path, manifest_to_json(manifest))
             self._replace_agent_session(manifest)
+            self.on_progress(90)
             self._transition(Phase.COMMITTING, "handing off to the loaded kernel")
             handoff = time.perf_counter() - start
             self.state.handoff_seconds = handoff
@@ -633,11 +665,19 @@ class Orchestrator:
                 finally:
                     agent.close()  # closing a retrieved session finishes it, failed FINISH or not
         manifest = memfd_manifest or disk
+        self.verified_manifest = manifest
         if manifest is None:
             raise NotFound("no manifest to verify against: "
                            f"disk: {disk_problem or 'absent'}; memfd: "
                            f"{memfd_problem or device_problem or 'absent'}")
-        sessions = [self._observe(device, entry, device_problem) for entry in manifest.sessions]
+        self.on_progress(10)
+        sessions = []
+        total = len(manifest.sessions)
+        for i, entry in enumerate(manifest.sessions):
+            sessions.append(self._observe(device, entry, device_problem))
+            if total >= 20 and i % (total // 20) == 0:
+                self.on_progress(10 + 80 * i // total)
+        self.on_progress(90)
         net, _ = netstate.snapshot_or_reason()
         luo = out.luo
         observation = Observation(

@@ -1,0 +1,125 @@
+"""Exported objects on a Gio connection: one interface per registration, methods dispatched to
+Python callables, properties read from a getter, PropertiesChanged emitted on request.
+
+Gio rather than pydbus on the service side: methods here pass unix fds (pydbus cannot), and the
+error names must be exactly ours (`org.khoagent.Agent1.Error.<Name>`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from gi.repository import Gio, GLib
+
+from ..errors import AgentError, InvalidArgument
+from .errors import dbus_error
+
+PROPERTIES_IFACE = "org.freedesktop.DBus.Properties"
+
+
+@dataclass
+class Call:
+    """One incoming method call: its arguments, the caller, and the way to answer it."""
+
+    sender: str
+    path: str
+    method: str
+    args: tuple[Any, ...]
+    invocation: Gio.DBusMethodInvocation
+
+    @property
+    def interactive(self) -> bool:
+        flags = self.invocation.get_message().get_flags()
+        return bool(flags & Gio.DBusMessageFlags.ALLOW_INTERACTIVE_AUTHORIZATION)
+
+    def fd(self, index: int) -> int:
+        """The unix fd an `h` argument refers to: a new descriptor the caller must close."""
+        fds = self.invocation.get_message().get_unix_fd_list()
+        if fds is None or not 0 <= index < fds.get_length():
+            raise InvalidArgument(f"{self.method}: fd argument {index} was not passed (send the "
+                                  "fd in the message's unix fd list)")
+        try:
+            fd: int = fds.get(index)
+        except GLib.Error as exc:
+            raise InvalidArgument(f"{self.method}: the passed fd cannot be used: "
+                                  f"{exc.message}") from exc
+        return fd
+
+    def option_signatures(self, position: int) -> dict[str, str]:
+        """The variant type of each a{sv} entry at argument `position` (Python values lose
+        the difference between e.g. `t` and `x`)."""
+        variant = self.invocation.get_parameters().get_child_value(position)
+        out: dict[str, str] = {}
+        for i in range(variant.n_children()):
+            entry = variant.get_child_value(i)
+            key = entry.get_child_value(0).get_string()
+            out[key] = entry.get_child_value(1).get_variant().get_type_string()
+        return out
+
+    def reply(self, signature: str | None = None, *values: Any, fds: list[int] | None = None
+              ) -> None:
+        """Answer; `fds` are duplicated into the reply (the caller keeps its own)."""
+        variant = GLib.Variant(signature, values) if signature else None
+        if fds:
+            fd_list = Gio.UnixFDList.new()
+            for fd in fds:
+                fd_list.append(fd)  # dups
+            self.invocation.return_value_with_unix_fd_list(variant, fd_list)
+        else:
+            self.invocation.return_value(variant)
+
+    def fail(self, exc: AgentError) -> None:
+        name, message = dbus_error(exc)
+        self.invocation.return_dbus_error(name, message)
+
+
+Handler = Callable[[Call], None]
+Getter = Callable[[str], GLib.Variant]
+
+
+class ExportedObject:
+    def __init__(self, bus: Gio.DBusConnection, path: str, xml: str,
+                 methods: dict[str, Handler], getter: Getter) -> None:
+        self.bus = bus
+        self.path = path
+        info = Gio.DBusNodeInfo.new_for_xml(xml)
+        self.interface = info.interfaces[0]
+        self.methods = methods
+        self.getter = getter
+        self.registration = bus.register_object(path, self.interface, self._method_call,
+                                                self._get_property, None)
+
+    def _method_call(self, _conn: Gio.DBusConnection, sender: str, path: str, _iface: str,
+                     method: str, params: GLib.Variant,
+                     invocation: Gio.DBusMethodInvocation) -> None:
+        call = Call(sender, path, method, tuple(params.unpack()), invocation)
+        handler = self.methods.get(method)
+        if handler is None:  # Gio checked the signature against the XML: a gap is our bug
+            call.fail(AgentError(f"{method} is not implemented"))
+            return
+        try:
+            handler(call)
+        except AgentError as exc:  # raised before any work started: nothing changed
+            call.fail(exc)
+
+    def _get_property(self, _conn: Gio.DBusConnection, _sender: str, _path: str, _iface: str,
+                      name: str) -> GLib.Variant:
+        return self.getter(name)
+
+    def changed(self, names: list[str]) -> None:
+        if not names or self.registration == 0:
+            return
+        values = {n: self.getter(n) for n in names}
+        self.bus.emit_signal(None, self.path, PROPERTIES_IFACE, "PropertiesChanged",
+                             GLib.Variant("(sa{sv}as)", (self.interface.name, values, [])))
+
+    def emit(self, signal: str, signature: str, *values: Any) -> None:
+        self.bus.emit_signal(None, self.path, self.interface.name, signal,
+                             GLib.Variant(signature, values))
+
+    def unregister(self) -> None:
+        if self.registration:
+            self.bus.unregister_object(self.registration)
+            self.registration = 0
