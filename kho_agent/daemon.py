@@ -50,6 +50,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--claim-grace", type=float, default=1800.0, metavar="SECONDS",
                    help="after verify, how long retrieved sessions wait for their owners before "
                         "they are finished (0 or less: wait forever); default 1800")
+    # where polkit is asked about unprivileged callers: the system bus (default when serving
+    # it), the served bus itself (tests run a polkit Authority on their private bus), or nowhere
+    # (only root may act)
+    p.add_argument("--polkit-bus", choices=("system", "served", "none"), default=None,
+                   help=argparse.SUPPRESS)
     p.add_argument("--no-digests", action="store_true",
                    help="do not digest preserved memory by default (sessions may opt in)")
     return p.parse_args(argv)
@@ -72,10 +77,17 @@ def connect(args: argparse.Namespace) -> tuple[Gio.DBusConnection, Gio.DBusConne
         flags = (Gio.DBusConnectionFlags.AUTHENTICATION_CLIENT
                  | Gio.DBusConnectionFlags.MESSAGE_BUS_CONNECTION)
         bus = Gio.DBusConnection.new_for_address_sync(args.bus_address, flags, None, None)
-        return bus, None
-    kind = Gio.BusType.SYSTEM if args.bus == "system" else Gio.BusType.SESSION
-    bus = Gio.bus_get_sync(kind, None)
-    return bus, bus if args.bus == "system" else None
+    else:
+        kind = Gio.BusType.SYSTEM if args.bus == "system" else Gio.BusType.SESSION
+        bus = Gio.bus_get_sync(kind, None)
+    polkit = args.polkit_bus or ("system" if args.bus == "system" and not args.bus_address
+                                 else "none")
+    if polkit == "served":
+        return bus, bus
+    if polkit == "system":
+        return bus, bus if args.bus == "system" and not args.bus_address else \
+            Gio.bus_get_sync(Gio.BusType.SYSTEM, None)
+    return bus, None
 
 
 def log(text: str) -> None:

@@ -249,6 +249,8 @@ class Orchestrator:
             self._transition(Phase.IDLE, "started")
         phase = self.state.phase
         same_boot = self.state.boot_id == boot
+        if same_boot and self.state.awaiting:
+            self._lost_awaiting()
         if phase in (Phase.PREPARING, Phase.PREPARED, Phase.COMMITTING, Phase.CANCELLING):
             if same_boot:
                 return self._restarted_before_kexec(phase)
@@ -265,6 +267,19 @@ class Orchestrator:
                                                     "reason": "verification interrupted"})
         return RecoveryResult(self.state.phase, self.state.message,
                               not same_boot and self._incoming_present())
+
+    def _lost_awaiting(self) -> None:
+        """The previous agent process of this boot held retrieved sessions for their owners and
+        stopped before they claimed them: closing them finished them in the kernel."""
+        lost = self.state.awaiting
+        note = (f"the agent stopped while {len(lost)} retrieved session(s) waited for their "
+                f"owners; they were finished when it stopped and their memory is lost: "
+                f"{', '.join(lost)}")
+        result = dict(self.state.last_result or {})
+        result["lost_after_verify"] = lost
+        self._transition(self.state.phase, note, awaiting=[],
+                         discarded=sorted(set(self.state.discarded) | set(lost)),
+                         last_result=result)
 
     def _incoming_present(self) -> bool:
         return self.host.path("sys/kernel/debug/kho/in/fdt").exists()
@@ -621,6 +636,7 @@ class Orchestrator:
             grace = self.config.claim_grace_seconds
             self.claim_deadline = (time.monotonic() + grace
                                    if grace is not None and self.incoming else None)
+            self.state.awaiting = sorted(self.incoming)
             verdict = Phase.VERIFIED if report.ok else Phase.FAILED
             # The full report can hold 40k items: it gets its own file, written once; the state
             # (rewritten on every transition) keeps a summary and the failures.
@@ -728,6 +744,11 @@ class Orchestrator:
             raise NotFound(f"no retrieved incoming session {name!r}")
         if not self.incoming:
             self.claim_deadline = None
+        self.state.awaiting = sorted(self.incoming)
+        try:
+            self.store.save(self.state)  # a restart must not report a claimed session as lost
+        except AgentError as exc:  # the owner gets its session anyway; the record lags
+            self.persist_problem = exc.message
         return session
 
     def finish_unclaimed(self) -> list[str]:
@@ -744,6 +765,7 @@ class Orchestrator:
                 problems.append(f"{name}: {exc.message}")
             session.close()
         self.claim_deadline = None
+        self.state.awaiting = []
         if names:
             self.state.discarded = sorted(set(self.state.discarded) | set(names))
             note = (f"finished {len(names)} unclaimed incoming session(s), their memory is "

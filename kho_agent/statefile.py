@@ -53,6 +53,9 @@ class AgentState:
     # incoming sessions of this boot finished unclaimed (their memory discarded), for owners
     # that come after the grace period
     discarded: list[str] = field(default_factory=list)
+    # incoming sessions retrieved by verify and not yet claimed by their owners: if the agent
+    # stops, they close with it (and the kernel finishes them), so a restart reports them lost
+    awaiting: list[str] = field(default_factory=list)
     history: list[dict[str, str]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -77,6 +80,7 @@ def _parse(data: dict[str, Any], path: Path) -> AgentState:
             last_result=data.get("last_result"),
             handoff_seconds=data.get("handoff_seconds"),
             discarded=[str(n) for n in data.get("discarded", [])],
+            awaiting=[str(n) for n in data.get("awaiting", [])],
             history=list(data.get("history", [])))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise StateCorrupt(f"{path} is not a valid kho-agent state ({type(exc).__name__}: "

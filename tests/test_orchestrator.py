@@ -372,3 +372,28 @@ def test_a_state_that_cannot_be_saved_is_added_to_the_error(
     assert "could not be saved" in exc.value.message and "disk is full" in exc.value.message
     assert rig.agent.persist_problem is not None
     assert rig.state()["phase"] == "committing"      # what a restart would find
+
+
+def test_a_restart_after_verify_reports_unclaimed_sessions_as_lost(rig: Rig) -> None:
+    rig.client("vm-a", {1: b"a"})
+    rig.client("vm-b", {1: b"b"})
+    rig.agent.prepare(PrepareOptions(kernel=rig.target))
+    rig.agent.commit(CommitOptions())
+    agent = rig.reboot_view()
+    assert agent.verify().ok
+    assert rig.state()["awaiting"] == ["vm-a", "vm-b"]
+    claimed = agent.claim_session("vm-a")
+    assert rig.state()["awaiting"] == ["vm-b"]
+    claimed.finish()
+    claimed.close()
+    agent.close()            # the agent stops: vm-b closes with it
+    again = rig.new_agent()
+    assert again.state.phase is Phase.VERIFIED   # the update itself was verified
+    assert "vm-b" in again.state.message and "lost" in again.state.message
+    assert rig.state()["discarded"] == ["vm-b"] and rig.state()["awaiting"] == []
+    result = rig.state()["last_result"]
+    assert isinstance(result, dict) and result["lost_after_verify"] == ["vm-b"]
+    dev = SimKernel(rig.tmp / "sim").host().liveupdate.open()
+    with pytest.raises(KernelRefused) as exc:   # and the kernel agrees: finished
+        dev.retrieve_session("vm-b")
+    assert exc.value.errno == errno.ENOENT

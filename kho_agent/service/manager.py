@@ -126,6 +126,8 @@ class AgentService:
         self.agent = agent
         self.auth = authorizer
         self.worker = worker
+        # Reads that need no engine state (the manifest file) must not wait behind a job
+        self.reader = Worker(hooks.log)
         self.hooks = hooks
         self.simulated = agent.host.simulated
         self.snapshot = Snapshot()
@@ -260,8 +262,13 @@ class AgentService:
 
     def _get_manifest(self, call: Call) -> None:
         path = self.agent.store.manifest_path
-        self._engine(lambda: manifest_to_json(read_manifest(path)).decode(),
-                     lambda text: call.reply("(s)", text), call)
+
+        def done(text: str | None, error: AgentError | None) -> None:
+            if error is not None:
+                call.fail(error)
+            else:
+                call.reply("(s)", text)
+        self.reader.submit(lambda: manifest_to_json(read_manifest(path)).decode(), done)
 
     def _list_sessions(self, call: Call) -> None:
         rows = [(s.name, s.path, s.owner_uid if s.owner_uid is not None else 0xFFFFFFFF,
@@ -585,6 +592,7 @@ class AgentService:
         return True  # keep ticking
 
     def close(self) -> None:
+        self.reader.shutdown()
         GLib.source_remove(self._grace_source)
         for record in list(self.sessions.values()):
             self._drop_session(record)
