@@ -5,7 +5,8 @@
 #                           (preflight, prepare, commit, simulated kexec, verify), and decode and
 #                           check the real KHO/LUO state in tests/data/kho-samples (7.3-rc7)
 #   ./quickstart.sh test    install, then lint (ruff, mypy --strict) and run the test suite
-#   ./quickstart.sh bench   install, then print the decoder benchmarks (figures, not a verdict)
+#   ./quickstart.sh bench   install, then print the benchmarks: decoder, engine, digest, daemon
+#                           (figures, not a verdict)
 #
 # Idempotent: apt packages are installed only when missing, the venv (.venv) is reused, and pip
 # runs again only when pyproject.toml changed.
@@ -91,6 +92,9 @@ run_bench() {
     [ "$rc" -le 1 ] || return "$rc"
     rc=0
     .venv/bin/python benchmarks/bench_digest.py || rc=$?
+    [ "$rc" -le 1 ] || return "$rc"
+    rc=0
+    .venv/bin/python benchmarks/bench_daemon.py || rc=$?
     [ "$rc" -le 1 ] || return "$rc"
 }
 
