@@ -27,7 +27,9 @@ from .kernel.host import Host, real_host
 from .orchestrator import EngineConfig, Orchestrator
 from .service import interfaces as api
 from .service.auth import Authorizer
+from .service.journal import Event, EventLog
 from .service.manager import AgentService, Hooks, Job, Snapshot
+from .service.notify import Notifier
 from .service.worker import Worker
 from .statefile import Phase
 
@@ -107,15 +109,26 @@ class Daemon:
             state_dir=state_dir, digests=not args.no_digests, claim_grace_seconds=grace))
         self.service: AgentService | None = None
         self.worker = Worker(log)
+        self.notifier = Notifier.from_env()
+        self.events = EventLog()
 
     def run(self) -> int:
         recovery = self.agent.start()
         log(f"state {recovery.phase.value}: {recovery.message or self.agent.state.message}")
+        if recovery.message not in ("", "started"):
+            self.events.log_event(Event.RECOVERED, f"kho-agentd started in state "
+                                  f"{recovery.phase.value}: {recovery.message}",
+                                  state=recovery.phase.value)
         bus, polkit_bus = connect(self.args)
+        # After the hand-off the bus goes away with the shutdown: the process must stay (it
+        # holds the sessions until the kexec), so Gio must not exit it when the bus closes.
+        bus.set_exit_on_close(False)
+        bus.connect("closed", self._bus_closed)
         self.service = AgentService(bus, self.agent, Authorizer(bus, polkit_bus), self.worker,
                                     Hooks(state_changed=self._state_changed,
                                           job_finished=self._job_finished,
-                                          handed_off=self._handed_off, log=log))
+                                          handed_off=self._handed_off,
+                                          discarded=self._discarded, log=log))
         verify_now = recovery.verify_pending
         owner = Gio.bus_own_name_on_connection(
             bus, api.BUS_NAME, Gio.BusNameOwnerFlags.DO_NOT_QUEUE,
@@ -124,6 +137,7 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT):
             GLib.unix_signal_add(GLib.PRIORITY_DEFAULT, signum, self._on_signal, signum)
         self.loop.run()
+        self.notifier.stopping()
         Gio.bus_unown_name(owner)
         self.service.close()
         self.worker.shutdown()
@@ -134,24 +148,79 @@ class Daemon:
     def _name_acquired(self, verify_now: bool) -> None:
         log(f"serving {api.BUS_NAME}" + (" (simulated kernel)" if self.host.simulated else ""))
         assert self.service is not None
+        state = self.agent.state
+        self.notifier.ready(status=f"{state.phase.value}: {state.message}")
+        interval = self.notifier.watchdog_interval()
+        if interval is not None:
+            # pinged from the main loop: a loop that stops turning stops the pings
+            GLib.timeout_add(max(1, int(interval * 1000)), self._watchdog)
         self.service.refresh()
         if verify_now:
             log("incoming live-update state found: verifying")
             self.service.start_verify()
 
+    def _watchdog(self) -> bool:
+        self.notifier.watchdog()
+        return True
+
+    def _bus_closed(self, _conn: Gio.DBusConnection, _remote: bool, _error: object) -> None:
+        if self.service is not None and self.service.handed_off:
+            log("the bus closed during the shutdown: holding the sessions until the kexec")
+            return
+        log("the bus connection closed; exiting (systemd restarts the service)")
+        self.exit_code = 1
+        self.loop.quit()
+
     def _name_lost(self) -> None:
+        if self.service is not None and self.service.handed_off:
+            return  # the bus is going down with the shutdown; the kexec follows
         log(f"cannot own {api.BUS_NAME} on the bus: another kho-agentd runs, or the bus policy "
             "(etc/dbus-1/system.d/org.khoagent.Agent1.conf) does not allow this user to own it")
         self.exit_code = EXIT_CANNOT_RUN
         self.loop.quit()
 
     def _state_changed(self, old: Snapshot, new: Snapshot) -> None:
+        self.notifier.status(f"{new.state}: {new.message}")
         if old.state != new.state:
             log(f"state {new.state}: {new.message}")
 
     def _job_finished(self, job: Job) -> None:
         detail = job.error_message if job.error_message else job.result
         log(f"job {job.id} ({job.type}) {job.state}: {detail}")
+        target = self.agent.state.target
+        fields: dict[str, str] = {"job": str(job.id), "job_type": job.type,
+                                  "state": self.agent.state.phase.value,
+                                  "target": target.kernel if target else ""}
+        if job.state != "done":
+            if job.state == "failed":
+                self.events.log_event(Event.FAILED, f"{job.type} failed: {job.error_message}",
+                                      error=job.error_name, **fields)
+            return
+        if job.type == "verify":
+            if self.agent.state.phase is Phase.VERIFIED:
+                self.events.log_event(Event.VERIFIED, "the live update is verified: every "
+                                      "preserved item came back", **fields)
+                summary = job.result
+                self.worker.submit(lambda: self.notifier.start_verified_target(summary),
+                                   self._verified_target_started)
+            else:
+                self.events.log_event(Event.FAILED, "the live update failed verification: "
+                                      f"{self.agent.state.message}", **fields)
+            return
+        event = {"prepare": Event.PREPARED, "commit": Event.COMMITTED,
+                 "cancel": Event.CANCELLED}.get(job.type)
+        if event is not None and '"dry_run": true' not in job.result:
+            self.events.log_event(event, f"{job.type} done: {self.agent.state.message}",
+                                  **fields)
+
+    def _verified_target_started(self, started: bool | None, error: AgentError | None) -> None:
+        if error is not None:
+            log(f"cannot start kho-agent-verified.target: {error.message}")
+
+    def _discarded(self, names: list[str]) -> None:
+        self.events.log_event(Event.SESSION_DISCARDED, "finished unclaimed sessions after the "
+                              f"grace period, their memory is discarded: {', '.join(names)}",
+                              sessions=names)
 
     def _handed_off(self) -> None:
         if self.host.simulated:

@@ -604,8 +604,8 @@ class Orchestrator:
             self.store.save(self.state)
             try:
                 self.host.kexec.reboot(via_systemd=mode in ("direct", "fdstore"))
-            except KernelRefused as exc:
-                self._transition_best_effort(exc, Phase.PREPARED, "the kexec was refused, "
+            except AgentError as exc:  # refused by the kernel, an inhibitor, or systemctl
+                self._transition_best_effort(exc, Phase.PREPARED, "the kexec did not happen, "
                                              f"nothing lost: {exc.message}")
                 raise
             self._handed_off = True  # only the simulator returns from a successful reboot

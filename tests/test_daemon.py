@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -470,3 +471,39 @@ def test_a_hundred_clients_are_answered_while_prepare_runs(host: Host) -> None:
           f"worst latency {worst * 1000:.0f} ms")
     # a loop blocked by the job would hold some call for the whole job
     assert worst < duration, (worst, duration)
+
+
+# --- systemd's notify protocol -------------------------------------------------------------------
+
+def _receive(sock: socket.socket, want: str, seen: list[str], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(want in m for m in seen):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"no {want!r} on the notify socket; got {seen}")
+        sock.settimeout(left)
+        seen.append(sock.recv(4096).decode())
+
+
+def test_the_notify_socket_hears_ready_status_watchdog_and_stopping(tmp_path: Path) -> None:
+    sim = SimKernel.create(tmp_path / "sim")
+    del sim
+    path = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock, PrivateBus() as bus:
+        sock.bind(str(path))
+        daemon = Daemon(bus.address, tmp_path / "sim", tmp_path / "state",
+                        env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "200000"})
+        seen: list[str] = []
+        with daemon:
+            _receive(sock, "READY=1", seen)
+            ready = next(m for m in seen if "READY=1" in m)
+            assert "STATUS=idle" in ready
+            _receive(sock, "WATCHDOG=1", seen)
+            with GioClient(bus.address) as client:
+                _, fds = client.call_values(MANAGER_PATH, MANAGER_IFACE, "CreateSession", "s",
+                                            ("vm-1",))
+                for fd in fds:
+                    os.close(fd)
+            daemon.stop()
+            _receive(sock, "STOPPING=1", seen)
+        assert daemon.returncode == 0

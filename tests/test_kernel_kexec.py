@@ -17,6 +17,7 @@ import pytest
 from kho_agent.errors import (
     AbiMismatch,
     AgentError,
+    Busy,
     InvalidArgument,
     KernelRefused,
     NotFound,
@@ -298,7 +299,15 @@ def test_reboot_via_systemd_runs_systemctl_kexec(tmp_path: Path) -> None:
     log = tmp_path / "args"
     script = _fake_systemctl(tmp_path, f'echo "$@" > {log}\nexit 0\n')
     kx.RealKexec(tmp_path, systemctl=str(script)).reboot(via_systemd=True)
-    assert log.read_text() == "kexec\n"
+    assert log.read_text() == "kexec --check-inhibitors=yes\n"
+
+
+def test_a_shutdown_inhibitor_is_reported_as_busy(tmp_path: Path) -> None:
+    script = _fake_systemctl(tmp_path, 'echo "Operation inhibited by \\"backup\\" (PID 42 '
+                             '\\"borg\\", user root), reason is \\"nightly\\"." >&2\nexit 1\n')
+    with pytest.raises(Busy) as info:
+        kx.RealKexec(tmp_path, systemctl=str(script)).reboot(via_systemd=True)
+    assert "borg" in info.value.message and "systemd-inhibit --list" in info.value.message
 
 
 def test_reboot_via_systemd_failure_carries_stderr_and_status(tmp_path: Path) -> None:

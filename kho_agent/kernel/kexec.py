@@ -19,6 +19,7 @@ from typing import Protocol
 from ..errors import (
     AbiMismatch,
     AgentError,
+    Busy,
     InvalidArgument,
     KernelRefused,
     NotFound,
@@ -307,7 +308,9 @@ class RealKexec:
                                 REBOOT_ADVICE.get(err, REBOOT_FALLBACK_ADVICE)) from exc
 
     def _systemctl_kexec(self) -> None:
-        command = [self._systemctl, "kexec"]
+        # As root, systemctl skips the shutdown-inhibitor check unless asked; the agent honours
+        # inhibitors (a backup, a package upgrade) and reports who blocks.
+        command = [self._systemctl, "kexec", "--check-inhibitors=yes"]
         try:
             proc = subprocess.run(command, capture_output=True, text=True, check=False,
                                   timeout=SYSTEMCTL_TIMEOUT)
@@ -319,5 +322,9 @@ class RealKexec:
                              f"{SYSTEMCTL_TIMEOUT:.0f} s; check `systemctl list-jobs`") from exc
         if proc.returncode != 0:
             detail = proc.stderr.strip() or proc.stdout.strip() or "no output"
+            if "inhibit" in detail.lower():
+                raise Busy(f"the kexec is blocked by a shutdown inhibitor, nothing was lost: "
+                           f"{detail} (`systemd-inhibit --list` shows who; commit again when "
+                           "it is released)")
             raise AgentError(f"`{' '.join(command)}` failed with exit status {proc.returncode}: "
                              f"{detail}")

@@ -116,6 +116,7 @@ class Hooks:
     state_changed: Callable[[Snapshot, Snapshot], None] = lambda old, new: None
     job_finished: Callable[[Job], None] = lambda job: None
     handed_off: Callable[[], None] = lambda: None
+    discarded: Callable[[list[str]], None] = lambda names: None
     log: Callable[[str], None] = lambda text: None
 
 
@@ -584,8 +585,7 @@ class AgentService:
                 if record is not None and not record.claimed:
                     self._drop_session(record)
             if names:
-                self.hooks.log(f"finished unclaimed sessions after the grace period: "
-                               f"{', '.join(names)}")
+                self.hooks.discarded(names)
         if self.agent.claim_deadline is not None and self.current is None:
             self.worker.submit(self.agent.finish_expired,
                                lambda names, error: expired(names or []))
