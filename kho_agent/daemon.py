@@ -129,6 +129,8 @@ class Daemon:
                                           job_finished=self._job_finished,
                                           handed_off=self._handed_off,
                                           discarded=self._discarded, log=log))
+        # the properties are right from the first call: read them before owning the name
+        self.service.snapshot = self.service._read_snapshot()
         verify_now = recovery.verify_pending
         owner = Gio.bus_own_name_on_connection(
             bus, api.BUS_NAME, Gio.BusNameOwnerFlags.DO_NOT_QUEUE,

@@ -616,9 +616,19 @@ class Orchestrator:
     def verify(self) -> VerifyReport:
         with self._operation("verify"):
             info = self.sysinfo()
-            if self.state.boot_id == info.boot_id and self.state.phase in (
-                    Phase.PREPARED, Phase.COMMITTING):
+            same_boot = self.state.boot_id == info.boot_id
+            if same_boot and self.state.phase in (Phase.PREPARED, Phase.COMMITTING):
                 raise NotPrepared("this host has not rebooted since prepare; commit first")
+            if same_boot and self.state.phase in (Phase.VERIFIED, Phase.FAILED) and \
+                    self.state.last_result and "counts" in self.state.last_result:
+                # the sessions were retrieved by that verification and are held (or were
+                # handed out): retrieving them again would report false failures
+                raise NotPrepared("this boot was verified already: the result is in the state "
+                                  f"({self.state.last_result.get('result')}); see "
+                                  f"{self.store.directory / LAST_VERIFY_FILE}")
+            if self.state.phase is Phase.IDLE and not self._incoming_present():
+                raise NotPrepared("nothing to verify: this boot did not come through a live "
+                                  "update (no incoming KHO state) and none is recorded")
             manifest_disk: Manifest | None = None
             disk_problem = None
             try:

@@ -232,7 +232,7 @@ def test_pydbus_busctl_and_gdbus_read_the_manager(host: Host) -> None:
     assert json.loads(out.stdout) == {"type": "t", "data": 1}
     listed = gdbus(host.bus.address, "call", "--dest", BUS_NAME, "--object-path", MANAGER_PATH,
                    "--method", f"{MANAGER_IFACE}.ListSessions", check=True)
-    assert listed.stdout.strip() == "(@a(soubbbb) [],)"
+    assert listed.stdout.strip() == "(@a(sousbbb) [],)"
 
 
 # --- the whole cycle with fds --------------------------------------------------------------------

@@ -397,3 +397,14 @@ def test_a_restart_after_verify_reports_unclaimed_sessions_as_lost(rig: Rig) -> 
     with pytest.raises(KernelRefused) as exc:   # and the kernel agrees: finished
         dev.retrieve_session("vm-b")
     assert exc.value.errno == errno.ENOENT
+
+
+def test_a_second_verify_in_the_same_boot_is_refused_not_failed(rig: Rig) -> None:
+    rig.client("vm-a", {1: b"a"})
+    rig.agent.prepare(PrepareOptions(kernel=rig.target))
+    rig.agent.commit(CommitOptions())
+    agent = rig.reboot_view()
+    assert agent.verify().ok
+    with pytest.raises(NotPrepared, match="verified already"):
+        agent.verify()   # its sessions are held for their owners: a rerun would see them busy
+    assert rig.state()["phase"] == "verified"

@@ -14,7 +14,22 @@ from types import ModuleType
 from ..abi.errors import AbiError
 from ..errors import AgentError
 from ..kernel.debugfs import DebugfsError
-from . import compat, decode, preflight, rehearse, scratch
+from . import (
+    cancel,
+    commit,
+    compat,
+    decode,
+    jobs,
+    manifest,
+    preflight,
+    prepare,
+    rehearse,
+    scratch,
+    sessions,
+    status,
+    verify,
+)
+from .bus import add_bus_options
 from .common import EXIT_CANNOT_RUN, CliError, print_json
 
 COMMANDS: dict[str, ModuleType] = {
@@ -24,6 +39,15 @@ COMMANDS: dict[str, ModuleType] = {
     "scratch": scratch,
     "preflight": preflight,
     "rehearse": rehearse,
+    # through kho-agentd over D-Bus (preflight and scratch too, unless --local)
+    "status": status,
+    "prepare": prepare,
+    "commit": commit,
+    "cancel": cancel,
+    "verify": verify,
+    "sessions": sessions,
+    "manifest": manifest,
+    "jobs": jobs,
 }
 
 
@@ -33,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Drive and check Linux live updates (KHO + LUO).",
         epilog="Exit codes: 0 ok, 1 a check failed, 2 usage or cannot run, 3 refused by policy, "
                "4 the kernel refused.")
+    add_bus_options(parser, top_level=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module in COMMANDS.items():
         add: Callable[[argparse._SubParsersAction[argparse.ArgumentParser], str], None] = \

@@ -5,6 +5,11 @@ out/scratch_len) and the sizes of the next kernel and initrd, then prints reserv
 recommended with the breakdown and both command-line forms.
 
 Exit 0 sufficient, 1 too small or not proven (areas unknown, segments do not fit), 2 could not run.
+
+Asks kho-agentd (ScratchPlan over D-Bus) by default; `--local` (or the hidden `--root`) computes
+the plan in this process, and so does `--next-excludes-hugetlb`, an option the daemon's
+ScratchPlan does not take. When no daemon answers and neither was given, the plan is computed
+here with one note on stderr.
 """
 
 from __future__ import annotations
@@ -25,11 +30,18 @@ from ..kernel.sysinfo import SysInfo, kho_enabled, read_sysinfo
 from ..scratch import (
     DEFAULT_MARGIN_PERCENT,
     IMAGE_HEADER_BYTES,
+    KernReserved,
+    KexecSegment,
+    Placement,
+    ScratchItem,
     ScratchPlan,
+    ScratchSizes,
     human,
     image_memory_size,
     plan_scratch,
 )
+from ..service import interfaces as api
+from .bus import AgentClient, DaemonUnreachable, add_bus_options, options, options_args
 from .common import EXIT_CANNOT_RUN, EXIT_FINDINGS, EXIT_OK, CliError, print_json
 
 HELP = "compare the reserved KHO scratch areas with what the next live update needs"
@@ -47,7 +59,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: s
     p.add_argument("--next-excludes-hugetlb", action="store_true",
                    help="the next kernel is 7.3 or later: boot-time HugeTLB pages need no scratch")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--root", default="/", help=argparse.SUPPRESS)
+    p.add_argument("--local", action="store_true",
+                   help="compute the plan in this process instead of asking kho-agentd")
+    p.add_argument("--root", default=None, help=argparse.SUPPRESS)
+    add_bus_options(p)
     p.set_defaults(run=run)
 
 
@@ -128,7 +143,7 @@ def _areas(root: Path, info: SysInfo) -> tuple[list[ScratchArea], bool, str | No
 
 
 def gather(args: argparse.Namespace) -> Inputs:
-    root = Path(args.root)
+    root = Path(args.root if args.root is not None else "/")
     info = read_sysinfo(root)
     areas, kho_boot, areas_note = _areas(root, info)
     release = info.release
@@ -180,15 +195,20 @@ def verdict(plan: ScratchPlan) -> str:
     return "TOO SMALL: see the warnings; set the recommended kho_scratch= and cold boot"
 
 
-def render(plan: ScratchPlan, inputs: Inputs) -> str:
-    info = inputs.info
+def render(plan: ScratchPlan, inputs: Inputs | None) -> str:
+    """The plan as text; `inputs` (the host and file facts) are known when computed here, not
+    when the plan came from kho-agentd."""
     boot = "KHO boot (areas inherited)" if plan.kho_boot else "cold boot"
     nodes = ", ".join(str(n) for n in plan.node_ids)
-    lines = [f"host: {info.release} ({info.machine}), MemTotal {human(info.mem_total)}, "
-             f"NUMA node(s) with memory: {nodes}, {boot}"]
-    for role, f in (("next kernel", inputs.kernel), ("next initrd", inputs.initrd)):
-        if f is not None:
-            lines.append(f"{role}: {f.path}: {human(f.memory)} in memory ({f.how})")
+    if inputs is None:
+        lines = [f"host (as kho-agentd sees it): NUMA node(s) with memory: {nodes}, {boot}"]
+    else:
+        info = inputs.info
+        lines = [f"host: {info.release} ({info.machine}), MemTotal {human(info.mem_total)}, "
+                 f"NUMA node(s) with memory: {nodes}, {boot}"]
+        for role, f in (("next kernel", inputs.kernel), ("next initrd", inputs.initrd)):
+            if f is not None:
+                lines.append(f"{role}: {f.path}: {human(f.memory)} in memory ({f.how})")
     k = plan.kern
     per_node = ", ".join(f"node {n} {human(v)}" for n, v in sorted(k.per_node.items()))
     lines += ["", f"kernel-reserved memory ({plan.kern_source}): below 4 GiB {human(k.low)}, "
@@ -234,20 +254,75 @@ def render(plan: ScratchPlan, inputs: Inputs) -> str:
     return "\n".join(lines)
 
 
-def report_json(plan: ScratchPlan, inputs: Inputs) -> dict[str, Any]:
-    info = inputs.info
-    return {
+def report_json(plan: ScratchPlan, inputs: Inputs | None) -> dict[str, Any]:
+    """`host` and `inputs` are null when the plan came from kho-agentd (it sends the plan)."""
+    out: dict[str, Any] = {
         "sufficient": plan.sufficient,
         "verdict": verdict(plan).split(":")[0].lower().replace(" ", "_"),
-        "host": {"release": info.release, "machine": info.machine, "mem_total": info.mem_total,
-                 "page_size": info.page_size, "nodes": [n.nid for n in info.nodes],
-                 "kho_enabled": kho_enabled(info), "kho_boot": plan.kho_boot},
-        "inputs": {role: to_json(f) if f else None
-                   for role, f in (("kernel", inputs.kernel), ("initrd", inputs.initrd),
-                                   ("running_kernel", inputs.running_kernel),
-                                   ("running_initrd", inputs.running_initrd))},
-        "plan": plan.to_json(),
-    }
+        "host": None, "inputs": None, "plan": plan.to_json()}
+    if inputs is not None:
+        info = inputs.info
+        out["host"] = {"release": info.release, "machine": info.machine,
+                       "mem_total": info.mem_total, "page_size": info.page_size,
+                       "nodes": [n.nid for n in info.nodes],
+                       "kho_enabled": kho_enabled(info), "kho_boot": plan.kho_boot}
+        out["inputs"] = {role: to_json(f) if f else None
+                         for role, f in (("kernel", inputs.kernel), ("initrd", inputs.initrd),
+                                         ("running_kernel", inputs.running_kernel),
+                                         ("running_initrd", inputs.running_initrd))}
+    return out
+
+
+def plan_from_json(raw: dict[str, Any]) -> ScratchPlan:
+    """A ScratchPlan back from its to_json() form (what kho-agentd's ScratchPlan returns)."""
+    def sizes(d: dict[str, Any]) -> ScratchSizes:
+        return ScratchSizes(int(d["lowmem"]), int(d["global_"]), int(d["pernode"]))
+
+    def items(rows: list[dict[str, Any]]) -> list[ScratchItem]:
+        return [ScratchItem(str(r["label"]), int(r["bytes"]), str(r.get("note", "")))
+                for r in rows]
+
+    try:
+        kern = raw["kern"]
+        return ScratchPlan(
+            reserved=[ScratchArea(int(a["phys"]), int(a["size"]), str(a["role"]))
+                      for a in raw["reserved"]],
+            reserved_total=int(raw["reserved_total"]),
+            recommended=sizes(raw["recommended"]),
+            percent=None if raw["percent"] is None else int(raw["percent"]),
+            breakdown=items(raw["breakdown"]),
+            warnings=[str(w) for w in raw["warnings"]],
+            notes=[str(n) for n in raw["notes"]],
+            sufficient=bool(raw["sufficient"]),
+            required=sizes(raw["required"]),
+            kernel_default=sizes(raw["kernel_default"]),
+            # JSON object keys are strings; the node ids are ints
+            kern=KernReserved(int(kern["low"]), int(kern["total"]),
+                              {int(k): int(v) for k, v in kern["per_node"].items()}),
+            kern_source=str(raw["kern_source"]),
+            estimated=bool(raw["estimated"]),
+            estimate=items(raw["estimate"]),
+            segments=[Placement(KexecSegment(**p["segment"]), p["area"], p["phys"])
+                      for p in raw["segments"]],
+            node_ids=[int(n) for n in raw["node_ids"]],
+            alignment=int(raw["alignment"]),
+            margin=float(raw["margin"]),
+            kho_boot=bool(raw["kho_boot"]))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise AgentError(f"kho-agentd sent a scratch plan this kho-agentctl cannot read "
+                         f"({type(exc).__name__}: {exc}); are both the same version? "
+                         "--local computes the plan here") from exc
+
+
+def bus_plan(args: argparse.Namespace) -> ScratchPlan:
+    import json
+
+    opts = options({"kernel": os.path.abspath(args.kernel) if args.kernel else None,
+                    "initrd": os.path.abspath(args.initrd) if args.initrd else None,
+                    "margin": args.margin / 100}, api.SCRATCH_OPTIONS)
+    with AgentClient.from_args(args) as client:
+        (text,) = client.manager("ScratchPlan", options_args(opts), reply_type="(s)")
+    return plan_from_json(json.loads(text))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -255,10 +330,24 @@ def run(args: argparse.Namespace) -> int:
         print(f"kho-agentctl scratch: --margin {args.margin} is negative; give 0 or more",
               file=sys.stderr)
         return EXIT_CANNOT_RUN
+    inputs: Inputs | None = None
+    local = args.local or args.root is not None or args.next_excludes_hugetlb
     try:
-        inputs = gather(args)
-        plan = build_plan(inputs, args)
+        if not local:
+            try:
+                plan = bus_plan(args)
+            except DaemonUnreachable as exc:
+                print(f"kho-agentctl scratch: note: {exc.message.split(';')[0]}; computing the "
+                      "plan in this process instead (--local)", file=sys.stderr)
+                local = True
+        if local:
+            inputs = gather(args)
+            plan = build_plan(inputs, args)
+    except DaemonUnreachable:
+        raise
     except (CliError, AgentError) as exc:
+        if not local and isinstance(exc, AgentError):
+            raise  # the daemon's error: main prints its name and exit code
         print(f"kho-agentctl scratch: {exc}", file=sys.stderr)
         return EXIT_CANNOT_RUN
     if args.json:

@@ -86,7 +86,7 @@ MANAGER_XML = """
     </method>
     <!-- (name, object, owner uid, owner bus name, ready, claimed, incoming) -->
     <method name="ListSessions">
-      <arg name="sessions" type="a(soubbbb)" direction="out"/>
+      <arg name="sessions" type="a(sousbbb)" direction="out"/>
     </method>
     <!-- Creates an outgoing LUO session and returns its object and fd. Preserve files through
          Preserve (the agent records tokens, sizes and digests for the manifest); files

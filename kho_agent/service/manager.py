@@ -24,6 +24,7 @@ from ..kernel.liveupdate import LiveUpdateSession, validate_session_name, valida
 from ..manifest import manifest_to_json, read_manifest
 from ..orchestrator import CommitOptions, Orchestrator, PrepareOptions
 from ..preflight import handoff_mode
+from ..scratch import parse_kho_scratch
 from ..statefile import Phase
 from . import interfaces as api
 from .auth import Authorizer, Caller, owner_uid
@@ -275,7 +276,7 @@ class AgentService:
         rows = [(s.name, s.path, s.owner_uid if s.owner_uid is not None else 0xFFFFFFFF,
                  s.owner_sender, s.ready, s.claimed, s.incoming)
                 for s in sorted(self.sessions.values(), key=lambda s: s.name)]
-        call.reply("(a(soubbbb))", rows)
+        call.reply("(a(sousbbb))", rows)
 
     # ------------------------------------------------------------------ jobs
 
@@ -340,9 +341,12 @@ class AgentService:
                              call.option_signatures(0))
         if "kernel" not in opts:
             raise InvalidArgument("Prepare: option 'kernel' (the target image) is required")
+        scratch = opts.get("scratch", "keep")
+        if scratch not in ("keep", "auto"):
+            parse_kho_scratch(scratch)  # InvalidArgument before it reaches a command line
         options = PrepareOptions(kernel=Path(opts["kernel"]), initrd=_path(opts.get("initrd")),
                                  cmdline=opts.get("cmdline"),
-                                 scratch=opts.get("scratch", "keep"))
+                                 scratch=scratch)
         if opts.get("dry_run"):
             self._start_job(call, "prepare", lambda: self.agent.plan_prepare(options),
                             lambda plan: {"dry_run": True, **plan})

@@ -1,0 +1,520 @@
+"""The kho-agentctl side of the D-Bus API: one Gio connection to kho-agentd.
+
+Gio, not pydbus: calls may pass unix fds, error names must be read exactly (they carry the
+agent's error, rebuilt here with `from_dbus` so the exit code survives the bus), and a job is
+followed through signals on a private main context, so nothing here needs a main loop.
+
+A job is followed by subscribing to its signals *before* the call that starts it (the
+PropertiesChanged of every Job object and the Manager's JobRemoved): a job that ends before its
+path comes back in the reply is still seen whole. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import gi
+
+gi.require_version("Gio", "2.0")
+gi.require_version("GLib", "2.0")
+from gi.repository import Gio, GLib  # noqa: E402
+
+from ..errors import (  # noqa: E402
+    EXIT_CANNOT_RUN,
+    AgentError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
+from ..service import interfaces as api  # noqa: E402
+from ..service.errors import from_dbus  # noqa: E402
+
+DBUS_NAME = "org.freedesktop.DBus"
+DBUS_PATH = "/org/freedesktop/DBus"
+DBUS_IFACE = "org.freedesktop.DBus"
+PROPERTIES_IFACE = "org.freedesktop.DBus.Properties"
+INTROSPECTABLE_IFACE = "org.freedesktop.DBus.Introspectable"
+JOB_DIR = api.JOB_PATH_PREFIX.rstrip("/")
+
+CALL_TIMEOUT_MS = 60_000          # Preflight reads the target image and the KHO state
+DEFAULT_JOB_TIMEOUT = 1800.0      # digesting large guests can take minutes
+_TICK_MS = 100                    # bounds each blocking main-context iteration
+NO_UID = 0xFFFFFFFF               # the daemon's "owner not known"
+
+# Bus errors that mean "nobody serves org.khoagent.Agent1 here"
+_UNREACHABLE_ERRORS = ("org.freedesktop.DBus.Error.ServiceUnknown",
+                       "org.freedesktop.DBus.Error.NameHasNoOwner",
+                       "org.freedesktop.DBus.Error.Disconnected")
+_SPAWN_ERROR_PREFIX = "org.freedesktop.DBus.Error.Spawn."
+_ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
+# ... and the ones that mean "no such object here" (a job whose 120 s linger ended)
+_NO_OBJECT_ERRORS = ("org.freedesktop.DBus.Error.UnknownObject",
+                     "org.freedesktop.DBus.Error.UnknownMethod",
+                     "org.freedesktop.DBus.Error.UnknownInterface",
+                     "org.freedesktop.DBus.Error.UnknownProperty")
+
+
+class DaemonUnreachable(AgentError):
+    """No kho-agentd answers on the chosen bus (or the bus itself is missing)."""
+
+    name = "DaemonUnreachable"
+    exit_code = EXIT_CANNOT_RUN
+
+
+class JobNotFinished(AgentError):
+    """The client stopped following a job that still runs (timeout, interrupt, daemon gone)."""
+
+    name = "JobNotFinished"
+    exit_code = EXIT_CANNOT_RUN
+
+
+# ---------------------------------------------------------------------------------- options
+
+@dataclass(frozen=True)
+class BusTarget:
+    kind: str = "system"            # "system" or "session"; ignored with an address
+    address: str | None = None
+
+    def describe(self) -> str:
+        return f"the bus at {self.address}" if self.address else f"the {self.kind} bus"
+
+    def to_json(self) -> dict[str, str | None]:
+        return {"bus": "address" if self.address else self.kind, "address": self.address}
+
+    def hint(self) -> str:
+        if self.address:
+            start = f"kho-agentd --bus-address {self.address} --simulate DIR"
+        elif self.kind == "session":
+            start = "kho-agentd --bus session --simulate DIR"
+        else:
+            return ("start it with `systemctl start kho-agent` (or try the simulated kernel: "
+                    "`kho-agentd --bus session --simulate DIR` and `kho-agentctl --bus session "
+                    "...`)")
+        return f"start it with `{start}` (DIR: a simulated host, created when absent)"
+
+
+def add_bus_options(parser: argparse.ArgumentParser, *, top_level: bool = False) -> None:
+    """--bus / --bus-address, accepted before the command (top level) or after it. The
+    sub-command copies default to SUPPRESS so they do not overwrite a top-level value."""
+    default: Any = None if top_level else argparse.SUPPRESS
+    group = parser.add_argument_group("daemon connection") if top_level else parser
+    group.add_argument("--bus", choices=("system", "session"), default=default,
+                       help="the bus kho-agentd serves (default: system)")
+    group.add_argument("--bus-address", metavar="ADDR", default=default,
+                       help="a D-Bus address instead (a private bus, tests)")
+
+
+def target_from_args(args: argparse.Namespace) -> BusTarget:
+    kind = getattr(args, "bus", None)
+    address = getattr(args, "bus_address", None)
+    if kind is not None and address is not None:
+        raise InvalidArgument("--bus and --bus-address exclude each other; give one")
+    return BusTarget(kind or "system", address)
+
+
+# ---------------------------------------------------------------------------------- records
+
+@dataclass
+class JobInfo:
+    path: str
+    id: int = 0
+    type: str = ""
+    state: str = api.JOB_RUNNING
+    progress: int = 0
+    result: str = ""
+    error_name: str = ""
+    error_message: str = ""
+
+    def update(self, props: dict[str, Any]) -> None:
+        for key, attr in (("Id", "id"), ("Type", "type"), ("State", "state"),
+                          ("Progress", "progress"), ("Result", "result"),
+                          ("ErrorName", "error_name"), ("ErrorMessage", "error_message")):
+            if key in props:
+                setattr(self, attr, props[key])
+
+    @property
+    def running(self) -> bool:
+        return self.state == api.JOB_RUNNING
+
+    def result_json(self) -> Any:
+        """The parsed Result (None while running or when failed)."""
+        if not self.result:
+            return None
+        try:
+            return json.loads(self.result)
+        except json.JSONDecodeError:
+            return {"unparsed": self.result}
+
+    def error(self) -> AgentError:
+        """The typed agent error a failed job carries (its exit code included)."""
+        return from_dbus(self.error_name or api.ERROR_PREFIX + "Failed",
+                         self.error_message or f"job {self.id} ({self.type}) failed")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"job": self.path, "id": self.id, "type": self.type, "state": self.state,
+                "progress": self.progress, "result": self.result_json(),
+                "error": self.error().to_json() if self.state == api.JOB_FAILED else None}
+
+
+@dataclass
+class SessionRow:
+    name: str
+    path: str
+    owner_uid: int | None
+    owner_bus_name: str
+    ready: bool
+    claimed: bool
+    incoming: bool
+    tokens: list[int] | None = None   # filled by AgentClient.session_details()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "object": self.path, "owner_uid": self.owner_uid,
+                "owner_bus_name": self.owner_bus_name, "ready": self.ready,
+                "claimed": self.claimed, "incoming": self.incoming, "tokens": self.tokens}
+
+
+Progress = Callable[[JobInfo], None]
+
+
+# ---------------------------------------------------------------------------------- errors
+
+def _remote(err: GLib.Error) -> tuple[str, str] | None:
+    if not Gio.DBusError.is_remote_error(err):
+        return None
+    name: str = Gio.DBusError.get_remote_error(err)
+    message: str = err.message
+    prefix = f"GDBus.Error:{name}: "
+    if message.startswith(prefix):
+        message = message[len(prefix):]
+    return name, message
+
+
+def bus_error(err: GLib.Error, target: BusTarget, what: str) -> AgentError:
+    """The agent error for a failed call: ours rebuilt with their exit codes; the bus's own
+    refusals turned into what the operator can do about them."""
+    remote = _remote(err)
+    if remote is None:
+        return AgentError(f"{what}: {err.message}")
+    name, message = remote
+    if name in _UNREACHABLE_ERRORS or name.startswith(_SPAWN_ERROR_PREFIX):
+        return DaemonUnreachable(f"kho-agentd is not running on {target.describe()} (no owner "
+                                 f"for {api.BUS_NAME}: {message}); {target.hint()}")
+    if name in _NO_OBJECT_ERRORS:
+        return NotFound(f"{what}: {message}")
+    if name == _ACCESS_DENIED:
+        return PermissionDenied(f"{what}: the bus policy refused the call ({message}); run as "
+                                "root, or install etc/dbus-1/system.d/org.khoagent.Agent1.conf")
+    return from_dbus(name, message)
+
+
+# ---------------------------------------------------------------------------------- client
+
+@dataclass
+class _Collected:
+    """What the signal handlers saw, for one followed job (or before its path is known)."""
+
+    changes: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    removed: list[tuple[int, str, str]] = field(default_factory=list)
+    owner_gone: bool = False
+
+
+class AgentClient:
+    def __init__(self, connection: Gio.DBusConnection, target: BusTarget) -> None:
+        self.connection = connection
+        self.target = target
+
+    @classmethod
+    def connect(cls, target: BusTarget) -> AgentClient:
+        try:
+            if target.address:
+                flags = (Gio.DBusConnectionFlags.AUTHENTICATION_CLIENT
+                         | Gio.DBusConnectionFlags.MESSAGE_BUS_CONNECTION)
+                conn = Gio.DBusConnection.new_for_address_sync(target.address, flags, None, None)
+            else:
+                kind = Gio.BusType.SYSTEM if target.kind == "system" else Gio.BusType.SESSION
+                conn = Gio.bus_get_sync(kind, None)
+        except GLib.Error as err:
+            raise DaemonUnreachable(f"cannot connect to {target.describe()} ({err.message}), "
+                                    "so kho-agentd cannot be reached; check that the D-Bus "
+                                    f"daemon runs, then {target.hint()}") from err
+        return cls(conn, target)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> AgentClient:
+        return cls.connect(target_from_args(args))
+
+    def close(self) -> None:
+        if self.connection.is_closed():
+            return
+        # a close that fails leaves nothing of ours unsent that matters: ignore it
+        with contextlib.suppress(GLib.Error):
+            self.connection.flush_sync(None)
+            if self.target.address:  # the shared system/session singletons stay open
+                self.connection.close_sync(None)
+
+    def __enter__(self) -> AgentClient:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # -------------------------------------------------------------- calls
+
+    def call(self, path: str, iface: str, method: str, args: GLib.Variant | None = None, *,
+             reply_type: str | None = None, fds: Sequence[int] = (),
+             dest: str = api.BUS_NAME, timeout_ms: int = CALL_TIMEOUT_MS,
+             interactive: bool = False) -> tuple[tuple[Any, ...], list[int]]:
+        """One synchronous call: the unpacked reply and the fds it carried (the caller owns and
+        closes them). `fds` go along in the message's fd list (h arguments index it); the
+        caller keeps its own copies."""
+        flags = Gio.DBusCallFlags.NONE
+        if interactive:
+            flags |= Gio.DBusCallFlags.ALLOW_INTERACTIVE_AUTHORIZATION
+        rtype = GLib.VariantType.new(reply_type) if reply_type else None
+        try:
+            if fds:
+                fd_list = Gio.UnixFDList.new()
+                for fd in fds:
+                    fd_list.append(fd)  # dups
+                reply, out = self.connection.call_with_unix_fd_list_sync(
+                    dest, path, iface, method, args, rtype, flags, timeout_ms, fd_list, None)
+            else:
+                reply, out = self.connection.call_with_unix_fd_list_sync(
+                    dest, path, iface, method, args, rtype, flags, timeout_ms, None, None)
+        except GLib.Error as err:
+            raise bus_error(err, self.target, f"{method} on {path}") from err
+        received: list[int] = list(out.steal_fds()) if out is not None else []
+        values: tuple[Any, ...] = tuple(reply.unpack()) if reply is not None else ()
+        return values, received
+
+    def manager(self, method: str, args: GLib.Variant | None = None, *,
+                reply_type: str | None = None, interactive: bool = False) -> tuple[Any, ...]:
+        values, fds = self.call(api.MANAGER_PATH, api.MANAGER_IFACE, method, args,
+                                reply_type=reply_type, interactive=interactive)
+        _close_all(fds)
+        return values
+
+    def get_all(self, path: str, iface: str) -> dict[str, Any]:
+        (props,), fds = self.call(path, PROPERTIES_IFACE, "GetAll", GLib.Variant("(s)", (iface,)),
+                                  reply_type="(a{sv})")
+        _close_all(fds)
+        out: dict[str, Any] = dict(props)
+        return out
+
+    def manager_properties(self) -> dict[str, Any]:
+        return self.get_all(api.MANAGER_PATH, api.MANAGER_IFACE)
+
+    def list_sessions(self) -> list[SessionRow]:
+        """ListSessions. Its contract lists the owner's bus name, but the signature it declares,
+        a(soubbbb), has no field for it (the daemon sends a bool there): a string in that place
+        is taken as the name, anything else leaves it to `session_details`."""
+        (rows,) = self.manager("ListSessions")
+        out = []
+        for name, path, uid, sender, ready, claimed, incoming in rows:
+            out.append(SessionRow(name, path, None if uid == NO_UID else uid,
+                                  sender if isinstance(sender, str) else "", bool(ready),
+                                  bool(claimed), bool(incoming)))
+        return out
+
+    def session_details(self, row: SessionRow) -> None:
+        """Fill in the preserved tokens and the owner from the Session object."""
+        props = self.get_all(row.path, api.SESSION_IFACE)
+        row.tokens = list(props.get("Tokens", []))
+        owner = props.get("Owner")
+        if isinstance(owner, tuple) and len(owner) == 2:
+            uid, sender = owner
+            row.owner_uid = None if uid == NO_UID else int(uid)
+            row.owner_bus_name = str(sender)
+
+    def job_paths(self) -> list[str]:
+        """The Job objects that exist now (running, or ended less than 120 s ago)."""
+        try:
+            (xml,), fds = self.call(JOB_DIR, INTROSPECTABLE_IFACE, "Introspect",
+                                    reply_type="(s)")
+        except NotFound:
+            return []  # no job was ever exported
+        _close_all(fds)
+        nodes = Gio.DBusNodeInfo.new_for_xml(xml).nodes
+        ids = sorted(int(n.path) for n in nodes if n.path and n.path.isdigit())
+        return [f"{api.JOB_PATH_PREFIX}{i}" for i in ids]
+
+    def job(self, path: str) -> JobInfo:
+        info = JobInfo(path)
+        info.update(self.get_all(path, api.JOB_IFACE))
+        return info
+
+    def jobs(self) -> list[JobInfo]:
+        out = []
+        for path in self.job_paths():
+            # a job whose 120 s linger ends between listing and reading is left out
+            with contextlib.suppress(NotFound):
+                out.append(self.job(path))
+        return out
+
+    # -------------------------------------------------------------- jobs
+
+    def start_job(self, method: str, options: dict[str, GLib.Variant] | None, *,
+                  on_progress: Progress, timeout: float = DEFAULT_JOB_TIMEOUT,
+                  wait: bool = True) -> JobInfo:
+        """Call a job method (options: its a{sv}, or None for a method without arguments) and,
+        with `wait`, follow the job until JobRemoved; returns the job as it ended (or as it
+        started, without `wait`)."""
+        args = options_args(options) if options is not None else None
+        interactive = sys.stdin is not None and sys.stdin.isatty()
+        if not wait:
+            (path,) = self.manager(method, args, reply_type="(o)", interactive=interactive)
+            return JobInfo(str(path))
+        with _JobWatch(self.connection) as watch:
+            (path,) = self.manager(method, args, reply_type="(o)", interactive=interactive)
+            job = JobInfo(str(path))
+            # Id and Type never change (and are in no PropertiesChanged); the rest comes from
+            # the signals, in order, so a snapshot here would only race them
+            try:
+                props = self.get_all(job.path, api.JOB_IFACE)
+                job.update({key: props[key] for key in ("Id", "Type") if key in props})
+            except AgentError:
+                # gone already (a simulated commit ends the daemon): the signals still tell
+                # how it ended, and the method names the job's type
+                job.type = method.lower()
+            return watch.follow(job, on_progress, timeout, self.target)
+
+    def follow(self, path: str, *, on_progress: Progress,
+               timeout: float = DEFAULT_JOB_TIMEOUT) -> JobInfo:
+        """Follow a job that already exists (started by someone else, or at the daemon's start)."""
+        with _JobWatch(self.connection) as watch:
+            job = self.job(path)  # read after subscribing: no change falls between
+            if not job.running:
+                return job
+            return watch.follow(job, on_progress, timeout, self.target)
+
+
+class _JobWatch:
+    """Signal subscriptions on a private main context: every Job's PropertiesChanged, the
+    Manager's JobRemoved, and the agent's name losing its owner."""
+
+    def __init__(self, connection: Gio.DBusConnection) -> None:
+        self.connection = connection
+        self.context = GLib.MainContext.new()
+        self.seen = _Collected()
+        self._subscriptions: list[int] = []
+
+    def __enter__(self) -> _JobWatch:
+        self.context.push_thread_default()
+        try:
+            self._subscriptions = [
+                self.connection.signal_subscribe(
+                    api.BUS_NAME, PROPERTIES_IFACE, "PropertiesChanged", None, api.JOB_IFACE,
+                    Gio.DBusSignalFlags.NONE, self._on_changed),
+                self.connection.signal_subscribe(
+                    api.BUS_NAME, api.MANAGER_IFACE, "JobRemoved", api.MANAGER_PATH, None,
+                    Gio.DBusSignalFlags.NONE, self._on_removed),
+                self.connection.signal_subscribe(
+                    DBUS_NAME, DBUS_IFACE, "NameOwnerChanged", DBUS_PATH, api.BUS_NAME,
+                    Gio.DBusSignalFlags.NONE, self._on_owner),
+            ]
+        finally:
+            self.context.pop_thread_default()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        for sub in self._subscriptions:
+            self.connection.signal_unsubscribe(sub)
+        self._subscriptions = []
+        # let Gio drop the subscriptions' queued callbacks on our context
+        while self.context.iteration(False):
+            pass
+
+    def _on_changed(self, _conn: Gio.DBusConnection, _sender: str, path: str, _iface: str,
+                    _member: str, params: GLib.Variant) -> None:
+        _iface_name, changed, _invalidated = params.unpack()
+        self.seen.changes.append((path, dict(changed)))
+
+    def _on_removed(self, _conn: Gio.DBusConnection, _sender: str, _path: str, _iface: str,
+                    _member: str, params: GLib.Variant) -> None:
+        job_id, path, result = params.unpack()
+        self.seen.removed.append((job_id, path, result))
+
+    def _on_owner(self, _conn: Gio.DBusConnection, _sender: str, _path: str, _iface: str,
+                  _member: str, params: GLib.Variant) -> None:
+        _name, _old, new = params.unpack()
+        if not new:
+            self.seen.owner_gone = True
+
+    def follow(self, job: JobInfo, on_progress: Progress, timeout: float,
+               target: BusTarget) -> JobInfo:
+        deadline = time.monotonic() + timeout
+        tick = GLib.timeout_source_new(_TICK_MS)
+        tick.set_callback(lambda *_: True)
+        tick.attach(self.context)
+        reported = job.progress
+        on_progress(job)
+        try:
+            while True:
+                # drain what arrived; the property changes precede JobRemoved on the wire
+                while self.context.iteration(False):
+                    pass
+                for path, props in self.seen.changes:
+                    if path != job.path:
+                        continue
+                    before = job.progress
+                    job.update(props)
+                    # Progress only grows: a smaller value was sent before the snapshot that
+                    # follow() read, and is older news
+                    job.progress = max(job.progress, before)
+                    if job.progress != reported:  # every step, not only the latest
+                        reported = job.progress
+                        on_progress(job)
+                self.seen.changes.clear()
+                ended = [r for r in self.seen.removed if r[1] == job.path]
+                if ended:
+                    job.id, _, job.state = ended[0]
+                    return job
+                if self.seen.owner_gone:
+                    raise JobNotFinished(
+                        f"kho-agentd left {target.describe()} before job {job.path} ended: its "
+                        "outcome is unknown (after a commit the host may be rebooting); check "
+                        "`kho-agentctl status` once the daemon runs again")
+                if time.monotonic() >= deadline:
+                    raise JobNotFinished(
+                        f"job {job.path} still runs after {timeout:g} s; it continues in "
+                        "kho-agentd: see `kho-agentctl jobs`, or wait longer with --timeout")
+                self.context.iteration(True)
+        except KeyboardInterrupt:
+            raise JobNotFinished(f"interrupted: job {job.path} continues in kho-agentd; see "
+                                 "`kho-agentctl jobs` and `kho-agentctl status`") from None
+        finally:
+            tick.destroy()
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------- variants
+
+def options_args(opts: dict[str, GLib.Variant]) -> GLib.Variant:
+    """The argument tuple of a method whose only argument is an a{sv}."""
+    return GLib.Variant("(a{sv})", (opts,))
+
+
+def options(values: dict[str, Any], signatures: dict[str, str]) -> dict[str, GLib.Variant]:
+    """An a{sv} dictionary for the contract's option table (`api.PREPARE_OPTIONS`...): each
+    value wrapped in its declared type; None values are left out (the daemon's default)."""
+    out: dict[str, GLib.Variant] = {}
+    for key, value in values.items():
+        if value is None:
+            continue
+        out[key] = GLib.Variant(signatures[key], value)
+    return out

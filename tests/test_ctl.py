@@ -1,0 +1,556 @@
+"""kho-agentctl over D-Bus: the real command (a subprocess, stdout not a terminal) against a real
+private dbus-daemon and a real `kho-agentd --simulate` subprocess.
+
+What the command prints is checked against what other clients read from the daemon: busctl (not
+ours) for properties and job objects, and a Gio client (tests/dbusrig.py) that creates a session,
+preserves a real memfd into it and, after the simulated kexec, retrieves it again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dbusrig import (
+    MANAGER_IFACE,
+    MANAGER_PATH,
+    Daemon,
+    GioClient,
+    PrivateBus,
+    busctl,
+    client_env,
+    get_property,
+)
+
+from kho_agent.abi.state import ScratchArea
+from kho_agent.cli import bus as ctl_bus
+from kho_agent.cli.jobs import ProgressView
+from kho_agent.cli.preflight import render_report
+from kho_agent.cli.scratch import plan_from_json
+from kho_agent.errors import AgentError
+from kho_agent.kernel.sysinfo import MemblockRegion, NumaNode, SysInfo, parse_cmdline
+from kho_agent.preflight import Check, PreflightResult, Tier, render
+from kho_agent.scratch import plan_scratch
+from kho_agent.service import interfaces as api
+from kho_agent.sim import SimKernel
+from kho_agent.sim.versions import SimAbi
+
+CTL_TIMEOUT = 30.0
+WAIT_S = 10.0
+INCOMPATIBLE = SimAbi(kho="kho-v3", luo="luo-v1", memfd="memfd-v1")
+PROGRESS_LINE = re.compile(r"^(prepare|commit|cancel|verify): (\d+)%$")
+
+
+# --- fixtures ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bus() -> Iterator[PrivateBus]:
+    with PrivateBus("system") as private:
+        yield private
+
+
+@pytest.fixture
+def simdir(tmp_path: Path) -> Path:
+    directory = tmp_path / "sim"
+    SimKernel.create(directory)
+    return directory
+
+
+@pytest.fixture
+def kernel(tmp_path: Path, simdir: Path) -> Path:
+    return SimKernel(simdir).write_kernel_image(tmp_path / "vmlinuz-next", release="7.3.1-sim",
+                                               abi=SimAbi())
+
+
+@pytest.fixture
+def daemon(bus: PrivateBus, simdir: Path, tmp_path: Path) -> Iterator[Daemon]:
+    with Daemon(bus.address, simdir, tmp_path / "state") as running:
+        yield running
+
+
+def ctl(address: str | None, *argv: str, timeout: float = CTL_TIMEOUT
+        ) -> subprocess.CompletedProcess[str]:
+    """`kho-agentctl [--bus-address ADDR] ARGV...` in a fresh process, stdin and stdout not
+    terminals, nothing inherited that points at the machine's buses."""
+    head = ["--bus-address", address] if address is not None else []
+    done = subprocess.run([sys.executable, "-m", "kho_agent.cli", *head, *argv],
+                          capture_output=True, text=True, timeout=timeout, env=client_env(),
+                          stdin=subprocess.DEVNULL)
+    assert "Traceback" not in done.stderr, done.stderr
+    return done
+
+
+def prop(bus: PrivateBus, name: str) -> Any:
+    """A Manager property as busctl (not our client) reads it."""
+    return get_property(bus.address, MANAGER_PATH, MANAGER_IFACE, name)
+
+
+def wait_for_state(bus: PrivateBus, wanted: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    seen = None
+    while time.monotonic() < deadline:
+        seen = prop(bus, "State")
+        if seen == wanted:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"State stayed {seen!r}, not {wanted!r}, for {WAIT_S} s")
+
+
+def progress_values(stderr: str, label: str) -> list[int]:
+    values = []
+    for line in stderr.splitlines():
+        found = PROGRESS_LINE.match(line)
+        if found and found.group(1) == label:
+            values.append(int(found.group(2)))
+    return values
+
+
+def memfd_with(content: bytes) -> int:
+    fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
+    os.write(fd, content)
+    return fd
+
+
+def create_ready_session(client: GioClient, name: str, token: int, content: bytes) -> None:
+    (path, _index), fds = client.call_values(MANAGER_PATH, MANAGER_IFACE, "CreateSession", "s",
+                                             (name,))
+    for fd in fds:
+        os.close(fd)  # the agent keeps its own reference to the session
+    assert path == api.SESSION_PATH_PREFIX + api.escape_path_component(name)
+    memfd = memfd_with(content)
+    try:
+        client.call_values(MANAGER_PATH, MANAGER_IFACE, "Preserve", "sht", (name, 0, token),
+                           fds=[memfd])
+    finally:
+        os.close(memfd)
+    client.call_values(MANAGER_PATH, MANAGER_IFACE, "SetReady", "sb", (name, True))
+
+
+# --- status -----------------------------------------------------------------------------------
+
+def test_status_text_and_json_agree_with_busctl(bus: PrivateBus, daemon: Daemon) -> None:
+    text = ctl(bus.address, "status")
+    assert text.returncode == 0, text.stderr
+    assert re.search(r"^  state: +idle", text.stdout, re.M)
+    assert "(simulated kernel)" in text.stdout
+    assert re.search(r"^sessions: 0$", text.stdout, re.M)
+
+    done = ctl(bus.address, "status", "--json")
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    # every Manager property, with the value busctl reads
+    for name in ("State", "StateMessage", "HandoffMode", "RunningKernel", "TargetKernel",
+                 "LiveUpdateNumber", "LastResult", "Simulated"):
+        assert doc["properties"][name] == prop(bus, name), name
+    assert doc["properties"]["HandoffMode"] == "simulated"
+    assert doc["running_job"] is None and doc["jobs"] == [] and doc["sessions"] == []
+    assert doc["connection"] == {"bus": "address", "address": bus.address}
+
+
+def test_bus_option_is_accepted_after_the_command_too(bus: PrivateBus, daemon: Daemon) -> None:
+    done = ctl(None, "status", "--json", "--bus-address", bus.address)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["properties"]["State"] == "idle"
+
+
+# --- prepare ----------------------------------------------------------------------------------
+
+def test_prepare_prints_progress_lines_and_exits_0(bus: PrivateBus, daemon: Daemon,
+                                                    kernel: Path) -> None:
+    done = ctl(bus.address, "prepare", "--kernel", str(kernel))
+    assert done.returncode == 0, done.stderr
+    values = progress_values(done.stderr, "prepare")
+    # not a terminal: one plain line per new value, from the job's start to its end
+    assert values[0] == 0 and values[-1] == 100
+    assert values == sorted(set(values)), values
+    assert any(0 < v < 100 for v in values), values
+    assert "\r" not in done.stderr
+    assert f"prepared {kernel}" in done.stdout
+    assert prop(bus, "State") == "prepared"
+    assert prop(bus, "TargetKernel") == str(kernel)
+
+
+def test_prepare_resolves_a_relative_kernel_path(bus: PrivateBus, daemon: Daemon,
+                                                 kernel: Path) -> None:
+    # the daemon's working directory is not ours: the client sends an absolute path
+    done = subprocess.run([sys.executable, "-m", "kho_agent.cli", "--bus-address", bus.address,
+                           "prepare", "--kernel", kernel.name, "--json"], cwd=kernel.parent,
+                          capture_output=True, text=True, timeout=CTL_TIMEOUT, env=client_env())
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["result"]["prepared"] == str(kernel)
+
+
+def test_prepare_dry_run_changes_nothing(bus: PrivateBus, daemon: Daemon, kernel: Path) -> None:
+    done = ctl(bus.address, "prepare", "--kernel", str(kernel), "--dry-run", "--json")
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["state"] == "done" and doc["type"] == "prepare"
+    assert doc["result"]["dry_run"] is True and doc["result"]["would_prepare"] is True
+    assert "kho=on" in doc["result"]["cmdline"].split()
+    assert prop(bus, "State") == "idle"
+    assert prop(bus, "TargetKernel") == ""
+    # no manifest was written
+    manifest = ctl(bus.address, "manifest", "--json")
+    assert manifest.returncode == 2
+    assert json.loads(manifest.stdout)["error"] == "NotFound"
+
+
+def test_dry_run_of_an_incompatible_target_exits_1(bus: PrivateBus, daemon: Daemon,
+                                                   tmp_path: Path, simdir: Path) -> None:
+    old = SimKernel(simdir).write_kernel_image(tmp_path / "vmlinuz-old", release="6.19-sim",
+                                               abi=INCOMPATIBLE)
+    done = ctl(bus.address, "prepare", "--kernel", str(old), "--dry-run")
+    assert done.returncode == 1, done.stderr
+    assert "prepare would be refused" in done.stdout
+    assert re.search(r"^blocker +target-abi", done.stdout, re.M)
+    assert prop(bus, "State") == "idle"
+
+
+@pytest.mark.parametrize("target", ["incompatible", "missing"])
+def test_refused_prepare_exits_3_with_the_error_name(bus: PrivateBus, daemon: Daemon,
+                                                     tmp_path: Path, simdir: Path,
+                                                     target: str) -> None:
+    path = tmp_path / "vmlinuz-target"
+    if target == "incompatible":
+        SimKernel(simdir).write_kernel_image(path, release="6.19-sim", abi=INCOMPATIBLE)
+    done = ctl(bus.address, "prepare", "--kernel", str(path), "--json")
+    assert done.returncode == 3, done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["error"] == "PreflightFailed" and doc["exit_code"] == 3
+    assert "target-abi" in doc["message"]
+    assert "PreflightFailed" in done.stderr
+    assert prop(bus, "State") == "idle"
+
+
+def test_malformed_scratch_value_is_refused_before_the_call(bus: PrivateBus, daemon: Daemon,
+                                                            kernel: Path) -> None:
+    done = ctl(bus.address, "prepare", "--kernel", str(kernel), "--scratch", "64M,,64M",
+               "--json")
+    assert done.returncode == 2
+    assert json.loads(done.stdout)["error"] == "InvalidArgument"
+    assert busctl(bus.address, "tree", api.BUS_NAME).stdout.count("/job/") == 0
+
+
+def test_no_wait_prints_the_job_path(bus: PrivateBus, daemon: Daemon, kernel: Path) -> None:
+    done = ctl(bus.address, "prepare", "--kernel", str(kernel), "--no-wait")
+    assert done.returncode == 0, done.stderr
+    path = done.stdout.strip()
+    assert path.startswith(api.JOB_PATH_PREFIX)
+    assert done.stderr == ""  # nothing followed, no progress
+    kind = get_property(bus.address, path, api.JOB_IFACE, "Type")
+    assert kind == "prepare"
+
+
+# --- commit, cancel ---------------------------------------------------------------------------
+
+def test_commit_without_prepare_exits_3(bus: PrivateBus, daemon: Daemon) -> None:
+    done = ctl(bus.address, "commit", "--json")
+    assert done.returncode == 3
+    doc = json.loads(done.stdout)
+    assert doc["error"] == "NotPrepared" and doc["exit_code"] == 3
+    assert "warning" not in done.stderr and "handing off" not in done.stderr
+    assert daemon.returncode is None  # nothing happened to it
+
+
+def test_commit_dry_run_and_cancel(bus: PrivateBus, daemon: Daemon, kernel: Path) -> None:
+    assert ctl(bus.address, "prepare", "--kernel", str(kernel)).returncode == 0
+    dry = ctl(bus.address, "commit", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "dry run: commit would go ahead" in dry.stdout
+    assert "handing off" not in dry.stderr
+    assert prop(bus, "State") == "prepared" and daemon.returncode is None
+
+    cancel = ctl(bus.address, "cancel", "--json")
+    assert cancel.returncode == 0, cancel.stderr
+    doc = json.loads(cancel.stdout)
+    assert doc["type"] == "cancel" and doc["state"] == "done"
+    assert doc["result"]["message"].startswith("cancelled")
+    assert prop(bus, "State") == "idle"
+    again = ctl(bus.address, "cancel")
+    assert again.returncode == 3 and "NotPrepared" in again.stderr
+
+
+def test_verify_with_nothing_to_verify_is_refused(bus: PrivateBus, daemon: Daemon) -> None:
+    done = ctl(bus.address, "verify", "--json")
+    assert done.returncode == 3
+    assert json.loads(done.stdout)["error"] == "NotPrepared"
+    assert "nothing to verify" in done.stderr
+    assert prop(bus, "State") == "idle"   # refused, not "failed"
+
+
+# --- the whole cycle --------------------------------------------------------------------------
+
+def test_prepare_commit_restart_verify(bus: PrivateBus, daemon: Daemon, kernel: Path) -> None:
+    content = os.urandom(64 * 1024)
+    with GioClient(bus.address) as vm_manager:
+        create_ready_session(vm_manager, "vm-1", 7, content)
+        listed = ctl(bus.address, "sessions", "--json")
+        assert listed.returncode == 0, listed.stderr
+        (row,) = json.loads(listed.stdout)
+        assert row["name"] == "vm-1" and row["ready"] is True and row["incoming"] is False
+        assert row["tokens"] == [7] and row["owner_uid"] == 0
+        assert row["owner_bus_name"] == vm_manager.unique_name
+        table = ctl(bus.address, "sessions").stdout
+        assert re.search(r"^vm-1 +this boot +yes +no +1 +0 :", table, re.M), table
+
+        prepared = ctl(bus.address, "prepare", "--kernel", str(kernel), "--json")
+        assert prepared.returncode == 0, prepared.stderr
+        assert json.loads(prepared.stdout)["result"]["sessions"] == ["vm-1"]
+        manifest = ctl(bus.address, "manifest")
+        assert manifest.returncode == 0, manifest.stderr
+        assert "vm-1" in {s["name"] for s in json.loads(manifest.stdout)["sessions"]}
+
+        committed = ctl(bus.address, "commit")
+        assert committed.returncode == 0, committed.stderr
+        assert "handing off" in committed.stderr and str(kernel) in committed.stderr
+        assert committed.stdout.startswith("committed: handed off")
+        assert progress_values(committed.stderr, "commit")[-1] == 100
+
+    # the simulated kexec ends the daemon, as a real one ends the host
+    deadline = time.monotonic() + WAIT_S
+    while daemon.returncode is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert daemon.returncode == 0, daemon.stderr_text()
+
+    down = ctl(bus.address, "status", "--json")
+    assert down.returncode == 2
+    assert json.loads(down.stdout)["error"] == "DaemonUnreachable"
+
+    daemon.start()  # the next boot: it verifies on its own
+    wait_for_state(bus, "verified")
+    verified = ctl(bus.address, "verify")
+    assert verified.returncode == 0, verified.stderr
+    assert verified.stdout.startswith("verified:")
+
+    status = ctl(bus.address, "status")
+    assert re.search(r"^  state: +verified", status.stdout, re.M), status.stdout
+    assert re.search(r"^  last result: +verified", status.stdout, re.M)
+    doc = json.loads(ctl(bus.address, "status", "--json").stdout)
+    assert doc["properties"]["State"] == "verified"
+    assert doc["last_result"]["ok"] is True
+    assert [s["name"] for s in doc["sessions"]] == ["vm-1"]
+    assert doc["sessions"][0]["incoming"] is True
+
+    jobs = json.loads(ctl(bus.address, "jobs", "--json").stdout)
+    assert [(j["id"], j["type"], j["state"], j["progress"]) for j in jobs] == \
+        [(1, "verify", "done", 100)]
+    assert get_property(bus.address, jobs[0]["job"], api.JOB_IFACE, "State") == "done"
+    assert re.search(r"^ +1 +verify +done +100%", ctl(bus.address, "jobs").stdout, re.M)
+
+    # the owner gets its memory back, byte for byte
+    with GioClient(bus.address) as vm_manager:
+        _, fds = vm_manager.call_values(MANAGER_PATH, MANAGER_IFACE, "RetrieveFile", "st",
+                                        ("vm-1", 7))
+        try:
+            assert os.pread(fds[0], len(content) + 1, 0) == content
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+
+def test_verify_follows_the_daemons_own_verification(bus: PrivateBus, daemon: Daemon,
+                                                     kernel: Path) -> None:
+    assert ctl(bus.address, "prepare", "--kernel", str(kernel)).returncode == 0
+    assert ctl(bus.address, "commit").returncode == 0
+    deadline = time.monotonic() + WAIT_S
+    while daemon.returncode is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    daemon.start()
+    # whether the boot-time job still runs (followed) or has ended (its result reported), the
+    # answer is the daemon's verification, not a second one
+    done = ctl(bus.address, "verify", "--json")
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["result"]["ok"] is True and doc["type"] == "verify"
+    jobs = json.loads(ctl(bus.address, "jobs", "--json").stdout)
+    assert [j["type"] for j in jobs] == ["verify"]
+
+
+def test_kernel_refusals_exit_4_with_the_errno(bus: PrivateBus, daemon: Daemon, simdir: Path,
+                                               kernel: Path) -> None:
+    sim = SimKernel(simdir)
+    sim.inject("load-fails", errno=errno.EBUSY)
+    load = ctl(bus.address, "prepare", "--kernel", str(kernel), "--json")
+    assert load.returncode == 4, load.stderr
+    doc = json.loads(load.stdout)
+    assert doc["error"] == "KernelRefused" and doc["exit_code"] == 4
+    assert doc["errno"] == errno.EBUSY and doc["errno_name"] == "EBUSY"
+    assert prop(bus, "State") == "idle"
+
+    assert ctl(bus.address, "prepare", "--kernel", str(kernel)).returncode == 0
+    sim.inject("freeze-fails")
+    reboot = ctl(bus.address, "commit")
+    assert reboot.returncode == 4, reboot.stderr
+    assert "KernelRefused" in reboot.stderr and "EINVAL" in reboot.stderr
+    # a refused kexec loses nothing: still prepared, the daemon still up
+    assert prop(bus, "State") == "prepared" and daemon.returncode is None
+
+
+def test_verify_reports_a_damaged_file_and_exits_1(bus: PrivateBus, daemon: Daemon,
+                                                   simdir: Path, kernel: Path) -> None:
+    with GioClient(bus.address) as vm_manager:
+        create_ready_session(vm_manager, "vm-2", 3, b"guest memory" * 1000)
+        assert ctl(bus.address, "prepare", "--kernel", str(kernel)).returncode == 0
+        SimKernel(simdir).inject("corrupt-file", session="vm-2", token=3, offset=5)
+        assert ctl(bus.address, "commit").returncode == 0
+    deadline = time.monotonic() + WAIT_S
+    while daemon.returncode is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    daemon.start()
+    wait_for_state(bus, "failed")
+    done = ctl(bus.address, "verify")
+    assert done.returncode == 1, done.stderr
+    assert done.stdout.startswith("failed:")
+    assert "vm-2" in done.stdout
+    doc = json.loads(ctl(bus.address, "verify", "--json").stdout)
+    assert doc["result"]["ok"] is False
+    assert any("vm-2" in f["name"] for f in doc["result"]["summary"]["failures"])
+
+
+# --- preflight and scratch through the daemon --------------------------------------------------
+
+def test_preflight_and_scratch_go_through_the_daemon(bus: PrivateBus, daemon: Daemon,
+                                                     kernel: Path) -> None:
+    done = ctl(bus.address, "preflight", "--kernel", str(kernel), "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    # only the daemon on the simulated kernel reports this mode; this process is not simulated
+    assert report["handoff_mode"] == "simulated"
+    assert report["verdict"] == "ok"
+    assert "note:" not in done.stderr
+    text = ctl(bus.address, "preflight", "--kernel", str(kernel))
+    assert text.stdout.rstrip().endswith("verdict: ok (hand-off mode: simulated)")
+
+    plan = ctl(bus.address, "scratch", "--kernel", str(kernel), "--json")
+    assert plan.returncode in (0, 1), plan.stderr
+    doc = json.loads(plan.stdout)
+    assert doc["host"] is None and doc["inputs"] is None  # the daemon sends the plan only
+    assert (plan.returncode == 0) == doc["sufficient"]
+    # the areas are the simulated kernel's, as its debugfs lists them
+    assert daemon.simulate_dir is not None
+    scratch_len = daemon.simulate_dir / "root/sys/kernel/debug/kho/out/scratch_len"
+    sizes = [int(v, 0) for v in scratch_len.read_text().split()]
+    assert [a["size"] for a in doc["plan"]["reserved"]] == sizes
+    text = ctl(bus.address, "scratch", "--kernel", str(kernel))
+    assert "recommended: kho_scratch=" in text.stdout
+
+
+def test_preflight_runs_locally_with_a_note_when_no_daemon_answers(bus: PrivateBus,
+                                                                   kernel: Path) -> None:
+    done = ctl(bus.address, "preflight", "--kernel", str(kernel), "--json")
+    assert done.returncode in (0, 1)
+    notes = [line for line in done.stderr.splitlines() if "note:" in line]
+    assert len(notes) == 1 and "in this process" in notes[0]
+    assert json.loads(done.stdout)["handoff_mode"] != "simulated"
+
+
+# --- daemon not reachable ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", ["status", "prepare --kernel /boot/none", "commit", "cancel",
+                                     "verify", "sessions", "manifest", "jobs"])
+def test_no_daemon_exits_2_with_how_to_start_it(bus: PrivateBus, command: str) -> None:
+    done = ctl(bus.address, *command.split())
+    assert done.returncode == 2
+    assert "kho-agentd is not running" in done.stderr
+    assert "kho-agentd --bus-address" in done.stderr and "--simulate DIR" in done.stderr
+    assert done.stdout == ""
+
+
+def test_no_bus_exits_2_in_json(tmp_path: Path) -> None:
+    done = ctl(f"unix:path={tmp_path}/no-bus-here", "status", "--json")
+    assert done.returncode == 2
+    doc = json.loads(done.stdout)
+    assert doc["error"] == "DaemonUnreachable" and doc["exit_code"] == 2
+    assert "cannot connect" in doc["message"]
+
+
+def test_system_bus_hint_names_systemctl() -> None:
+    target = ctl_bus.BusTarget("system")
+    assert "systemctl start kho-agent" in target.hint()
+
+
+# --- pieces without a bus ---------------------------------------------------------------------
+
+def test_bus_and_bus_address_exclude_each_other() -> None:
+    with pytest.raises(AgentError, match="exclude each other"):
+        ctl_bus.target_from_args(argparse.Namespace(bus="session", bus_address="unix:path=/x"))
+    assert ctl_bus.target_from_args(argparse.Namespace()) == ctl_bus.BusTarget("system", None)
+
+
+def test_progress_plain_lines_only_on_change() -> None:
+    out = io.StringIO()
+    view = ProgressView("prepare", out)
+    job = ctl_bus.JobInfo("/x")
+    for value in (0, 0, 30, 30, 60, 100):
+        job.progress = value
+        view.update(job)
+    view.finish()
+    assert out.getvalue() == "prepare: 0%\nprepare: 30%\nprepare: 60%\nprepare: 100%\n"
+
+
+def test_progress_bar_redraws_one_line_on_a_terminal() -> None:
+    leader, follower = os.openpty()
+    try:
+        with open(follower, "w", closefd=False) as stream:
+            view = ProgressView("verify", stream)
+            job = ctl_bus.JobInfo("/x")
+            for value in (0, 50, 100):
+                job.progress = value
+                view.update(job)
+            view.finish()
+        data = os.read(leader, 4096).decode()
+    finally:
+        os.close(leader)
+        os.close(follower)
+    frames = data.replace("\r\n", "\n").split("\r")[1:]
+    assert len(frames) == 3
+    assert frames[1].startswith("verify [###############...............]  50%")
+    assert frames[-1].endswith("100%\n")  # the final frame ends the line
+
+
+def test_failed_job_maps_to_the_errors_exit_code() -> None:
+    job = ctl_bus.JobInfo("/x", state=api.JOB_FAILED,
+                          error_name=api.ERROR_PREFIX + "KernelRefused",
+                          error_message="KEXEC_FILE_LOAD failed: EBUSY (Device or resource "
+                                        "busy): retry")
+    err = job.error()
+    assert err.exit_code == 4 and err.name == "KernelRefused"
+    assert job.to_json()["error"]["errno_name"] == "EBUSY"
+
+
+def test_scratch_plan_survives_the_bus_form() -> None:
+    cmdline = "console=ttyS0 kho=on liveupdate=on"
+    info = SysInfo(release="7.3.0", cmdline=cmdline, params=parse_cmdline(cmdline), boot_id="x",
+                   machine="x86_64", page_size=4096, mem_total=8 << 30, mem_available=4 << 30,
+                   hugepages_total=0, cma_total=None,
+                   nodes=[NumaNode(0, 4 << 30), NumaNode(1, 4 << 30)],
+                   memblock_reserved=[MemblockRegion(0x1000_0000, 40 << 20, 0, ("RSV_KERN",)),
+                                      MemblockRegion(0x1_4000_0000, 8 << 20, 1,
+                                                     ("RSV_KERN",))],
+                   pid1=None, systemd_version=None, load_kexec_at_shutdown=None, lockdown=None)
+    areas = [ScratchArea(0x4000_0000, 64 << 20, "lowmem"), ScratchArea(0, 4 << 20, "global"),
+             ScratchArea(0x1_0000_0000, 64 << 20, "node 0"),
+             ScratchArea(0x2_0000_0000, 64 << 20, "node 1")]
+    plan = plan_scratch(info, areas, image_bytes=20 << 20, initrd_bytes=3 << 20)
+    # what makes the JSON form lossy: int-keyed dicts and nested records
+    assert plan.segments and len(plan.kern.per_node) == 2
+    assert plan_from_json(json.loads(json.dumps(plan.to_json()))) == plan
+
+
+def test_preflight_report_renders_as_the_local_one() -> None:
+    result = PreflightResult([Check("kho", Tier.OK, "KHO is on"),
+                              Check("scratch", Tier.BLOCKER, "too small", "boot with more"),
+                              Check("debugfs", Tier.WARNING, "not mounted", "mount it")],
+                             "direct")
+    assert render_report(json.loads(json.dumps(result.to_json()))) == render(result)
