@@ -288,17 +288,21 @@ class AgentService:
                            "for its JobRemoved signal")
             if self.handed_off:
                 raise Busy("the host is handing off to the next kernel")
-            job = Job(self.next_job_id, kind, f"{api.JOB_PATH_PREFIX}{self.next_job_id}")
-            self.next_job_id += 1
-            job.obj = ExportedObject(self.bus, job.path, api.JOB_XML,
-                                     {"Cancel": lambda c: self._cancel_job(c, job)},
-                                     job.variant)
-            self.jobs[job.id] = job
-            self.current = job
+            job = self._new_job(kind)
             call.reply("(o)", job.path)
             self.worker.submit(work, lambda result, error: self._job_done(job, result, error,
                                                                            outcome))
         self._authorized(call, api.ACTION_MANAGE, authorized)
+
+    def _new_job(self, kind: str) -> Job:
+        """A running job, exported on the bus, as the current one."""
+        job = Job(self.next_job_id, kind, f"{api.JOB_PATH_PREFIX}{self.next_job_id}")
+        self.next_job_id += 1
+        job.obj = ExportedObject(self.bus, job.path, api.JOB_XML,
+                                 {"Cancel": lambda c: self._cancel_job(c, job)}, job.variant)
+        self.jobs[job.id] = job
+        self.current = job
+        return job
 
     def _job_done(self, job: Job, result: Any, error: AgentError | None,
                   outcome: Callable[[Any], dict[str, Any]]) -> None:
@@ -391,12 +395,7 @@ class AgentService:
 
     def start_verify(self) -> None:
         """At start after a live update: verify on our own, as a job anyone can watch."""
-        job = Job(self.next_job_id, "verify", f"{api.JOB_PATH_PREFIX}{self.next_job_id}")
-        self.next_job_id += 1
-        job.obj = ExportedObject(self.bus, job.path, api.JOB_XML,
-                                 {"Cancel": lambda c: self._cancel_job(c, job)}, job.variant)
-        self.jobs[job.id] = job
-        self.current = job
+        job = self._new_job("verify")
         self.worker.submit(self._verify_work, lambda result, error: self._job_done(
             job, result, error, self._verified))
 
