@@ -9,17 +9,13 @@ import math
 import re
 from typing import Any
 
+from .. import errors as errors_mod
 from ..errors import AgentError, InvalidArgument, KernelRefused
 from .interfaces import ERROR_PREFIX
 
 INTERNAL = ERROR_PREFIX + "Failed"
 # "... failed: EBUSY (Device or resource busy): ..." as KernelRefused formats it
 _ERRNO_IN_MESSAGE = re.compile(r"failed: (E[A-Z0-9]+) \(")
-
-
-def dbus_error(exc: AgentError) -> tuple[str, str]:
-    """(D-Bus error name, message) for an agent error."""
-    return exc.dbus_name, exc.message
 
 
 def errno_from_message(message: str) -> int | None:
@@ -34,8 +30,6 @@ def errno_from_message(message: str) -> int | None:
 def from_dbus(name: str, message: str) -> AgentError:
     """Rebuild an agent error from a D-Bus error (client side), keeping its name and exit code.
     A name that is not ours (the bus refused, a timeout) is a plain AgentError."""
-    from .. import errors as errors_mod
-
     short = name[len(ERROR_PREFIX):] if name.startswith(ERROR_PREFIX) else None
     for cls in (errors_mod.InvalidArgument, errors_mod.Busy, errors_mod.NotPrepared,
                 errors_mod.PreflightFailed, errors_mod.AbiMismatch, errors_mod.PermissionDenied,

@@ -189,17 +189,3 @@ def escape_path_component(name: str) -> str:
             out.append(f"_{byte:02x}")
     return "".join(out)
 
-
-def unescape_path_component(label: str) -> str:
-    if label == "_":
-        return ""
-    data = bytearray()
-    i = 0
-    while i < len(label):
-        if label[i] == "_" and i + 3 <= len(label):
-            data.append(int(label[i + 1:i + 3], 16))
-            i += 3
-        else:
-            data.append(ord(label[i]))
-            i += 1
-    return data.decode("utf-8", errors="surrogateescape")

@@ -175,7 +175,7 @@ class AgentService:
         state = agent.state
         info = agent.sysinfo()
         number = 0
-        if state.phase not in (Phase.COMMITTING,) and not self.handed_off:
+        if state.phase is not Phase.COMMITTING and not self.handed_off:
             luo = kho_view(agent.host, Side.OUT, with_memory=False).luo
             number = luo.liveupdate_number if luo and luo.liveupdate_number else 0
         return Snapshot(
@@ -317,12 +317,17 @@ class AgentService:
         self.current = None
         if job.obj is not None:
             job.obj.changed(["Progress", "State", "Result", "ErrorName", "ErrorMessage"])
-        self.manager.emit("JobRemoved", "(uos)", job.id, job.path, job.state)
-        self.hooks.job_finished(job)
-        GLib.timeout_add_seconds(JOB_LINGER_SECONDS, self._forget_job, job)
-        self.refresh()
-        if self.handed_off:
-            self.hooks.handed_off()
+
+        def published(snap: Snapshot | None, snap_error: AgentError | None) -> None:
+            # properties first, then JobRemoved: a client that reads State on JobRemoved sees
+            # the state the job left
+            self._publish(snap, snap_error)
+            self.manager.emit("JobRemoved", "(uos)", job.id, job.path, job.state)
+            self.hooks.job_finished(job)
+            GLib.timeout_add_seconds(JOB_LINGER_SECONDS, self._forget_job, job)
+            if self.handed_off:
+                self.hooks.handed_off()
+        self.worker.submit(self._read_snapshot, published)
 
     def _forget_job(self, job: Job) -> bool:
         if job.obj is not None:
@@ -590,8 +595,11 @@ class AgentService:
             if names:
                 self.hooks.discarded(names)
         if self.agent.claim_deadline is not None and self.current is None:
-            self.worker.submit(self.agent.finish_expired,
-                               lambda names, error: expired(names or []))
+            def done(names: list[str] | None, error: AgentError | None) -> None:
+                if error is not None:  # FINISH failed: say so, the next tick tries again
+                    self.hooks.log(f"finishing unclaimed sessions failed: {error.message}")
+                expired(names or [])
+            self.worker.submit(self.agent.finish_expired, done)
         return True  # keep ticking
 
     def close(self) -> None:

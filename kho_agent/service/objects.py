@@ -14,7 +14,6 @@ from typing import Any
 from gi.repository import Gio, GLib
 
 from ..errors import AgentError, InvalidArgument
-from .errors import dbus_error
 
 PROPERTIES_IFACE = "org.freedesktop.DBus.Properties"
 
@@ -71,8 +70,7 @@ class Call:
             self.invocation.return_value(variant)
 
     def fail(self, exc: AgentError) -> None:
-        name, message = dbus_error(exc)
-        self.invocation.return_dbus_error(name, message)
+        self.invocation.return_dbus_error(exc.dbus_name, exc.message)
 
 
 Handler = Callable[[Call], None]

@@ -32,18 +32,15 @@ class Worker:
     def __init__(self, log: Callable[[str], None]) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kho-agent-engine")
         self._log = log
-        self.pending = 0  # submitted and not yet delivered (read on the main loop only)
 
     def submit(self, fn: Callable[[], T], done: Callable[[T | None, AgentError | None], None]
                ) -> None:
         """Run `fn` on the engine thread; call `done(result, error)` on the main loop."""
-        self.pending += 1
         future = self._pool.submit(fn)
         future.add_done_callback(lambda f: GLib.idle_add(self._deliver, f, done))
 
     def _deliver(self, future: Future[T], done: Callable[[T | None, AgentError | None], None]
                  ) -> bool:
-        self.pending -= 1
         exc = future.exception()
         if exc is None:
             done(future.result(), None)
