@@ -27,6 +27,7 @@ from .kernel.host import Host, real_host
 from .orchestrator import EngineConfig, Orchestrator
 from .service import interfaces as api
 from .service.auth import Authorizer
+from .service.fdstore import NotifierSessionStore, take_stored_sessions
 from .service.journal import Event, EventLog
 from .service.manager import AgentService, Hooks, Job, Snapshot
 from .service.notify import Notifier
@@ -111,6 +112,12 @@ class Daemon:
         self.worker = Worker(log)
         self.notifier = Notifier.from_env()
         self.events = EventLog()
+        if self.notifier.enabled and self.notifier.fdstore_max > 0:
+            # the unit has an fd store (kho-agent-fdstore.conf): on a systemd that carries it
+            # through the kexec, commit parks the sessions there (hand-off mode fdstore)
+            self.agent.fd_store = NotifierSessionStore(self.notifier)
+        # after a kexec in mode fdstore, the incoming sessions come back from the store
+        self.agent.stored_sessions = take_stored_sessions(self.notifier.listen_fds(), log)
 
     def run(self) -> int:
         recovery = self.agent.start()
@@ -165,7 +172,15 @@ class Daemon:
         self.notifier.watchdog()
         return True
 
+    def _parked(self) -> bool:
+        """Handed off in mode fdstore: systemd holds the sessions, this process may end."""
+        return self.service is not None and self.service.handed_off and bool(self.agent.parked)
+
     def _bus_closed(self, _conn: Gio.DBusConnection, _remote: bool, _error: object) -> None:
+        if self._parked():
+            log("the bus closed during the shutdown; the sessions are in systemd's fd store")
+            self.loop.quit()
+            return
         if self.service is not None and self.service.handed_off:
             log("the bus closed during the shutdown: holding the sessions until the kexec")
             return
@@ -229,6 +244,8 @@ class Daemon:
             log("the simulated kernel kexec'd: this process ends as a real one would; start "
                 "kho-agentd again to run as the next boot")
             GLib.timeout_add(200, self._quit)  # let JobRemoved reach the bus first
+        elif self.agent.parked:
+            log("handed off to the loaded kernel: the sessions are parked in systemd's fd store")
         else:
             log("handed off to the loaded kernel: holding the sessions until the kexec")
 
@@ -238,6 +255,11 @@ class Daemon:
 
     def _on_signal(self, signum: int) -> bool:
         phase = self.agent.state.phase
+        if self._parked():
+            log(f"signal {signum} after the hand-off: the sessions are in systemd's fd store, "
+                "exiting")
+            self.loop.quit()
+            return False
         if self.service is not None and (self.service.handed_off or phase is Phase.COMMITTING):
             # systemd-shutdown may signal everyone on the way to the kexec: the sessions must
             # stay open until the kernel reboots

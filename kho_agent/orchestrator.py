@@ -52,6 +52,7 @@ from .facts import (
     running_abi,
     target_image,
 )
+from .fdstore import SYSTEMD_SESSION, SessionFdStore
 from .kernel.host import Host
 from .kernel.liveupdate import (
     LiveUpdateDevice,
@@ -195,6 +196,12 @@ class Orchestrator:
         # Called with a percentage as an operation advances (the daemon's Job.Progress); it
         # runs on the caller's thread and must not call back into the orchestrator.
         self.on_progress: Callable[[int], None] = lambda percent: None
+        # Hand-off mode fdstore (fdstore.py): where commit parks the session fds (None: the
+        # service has no fd store), what is parked now, and the session fds the store handed
+        # back at start (name -> fd), which verify adopts instead of retrieving.
+        self.fd_store: SessionFdStore | None = None
+        self.parked: list[str] = []
+        self.stored_sessions: dict[str, int] = {}
 
     # ------------------------------------------------------------------ state
 
@@ -237,6 +244,13 @@ class Orchestrator:
 
     def start(self) -> RecoveryResult:
         """Load the persisted state and reconcile it with this boot (call once at start)."""
+        result = self._start()
+        if self.stored_sessions and not result.verify_pending:
+            self._release_stored("the fd store handed back session fds but there is nothing "
+                                 "to verify them against")
+        return result
+
+    def _start(self) -> RecoveryResult:
         try:
             self.state = self.store.load()
         except StateCorrupt as exc:
@@ -249,6 +263,10 @@ class Orchestrator:
             self._transition(Phase.IDLE, "started")
         phase = self.state.phase
         same_boot = self.state.boot_id == boot
+        if same_boot and self.stored_sessions:
+            self._release_stored("the fd store handed back session fds in the boot they were "
+                                 "parked in (the previous agent process stopped after "
+                                 "parking them)")
         if same_boot and self.state.awaiting:
             self._lost_awaiting()
         if phase in (Phase.PREPARING, Phase.PREPARED, Phase.COMMITTING, Phase.CANCELLING):
@@ -281,6 +299,25 @@ class Orchestrator:
                          discarded=sorted(set(self.state.discarded) | set(lost)),
                          last_result=result)
 
+    def _release_stored(self, why: str) -> None:
+        """Close the session fds the store handed back that nothing will use, and drop them
+        from the store: an outgoing session closed here unpreserves its files, an incoming one
+        is finished (its memory is discarded)."""
+        names = sorted(self.stored_sessions)
+        for name in names:
+            os.close(self.stored_sessions.pop(name))
+            self._unpark_quietly(name)
+        note = f"{why}; released {len(names)}: {', '.join(names)}"
+        self._transition(self.state.phase, note)
+
+    def _unpark_quietly(self, name: str) -> None:
+        if self.fd_store is None:
+            return
+        try:
+            self.fd_store.unpark(name)
+        except AgentError as exc:  # the copy stays with systemd until the service stops
+            self.persist_problem = f"cannot drop session {name!r} from the fd store: {exc}"
+
     def _incoming_present(self) -> bool:
         return self.host.path("sys/kernel/debug/kho/in/fdt").exists()
 
@@ -311,6 +348,10 @@ class Orchestrator:
         validate_session_name(name)
         if name == AGENT_SESSION:
             raise InvalidArgument(f"session name {AGENT_SESSION!r} is the agent's own")
+        if name == SYSTEMD_SESSION:
+            # systemd >= 261 creates it at shutdown for its fd stores, and skips a stored
+            # session of that name
+            raise InvalidArgument(f"session name {SYSTEMD_SESSION!r} is systemd's own")
         if self.state.phase in (Phase.COMMITTING, Phase.CANCELLING, Phase.PREPARING):
             raise Busy(f"cannot create sessions while {self.state.phase.value}")
         if name in self.clients:
@@ -566,6 +607,39 @@ class Orchestrator:
 
     # ------------------------------------------------------------------ commit
 
+    def handoff_mode(self, info: SysInfo | None = None) -> str:
+        """Who holds the session fds through the shutdown: preflight's answer, except that a
+        systemd able to carry them (fdstore) needs a service with an fd store; without one
+        (kho-agent-fdstore.conf not installed) the agent holds them itself (direct)."""
+        mode = handoff_mode(info or self.sysinfo(), self.host.simulated)
+        if mode == "fdstore" and self.fd_store is None:
+            return "direct"
+        return mode
+
+    def _park_sessions(self) -> None:
+        """fdstore: hand every session fd to the store, all or none."""
+        store = self.fd_store
+        assert store is not None  # handoff_mode() says fdstore only with a store
+        handles = [(c.name, c.handle) for c in self.clients.values()]
+        if self.agent_session is not None:
+            handles.append((AGENT_SESSION, self.agent_session))
+        if len(handles) > store.capacity:
+            raise PreflightFailed(f"{len(handles)} session fds to park but the fd store takes "
+                                  f"{store.capacity}: raise FileDescriptorStoreMax= in "
+                                  "kho-agent-fdstore.conf")
+        try:
+            for name, handle in handles:
+                store.park(name, handle.fileno())
+                self.parked.append(name)
+        except AgentError:
+            self._unpark_all()
+            raise
+
+    def _unpark_all(self) -> None:
+        for name in self.parked:
+            self._unpark_quietly(name)
+        self.parked = []
+
     def commit(self, options: CommitOptions) -> CommitResult:
         with self._operation("commit"):
             if self.state.phase is not Phase.PREPARED:
@@ -577,12 +651,14 @@ class Orchestrator:
             if waiting and not options.force:
                 raise Busy(f"session(s) not ready: {', '.join(waiting)}; wait for their owners "
                            "or commit with force")
-            mode = handoff_mode(self.sysinfo(), self.host.simulated)
+            mode = self.handoff_mode()
             plan = [f"kernel {self.state.target.kernel if self.state.target else '?'} is loaded",
                     f"{len(self.clients)} client session(s), "
                     f"{sum(len(c.files) for c in self.clients.values())} file(s)",
                     f"final manifest to {self.store.manifest_path} and session {AGENT_SESSION}",
-                    f"reboot via {mode}"]
+                    f"reboot via {mode}"
+                    + (" (session fds parked in systemd's fd store, /dev/liveupdate closed)"
+                       if mode == "fdstore" else "")]
             if options.dry_run:
                 return CommitResult(True, None, plan)
             start = time.perf_counter()
@@ -597,6 +673,11 @@ class Orchestrator:
                                       network=self._prepared.network if self._prepared else None)
             write_atomic(self.store.manifest_path, manifest_to_json(manifest))
             self._replace_agent_session(manifest)
+            if mode == "fdstore":
+                self._park_sessions()
+                if self.device is not None:  # systemd-shutdown opens it: it opens only once
+                    self.device.close()
+                    self.device = None
             self.on_progress(90)
             self._transition(Phase.COMMITTING, "handing off to the loaded kernel")
             handoff = time.perf_counter() - start
@@ -605,6 +686,7 @@ class Orchestrator:
             try:
                 self.host.kexec.reboot(via_systemd=mode in ("direct", "fdstore"))
             except AgentError as exc:  # refused by the kernel, an inhibitor, or systemctl
+                self._unpark_all()  # the agent holds them again; a later cancel must free them
                 self._transition_best_effort(exc, Phase.PREPARED, "the kexec did not happen, "
                                              f"nothing lost: {exc.message}")
                 raise
@@ -673,9 +755,9 @@ class Orchestrator:
             device = self._device()
         except KernelRefused as exc:
             device, device_problem = None, exc.message
-        if device is not None:
+        if device is not None or AGENT_SESSION in self.stored_sessions:
             try:
-                agent = device.retrieve_session(AGENT_SESSION)
+                agent = self._incoming_session(device, AGENT_SESSION, device_problem)
             except AgentError as exc:
                 memfd_problem = exc.message
             else:
@@ -704,6 +786,8 @@ class Orchestrator:
             if total >= 20 and i % (total // 20) == 0:
                 self.on_progress(10 + 80 * i // total)
         self.on_progress(90)
+        if self.stored_sessions:  # in the store, not in the manifest: nobody will claim them
+            self._release_stored("the fd store handed back sessions the manifest does not list")
         net, _ = netstate.snapshot_or_reason()
         luo = out.luo
         observation = Observation(
@@ -720,12 +804,24 @@ class Orchestrator:
             disk_manifest_matches_memfd=_manifests_agree(disk, memfd_manifest, memfd_problem))
         return compare_manifest(manifest, observation)
 
+    def _incoming_session(self, device: LiveUpdateDevice | None, name: str,
+                          device_problem: str | None) -> LiveUpdateSession:
+        """An incoming session: the fd the store handed back (fdstore), else RETRIEVE_SESSION."""
+        fd = self.stored_sessions.pop(name, None)
+        if fd is not None:
+            session = self.host.liveupdate.adopt_session(fd, name)
+            # held by the agent now; a copy left in the store would keep a finished session
+            # open until the service stops
+            self._unpark_quietly(name)
+            return session
+        if device is None:
+            raise NotFound(f"session {name!r}: {device_problem or '/dev/liveupdate is closed'}")
+        return device.retrieve_session(name)
+
     def _observe(self, device: LiveUpdateDevice | None, entry: SessionEntry,
                  device_problem: str | None) -> ObservedSession:
-        if device is None:
-            return ObservedSession(entry.name, None, device_problem)
         try:
-            session = device.retrieve_session(entry.name)
+            session = self._incoming_session(device, entry.name, device_problem)
         except AgentError as exc:
             return ObservedSession(entry.name, None, exc.message)
         self.incoming[entry.name] = session  # closing would finish it: keep it for its owner
@@ -806,6 +902,7 @@ class Orchestrator:
             if self.state.loaded_by_us and self.host.kexec.loaded():
                 self.host.kexec.unload()
                 notes.append("unloaded the kernel")
+            self._unpark_all()
             for client in list(self.clients.values()):
                 self._close_client(client)
             if self.clients:
@@ -821,7 +918,11 @@ class Orchestrator:
             return message
 
     def close(self) -> None:
-        """Drop every kernel handle (process exit does the same)."""
+        """Drop every kernel handle (process exit does the same). What is parked in the fd
+        store stays there: that is the point of parking."""
+        for fd in self.stored_sessions.values():
+            os.close(fd)
+        self.stored_sessions.clear()
         for session in self.incoming.values():
             session.close()
         self.incoming.clear()

@@ -96,7 +96,8 @@ class PreflightResult:
 
 def handoff_mode(info: SysInfo, simulated: bool) -> str:
     """Who holds the session fds through shutdown (design.md decision 1)."""
-    if simulated:
+    if simulated and info.pid1 != "systemd":
+        # a simulated machine whose PID 1 is systemd rehearses that systemd's mode
         return "simulated"
     if info.pid1 != "systemd":
         return "reboot-syscall"

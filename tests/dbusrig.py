@@ -748,6 +748,8 @@ class Daemon:
                  env: Mapping[str, str] | None = None, start_timeout: float = 10.0,
                  name: str = BUS_NAME, log_dir: Path | None = None) -> None:
         self.bus_address = bus_address
+        # fds the next start() passes to the daemon (same numbers), e.g. for LISTEN_FDS
+        self.pass_fds: tuple[int, ...] = ()
         self.simulate_dir = simulate_dir
         self.state_dir = state_dir
         self.extra_args = list(extra_args)
@@ -817,7 +819,7 @@ class Daemon:
                     (self.log_dir / f"daemon-{self.runs}.stdout").open("wb") as out:
                 self._proc = subprocess.Popen(self.command, cwd=REPO, env=self._env(),
                                               stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                              start_new_session=True)
+                                              start_new_session=True, pass_fds=self.pass_fds)
             deadline = time.monotonic() + self.start_timeout
             while True:
                 try:

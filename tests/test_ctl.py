@@ -509,10 +509,24 @@ def test_progress_bar_redraws_one_line_on_a_terminal() -> None:
                 job.progress = value
                 view.update(job)
             view.finish()
-        data = os.read(leader, 4096).decode()
+        os.close(follower)
+        follower = -1
+        # one read may return part of what was written: read until the pty reports the
+        # closed follower (EIO)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        data = b"".join(chunks).decode()
     finally:
         os.close(leader)
-        os.close(follower)
+        if follower >= 0:
+            os.close(follower)
     frames = data.replace("\r\n", "\n").split("\r")[1:]
     assert len(frames) == 3
     assert frames[1].startswith("verify [###############...............]  50%")

@@ -7,9 +7,12 @@ here); the daemon is told to ask it on the served bus (`--polkit-bus served`).
 
 from __future__ import annotations
 
+import array
+import fcntl
 import json
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -158,12 +161,16 @@ class Host:
         raise AssertionError(f"State never became {states}; daemon stderr:\n"
                              f"{self.daemon.stderr_text()}")
 
-    def restart(self) -> None:
-        """The next boot: after a simulated kexec the old daemon has exited by itself."""
+    def restart_wait_exit(self) -> None:
+        """After a simulated kexec the old daemon exits by itself."""
         deadline = time.monotonic() + 10
         while self.daemon.returncode is None and time.monotonic() < deadline:
             time.sleep(0.02)
         self.daemon.stop()
+
+    def restart(self) -> None:
+        """The next boot."""
+        self.restart_wait_exit()
         self.daemon.start()
 
 
@@ -507,3 +514,86 @@ def test_the_notify_socket_hears_ready_status_watchdog_and_stopping(tmp_path: Pa
             daemon.stop()
             _receive(sock, "STOPPING=1", seen)
         assert daemon.returncode == 0
+
+
+# --- hand-off mode fdstore: systemd's fd store on the notify socket
+
+def _notifications(sock: socket.socket, until: str, timeout: float = 20
+                   ) -> list[tuple[str, list[int]]]:
+    """Datagrams (text, fds passed with it) up to and including the one containing `until`."""
+    out: list[tuple[str, list[int]]] = []
+    deadline = time.monotonic() + timeout
+    while not out or until not in out[-1][0]:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"no {until!r} on the notify socket; got {out}")
+        sock.settimeout(left)
+        data, ancdata, _flags, _addr = sock.recvmsg(4096, socket.CMSG_SPACE(64 * 4))
+        fds: list[int] = []
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds += list(array.array("i", payload[:len(payload) - len(payload) % 4]))
+        out.append((data.decode(), fds))
+    return out
+
+
+def test_fdstore_mode_parks_the_sessions_and_takes_them_back_after_the_kexec(
+        tmp_path: Path) -> None:
+    sim_dir = tmp_path / "sim"
+    sim = SimKernel.create(sim_dir, systemd_version=261)
+    target = sim.write_kernel_image(tmp_path / "vmlinuz-7.3.1-sim", release="7.3.1-sim",
+                                    abi=SimAbi())
+    notify = tmp_path / "notify"
+    env = {"NOTIFY_SOCKET": str(notify), "FDSTORE": "16"}
+    ram = os.urandom(2 * PAGE)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock, PrivateBus() as bus:
+        sock.bind(str(notify))
+        daemon = Daemon(bus.address, sim_dir, tmp_path / "state", env=env)
+        with daemon:
+            rig = Host(bus, sim_dir, tmp_path / "state", target, daemon)
+            try:
+                assert rig.prop("HandoffMode") == "fdstore"
+                client = rig.client()
+                create_session(client, "vm:1", {5: ram})
+                assert rig.run_job(client, "Prepare", kernel_option(rig))[0] == "done"
+                result, job = rig.run_job(client, "Commit", {})
+                assert result == "done", job
+                sent = _notifications(sock, "STOPPING=1")
+                stored = {text.split("FDNAME=")[1].split("\n")[0]: fds
+                          for text, fds in sent if "FDSTORE=1" in text}
+                # one real fd per session, under the session's own name, not polled
+                assert sorted(stored) == ["luo-kho-agent", "luo-vm%3A1"], sent
+                assert all(len(fds) == 1 for fds in stored.values())
+                assert all("FDPOLL=0" in text for text, _ in sent if "FDSTORE=1" in text)
+                rig.restart_wait_exit()
+                # the next boot, as systemd starts it: the stored fds at 3.., LISTEN_* set
+                names = sorted(stored)
+                high = [fcntl.fcntl(stored[n][0], fcntl.F_DUPFD, 100) for n in names]
+                for fds in stored.values():
+                    os.close(fds[0])
+                moves = " ".join(f"{3 + i}<&{fd} {fd}<&-" for i, fd in enumerate(high))
+                daemon.argv = ["bash", "-c", f'exec {moves}; LISTEN_PID=$$ exec "$@"', "bash",
+                               sys.executable, "-m", "kho_agent.daemon"]
+                daemon.env_overrides.update(LISTEN_FDS=str(len(names)),
+                                            LISTEN_FDNAMES=":".join(names))
+                daemon.pass_fds = tuple(high)
+                daemon.start()
+                for fd in high:
+                    os.close(fd)
+                assert rig.wait_state("verified", "failed") == "verified", \
+                    rig.prop("LastResult")
+                # adopted from the store (not retrieved), then dropped from it
+                removed = _notifications(sock, "READY=1")
+                removed += _notifications(sock, "FDSTOREREMOVE=1\nFDNAME=luo-vm%3A1")
+                assert any("FDSTOREREMOVE=1\nFDNAME=luo-kho-agent" in t for t, _ in removed)
+                assert "closing" not in daemon.stderr_text()  # every fd was a session
+                client = rig.client()
+                _reply, fds = client.call(MANAGER_PATH, MANAGER_IFACE, "RetrieveFile",
+                                          GLib.Variant("(st)", ("vm:1", 5)))
+                try:
+                    assert os.pread(fds[0], len(ram) + 1, 0) == ram
+                finally:
+                    os.close(fds[0])
+            finally:
+                for client in rig.clients:
+                    client.close()

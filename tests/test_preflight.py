@@ -445,7 +445,10 @@ def test_pid1_not_systemd_warns(tmp_path: Path, fds: list[int]) -> None:
     ("systemd", None, False, "direct"),     # version unknown: no fd store assumed
     ("init", None, False, "reboot-syscall"),
     (None, None, False, "reboot-syscall"),
-    ("systemd", 261, True, "simulated"),
+    # a simulated machine rehearses the mode of the systemd it pretends to run
+    ("systemd", 261, True, "fdstore"),
+    ("systemd", 252, True, "direct"),
+    ("sim-init", None, True, "simulated"),
     ("init", None, True, "simulated"),
 ])
 def test_handoff_mode(tmp_path: Path, pid1: str | None, version: int | None, simulated: bool,

@@ -454,7 +454,6 @@ def images(root: Path) -> tuple[str, str]:
 
 def run_cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
             *argv: str) -> tuple[int, str, str]:
-    monkeypatch.setitem(cli.COMMANDS, "scratch", scratch_cli)
     code = cli.main(["scratch", *argv])
     out, err = capsys.readouterr()
     assert "Traceback" not in out + err

@@ -7,51 +7,49 @@ by policy, 4 the kernel refused (kho_agent.errors maps every error to one of the
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable
 from types import ModuleType
 
-from ..abi.errors import AbiError
 from ..errors import AgentError
-from ..kernel.debugfs import DebugfsError
-from . import (
-    cancel,
-    commit,
-    compat,
-    decode,
-    jobs,
-    manifest,
-    preflight,
-    prepare,
-    rehearse,
-    scratch,
-    sessions,
-    status,
-    verify,
-)
 from .bus import add_bus_options
 from .common import EXIT_CANNOT_RUN, CliError, print_json
 
-COMMANDS: dict[str, ModuleType] = {
-    "decode": decode,
-    "check": decode,
-    "compat": compat,
-    "scratch": scratch,
-    "preflight": preflight,
-    "rehearse": rehearse,
+# Command name -> the module (in this package) that implements it. Modules are imported only
+# when their command runs (or for the top-level help): `status` must not pay for the decoder
+# and the simulator.
+COMMANDS: dict[str, str] = {
+    "decode": "decode",
+    "check": "decode",
+    "compat": "compat",
+    "scratch": "scratch",
+    "preflight": "preflight",
+    "rehearse": "rehearse",
     # through kho-agentd over D-Bus (preflight and scratch too, unless --local)
-    "status": status,
-    "prepare": prepare,
-    "commit": commit,
-    "cancel": cancel,
-    "verify": verify,
-    "sessions": sessions,
-    "manifest": manifest,
-    "jobs": jobs,
+    "status": "status",
+    "prepare": "prepare",
+    "commit": "commit",
+    "cancel": "cancel",
+    "verify": "verify",
+    "sessions": "sessions",
+    "manifest": "manifest",
+    "jobs": "jobs",
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def command_module(name: str) -> ModuleType:
+    return importlib.import_module(f".{COMMANDS[name]}", __name__)
+
+
+def _chosen(argv: list[str]) -> str | None:
+    """The command named on the command line, if any (the first word that is one)."""
+    return next((word for word in argv if word in COMMANDS), None)
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser, or with `only` one whose other commands are bare names (enough to
+    parse a command line that runs `only`)."""
     parser = argparse.ArgumentParser(
         prog="kho-agentctl",
         description="Drive and check Linux live updates (KHO + LUO).",
@@ -59,20 +57,36 @@ def build_parser() -> argparse.ArgumentParser:
                "4 the kernel refused.")
     add_bus_options(parser, top_level=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, module in COMMANDS.items():
+    for name in COMMANDS:
+        if only is not None and name != only:
+            sub.add_parser(name)
+            continue
         add: Callable[[argparse._SubParsersAction[argparse.ArgumentParser], str], None] = \
-            module.add_parser
+            command_module(name).add_parser
         add(sub, name)
     return parser
 
 
+def _usage_errors() -> tuple[type[Exception], ...]:
+    """CliError and the decoder's own error types, these from the modules that define them if
+    they were loaded: a module that was never imported cannot have raised its error."""
+    found: list[type[Exception]] = [CliError]
+    for module, name in (("kho_agent.abi.errors", "AbiError"),
+                         ("kho_agent.kernel.debugfs", "DebugfsError")):
+        loaded = sys.modules.get(module)
+        if loaded is not None:
+            found.append(getattr(loaded, name))
+    return tuple(found)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    parser = build_parser(_chosen(words))
+    args = parser.parse_args(words)
     try:
         code: int = args.run(args)
         return code
-    except (CliError, DebugfsError, AbiError) as exc:
+    except _usage_errors() as exc:
         print(f"kho-agentctl {args.command}: {exc}", file=sys.stderr)
         return EXIT_CANNOT_RUN
     except AgentError as exc:

@@ -70,6 +70,12 @@ class LiveUpdate(Protocol):
 
     def open(self) -> LiveUpdateDevice: ...
 
+    def adopt_session(self, fd: int, name: str) -> LiveUpdateSession:
+        """Take over an incoming session fd that another process retrieved (systemd's fd store
+        hands them back after the kexec in hand-off mode `fdstore`). The fd is owned by the
+        returned session from then on, also when the name does not match (it is closed)."""
+        ...
+
 
 # --- ioctl numbers ---------------------------------------------------------------------------
 
@@ -586,3 +592,17 @@ class RealLiveUpdate:
             holders = describe_holders(self.holder_details()) if err == errno.EBUSY else ""
             raise luo_refused("open", err, path=str(self.path), holders=holders) from exc
         return RealLiveUpdateDevice(fd, self._machine)
+
+    def adopt_session(self, fd: int, name: str) -> RealLiveUpdateSession:
+        session = RealLiveUpdateSession(fd, name, incoming=True, machine=self._machine)
+        try:
+            # GET_NAME proves the fd is a LUO session at all and says which one: a wrong
+            # name here means the fd store was filled by someone else
+            actual = session.get_name()
+        except KernelRefused:
+            session.close()
+            raise
+        if actual != name:
+            session.close()
+            raise InvalidArgument(f"the session fd stored as {name!r} is the session {actual!r}")
+        return session

@@ -387,8 +387,23 @@ def _load_kexec(root: Path) -> bool | None:
     return value == "true"
 
 
+# Where systemd's shared library lives (its name carries the version) on a root that is not
+# the running one: upstream's layout and Debian's multiarch one.
+SHARED_LIBRARY_GLOBS = ("usr/lib/systemd/libsystemd-shared-*.so",
+                        "usr/lib/*/systemd/libsystemd-shared-*.so",
+                        "lib/systemd/libsystemd-shared-*.so")
+
+
 def _systemd_version(root: Path, pid1: str | None) -> int | None:
-    if pid1 != "systemd" or root.resolve() != Path("/"):
+    if pid1 != "systemd":
+        return None
+    if root.resolve() != Path("/"):
+        # another root (an image, the simulator's): no systemctl to ask, its library tells
+        for pattern in SHARED_LIBRARY_GLOBS:
+            for lib in sorted(root.glob(pattern)):
+                m = re.search(r"libsystemd-shared-(\d+)", lib.name)
+                if m:
+                    return int(m.group(1))
         return None
     try:
         out = subprocess.run(["systemctl", "--version"], capture_output=True, text=True,

@@ -23,7 +23,6 @@ from ..facts import kho_view
 from ..kernel.liveupdate import LiveUpdateSession, validate_session_name, validate_token
 from ..manifest import manifest_to_json, read_manifest
 from ..orchestrator import CommitOptions, Orchestrator, PrepareOptions
-from ..preflight import handoff_mode
 from ..scratch import parse_kho_scratch
 from ..statefile import Phase
 from . import interfaces as api
@@ -180,7 +179,7 @@ class AgentService:
             number = luo.liveupdate_number if luo and luo.liveupdate_number else 0
         return Snapshot(
             state=state.phase.value, message=state.message,
-            handoff=handoff_mode(info, agent.host.simulated), running=info.release,
+            handoff=agent.handoff_mode(info), running=info.release,
             target=state.target.kernel if state.target else "", liveupdate_number=number,
             last_result=json.dumps(state.last_result, sort_keys=True)
             if state.last_result is not None else "")

@@ -45,8 +45,8 @@ SYSTEMCTL_TIMEOUT = 30.0  # seconds; `start --no-block` only queues a job
 
 def fdname_is_valid(name: str) -> bool:
     """What systemd accepts as FDNAME= (and hands back in LISTEN_FDNAMES): 1..255 printable ASCII
-    characters without ':'. A LUO session name may hold any byte, so map it first, e.g. with
-    `"session-" + interfaces.escape_path_component(name)`."""
+    characters without ':'. A LUO session name may hold any byte: fdstore.session_fdname maps
+    it."""
     return (0 < len(name) <= FDNAME_MAX
             and all(" " <= ch < "\x7f" and ch != ":" for ch in name))
 

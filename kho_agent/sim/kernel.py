@@ -49,6 +49,7 @@ INCOMING_CORE = "kernel/incoming.core"
 DEFAULT_ABI = SimAbi()
 DEMO_RESERVE_MEM = "reserve_mem=1M:4096:kho_demo_rsv"
 SIM_FILES = ("boot.json", "faults.json", "kernel", "handover", "handover.new", "root",
+             rootfs.USERSPACE_FILE,
              "liveupdate.lock", "liveupdate.holder", "state.lock", retrieval.LOG_FILE)
 KEXECD = ("the simulated kernel has kexec'd into a new boot: objects of the old boot (device, "
           "sessions, seams) are gone, as a real process would be; attach a new "
@@ -326,8 +327,10 @@ class SimKernel:
     def create(cls, directory: Path, *, release: str = "7.3.0-sim", abi: SimAbi = DEFAULT_ABI,
                memory_mib: int = 4096, nodes: int = 1,
                cmdline: str = "console=ttyS0 kho=on liveupdate=on",
-               reserve_mem: bool = True) -> SimKernel:
-        """A cold boot in a fresh (or emptied) directory."""
+               reserve_mem: bool = True, systemd_version: int | None = None) -> SimKernel:
+        """A cold boot in a fresh (or emptied) directory. With `systemd_version` the simulated
+        machine's PID 1 is that systemd (its hand-off mode follows, e.g. fdstore from 261 on);
+        without, PID 1 is a plain init and the hand-off mode is "simulated"."""
         check_abi(abi)
         if not release or any(c.isspace() for c in release) or len(release) > 64:
             raise InvalidArgument(f"release {release!r} must be 1..64 characters without spaces")
@@ -339,6 +342,8 @@ class SimKernel:
                 shutil.rmtree(path)
             else:
                 path.unlink(missing_ok=True)
+        if systemd_version is not None:
+            rootfs.write_userspace(directory, systemd_version)
         if reserve_mem and "reserve_mem=" not in cmdline:
             cmdline = f"{cmdline} {DEMO_RESERVE_MEM}".strip()
         cold_boot(directory, release=release, abi=abi, cmdline=cmdline, memory_mib=memory_mib,

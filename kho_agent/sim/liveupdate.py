@@ -103,6 +103,31 @@ class SimLiveUpdate:
             raise
         return SimLiveUpdateDevice(rt, fd, sessions)
 
+    def adopt_session(self, fd: int, name: str) -> SimSession:
+        """An incoming session handed back by systemd's fd store. A simulated kexec ends every
+        process, so the fd the store kept is a stand-in: it must be open, and the session
+        itself comes from the handed-over state, as RETRIEVE_SESSION would give it."""
+        rt = self._rt
+        op = "adopt session fd"
+        try:
+            os.fstat(fd)
+        except OSError as exc:
+            raise KernelRefused(op, exc.errno or errno.EBADF, f"the fd stored for session "
+                                f"{name!r} is not open") from exc
+        os.close(fd)
+        rt.check()
+        incoming = {s.name: s for s in self._first_open()}.get(name)
+        log = rt.retrieval
+        if incoming is None or log.finished(name):
+            raise KernelRefused(op, errno.ENOENT, f"no incoming session named {name!r} "
+                                "(never handed over, or already finished)")
+        holder = log.holder(name)
+        if holder is not None:
+            raise KernelRefused(op, errno.EINVAL, f"session {name!r} is already retrieved and "
+                                f"open (process {holder})")
+        log.mark_retrieved(name)
+        return SimSession(rt, name, incoming=incoming)
+
     def _first_open(self) -> list[IncomingSession]:
         """The first open after a live update deserializes the incoming sessions; a failure
         makes this and every later open of the boot fail with EIO."""

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -34,6 +35,25 @@ def meminfo(state: BootState, mb: Memblock) -> str:
             + "HugePages_Free:        0\n" + kb("Hugepagesize", 2 * MiB) + kb("CmaTotal", cma))
 
 
+USERSPACE_FILE = "userspace.json"  # the machine's init system: it outlives every boot
+
+
+def write_userspace(directory: Path, systemd_version: int) -> None:
+    (directory / USERSPACE_FILE).write_text(json.dumps({"systemd_version": systemd_version}))
+
+
+def _userspace(root: Path) -> None:
+    """PID 1 as read by sysinfo: `proc/1/comm`, and for systemd the shared library whose name
+    carries its version (`usr/lib/systemd/libsystemd-shared-<N>.so`, as on a real root)."""
+    try:
+        version = json.loads((root.parent / USERSPACE_FILE).read_text())["systemd_version"]
+    except FileNotFoundError:
+        _put(root, "proc/1/comm", "sim-init\n")
+        return
+    _put(root, "proc/1/comm", "systemd\n")
+    _put(root, f"usr/lib/systemd/libsystemd-shared-{int(version)}.so", b"")
+
+
 def write_boot(root: Path, state: BootState, mb: Memblock,
                incoming: tuple[bytes, dict[str, bytes]] | None) -> None:
     """Everything that is fixed for a boot. The root is rebuilt from nothing at every boot."""
@@ -42,7 +62,7 @@ def write_boot(root: Path, state: BootState, mb: Memblock,
     _put(root, "proc/sys/kernel/osrelease", state.release + "\n")
     _put(root, "proc/sys/kernel/random/boot_id", state.boot_id + "\n")
     _put(root, "proc/meminfo", meminfo(state, mb))
-    _put(root, "proc/1/comm", "sim-init\n")
+    _userspace(root)
     _put(root, "sys/kernel/kexec_loaded", "0\n")
     nodes = len(mb.nodes)
     _put(root, "sys/devices/system/node/has_memory", "0\n" if nodes == 1 else f"0-{nodes - 1}\n")

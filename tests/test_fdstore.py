@@ -1,0 +1,220 @@
+"""Hand-off mode fdstore: session fds parked in the service's fd store at commit, adopted from
+it after the kexec (on the simulated kernel, with a store that keeps real duplicates)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from kho_agent.errors import InvalidArgument, KernelRefused, PreflightFailed
+from kho_agent.fdstore import session_fdname, session_from_fdname
+from kho_agent.kernel.sysinfo import read_sysinfo
+from kho_agent.manifest import AGENT_SESSION
+from kho_agent.orchestrator import CommitOptions, EngineConfig, Orchestrator, PrepareOptions
+from kho_agent.service.notify import fdname_is_valid
+from kho_agent.sim import SimAbi, SimKernel
+from kho_agent.statefile import Phase
+
+# --- names ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", [
+    "vm-1", "a", "with space", "colon:s", "50%", "é-utf8", "\x01ctl", "." * 63,
+    "\udcff" * 63,  # 63 raw bytes that are not UTF-8 (surrogateescape): the longest escape
+])
+def test_every_session_name_maps_to_a_valid_fd_name_and_back(name: str) -> None:
+    fdname = session_fdname(name)
+    assert fdname_is_valid(fdname), fdname
+    assert session_from_fdname(fdname) == name
+
+
+def test_distinct_names_stay_distinct() -> None:
+    names = ["a%41", "aA", "a:", "a%3A", "A"]
+    assert len({session_fdname(n) for n in names}) == len(names)
+
+
+@pytest.mark.parametrize("fdname", ["stored", "luo-", "luo-%4", "luo-%zz", "luo-a:b", "luo-%4a"])
+def test_foreign_or_malformed_fd_names_are_not_sessions(fdname: str) -> None:
+    assert session_from_fdname(fdname) is None
+
+
+# --- the systemd version of a root that is not the running one ------------------------------------
+
+@pytest.mark.parametrize("library", ["usr/lib/systemd/libsystemd-shared-261.so",
+                                     "usr/lib/x86_64-linux-gnu/systemd/libsystemd-shared-261.so"])
+def test_the_systemd_version_of_an_offline_root_comes_from_its_library(tmp_path: Path,
+                                                                       library: str) -> None:
+    sim = SimKernel.create(tmp_path / "sim")
+    root = sim.host().root
+    (root / "proc/1/comm").write_text("systemd\n")
+    assert read_sysinfo(root).systemd_version is None
+    (root / library).parent.mkdir(parents=True, exist_ok=True)
+    (root / library).write_bytes(b"")
+    assert read_sysinfo(root).systemd_version == 261
+
+
+# --- the engine -----------------------------------------------------------------------------------
+
+class DupStore:
+    """What systemd's fd store does with what it is given: it keeps its own duplicate."""
+
+    def __init__(self, capacity: int = 16, fail_on: str | None = None) -> None:
+        self.capacity = capacity
+        self.fds: dict[str, int] = {}
+        self.fail_on = fail_on
+
+    def park(self, name: str, fd: int) -> None:
+        if name == self.fail_on:
+            raise PreflightFailed(f"cannot park {name!r}")
+        self.fds[name] = os.dup(fd)
+
+    def unpark(self, name: str) -> None:
+        fd = self.fds.pop(name, None)
+        if fd is not None:
+            os.close(fd)
+
+    def hand_back(self) -> dict[str, int]:
+        """LISTEN_FDS of the next start: the store's fds, which the receiver then owns."""
+        out, self.fds = self.fds, {}
+        return out
+
+
+class Rig:
+    def __init__(self, tmp: Path, systemd: int | None = 261) -> None:
+        self.tmp = tmp
+        self.sim = SimKernel.create(tmp / "sim", systemd_version=systemd)
+        self.target = self.sim.write_kernel_image(tmp / "vmlinuz-7.3.1-sim",
+                                                  release="7.3.1-sim", abi=SimAbi())
+        self.config = EngineConfig(state_dir=tmp / "state")
+
+    def agent(self, store: DupStore | None, stored: dict[str, int] | None = None
+              ) -> Orchestrator:
+        agent = Orchestrator(SimKernel(self.tmp / "sim").host(), self.config)
+        agent.fd_store = store
+        agent.stored_sessions = dict(stored or {})
+        agent.start()
+        return agent
+
+    def client(self, agent: Orchestrator, name: str, data: bytes) -> None:
+        agent.create_session(name, "test")
+        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        os.write(fd, data)
+        agent.preserve(name, fd, 1)
+        os.close(fd)
+        agent.set_ready(name, True)
+
+
+def test_commit_parks_every_session_and_the_next_boot_adopts_them(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    store = DupStore()
+    agent = rig.agent(store)
+    assert agent.handoff_mode() == "fdstore"
+    rig.client(agent, "vm:1", b"guest ram" * 100)
+    agent.prepare(PrepareOptions(kernel=rig.target))
+    result = agent.commit(CommitOptions())
+    assert "fd store" in result.plan[-1]
+    assert sorted(store.fds) == sorted([AGENT_SESSION, "vm:1"])
+    assert sorted(agent.parked) == sorted([AGENT_SESSION, "vm:1"])
+    assert agent.device is None  # closed for systemd-shutdown
+    # the next boot: the store hands the fds back, the agent adopts instead of retrieving
+    stored = store.hand_back()
+    store_after = DupStore()
+    store_after.fds = {name: os.dup(fd) for name, fd in stored.items()}
+    agent = rig.agent(store_after, stored)
+    report = agent.verify()
+    assert report.ok, [(i.name, i.detail) for i in report.failures()]
+    assert agent.stored_sessions == {}
+    assert store_after.fds == {}  # adopted sessions leave the store
+    session = agent.claim_session("vm:1")
+    fd = session.retrieve_fd(1)
+    assert os.pread(fd, 1000, 0) == b"guest ram" * 100
+    os.close(fd)
+    session.finish()
+    session.close()
+    agent.close()
+
+
+def test_a_store_too_small_refuses_the_commit_and_parks_nothing(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    store = DupStore(capacity=1)
+    agent = rig.agent(store)
+    rig.client(agent, "vm-1", b"x")
+    agent.prepare(PrepareOptions(kernel=rig.target))
+    with pytest.raises(PreflightFailed, match="FileDescriptorStoreMax"):
+        agent.commit(CommitOptions())
+    assert store.fds == {} and agent.parked == []
+    assert agent.state.phase is Phase.PREPARED
+    agent.cancel()
+    agent.close()
+
+
+def test_a_failed_park_takes_back_what_was_parked(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    store = DupStore(fail_on=AGENT_SESSION)  # clients go first, the agent's own last
+    agent = rig.agent(store)
+    rig.client(agent, "vm-1", b"x")
+    agent.prepare(PrepareOptions(kernel=rig.target))
+    with pytest.raises(PreflightFailed, match="cannot park"):
+        agent.commit(CommitOptions())
+    assert store.fds == {} and agent.parked == []
+    assert agent.state.phase is Phase.PREPARED
+    assert rig.sim.host().kexec.loaded()  # still prepared: a retry or a cancel is possible
+    agent.cancel()
+    agent.close()
+
+
+def test_a_refused_kexec_takes_the_sessions_back_from_the_store(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    store = DupStore()
+    agent = rig.agent(store)
+    rig.client(agent, "vm-1", b"x")
+    agent.prepare(PrepareOptions(kernel=rig.target))
+    rig.sim.inject("freeze-fails")
+    with pytest.raises(KernelRefused):
+        agent.commit(CommitOptions())
+    assert store.fds == {} and agent.parked == []
+    assert agent.state.phase is Phase.PREPARED
+    agent.close()
+
+
+def test_without_a_store_the_agent_holds_the_sessions_itself(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    agent = rig.agent(None)
+    assert agent.handoff_mode() == "direct"
+    rig.client(agent, "vm-1", b"x")
+    agent.prepare(PrepareOptions(kernel=rig.target))
+    agent.commit(CommitOptions())
+    assert agent.parked == []
+    agent = rig.agent(None)
+    assert agent.verify().ok
+    agent.close()
+
+
+def test_fds_handed_back_in_the_same_boot_are_released(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    agent = rig.agent(DupStore())
+    rig.client(agent, "vm-1", b"x")
+    handle = agent.clients["vm-1"].handle
+    stray = os.dup(handle.fileno())
+    agent.close()
+    store = DupStore()
+    store.fds["vm-1"] = os.dup(stray)
+    agent = rig.agent(store, {"vm-1": stray})
+    assert agent.stored_sessions == {} and store.fds == {}
+    assert "released 1: vm-1" in agent.state.message
+    with pytest.raises(OSError):
+        os.fstat(stray)  # closed by the agent
+    state = json.loads((rig.config.state_dir / "state.json").read_text())
+    assert "released" in state["message"]
+    agent.close()
+
+
+def test_the_name_systemd_uses_for_its_own_session_is_refused(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    agent = rig.agent(DupStore())
+    with pytest.raises(InvalidArgument, match="systemd's own"):
+        agent.create_session("systemd", "test")
+    assert agent.clients == {}
+    agent.close()
