@@ -8,6 +8,7 @@ here); the daemon is told to ask it on the served bus (`--polkit-bus served`).
 from __future__ import annotations
 
 import array
+import errno
 import fcntl
 import json
 import os
@@ -37,6 +38,8 @@ from dbusrig import (
 )
 from gi.repository import Gio, GLib
 
+from kho_agent.client import session_from_fd
+from kho_agent.errors import KernelRefused
 from kho_agent.sim import SimAbi, SimKernel
 
 SESSION_IFACE = "org.khoagent.Agent1.Session"
@@ -597,3 +600,47 @@ def test_fdstore_mode_parks_the_sessions_and_takes_them_back_after_the_kexec(
             finally:
                 for client in rig.clients:
                     client.close()
+
+
+# --- a client preserving straight into its session fd ---------------------------------------------
+
+def test_a_client_preserves_into_its_own_session_fd_and_gets_it_back(host: Host) -> None:
+    """What a VMM does: it takes the session fd from CreateSession and preserves its memory into
+    it itself; on the simulated kernel the fd takes the requests over its socket
+    (kho_agent.client), on a real one as ioctls (the VM suite does that)."""
+    client = host.client()
+    _reply, fds = client.call(MANAGER_PATH, MANAGER_IFACE, "CreateSession",
+                             GLib.Variant("(s)", ("vm-direct",)))
+    session = session_from_fd(fds[0], "vm-direct", incoming=False)
+    ram = os.urandom(5 * PAGE)
+    fd = memfd(ram)
+    session.preserve_fd(fd, 42)
+    with pytest.raises(KernelRefused) as exc:  # the kernel's rule, through the socket
+        session.preserve_fd(fd, 43)
+    assert exc.value.errno == errno.EBUSY
+    with pytest.raises(KernelRefused) as exc:
+        session.retrieve_fd(42)
+    assert exc.value.errno == errno.EINVAL  # RETRIEVE_FD is for incoming sessions
+    assert session.get_name() == "vm-direct"
+    os.close(fd)
+    session.close()  # the agent keeps its own reference until the kexec
+    invoke(client, "SetReady", "sb", ("vm-direct", True))
+    assert host.run_job(client, "Prepare", kernel_option(host))[0] == "done"
+    assert host.run_job(client, "Commit", {})[0] == "done"
+    host.restart()
+    assert host.wait_state("verified", "failed") == "verified", host.prop("LastResult")
+    client = host.client()
+    _reply, fds = client.call(MANAGER_PATH, MANAGER_IFACE, "RetrieveSession",
+                              GLib.Variant("(s)", ("vm-direct",)))
+    session = session_from_fd(fds[0], "vm-direct", incoming=True)
+    got = session.retrieve_fd(42)
+    try:
+        assert os.fstat(got).st_size == len(ram)
+        assert os.pread(got, len(ram) + 1, 0) == ram
+    finally:
+        os.close(got)
+    session.finish()
+    with pytest.raises(KernelRefused) as exc:
+        session.retrieve_fd(42)
+    assert exc.value.errno == errno.ENOENT  # finished
+    session.close()

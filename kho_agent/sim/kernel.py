@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -74,6 +75,9 @@ class Runtime:
         self.retrieved_inodes: dict[tuple[int, int], str] = {}
         # what a process of this boot holds (device lock, session fds); released at the kexec
         self.closers: list[Callable[[], None]] = []
+        # Session requests arrive on server threads too (sessionfd.py): they run under this
+        # lock, and so do the session operations of the process's own thread.
+        self.lock = threading.RLock()
 
     @property
     def root(self) -> Path:

@@ -7,21 +7,40 @@ process (SCM_RIGHTS, D-Bus); the session's state itself stays in this process.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
+import functools
 import os
 import socket
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 from ..abi.memfd import ALL_SEALS
 from ..errors import KernelRefused
 from ..kernel.fsmagic import HUGETLBFS_MAGIC, TMPFS_MAGIC, fs_magic
 from ..kernel.liveupdate import SESSION_NAME_LENGTH
 from . import faults as faults_mod
+from . import sessionfd
 from .handover import IncomingSession, deserialize, restore_content
 from .kernel import Runtime
 from .outgoing import OutSession
 from .state import load, save
 from .store import locked, pid_alive, write_atomic
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _serialized(method: F) -> F:
+    """Run under the simulated kernel's lock: session requests also arrive on the threads that
+    serve handed-out session fds (sessionfd.py), as ioctls would from other processes."""
+    @functools.wraps(method)
+    def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with self._rt.lock:
+            return method(self, *args, **kwargs)
+    return cast(F, run)
+
 
 LOCK_FILE = "liveupdate.lock"
 HOLDER_FILE = "liveupdate.holder"
@@ -168,6 +187,7 @@ class SimLiveUpdateDevice:
         if self._fd < 0:
             raise KernelRefused("ioctl /dev/liveupdate", errno.EBADF, "the device was closed")
 
+    @_serialized
     def create_session(self, name: str) -> SimSession:
         self._check()
         op = "CREATE_SESSION"
@@ -193,6 +213,7 @@ class SimLiveUpdateDevice:
         out.sessions.append(session)
         return SimSession(rt, key, outgoing=session)
 
+    @_serialized
     def retrieve_session(self, name: str) -> SimSession:
         self._check()
         op = "RETRIEVE_SESSION"
@@ -229,6 +250,7 @@ class SimSession:
         self._out = outgoing
         self._in = incoming
         self._sock, self._peer = socket.socketpair()  # both ends O_CLOEXEC
+        self._server: threading.Thread | None = None
         self._closed = False
         self._finished = False
         self._retrieved: dict[int, int] = {}   # token -> restored memfd (the kernel's file)
@@ -244,6 +266,11 @@ class SimSession:
         return self._in is not None
 
     def fileno(self) -> int:
+        # Handed out (to a client, to the fd store): from now on someone may send it the
+        # session requests a real session fd takes as ioctls (sessionfd.py)
+        if self._server is None and not self._closed:
+            self._server = sessionfd.start_server(self, self._peer, self._rt.lock,
+                                                  self._name)
         return self._sock.fileno()
 
     def _check(self, op: str) -> None:
@@ -255,6 +282,7 @@ class SimSession:
         self._check("GET_NAME")
         return self._name
 
+    @_serialized
     def preserve_fd(self, fd: int, token: int) -> None:
         op = "PRESERVE_FD"
         self._check(op)
@@ -298,6 +326,7 @@ class SimSession:
         check_seals(seals)
         rt.outgoing.preserve(out, fd, token, inode, seals)
 
+    @_serialized
     def retrieve_fd(self, token: int) -> int:
         op = "RETRIEVE_FD"
         self._check(op)
@@ -328,6 +357,7 @@ class SimSession:
         self._rt.retrieved_inodes[(st.st_dev, st.st_ino)] = self._name
         return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 0)
 
+    @_serialized
     def finish(self) -> None:
         op = "FINISH"
         self._check(op)
@@ -347,21 +377,28 @@ class SimSession:
         self._retrieved.clear()
         self._rt.retrieval.mark_finished(self._name)
 
+    def _close_sockets(self) -> None:
+        if self._server is not None:
+            # wakes the server thread's recvmsg (a close alone would not)
+            with contextlib.suppress(OSError):
+                self._peer.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+        self._peer.close()
+
     def _drop(self) -> None:
         """The process is gone (kexec): every fd it held is closed."""
         self._closed = True
-        self._sock.close()
-        self._peer.close()
+        self._close_sockets()
         for fd in self._retrieved.values():
             os.close(fd)
         self._retrieved.clear()
 
+    @_serialized
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        self._sock.close()
-        self._peer.close()
+        self._close_sockets()
         rt = self._rt
         if self._drop in rt.closers:
             rt.closers.remove(self._drop)
@@ -399,3 +436,4 @@ def _restore_memfd(content: bytes, pos: int, seals: int | None) -> int:
         os.close(fd)
         raise
     return fd
+
