@@ -7,6 +7,12 @@
 #   ./quickstart.sh test    install, then lint (ruff, mypy --strict) and run the test suite
 #   ./quickstart.sh bench   install, then print the benchmarks: decoder, engine, digest, daemon
 #                           (figures, not a verdict)
+#   ./quickstart.sh vm      install, plus QEMU, debootstrap and a kernel toolchain, then run the
+#                           end-to-end suite (pytest -m vm): QEMU guests with systemd live-update
+#                           through real kexecs on a real KHO/LUO kernel. Kernels and the guest
+#                           image are built once and cached in /var/cache/kho-agent-tests
+#                           (KHO_AGENT_TEST_CACHE); KHO_AGENT_TEST_KERNEL=/path/bzImage (and
+#                           KHO_AGENT_TEST_KERNEL_NEXT=) test kernels of your own instead.
 #
 # Idempotent: apt packages are installed only when missing, the venv (.venv) is reused, and pip
 # runs again only when pyproject.toml changed.
@@ -81,6 +87,22 @@ run_tests() {
     return "$rc"
 }
 
+install_vm_apt() {
+    # the lists live beside the code that needs them (tests/vm/qemu.py, tests/vm/kernels.py)
+    local packages
+    packages=$(.venv/bin/python -c 'from tests.vm import kernels, qemu
+print(" ".join(qemu.VM_APT_PACKAGES + kernels.BUILD_APT_PACKAGES))')
+    # shellcheck disable=SC2206
+    APT_PACKAGES=($packages)
+    install_apt
+}
+
+run_vm() {
+    # Where QEMU cannot run at all the tests skip and -ra prints why.
+    log "pytest -m vm (QEMU guests on a real KHO/LUO kernel)"
+    .venv/bin/python -m pytest -m vm tests/vm "$@"
+}
+
 run_bench() {
     # Figures are printed for the record; a missed target is reported in the table, and only a
     # benchmark that cannot run at all fails.
@@ -102,5 +124,6 @@ case "${1:-}" in
     main) install_apt; install_venv; run_main ;;
     bench) install_apt; install_venv; run_bench ;;
     test) shift; install_apt; install_venv; run_tests "$@" ;;
-    *) echo "usage: $0 main | test [pytest args] | bench" >&2; exit 2 ;;
+    vm) shift; install_apt; install_venv; install_vm_apt; run_vm "$@" ;;
+    *) echo "usage: $0 main | test [pytest args] | bench | vm [pytest args]" >&2; exit 2 ;;
 esac

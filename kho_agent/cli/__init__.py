@@ -54,7 +54,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         prog="kho-agentctl",
         description="Drive and check Linux live updates (KHO + LUO).",
         epilog="Exit codes: 0 ok, 1 a check failed, 2 usage or cannot run, 3 refused by policy, "
-               "4 the kernel refused.")
+               "4 the kernel refused. End-to-end tests on a real KHO kernel of your own, from a "
+               "checkout: KHO_AGENT_TEST_KERNEL=/path/bzImage ./quickstart.sh vm (see README).")
     add_bus_options(parser, top_level=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:

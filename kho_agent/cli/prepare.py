@@ -32,8 +32,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: s
     line.add_argument("--reuse-cmdline", action="store_true",
                       help="reuse the running kernel's command line (the default)")
     p.add_argument("--scratch", metavar="keep|auto|VALUE", default=None,
-                   help="kho_scratch= for the next kernel: keep the current one (default), auto "
-                        "(the recommended sizes), or a value such as 256M,512M,256M or 200%%")
+                   help="kho_scratch= on the next kernel's command line: keep the current one "
+                        "(default), auto (the recommended sizes), or a value such as "
+                        "256M,512M,256M or 200%%. A kernel that boots through KHO keeps the "
+                        "scratch areas it inherits and ignores it (it counts only if the "
+                        "handover is refused); to resize the areas, put the value on the boot "
+                        "loader's command line and boot cold (see `kho-agentctl scratch`)")
     p.add_argument("--dry-run", action="store_true",
                    help="run the preflight and show the command line; load nothing")
     add_job_options(p)

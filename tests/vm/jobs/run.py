@@ -1,0 +1,316 @@
+#!/usr/bin/python3
+"""The scenario runner inside the test guest: /mnt/job/run, started on every boot by
+kho-test-driver.service (tests/vm/guest) with KHO_TEST_BOOT=<n> (1 = the cold boot).
+
+It reads /mnt/job/scenario.json, does what the scenario asks of boot n, writes what it saw to
+/mnt/job/out/boot-<n>.json (plus raw KHO blobs under /mnt/job/out/boot-<n>/), and ends the boot
+itself: through kho-agentctl commit (a live update), systemctl reboot, or systemctl poweroff.
+The host reads the job disk after QEMU exits (tests/vm/scenarios.py); it never guesses timing:
+every wait here is for a condition, bounded, and a bound that runs out is recorded as such.
+
+Scenario keys: updates (live updates in a row), target (kernel image on the job disk),
+refuse_target (an image prepare must refuse first), capture (copy the KHO blobs), scratch
+("auto": prepare with the recommended kho_scratch=), cancel (prepare, cancel, reboot cold),
+kill (SIGKILL the agent after prepare).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+JOB = Path(os.environ.get("KHO_TEST_JOB", "/mnt/job"))
+BOOT = int(os.environ.get("KHO_TEST_BOOT", "1"))
+OUT = JOB / "out"
+WORKLOAD = JOB / "workload.py"
+DEBUGFS_KHO = Path("/sys/kernel/debug/kho")
+BUS = ("org.khoagent.Agent1", "/org/khoagent/Agent1", "org.khoagent.Agent1.Manager")
+
+
+class Boot:
+    """What this boot saw, written to out/boot-<n>.json after every step (a boot that ends
+    abruptly still leaves what it had)."""
+
+    def __init__(self) -> None:
+        self.record: dict[str, Any] = {"boot": BOOT, "steps": [], "facts": {}}
+        OUT.mkdir(parents=True, exist_ok=True)
+        self.dir = OUT / f"boot-{BOOT}"
+        self.dir.mkdir(exist_ok=True)
+        self.dir.chmod(0o777)  # the workload runs as vmm and writes its report here
+
+    def save(self) -> None:
+        path = OUT / f"boot-{BOOT}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.record, indent=1))
+        os.replace(tmp, path)
+        os.sync()
+
+    def fact(self, key: str, value: Any) -> Any:
+        self.record["facts"][key] = value
+        self.save()
+        return value
+
+    def run(self, name: str, argv: list[str], timeout: float = 900) -> dict[str, Any]:
+        start = time.monotonic()
+        print(f"KHO-TEST {json.dumps({'event': 'step', 'boot': BOOT, 'step': name})}",
+              flush=True)
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                                  check=False)
+            step = {"name": name, "argv": argv, "rc": proc.returncode,
+                    "stdout": proc.stdout[-20000:], "stderr": proc.stderr[-20000:]}
+        except subprocess.TimeoutExpired:
+            step = {"name": name, "argv": argv, "rc": None, "stdout": "",
+                    "stderr": f"timed out after {timeout} s"}
+        step["seconds"] = round(time.monotonic() - start, 3)
+        self.record["steps"].append(step)
+        self.save()
+        return step
+
+    def ctl(self, name: str, *args: str, timeout: float = 900) -> dict[str, Any]:
+        step = self.run(name, ["kho-agentctl", *args, "--json"], timeout)
+        try:
+            step["json"] = json.loads(step["stdout"]) if step["stdout"].strip() else None
+        except json.JSONDecodeError:
+            step["json"] = None
+        self.save()
+        return step
+
+    def workload(self, command: str, session: str) -> dict[str, Any]:
+        report = self.dir / f"workload-{command}-{session}.json"
+        big = str(self.record["facts"]["scenario"].get("big_mib", 256))
+        step = self.run(f"workload-{command}-{session}",
+                        ["runuser", "-u", "vmm", "--", "python3", str(WORKLOAD), command,
+                         session, str(report), big])
+        step["report"] = json.loads(report.read_text()) if report.exists() else None
+        self.save()
+        return step
+
+
+def prop(name: str) -> Any:
+    proc = subprocess.run(["busctl", "--system", "--json=short", "get-property", *BUS, name],
+                          capture_output=True, text=True, timeout=30, check=False)
+    if proc.returncode != 0:
+        return None
+    return json.loads(proc.stdout)["data"]
+
+
+def wait_state(boot: Boot, states: tuple[str, ...], timeout: float) -> str | None:
+    """Wait until the agent's State is one of `states` (the agent verifies on its own after a
+    live update: this waits for that to end)."""
+    deadline = time.monotonic() + timeout
+    start = time.monotonic()
+    state = None
+    while time.monotonic() < deadline:
+        state = prop("State")
+        if state is None and unit_state() == "failed":
+            boot.fact(f"wait_for_{'_'.join(states)}_agent_failed", True)
+            return None
+        if state in states:
+            boot.fact(f"waited_for_{'_'.join(states)}_s", round(time.monotonic() - start, 2))
+            return str(state)
+        time.sleep(0.5)
+    boot.fact(f"wait_for_{'_'.join(states)}_timed_out", {"last_state": state,
+                                                          "timeout": timeout})
+    return None
+
+
+def unit_state() -> str:
+    return subprocess.run(["systemctl", "show", "-P", "ActiveState", "kho-agent.service"],
+                          capture_output=True, text=True, check=False).stdout.strip()
+
+
+def agent_pid() -> int | None:
+    proc = subprocess.run(["systemctl", "show", "-P", "MainPID", "kho-agent.service"],
+                          capture_output=True, text=True, check=False)
+    pid = int(proc.stdout.strip() or 0)
+    return pid or None
+
+
+def agent_fds() -> list[str]:
+    pid = agent_pid()
+    if pid is None:
+        return []
+    out = []
+    for entry in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            out.append(os.readlink(entry))
+        except OSError:
+            continue
+    return sorted(out)
+
+
+def capture(boot: Boot, side: str) -> None:
+    """The raw KHO blobs of one side, and what our decoder reads of the live state."""
+    src = DEBUGFS_KHO / side
+    dest = boot.dir / f"kho-{side}"
+    listing = []
+    if src.is_dir():
+        for path in sorted(src.rglob("*")):
+            rel = path.relative_to(src)
+            listing.append(str(rel))
+            if path.is_file():
+                (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    (dest / rel).write_bytes(path.read_bytes())
+                except OSError as exc:
+                    boot.fact(f"copy_error_{side}_{rel}", str(exc))
+    boot.fact(f"kho_{side}_files", listing)
+    args = ["decode", "--live"] + (["--in"] if side == "in" else [])
+    step = boot.ctl(f"decode-{side}", *args)
+    (boot.dir / f"decode-{side}.json").write_text(step["stdout"])
+
+
+def host_facts(boot: Boot, prefix: str) -> None:
+    boot.fact(f"{prefix}_cmdline", Path("/proc/cmdline").read_text().strip())
+    boot.fact(f"{prefix}_release", os.uname().release)
+    boot.fact(f"{prefix}_kexec_loaded", Path("/sys/kernel/kexec_loaded").read_text().strip())
+    boot.fact(f"{prefix}_boot_id", Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+    for name in ("State", "LiveUpdateNumber", "LastResult", "RunningKernel", "HandoffMode"):
+        boot.fact(f"{prefix}_{name}", prop(name))
+    boot.fact(f"{prefix}_incoming_kho", (DEBUGFS_KHO / "in").is_dir())
+
+
+def end(boot: Boot, how: str) -> int:
+    boot.fact("ended_with", how)
+    argv = {"poweroff": ["systemctl", "poweroff"], "reboot": ["systemctl", "reboot"]}[how]
+    subprocess.run(argv, check=False)
+    return 0
+
+
+def live_update(boot: Boot, spec: dict[str, Any], session: str) -> int:
+    """Preserve, prepare and commit: the boot ends in the kexec (or poweroff if it fails)."""
+    boot.workload("preserve", session)
+    target = str(JOB / spec["target"])
+    args = ["prepare", "--kernel", target]
+    if spec.get("scratch"):
+        boot.ctl("scratch-plan", "scratch", "--kernel", target)
+        args += ["--scratch", spec["scratch"]]
+    prepared = boot.ctl("prepare", *args)
+    if prepared["rc"] != 0:
+        return end(boot, "poweroff")
+    if spec.get("capture"):
+        capture(boot, "out")
+    boot.fact("before_commit_fds", agent_fds())
+    # A successful commit ends this boot (systemctl kexec stops this unit) before the step's
+    # record is written: the next boot is the proof.
+    committed = boot.ctl("commit", "commit")
+    boot.fact("commit_rc", committed["rc"])
+    if committed["rc"] != 0:
+        return end(boot, "poweroff")
+    # systemctl kexec is under way: this unit is stopped with the rest
+    return 0
+
+
+def after_update(boot: Boot, spec: dict[str, Any], session: str) -> None:
+    state = wait_state(boot, ("verified", "failed"), timeout=600)
+    boot.fact("verify_state", state)
+    host_facts(boot, "after")
+    if spec.get("capture") or spec.get("scratch"):
+        capture(boot, "in")
+        capture(boot, "out")
+        boot.run("dmesg-kho", ["sh", "-c", "dmesg | grep -iE 'KHO|liveupdate|LUO|scratch'"])
+    report = Path("/var/lib/kho-agent/last-verify.json")
+    if report.exists():  # the agent's full verification report, item by item
+        (boot.dir / "last-verify.json").write_bytes(report.read_bytes())
+    boot.run("verified-target", ["systemctl", "is-active", "kho-agent-verified.target"])
+    boot.workload("check", session)
+    boot.ctl("status", "status")
+
+
+def scratch(boot: Boot, spec: dict[str, Any]) -> int:
+    """A kernel that boots through KHO inherits its scratch areas, so a kho_scratch= plan counts
+    at a cold boot: boot 1 (cold, kernel defaults) computes the plan and asks the host for a cold
+    boot with it; boot 2 (cold, with the plan) records the areas the kernel reserved and live
+    updates; boot 3 (through KHO) records the areas it inherited."""
+    if BOOT == 1:
+        plan = boot.ctl("scratch-plan", "scratch", "--kernel", str(JOB / spec["target"]))
+        form = (plan.get("json") or {}).get("plan", {}).get("absolute_form")
+        if form:
+            (OUT / "next-append").write_text(f"{form}\n")  # "kho_scratch=..."
+        capture(boot, "out")
+        return end(boot, "poweroff")
+    if BOOT == 2:
+        capture(boot, "out")
+        boot.run("dmesg-kho", ["sh", "-c", "dmesg | grep -iE 'KHO|scratch'"])
+        return live_update(boot, spec, "vm-1")
+    after_update(boot, spec, "vm-1")
+    return end(boot, "poweroff")
+
+
+def main() -> int:
+    spec: dict[str, Any] = json.loads((JOB / "scenario.json").read_text())
+    boot = Boot()
+    boot.fact("scenario", spec)
+    if wait_state(boot, ("idle", "prepared", "verified", "failed", "verifying"), 120) is None:
+        host_facts(boot, "start")
+        boot.run("agent-status", ["systemctl", "status", "--no-pager", "kho-agent"])
+        boot.run("agent-journal", ["journalctl", "-b", "--no-pager", "-u", "kho-agent"])
+        return end(boot, "poweroff")
+    host_facts(boot, "start")
+    # A real host has its running kernel's image in /boot, where kho-agent reads the ABI the
+    # running kernel speaks; QEMU booted this one from outside (-kernel): put it there.
+    image = Path(f"/boot/vmlinuz-{os.uname().release}")
+    if not image.exists() and (JOB / "kernels/running").exists():
+        shutil.copy(JOB / "kernels/running", image)
+        boot.fact("installed_running_image", str(image))
+    kind = spec["kind"]
+    if kind == "updates":
+        updates = int(spec.get("updates", 1))
+        if BOOT > 1:
+            after_update(boot, spec, f"vm-{BOOT - 1}")
+        if BOOT == 1 and spec.get("refuse_target"):
+            refused = boot.ctl("prepare-refused", "prepare", "--kernel",
+                               str(JOB / spec["refuse_target"]))
+            boot.fact("refused_rc", refused["rc"])
+            host_facts(boot, "after_refusal")
+        if updates >= BOOT:
+            return live_update(boot, spec, f"vm-{BOOT}")
+        boot.run("journal", ["journalctl", "-b", "--no-pager", "-u", "kho-agent"])
+        return end(boot, "poweroff")
+    if kind == "cancel":
+        if BOOT == 1:
+            boot.workload("preserve", "vm-1")
+            boot.ctl("prepare", "prepare", "--kernel", str(JOB / spec["target"]))
+            host_facts(boot, "prepared")
+            boot.ctl("cancel", "cancel")
+            host_facts(boot, "cancelled")
+            boot.fact("cancelled_fds", agent_fds())
+            boot.ctl("sessions", "sessions")
+            return end(boot, "reboot")
+        boot.workload("check", "vm-1")
+        return end(boot, "poweroff")
+    if kind == "kill":
+        boot.workload("preserve", "vm-1")
+        boot.ctl("prepare", "prepare", "--kernel", str(JOB / spec["target"]))
+        host_facts(boot, "prepared")
+        old = agent_pid()
+        boot.fact("killed_pid", old)
+        boot.run("kill", ["systemctl", "kill", "-s", "KILL", "kho-agent.service"])
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and agent_pid() in (None, old):
+            time.sleep(0.5)
+        boot.fact("restarted_pid", agent_pid())
+        wait_state(boot, ("idle", "failed", "prepared"), 60)
+        host_facts(boot, "restarted")
+        boot.ctl("sessions", "sessions")
+        boot.workload("preserve", "vm-2")
+        boot.ctl("prepare-again", "prepare", "--kernel", str(JOB / spec["target"]))
+        host_facts(boot, "prepared_again")
+        boot.ctl("cancel", "cancel")
+        host_facts(boot, "cancelled")
+        return end(boot, "poweroff")
+    if kind == "scratch":
+        return scratch(boot, spec)
+    boot.fact("error", f"unknown scenario kind {kind!r}")
+    return end(boot, "poweroff")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
