@@ -94,6 +94,12 @@ class SimKexec:
         """reboot(LINUX_REBOOT_CMD_KEXEC): liveupdate_reboot() (freeze, serialize), the handover,
         then the loaded kernel boots. `via_systemd` makes no difference here (no service
         manager runs in the simulation)."""
+        # the kernel serializes the sessions with no session request in flight (sessionfd.py
+        # serves handed-out session fds on other threads)
+        with self._rt.lock:
+            self._reboot(via_systemd)
+
+    def _reboot(self, via_systemd: bool) -> None:
         rt = self._rt
         rt.check()
         op = "reboot(LINUX_REBOOT_CMD_KEXEC)"
