@@ -3,7 +3,7 @@
 `CreateSession` and `RetrieveSession` return a LUO session fd over D-Bus. On a real kernel it
 takes LUO's session ioctls (PRESERVE_FD, RETRIEVE_FD, FINISH, GET_NAME); on the simulated kernel
 (`kho-agentd --simulate`, a rehearsal) it is a socket that takes the same requests as messages
-(kho_agent/sim/sessionfd.py). `session_from_fd` returns the right one, so a client rehearses
+(kho_agent/kernel/sessionwire.py). `session_from_fd` returns the right one, so a client rehearses
 with the code it will run in production.
 """
 
@@ -14,8 +14,8 @@ import os
 import stat
 
 from .errors import KernelRefused
+from .kernel import sessionwire
 from .kernel.liveupdate import LiveUpdateSession, RealLiveUpdateSession, validate_token
-from .sim import sessionfd
 
 
 class SimulatedSessionFd:
@@ -41,20 +41,20 @@ class SimulatedSessionFd:
 
     def preserve_fd(self, fd: int, token: int) -> None:
         validate_token(token)
-        sessionfd.request(self.fileno(), sessionfd.OP_PRESERVE_FD, token, send_fd=fd)
+        sessionwire.request(self.fileno(), sessionwire.OP_PRESERVE_FD, token, send_fd=fd)
 
     def retrieve_fd(self, token: int) -> int:
         validate_token(token)
-        _name, fd = sessionfd.request(self.fileno(), sessionfd.OP_RETRIEVE_FD, token)
+        _name, fd = sessionwire.request(self.fileno(), sessionwire.OP_RETRIEVE_FD, token)
         if fd is None:
             raise KernelRefused("RETRIEVE_FD", errno.EIO, "the simulated kernel sent no fd")
         return fd
 
     def finish(self) -> None:
-        sessionfd.request(self.fileno(), sessionfd.OP_FINISH)
+        sessionwire.request(self.fileno(), sessionwire.OP_FINISH)
 
     def get_name(self) -> str:
-        name, _fd = sessionfd.request(self.fileno(), sessionfd.OP_GET_NAME)
+        name, _fd = sessionwire.request(self.fileno(), sessionwire.OP_GET_NAME)
         return name.decode("utf-8", errors="surrogateescape")
 
     def close(self) -> None:

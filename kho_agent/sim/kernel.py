@@ -75,7 +75,7 @@ class Runtime:
         self.retrieved_inodes: dict[tuple[int, int], str] = {}
         # what a process of this boot holds (device lock, session fds); released at the kexec
         self.closers: list[Callable[[], None]] = []
-        # Session requests arrive on server threads too (sessionfd.py): they run under this
+        # Session requests arrive on server threads too (kernel/sessionwire.py): they run under this
         # lock, and so do the session operations of the process's own thread.
         self.lock = threading.RLock()
 

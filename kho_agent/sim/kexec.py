@@ -94,8 +94,8 @@ class SimKexec:
         """reboot(LINUX_REBOOT_CMD_KEXEC): liveupdate_reboot() (freeze, serialize), the handover,
         then the loaded kernel boots. `via_systemd` makes no difference here (no service
         manager runs in the simulation)."""
-        # the kernel serializes the sessions with no session request in flight (sessionfd.py
-        # serves handed-out session fds on other threads)
+        # the kernel serializes the sessions with no session request in flight (handed-out
+        # session fds are served on other threads: kernel/sessionwire.py)
         with self._rt.lock:
             self._reboot(via_systemd)
 

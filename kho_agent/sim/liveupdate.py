@@ -19,10 +19,10 @@ from typing import Any, TypeVar, cast
 
 from ..abi.memfd import ALL_SEALS
 from ..errors import KernelRefused
+from ..kernel import sessionwire
 from ..kernel.fsmagic import HUGETLBFS_MAGIC, TMPFS_MAGIC, fs_magic
 from ..kernel.liveupdate import SESSION_NAME_LENGTH
 from . import faults as faults_mod
-from . import sessionfd
 from .handover import IncomingSession, deserialize, restore_content
 from .kernel import Runtime
 from .outgoing import OutSession
@@ -34,7 +34,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def _serialized(method: F) -> F:
     """Run under the simulated kernel's lock: session requests also arrive on the threads that
-    serve handed-out session fds (sessionfd.py), as ioctls would from other processes."""
+    serve handed-out session fds (kernel/sessionwire.py), as ioctls would from other processes."""
     @functools.wraps(method)
     def run(self: Any, *args: Any, **kwargs: Any) -> Any:
         with self._rt.lock:
@@ -267,9 +267,9 @@ class SimSession:
 
     def fileno(self) -> int:
         # Handed out (to a client, to the fd store): from now on someone may send it the
-        # session requests a real session fd takes as ioctls (sessionfd.py)
+        # session requests a real session fd takes as ioctls (kernel/sessionwire.py)
         if self._server is None and not self._closed:
-            self._server = sessionfd.start_server(self, self._peer, self._rt.lock,
+            self._server = sessionwire.start_server(self, self._peer, self._rt.lock,
                                                   self._name)
         return self._sock.fileno()
 

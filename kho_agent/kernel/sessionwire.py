@@ -1,4 +1,4 @@
-"""What a simulated session fd answers: LUO's session ioctls, carried over its socket.
+"""The session fd of the simulated kernel: LUO's session ioctls, carried over its socket.
 
 A real session fd is an anon inode that takes PRESERVE_FD, RETRIEVE_FD, FINISH and GET_NAME
 ioctls. The simulated kernel's session fd is one end of a socketpair (ioctls cannot be served
