@@ -54,6 +54,7 @@ from .facts import (
 )
 from .fdstore import SYSTEMD_SESSION, SessionFdStore
 from .kernel.host import Host
+from .kernel.kexec import load_named
 from .kernel.liveupdate import (
     LiveUpdateDevice,
     LiveUpdateSession,
@@ -520,7 +521,7 @@ class Orchestrator:
                         f"{c.name}: {c.message}" for c in result.blockers))
                 info = self.sysinfo()
                 cmdline = self._cmdline(options, info)
-                self.host.kexec.load(options.kernel, options.initrd, cmdline)
+                load_named(self.host.kexec, options.kernel, options.initrd, cmdline)
                 loaded = True
                 self.on_progress(60)
                 manifest = self._manifest(info, cmdline, final=False)

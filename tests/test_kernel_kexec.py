@@ -23,6 +23,8 @@ from kho_agent.errors import (
     NotFound,
 )
 from kho_agent.kernel import kexec as kx
+from kho_agent.kernel.callerfile import open_regular
+from kho_agent.kernel.kexec import load_named
 
 
 @pytest.fixture(autouse=True)
@@ -81,7 +83,7 @@ def test_load_without_initrd_passes_no_initramfs_and_a_nul_terminated_cmdline(
     kernel, _ = images
     kexec = RecordingKexec(tmp_path)
     before = _open_fds()
-    kexec.load(kernel, None, "console=ttyS0 kho=on")
+    load_named(kexec, kernel, None, "console=ttyS0 kho=on")
     (call,) = kexec.calls
     assert call.cmdline == b"console=ttyS0 kho=on\0"  # cmdline_len counts the NUL
     assert call.flags == kx.KEXEC_FILE_NO_INITRAMFS == 0x4
@@ -93,7 +95,7 @@ def test_load_without_initrd_passes_no_initramfs_and_a_nul_terminated_cmdline(
 def test_load_with_initrd_passes_both_files(tmp_path: Path, images: tuple[Path, Path]) -> None:
     kernel, initrd = images
     kexec = RecordingKexec(tmp_path)
-    kexec.load(kernel, initrd, "")
+    load_named(kexec, kernel, initrd, "")
     (call,) = kexec.calls
     assert call.flags == 0
     assert (call.kernel_ino, call.initrd_ino) == (kernel.stat().st_ino, initrd.stat().st_ino)
@@ -106,7 +108,7 @@ def test_load_closes_files_when_the_kernel_refuses(
     kexec = RecordingKexec(tmp_path, answer=errno.EADDRNOTAVAIL)
     before = _open_fds()
     with pytest.raises(KernelRefused) as info:
-        kexec.load(kernel, initrd, "x")
+        load_named(kexec, kernel, initrd, "x")
     assert _open_fds() == before
     assert info.value.errno == errno.EADDRNOTAVAIL and info.value.op == "kexec_file_load"
     assert "kho_scratch=" in info.value.advice
@@ -134,7 +136,7 @@ def test_missing_kernel_names_the_path_before_any_syscall(
     missing = tmp_path / "boot" / "vmlinuz-7.3.0"
     before = _open_fds()
     with pytest.raises(NotFound, match=re.escape(str(missing))):
-        kexec.load(missing, initrd, "")
+        load_named(kexec, missing, initrd, "")
     assert kexec.calls == []
     assert _open_fds() == before
 
@@ -145,7 +147,7 @@ def test_missing_initrd_names_the_path_and_closes_the_kernel(
     kexec = RecordingKexec(tmp_path)
     before = _open_fds()
     with pytest.raises(NotFound, match=r"initrd .*nope\.img"):
-        kexec.load(kernel, tmp_path / "nope.img", "")
+        load_named(kexec, kernel, tmp_path / "nope.img", "")
     assert kexec.calls == [] and _open_fds() == before
 
 
@@ -156,23 +158,24 @@ def test_empty_or_non_regular_images_and_nul_in_cmdline_are_refused(
     empty = tmp_path / "empty"
     empty.write_bytes(b"")
     with pytest.raises(InvalidArgument, match="empty"):
-        kexec.load(empty, None, "")
+        load_named(kexec, empty, None, "")
     with pytest.raises(InvalidArgument, match="regular file"):
-        kexec.load(tmp_path, None, "")
+        load_named(kexec, tmp_path, None, "")
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     with pytest.raises(InvalidArgument, match="regular file"):  # and does not block opening it
-        kexec.load(kernel, fifo, "")
+        load_named(kexec, kernel, fifo, "")
     with pytest.raises(InvalidArgument, match="NUL"):
-        kexec.load(kernel, None, "a\0b")
+        load_named(kexec, kernel, None, "a\0b")
     assert kexec.calls == []
 
 
-def test_a_machine_without_kho_is_refused_before_touching_files(tmp_path: Path) -> None:
+def test_a_machine_without_kho_is_refused_before_the_syscall(
+        tmp_path: Path, images: tuple[Path, Path]) -> None:
     kexec = RecordingKexec(tmp_path, machine="riscv64")
     assert kexec.available() is False
-    with pytest.raises(KernelRefused) as info:
-        kexec.load(tmp_path / "missing", None, "")
+    with pytest.raises(KernelRefused) as info, open_regular(images[0]) as kernel:
+        kexec.load(kernel, None, "")
     assert info.value.errno == errno.ENOSYS
     assert "x86-64 and arm64" in info.value.advice
     assert kexec.calls == []
@@ -203,7 +206,7 @@ def test_loading_a_non_kernel_file_is_refused_with_the_advice_for_its_errno(
         not_a_kernel.write_text("not-a-kernel\n")
     before = _open_fds()
     with pytest.raises(KernelRefused) as info:
-        kx.RealKexec(Path("/")).load(not_a_kernel, None, "console=ttyS0")
+        load_named(kx.RealKexec(Path("/")), not_a_kernel, None, "console=ttyS0")
     # the sandbox may forbid kexec (EPERM) or lack it (ENOSYS); a real one rejects the image
     assert info.value.errno in {errno.EPERM, errno.ENOEXEC, errno.EINVAL, errno.ENOSYS,
                                 errno.EBADMSG}

@@ -27,6 +27,7 @@ from kho_agent.kernel import debugfs
 from kho_agent.kernel.fsmagic import TMPFS_MAGIC, fs_magic
 from kho_agent.kernel.host import Host
 from kho_agent.kernel.image import read_image
+from kho_agent.kernel.kexec import load_named
 from kho_agent.kernel.physmem import ElfCoreMemory
 from kho_agent.sim import SimAbi, SimKernel
 from kho_agent.sim import boot as simboot
@@ -99,7 +100,7 @@ def kexec(kernel: SimKernel, *, release: str = "7.3.1-sim", abi: SimAbi | None =
     host = kernel.host()
     image = kernel.write_kernel_image(kernel.directory / f"img-{release}", release=release,
                                       abi=abi or kernel.abi)
-    host.kexec.load(image, None, cmdline)
+    load_named(host.kexec, image, None, cmdline)
     host.kexec.reboot(via_systemd=False)
     return SimKernel(kernel.directory)
 
@@ -510,7 +511,7 @@ def test_size_change_after_preserve_fails_the_freeze(sim: SimKernel, fds: list[i
     s.preserve_fd(m, 1)
     os.ftruncate(m, 5000)
     image = sim.write_kernel_image(sim.directory / "img", release="7.3.1", abi=sim.abi)
-    host.kexec.load(image, None, CMDLINE)
+    load_named(host.kexec, image, None, CMDLINE)
     with pytest.raises(KernelRefused, match="changed size from 100 to 5000") as exc:
         host.kexec.reboot(via_systemd=False)
     assert exc.value.errno == errno.EINVAL
@@ -566,7 +567,7 @@ def test_fault_freeze_fails(sim: SimKernel, fds: list[int]) -> None:
     s.preserve_fd(m, 1)
     sim.inject("freeze-fails")
     image = sim.write_kernel_image(sim.directory / "img", release="7.3.1", abi=sim.abi)
-    host.kexec.load(image, None, CMDLINE)
+    load_named(host.kexec, image, None, CMDLINE)
     with refused(errno.EINVAL):
         host.kexec.reboot(via_systemd=False)
     assert sim.faults() == {} and sim.boot_count == 1 and host.kexec.loaded()
@@ -627,15 +628,15 @@ def test_fault_load_fails_and_load_rules(sim: SimKernel, tmp_path: Path) -> None
     image = sim.write_kernel_image(tmp_path / "img", release="7.3.1", abi=sim.abi)
     sim.inject("load-fails", errno=errno.ENOMEM)
     with refused(errno.ENOMEM):
-        host.kexec.load(image, None, CMDLINE)
+        load_named(host.kexec, image, None, CMDLINE)
     junk = tmp_path / "junk"
     junk.write_bytes(b"not a kernel" * 100)
     with refused(errno.ENOEXEC):
-        host.kexec.load(junk, None, CMDLINE)
+        load_named(host.kexec, junk, None, CMDLINE)
     with refused(errno.EINVAL):
         host.kexec.reboot(via_systemd=False)  # nothing loaded
     assert host.kexec.available() and not host.kexec.loaded()
-    host.kexec.load(image, None, CMDLINE)
+    load_named(host.kexec, image, None, CMDLINE)
     assert host.kexec.loaded() and host.path("sys/kernel/kexec_loaded").read_text() == "1\n"
     host.kexec.unload()
     assert not host.kexec.loaded() and host.path("sys/kernel/kexec_loaded").read_text() == "0\n"
@@ -652,10 +653,10 @@ def test_segments_must_fit_in_scratch(tmp_path: Path) -> None:
     with open(initrd, "wb") as fh:
         fh.truncate(5 << 20)
     with refused(errno.EADDRNOTAVAIL):
-        sim.host().kexec.load(image, initrd, CMDLINE)
+        load_named(sim.host().kexec, image, initrd, CMDLINE)
     small = tmp_path / "small"
     small.write_bytes(b"\0" * 1000)
-    sim.host().kexec.load(image, small, CMDLINE)
+    load_named(sim.host().kexec, image, small, CMDLINE)
 
 
 # --- ABI mismatches (§3.9) ---------------------------------------------------------------------

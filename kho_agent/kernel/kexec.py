@@ -11,8 +11,8 @@ import ctypes
 import errno
 import os
 import platform
-import stat
 import subprocess
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Protocol
 
@@ -23,8 +23,8 @@ from ..errors import (
     InvalidArgument,
     KernelRefused,
     NotFound,
-    PermissionDenied,
 )
+from .callerfile import RegularFile, open_regular
 
 KEXEC_FILE_UNLOAD = 0x1
 KEXEC_FILE_ON_CRASH = 0x2
@@ -41,7 +41,10 @@ class Kexec(Protocol):
         """A kexec image is loaded (`/sys/kernel/kexec_loaded`)."""
         ...
 
-    def load(self, kernel: Path, initrd: Path | None, cmdline: str) -> None: ...
+    def load(self, kernel: RegularFile, initrd: RegularFile | None, cmdline: str) -> None:
+        """Load the image in the open `kernel` (and `initrd`). The caller opened them, with the
+        rights it chose (callerfile.py), and closes them."""
+        ...
 
     def unload(self) -> None: ...
 
@@ -197,21 +200,27 @@ def encode_cmdline(cmdline: str) -> bytes:
     return raw + b"\0"
 
 
-def _open_image(path: Path, what: str) -> int:
-    try:
-        # stat first: opening a FIFO or a device to find out what it is could block or act
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            raise InvalidArgument(f"{what} {path} is not a regular file")
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except (FileNotFoundError, NotADirectoryError) as exc:
-        raise NotFound(f"{what} {path} does not exist: check the path (nothing was loaded)") \
-            from exc
-    except PermissionError as exc:
-        raise PermissionDenied(f"{what} {path} cannot be read: {exc.strerror}") from exc
-    if os.fstat(fd).st_size == 0:
-        os.close(fd)
-        raise InvalidArgument(f"{what} {path} is empty")
-    return fd
+def open_images(kernel: Path, initrd: Path | None, stack: ExitStack
+                ) -> tuple[RegularFile, RegularFile | None]:
+    """Open a named kernel image (and initrd) as regular files, without blocking; both are
+    closed with `stack`."""
+    image = stack.enter_context(open_regular(kernel, "kernel image"))
+    ramdisk = stack.enter_context(open_regular(initrd, "initrd")) if initrd is not None else None
+    return image, ramdisk
+
+
+def load_named(kexec: Kexec, kernel: Path, initrd: Path | None, cmdline: str) -> None:
+    """Load a kernel given by name (the command-line tools and tests; the daemon opens the files
+    itself, as its caller may)."""
+    encode_cmdline(cmdline)  # a bad command line is refused before any file is opened
+    with ExitStack() as stack:
+        image, ramdisk = open_images(kernel, initrd, stack)
+        kexec.load(image, ramdisk, cmdline)
+
+
+def _check_image(file: RegularFile) -> None:
+    if file.size == 0:
+        raise InvalidArgument(f"{file.label} is empty")
 
 
 def reboot_into_loaded_kernel() -> None:
@@ -268,22 +277,17 @@ class RealKexec:
             raise AbiMismatch(f"{self.root / KEXEC_LOADED_PATH} reads {value!r}, expected 0 or 1")
         return value == "1"
 
-    def load(self, kernel: Path, initrd: Path | None, cmdline: str) -> None:
+    def load(self, kernel: RegularFile, initrd: RegularFile | None, cmdline: str) -> None:
         syscall_number(self._machine)  # an unsupported machine fails before touching files
         raw = encode_cmdline(cmdline)
-        fds: list[int] = []
-        try:
-            fds.append(_open_image(kernel, "kernel image"))
-            flags = KEXEC_FILE_NO_INITRAMFS
-            initrd_fd = -1
-            if initrd is not None:
-                initrd_fd = _open_image(initrd, "initrd")
-                fds.append(initrd_fd)
-                flags = 0
-            err = self._syscall(fds[0], initrd_fd, raw, flags)
-        finally:
-            for fd in fds:
-                os.close(fd)
+        _check_image(kernel)
+        flags = KEXEC_FILE_NO_INITRAMFS
+        initrd_fd = -1
+        if initrd is not None:
+            _check_image(initrd)
+            initrd_fd = initrd.fd
+            flags = 0
+        err = self._syscall(kernel.fd, initrd_fd, raw, flags)
         if err:
             raise KernelRefused(KEXEC_LOAD_OP, err, kexec_advice(err, self.root))
 

@@ -4,12 +4,11 @@ reboot that freezes and serializes LUO, writes the handover and boots the loaded
 from __future__ import annotations
 
 import errno
-import os
-from pathlib import Path
 
 from ..abi.compat import abi_from_payload
 from ..errors import Busy, InvalidArgument, KernelRefused
-from ..kernel.image import ImageError, read_image
+from ..kernel.callerfile import RegularFile
+from ..kernel.image import MAX_INPUT, ImageError, parse_image
 from . import faults as faults_mod
 from . import rootfs
 from .boot import PAGE_SIZE
@@ -34,7 +33,7 @@ class SimKexec:
         self._rt.check()
         return self._rt.fresh().loaded is not None
 
-    def load(self, kernel: Path, initrd: Path | None, cmdline: str) -> None:
+    def load(self, kernel: RegularFile, initrd: RegularFile | None, cmdline: str) -> None:
         rt = self._rt
         rt.check()
         op = "kexec_file_load"
@@ -42,11 +41,9 @@ class SimKexec:
         if fault is not None:
             err = int(str(fault["errno"]))
             raise KernelRefused(op, err, "injected fault load-fails")
-        for path in (kernel, initrd):
-            if path is not None and not Path(path).is_file():
-                raise KernelRefused(op, errno.ENOENT, f"{path} does not exist")
         try:
-            image = read_image(str(kernel))
+            # the kernel reads the whole file (kernel_read_file_from_fd), bounded as it is
+            image = parse_image(kernel.read_all(MAX_INPUT), kernel.name)
         except ImageError as exc:
             raise KernelRefused(op, errno.ENOEXEC, str(exc)) from exc
         spoken = abi_from_payload(image.payload, release=image.info.release)
@@ -61,7 +58,7 @@ class SimKexec:
                      str(versions["handler:memfd"]), str(versions["memblock"]))
         check_abi(abi)
         st = rt.state
-        need = os.path.getsize(kernel) + (os.path.getsize(initrd) if initrd else 0) \
+        need = kernel.size + (initrd.size if initrd else 0) \
             + BOOT_PARAMS + len(cmdline) + 1
         if st.kho_enabled:
             largest = max((s.size for s in st.scratch), default=0)
@@ -72,7 +69,8 @@ class SimKexec:
                                     "scratch; boot with a larger kho_scratch= or use a smaller "
                                     "initrd")
         record: dict[str, object] = {
-            "kernel": str(kernel), "initrd": str(initrd) if initrd else None,
+            "kernel": kernel.resolved_path(),
+            "initrd": initrd.resolved_path() if initrd else None,
             "cmdline": cmdline, "release": image.info.release, "abi": abi.to_json(),
             "kho": st.kho_enabled}
         with locked(rt.directory):

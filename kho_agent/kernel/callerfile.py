@@ -1,0 +1,250 @@
+"""Files someone else names: a kernel image or initrd from a D-Bus caller, a blob or core file on
+the command line, the agent's own state file. Any of them can be a FIFO (an open for reading
+blocks until a writer comes), a device (`/dev/zero` never ends; opening `/dev/watchdog` arms
+it), a directory, a 2 GB sparse file, or be swapped for one of those between a check and a read.
+
+So a named file is first opened with O_PATH (no open of the object itself: no blocking, no device
+side effect), checked to be a regular file, and only then opened for reading through that same
+handle (`/proc/self/fd/N` reopens the very inode that was checked). Its size is known before any
+read, and a reader states the bound its format allows. A file descriptor that a caller passes
+instead of a path gets the same checks.
+
+Every refusal is an AgentError with a documented name: NotFound, PermissionDenied, or
+InvalidArgument (not a regular file, too large, empty, unreadable with its errno).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from ..errors import AgentError, InvalidArgument, NotFound, PermissionDenied
+
+PATH_MAX = 4096  # the kernel's limit on a path given to open(2), NUL included
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symbolic link"))
+
+
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, for messages."""
+    for test, name in _KINDS:
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _describe(what: str, name: str) -> str:
+    return f"{what} {name}" if what else name
+
+
+def _os_error(exc: OSError, what: str, name: str) -> AgentError:
+    where = _describe(what, name)
+    code = exc.errno or errno.EIO
+    if code in (errno.ENOENT, errno.ENOTDIR):
+        return NotFound(f"{where} does not exist")
+    if code in (errno.EACCES, errno.EPERM):
+        return PermissionDenied(f"{where} cannot be opened: {os.strerror(code)}")
+    label = errno.errorcode.get(code, str(code))
+    return InvalidArgument(f"{where} cannot be opened: {label} ({os.strerror(code)})")
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    """Which file, in which version: a cache key that changes when the file does."""
+
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+
+class RegularFile:
+    """An open regular file with its size; read with bounds, close when done (or use `with`)."""
+
+    def __init__(self, fd: int, name: str, what: str, st: os.stat_result) -> None:
+        self.fd = fd
+        self.name = name
+        self.what = what
+        self.size = st.st_size
+        self.identity = FileIdentity(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+                                     st.st_ctime_ns)
+
+    def __repr__(self) -> str:
+        return f"RegularFile({self.name!r}, fd={self.fd}, size={self.size})"
+
+    @property
+    def label(self) -> str:
+        return _describe(self.what, self.name)
+
+    def resolved_path(self) -> str:
+        """Where the open file lives in this mount namespace (for records); the given name when
+        /proc cannot tell."""
+        try:
+            return os.readlink(f"/proc/self/fd/{self.fd}")
+        except OSError:
+            return self.name
+
+    def check_size(self, limit: int, *, allow_empty: bool = False) -> None:
+        if self.size > limit:
+            raise InvalidArgument(f"{self.label} has {self.size} bytes, more than the "
+                                  f"{limit} this input can be ({_human(limit)})")
+        if self.size == 0 and not allow_empty:
+            raise InvalidArgument(f"{self.label} is empty")
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        """Up to `length` bytes at `offset` (fewer at the end of the file); never more."""
+        chunks: list[bytes] = []
+        while length > 0:
+            try:
+                chunk = os.pread(self.fd, min(length, 1 << 24), offset)
+            except OSError as exc:
+                code = exc.errno or errno.EIO
+                raise InvalidArgument(f"{self.label} cannot be read: "
+                                      f"{errno.errorcode.get(code, str(code))} "
+                                      f"({os.strerror(code)})") from exc
+            if not chunk:
+                break
+            chunks.append(chunk)
+            offset += len(chunk)
+            length -= len(chunk)
+        return b"".join(chunks)
+
+    def read_all(self, limit: int, *, allow_empty: bool = False) -> bytes:
+        """The whole file, refused before any read when it is larger than `limit`. A file that
+        grows while being read is cut at `limit` + 1 bytes and refused."""
+        self.check_size(limit, allow_empty=allow_empty)
+        data = self.read_at(0, limit + 1)
+        if len(data) > limit:
+            raise InvalidArgument(f"{self.label} grew past {limit} bytes while it was read")
+        return data
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> RegularFile:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+def check_path(path: str | os.PathLike[str], what: str) -> str:
+    """A path as open(2) will take it: text, no NUL, not empty, at most PATH_MAX."""
+    text = os.fspath(path)
+    if not text:
+        raise InvalidArgument(f"{what or 'path'}: an empty path")
+    if "\0" in text:
+        raise InvalidArgument(f"{_describe(what, repr(text))} contains a NUL byte")
+    if len(os.fsencode(text)) >= PATH_MAX:
+        raise InvalidArgument(f"{what or 'path'}: a path of {len(text)} characters is longer "
+                              f"than the kernel's {PATH_MAX - 1}")
+    return text
+
+
+def open_regular(path: str | os.PathLike[str], what: str = "", *,
+                 max_size: int | None = None) -> RegularFile:
+    """Open a named file for reading only if it is a regular file, without ever blocking and
+    without opening anything else. `max_size` refuses a larger file before any read."""
+    name = check_path(path, what)
+    try:
+        handle = os.open(name, os.O_PATH | os.O_CLOEXEC)
+    except OSError as exc:
+        raise _os_error(exc, what, name) from exc
+    try:
+        st = os.fstat(handle)
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidArgument(f"{_describe(what, name)} is {file_kind(st.st_mode)}, not a "
+                                  "regular file")
+        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+        try:
+            fd = _reopen(handle, flags)
+            if fd is None:  # no /proc: open by name, then prove it is the same inode
+                fd = os.open(name, flags)
+                again = os.fstat(fd)
+                if (again.st_dev, again.st_ino) != (st.st_dev, st.st_ino):
+                    os.close(fd)
+                    raise InvalidArgument(f"{_describe(what, name)} was replaced while it was "
+                                          "opened; try again")
+        except OSError as exc:
+            raise _os_error(exc, what, name) from exc
+    finally:
+        os.close(handle)
+    opened = RegularFile(fd, name, what, os.fstat(fd))
+    if max_size is not None:
+        try:
+            opened.check_size(max_size, allow_empty=True)
+        except AgentError:
+            opened.close()
+            raise
+    return opened
+
+
+def _reopen(handle: int, flags: int) -> int | None:
+    """Open the inode behind an O_PATH handle for I/O; None when /proc is not mounted."""
+    try:
+        return os.open(f"/proc/self/fd/{handle}", flags)
+    except FileNotFoundError:
+        if os.path.isdir("/proc/self/fd"):
+            raise  # /proc is there: the file itself went away
+        return None
+
+
+def adopt_fd(fd: int, name: str, what: str = "", *, max_size: int | None = None) -> RegularFile:
+    """A descriptor a caller passed (the caller opened it, with its own rights): checked like a
+    named file. Takes ownership of `fd` (closed on refusal)."""
+    try:
+        try:
+            st = os.fstat(fd)
+            mode = fcntl.fcntl(fd, fcntl.F_GETFL)
+        except OSError as exc:
+            code = exc.errno or errno.EBADF
+            raise InvalidArgument(f"{_describe(what, name)}: the passed fd cannot be used: "
+                                  f"{errno.errorcode.get(code, str(code))} "
+                                  f"({os.strerror(code)})") from exc
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidArgument(f"{_describe(what, name)} is {file_kind(st.st_mode)}, not a "
+                                  "regular file")
+        if mode & os.O_PATH or (mode & os.O_ACCMODE) == os.O_WRONLY:
+            raise InvalidArgument(f"{_describe(what, name)}: the passed fd is not open for "
+                                  "reading")
+        opened = RegularFile(fd, name, what, st)
+        if max_size is not None:
+            opened.check_size(max_size, allow_empty=True)
+        return opened
+    except AgentError:
+        os.close(fd)
+        raise
+
+
+def read_regular(path: str | os.PathLike[str], what: str, limit: int, *,
+                 allow_empty: bool = False) -> bytes:
+    """The whole of a named regular file of at most `limit` bytes."""
+    with open_regular(path, what, max_size=limit) as opened:
+        return opened.read_all(limit, allow_empty=allow_empty)
+
+
+def is_regular(path: Path) -> bool:
+    """lstat-free check that does not follow into devices: True for a regular file (through
+    symlinks), False for anything else or nothing."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _human(size: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if size >= 1 << shift:
+            return f"{size / (1 << shift):g} {unit}"
+    return f"{size} bytes"
