@@ -29,7 +29,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import NoReturn
 
-from .errors import InvalidArgument, KernelRefused, NotFound, StateCorrupt
+from .errors import AgentError, InvalidArgument, KernelRefused, NotFound, StateCorrupt
+from .kernel.callerfile import read_regular
 from .netstate import NetState, NetStateFormatError
 from .netstate import diff as netstate_diff
 
@@ -43,7 +44,7 @@ U64_LIMIT = 1 << 64
 U32_LIMIT = 1 << 32
 DIGEST_HEX_LENGTHS = {"blake3": 64}
 _LOWER_HEX = re.compile(r"[0-9a-f]*")
-MANIFEST_MAX_BYTES = 256 << 20     # far above 100k files (~25 MiB); refuses a garbage fd
+MANIFEST_MAX_BYTES = 256 << 20     # measured: 10k files 1.7-3 MB, 100k files 17 MB; refuses junk
 
 # F_SEAL_* (include/uapi/linux/fcntl.h)
 F_SEAL_SEAL = 0x01
@@ -223,6 +224,14 @@ def _reject_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _finite_float(text: str) -> float:
+    # 1e999 parses as infinity, which the manifest cannot be written back with (allow_nan=False)
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is out of range")
+    return value
+
+
 def manifest_from_json(data: bytes) -> Manifest:
     """Parse and validate; ManifestCorrupt (a StateCorrupt) names the JSON path of the first
     problem."""
@@ -232,11 +241,12 @@ def manifest_from_json(data: bytes) -> Manifest:
         raise ManifestCorrupt("$", f"not UTF-8 text (byte {err.start})") from err
     duplicates = _DuplicateTracker()
     try:
-        value = json.loads(text, object_pairs_hook=duplicates, parse_constant=_reject_constant)
+        value = json.loads(text, object_pairs_hook=duplicates, parse_constant=_reject_constant,
+                           parse_float=_finite_float)
     except json.JSONDecodeError as err:
         raise ManifestCorrupt("$", f"not valid JSON ({err.msg} at line {err.lineno} column "
                                    f"{err.colno}); the file may be truncated") from err
-    except ValueError as err:  # NaN / Infinity
+    except ValueError as err:  # NaN / Infinity / out of range / an integer of > 4300 digits
         raise ManifestCorrupt("$", f"not valid JSON ({err})") from err
     except RecursionError as err:
         raise ManifestCorrupt("$", "nested too deeply to be a manifest") from err
@@ -313,6 +323,13 @@ def _str(value: object, path: str, *, empty_ok: bool = False) -> str:
         raise _Invalid(path, "must not be empty")
     if "\0" in value:
         raise _Invalid(path, "contains a NUL character")
+    if not value.isascii():
+        # a JSON escape can hold a lone surrogate: no UTF-8 encoder (D-Bus, the LUO session
+        # name, the manifest's own writer) takes it
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise _Invalid(path, "not valid Unicode (a lone surrogate)") from err
     return value
 
 
@@ -539,19 +556,25 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
 
 
 def read_manifest(path: Path) -> Manifest:
+    """The manifest at `path`: NotFound when nothing is there, ManifestCorrupt (a StateCorrupt)
+    for anything that is not a regular file of at most MANIFEST_MAX_BYTES holding a valid
+    manifest. It is opened with O_PATH first (kernel/callerfile.py): a FIFO or a device there
+    is refused without blocking, and nothing larger than the bound is read."""
+    source = f"manifest {path}"
     try:
-        data = path.read_bytes()
-    except FileNotFoundError as err:
-        raise NotFound(f"no manifest at {path}: no live update was prepared on this host (run "
-                       "`kho-agentctl prepare` first)") from err
-    except OSError as err:
-        code = err.errno if err.errno is not None else errno.EIO
-        raise KernelRefused(f"reading {path}", code,
-                            "the manifest could not be read; check the state directory") from err
+        data = read_regular(path, "manifest", MANIFEST_MAX_BYTES, allow_empty=True)
+    except NotFound as err:
+        if not os.path.lexists(path):
+            raise NotFound(f"no manifest at {path}: no live update was prepared on this host "
+                           "(run `kho-agentctl prepare` first)") from err
+        raise ManifestCorrupt("$", "it is a symbolic link to a file that does not exist",
+                              source=source) from err
+    except AgentError as err:  # not a regular file, too large, unreadable: the message says
+        raise ManifestCorrupt("$", err.message, source=source) from err
     try:
         return manifest_from_json(data)
     except ManifestCorrupt as err:
-        raise ManifestCorrupt(err.json_path, err.problem, source=f"manifest {path}") from err
+        raise ManifestCorrupt(err.json_path, err.problem, source=source) from err
 
 
 def manifest_memfd(m: Manifest) -> int:
