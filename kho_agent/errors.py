@@ -64,6 +64,14 @@ class AbiMismatch(AgentError):
     exit_code = EXIT_REFUSED
 
 
+class Cancelled(AgentError):
+    """The operation was cancelled on request (Job.Cancel of a running prepare) and rolled
+    back."""
+
+    name = "Cancelled"
+    exit_code = EXIT_REFUSED
+
+
 class KernelRefused(AgentError):
     """A system call failed. `errno` is the kernel's; `op` names the call (`PRESERVE_FD`)."""
 
@@ -105,8 +113,10 @@ class VerificationFailed(AgentError):
     exit_code = EXIT_FINDINGS
 
 
-EXIT_CODES: dict[str, int] = {
-    cls.name: cls.exit_code
-    for cls in (AgentError, InvalidArgument, Busy, NotPrepared, PreflightFailed, AbiMismatch,
-                KernelRefused, PermissionDenied, NotFound, StateCorrupt, VerificationFailed)
-}
+# Every error the agent sends, once: the D-Bus names, the exit codes and the client's mapping
+# back (service/errors.py from_dbus) derive from this table.
+ERRORS: tuple[type[AgentError], ...] = (
+    AgentError, InvalidArgument, Busy, Cancelled, NotPrepared, PreflightFailed, AbiMismatch,
+    KernelRefused, PermissionDenied, NotFound, StateCorrupt, VerificationFailed)
+
+EXIT_CODES: dict[str, int] = {cls.name: cls.exit_code for cls in ERRORS}

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 
 from .abi import KhoInput, KhoState, Side, decode_state
 from .abi.compat import (
@@ -24,11 +27,13 @@ from .abi.compat import (
 )
 from .abi.luo_common import LuoState
 from .abi.state import ScratchArea, scratch_roles
-from .errors import InvalidArgument, NotFound
+from .errors import AgentError, InvalidArgument, NotFound
 from .kernel import debugfs
+from .kernel.callerfile import FileIdentity, RegularFile, open_regular
+from .kernel.cmdline import setup_cmdline_size
 from .kernel.fsmagic import HUGETLBFS_MAGIC, TMPFS_MAGIC, fs_magic
 from .kernel.host import Host
-from .kernel.image import ImageError, ImageInfo, read_image
+from .kernel.image import ImageError, ImageInfo, parse_image, read_image
 from .scratch import image_memory_size
 
 
@@ -75,6 +80,13 @@ def kho_view(host: Host, side: Side, *, with_memory: bool = True) -> KhoView:
     return KhoView(side, directory, state, sizes, scratch)
 
 
+# A target image is read whole to find the ABI strings in its payload. kexec_file_load itself
+# takes at most INT_MAX, but a bootable image (bzImage, arm64 Image) is tens of MiB; an
+# uncompressed vmlinux with debug information can pass 256 MiB, and that is not bootable by
+# kexec_file_load anyway (compat reads those, with its own bound).
+TARGET_IMAGE_MAX = 256 << 20
+
+
 @dataclass
 class TargetImage:
     path: Path
@@ -82,19 +94,82 @@ class TargetImage:
     abi: KernelAbi
     size: int           # bytes of the file
     memory_size: int    # bytes kexec reserves for it (bzImage init_size), at least `size`
+    cmdline_size: int | None = None  # x86 setup_header.cmdline_size; None: COMMAND_LINE_SIZE
 
 
-def target_image(path: Path) -> TargetImage:
+@dataclass
+class TargetFiles:
+    """The next kernel's files, open: read for planning and handed to kexec_file_load as they
+    are, so what was checked is what is loaded."""
+
+    kernel: RegularFile
+    initrd: RegularFile | None = None
+
+    @classmethod
+    def open(cls, kernel: Path, initrd: Path | None) -> TargetFiles:
+        """Open by name, with this process's rights (root's own calls, the local CLI)."""
+        image = open_regular(kernel, "target kernel", max_size=TARGET_IMAGE_MAX)
+        try:
+            ramdisk = open_regular(initrd, "initrd") if initrd is not None else None
+        except AgentError:
+            image.close()
+            raise
+        return cls(image, ramdisk)
+
+    @property
+    def initrd_size(self) -> int:
+        return self.initrd.size if self.initrd is not None else 0
+
+    def close(self) -> None:
+        self.kernel.close()
+        if self.initrd is not None:
+            self.initrd.close()
+
+    def __enter__(self) -> TargetFiles:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+def target_image(file: RegularFile) -> TargetImage:
+    """Read and decode an open target kernel image (bounded by TARGET_IMAGE_MAX)."""
+    data = file.read_all(TARGET_IMAGE_MAX)
     try:
-        image = read_image(str(path))
+        image = parse_image(data, file.name)
     except ImageError as exc:
         raise InvalidArgument(f"target kernel: {exc}") from exc
     info = image.info
-    size = path.stat().st_size
-    with path.open("rb") as fh:
-        sized = image_memory_size(fh.read(4096), size)
+    head = data[:4096]
+    sized = image_memory_size(head, len(data))
+    path = Path(file.resolved_path())
     return TargetImage(path, info, abi_from_payload(image.payload, f"image {path}", info.release),
-                       size, max(sized[0], size) if sized else size)
+                       len(data), max(sized[0], len(data)) if sized else len(data),
+                       setup_cmdline_size(head))
+
+
+class TargetImageCache:
+    """Decoded target images by file identity (device, inode, size, times): a hundred Preflight
+    calls naming the same kernel decode it once. Bounded; safe to share between threads."""
+
+    def __init__(self, entries: int = 4) -> None:
+        self._entries = entries
+        self._cache: OrderedDict[FileIdentity, TargetImage] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, file: RegularFile) -> TargetImage:
+        with self._lock:
+            hit = self._cache.get(file.identity)
+            if hit is not None:
+                self._cache.move_to_end(file.identity)
+                return hit
+        image = target_image(file)
+        with self._lock:
+            self._cache[file.identity] = image
+            while len(self._cache) > self._entries:
+                self._cache.popitem(last=False)
+        return image
 
 
 def file_size(path: Path | None, what: str) -> int:

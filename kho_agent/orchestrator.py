@@ -14,16 +14,16 @@ the pure modules (preflight, scratch, manifest).
 
 from __future__ import annotations
 
+import copy
 import errno
 import fcntl
 import json
 import os
-import shlex
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from .digest import DigestResult, digest_fd
 from .errors import (
     AgentError,
     Busy,
+    Cancelled,
     InvalidArgument,
     KernelRefused,
     NotFound,
@@ -44,17 +45,19 @@ from .errors import (
     StateCorrupt,
 )
 from .facts import (
+    TARGET_IMAGE_MAX,
     FileFacts,
+    TargetFiles,
     TargetImage,
+    TargetImageCache,
     file_facts,
-    file_size,
     kho_view,
     running_abi,
-    target_image,
 )
 from .fdstore import SYSTEMD_SESSION, SessionFdStore
+from .kernel.callerfile import RegularFile, open_regular
+from .kernel.cmdline import target_cmdline
 from .kernel.host import Host
-from .kernel.kexec import load_named
 from .kernel.liveupdate import (
     LiveUpdateDevice,
     LiveUpdateSession,
@@ -82,10 +85,10 @@ from .manifest import (
 )
 from .preflight import PlannedSession, PreflightInputs, PreflightResult, handoff_mode, preflight
 from .scratch import ScratchPlan, plan_scratch
-from .statefile import AgentState, Phase, StateStore, Target, now
+from .statefile import AgentState, Phase, StateStore, Target, move_aside, now
 
-LAST_VERIFY_FILE = "last-verify.json"
 MAX_FAILURES_IN_STATE = 50
+MAX_RELEASED_KEPT = 256   # names of released sessions remembered for their owners' later calls
 
 
 @dataclass
@@ -100,10 +103,27 @@ class EngineConfig:
 
 @dataclass
 class PrepareOptions:
-    kernel: Path
-    initrd: Path | None = None
+    # A name is opened by this process (with its rights); an open file is used as it is (the
+    # daemon opens what a caller names with the caller's rights, or takes the caller's fd).
+    kernel: Path | RegularFile
+    initrd: Path | RegularFile | None = None
     cmdline: str | None = None    # None: reuse the running kernel's command line
     scratch: str = "keep"         # "keep", "auto" (recommended kho_scratch=), or a value
+    # Asked between the steps of a prepare: True rolls it back and raises Cancelled (the
+    # daemon's Job.Cancel). The clients' sessions are not touched: they are not the prepare's.
+    cancelled: Callable[[], bool] = lambda: False
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What planning found for one target: the preflight verdict and what prepare and the
+    manifest take from it. A value: planning calls get their own, and only prepare keeps one."""
+
+    result: PreflightResult
+    target: TargetImage | None
+    scratch: ScratchPlan | None
+    abi_running: dict[str, Spoken]
+    abi_target: dict[str, Spoken]
 
 
 @dataclass
@@ -139,6 +159,7 @@ class ClientSession:
     digests: bool
     files: dict[int, PreservedFile] = field(default_factory=dict)
     ready: bool = False
+    owner_gone: bool = False      # the creator's bus connection closed (the daemon says so)
 
     def entry(self) -> SessionEntry:
         return SessionEntry(self.name, self.owner, [
@@ -174,6 +195,7 @@ class Orchestrator:
     def __init__(self, host: Host, config: EngineConfig) -> None:
         self.host = host
         self.config = config
+        self.images = TargetImageCache()
         self.store = StateStore(config.state_dir)
         self.state = AgentState()
         self.device: LiveUpdateDevice | None = None
@@ -181,15 +203,15 @@ class Orchestrator:
         self.clients: dict[str, ClientSession] = {}
         self.incoming: dict[str, LiveUpdateSession] = {}  # retrieved at verify, for owners
         self.commit_blocker: str | None = None
-        self.last_preflight: PreflightResult | None = None
         self._lock = threading.Lock()
         self._handed_off = False
-        # from the last preflight with a target, for the cmdline and the manifest
-        self._scratch_plan: ScratchPlan | None = None
-        self._target: TargetImage | None = None
-        self._abi_running: dict[str, Spoken] = {}
-        self._abi_target: dict[str, Spoken] = {}
+        # the plan the prepared update was made with; only prepare sets it (planning calls get
+        # their own copies), cancel and a failed prepare clear it
+        self._plan: Plan | None = None
         self._prepared: Manifest | None = None
+        # client sessions the agent dropped without their owner asking (cancel), with why: the
+        # daemon tells each owner, and a later call on the name says what happened
+        self.released: dict[str, str] = {}
         self.persist_problem: str | None = None  # the last state write that failed
         # monotonic time after which unclaimed incoming sessions are finished (set by verify)
         self.claim_deadline: float | None = None
@@ -217,75 +239,121 @@ class Orchestrator:
         finally:
             self._lock.release()
 
-    def _transition(self, phase: Phase, message: str, **changes: Any) -> None:
-        self.state.phase = phase
-        self.state.message = message
-        self.state.boot_id = self.sysinfo().boot_id
+    def _transition(self, phase: Phase, message: str, *, strict: bool = True,
+                    **changes: Any) -> None:
+        """Move to `phase`: the whole new state is built and saved first. `strict` (announce
+        before acting): a state that cannot be saved raises and nothing changes, in memory
+        either. Not strict (record what already happened): memory moves on anyway, and the
+        save failure is kept in `persist_problem`."""
+        new = copy.deepcopy(self.state)
+        new.phase = phase
+        new.message = message
+        new.boot_id = self.sysinfo().boot_id
         for key, value in changes.items():
-            setattr(self.state, key, value)
-        self.store.save(self.state)
-        self.persist_problem = None
+            setattr(new, key, value)
+        try:
+            self.store.save(new)
+        except AgentError as exc:
+            if strict:
+                raise
+            self.persist_problem = exc.message
+        else:
+            self.persist_problem = None
+        self.state = new
 
     def _transition_best_effort(self, cause: AgentError, phase: Phase, message: str,
                                 **changes: Any) -> None:
         """For rollbacks: a state that cannot be written (disk full) must not hide the error
         being reported (`cause`), so it is added to it. The in-memory state moves on; the file
         keeps the earlier phase, which a restart in this boot resolves to "cancelled"."""
-        try:
-            self._transition(phase, message, **changes)
-        except AgentError as exc:
-            self.persist_problem = exc.message
+        self._transition(phase, message, strict=False, **changes)
+        if self.persist_problem is not None:
             cause.message += (f"; in addition the agent's state could not be saved "
-                              f"({exc.message}): until it can, a restart of the agent reports "
-                              "an earlier state")
+                              f"({self.persist_problem}): until it can, a restart of the agent "
+                              "reports an earlier state")
             cause.args = (cause.message,)
 
     def sysinfo(self) -> SysInfo:
         return read_sysinfo(self.host.root)
 
     def start(self) -> RecoveryResult:
-        """Load the persisted state and reconcile it with this boot (call once at start)."""
-        result = self._start()
-        if self.stored_sessions and not result.verify_pending:
-            self._release_stored("the fd store handed back session fds but there is nothing "
-                                 "to verify them against")
+        """Load the persisted state and reconcile it with this boot (call once at start).
+
+        Whatever is found in the state directory, this returns: a state that cannot be saved
+        (a full disk, a read-only directory, a corrupt state file that cannot be moved aside)
+        is reported in the state's message, and the agent runs on with it in memory, so that
+        the daemon comes up and says so instead of failing in a restart loop."""
+        with self.store.deferring_errors() as unsaved:
+            result = self._start()
+            if self.stored_sessions and not result.verify_pending:
+                self._release_stored("the fd store handed back session fds but there is "
+                                     "nothing to verify them against")
+        if unsaved:
+            result = _unsaved_at_start(self, result, unsaved[-1])
         return result
 
     def _start(self) -> RecoveryResult:
-        try:
-            self.state = self.store.load()
-        except StateCorrupt as exc:
-            aside = self.store.move_aside()
-            self.state = AgentState()
-            self._transition(Phase.IDLE, f"{exc.message}; kept as {aside}")
-            return RecoveryResult(Phase.IDLE, self.state.message, self._incoming_present())
         boot = self.sysinfo().boot_id
-        if not self.store.path.exists():
-            self._transition(Phase.IDLE, "started")
+        loaded = self.store.load_or_set_aside()
+        self.state = loaded.state
+        incoming = self._incoming_present()
+        same_boot = loaded.found and self.state.boot_id == boot
+        # Did a verification run in this boot already? The state says so when it is intact and
+        # of this boot; otherwise only the verification's own record can, and verifying a
+        # second time would find the sessions the first one retrieved missing: a false
+        # "failed". Read before clear_obstacles() moves a record that is not a file aside.
+        verified_here: tuple[bool, dict[str, Any], str] | None = None
+        record_problem: str | None = None
+        if incoming and not same_boot:
+            intact = loaded.found and loaded.corrupt is None
+            try:
+                # with an intact state, only a record of this boot matters; without one, an
+                # unreadable record matters too (it may be this boot's)
+                record = self.store.read_last_verify(only_for_boot=boot if intact else None)
+            except StateCorrupt as exc:
+                record_problem = exc.message
+            else:
+                if record is not None and record.boot_id == boot:
+                    verified_here = (record.ok, record.summary(MAX_FAILURES_IN_STATE),
+                                     str(record.path))
+        notes = [aside.describe() for aside in self.store.clear_obstacles()]
+        if loaded.corrupt is not None or not loaded.found:
+            corrupt = loaded.corrupt.describe() if loaded.corrupt is not None else None
+            return _recover_lost_state(self, boot, corrupt, notes, incoming, verified_here,
+                                       record_problem)
+        if verified_here is not None:  # the state was not saved after that verification
+            return _adopt_verification(self, verified_here, notes)
         phase = self.state.phase
-        same_boot = self.state.boot_id == boot
         if same_boot and self.stored_sessions:
             self._release_stored("the fd store handed back session fds in the boot they were "
                                  "parked in (the previous agent process stopped after "
                                  "parking them)")
         if same_boot and self.state.awaiting:
             self._lost_awaiting()
+        result: RecoveryResult | None = None
         if phase in (Phase.PREPARING, Phase.PREPARED, Phase.COMMITTING, Phase.CANCELLING):
             if same_boot:
-                return self._restarted_before_kexec(phase)
-            if phase in (Phase.PREPARED, Phase.COMMITTING):
-                return RecoveryResult(phase, "rebooted since the last state was written: "
-                                      "verification is pending", True)
-            self._transition(Phase.FAILED, f"the host rebooted while {phase.value}; nothing "
-                             "was committed", last_result={"result": "failed",
-                                                           "reason": f"rebooted {phase.value}"})
+                result = self._restarted_before_kexec(phase)
+            elif phase in (Phase.PREPARED, Phase.COMMITTING):
+                result = RecoveryResult(phase, "rebooted since the last state was written: "
+                                        "verification is pending", True)
+            else:
+                self._transition(Phase.FAILED, f"the host rebooted while {phase.value}; "
+                                 "nothing was committed", last_result={
+                                     "result": "failed", "reason": f"rebooted {phase.value}"})
         elif phase is Phase.VERIFYING:
             self._transition(Phase.FAILED, "verification was interrupted (the agent stopped "
                              "while verifying); sessions it had retrieved were finished when it "
                              "exited", last_result={"result": "failed",
                                                     "reason": "verification interrupted"})
-        return RecoveryResult(self.state.phase, self.state.message,
-                              not same_boot and self._incoming_present())
+        if result is None:
+            result = RecoveryResult(self.state.phase, self.state.message,
+                                    not same_boot and incoming)
+        if notes:  # in memory only: a save here would stamp an earlier boot's state as ours
+            self.state.message = "; ".join([self.state.message, *notes])
+            result = RecoveryResult(result.phase, "; ".join([result.message, *notes]),
+                                    result.verify_pending)
+        return result
 
     def _lost_awaiting(self) -> None:
         """The previous agent process of this boot held retrieved sessions for their owners and
@@ -331,7 +399,7 @@ class Orchestrator:
                 notes.append("the loaded kernel was unloaded")
             except KernelRefused as exc:
                 notes.append(f"unloading the kernel failed: {exc.message}")
-        self.store.manifest_path.unlink(missing_ok=True)
+        self._remove_manifest(notes)
         message = "; ".join(notes) + ". Run prepare again."
         self._transition(Phase.IDLE, message, loaded_by_us=False, target=None,
                          last_result={"result": "cancelled", "reason": message})
@@ -409,6 +477,7 @@ class Orchestrator:
         that is no longer ready may change its memory: its digests are void until it is ready
         again (and a session is not committed while not ready, unless forced)."""
         client = self._client(name)
+        client.owner_gone = False  # whoever says so is its owner (the service checked the uid)
         if ready:
             for f in client.files.values():
                 if f.fd is None:
@@ -424,6 +493,21 @@ class Orchestrator:
                 f.digest = None
         client.ready = ready
 
+    def owner_gone(self, name: str, *, never_told: bool = False) -> None:
+        """The session's creator disconnected from the bus. A creator that left before the
+        reply to CreateSession could reach it never learned of the session (no path, no fd):
+        the session is released. Otherwise the session stays for a new connection of the same
+        uid, and a commit refused for it says that its owner is gone."""
+        client = self.clients.get(name)
+        if client is None:
+            return
+        if never_told and not client.files:
+            self.release_session(name)
+            self._note_released(name, "its creator disconnected before the reply to "
+                                "CreateSession reached it: nobody knew of the session")
+            return
+        client.owner_gone = True
+
     def release_session(self, name: str) -> None:
         """Close a client session before the kexec (the kernel unpreserves its files)."""
         client = self.clients.pop(name, None)
@@ -438,24 +522,19 @@ class Orchestrator:
 
     # ------------------------------------------------------------------ prepare
 
-    def gather_preflight(self, target_path: Path | None, initrd: Path | None) -> PreflightResult:
+    def plan(self, target: TargetImage | None, initrd_size: int = 0,
+             target_problem: str | None = None, *, margin: float | None = None) -> Plan:
+        """Preflight a target (already read and decoded): reads the host, changes nothing."""
         info = self.sysinfo()
         out = kho_view(self.host, Side.OUT)
-        target: TargetImage | None = None
-        target_problem = None
         compat = None
         scratch: ScratchPlan | None = None
-        if target_path is not None:
-            try:
-                target = target_image(target_path)
-            except AgentError as exc:
-                target_problem = exc.message
         if target is not None:
             compat = compare(running_abi(self.host, info.release, out), target.abi)
             scratch = plan_scratch(info, out.scratch, kho_boot=self._incoming_present(),
-                                   image_bytes=target.memory_size,
-                                   initrd_bytes=file_size(initrd, "initrd"),
-                                   margin=self.config.scratch_margin)
+                                   image_bytes=target.memory_size, initrd_bytes=initrd_size,
+                                   margin=self.config.scratch_margin if margin is None
+                                   else margin)
         luo = out.luo
         errors = ([f for f in out.state.findings if f.severity is Severity.ERROR]
                   if out.state else [])
@@ -470,97 +549,166 @@ class Orchestrator:
             sessions=[PlannedSession(c.name, [f.facts for f in c.files.values()])
                       for c in self.clients.values()],
             outgoing_errors=errors)
-        result = preflight(inputs)
-        self.last_preflight = result
-        self._scratch_plan = scratch
-        self._target = target
-        self._abi_running = compat.running.contracts if compat else {}
-        self._abi_target = compat.target.contracts if compat else {}
-        return result
+        return Plan(preflight(inputs), target, scratch,
+                    dict(compat.running.contracts) if compat else {},
+                    dict(compat.target.contracts) if compat else {})
+
+    def plan_files(self, files: TargetFiles | None, *, margin: float | None = None) -> Plan:
+        """Preflight open target files; a target that cannot be read or decoded is a blocker
+        of the report, not an error of the call."""
+        if files is None:
+            return self.plan(None, margin=margin)
+        try:
+            target = self.images.get(files.kernel)
+        except AgentError as exc:
+            return self.plan(None, files.initrd_size, exc.message, margin=margin)
+        return self.plan(target, files.initrd_size, margin=margin)
+
+    def gather_preflight(self, target_path: Path | None, initrd: Path | None) -> PreflightResult:
+        """Preflight by file names, opened with this process's rights (rehearsal, the local
+        CLI). Names that cannot be opened are a blocker of the report."""
+        if target_path is None:
+            return self.plan(None).result
+        try:
+            files = TargetFiles.open(target_path, initrd)
+        except AgentError as exc:
+            return self.plan(None, 0, exc.message).result
+        try:
+            return self.plan_files(files).result
+        finally:
+            files.close()
+
+    @contextmanager
+    def _target_files(self, options: PrepareOptions) -> Iterator[TargetFiles]:
+        """The prepare's files: names are opened here (and closed after), open files are the
+        caller's to close."""
+        with ExitStack() as stack:
+            kernel = options.kernel
+            if not isinstance(kernel, RegularFile):
+                kernel = stack.enter_context(open_regular(kernel, "target kernel",
+                                                          max_size=TARGET_IMAGE_MAX))
+            initrd = options.initrd
+            if initrd is not None and not isinstance(initrd, RegularFile):
+                initrd = stack.enter_context(open_regular(initrd, "initrd"))
+            yield TargetFiles(kernel, initrd)
 
     def plan_prepare(self, options: PrepareOptions) -> dict[str, Any]:
         """prepare --dry-run: the preflight and the command line prepare would load the kernel
         with; nothing is loaded, written or preserved."""
-        with self._operation("prepare"):
-            result = self.gather_preflight(options.kernel, options.initrd)
-            info = self.sysinfo()
-            return {"kernel": str(options.kernel),
-                    "initrd": str(options.initrd) if options.initrd else None,
-                    "cmdline": self._cmdline(options, info),
+        with self._operation("prepare"), self._target_files(options) as files:
+            plan = self.plan_files(files)
+            cmdline: str | None = None
+            problem = None
+            try:
+                cmdline = self._cmdline(options, self.sysinfo(), plan)
+            except InvalidArgument as exc:
+                problem = exc.message
+            return {"kernel": files.kernel.resolved_path(),
+                    "initrd": files.initrd.resolved_path() if files.initrd else None,
+                    "cmdline": cmdline, "cmdline_problem": problem,
                     "sessions": sorted(self.clients),
-                    "would_prepare": not result.blockers,
-                    "preflight": result.to_json()}
+                    "would_prepare": not plan.result.blockers and problem is None,
+                    "preflight": plan.result.to_json()}
 
-    def scratch_plan(self, kernel: Path | None, initrd: Path | None,
+    def scratch_plan(self, kernel: Path | TargetImage | None, initrd_size: int = 0,
                      margin: float | None = None) -> ScratchPlan:
-        """The kho_scratch= plan for a target kernel (the running kernel's image by default)."""
+        """The kho_scratch= plan for a target kernel (the running kernel's image by default).
+        Changes nothing."""
         info = self.sysinfo()
         out = kho_view(self.host, Side.OUT, with_memory=False)
-        target = target_image(kernel or self.host.path(f"boot/vmlinuz-{info.release}"))
+        if not isinstance(kernel, TargetImage):
+            path = kernel or self.host.path(f"boot/vmlinuz-{info.release}")
+            with open_regular(path, "kernel image", max_size=TARGET_IMAGE_MAX) as file:
+                kernel = self.images.get(file)
         return plan_scratch(info, out.scratch, kho_boot=self._incoming_present(),
-                            image_bytes=target.memory_size,
-                            initrd_bytes=file_size(initrd, "initrd"),
+                            image_bytes=kernel.memory_size, initrd_bytes=initrd_size,
                             margin=self.config.scratch_margin if margin is None else margin)
 
     def prepare(self, options: PrepareOptions) -> Manifest:
-        with self._operation("prepare"):
+        with self._operation("prepare"), self._target_files(options) as files:
             if self.state.phase not in (Phase.IDLE, Phase.VERIFIED, Phase.FAILED):
                 raise Busy(f"cannot prepare while {self.state.phase.value}; cancel first")
+            # checked before anything changes: a refusal here leaves the state as it was
+            info = self.sysinfo()
+            if options.cmdline is not None:
+                target_cmdline(options.cmdline)
             previous = self.state.phase
-            try:
-                self._transition(Phase.PREPARING, f"preparing {options.kernel}")
-            except AgentError:
-                self.state.phase = previous  # not even the state could be written: no change
-                raise
+            self._transition(Phase.PREPARING, f"preparing {files.kernel.resolved_path()}")
             loaded = False
+            done = False
             try:
-                result = self.gather_preflight(options.kernel, options.initrd)
+                plan = self.plan_files(files)
                 self.on_progress(30)
-                if result.blockers:
+                if plan.result.blockers:
                     raise PreflightFailed("preflight found blockers: " + "; ".join(
-                        f"{c.name}: {c.message}" for c in result.blockers))
-                info = self.sysinfo()
-                cmdline = self._cmdline(options, info)
-                load_named(self.host.kexec, options.kernel, options.initrd, cmdline)
+                        f"{c.name}: {c.message}" for c in plan.result.blockers))
+                cmdline = self._cmdline(options, info, plan)
+                self._check_cancelled(options)
+                self.host.kexec.load(files.kernel, files.initrd, cmdline)
                 loaded = True
                 self.on_progress(60)
-                manifest = self._manifest(info, cmdline, final=False)
-                self._prepared = manifest
+                self._check_cancelled(options)
+                manifest = self._manifest(info, cmdline, plan, final=False)
                 write_atomic(self.store.manifest_path, manifest_to_json(manifest))
                 self._replace_agent_session(manifest)
                 self.on_progress(90)
-                self._transition(Phase.PREPARED, f"prepared {options.kernel}", loaded_by_us=True,
-                                 target=Target(str(options.kernel),
-                                               str(options.initrd) if options.initrd else None,
-                                               cmdline))
+                self._check_cancelled(options)
+                self._transition(Phase.PREPARED, f"prepared {files.kernel.resolved_path()}",
+                                 loaded_by_us=True, target=Target(
+                                     files.kernel.resolved_path(),
+                                     files.initrd.resolved_path() if files.initrd else None,
+                                     cmdline))
+                self._plan = plan
+                self._prepared = manifest
+                done = True
                 return manifest
             except AgentError as exc:
                 self._rollback_prepare(loaded)
+                verb = "cancelled" if isinstance(exc, Cancelled) else "failed"
                 self._transition_best_effort(
                     exc, previous if previous is not Phase.FAILED else Phase.IDLE,
-                    f"prepare failed: {exc.message}", loaded_by_us=False, target=None)
+                    f"prepare {verb}: {exc.message}", loaded_by_us=False, target=None)
+                done = True
                 raise
+            finally:
+                if not done:  # a bug: undo what was done, and end in the phase we came from
+                    self._rollback_prepare(loaded)
+                    self._transition(previous if previous is not Phase.FAILED else Phase.IDLE,
+                                     "prepare failed on an internal error; nothing is "
+                                     "prepared", strict=False, loaded_by_us=False, target=None)
+
+    @staticmethod
+    def _check_cancelled(options: PrepareOptions) -> None:
+        if options.cancelled():
+            raise Cancelled("the prepare was cancelled; nothing stays loaded or recorded")
 
     def _rollback_prepare(self, loaded: bool) -> None:
+        """Undo a prepare's own steps; the clients' sessions are not the prepare's and stay."""
+        self._plan = None
+        self._prepared = None
         if self.agent_session is not None:
             self.agent_session.close()
             self.agent_session = None
         if loaded:
-            self.host.kexec.unload()
-        self.store.manifest_path.unlink(missing_ok=True)
+            try:
+                self.host.kexec.unload()
+            except KernelRefused as exc:  # still loaded: say so, cancel will try again
+                self.persist_problem = f"the loaded kernel could not be unloaded: {exc.message}"
+        self._remove_manifest([])
 
-    def _cmdline(self, options: PrepareOptions, info: SysInfo) -> str:
+    def _cmdline(self, options: PrepareOptions, info: SysInfo, plan: Plan) -> str:
+        """The next kernel's command line, checked as it will read it (kernel/cmdline.py)."""
         base = options.cmdline if options.cmdline is not None else info.cmdline
-        words = shlex.split(base)
-        if options.scratch != "keep":
-            value = (self._scratch_plan.absolute_form() if options.scratch == "auto"
-                     and self._scratch_plan else f"kho_scratch={options.scratch}")
-            words = [w for w in words if not w.startswith("kho_scratch=")] + [value]
-        for required in ("kho=on", "liveupdate=on"):
-            key = required.split("=")[0]
-            if not any(w.split("=")[0] == key for w in words):
-                words.append(required)  # without them the next kernel cannot hand on again
-        return shlex.join(words)
+        scratch = None
+        if options.scratch == "auto":
+            if plan.scratch is None:
+                raise InvalidArgument("--scratch auto needs a scratch plan, and there is none "
+                                      "for this target")
+            scratch = plan.scratch.absolute_form().removeprefix("kho_scratch=")
+        elif options.scratch != "keep":
+            scratch = options.scratch
+        return target_cmdline(base, scratch=scratch, setup_cmdline_size=plan.target.cmdline_size
+                              if plan.target else None)
 
     def _replace_agent_session(self, manifest: Manifest) -> None:
         """The manifest memfd is sealed, so a newer manifest replaces the whole agent session
@@ -579,26 +727,28 @@ class Orchestrator:
             os.close(fd)  # the kernel holds its own reference
         self.agent_session = session
 
-    def _manifest(self, info: SysInfo, cmdline: str, *, final: bool,
+    def _manifest(self, info: SysInfo, cmdline: str, plan: Plan | None, *, final: bool,
                   network: dict[str, object] | None = None) -> Manifest:
         out = kho_view(self.host, Side.OUT, with_memory=False)
         luo = out.luo
-        plan = self._scratch_plan
+        scratch = plan.scratch if plan else None
         if network is None:
             net, _reason = netstate.snapshot_or_reason()
             network = net.to_json() if net else None
         number = luo.liveupdate_number if luo else None
         return Manifest(
             schema=1, created=now(), host=socket.gethostname(), release_from=info.release,
-            release_to=(self._target.info.release or "") if self._target else "",
+            release_to=(plan.target.info.release or "") if plan and plan.target else "",
             boot_id_from=info.boot_id,
-            abi_from={k: v.primary for k, v in self._abi_running.items() if v.primary},
-            abi_to={k: v.primary for k, v in self._abi_target.items() if v.primary},
+            abi_from={k: v.primary for k, v in (plan.abi_running if plan else {}).items()
+                      if v.primary},
+            abi_to={k: v.primary for k, v in (plan.abi_target if plan else {}).items()
+                    if v.primary},
             cmdline_to=cmdline,
             scratch={"areas": [{"role": a.role, "phys": a.phys, "size": a.size}
                                for a in out.scratch],
                      "kho_scratch": info.params.get("kho_scratch"),
-                     "recommended": plan.absolute_form() if plan else None},
+                     "recommended": scratch.absolute_form() if scratch else None},
             liveupdate_number_from=number,
             liveupdate_number_expected=number + 1 if number is not None else None,
             sessions=[c.entry() for c in self.clients.values()],
@@ -648,10 +798,12 @@ class Orchestrator:
                                   "prepare first")
             if self.commit_blocker:
                 raise PreflightFailed(self.commit_blocker)
-            waiting = [c.name for c in self.clients.values() if not c.ready]
+            waiting = [c.name + (" (its owner disconnected)" if c.owner_gone else "")
+                       for c in self.clients.values() if not c.ready]
             if waiting and not options.force:
                 raise Busy(f"session(s) not ready: {', '.join(waiting)}; wait for their owners "
-                           "or commit with force")
+                           "(a new connection of the same uid can SetReady) or commit with "
+                           "force")
             mode = self.handoff_mode()
             plan = [f"kernel {self.state.target.kernel if self.state.target else '?'} is loaded",
                     f"{len(self.clients)} client session(s), "
@@ -670,7 +822,7 @@ class Orchestrator:
             # The network was recorded at prepare: reading it again (pyroute2) would add to
             # the blackout for no gain.
             manifest = self._manifest(info, self.state.target.cmdline if self.state.target
-                                      else info.cmdline, final=True,
+                                      else info.cmdline, self._plan, final=True,
                                       network=self._prepared.network if self._prepared else None)
             write_atomic(self.store.manifest_path, manifest_to_json(manifest))
             self._replace_agent_session(manifest)
@@ -680,10 +832,11 @@ class Orchestrator:
                     self.device.close()
                     self.device = None
             self.on_progress(90)
-            self._transition(Phase.COMMITTING, "handing off to the loaded kernel")
             handoff = time.perf_counter() - start
-            self.state.handoff_seconds = handoff
-            self.store.save(self.state)
+            # not strict: a state that cannot be saved must not stop the kexec (the next boot
+            # finds "prepared" from another boot, which means the same: verify)
+            self._transition(Phase.COMMITTING, "handing off to the loaded kernel", strict=False,
+                             handoff_seconds=handoff)
             try:
                 self.host.kexec.reboot(via_systemd=mode in ("direct", "fdstore"))
             except AgentError as exc:  # refused by the kernel, an inhibitor, or systemctl
@@ -708,7 +861,7 @@ class Orchestrator:
                 # handed out): retrieving them again would report false failures
                 raise NotPrepared("this boot was verified already: the result is in the state "
                                   f"({self.state.last_result.get('result')}); see "
-                                  f"{self.store.directory / LAST_VERIFY_FILE}")
+                                  f"{self.store.last_verify_path}")
             if self.state.phase is Phase.IDLE and not self._incoming_present():
                 raise NotPrepared("nothing to verify: this boot did not come through a live "
                                   "update (no incoming KHO state) and none is recorded")
@@ -733,11 +886,20 @@ class Orchestrator:
             verdict = Phase.VERIFIED if report.ok else Phase.FAILED
             # The full report can hold 40k items: it gets its own file, written once; the state
             # (rewritten on every transition) keeps a summary and the failures.
-            full = self.store.directory / LAST_VERIFY_FILE
-            write_atomic(full, json.dumps(report.to_json()).encode() + b"\n")
+            full = self.store.last_verify_path
+            summary = _summary(report, full)
+            try:
+                # the boot id on top: a restart that lost state.json can tell this boot was
+                # verified (statefile.py reads it) and does not verify into a false failure
+                write_atomic(full, json.dumps({"boot_id": info.boot_id, **report.to_json()})
+                             .encode() + b"\n")
+            except (AgentError, OSError) as exc:
+                summary["report"] = None
+                summary["report_problem"] = getattr(exc, "message", None) or str(exc)
+            # not strict: the sessions are retrieved and held; the verdict stands in memory
             self._transition(verdict, "verified: every preserved item came back" if report.ok
-                             else "verification found problems",
-                             last_result=_summary(report, full))
+                             else "verification found problems", strict=False,
+                             last_result=summary)
             return report
 
     def _verify(self, info: SysInfo, disk: Manifest | None, disk_problem: str | None
@@ -879,8 +1041,7 @@ class Orchestrator:
                     f"discarded: {', '.join(names)}")
             if problems:
                 note += "; FINISH failed for " + "; ".join(problems)
-            self.state.message = note
-            self.store.save(self.state)
+            self._transition(self.state.phase, note, strict=False)
         return names
 
     def finish_expired(self, now: float | None = None) -> list[str]:
@@ -895,28 +1056,68 @@ class Orchestrator:
     # ------------------------------------------------------------------ cancel
 
     def cancel(self) -> str:
+        """Cancel the prepared update: unload the kernel, release every client session (their
+        owners are told through `released`), drop the manifest. The kernel is unloaded first:
+        if that fails nothing else has changed and the update goes back to where it was. The
+        steps after it cannot fail halfway, and a state that cannot be saved (disk full) does
+        not stop them: the phase ends idle in memory and the message says the file lags."""
         with self._operation("cancel"):
             if self.state.phase not in (Phase.PREPARED, Phase.FAILED, Phase.PREPARING):
                 raise NotPrepared(f"nothing to cancel (state {self.state.phase.value})")
-            self._transition(Phase.CANCELLING, "cancelling")
+            before = self.state.phase
             notes = []
+            self._transition(Phase.CANCELLING, "cancelling", strict=False)
             if self.state.loaded_by_us and self.host.kexec.loaded():
-                self.host.kexec.unload()
+                try:
+                    self.host.kexec.unload()
+                except KernelRefused as exc:
+                    self._transition_best_effort(exc, before, "cancel failed, nothing was "
+                                                 f"changed: {exc.message}")
+                    raise
                 notes.append("unloaded the kernel")
             self._unpark_all()
+            names = sorted(self.clients)
             for client in list(self.clients.values()):
                 self._close_client(client)
-            if self.clients:
-                notes.append(f"released {len(self.clients)} session(s)")
             self.clients.clear()
+            for name in names:
+                self._note_released(name, "the live update was cancelled (kho-agentctl cancel "
+                                    "or Cancel()): the session was closed and its files are no "
+                                    "longer preserved; create it again for the next update")
+            if names:
+                notes.append(f"released {len(names)} session(s): {', '.join(names)}")
             if self.agent_session is not None:
                 self.agent_session.close()
                 self.agent_session = None
-            self.store.manifest_path.unlink(missing_ok=True)
+            self._plan = None
+            self._prepared = None
+            self._remove_manifest(notes)
             message = "cancelled: " + (", ".join(notes) or "nothing was held")
-            self._transition(Phase.IDLE, message, loaded_by_us=False, target=None,
+            self._transition(Phase.IDLE, message, strict=False, loaded_by_us=False, target=None,
                              last_result={"result": "cancelled", "reason": message})
+            if self.persist_problem is not None:
+                message += (f"; the agent's state could not be saved ({self.persist_problem}): "
+                            "until it can, a restart of the agent reports an earlier state")
             return message
+
+    def _remove_manifest(self, notes: list[str]) -> None:
+        """The manifest of an update that will not happen goes; whatever sits at its path."""
+        path = self.store.manifest_path
+        try:
+            path.unlink(missing_ok=True)
+        except IsADirectoryError:
+            try:
+                notes.append(f"{path} was a directory: kept as {move_aside(path)}")
+            except AgentError as exc:
+                notes.append(exc.message)
+        except OSError as exc:
+            notes.append(f"the manifest {path} could not be removed "
+                         f"({errno.errorcode.get(exc.errno or 0, exc.errno)})")
+
+    def _note_released(self, name: str, why: str) -> None:
+        self.released[name] = why
+        while len(self.released) > MAX_RELEASED_KEPT:
+            del self.released[next(iter(self.released))]
 
     def close(self) -> None:
         """Drop every kernel handle (process exit does the same). What is parked in the fd
@@ -958,3 +1159,93 @@ def _manifests_agree(disk: Manifest | None, memfd: Manifest | None,
     if disk is not None and memfd_problem is not None:
         return False
     return None
+
+
+# --- start without a state to go by (issue 11) ---------------------------------------------------
+
+def _prepared_in(agent: Orchestrator, boot: str) -> bool:
+    """A manifest written in this boot: an update was prepared in it (cancel, a failed prepare
+    and a restart before the kexec all remove the manifest; after a kexec it names the boot
+    before). Absent or unreadable proves nothing."""
+    try:
+        return read_manifest(agent.store.manifest_path).boot_id_from == boot
+    except AgentError:
+        return False
+
+
+def _adopt_verification(agent: Orchestrator, verified: tuple[bool, dict[str, Any], str],
+                        notes: list[str]) -> RecoveryResult:
+    """This boot was verified already, but the state does not say so (it was lost, or not
+    saved after the verification): report that result instead of verifying again."""
+    ok, summary, report = verified
+    phase = Phase.VERIFIED if ok else Phase.FAILED
+    message = "; ".join([
+        *notes, f"this boot was verified already ({summary['result']}; the report is {report}), "
+        "so it is not verified again: a second verification would report the sessions the "
+        "first one retrieved as missing. Retrieved sessions that their owners had not claimed "
+        "when the agent stopped were finished with it"])
+    agent._transition(phase, message, last_result=summary, awaiting=[])
+    return RecoveryResult(phase, message, False)
+
+
+def _recover_lost_state(agent: Orchestrator, boot: str, corrupt: str | None, notes: list[str],
+                        incoming: bool, verified: tuple[bool, dict[str, Any], str] | None,
+                        record_problem: str | None) -> RecoveryResult:
+    """No state to go by: the state file was corrupt (`corrupt` says what, and where it was
+    kept) or absent. The phase is what can be proved, never read from the lost file: IDLE
+    unless the verification record shows this boot verified. Nothing acts as prepared: the
+    session fds of any update the lost state recorded closed with the process that held them."""
+    lost = f"the state file was corrupt: {corrupt}" if corrupt else "there was no state file"
+    # Session fds that systemd's fd store handed back come only to the first start after the
+    # kexec (verification takes them out of the store): with them, this boot is not verified.
+    first_after_kexec = incoming and bool(agent.stored_sessions)
+    if _prepared_in(agent, boot):
+        # as a restart with the state intact would: the kernel that prepare loaded goes too
+        agent.state.loaded_by_us = True
+        result = agent._restarted_before_kexec(Phase.PREPARED)
+        message = "; ".join([lost, *notes, result.message])
+        agent._transition(Phase.IDLE, message)
+        return RecoveryResult(Phase.IDLE, message, False)
+    if verified is not None:
+        return _adopt_verification(agent, verified, [lost, *notes])
+    verify = False
+    if corrupt is None and not first_after_kexec and record_problem is None:
+        parts = ["started", *notes]  # a first start
+    elif incoming and record_problem is not None and not first_after_kexec:
+        parts = [lost, *notes, "this boot came through a live update, but whether it was "
+                 f"verified already cannot be told ({record_problem}), so it is not verified "
+                 "on its own (a second verification would report the sessions the first one "
+                 "retrieved as missing): run `kho-agentctl verify` if it was not yet"]
+    elif incoming:
+        parts = [lost, *notes, "started idle; this boot came through a live update: verifying "
+                 "it against the manifest"]
+        verify = True
+    else:
+        parts = [lost, *notes, "started idle: no update is prepared (one that the lost state "
+                 "recorded ended with the agent process that prepared it)"]
+        if agent.host.kexec.loaded():
+            parts.append("a kernel is loaded for kexec: if that prepare loaded it, nothing is "
+                         "preserved for it any more; run prepare again, or unload it "
+                         "(kexec -u)")
+    message = "; ".join(parts)
+    agent._transition(Phase.IDLE, message)
+    return RecoveryResult(Phase.IDLE, message, verify)
+
+
+def _unsaved_at_start(agent: Orchestrator, result: RecoveryResult,
+                      problem: str) -> RecoveryResult:
+    """The state could not be saved while starting: the agent runs on with it in memory and
+    says so. Prepare and verify save before they act, so they refuse until it can be saved; a
+    pending verification is left for the operator."""
+    agent.persist_problem = problem
+    if agent.store.stuck is not None:
+        note = ("nothing is saved until the corrupt state file can be moved aside: prepare and "
+                "verify are refused until then")
+    else:
+        note = (f"the state could not be saved ({problem}): until it can, prepare and verify "
+                "are refused")
+    if result.verify_pending:
+        note += ("; the pending verification did not start: run `kho-agentctl verify` once "
+                 "the state can be saved")
+    agent.state.message = f"{agent.state.message}; {note}"
+    return RecoveryResult(agent.state.phase, f"{result.message}; {note}", False)

@@ -29,8 +29,8 @@ from kho_agent.abi.compat import (
 from kho_agent.abi.findings import Severity, make
 from kho_agent.abi.state import ScratchArea
 from kho_agent.cli import main
-from kho_agent.errors import InvalidArgument
-from kho_agent.facts import FileFacts, file_facts, target_image
+from kho_agent.errors import AgentError, InvalidArgument, NotFound
+from kho_agent.facts import FileFacts, TargetFiles, file_facts, target_image
 from kho_agent.kernel.sysinfo import SysInfo, read_sysinfo
 from kho_agent.preflight import (
     Check,
@@ -220,8 +220,9 @@ def test_unreadable_target(tmp_path: Path, fds: list[int], content: bytes | None
     path = tmp_path / "vmlinuz-next"
     if content is not None:
         path.write_bytes(content)
-    with pytest.raises(InvalidArgument) as exc:
-        target_image(path)
+    with pytest.raises(AgentError) as exc, TargetFiles.open(path, None) as files:
+        target_image(files.kernel)
+    assert isinstance(exc.value, NotFound if content is None else InvalidArgument)
     # as the engine gathers it: no image, so neither compatibility nor scratch is known
     inputs = dataclasses.replace(healthy(tmp_path, fds), target_problem=exc.value.message,
                                  compat=None, scratch=None)

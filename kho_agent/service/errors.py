@@ -11,7 +11,7 @@ from typing import Any
 
 from .. import errors as errors_mod
 from ..errors import AgentError, InvalidArgument, KernelRefused
-from .interfaces import ERROR_PREFIX
+from .interfaces import ERROR_PREFIX, NUMBER_RANGE, STRING_MAX
 
 INTERNAL = ERROR_PREFIX + "Failed"
 # "... failed: EBUSY (Device or resource busy): ..." as KernelRefused formats it
@@ -31,10 +31,8 @@ def from_dbus(name: str, message: str) -> AgentError:
     """Rebuild an agent error from a D-Bus error (client side), keeping its name and exit code.
     A name that is not ours (the bus refused, a timeout) is a plain AgentError."""
     short = name[len(ERROR_PREFIX):] if name.startswith(ERROR_PREFIX) else None
-    for cls in (errors_mod.InvalidArgument, errors_mod.Busy, errors_mod.NotPrepared,
-                errors_mod.PreflightFailed, errors_mod.AbiMismatch, errors_mod.PermissionDenied,
-                errors_mod.NotFound, errors_mod.StateCorrupt, errors_mod.VerificationFailed):
-        if cls.name == short:
+    for cls in errors_mod.ERRORS:
+        if cls.name == short and cls not in (AgentError, KernelRefused):
             return cls(message)
     if short == KernelRefused.name:
         err = errno_from_message(message) or errno_mod.EIO
@@ -48,21 +46,29 @@ def from_dbus(name: str, message: str) -> AgentError:
 def check_options(options: dict[str, Any], allowed: dict[str, str], method: str,
                   signatures: dict[str, str]) -> dict[str, Any]:
     """Validate an a{sv} dictionary: known keys only, each with the variant type the contract
-    gives, non-negative finite numbers. `signatures` maps each key to the signature the variant
-    actually had (GLib keeps it; Python values alone cannot tell `t` from `x`)."""
+    gives, numbers finite and within their range, strings within their length and without NUL.
+    `signatures` maps each key to the signature the variant actually had (GLib keeps it; Python
+    values alone cannot tell `t` from `x`)."""
     out: dict[str, Any] = {}
     for key, value in options.items():
         want = allowed.get(key)
         if want is None:
             known = ", ".join(sorted(allowed)) or "none"
-            raise InvalidArgument(f"{method}: unknown option {key!r} (known: {known})")
+            raise InvalidArgument(f"{method}: unknown option {key!r:.80} (known: {known})")
         got = signatures.get(key)
         if got != want:
             raise InvalidArgument(f"{method}: option {key!r} must be of type {want!r}, not "
-                                  f"{got!r}")
-        if want == "d" and (not math.isfinite(value) or value < 0):
-            raise InvalidArgument(f"{method}: option {key!r} must be a finite number >= 0")
-        if want == "s" and "\0" in value:
-            raise InvalidArgument(f"{method}: option {key!r} contains a NUL byte")
+                                  f"{got!r:.80}")
+        if want == "d":
+            low, high = NUMBER_RANGE.get(key, (0.0, math.inf))
+            if not math.isfinite(value) or not low <= value <= high:
+                raise InvalidArgument(f"{method}: option {key!r} must be a number from {low:g} "
+                                      f"to {high:g}, not {value!r}")
+        if want == "s":
+            if "\0" in value:
+                raise InvalidArgument(f"{method}: option {key!r} contains a NUL byte")
+            limit = STRING_MAX.get(key, 4096)
+            if len(value.encode("utf-8", errors="surrogateescape")) > limit:
+                raise InvalidArgument(f"{method}: option {key!r} is longer than {limit} bytes")
         out[key] = value
     return out

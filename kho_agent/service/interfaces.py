@@ -6,7 +6,13 @@ side registers these interfaces with Gio directly (not pydbus), because CreateSe
 RetrieveSession and Preserve pass unix fds, which pydbus cannot (platform notes).
 
 Options dictionaries (a{sv}) accept only the keys listed per method; an unknown key, a wrong
-variant type or a negative size is InvalidArgument and changes nothing.
+variant type, a number out of its range or a string longer than its bound is InvalidArgument and
+changes nothing.
+
+Files: `kernel`/`initrd` name a file the daemon opens, for root callers only; any caller may
+pass the open file instead as `kernel_fd`/`initrd_fd` (an index into the message's unix fds),
+and then `kernel`/`initrd` is only the name shown. An unprivileged caller's files are thereby
+opened with its own rights: the daemon never opens a path on its behalf.
 """
 
 from __future__ import annotations
@@ -31,9 +37,14 @@ JOB_FAILED = "failed"
 JOB_CANCELED = "canceled"
 
 # Option keys per method: name -> D-Bus signature of the variant's content
-PREFLIGHT_OPTIONS = {"kernel": "s", "initrd": "s"}
-SCRATCH_OPTIONS = {"kernel": "s", "initrd": "s", "margin": "d"}
-PREPARE_OPTIONS = {"kernel": "s", "initrd": "s", "cmdline": "s", "scratch": "s", "dry_run": "b"}
+FILE_OPTIONS = {"kernel": "s", "initrd": "s", "kernel_fd": "h", "initrd_fd": "h"}
+PREFLIGHT_OPTIONS = dict(FILE_OPTIONS)
+SCRATCH_OPTIONS = {**FILE_OPTIONS, "margin": "d"}
+PREPARE_OPTIONS = {**FILE_OPTIONS, "cmdline": "s", "scratch": "s", "dry_run": "b"}
+# Bounds of option values (a caller is never trusted to be reasonable): strings by key, in
+# bytes; numbers by key, inclusive.
+STRING_MAX = {"kernel": 4095, "initrd": 4095, "cmdline": 65536, "scratch": 64}
+NUMBER_RANGE = {"margin": (0.0, 10.0)}   # the scratch margin: 0 .. 1000 %
 COMMIT_OPTIONS = {"force": "b", "dry_run": "b"}
 SESSION_OPTIONS = {"digests": "b"}
 
@@ -53,18 +64,20 @@ MANAGER_XML = """
     <property name="LastResult" type="s" access="read"/>
     <property name="Simulated" type="b" access="read"/>
 
-    <!-- options: kernel s, initrd s. Returns the preflight report as JSON. -->
+    <!-- options: kernel s, initrd s, kernel_fd h, initrd_fd h. Returns the preflight report
+         as JSON. -->
     <method name="Preflight">
       <arg name="options" type="a{sv}" direction="in"/>
       <arg name="report" type="s" direction="out"/>
     </method>
-    <!-- options: kernel s, initrd s, margin d. Returns the scratch plan as JSON. -->
+    <!-- options: kernel s, initrd s, kernel_fd h, initrd_fd h, margin d (0..10). Returns the
+         scratch plan as JSON. -->
     <method name="ScratchPlan">
       <arg name="options" type="a{sv}" direction="in"/>
       <arg name="plan" type="s" direction="out"/>
     </method>
-    <!-- options: kernel s (required), initrd s, cmdline s, scratch s (keep|auto|value),
-         dry_run b -->
+    <!-- options: kernel s or kernel_fd h (one required), initrd s, initrd_fd h, cmdline s,
+         scratch s (keep|auto|value), dry_run b -->
     <method name="Prepare">
       <arg name="options" type="a{sv}" direction="in"/>
       <arg name="job" type="o" direction="out"/>
@@ -135,6 +148,13 @@ MANAGER_XML = """
       <arg name="id" type="u"/>
       <arg name="job" type="o"/>
       <arg name="result" type="s"/>
+    </signal>
+    <!-- A session was closed without its owner asking (the update was cancelled, its owner
+         disconnected before it preserved anything): its files are no longer preserved. -->
+    <signal name="SessionReleased">
+      <arg name="name" type="s"/>
+      <arg name="session" type="o"/>
+      <arg name="reason" type="s"/>
     </signal>
   </interface>
 </node>

@@ -18,18 +18,19 @@ from typing import Any
 from gi.repository import Gio, GLib
 
 from ..abi import Side
-from ..errors import AgentError, Busy, InvalidArgument, NotFound, PermissionDenied
-from ..facts import kho_view
+from ..errors import AgentError, Busy, Cancelled, InvalidArgument, NotFound, PermissionDenied
+from ..facts import TARGET_IMAGE_MAX, TargetFiles, TargetImage, kho_view
+from ..kernel.callerfile import RegularFile, adopt_fd, open_regular
+from ..kernel.cmdline import check_kho_scratch, target_cmdline
 from ..kernel.liveupdate import LiveUpdateSession, validate_session_name, validate_token
 from ..manifest import manifest_to_json, read_manifest
-from ..orchestrator import CommitOptions, Orchestrator, PrepareOptions
-from ..scratch import parse_kho_scratch
+from ..orchestrator import CommitOptions, Orchestrator, Plan, PrepareOptions
 from ..statefile import Phase
 from . import interfaces as api
 from .auth import Authorizer, Caller, owner_uid
 from .errors import check_options
 from .objects import Call, ExportedObject
-from .worker import Worker
+from .worker import Priority, Worker
 
 JOB_LINGER_SECONDS = 120   # a finished job stays readable this long after JobRemoved
 GRACE_TICK_SECONDS = 30
@@ -46,6 +47,10 @@ class Snapshot:
     target: str = ""
     liveupdate_number: int = 0
     last_result: str = ""
+    # the outgoing client sessions the engine holds (name -> ready), and why the ones it
+    # dropped on its own were dropped: the bus objects follow these
+    outgoing: dict[str, bool] = field(default_factory=dict)
+    released: dict[str, str] = field(default_factory=dict)
 
     def variant(self, name: str, simulated: bool) -> GLib.Variant:
         values: dict[str, tuple[str, Any]] = {
@@ -128,7 +133,11 @@ class AgentService:
         self.auth = authorizer
         self.worker = worker
         # Reads that need no engine state (the manifest file) must not wait behind a job
-        self.reader = Worker(hooks.log)
+        self.reader = Worker(hooks.log, name="kho-agent-reader")
+        # Files unprivileged callers pass are read here, not on the engine thread: a file on a
+        # filesystem its owner controls (FUSE) can block a read for ever, and then only other
+        # unprivileged callers wait (bounded: beyond a few they are told Busy)
+        self.files = Worker(hooks.log, name="kho-agent-files")
         self.hooks = hooks
         self.simulated = agent.host.simulated
         self.snapshot = Snapshot()
@@ -138,6 +147,7 @@ class AgentService:
         self.sessions: dict[str, SessionObject] = {}
         self.handed_off = False
         agent.on_progress = self._progress_from_engine
+        authorizer.gone_callbacks.append(self._owner_gone)
         self.manager = ExportedObject(bus, api.MANAGER_PATH, api.MANAGER_XML, {
             "Preflight": self._preflight, "ScratchPlan": self._scratch_plan,
             "Prepare": self._prepare, "Commit": self._commit, "Cancel": self._cancel,
@@ -153,17 +163,24 @@ class AgentService:
     # ------------------------------------------------------------------ engine plumbing
 
     def _engine(self, fn: Callable[[], Any], done: Callable[[Any], None], call: Call | None,
-                ) -> None:
+                priority: Priority = Priority.PRIVILEGED) -> None:
         """Run `fn` on the engine thread; then `done(result)` on the loop, or the error to the
         caller; the properties are refreshed after every engine call either way."""
         def finished(result: Any, error: AgentError | None) -> None:
             if error is not None:
                 if call is not None:
                     call.fail(error)
+                else:
+                    self.hooks.log(f"engine call failed: {error.name}: {error.message}")
             else:
-                done(result)
+                try:
+                    done(result)
+                except AgentError as exc:
+                    if call is None:
+                        raise
+                    call.fail(exc)
             self.refresh()
-        self.worker.submit(fn, finished)
+        self.worker.submit(fn, finished, priority)
 
     def refresh(self) -> None:
         """Read the engine's state on the engine thread and publish what changed."""
@@ -182,7 +199,9 @@ class AgentService:
             handoff=agent.handoff_mode(info), running=info.release,
             target=state.target.kernel if state.target else "", liveupdate_number=number,
             last_result=json.dumps(state.last_result, sort_keys=True)
-            if state.last_result is not None else "")
+            if state.last_result is not None else "",
+            outgoing={name: c.ready for name, c in agent.clients.items()},
+            released=dict(agent.released))
 
     def _publish(self, snap: Snapshot | None, error: AgentError | None) -> None:
         if snap is None:
@@ -195,6 +214,35 @@ class AgentService:
         self.manager.changed(changed)
         if changed:
             self.hooks.state_changed(old, snap)
+        self._reconcile_sessions(snap)
+
+    def _reconcile_sessions(self, snap: Snapshot) -> None:
+        """The session objects follow what the engine holds: a session the engine dropped
+        without its owner asking (cancel, its owner gone) goes away here, with SessionReleased
+        saying why, so ListSessions never shows what the agent no longer holds."""
+        for record in [r for r in self.sessions.values() if not r.incoming]:
+            if record.name not in snap.outgoing:
+                reason = snap.released.get(record.name, "the agent no longer holds it")
+                self._drop_session(record)
+                self.manager.emit("SessionReleased", "(sos)", record.name, record.path, reason)
+                self.hooks.log(f"session {record.name!r} released: {reason}")
+            elif record.ready != snap.outgoing[record.name]:
+                record.ready = snap.outgoing[record.name]
+                if record.obj is not None:
+                    record.obj.changed(["Ready"])
+
+    def _owner_gone(self, sender: str, *, never_told: bool = False) -> None:
+        """A client's bus connection closed: its sessions are marked so (a commit refused for
+        them says why), and released when the creator left before it learned of them."""
+        names = [r.name for r in self.sessions.values()
+                 if not r.incoming and r.owner_sender == sender]
+        if not names:
+            return
+
+        def work() -> None:
+            for name in names:
+                self.agent.owner_gone(name, never_told=never_told)
+        self._engine(work, lambda _: None, None)
 
     def _progress_from_engine(self, percent: int) -> None:
         # engine thread: hop to the loop
@@ -210,30 +258,37 @@ class AgentService:
 
     # ------------------------------------------------------------------ authorization
 
-    def _authorized(self, call: Call, action: str | None,
-                    then: Callable[[Caller], None]) -> None:
-        """Identify the caller, check the polkit action (None: anyone), then continue."""
+    def _authorized(self, call: Call, action: str | None, then: Callable[[Caller], None],
+                    on_refusal: Callable[[], None] = lambda: None) -> None:
+        """Identify the caller, check the polkit action (None: anyone), then continue.
+        `on_refusal` runs when the call is refused before `then` took it over."""
+        def refuse(error: AgentError) -> None:
+            on_refusal()
+            call.fail(error)
+
         def identified(caller: Caller | None, error: AgentError | None) -> None:
             if caller is None:
-                call.fail(error or PermissionDenied("unknown caller"))
+                refuse(error or PermissionDenied("unknown caller"))
                 return
             if action is None:
-                self._guard(call, then, caller)
+                self._guard(call, then, caller, refuse)
                 return
 
             def decided(denied: AgentError | None) -> None:
                 if denied is not None:
-                    call.fail(denied)
+                    refuse(denied)
                 else:
-                    self._guard(call, then, caller)
+                    self._guard(call, then, caller, refuse)
             self.auth.authorize(caller, action, call.interactive, decided)
         self.auth.identify(call.sender, identified)
 
-    def _guard(self, call: Call, then: Callable[[Caller], None], caller: Caller) -> None:
+    @staticmethod
+    def _guard(call: Call, then: Callable[[Caller], None], caller: Caller,
+               refuse: Callable[[AgentError], None]) -> None:
         try:
             then(caller)
         except AgentError as exc:
-            call.fail(exc)
+            refuse(exc)
 
     def _owned(self, name: str, caller: Caller) -> SessionObject:
         record = self.sessions.get(name)
@@ -249,17 +304,78 @@ class AgentService:
     def _preflight(self, call: Call) -> None:
         opts = check_options(call.args[0], api.PREFLIGHT_OPTIONS, "Preflight",
                              call.option_signatures(0))
-        kernel, initrd = _path(opts.get("kernel")), _path(opts.get("initrd"))
-        self._engine(lambda: self.agent.gather_preflight(kernel, initrd).to_json(),
-                     lambda report: call.reply("(s)", json.dumps(report)), call)
+
+        def identified(caller: Caller) -> None:
+            source = TargetSource.from_options(call, opts, caller)
+            self._planned(call, caller, source, lambda plan: call.reply(
+                "(s)", json.dumps(plan.result.to_json())), preflight=True)
+        self._authorized(call, None, identified)
 
     def _scratch_plan(self, call: Call) -> None:
         opts = check_options(call.args[0], api.SCRATCH_OPTIONS, "ScratchPlan",
                              call.option_signatures(0))
-        kernel, initrd = _path(opts.get("kernel")), _path(opts.get("initrd"))
         margin = opts.get("margin")
-        self._engine(lambda: self.agent.scratch_plan(kernel, initrd, margin).to_json(),
-                     lambda plan: call.reply("(s)", json.dumps(plan)), call)
+
+        def identified(caller: Caller) -> None:
+            source = TargetSource.from_options(call, opts, caller)
+            if not source.given:  # the running kernel's own image: the daemon's own file
+                self._engine(lambda: self.agent.scratch_plan(None, 0, margin).to_json(),
+                             lambda plan: call.reply("(s)", json.dumps(plan)), call,
+                             priority=_priority(caller))
+                return
+
+            def reply(plan: Plan) -> None:
+                if plan.scratch is None:  # the target could not be read: say why
+                    call.fail(InvalidArgument(plan.result.blockers[0].message
+                                              if plan.result.blockers else
+                                              "no scratch plan for this target"))
+                else:
+                    call.reply("(s)", json.dumps(plan.scratch.to_json()))
+            self._planned(call, caller, source, reply, margin=margin)
+        self._authorized(call, None, identified)
+
+    def _planned(self, call: Call, caller: Caller, source: TargetSource,
+                 reply: Callable[[Plan], None], *, preflight: bool = False,
+                 margin: float | None = None) -> None:
+        """Plan for the caller's target without touching the prepared update. Root's files are
+        opened and read on the engine thread; an unprivileged caller's (always passed fds) are
+        read on the files thread, and its planning waits behind every privileged call. For
+        Preflight a target that cannot be opened or read is a blocker of the report."""
+        def read() -> tuple[TargetImage | None, int, str | None]:
+            try:
+                files = source.open()
+            except AgentError as exc:
+                if not preflight:
+                    raise
+                return None, 0, exc.message
+            with files:
+                try:
+                    return self.agent.images.get(files.kernel), files.initrd_size, None
+                except AgentError as exc:
+                    return None, files.initrd_size, exc.message
+
+        def plan(target: TargetImage | None, initrd_size: int, problem: str | None) -> Plan:
+            return self.agent.plan(target, initrd_size, problem, margin=margin)
+
+        priority = _priority(caller)
+        if priority is Priority.PRIVILEGED:
+            self._engine(lambda: plan(*read()), reply, call)
+            return
+
+        def was_read(result: tuple[TargetImage | None, int, str | None] | None,
+                     error: AgentError | None) -> None:
+            if result is None:
+                call.fail(error or InvalidArgument("the target could not be read"))
+                return
+            try:
+                self._engine(lambda: plan(*result), reply, call, priority=priority)
+            except Busy as exc:
+                call.fail(exc)
+        try:
+            self.files.submit(read, was_read, Priority.UNPRIVILEGED)
+        except Busy:
+            source.close()
+            raise
 
     def _get_manifest(self, call: Call) -> None:
         path = self.agent.store.manifest_path
@@ -279,19 +395,30 @@ class AgentService:
 
     # ------------------------------------------------------------------ jobs
 
-    def _start_job(self, call: Call, kind: str, work: Callable[[], Any],
-                   outcome: Callable[[Any], dict[str, Any]]) -> None:
-        def authorized(_caller: Caller) -> None:
+    def _start_job(self, call: Call, kind: str,
+                   make_work: Callable[[Caller, Job], Callable[[], Any]],
+                   outcome: Callable[[Any], dict[str, Any]],
+                   cleanup: Callable[[], None] = lambda: None) -> None:
+        """Authorize, then run the work a job does. `cleanup` runs once whatever happens
+        (e.g. closing the fds the call passed)."""
+        def authorized(caller: Caller) -> None:
             if self.current is not None:
                 raise Busy(f"job {self.current.id} ({self.current.type}) is running; wait "
                            "for its JobRemoved signal")
             if self.handed_off:
                 raise Busy("the host is handing off to the next kernel")
-            job = self._new_job(kind)
+            work = make_work(caller, job := self._new_job(kind))
             call.reply("(o)", job.path)
-            self.worker.submit(work, lambda result, error: self._job_done(job, result, error,
-                                                                           outcome))
-        self._authorized(call, api.ACTION_MANAGE, authorized)
+
+            def finished(result: Any, error: AgentError | None) -> None:
+                cleanup()
+                self._job_done(job, result, error, outcome)
+            self.worker.submit(work, finished)
+        try:
+            self._authorized(call, api.ACTION_MANAGE, authorized, on_refusal=cleanup)
+        except AgentError:
+            cleanup()
+            raise
 
     def _new_job(self, kind: str) -> Job:
         """A running job, exported on the bus, as the current one."""
@@ -306,7 +433,8 @@ class AgentService:
     def _job_done(self, job: Job, result: Any, error: AgentError | None,
                   outcome: Callable[[Any], dict[str, Any]]) -> None:
         if error is not None:
-            job.state, job.error_name, job.error_message = (api.JOB_FAILED, error.dbus_name,
+            state = api.JOB_CANCELED if isinstance(error, Cancelled) else api.JOB_FAILED
+            job.state, job.error_name, job.error_message = (state, error.dbus_name,
                                                             error.message)
         else:
             data = outcome(result)
@@ -340,34 +468,53 @@ class AgentService:
                 raise Busy(f"job {job.id} has already ended ({job.state})")
             if job.type != "prepare":
                 raise Busy(f"a {job.type} job cannot be cancelled once it runs")
-            job.cancel_requested = True  # the prepare job cancels as soon as it has loaded
+            job.cancel_requested = True  # the prepare rolls back at its next step
             call.reply()
         self._authorized(call, api.ACTION_MANAGE, authorized)
 
     def _prepare(self, call: Call) -> None:
         opts = check_options(call.args[0], api.PREPARE_OPTIONS, "Prepare",
                              call.option_signatures(0))
-        if "kernel" not in opts:
-            raise InvalidArgument("Prepare: option 'kernel' (the target image) is required")
+        if "kernel" not in opts and "kernel_fd" not in opts:
+            raise InvalidArgument("Prepare: option 'kernel' or 'kernel_fd' (the target image) "
+                                  "is required")
         scratch = opts.get("scratch", "keep")
         if scratch not in ("keep", "auto"):
-            parse_kho_scratch(scratch)  # InvalidArgument before it reaches a command line
-        options = PrepareOptions(kernel=Path(opts["kernel"]), initrd=_path(opts.get("initrd")),
-                                 cmdline=opts.get("cmdline"),
-                                 scratch=scratch)
-        if opts.get("dry_run"):
-            self._start_job(call, "prepare", lambda: self.agent.plan_prepare(options),
-                            lambda plan: {"dry_run": True, **plan})
-            return
+            check_kho_scratch(scratch)  # InvalidArgument before it reaches a command line
+        cmdline = opts.get("cmdline")
+        if cmdline is not None:
+            target_cmdline(cmdline)  # refused with the reason before any job starts
+        sources: list[TargetSource] = []
 
-        def work() -> dict[str, Any]:
-            manifest = self.agent.prepare(options)
-            job = self.current
-            if job is not None and job.cancel_requested:
-                return {"canceled": True, "message": self.agent.cancel()}
-            return {"prepared": str(options.kernel), "cmdline": manifest.cmdline_to,
-                    "sessions": [s.name for s in manifest.sessions]}
-        self._start_job(call, "prepare", work, lambda data: dict(data))
+        def make_work(caller: Caller, job: Job) -> Callable[[], Any]:
+            source = TargetSource.from_options(call, opts, caller)
+            sources.append(source)
+
+            def options(files: TargetFiles) -> PrepareOptions:
+                return PrepareOptions(kernel=files.kernel, initrd=files.initrd, cmdline=cmdline,
+                                      scratch=scratch,
+                                      cancelled=lambda: job.cancel_requested)
+            if opts.get("dry_run"):
+                def dry() -> dict[str, Any]:
+                    with source.open() as files:
+                        return self.agent.plan_prepare(options(files))
+                return dry
+
+            def work() -> dict[str, Any]:
+                with source.open() as files:
+                    manifest = self.agent.prepare(options(files))
+                target = self.agent.state.target
+                return {"prepared": target.kernel if target else "",
+                        "cmdline": manifest.cmdline_to,
+                        "sessions": [s.name for s in manifest.sessions]}
+            return work
+
+        def cleanup() -> None:
+            for source in sources:
+                source.close()
+        self._start_job(call, "prepare", make_work,
+                        lambda data: {"dry_run": True, **data} if opts.get("dry_run")
+                        else dict(data), cleanup)
 
     def _commit(self, call: Call) -> None:
         opts = check_options(call.args[0], api.COMMIT_OPTIONS, "Commit",
@@ -381,21 +528,16 @@ class AgentService:
                 self.handed_off = True  # set on the engine thread; read after JobRemoved
             return {"dry_run": result.dry_run, "handoff_seconds": result.handoff_seconds,
                     "plan": result.plan}
-        self._start_job(call, "commit", work, lambda data: dict(data))
+        self._start_job(call, "commit", lambda _caller, _job: work, lambda data: dict(data))
 
     def _cancel(self, call: Call) -> None:
-        def work() -> dict[str, Any]:
-            message = self.agent.cancel()
-            return {"message": message}
-
-        def cancelled(data: Any) -> dict[str, Any]:
-            for record in [s for s in self.sessions.values() if not s.incoming]:
-                self._drop_session(record)
-            return dict(data)
-        self._start_job(call, "cancel", work, cancelled)
+        # the released sessions leave the bus with SessionReleased when the properties are
+        # published (_reconcile_sessions)
+        self._start_job(call, "cancel", lambda _caller, _job: lambda: {
+            "message": self.agent.cancel()}, lambda data: dict(data))
 
     def _verify(self, call: Call) -> None:
-        self._start_job(call, "verify", self._verify_work, self._verified)
+        self._start_job(call, "verify", lambda _caller, _job: self._verify_work, self._verified)
 
     def start_verify(self) -> None:
         """At start after a live update: verify on our own, as a job anyone can watch."""
@@ -455,6 +597,8 @@ class AgentService:
                     call.reply("(oh)", record.path, 0, fds=[fd])
                 finally:
                     os.close(fd)
+                if self.auth.gone(caller.sender):  # it left before the reply could reach it
+                    self._owner_gone(caller.sender, never_told=True)
             self._engine(work, created, call)
         self._authorized(call, api.ACTION_SESSION, authorized)
 
@@ -492,8 +636,9 @@ class AgentService:
 
             def done(_: None) -> None:
                 record.ready = ready
+                record.owner_sender = caller.sender  # the owner's connection now
                 if record.obj is not None:
-                    record.obj.changed(["Ready"])
+                    record.obj.changed(["Ready", "Owner"])
                 call.reply()
             self._engine(lambda: self.agent.set_ready(name, ready), done, call)
         self._authorized(call, api.ACTION_SESSION, authorized)
@@ -603,6 +748,8 @@ class AgentService:
 
     def close(self) -> None:
         self.reader.shutdown()
+        self.files.shutdown()
+        self.auth.close()
         GLib.source_remove(self._grace_source)
         for record in list(self.sessions.values()):
             self._drop_session(record)
@@ -611,3 +758,75 @@ class AgentService:
 
 def _path(value: str | None) -> Path | None:
     return Path(value) if value else None
+
+
+def _priority(caller: Caller) -> Priority:
+    return Priority.PRIVILEGED if caller.uid == 0 else Priority.UNPRIVILEGED
+
+
+@dataclass
+class TargetSource:
+    """The target files a call names: paths (root's calls only) or fds the caller passed (taken
+    from the message at once, closed by `open()`'s result or by `close()`)."""
+
+    kernel: str | None = None
+    initrd: str | None = None
+    kernel_fd: int | None = None
+    initrd_fd: int | None = None
+
+    @property
+    def given(self) -> bool:
+        return self.kernel is not None or self.kernel_fd is not None
+
+    @classmethod
+    def from_options(cls, call: Call, opts: dict[str, Any], caller: Caller) -> TargetSource:
+        source = cls(opts.get("kernel") or None, opts.get("initrd") or None)
+        try:
+            if "kernel_fd" in opts:
+                source.kernel_fd = call.fd(opts["kernel_fd"])
+            if "initrd_fd" in opts:
+                source.initrd_fd = call.fd(opts["initrd_fd"])
+            named = [what for what, fd, path in (("kernel", source.kernel_fd, source.kernel),
+                                                 ("initrd", source.initrd_fd, source.initrd))
+                     if fd is None and path is not None]
+            if named and caller.uid != 0:
+                raise PermissionDenied(
+                    f"{call.method}: uid {caller.uid} named {' and '.join(named)} by path; the "
+                    "agent opens paths only for root. Pass the open file instead as "
+                    f"{'/'.join(n + '_fd' for n in named)} (kho-agentctl does)")
+            if source.initrd_fd is not None and source.kernel_fd is None \
+                    and source.kernel is None:
+                raise InvalidArgument(f"{call.method}: initrd without a kernel")
+        except AgentError:
+            source.close()
+            raise
+        return source
+
+    def open(self) -> TargetFiles:
+        """The files, open and checked (regular, bounded). Takes over the passed fds."""
+        kernel = self._take("target kernel", self.kernel, "kernel_fd", TARGET_IMAGE_MAX)
+        if kernel is None:
+            self.close()
+            raise InvalidArgument("no target kernel given")
+        try:
+            initrd = self._take("initrd", self.initrd, "initrd_fd", None)
+        except AgentError:
+            kernel.close()
+            raise
+        return TargetFiles(kernel, initrd)
+
+    def _take(self, what: str, path: str | None, attr: str, limit: int | None
+              ) -> RegularFile | None:
+        fd: int | None = getattr(self, attr)
+        setattr(self, attr, None)
+        if fd is not None:
+            return adopt_fd(fd, path or f"(passed as {attr})", what, max_size=limit)
+        if path is not None:
+            return open_regular(path, what, max_size=limit)
+        return None
+
+    def close(self) -> None:
+        for fd in (self.kernel_fd, self.initrd_fd):
+            if fd is not None:
+                os.close(fd)
+        self.kernel_fd = self.initrd_fd = None
