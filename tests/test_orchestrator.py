@@ -17,6 +17,7 @@ from kho_agent.cli import main as cli_main
 from kho_agent.errors import (
     AgentError,
     Busy,
+    Cancelled,
     KernelRefused,
     NotFound,
     NotPrepared,
@@ -408,3 +409,130 @@ def test_a_second_verify_in_the_same_boot_is_refused_not_failed(rig: Rig) -> Non
     with pytest.raises(NotPrepared, match="verified already"):
         agent.verify()   # its sessions are held for their owners: a rerun would see them busy
     assert rig.state()["phase"] == "verified"
+
+
+# --- issue 11, class 3: every failure leaves one consistent state ------------------------------
+
+def _disk_full(monkeypatch: pytest.MonkeyPatch, rig: Rig) -> None:
+    """The agent's state directory is full (the simulated kernel's own files are not)."""
+    real_fsync = os.fsync
+    state_dir = str(rig.config.state_dir)
+
+    def full(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(state_dir):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+    monkeypatch.setattr(manifest_mod.os, "fsync", full)
+
+
+def _consistent(agent: Orchestrator) -> None:
+    """What the engine says equals what it is and holds."""
+    phase, message = agent.state.phase, agent.state.message
+    for other in Phase:
+        if other is not phase and message.startswith(other.value):
+            raise AssertionError(f"state {phase.value} with message {message!r}")
+    if phase is Phase.IDLE:
+        assert agent.agent_session is None and agent._plan is None
+        assert not agent.host.kexec.loaded()
+
+
+def test_a_failed_prepare_on_a_full_disk_changes_nothing(rig: Rig,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    rig.client("vm-a", {1: b"x"})
+    before = rig.state()
+    _disk_full(monkeypatch, rig)
+    with pytest.raises(AgentError, match=r"ENOSPC|No space"):
+        rig.agent.prepare(PrepareOptions(kernel=rig.target))
+    # the announcement could not be saved: nothing happened, in memory either
+    assert rig.agent.state.phase is Phase.IDLE
+    assert rig.agent.state.message == before["message"]
+    _consistent(rig.agent)
+    monkeypatch.undo()
+    rig.agent.prepare(PrepareOptions(kernel=rig.target))
+    assert rig.agent.state.phase is Phase.PREPARED
+
+
+def test_cancel_on_a_full_disk_ends_idle_and_the_next_prepare_works(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    rig.client("vm-a", {1: b"x"})
+    rig.agent.prepare(PrepareOptions(kernel=rig.target))
+    _disk_full(monkeypatch, rig)
+    message = rig.agent.cancel()
+    assert "could not be saved" in message
+    assert rig.agent.state.phase is Phase.IDLE and rig.agent.clients == {}
+    assert rig.agent.released["vm-a"].startswith("the live update was cancelled")
+    _consistent(rig.agent)
+    assert rig.state()["phase"] == "prepared"   # the file lags; a restart resolves it
+    monkeypatch.undo()
+    rig.client("vm-a", {1: b"y"})
+    rig.agent.prepare(PrepareOptions(kernel=rig.target))
+    assert rig.state()["phase"] == "prepared"
+
+
+def test_a_cancelled_prepare_rolls_back_and_keeps_the_sessions(rig: Rig) -> None:
+    rig.client("vm-a", {1: b"x"})
+    steps = []
+
+    def cancelled() -> bool:
+        steps.append(rig.sim.host().kexec.loaded())
+        return len(steps) == 2       # cancelled after the kernel was loaded
+    with pytest.raises(Cancelled):
+        rig.agent.prepare(PrepareOptions(kernel=rig.target, cancelled=cancelled))
+    assert steps == [False, True]
+    assert not rig.sim.host().kexec.loaded()
+    assert set(rig.agent.clients) == {"vm-a"} and rig.agent.released == {}
+    assert "prepare cancelled" in rig.agent.state.message
+    _consistent(rig.agent)
+    rig.agent.prepare(PrepareOptions(kernel=rig.target))
+    rig.agent.commit(CommitOptions())
+    assert rig.reboot_view().verify().ok
+
+
+def test_an_internal_error_in_prepare_still_leaves_one_state(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    rig.client("vm-a", {1: b"x"})
+
+    def bug(*args: object, **kwargs: object) -> None:
+        raise ZeroDivisionError("a bug")
+    monkeypatch.setattr(rig.agent, "_replace_agent_session", bug)
+    with pytest.raises(ZeroDivisionError):
+        rig.agent.prepare(PrepareOptions(kernel=rig.target))
+    assert rig.agent.state.phase is Phase.IDLE and "internal error" in rig.agent.state.message
+    _consistent(rig.agent)
+    monkeypatch.undo()
+    rig.agent.prepare(PrepareOptions(kernel=rig.target))
+    assert rig.agent.state.phase is Phase.PREPARED
+
+
+def test_a_refused_unload_keeps_the_update_prepared(rig: Rig) -> None:
+    rig.client("vm-a", {1: b"x"})
+    rig.agent.prepare(PrepareOptions(kernel=rig.target))
+    host = rig.agent.host
+
+    def refuse() -> None:
+        raise KernelRefused("kexec_file_load(UNLOAD)", errno.EBUSY, "held")
+    real = host.kexec.unload
+    host.kexec.unload = refuse  # type: ignore[method-assign]
+    with pytest.raises(KernelRefused):
+        rig.agent.cancel()
+    assert rig.agent.state.phase is Phase.PREPARED and "cancel failed" in rig.agent.state.message
+    assert set(rig.agent.clients) == {"vm-a"}
+    host.kexec.unload = real  # type: ignore[method-assign]
+    assert "unloaded the kernel" in rig.agent.cancel()
+    _consistent(rig.agent)
+
+
+def test_planning_never_changes_what_prepare_chose(rig: Rig, tmp_path: Path) -> None:
+    rig.client("vm-a", {1: b"x"})
+    rig.agent.prepare(PrepareOptions(kernel=rig.target))
+    other = rig.sim.write_kernel_image(tmp_path / "boot" / "vmlinuz-7.9-sim", release="7.9-sim",
+                                       abi=SimAbi())
+    rig.agent.gather_preflight(None, None)
+    rig.agent.gather_preflight(other, None)
+    rig.agent.scratch_plan(other)
+    rig.agent.plan_prepare(PrepareOptions(kernel=other))
+    rig.agent.commit(CommitOptions())
+    agent = rig.reboot_view()
+    assert agent.verify().ok
+    assert agent.verified_manifest is not None
+    assert agent.verified_manifest.release_to == "7.3.1-sim"
