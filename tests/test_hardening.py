@@ -194,6 +194,10 @@ def test_an_unprivileged_caller_passes_fds_and_learns_nothing_of_root_files(
     messages = {a["message"].replace(str(hidden), "P").replace(str(secret / "missing"), "P")
                 .replace("/dev/zero", "P") for a in answers}
     assert len(messages) == 1 and "kernel_fd" in messages.pop()
+    # no target at all: a report on the host alone, no complaint about a target
+    report = json.loads(_nobody_call(host.bus.address, "Preflight", "{}")["reply"])
+    assert not [c for c in report["checks"] if c["name"] == "target-abi"
+                and c["tier"] == "blocker"], report
     # a file nobody can read itself, passed as an fd: the daemon reads what nobody opened
     with tempfile.TemporaryDirectory(dir="/tmp") as shared:
         os.chmod(shared, 0o755)

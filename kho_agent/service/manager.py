@@ -342,6 +342,8 @@ class AgentService:
         read on the files thread, and its planning waits behind every privileged call. For
         Preflight a target that cannot be opened or read is a blocker of the report."""
         def read() -> tuple[TargetImage | None, int, str | None]:
+            if not source.given:  # the host alone: no target to read
+                return None, 0, None
             try:
                 files = source.open()
             except AgentError as exc:
