@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -128,3 +130,105 @@ def test_console_entry_point_runs(samples_dir: Path) -> None:
     assert "luo-v5, liveupdate-number 1" in proc.stdout
     # without memory the session chain is not readable: said as info, not as an error
     assert "[info] memory-unavailable /LUO/sessions-block[0]" in proc.stdout
+
+
+# --- issue 11, class 8: every failure has a name, and --json prints it ------------------------
+
+def json_error(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict[str, object],
+                                                                        str]:
+    """Run main() with --json among argv; the JSON error document on stdout and stderr."""
+    code, out, err = run(capsys, *argv)
+    doc: dict[str, object] = json.loads(out)
+    assert set(doc) >= {"error", "message", "exit_code"} and doc["exit_code"] == code, doc
+    return code, doc, err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["status", "--json", "--no-such-option"], "unrecognized arguments: --no-such-option"),
+    (["--json"], "the following arguments are required: COMMAND"),
+    (["prepare", "--json"], "the following arguments are required: --kernel"),
+    (["prepare", "--kernel", "--json"], "argument --kernel: expected one argument"),
+    (["scratch", "--margin", "lots", "--json"], "argument --margin: invalid int value: 'lots'"),
+    (["status", "--bus", "nowhere", "--json"], "argument --bus: invalid choice: 'nowhere'"),
+    (["check", "--memory", "a", "--kcore", "--js"], "not allowed with argument"),
+    (["no-such-command", "--json"], "invalid choice: 'no-such-command'"),
+])
+def test_usage_errors_print_the_json_error_document(capsys: pytest.CaptureFixture[str],
+                                                   argv: list[str], message: str) -> None:
+    code, doc, err = json_error(capsys, *argv)
+    assert code == 2 and doc["error"] == "InvalidArgument"
+    assert message in str(doc["message"])
+    # stderr keeps argparse's form: the usage, then the error
+    assert err.startswith("usage: kho-agentctl") and f"error: {doc['message']}" in err
+
+
+@pytest.mark.parametrize("command", ["status", "sessions", "jobs", "manifest", "commit", "cancel",
+                                     "verify", "preflight", "scratch"])
+@pytest.mark.parametrize("value", ["-1", "0", "nan", "inf", "-inf", "soon"])
+def test_bad_timeouts_are_refused_before_anything_is_called(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, command: str, value: str) -> None:
+    # a bus that does not exist: a call attempted would be DaemonUnreachable instead
+    code, doc, _ = json_error(capsys, "--bus-address", f"unix:path={tmp_path}/no-bus",
+                              command, "--timeout", value, "--json")
+    assert code == 2 and doc["error"] == "InvalidArgument"
+    assert "argument --timeout" in str(doc["message"])
+
+
+def test_errors_before_the_command_runs_print_json(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    code, doc, err = json_error(capsys, "check", "--json")
+    assert code == 2 and doc["error"] == "InvalidArgument" and "give FDT" in str(doc["message"])
+    assert "kho-agentctl check: InvalidArgument: give FDT" in err
+    empty = tmp_path / "debug"
+    empty.mkdir()
+    code, doc, _ = json_error(capsys, "check", "--live", "--debugfs", str(empty), "--json")
+    assert code == 2 and doc["error"] == "NotFound"
+    assert "debugfs is not mounted at" in str(doc["message"])
+    code, doc, _ = json_error(capsys, "scratch", "--margin", "-5", "--local", "--json")
+    assert code == 2 and doc["error"] == "InvalidArgument" and "negative" in str(doc["message"])
+
+
+def test_an_os_error_reaches_the_user_with_its_errno_name(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from kho_agent.cli import decode
+
+    def broken(_args: object) -> int:
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+
+    monkeypatch.setattr(decode, "run", broken)
+    code, doc, err = json_error(capsys, "check", "x", "--json")
+    assert code == 4 and doc["error"] == "KernelRefused"
+    assert doc["errno"] == errno.EBADF and doc["errno_name"] == "EBADF"
+    assert "EBADF (Bad file descriptor)" in str(doc["message"])
+    assert "EBADF (Bad file descriptor)" in err
+    code, out, err = run(capsys, "check", "x")
+    assert code == 4 and out == "" and "EBADF (Bad file descriptor)" in err
+
+
+def test_ctrl_c_is_a_named_error(monkeypatch: pytest.MonkeyPatch,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from kho_agent.cli import decode
+
+    def interrupted(_args: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(decode, "run", interrupted)
+    code, doc, _ = json_error(capsys, "decode", "x", "--json")
+    assert code == 2 and doc["error"] == "Interrupted"
+
+
+@pytest.mark.parametrize("json_flag", [[], ["--json"]])
+def test_a_closed_stdout_ends_the_command_quietly(samples_dir: Path,
+                                                  json_flag: list[str]) -> None:
+    # `kho-agentctl check ... | head -1` once head has exited: the reader is gone before the
+    # first write (deterministic, unlike a real head that may read everything first)
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "kho_agent.cli", "check", "--in",
+                               str(samples_dir / "case-in-1"), *json_flag], stdout=writer,
+                              stderr=subprocess.PIPE, text=True, timeout=60, check=False)
+    finally:
+        os.close(writer)
+    assert proc.returncode == 141  # 128 + SIGPIPE, as a shell shows for a tool SIGPIPE ended
+    assert proc.stderr == ""       # no BrokenPipeError, no "Exception ignored"

@@ -6,7 +6,18 @@ followed through signals on a private main context, so nothing here needs a main
 
 A job is followed by subscribing to its signals *before* the call that starts it (the
 PropertiesChanged of every Job object and the Manager's JobRemoved): a job that ends before its
-path comes back in the reply is still seen whole. Every wait is bounded.
+path comes back in the reply is still seen whole.
+
+Every wait is bounded by one deadline, the command's --timeout: connecting (asynchronously, so a
+bus that does not answer cannot hang us either), each call (also capped at CALL_TIMEOUT_MS),
+property reads, and following a job. A daemon that owns its name but does not answer in time
+(stopped with SIGSTOP, hung, overloaded) is DaemonNotResponding; one that is not there is
+DaemonUnreachable; a job still running when the wait ends is JobNotFinished.
+
+--kernel and --initrd are opened here, with this process's rights (kernel/callerfile.py: regular
+files only, never blocking), and sent as file descriptors (`kernel_fd`/`initrd_fd`, type h: an
+index into the message's fd list) beside their absolute names (`kernel`/`initrd`, shown and
+recorded only): kho-agentd reads what the caller could open, never a path on its behalf.
 """
 
 from __future__ import annotations
@@ -14,10 +25,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -35,6 +48,7 @@ from ..errors import (  # noqa: E402
     NotFound,
     PermissionDenied,
 )
+from ..kernel.callerfile import open_regular  # noqa: E402
 from ..service import interfaces as api  # noqa: E402
 from ..service.errors import from_dbus  # noqa: E402
 
@@ -46,8 +60,16 @@ INTROSPECTABLE_IFACE = "org.freedesktop.DBus.Introspectable"
 JOB_DIR = api.JOB_PATH_PREFIX.rstrip("/")
 
 CALL_TIMEOUT_MS = 60_000          # Preflight reads the target image and the KHO state
+DEFAULT_CALL_TIMEOUT = CALL_TIMEOUT_MS / 1000  # --timeout of the commands that only ask
 DEFAULT_JOB_TIMEOUT = 1800.0      # digesting large guests can take minutes
+PING_MS = 1000                    # once a job's wait ran out: does the daemon still answer?
 _TICK_MS = 100                    # bounds each blocking main-context iteration
+# kexec_file_load reads a kernel or an initrd of at most KEXEC_FILE_SIZE_MAX bytes (4 GiB,
+# kernel/kexec_file.c): a larger file can never be loaded, so it is refused before anything is
+# asked. kho-agentctl reads neither; kho-agentd reads the kernel with its own, smaller bound.
+KEXEC_FILE_SIZE_MAX = 4 << 30
+_ADDRESS_FLAGS = (Gio.DBusConnectionFlags.AUTHENTICATION_CLIENT
+                  | Gio.DBusConnectionFlags.MESSAGE_BUS_CONNECTION)
 NO_UID = 0xFFFFFFFF               # the daemon's "owner not known"
 
 # Bus errors that mean "nobody serves org.khoagent.Agent1 here"
@@ -61,6 +83,10 @@ _NO_OBJECT_ERRORS = ("org.freedesktop.DBus.Error.UnknownObject",
                      "org.freedesktop.DBus.Error.UnknownMethod",
                      "org.freedesktop.DBus.Error.UnknownInterface",
                      "org.freedesktop.DBus.Error.UnknownProperty")
+# ... and the bus's own "the destination never replied" (its reply_timeout ran out first)
+_NO_REPLY_ERRORS = ("org.freedesktop.DBus.Error.NoReply",
+                    "org.freedesktop.DBus.Error.Timeout",
+                    "org.freedesktop.DBus.Error.TimedOut")
 
 
 class DaemonUnreachable(AgentError):
@@ -74,6 +100,14 @@ class JobNotFinished(AgentError):
     """The client stopped following a job that still runs (timeout, interrupt, daemon gone)."""
 
     name = "JobNotFinished"
+    exit_code = EXIT_CANNOT_RUN
+
+
+class DaemonNotResponding(AgentError):
+    """kho-agentd owns its bus name but did not answer within the command's --timeout: it is
+    stopped (SIGSTOP), hung or overloaded. Whether what was asked took effect is unknown."""
+
+    name = "DaemonNotResponding"
     exit_code = EXIT_CANNOT_RUN
 
 
@@ -111,6 +145,24 @@ def add_bus_options(parser: argparse.ArgumentParser, *, top_level: bool = False)
                        help="the bus kho-agentd serves (default: system)")
     group.add_argument("--bus-address", metavar="ADDR", default=default,
                        help="a D-Bus address instead (a private bus, tests)")
+
+
+def timeout_seconds(text: str) -> float:
+    """--timeout's value: a finite number of seconds above 0. Zero is refused too: no call can
+    be answered in no time (`--no-wait` is how a job command does not wait)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a finite number of seconds above 0")
+    return value
+
+
+def add_timeout_option(p: argparse.ArgumentParser, default: float, bounds: str) -> None:
+    p.add_argument("--timeout", type=timeout_seconds, default=default, metavar="SECONDS",
+                   help=f"give up after this long: {bounds} (default {default:g}); "
+                        "DaemonNotResponding when kho-agentd does not answer in time")
 
 
 def target_from_args(args: argparse.Namespace) -> BusTarget:
@@ -198,12 +250,27 @@ def _remote(err: GLib.Error) -> tuple[str, str] | None:
     return name, message
 
 
+def glib_error(err: GLib.Error, target: BusTarget | None = None, what: str = "") -> AgentError:
+    """A local GLib/Gio error (not an error reply) as an agent error with a name: a call that
+    timed out is DaemonNotResponding, a connection that closed DaemonUnreachable."""
+    where = f"{what}: " if what else ""
+    on = target.describe() if target is not None else "the bus"
+    io = Gio.io_error_quark()
+    if err.matches(io, Gio.IOErrorEnum.TIMED_OUT) or err.matches(io, Gio.IOErrorEnum.CANCELLED):
+        return DaemonNotResponding(f"{where}no answer from kho-agentd on {on} in time "
+                                   f"({err.message})")
+    if err.matches(io, Gio.IOErrorEnum.CLOSED) or err.matches(io, Gio.IOErrorEnum.BROKEN_PIPE):
+        return DaemonUnreachable(f"{where}the connection to {on} was closed ({err.message}); "
+                                 "check that the D-Bus daemon runs")
+    return AgentError(f"{where}{err.message} ({err.domain} error {int(err.code)})")
+
+
 def bus_error(err: GLib.Error, target: BusTarget, what: str) -> AgentError:
     """The agent error for a failed call: ours rebuilt with their exit codes; the bus's own
     refusals turned into what the operator can do about them."""
     remote = _remote(err)
     if remote is None:
-        return AgentError(f"{what}: {err.message}")
+        return glib_error(err, target, what)
     name, message = remote
     if name in _UNREACHABLE_ERRORS or name.startswith(_SPAWN_ERROR_PREFIX):
         return DaemonUnreachable(f"kho-agentd is not running on {target.describe()} (no owner "
@@ -213,7 +280,101 @@ def bus_error(err: GLib.Error, target: BusTarget, what: str) -> AgentError:
     if name == _ACCESS_DENIED:
         return PermissionDenied(f"{what}: the bus policy refused the call ({message}); run as "
                                 "root, or install etc/dbus-1/system.d/org.khoagent.Agent1.conf")
+    if name in _NO_REPLY_ERRORS:
+        return DaemonNotResponding(f"{what}: the bus stopped waiting for kho-agentd's answer "
+                                   f"({message})")
     return from_dbus(name, message)
+
+
+# ---------------------------------------------------------------------------------- deadline
+
+@dataclass(frozen=True)
+class Deadline:
+    """When the command gives up (the --timeout it was given, from when it connects)."""
+
+    seconds: float
+    end: float    # time.monotonic()
+
+    @classmethod
+    def after(cls, seconds: float) -> Deadline:
+        return cls(seconds, time.monotonic() + seconds)
+
+    def remaining(self) -> float:
+        return self.end - time.monotonic()
+
+    def passed(self) -> bool:
+        return self.remaining() <= 0
+
+    def call_ms(self, cap_ms: int = CALL_TIMEOUT_MS) -> int:
+        """The timeout of one call: what is left, at most cap_ms, at least 1 ms (capped before
+        it is scaled: a --timeout of 1e308 s must not overflow)."""
+        return max(1, math.ceil(min(self.remaining(), cap_ms / 1000) * 1000))
+
+
+def _wait(context: GLib.MainContext, done: Callable[[], bool], deadline: Deadline) -> None:
+    """Run `context` until done() or the deadline; each blocking iteration ends at the next
+    tick at the latest, so the deadline is checked."""
+    tick = GLib.timeout_source_new(_TICK_MS)
+    tick.set_callback(lambda *_: True)
+    tick.attach(context)
+    try:
+        while not done() and not deadline.passed():
+            context.iteration(True)
+    finally:
+        tick.destroy()
+
+
+def _connect(target: BusTarget, deadline: Deadline) -> Gio.DBusConnection:
+    """Connect (authenticate, Hello) within the deadline. Asynchronously on a private main
+    context: Gio's synchronous connect has no timeout, and a bus that does not answer must not
+    hang the command any more than a daemon that does not."""
+    context = GLib.MainContext.new()
+    cancellable = Gio.Cancellable.new()
+    results: list[Gio.AsyncResult] = []
+
+    def finished(_source: object, result: Gio.AsyncResult, *_data: object) -> None:
+        results.append(result)
+
+    context.push_thread_default()
+    try:
+        if target.address:
+            Gio.DBusConnection.new_for_address(target.address, _ADDRESS_FLAGS, None,
+                                               cancellable, finished)
+        else:
+            kind = Gio.BusType.SYSTEM if target.kind == "system" else Gio.BusType.SESSION
+            Gio.bus_get(kind, cancellable, finished)
+    finally:
+        context.pop_thread_default()
+    _wait(context, lambda: bool(results), deadline)
+    if not results:
+        cancellable.cancel()
+        raise DaemonUnreachable(f"{target.describe()} did not accept a connection within "
+                                f"{deadline.seconds:g} s (the D-Bus daemon is stopped or hung), "
+                                "so kho-agentd cannot be reached; check `systemctl status "
+                                "dbus`, or allow longer with --timeout")
+    try:
+        if target.address:
+            connection: Gio.DBusConnection = Gio.DBusConnection.new_for_address_finish(
+                results[0])
+        else:
+            connection = Gio.bus_get_finish(results[0])
+    except GLib.Error as err:
+        raise DaemonUnreachable(f"cannot connect to {target.describe()} ({err.message}), "
+                                "so kho-agentd cannot be reached; check that the D-Bus "
+                                f"daemon runs, then {target.hint()}") from err
+    return connection
+
+
+def _process_state(pid: int) -> str | None:
+    """The one-letter state of a process (`T`: stopped), from /proc/PID/stat."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read(4096)
+    except OSError:
+        return None
+    _, _, after = stat.rpartition(b")")  # the command name may hold spaces and parentheses
+    fields = after.split()
+    return fields[0].decode("ascii", "replace") if fields else None
 
 
 # ---------------------------------------------------------------------------------- client
@@ -227,30 +388,48 @@ class _Collected:
     owner_gone: bool = False
 
 
+@dataclass
+class TargetFiles:
+    """--kernel/--initrd as sent: the options (names and fd indexes) and the fds, in order."""
+
+    options: dict[str, Any] = field(default_factory=dict)
+    fds: list[int] = field(default_factory=list)
+
+
+def open_target_files(kernel: str | os.PathLike[str] | None,
+                      initrd: str | os.PathLike[str] | None, stack: ExitStack) -> TargetFiles:
+    """Open the target kernel and initrd here, with this process's rights: regular files only,
+    never blocking, at most KEXEC_FILE_SIZE_MAX bytes (kernel/callerfile.py; NotFound,
+    PermissionDenied, InvalidArgument). Nothing is read: kho-agentd reads them, with its own
+    bounds. The files stay open until `stack` closes."""
+    out = TargetFiles()
+    for key, path, what in (("kernel", kernel, "target kernel"), ("initrd", initrd, "initrd")):
+        if path is None:
+            continue
+        opened = stack.enter_context(open_regular(path, what, max_size=KEXEC_FILE_SIZE_MAX))
+        # the daemon's working directory is not ours: the name it shows and records is absolute
+        out.options[key] = os.path.abspath(path)
+        out.options[f"{key}_fd"] = len(out.fds)  # an index into the message's fd list
+        out.fds.append(opened.fd)
+    return out
+
+
 class AgentClient:
-    def __init__(self, connection: Gio.DBusConnection, target: BusTarget) -> None:
+    def __init__(self, connection: Gio.DBusConnection, target: BusTarget,
+                 deadline: Deadline) -> None:
         self.connection = connection
         self.target = target
+        self.deadline = deadline
 
     @classmethod
-    def connect(cls, target: BusTarget) -> AgentClient:
-        try:
-            if target.address:
-                flags = (Gio.DBusConnectionFlags.AUTHENTICATION_CLIENT
-                         | Gio.DBusConnectionFlags.MESSAGE_BUS_CONNECTION)
-                conn = Gio.DBusConnection.new_for_address_sync(target.address, flags, None, None)
-            else:
-                kind = Gio.BusType.SYSTEM if target.kind == "system" else Gio.BusType.SESSION
-                conn = Gio.bus_get_sync(kind, None)
-        except GLib.Error as err:
-            raise DaemonUnreachable(f"cannot connect to {target.describe()} ({err.message}), "
-                                    "so kho-agentd cannot be reached; check that the D-Bus "
-                                    f"daemon runs, then {target.hint()}") from err
-        return cls(conn, target)
+    def connect(cls, target: BusTarget, timeout: float = DEFAULT_CALL_TIMEOUT) -> AgentClient:
+        deadline = Deadline.after(timeout)
+        return cls(_connect(target, deadline), target, deadline)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> AgentClient:
-        return cls.connect(target_from_args(args))
+        return cls.connect(target_from_args(args),
+                           getattr(args, "timeout", None) or DEFAULT_CALL_TIMEOUT)
 
     def close(self) -> None:
         if self.connection.is_closed():
@@ -268,40 +447,85 @@ class AgentClient:
                  tb: TracebackType | None) -> None:
         self.close()
 
+    # -------------------------------------------------------------- when it does not answer
+
+    def _owner_note(self) -> str:
+        """`(pid N, stopped: ...)` for the process that owns the agent's name, asked of the bus
+        (which answers for itself); empty when the bus cannot tell in PING_MS."""
+        try:
+            reply = self.connection.call_sync(
+                DBUS_NAME, DBUS_PATH, DBUS_IFACE, "GetConnectionUnixProcessID",
+                GLib.Variant("(s)", (api.BUS_NAME,)), GLib.VariantType.new("(u)"),
+                Gio.DBusCallFlags.NONE, PING_MS, None)
+        except GLib.Error:
+            return ""
+        (pid,) = reply.unpack()
+        # the pid is the bus's view; /proc is ours: on one host (the usual case) they agree
+        if _process_state(pid) in ("T", "t"):
+            return f" (pid {pid}, stopped: `kill -CONT {pid}` resumes it)"
+        return f" (pid {pid})"
+
+    def not_responding(self, why: str) -> DaemonNotResponding:
+        return DaemonNotResponding(
+            f"kho-agentd{self._owner_note()} owns {api.BUS_NAME} on {self.target.describe()} "
+            f"but {why}: it is stopped, hung or overloaded, and whether the request took effect "
+            "is unknown; check `systemctl status kho-agent` (then `kho-agentctl status`), or "
+            "allow longer with --timeout")
+
+    def answers(self) -> bool:
+        """Whether kho-agentd still answers at all (a Ping within PING_MS; any reply counts)."""
+        try:
+            self.connection.call_sync(api.BUS_NAME, "/", "org.freedesktop.DBus.Peer", "Ping",
+                                      None, None, Gio.DBusCallFlags.NONE, PING_MS, None)
+        except GLib.Error as err:
+            return not isinstance(bus_error(err, self.target, "Ping"),
+                                  (DaemonNotResponding, DaemonUnreachable))
+        return True
+
     # -------------------------------------------------------------- calls
 
     def call(self, path: str, iface: str, method: str, args: GLib.Variant | None = None, *,
              reply_type: str | None = None, fds: Sequence[int] = (),
-             dest: str = api.BUS_NAME, timeout_ms: int = CALL_TIMEOUT_MS,
-             interactive: bool = False) -> tuple[tuple[Any, ...], list[int]]:
-        """One synchronous call: the unpacked reply and the fds it carried (the caller owns and
-        closes them). `fds` go along in the message's fd list (h arguments index it); the
-        caller keeps its own copies."""
+             dest: str = api.BUS_NAME, interactive: bool = False
+             ) -> tuple[tuple[Any, ...], list[int]]:
+        """One synchronous call, bounded by the deadline (and CALL_TIMEOUT_MS): the unpacked
+        reply and the fds it carried (the caller owns and closes them). `fds` go along in the
+        message's fd list (h arguments index it); the caller keeps its own copies."""
+        what = f"{method} on {path}"
+        if self.deadline.passed():
+            raise self.not_responding(f"the --timeout of {self.deadline.seconds:g} s ran out "
+                                      f"before {what}")
+        timeout_ms = self.deadline.call_ms()
         flags = Gio.DBusCallFlags.NONE
         if interactive:
             flags |= Gio.DBusCallFlags.ALLOW_INTERACTIVE_AUTHORIZATION
         rtype = GLib.VariantType.new(reply_type) if reply_type else None
+        fd_list = None
+        if fds:
+            fd_list = Gio.UnixFDList.new()
+            for fd in fds:
+                fd_list.append(fd)  # dups
         try:
-            if fds:
-                fd_list = Gio.UnixFDList.new()
-                for fd in fds:
-                    fd_list.append(fd)  # dups
-                reply, out = self.connection.call_with_unix_fd_list_sync(
-                    dest, path, iface, method, args, rtype, flags, timeout_ms, fd_list, None)
-            else:
-                reply, out = self.connection.call_with_unix_fd_list_sync(
-                    dest, path, iface, method, args, rtype, flags, timeout_ms, None, None)
+            reply, out = self.connection.call_with_unix_fd_list_sync(
+                dest, path, iface, method, args, rtype, flags, timeout_ms, fd_list, None)
         except GLib.Error as err:
-            raise bus_error(err, self.target, f"{method} on {path}") from err
+            error = bus_error(err, self.target, what)
+            if isinstance(error, DaemonNotResponding):
+                bound = (f"the --timeout of {self.deadline.seconds:g} s"
+                         if timeout_ms < CALL_TIMEOUT_MS
+                         else f"{CALL_TIMEOUT_MS // 1000} s (the longest one call may take)")
+                error = self.not_responding(f"did not answer {what} within {bound}")
+            raise error from err
         received: list[int] = list(out.steal_fds()) if out is not None else []
         values: tuple[Any, ...] = tuple(reply.unpack()) if reply is not None else ()
         return values, received
 
     def manager(self, method: str, args: GLib.Variant | None = None, *,
-                reply_type: str | None = None, interactive: bool = False) -> tuple[Any, ...]:
-        values, fds = self.call(api.MANAGER_PATH, api.MANAGER_IFACE, method, args,
-                                reply_type=reply_type, interactive=interactive)
-        _close_all(fds)
+                reply_type: str | None = None, fds: Sequence[int] = (),
+                interactive: bool = False) -> tuple[Any, ...]:
+        values, received = self.call(api.MANAGER_PATH, api.MANAGER_IFACE, method, args,
+                                     reply_type=reply_type, fds=fds, interactive=interactive)
+        _close_all(received)
         return values
 
     def get_all(self, path: str, iface: str) -> dict[str, Any]:
@@ -344,7 +568,11 @@ class AgentClient:
         except NotFound:
             return []  # no job was ever exported
         _close_all(fds)
-        nodes = Gio.DBusNodeInfo.new_for_xml(xml).nodes
+        try:
+            nodes = Gio.DBusNodeInfo.new_for_xml(xml).nodes
+        except GLib.Error as err:
+            raise AgentError(f"kho-agentd's introspection of {JOB_DIR} does not parse "
+                             f"({err.message})") from err
         ids = sorted(int(n.path) for n in nodes if n.path and n.path.isdigit())
         return [f"{api.JOB_PATH_PREFIX}{i}" for i in ids]
 
@@ -364,38 +592,41 @@ class AgentClient:
     # -------------------------------------------------------------- jobs
 
     def start_job(self, method: str, options: dict[str, GLib.Variant] | None, *,
-                  on_progress: Progress, timeout: float = DEFAULT_JOB_TIMEOUT,
+                  on_progress: Progress, fds: Sequence[int] = (),
                   wait: bool = True) -> JobInfo:
         """Call a job method (options: its a{sv}, or None for a method without arguments) and,
-        with `wait`, follow the job until JobRemoved; returns the job as it ended (or as it
-        started, without `wait`)."""
+        with `wait`, follow the job until JobRemoved or the deadline; returns the job as it
+        ended (or as it started, without `wait`)."""
         args = options_args(options) if options is not None else None
         interactive = sys.stdin is not None and sys.stdin.isatty()
         if not wait:
-            (path,) = self.manager(method, args, reply_type="(o)", interactive=interactive)
+            (path,) = self.manager(method, args, reply_type="(o)", fds=fds,
+                                   interactive=interactive)
             return JobInfo(str(path))
         with _JobWatch(self.connection) as watch:
-            (path,) = self.manager(method, args, reply_type="(o)", interactive=interactive)
+            (path,) = self.manager(method, args, reply_type="(o)", fds=fds,
+                                   interactive=interactive)
             job = JobInfo(str(path))
             # Id and Type never change (and are in no PropertiesChanged); the rest comes from
             # the signals, in order, so a snapshot here would only race them
             try:
                 props = self.get_all(job.path, api.JOB_IFACE)
                 job.update({key: props[key] for key in ("Id", "Type") if key in props})
+            except DaemonNotResponding:
+                raise
             except AgentError:
                 # gone already (a simulated commit ends the daemon): the signals still tell
                 # how it ended, and the method names the job's type
                 job.type = method.lower()
-            return watch.follow(job, on_progress, timeout, self.target)
+            return watch.follow(job, on_progress, self)
 
-    def follow(self, path: str, *, on_progress: Progress,
-               timeout: float = DEFAULT_JOB_TIMEOUT) -> JobInfo:
+    def follow(self, path: str, *, on_progress: Progress) -> JobInfo:
         """Follow a job that already exists (started by someone else, or at the daemon's start)."""
         with _JobWatch(self.connection) as watch:
             job = self.job(path)  # read after subscribing: no change falls between
             if not job.running:
                 return job
-            return watch.follow(job, on_progress, timeout, self.target)
+            return watch.follow(job, on_progress, self)
 
 
 class _JobWatch:
@@ -451,9 +682,8 @@ class _JobWatch:
         if not new:
             self.seen.owner_gone = True
 
-    def follow(self, job: JobInfo, on_progress: Progress, timeout: float,
-               target: BusTarget) -> JobInfo:
-        deadline = time.monotonic() + timeout
+    def follow(self, job: JobInfo, on_progress: Progress, client: AgentClient) -> JobInfo:
+        deadline = client.deadline
         tick = GLib.timeout_source_new(_TICK_MS)
         tick.set_callback(lambda *_: True)
         tick.attach(self.context)
@@ -482,13 +712,18 @@ class _JobWatch:
                     return job
                 if self.seen.owner_gone:
                     raise JobNotFinished(
-                        f"kho-agentd left {target.describe()} before job {job.path} ended: its "
-                        "outcome is unknown (after a commit the host may be rebooting); check "
-                        "`kho-agentctl status` once the daemon runs again")
-                if time.monotonic() >= deadline:
+                        f"kho-agentd left {client.target.describe()} before job {job.path} "
+                        "ended: its outcome is unknown (after a commit the host may be "
+                        "rebooting); check `kho-agentctl status` once the daemon runs again")
+                if deadline.passed():
+                    # no news is either a long job or a daemon that cannot send any
+                    if not client.answers():
+                        raise client.not_responding(
+                            f"sent nothing about job {job.path} for {deadline.seconds:g} s and "
+                            f"does not answer a Ping within {PING_MS / 1000:g} s")
                     raise JobNotFinished(
-                        f"job {job.path} still runs after {timeout:g} s; it continues in "
-                        "kho-agentd: see `kho-agentctl jobs`, or wait longer with --timeout")
+                        f"job {job.path} still runs after {deadline.seconds:g} s; it continues "
+                        "in kho-agentd: see `kho-agentctl jobs`, or wait longer with --timeout")
                 self.context.iteration(True)
         except KeyboardInterrupt:
             raise JobNotFinished(f"interrupted: job {job.path} continues in kho-agentd; see "
@@ -516,5 +751,12 @@ def options(values: dict[str, Any], signatures: dict[str, str]) -> dict[str, GLi
     for key, value in values.items():
         if value is None:
             continue
-        out[key] = GLib.Variant(signatures[key], value)
+        signature = signatures.get(key)
+        if signature is None:
+            # the client and the contract ship together: only a broken install gets here
+            raise AgentError(f"option {key!r} is not in kho-agentd's contract (known: "
+                             f"{', '.join(sorted(signatures))}; kho_agent/service/interfaces.py)"
+                             ": this kho-agentctl and its installed contract differ; reinstall "
+                             "kho-agent")
+        out[key] = GLib.Variant(signature, value)
     return out

@@ -30,7 +30,7 @@ from ..abi.jsonview import to_json
 from ..facts import with_running_image
 from ..kernel import debugfs
 from ..kernel.image import ImageError, ImageInfo, read_image
-from .common import EXIT_FINDINGS, EXIT_OK, CliError, print_json
+from .common import EXIT_FINDINGS, EXIT_OK, print_json
 
 HELP = "compare the handover ABI of the running kernel with a target kernel image"
 DEFAULT_BOOT_DIR = "/boot"
@@ -51,9 +51,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: s
 
 def _image_abi(path: str, role: str) -> tuple[KernelAbi, ImageInfo]:
     try:
-        image = read_image(path)
+        image = read_image(path)  # bounded, regular files only (kernel/image.py)
     except ImageError as exc:
-        raise CliError(f"{role} kernel: {exc}") from exc
+        raise ImageError(f"{role} kernel: {exc}", exc.kind) from exc
     info = image.info
     return abi_from_payload(image.payload, f"image {path}", info.release), info
 
@@ -62,8 +62,9 @@ def _running_from_host(args: argparse.Namespace) -> tuple[KernelAbi, ImageInfo |
     try:
         out_dir = debugfs.kho_dir(args.debugfs, "out")
     except debugfs.DebugfsError as exc:
-        raise CliError(f"cannot read the running kernel's KHO state: {exc}. To compare two "
-                       "kernel images offline, give --running-image IMAGE") from exc
+        raise debugfs.DebugfsError(f"cannot read the running kernel's KHO state: {exc}. To "
+                                   "compare two kernel images offline, give --running-image "
+                                   "IMAGE", exc.kind) from exc
     out = debugfs.read_snapshot(out_dir)
     state = decode_state(KhoInput(out.fdt, out.sub_blobs, side=Side.OUT))
     incoming = None

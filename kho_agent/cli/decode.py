@@ -1,7 +1,9 @@
 """`kho-agentctl decode` and `kho-agentctl check`: show or check a KHO state.
 
 decode prints the state and exits 0 whenever it could read it; check exits 1 when any finding is
-an error. Both exit 2 when they could not run at all (no debugfs, KHO off, unreadable file).
+an error. Both exit 2 when they could not run at all (no debugfs, KHO off, a missing file, or one
+that is not a regular file or is larger than its format allows: kho_agent/kernel/debugfs.py and
+physmem.py give each bound), 3 when they may not read it (PermissionDenied: root is needed).
 """
 
 from __future__ import annotations

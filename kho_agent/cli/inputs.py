@@ -8,6 +8,7 @@ from contextlib import ExitStack
 
 from ..abi import KhoInput, ScratchArea, Side
 from ..abi.state import scratch_roles
+from ..errors import NotFound, PermissionDenied
 from ..kernel import debugfs
 from ..kernel.physmem import KCORE_PATH, ElfCoreMemory
 from .common import CliError
@@ -34,18 +35,11 @@ def add_state_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kcore-path", default=KCORE_PATH, help=argparse.SUPPRESS)
 
 
-def _blobs_from_dir(path: str) -> dict[str, bytes]:
-    blobs: dict[str, bytes] = {}
-    for name in sorted(os.listdir(path)):
-        full = os.path.join(path, name)
-        if os.path.isfile(full):
-            with open(full, "rb") as fh:
-                blobs[name] = fh.read()
-    return blobs
-
-
 def load_input(args: argparse.Namespace, stack: ExitStack) -> tuple[KhoInput, str]:
-    """Return the decoder input and a one-line description of where it came from."""
+    """Return the decoder input and a one-line description of where it came from. Every file is
+    read with the bound of its format (kernel/debugfs.py, kernel/physmem.py) and only if it is a
+    regular file: a FIFO, a device, a directory or a dangling symlink is refused, never waited on
+    or read whole."""
     side = Side.IN if args.incoming else Side.OUT
     if args.live:
         if args.fdt or args.memory:
@@ -60,27 +54,29 @@ def load_input(args: argparse.Namespace, stack: ExitStack) -> tuple[KhoInput, st
         if os.path.isdir(args.fdt):
             snap = debugfs.read_snapshot(args.fdt)
         else:
-            with open(args.fdt, "rb") as fh:
-                snap = debugfs.KhoDebugfsSnapshot(args.fdt, fh.read())
+            snap = debugfs.KhoDebugfsSnapshot(args.fdt, debugfs.read_root_fdt(args.fdt))
         if args.sub_fdts:
-            if not os.path.isdir(args.sub_fdts):
-                raise CliError(f"--sub-fdts {args.sub_fdts} is not a directory")
-            snap.sub_blobs.update(_blobs_from_dir(args.sub_fdts))
+            snap.sub_blobs.update(debugfs.read_sub_blobs(args.sub_fdts, "--sub-fdts"))
         mem_path = args.kcore_path if args.kcore else args.memory
         source = args.fdt
     memory = None
     if mem_path:
-        try:
-            memory = stack.enter_context(ElfCoreMemory(mem_path))
-        except PermissionError as exc:
-            raise CliError(f"{mem_path}: permission denied; reading physical memory needs "
-                           "root") from exc
-        except FileNotFoundError as exc:
-            raise CliError(f"{mem_path} does not exist" + (
-                " (the kernel lacks CONFIG_PROC_KCORE)" if mem_path == KCORE_PATH else "")) \
-                from exc
+        memory = stack.enter_context(_open_core(mem_path))
         source += f" + memory {mem_path}"
     roles = scratch_roles(len(snap.scratch_phys))
     scratch = [ScratchArea(p, n, r) for p, n, r in zip(snap.scratch_phys, snap.scratch_len,
                                                        roles, strict=True)]
     return KhoInput(snap.fdt, snap.sub_blobs, scratch, memory, side), source
+
+
+def _open_core(path: str) -> ElfCoreMemory:
+    """The memory core, with what to do when it cannot be opened (the errors keep their names:
+    NotFound, PermissionDenied, InvalidArgument)."""
+    try:
+        return ElfCoreMemory(path)
+    except PermissionDenied as exc:
+        raise PermissionDenied(f"{exc.message}; reading physical memory needs root") from exc
+    except NotFound as exc:
+        if path == KCORE_PATH:
+            raise NotFound(f"{exc.message} (the kernel lacks CONFIG_PROC_KCORE)") from exc
+        raise

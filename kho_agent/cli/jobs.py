@@ -12,11 +12,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 from ..service import interfaces as api
-from .bus import DEFAULT_JOB_TIMEOUT, AgentClient, JobInfo, add_bus_options
+from .bus import (
+    DEFAULT_CALL_TIMEOUT,
+    DEFAULT_JOB_TIMEOUT,
+    AgentClient,
+    JobInfo,
+    add_bus_options,
+    add_timeout_option,
+)
 from .common import EXIT_OK, EXIT_REFUSED, print_json
 
 HELP = "list kho-agentd's jobs (running, or ended in the last 120 s)"
@@ -32,18 +39,19 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: s
     p.set_defaults(run=run)
 
 
-def add_common_options(p: argparse.ArgumentParser) -> None:
+def add_common_options(p: argparse.ArgumentParser, *, job: bool = False) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     add_bus_options(p)
+    if not job:
+        add_timeout_option(p, DEFAULT_CALL_TIMEOUT, "every call to kho-agentd")
 
 
 def add_job_options(p: argparse.ArgumentParser) -> None:
-    add_common_options(p)
+    add_common_options(p, job=True)
     p.add_argument("--no-wait", action="store_true",
                    help="print the job's object path and exit 0 without following it")
-    p.add_argument("--timeout", type=float, default=DEFAULT_JOB_TIMEOUT, metavar="SECONDS",
-                   help=f"stop following the job after this long (it keeps running; default "
-                        f"{DEFAULT_JOB_TIMEOUT:g})")
+    add_timeout_option(p, DEFAULT_JOB_TIMEOUT, "the calls and following the job, which keeps "
+                       "running in kho-agentd (JobNotFinished)")
 
 
 # ---------------------------------------------------------------------------------- progress
@@ -84,22 +92,25 @@ class ProgressView:
 
 def run_job(args: argparse.Namespace, label: str, method: str,
             options: dict[str, Any] | None, outcome: Outcome,
-            before: Callable[[AgentClient], None] | None = None) -> int:
+            before: Callable[[AgentClient], None] | None = None,
+            fds: Sequence[int] = ()) -> int:
     """Start `method` and follow its job to the end (or print its path with --no-wait)."""
     with AgentClient.from_args(args) as client:
         if before is not None:
             before(client)
-        return run_job_on(client, args, label, method, options, outcome)
+        return run_job_on(client, args, label, method, options, outcome, fds)
 
 
 def run_job_on(client: AgentClient, args: argparse.Namespace, label: str, method: str,
-               options: dict[str, Any] | None, outcome: Outcome) -> int:
+               options: dict[str, Any] | None, outcome: Outcome,
+               fds: Sequence[int] = ()) -> int:
     if args.no_wait:
-        job = client.start_job(method, options, on_progress=lambda _j: None, wait=False)
+        job = client.start_job(method, options, on_progress=lambda _j: None, fds=fds,
+                               wait=False)
         return print_path(job.path, args.json)
     view = ProgressView(label, sys.stderr)
     try:
-        job = client.start_job(method, options, on_progress=view.update, timeout=args.timeout)
+        job = client.start_job(method, options, on_progress=view.update, fds=fds)
     finally:
         view.finish()
     return report(job, args.json, outcome)
@@ -112,7 +123,7 @@ def follow_job(args: argparse.Namespace, client: AgentClient, path: str, label: 
         return print_path(path, args.json)
     view = ProgressView(label, sys.stderr)
     try:
-        job = client.follow(path, on_progress=view.update, timeout=args.timeout)
+        job = client.follow(path, on_progress=view.update)
     finally:
         view.finish()
     return report(job, args.json, outcome)

@@ -7,19 +7,36 @@ Asks kho-agentd (Preflight over D-Bus) by default: the daemon knows the sessions
 holds /dev/liveupdate, which a second process would only see as busy. `--local` runs the checks
 in this process; so does the hidden `--root` (tests on a simulated root). When no daemon answers
 and neither was given, the checks run here with one note on stderr, so an operator still gets an
-answer on a host where the daemon is not running.
+answer on a host where the daemon is not running; a daemon that is there but does not answer
+(DaemonNotResponding) is an error instead: it holds /dev/liveupdate and the sessions, so checks run
+here would miss them.
+
+--kernel and --initrd are opened here in both modes (regular files only, never blocking: a FIFO,
+a device or a directory exits 2 before anything runs); kho-agentd gets them as fds.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import json
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+from ..errors import AgentError
 from ..service import interfaces as api
-from .bus import AgentClient, DaemonUnreachable, add_bus_options, options, options_args
+from .bus import (
+    DEFAULT_CALL_TIMEOUT,
+    AgentClient,
+    DaemonUnreachable,
+    TargetFiles,
+    add_bus_options,
+    add_timeout_option,
+    open_target_files,
+    options,
+    options_args,
+)
 from .common import EXIT_FINDINGS, EXIT_OK, print_json
 
 HELP = "check whether this host can live-update, with a tiered verdict"
@@ -36,6 +53,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: s
                    help="run the checks in this process instead of asking kho-agentd")
     p.add_argument("--root", type=Path, default=None, help=argparse.SUPPRESS)
     add_bus_options(p)
+    add_timeout_option(p, DEFAULT_CALL_TIMEOUT, "the call to kho-agentd")
     p.set_defaults(run=run)
 
 
@@ -61,29 +79,32 @@ def local_report(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-def bus_report(args: argparse.Namespace) -> dict[str, Any]:
-    import json
-
-    # the daemon resolves paths from its own working directory: send absolute ones
-    opts = options({"kernel": os.path.abspath(args.kernel) if args.kernel else None,
-                    "initrd": os.path.abspath(args.initrd) if args.initrd else None},
-                   api.PREFLIGHT_OPTIONS)
+def bus_report(args: argparse.Namespace, files: TargetFiles) -> dict[str, Any]:
+    opts = options(files.options, api.PREFLIGHT_OPTIONS)
     with AgentClient.from_args(args) as client:
-        (text,) = client.manager("Preflight", options_args(opts), reply_type="(s)")
-    report: dict[str, Any] = json.loads(text)
+        (text,) = client.manager("Preflight", options_args(opts), reply_type="(s)",
+                                 fds=files.fds)
+    try:
+        report: dict[str, Any] = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise AgentError(f"kho-agentd sent a preflight report that is not JSON ({exc}); are "
+                         "both the same version? --local runs the checks here") from exc
     return report
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.local or args.root is not None:
-        report = local_report(args)
-    else:
-        try:
-            report = bus_report(args)
-        except DaemonUnreachable as exc:
-            print(f"kho-agentctl preflight: note: {exc.message.split(';')[0]}; running the "
-                  "checks in this process instead (--local)", file=sys.stderr)
+    with ExitStack() as stack:
+        # opened (and refused) here in both modes; in --local the engine opens them again
+        files = open_target_files(args.kernel, args.initrd, stack)
+        if args.local or args.root is not None:
             report = local_report(args)
+        else:
+            try:
+                report = bus_report(args, files)
+            except DaemonUnreachable as exc:
+                print(f"kho-agentctl preflight: note: {exc.message.split(';')[0]}; running the "
+                      "checks in this process instead (--local)", file=sys.stderr)
+                report = local_report(args)
     if args.json:
         print_json(report)
     else:

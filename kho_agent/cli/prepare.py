@@ -8,12 +8,12 @@ the preflight and shows the command line the kernel would get: nothing is loaded
 from __future__ import annotations
 
 import argparse
-import os
+from contextlib import ExitStack
 from typing import Any
 
 from ..errors import InvalidArgument
 from ..service import interfaces as api
-from .bus import JobInfo, options
+from .bus import JobInfo, open_target_files, options
 from .common import EXIT_FINDINGS, EXIT_OK
 from .jobs import add_job_options, run_job
 
@@ -60,15 +60,18 @@ def scratch_option(value: str | None) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    opts: dict[str, Any] = {
-        # the daemon resolves paths from its own working directory: send absolute ones
-        "kernel": os.path.abspath(args.kernel),
-        "initrd": os.path.abspath(args.initrd) if args.initrd else None,
-        "cmdline": None if args.reuse_cmdline else args.cmdline,
-        "scratch": scratch_option(args.scratch),
-        "dry_run": True if args.dry_run else None,
-    }
-    return run_job(args, "prepare", "Prepare", options(opts, api.PREPARE_OPTIONS), outcome)
+    scratch = scratch_option(args.scratch)  # refused before anything is opened or called
+    with ExitStack() as stack:
+        # opened here, with our rights; the daemon gets the fds (bus.open_target_files)
+        files = open_target_files(args.kernel, args.initrd, stack)
+        opts: dict[str, Any] = {
+            **files.options,
+            "cmdline": None if args.reuse_cmdline else args.cmdline,
+            "scratch": scratch,
+            "dry_run": True if args.dry_run else None,
+        }
+        return run_job(args, "prepare", "Prepare", options(opts, api.PREPARE_OPTIONS), outcome,
+                       fds=files.fds)
 
 
 def outcome(job: JobInfo) -> tuple[str, int]:

@@ -41,6 +41,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: s
 def run(args: argparse.Namespace) -> int:
     if args.sessions < 0 or args.sessions > 10_000:
         raise CliError("--sessions must be 0..10000")
+    if args.dir is not None and args.dir.exists() and not args.dir.is_dir():
+        raise CliError(f"--dir {args.dir} exists and is not a directory; give a directory (it "
+                       "is created when absent)")
     temp = args.dir is None
     directory = Path(tempfile.mkdtemp(prefix="kho-rehearsal-")) if temp else args.dir
     target = TARGET_ABIS[args.target_abi]

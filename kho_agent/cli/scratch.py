@@ -9,23 +9,30 @@ Exit 0 sufficient, 1 too small or not proven (areas unknown, segments do not fit
 Asks kho-agentd (ScratchPlan over D-Bus) by default; `--local` (or the hidden `--root`) computes
 the plan in this process, and so does `--next-excludes-hugetlb`, an option the daemon's
 ScratchPlan does not take. When no daemon answers and neither was given, the plan is computed
-here with one note on stderr.
+here with one note on stderr (not when one is there but does not answer: DaemonNotResponding).
+
+--kernel and --initrd are opened here in both modes (regular files only, never blocking) and
+sent to kho-agentd as fds; in --local mode the kernel is read here with the bound of
+kernel/image.py and the initrd is only sized (kexec_file_load takes at most INITRD_MAX).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..abi.jsonview import to_json
 from ..abi.state import ScratchArea, scratch_roles
-from ..errors import AgentError
+from ..errors import AgentError, InvalidArgument
 from ..kernel import debugfs
-from ..kernel.image import ImageError, read_image
+from ..kernel.callerfile import RegularFile, open_regular
+from ..kernel.image import MAX_INPUT, ImageError, parse_image
 from ..kernel.sysinfo import SysInfo, kho_enabled, read_sysinfo
 from ..scratch import (
     DEFAULT_MARGIN_PERCENT,
@@ -41,10 +48,23 @@ from ..scratch import (
     plan_scratch,
 )
 from ..service import interfaces as api
-from .bus import AgentClient, DaemonUnreachable, add_bus_options, options, options_args
-from .common import EXIT_CANNOT_RUN, EXIT_FINDINGS, EXIT_OK, CliError, print_json
+from .bus import (
+    DEFAULT_CALL_TIMEOUT,
+    KEXEC_FILE_SIZE_MAX,
+    AgentClient,
+    DaemonUnreachable,
+    TargetFiles,
+    add_bus_options,
+    add_timeout_option,
+    open_target_files,
+    options,
+    options_args,
+)
+from .common import EXIT_FINDINGS, EXIT_OK, print_json
 
 HELP = "compare the reserved KHO scratch areas with what the next live update needs"
+# an initrd larger than kexec_file_load takes cannot be loaded: no input for a plan either
+INITRD_MAX = KEXEC_FILE_SIZE_MAX
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str) -> None:
     p = sub.add_parser(name, help=HELP, description=HELP + ". Exit 0 sufficient, 1 too small "
@@ -63,6 +83,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: s
                    help="compute the plan in this process instead of asking kho-agentd")
     p.add_argument("--root", default=None, help=argparse.SUPPRESS)
     add_bus_options(p)
+    add_timeout_option(p, DEFAULT_CALL_TIMEOUT, "the call to kho-agentd")
     p.set_defaults(run=run)
 
 
@@ -75,20 +96,20 @@ class FileSize:
 
 def kernel_memory_size(path: str) -> FileSize:
     """How much memory a kernel image takes once kexec loads it (scratch.image_memory_size());
-    compressed images without such a header (arm64 Image.gz, zboot) are decompressed first."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(IMAGE_HEADER_BYTES)
-        file_size = os.path.getsize(path)
-    except OSError as exc:
-        raise CliError(f"cannot read the kernel image {path}: {exc.strerror}") from exc
-    sized = image_memory_size(head, file_size)
+    compressed images without such a header (arm64 Image.gz, zboot) are decompressed first. A
+    regular file only, of at most MAX_INPUT bytes (kernel/image.py's bound)."""
+    with open_regular(path, "kernel image", max_size=MAX_INPUT) as opened:
+        return _kernel_memory_size(path, opened)
+
+
+def _kernel_memory_size(path: str, opened: RegularFile) -> FileSize:
+    sized = image_memory_size(opened.read_at(0, IMAGE_HEADER_BYTES), opened.size)
     if sized is not None:
         return FileSize(path, *sized)
     try:
-        image = read_image(path)
+        image = parse_image(opened.read_all(MAX_INPUT), path)
     except ImageError as exc:
-        raise CliError(f"the kernel image: {exc}") from exc
+        raise InvalidArgument(f"the kernel image: {exc}") from exc
     payload = image.payload
     sized = image_memory_size(payload[:IMAGE_HEADER_BYTES], len(payload))
     if sized is not None:
@@ -97,10 +118,10 @@ def kernel_memory_size(path: str) -> FileSize:
 
 
 def _file_size(path: str, what: str) -> FileSize:
-    try:
-        return FileSize(path, os.path.getsize(path), "file size")
-    except OSError as exc:
-        raise CliError(f"cannot read the {what} {path}: {exc.strerror}") from exc
+    """The size of a regular file (opened, not read: a FIFO, a device or a directory is
+    refused)."""
+    with open_regular(path, what, max_size=INITRD_MAX) as opened:
+        return FileSize(path, opened.size, "file size")
 
 
 def _boot_file(root: Path, names: tuple[str, ...]) -> str | None:
@@ -314,28 +335,30 @@ def plan_from_json(raw: dict[str, Any]) -> ScratchPlan:
                          "--local computes the plan here") from exc
 
 
-def bus_plan(args: argparse.Namespace) -> ScratchPlan:
-    import json
-
-    opts = options({"kernel": os.path.abspath(args.kernel) if args.kernel else None,
-                    "initrd": os.path.abspath(args.initrd) if args.initrd else None,
-                    "margin": args.margin / 100}, api.SCRATCH_OPTIONS)
+def bus_plan(args: argparse.Namespace, files: TargetFiles) -> ScratchPlan:
+    opts = options({**files.options, "margin": args.margin / 100}, api.SCRATCH_OPTIONS)
     with AgentClient.from_args(args) as client:
-        (text,) = client.manager("ScratchPlan", options_args(opts), reply_type="(s)")
-    return plan_from_json(json.loads(text))
+        (text,) = client.manager("ScratchPlan", options_args(opts), reply_type="(s)",
+                                 fds=files.fds)
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise AgentError(f"kho-agentd sent a scratch plan that is not JSON ({exc}); are both "
+                         "the same version? --local computes the plan here") from exc
+    return plan_from_json(raw)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.margin < 0:
-        print(f"kho-agentctl scratch: --margin {args.margin} is negative; give 0 or more",
-              file=sys.stderr)
-        return EXIT_CANNOT_RUN
+        raise InvalidArgument(f"--margin {args.margin} is negative; give 0 or more")
     inputs: Inputs | None = None
     local = args.local or args.root is not None or args.next_excludes_hugetlb
-    try:
+    with ExitStack() as stack:
+        # opened (and refused) here in both modes, before anything is asked or computed
+        files = open_target_files(args.kernel, args.initrd, stack)
         if not local:
             try:
-                plan = bus_plan(args)
+                plan = bus_plan(args, files)
             except DaemonUnreachable as exc:
                 print(f"kho-agentctl scratch: note: {exc.message.split(';')[0]}; computing the "
                       "plan in this process instead (--local)", file=sys.stderr)
@@ -343,13 +366,6 @@ def run(args: argparse.Namespace) -> int:
         if local:
             inputs = gather(args)
             plan = build_plan(inputs, args)
-    except DaemonUnreachable:
-        raise
-    except (CliError, AgentError) as exc:
-        if not local and isinstance(exc, AgentError):
-            raise  # the daemon's error: main prints its name and exit code
-        print(f"kho-agentctl scratch: {exc}", file=sys.stderr)
-        return EXIT_CANNOT_RUN
     if args.json:
         print_json(report_json(plan, inputs))
     else:

@@ -14,6 +14,7 @@ from typing import Protocol
 
 from ..abi.errors import AbiError
 from ..abi.memory import PhysicalMemory
+from ..errors import AgentError
 from .kexec import Kexec
 from .liveupdate import LiveUpdate
 
@@ -50,7 +51,7 @@ class Host:
             return None
         try:
             return ElfCoreMemory(str(kcore))
-        except (OSError, AbiError):  # unreadable or not an ELF core: decode without memory
+        except (OSError, AbiError, AgentError):  # unreadable or not a core: decode without it
             return None
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import bz2
 import lzma
-import os
 import re
 import struct
 import zlib
@@ -32,8 +31,16 @@ from dataclasses import dataclass
 import lz4.block
 import zstandard
 
-MAX_OUTPUT = 512 << 20       # decompressed payload bound
-MAX_INPUT = 512 << 20        # image file bound (an unstripped vmlinux can be large)
+from ..errors import AgentError, InvalidArgument, NotFound, PermissionDenied
+from .callerfile import open_regular
+
+# A decompressed payload is a vmlinux: a distribution kernel's is 30-70 MiB; one with DWARF
+# debug information can pass 300 MiB.
+MAX_OUTPUT = 512 << 20
+# An image is read whole to find the kernel inside. The largest input taken is an uncompressed
+# vmlinux, which is itself the payload: the file bound is the payload bound. A larger file (or a
+# 2 GB sparse one) is refused by its size before any read.
+MAX_INPUT = MAX_OUTPUT
 LZ4_LEGACY_MAGIC = 0x184C2102
 LZ4_LEGACY_BLOCK = 8 << 20   # uncompressed bytes per legacy block
 LZ4_LEGACY_BOUND = LZ4_LEGACY_BLOCK + LZ4_LEGACY_BLOCK // 255 + 16  # LZ4_compressBound
@@ -55,7 +62,16 @@ ZBOOT_HEADER = 56
 
 
 class ImageError(Exception):
-    """A file is not a kernel image this module can read; the message says why and what to do."""
+    """A file is not a kernel image this module can read; the message says why and what to do.
+    `kind` is the agent error it amounts to (NotFound, PermissionDenied, InvalidArgument), for
+    callers that report a name and an exit code."""
+
+    def __init__(self, message: str, kind: type[AgentError] = InvalidArgument) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+    def as_agent_error(self) -> AgentError:
+        return self.kind(str(self))
 
 
 @dataclass(frozen=True)
@@ -335,20 +351,23 @@ def parse_image(data: bytes, path: str = "<image>", limit: int = MAX_OUTPUT) -> 
 
 
 def read_image(path: str, limit: int = MAX_OUTPUT) -> KernelImage:
-    """Read a kernel image file and return its decompressed payload and what it is."""
+    """Read a kernel image file and return its decompressed payload and what it is. Only a
+    regular file of at most MAX_INPUT bytes is read (kernel/callerfile.py: a FIFO, a device or a
+    directory is refused without blocking, a larger file before any read)."""
     try:
-        if os.path.isdir(path):
-            raise ImageError(f"{path} is a directory; give a kernel image file")
-        with open(path, "rb") as fh:
-            data = fh.read(MAX_INPUT + 1)
-    except FileNotFoundError as exc:
-        raise ImageError(f"{path} does not exist; give the path of a kernel image "
-                         "(e.g. /boot/vmlinuz-RELEASE)") from exc
-    except PermissionError as exc:
-        raise ImageError(f"{path}: permission denied; kernel images are often readable by "
-                         "root only: run as root") from exc
-    except OSError as exc:
-        raise ImageError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    if len(data) > MAX_INPUT:
-        raise ImageError(f"{path} is larger than {MAX_INPUT >> 20} MiB; not a kernel image")
+        with open_regular(path) as opened:
+            if opened.size > MAX_INPUT:
+                raise ImageError(f"{path} has {opened.size} bytes, more than the "
+                                 f"{MAX_INPUT >> 20} MiB a kernel image can be here; give the "
+                                 "bzImage/Image, or strip a vmlinux (objcopy --strip-debug)")
+            data = opened.read_all(MAX_INPUT)
+    except AgentError as exc:
+        hint = _OPEN_HINTS.get(type(exc))
+        raise ImageError(f"{exc.message}; {hint}" if hint else exc.message, type(exc)) from exc
     return parse_image(data, path, limit)
+
+
+_OPEN_HINTS: dict[type[AgentError], str] = {
+    NotFound: "give the path of a kernel image (e.g. /boot/vmlinuz-RELEASE)",
+    PermissionDenied: "kernel images are often readable by root only: run as root",
+}

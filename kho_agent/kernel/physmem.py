@@ -8,18 +8,32 @@ terabyte-sized virtual layout costs nothing until a page is asked for.
 from __future__ import annotations
 
 import bisect
+import errno
 import os
 import struct
 from dataclasses import dataclass
 from types import TracebackType
 
 from ..abi.errors import AbiError, MemoryUnavailable
+from .callerfile import open_regular
 
 ELF_MAGIC = b"\x7fELF"
 PT_LOAD = 1
 KCORE_PATH = "/proc/kcore"
 NO_PADDR = (1 << 64) - 1  # kcore marks segments without a physical address with -1
 DIRECT_MAP = 0xFFFF888000000000  # x86-64 page_offset_base without KASLR, as in our extracts
+MAX_FILE_OFFSET = (1 << 63) - 1  # off_t: pread cannot reach beyond it
+ELF_HEADER_SIZE = 64  # Elf64_Ehdr
+# An ELF64 program header (Elf64_Phdr) is 56 bytes: the kernel's own ELF loader (binfmt_elf)
+# refuses any other e_phentsize, and /proc/kcore writes sizeof(struct elf_phdr).
+ELF64_PHDR_SIZE = 56
+# e_phnum is 16 bits, and 0xFFFF (PN_XNUM) means that the real count is in section header 0,
+# which /proc/kcore never writes (its count is its kcore_list entries + 1). So the program header
+# table of a core read here is at most 65534 * 56 bytes (3.5 MiB), wherever e_phoff points; the
+# file itself (kcore's apparent size is the whole kernel address space) is never bounded, its
+# segments are read on demand.
+PN_XNUM = 0xFFFF
+MAX_PHDR_TABLE = (PN_XNUM - 1) * ELF64_PHDR_SIZE
 
 
 @dataclass(frozen=True)
@@ -29,16 +43,31 @@ class Segment:
     offset: int
 
 
-def parse_elf_segments(header: bytes, table: bytes) -> list[Segment]:
-    """PT_LOAD segments with a physical address, from a little-endian ELF64 core's 64-byte
-    header and its program-header table."""
-    if len(header) < 64 or header[:4] != ELF_MAGIC:
+def elf_header(header: bytes) -> tuple[int, int]:
+    """(e_phoff, e_phnum) of a little-endian ELF64 core's 64-byte header, checked: the program
+    header table it describes is at most MAX_PHDR_TABLE bytes."""
+    if len(header) < ELF_HEADER_SIZE or header[:4] != ELF_MAGIC:
         raise AbiError("not an ELF file (a memory core must be an ELF64 core like /proc/kcore)")
     if header[4] != 2 or header[5] != 1:
         raise AbiError("only little-endian ELF64 cores are supported")
+    phoff, = struct.unpack_from("<Q", header, 32)
     phentsize, phnum = struct.unpack_from("<HH", header, 54)
-    if phentsize < 56:
-        raise AbiError(f"ELF program header size {phentsize} is too small")
+    if phentsize != ELF64_PHDR_SIZE:
+        raise AbiError(f"ELF program header size {phentsize} is not the {ELF64_PHDR_SIZE} bytes "
+                       "of an ELF64 core")
+    if phnum == PN_XNUM:
+        raise AbiError("the ELF core counts its program headers in a section header (PN_XNUM), "
+                       "which no kernel core does")
+    if phoff + phentsize * phnum > MAX_FILE_OFFSET:
+        raise AbiError(f"ELF program headers at {phoff:#x} lie beyond any file")
+    return phoff, phnum
+
+
+def parse_elf_segments(header: bytes, table: bytes) -> list[Segment]:
+    """PT_LOAD segments with a physical address, from a little-endian ELF64 core's 64-byte
+    header and its program-header table."""
+    _phoff, phnum = elf_header(header)
+    phentsize = ELF64_PHDR_SIZE
     if len(table) < phentsize * phnum:
         raise AbiError("ELF program headers run past the end of the file")
     segs: list[Segment] = []
@@ -46,6 +75,9 @@ def parse_elf_segments(header: bytes, table: bytes) -> list[Segment]:
         p_type, _flags, p_offset, _vaddr, p_paddr, p_filesz = struct.unpack_from(
             "<IIQQQQ", table, i * phentsize)
         if p_type == PT_LOAD and p_filesz and p_paddr != NO_PADDR:
+            if p_offset + p_filesz > MAX_FILE_OFFSET:
+                raise AbiError(f"ELF segment {i} at file offset {p_offset:#x}+{p_filesz:#x} "
+                               "lies beyond any file")
             segs.append(Segment(p_paddr, p_filesz, p_offset))
     segs.sort(key=lambda s: s.phys)
     return segs
@@ -55,31 +87,32 @@ class ElfCoreMemory:
     """Physical memory from an ELF core (`/proc/kcore`, or a memory extract of that layout)."""
 
     def __init__(self, path: str) -> None:
+        """Open a core by name: only a regular file, opened without blocking (a FIFO, a device,
+        a directory or a dangling symlink raise NotFound/PermissionDenied/InvalidArgument from
+        kernel/callerfile.py); a malformed one raises AbiError."""
         self.path = path
-        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self._file = open_regular(path, "memory core")
+        self._fd = self._file.fd
         opened = False
         try:
-            try:
-                head = os.pread(self._fd, 64, 0)
-            except OSError as exc:  # e.g. EISDIR: pread errors carry no file name
-                raise OSError(exc.errno, exc.strerror, path) from exc
-            if len(head) < 64 or head[:4] != ELF_MAGIC:
+            head = self._file.read_at(0, ELF_HEADER_SIZE)
+            if len(head) < ELF_HEADER_SIZE or head[:4] != ELF_MAGIC:
                 raise AbiError(f"{path} is not an ELF core")
-            phoff, = struct.unpack_from("<Q", head, 32)
-            phentsize, phnum = struct.unpack_from("<HH", head, 54)
-            # at most 65535 entries of phentsize bytes: a bounded read wherever phoff points
-            table = os.pread(self._fd, phentsize * phnum, phoff)
+            try:
+                phoff, phnum = elf_header(head)  # checked before the table is read
+            except AbiError as exc:
+                raise AbiError(f"{path}: {exc}") from exc
+            table = self._file.read_at(phoff, ELF64_PHDR_SIZE * phnum)  # <= MAX_PHDR_TABLE
             self.segments = parse_elf_segments(head, table)
             opened = True
         finally:
             if not opened:  # do not leak the descriptor when the file is not a usable core
-                os.close(self._fd)
+                self._file.close()
         self._starts = [s.phys for s in self.segments]
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._file.close()
+        self._fd = -1
 
     def __enter__(self) -> ElfCoreMemory:
         return self
@@ -101,7 +134,8 @@ class ElfCoreMemory:
                 chunk = os.pread(self._fd, n, seg.offset + pos - seg.phys)
             except OSError as exc:
                 # /proc/kcore refuses some ranges (e.g. not-present or hwpoisoned pages)
-                raise MemoryUnavailable(phys, length, f"{self.path}: {exc.strerror}") from exc
+                raise MemoryUnavailable(phys, length, f"{self.path}: {_errno_text(exc)}") \
+                    from exc
             if len(chunk) != n:
                 raise MemoryUnavailable(phys, length, f"{self.path} is shorter than its headers "
                                         "say")
@@ -116,19 +150,32 @@ class RawImageMemory:
     def __init__(self, path: str, base: int = 0) -> None:
         self.path = path
         self.base = base
-        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        self.size = os.fstat(self._fd).st_size
+        # a regular file only (kernel/callerfile.py); its size bounds every read below
+        self._file = open_regular(path, "memory image")
+        self._fd = self._file.fd
+        self.size = self._file.size
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._file.close()
+        self._fd = -1
 
     def read(self, phys: int, length: int) -> bytes:
         off = phys - self.base
         if off < 0 or off + length > self.size:
             raise MemoryUnavailable(phys, length, f"outside image {self.path}")
-        return os.pread(self._fd, length, off)
+        try:
+            data = os.pread(self._fd, length, off)
+        except OSError as exc:
+            raise MemoryUnavailable(phys, length, f"{self.path}: {_errno_text(exc)}") from exc
+        if len(data) != length:
+            raise MemoryUnavailable(phys, length, f"{self.path} shrank while it was read")
+        return data
+
+
+def _errno_text(exc: OSError) -> str:
+    """`EIO (Input/output error)`: an errno with its name, never its text alone."""
+    code = exc.errno or errno.EIO
+    return f"{errno.errorcode.get(code, str(code))} ({os.strerror(code)})"
 
 
 def write_elf_core(path: str, runs: list[tuple[int, bytes]]) -> None:
