@@ -75,7 +75,12 @@ def kho_view(host: Host, side: Side, *, with_memory: bool = True) -> KhoView:
                zip(snap.scratch_phys, snap.scratch_len, scratch_roles(len(snap.scratch_phys)),
                    strict=True)]
     memory = host.memory() if with_memory else None
-    state = decode_state(KhoInput(snap.fdt, snap.sub_blobs, scratch, memory, side))
+    try:
+        state = decode_state(KhoInput(snap.fdt, snap.sub_blobs, scratch, memory, side))
+    finally:
+        close = getattr(memory, "close", None)  # the decoded state keeps no reference to it
+        if close is not None:
+            close()
     sizes = {n: len(b) for n, b in snap.sub_blobs.items()}
     return KhoView(side, directory, state, sizes, scratch)
 

@@ -385,7 +385,7 @@ class Orchestrator:
         try:
             self.fd_store.unpark(name)
         except AgentError as exc:  # the copy stays with systemd until the service stops
-            self.persist_problem = f"cannot drop session {name!r} from the fd store: {exc}"
+            self.persist_problem = f"cannot drop session {name!r:.80} from the fd store: {exc}"
 
     def _incoming_present(self) -> bool:
         return self.host.path("sys/kernel/debug/kho/in/fdt").exists()
@@ -426,12 +426,12 @@ class Orchestrator:
         if name in self.clients:
             # Never ask the kernel: a CREATE_SESSION that fails with EEXIST can leave an empty
             # block that panics the next kernel (platform notes).
-            raise Busy(f"session {name!r} already exists (owner {self.clients[name].owner})")
+            raise Busy(f"session {name!r:.80} already exists (owner {self.clients[name].owner})")
         try:
             handle = self._device().create_session(name)
         except KernelRefused as exc:
             if exc.errno == errno.EEXIST:  # from the kernel despite our records
-                self.commit_blocker = (f"CREATE_SESSION {name!r} failed with EEXIST: the "
+                self.commit_blocker = (f"CREATE_SESSION {name!r:.80} failed with EEXIST: the "
                                        "kernel may hand over an empty session block that "
                                        "panics the next kernel; only a cold reboot is safe")
             raise
@@ -442,14 +442,18 @@ class Orchestrator:
     def _client(self, name: str) -> ClientSession:
         client = self.clients.get(name)
         if client is None:
-            raise NotFound(f"no session {name!r} (known: {', '.join(self.clients) or 'none'})")
+            why = self.released.get(name)
+            if why is not None:
+                raise NotFound(f"session {name!r:.80} was released: {why}")
+            known = ", ".join(sorted(self.clients)[:20]) or "none"
+            raise NotFound(f"no session {name!r:.80} (known: {known:.400})")
         return client
 
     def preserve(self, name: str, fd: int, token: int) -> None:
         client = self._client(name)
         validate_token(token)
         if token in client.files:
-            raise InvalidArgument(f"token {token:#x} is already used in session {name!r}")
+            raise InvalidArgument(f"token {token:#x} is already used in session {name!r:.80}")
         if self.state.phase in (Phase.COMMITTING, Phase.CANCELLING):
             raise Busy(f"cannot preserve files while {self.state.phase.value}")
         facts = file_facts(fd)
@@ -512,7 +516,7 @@ class Orchestrator:
         """Close a client session before the kexec (the kernel unpreserves its files)."""
         client = self.clients.pop(name, None)
         if client is None:
-            raise NotFound(f"no session {name!r}")
+            raise NotFound(f"no session {name!r:.80}")
         self._close_client(client)
 
     def _close_client(self, client: ClientSession) -> None:
@@ -978,7 +982,7 @@ class Orchestrator:
             self._unpark_quietly(name)
             return session
         if device is None:
-            raise NotFound(f"session {name!r}: {device_problem or '/dev/liveupdate is closed'}")
+            raise NotFound(f"session {name!r:.80}: {device_problem or '/dev/liveupdate is closed'}")
         return device.retrieve_session(name)
 
     def _observe(self, device: LiveUpdateDevice | None, entry: SessionEntry,
@@ -1008,9 +1012,9 @@ class Orchestrator:
         session = self.incoming.pop(name, None)
         if session is None:
             if name in self.state.discarded:
-                raise NotFound(f"incoming session {name!r} was finished unclaimed after the "
+                raise NotFound(f"incoming session {name!r:.80} was finished unclaimed after the "
                                "grace period; its memory is discarded")
-            raise NotFound(f"no retrieved incoming session {name!r}")
+            raise NotFound(f"no retrieved incoming session {name!r:.80}")
         if not self.incoming:
             self.claim_deadline = None
         self.state.awaiting = sorted(self.incoming)

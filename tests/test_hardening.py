@@ -438,3 +438,39 @@ def test_a_write_only_or_non_regular_fd_is_refused_with_its_kind(host: Host,
         for fd in (read_end, write_end, write_only):
             os.close(fd)
     assert stat.S_ISREG(os.stat(target).st_mode)
+
+
+def _daemon_fds(host: Host) -> int:
+    return len(os.listdir(f"/proc/{host.daemon.pid}/fd"))
+
+
+def _daemon_rss_kib(host: Host) -> int:
+    for line in Path(f"/proc/{host.daemon.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_answered_calls_keep_no_fds_and_no_memory(host: Host) -> None:
+    """GLib < 2.84's register_object kept every answered call (its message, arguments and fds)
+    for ever; any caller could exhaust the daemon's fds and memory with refused calls."""
+    client = host.client()
+    invoke(client, "ListSessions")
+    before_fds = _daemon_fds(host)
+    for _ in range(40):
+        fd = memfd(b"x" * 4096)
+        try:
+            client.call(MANAGER_PATH, MANAGER_IFACE, "ListSessions", None, [fd])
+            with pytest.raises(RemoteError):
+                client.call(MANAGER_PATH, MANAGER_IFACE, "Preserve",
+                            GLib.Variant("(sht)", ("nope", 0, 1)), fds=[fd])
+        finally:
+            os.close(fd)
+    assert _daemon_fds(host) <= before_fds + 2
+    before_rss = _daemon_rss_kib(host)
+    big = "v" * (1 << 20)
+    for _ in range(60):
+        with pytest.raises(RemoteError) as exc:
+            invoke(client, "SetReady", "sb", (big, True))
+        assert len(exc.value.message) < 8192   # the argument is not echoed back whole
+    assert _daemon_rss_kib(host) - before_rss < 40 * 1024   # 60 MiB were sent

@@ -289,16 +289,16 @@ def validate_session_name(name: str) -> bytes:
     try:
         raw = name.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise InvalidArgument(f"session name {name!r} is not valid UTF-8 ({exc.reason}); "
+        raise InvalidArgument(f"session name {name!r:.80} is not valid UTF-8 ({exc.reason}); "
                               "use a plain text name") from exc
     if not raw:
         raise InvalidArgument("session name is empty; give a name of 1 to 63 bytes")
     if b"\0" in raw:
-        raise InvalidArgument(f"session name {name!r} contains a NUL byte; the kernel would "
+        raise InvalidArgument(f"session name {name!r:.80} contains a NUL byte; the kernel would "
                               "cut it there: remove it")
     limit = SESSION_NAME_LENGTH - 1
     if len(raw) > limit:
-        raise InvalidArgument(f"session name {name!r} is {len(raw)} bytes in UTF-8; the kernel "
+        raise InvalidArgument(f"session name {name!r:.80} is {len(raw)} bytes in UTF-8; the kernel "
                               f"allows at most {limit}: shorten it")
     return raw
 

@@ -293,9 +293,12 @@ class AgentService:
     def _owned(self, name: str, caller: Caller) -> SessionObject:
         record = self.sessions.get(name)
         if record is None:
-            raise NotFound(f"no session {name!r} (ListSessions shows the known ones)")
+            why = self.snapshot.released.get(name)
+            if why is not None:
+                raise NotFound(f"session {name!r:.80} was released: {why}")
+            raise NotFound(f"no session {name!r:.80} (ListSessions shows the known ones)")
         if caller.uid != 0 and record.owner_uid != caller.uid:
-            raise PermissionDenied(f"session {name!r} belongs to uid "
+            raise PermissionDenied(f"session {name!r:.80} belongs to uid "
                                    f"{record.owner_uid}; only its owner or root may use it")
         return record
 
@@ -409,7 +412,12 @@ class AgentService:
                            "for its JobRemoved signal")
             if self.handed_off:
                 raise Busy("the host is handing off to the next kernel")
-            work = make_work(caller, job := self._new_job(kind))
+            job = self._new_job(kind)
+            try:
+                work = make_work(caller, job)
+            except AgentError:  # refused before any work: the job never existed
+                self._discard_job(job)
+                raise
             call.reply("(o)", job.path)
 
             def finished(result: Any, error: AgentError | None) -> None:
@@ -457,6 +465,13 @@ class AgentService:
             if self.handed_off:
                 self.hooks.handed_off()
         self.worker.submit(self._read_snapshot, published)
+
+    def _discard_job(self, job: Job) -> None:
+        if job.obj is not None:
+            job.obj.unregister()
+        self.jobs.pop(job.id, None)
+        if self.current is job:
+            self.current = None
 
     def _forget_job(self, job: Job) -> bool:
         if job.obj is not None:
@@ -550,14 +565,19 @@ class AgentService:
     def _verify_work(self) -> dict[str, Any]:
         report = self.agent.verify()
         manifest = self.agent.verified_manifest
-        owners = {s.name: s.owner for s in manifest.sessions} if manifest else {}
-        return {"ok": report.ok, "summary": self.agent.state.last_result,
-                "incoming": {name: owners.get(name, "") for name in self.agent.incoming}}
+        entries = {s.name: s for s in manifest.sessions} if manifest else {}
+        incoming = {}
+        for name in self.agent.incoming:
+            entry = entries.get(name)
+            incoming[name] = (entry.owner if entry else "",
+                              [f.token for f in entry.files] if entry else [])
+        return {"ok": report.ok, "summary": self.agent.state.last_result, "incoming": incoming}
 
     def _verified(self, data: dict[str, Any]) -> dict[str, Any]:
-        for name, owner in data.pop("incoming").items():
+        for name, (owner, tokens) in data.pop("incoming").items():
             if name not in self.sessions:
-                self._add_session(name, owner_uid(owner), "", incoming=True)
+                record = self._add_session(name, owner_uid(owner), "", incoming=True)
+                record.tokens = sorted(tokens)
         return data
 
     # ------------------------------------------------------------------ sessions
@@ -587,7 +607,7 @@ class AgentService:
         def authorized(caller: Caller) -> None:
             existing = self.sessions.get(name)
             if existing is not None:
-                raise Busy(f"session {name!r} already exists (owner uid {existing.owner_uid})")
+                raise Busy(f"session {name!r:.80} already exists (owner uid {existing.owner_uid})")
 
             def work() -> int:
                 handle = self.agent.create_session(name, caller.owner, digests)
@@ -611,7 +631,7 @@ class AgentService:
         def authorized(caller: Caller) -> None:
             record = self._owned(name, caller)
             if record.incoming:
-                raise InvalidArgument(f"session {name!r} came from the previous kernel; "
+                raise InvalidArgument(f"session {name!r:.80} came from the previous kernel; "
                                       "preserve files in a session created in this boot")
             fd = call.fd(index)
 
@@ -635,10 +655,14 @@ class AgentService:
 
         def authorized(caller: Caller) -> None:
             record = self._owned(name, caller)
+            if record.incoming:
+                raise InvalidArgument(f"session {name!r:.80} came from the previous kernel; "
+                                      "readiness is for sessions created in this boot")
 
             def done(_: None) -> None:
                 record.ready = ready
-                record.owner_sender = caller.sender  # the owner's connection now
+                if caller.uid == record.owner_uid:
+                    record.owner_sender = caller.sender  # the owner's connection now
                 if record.obj is not None:
                     record.obj.changed(["Ready", "Owner"])
                 call.reply()
@@ -651,19 +675,28 @@ class AgentService:
         def authorized(caller: Caller) -> None:
             record = self._owned(name, caller)
             if record.incoming:
-                raise InvalidArgument(f"session {name!r} came from the previous kernel: "
+                raise InvalidArgument(f"session {name!r:.80} came from the previous kernel: "
                                       "FinishSession ends it")
 
             def done(_: None) -> None:
                 self._drop_session(record)
                 call.reply()
+                self._told_if_not_owner(record, caller, "released by uid "
+                                        f"{caller.uid} (ReleaseSession): its files are no "
+                                        "longer preserved")
             self._engine(lambda: self.agent.release_session(name), done, call)
         self._authorized(call, api.ACTION_SESSION, authorized)
+
+    def _told_if_not_owner(self, record: SessionObject, caller: Caller, reason: str) -> None:
+        """A session ended by someone else than its owner (root may): the owner is told."""
+        if caller.uid != record.owner_uid:
+            self.manager.emit("SessionReleased", "(sos)", record.name, record.path, reason)
+            self.hooks.log(f"session {record.name!r} {reason}")
 
     def _incoming_owned(self, name: str, caller: Caller) -> SessionObject:
         record = self._owned(name, caller)
         if not record.incoming:
-            raise InvalidArgument(f"session {name!r} was created in this boot; it is retrieved "
+            raise InvalidArgument(f"session {name!r:.80} was created in this boot; it is retrieved "
                                   "only after the next live update")
         return record
 
@@ -679,7 +712,9 @@ class AgentService:
                 return os.dup(record.handle.fileno())
 
             def retrieved(fd: int) -> None:
-                record.claimed, record.owner_sender = True, caller.sender
+                record.claimed = True
+                if caller.uid == record.owner_uid or record.owner_uid is None:
+                    record.owner_sender = caller.sender  # the claimer, when it is the owner
                 if record.obj is not None:
                     record.obj.changed(["Claimed", "Owner"])
                 try:
@@ -729,6 +764,9 @@ class AgentService:
             def finished(_: None) -> None:
                 self._drop_session(record)
                 call.reply()
+                self._told_if_not_owner(record, caller, "finished by uid "
+                                        f"{caller.uid} (FinishSession): its memory is "
+                                        "released")
             self._engine(work, finished, call)
         self._authorized(call, api.ACTION_SESSION, authorized)
 
@@ -806,7 +844,11 @@ class TargetSource:
 
     def open(self) -> TargetFiles:
         """The files, open and checked (regular, bounded). Takes over the passed fds."""
-        kernel = self._take("target kernel", self.kernel, "kernel_fd", TARGET_IMAGE_MAX)
+        try:
+            kernel = self._take("target kernel", self.kernel, "kernel_fd", TARGET_IMAGE_MAX)
+        except AgentError:
+            self.close()  # the initrd fd too
+            raise
         if kernel is None:
             self.close()
             raise InvalidArgument("no target kernel given")

@@ -7,6 +7,7 @@ error names must be exactly ours (`org.khoagent.Agent1.Error.<Name>`).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,15 @@ from gi.repository import Gio, GLib
 from ..errors import AgentError, InvalidArgument
 
 PROPERTIES_IFACE = "org.freedesktop.DBus.Properties"
+# Up to GLib 2.82, PyGObject's register_object is g_dbus_connection_register_object_with_closures,
+# whose closure marshaller hands the method invocation over with one reference more than the
+# binding ever drops (GLib issue 3560; GLib 2.84 added ..._closures2 with sane counting). Each
+# answered call then kept its message, its arguments and every fd it carried, for ever: any
+# caller could exhaust the daemon's fds and memory with refused calls. The extra reference is
+# dropped once the call is answered, and only where register_object is the old function.
+_INVOCATION_KEEPS_EXTRA_REF = (Gio.DBusConnection.register_object.get_symbol()
+                               == "g_dbus_connection_register_object_with_closures")
+MESSAGE_MAX = 4096  # an error message longer than this is cut: callers may send megabytes
 
 
 @dataclass
@@ -27,6 +37,7 @@ class Call:
     method: str
     args: tuple[Any, ...]
     invocation: Gio.DBusMethodInvocation
+    answered: bool = False
 
     @property
     def interactive(self) -> bool:
@@ -68,9 +79,29 @@ class Call:
             self.invocation.return_value_with_unix_fd_list(variant, fd_list)
         else:
             self.invocation.return_value(variant)
+        self._answered()
 
     def fail(self, exc: AgentError) -> None:
-        self.invocation.return_dbus_error(exc.dbus_name, exc.message)
+        message = exc.message
+        if len(message) > MESSAGE_MAX:
+            message = message[:MESSAGE_MAX] + f"... ({len(exc.message)} characters)"
+        self.invocation.return_dbus_error(exc.dbus_name, message)
+        self._answered()
+
+    def _answered(self) -> None:
+        """The call is over: the fds it carried are closed now (not when a garbage collector
+        gets to a cycle that holds the message), and the invocation is let go."""
+        if self.answered:
+            return
+        self.answered = True
+        invocation = self.invocation
+        fds = invocation.get_message().get_unix_fd_list()
+        if fds is not None:
+            for fd in fds.steal_fds():  # what the handler kept, it took with fd(): dups
+                os.close(fd)
+        if _INVOCATION_KEEPS_EXTRA_REF:
+            invocation._unref()
+        self.invocation = None  # closures that still hold this Call do not hold the message
 
 
 Handler = Callable[[Call], None]
