@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -29,6 +31,7 @@ from kho_agent.kernel.host import Host
 from kho_agent.kernel.image import read_image
 from kho_agent.kernel.kexec import load_named
 from kho_agent.kernel.physmem import ElfCoreMemory
+from kho_agent.kernel.sysinfo import kstrtobool
 from kho_agent.sim import SimAbi, SimKernel
 from kho_agent.sim import boot as simboot
 from kho_agent.sim import liveupdate as simlu
@@ -255,7 +258,7 @@ def test_default_scratch_sizing_follows_rsrv_kern(tmp_path: Path) -> None:
     ("on", True), ("off", False), ("1", True), ("y", True), ("N", False), ("e", True),
     ("d", False), ("O", None), ("ox", None), ("", None), (None, None), ("x", None)])
 def test_kstrtobool(value: str | None, expect: bool | None) -> None:
-    assert simboot.kstrtobool(value) is expect
+    assert kstrtobool(value) is expect
 
 
 @pytest.mark.parametrize(("value", "expect"), [
@@ -523,6 +526,58 @@ def test_size_change_after_preserve_fails_the_freeze(sim: SimKernel, fds: list[i
     assert os.pread(fd, 200, 0) == b"x" * 100
 
 
+def test_preserved_memfd_cannot_change_size(sim: SimKernel, fds: list[int]) -> None:
+    """As on the kernel (EPERM from PRESERVE_FD on): the simulator freezes a memfd made with
+    MFD_ALLOW_SEALING with F_SEAL_SHRINK | F_SEAL_GROW. The handover records the seals the
+    file had; the restored file gets the freeze seals again (what the agent saw at ready)."""
+    host = sim.host()
+    s = host.liveupdate.open().create_session("s")
+    size = 2 * PAGE + 10
+    m = memfd(b"y" * size, sealing=True)
+    fds.append(m)
+    s.preserve_fd(m, 1)
+    for resize in (lambda: os.ftruncate(m, PAGE), lambda: os.ftruncate(m, 8 * PAGE),
+                   lambda: os.pwrite(m, b"past the end", size),
+                   lambda: os.posix_fallocate(m, 0, 8 * PAGE)):
+        with pytest.raises(PermissionError):
+            resize()
+    assert os.pwrite(m, b"inside", 5) == 6      # writes within the size still work
+    assert os.fstat(m).st_size == size
+    assert fcntl.fcntl(m, fcntl.F_GET_SEALS) == F_SEAL_SHRINK | F_SEAL_GROW
+    scratch = [(x.phys, x.size) for x in sim.state.scratch]
+    new = kexec(sim)
+    luo = subtree(decode_handover(sim.directory, scratch), "LUO")
+    assert isinstance(luo, LuoState)
+    handler = luo.sessions[0].files[0].handler
+    assert isinstance(handler, MemfdState) and handler.seals == 0 and handler.size == size
+    fd = new.host().liveupdate.open().retrieve_session("s").retrieve_fd(1)
+    fds.append(fd)
+    assert os.pread(fd, 3 * PAGE, 0) == b"yyyyyinside" + b"y" * (size - 11)
+    assert fcntl.fcntl(fd, fcntl.F_GET_SEALS) == F_SEAL_SHRINK | F_SEAL_GROW
+
+
+def test_freeze_where_seals_cannot_be_added_and_after_unpreserve(sim: SimKernel,
+                                                                fds: list[int]) -> None:
+    """What the simulator cannot do as the kernel does: a memfd that takes no more seals is not
+    frozen (its resize is found at reboot, test above); a frozen file stays frozen when its
+    session is closed (the kernel lifts the freeze)."""
+    dev = sim.host().liveupdate.open()
+    s = dev.create_session("s")
+    closed = memfd(b"z" * 100, sealing=True)
+    done = memfd(b"w" * 100, sealing=True)
+    fcntl.fcntl(done, fcntl.F_ADD_SEALS, F_SEAL_SEAL)
+    fds += [closed, done]
+    s.preserve_fd(closed, 1)
+    s.preserve_fd(done, 2)
+    assert fcntl.fcntl(done, fcntl.F_GET_SEALS) == F_SEAL_SEAL  # nothing added
+    os.ftruncate(done, 200)                                     # not frozen
+    os.ftruncate(done, 100)
+    s.close()                                                   # unpreserved
+    with pytest.raises(PermissionError):
+        os.ftruncate(closed, 200)                               # the seals stay
+    assert fcntl.fcntl(closed, fcntl.F_GET_SEALS) == F_SEAL_SHRINK | F_SEAL_GROW
+
+
 # --- the empty-block defect (§1.5) -------------------------------------------------------------
 
 @pytest.mark.parametrize(("sessions", "panics"), [(51, True), (50, False)])
@@ -742,6 +797,13 @@ HOLDER = textwrap.dedent("""
         dev.close()  # the session outlives the device
         print("holding", flush=True)
         sys.stdin.read()
+    elif sys.argv[2] == "hold-preserve":
+        s = dev.create_session("kept")
+        m = os.memfd_create("m", os.MFD_ALLOW_SEALING)
+        os.write(m, b"held")
+        s.preserve_fd(m, 1)
+        print("holding", flush=True)
+        sys.stdin.read()
     elif sys.argv[2] == "preserve":
         s = dev.create_session("left-behind")
         m = os.memfd_create("m")
@@ -812,6 +874,97 @@ def test_retrieved_state_is_shared_between_processes_of_a_boot(sim: SimKernel,
         child.communicate("")
     with refused(errno.ENOENT):       # the child exited: closing its session finished it
         other.retrieve_session("s")
+
+
+def test_records_of_dead_processes_whose_pids_were_reused(sim: SimKernel,
+                                                        fds: list[int]) -> None:
+    """A process SIGKILLed while it holds /dev/liveupdate and outgoing sessions holds nothing
+    afterwards, as the kernel releases everything of a dead process; and what the records
+    still say of it means nothing once another process runs under its pid."""
+    child = _child(sim.directory, "hold-preserve")
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "holding"
+        assert sim.host().liveupdate.holders() == [child.pid]
+        child.kill()
+        child.wait()
+    finally:
+        child.communicate("")
+    boot_dir = Path(os.path.realpath(sim.directory / "boot.json")).parent
+    alive = os.getppid()            # a live process, standing in for a reused pid
+    (boot_dir / "liveupdate.holder").write_text(str(alive))
+    state = json.loads((boot_dir / "boot.json").read_text())
+    state["outgoing_owner"] = [alive, "a-process-that-died"]
+    (boot_dir / "boot.json").write_text(json.dumps(state))
+    again = SimKernel(sim.directory)
+    lu = again.host().liveupdate
+    assert lu.holders() == []
+    dev = lu.open()
+    dev.create_session("kept")      # no EEXIST, no Busy: the dead owner's sessions are gone
+    m = memfd(b"carried")
+    fds.append(m)
+    dev.create_session("s").preserve_fd(m, 1)
+    new = kexec(again)
+    ndev = new.host().liveupdate.open()
+    # the log says the session is held by the live pid, started at another time: the holder
+    # died, and its session was finished when its fds closed
+    log = Path(os.path.realpath(new.directory / "boot.json")).parent / "incoming.log"
+    with log.open("a") as fh:
+        fh.write(f"R {b'kept'.hex()} {alive} 1\n")
+    with refused(errno.ENOENT):
+        ndev.retrieve_session("kept")
+    fd = ndev.retrieve_session("s").retrieve_fd(1)
+    fds.append(fd)
+    assert os.pread(fd, 100, 0) == b"carried"
+
+
+# Killed right after the kexec wrote the new boot's state (kho_agent.sim.kernel.save), before
+# the new boot's root: a simulator that wrote the next boot over the old one in place left a
+# boot.json of the new boot beside the old boot's root, and every later attach failed
+# ("kexec'd into a new boot") for good. tests/test_sim_atomic.py kills at every step.
+KILLED_AFTER_STATE = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    import kho_agent.sim.kernel as simkernel
+    from kho_agent.kernel.kexec import load_named
+    from kho_agent.sim import SimKernel
+
+    sim = SimKernel(Path(sys.argv[1]))
+    host = sim.host()
+    fd = os.memfd_create("m")
+    os.write(fd, b"lost with the process")
+    host.liveupdate.open().create_session("s").preserve_fd(fd, 1)
+    image = sim.write_kernel_image(sim.directory / "img", release="7.3.1", abi=sim.abi)
+    load_named(host.kexec, image, None, "console=ttyS0 kho=on liveupdate=on")
+    real_save = simkernel.save
+    def save_then_die(directory, state):
+        real_save(directory, state)
+        if state.boot_count == 2:   # the next boot's state, written by the kexec
+            os.kill(os.getpid(), signal.SIGKILL)
+    simkernel.save = save_then_die
+    host.kexec.reboot(via_systemd=False)
+    print("not killed", flush=True)
+""")
+
+
+def test_killed_in_the_kexec_leaves_a_usable_host(sim: SimKernel, fds: list[int]) -> None:
+    child = subprocess.run([sys.executable, "-c", KILLED_AFTER_STATE, str(sim.directory)],
+                           cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    again = SimKernel(sim.directory)
+    host = again.host()           # the old boot, whole, less what the dead process held
+    assert again.boot_count == 1 and again.boot_id == sim.boot_id
+    assert host.path("proc/sys/kernel/random/boot_id").read_text().strip() == sim.boot_id
+    assert errors(decode(host, "out")) == []
+    dev = host.liveupdate.open()
+    dev.create_session("s")       # the dead process's session is gone
+    m = memfd(b"kept")
+    fds.append(m)
+    dev.create_session("t").preserve_fd(m, 1)
+    new = kexec(again)
+    assert new.boot_count == 2 and errors(decode(new.host(), "in")) == []
+    fd = new.host().liveupdate.open().retrieve_session("t").retrieve_fd(1)
+    fds.append(fd)
+    assert os.pread(fd, 10, 0) == b"kept"
 
 
 def test_another_live_owner_keeps_outgoing_sessions(sim: SimKernel) -> None:

@@ -1,5 +1,6 @@
-"""Injected faults, persisted in `faults.json` in the simulator directory so that every process
-(the one that reboots, the one that opens the device after the reboot) sees them.
+"""Injected faults, persisted in `faults.json` in the current boot's directory so that every
+process (the one that reboots, the one that opens the device after the reboot) sees them. A boot
+transition carries the faults it did not consume into the next boot (`carry`).
 
 Every fault fires once and is consumed when it fires:
 
@@ -12,6 +13,8 @@ Every fault fires once and is consumed when it fires:
     luo-mismatch        the next kernel speaks another LUO version: it panics at boot, and the
                         machine comes back with a cold boot
     load-fails          errno=N: the next kexec load fails with that errno
+    slow-load           seconds=S: the next kexec load takes S seconds more (a kernel that
+                        verifies a large image's signature, or measures it for IMA)
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InvalidArgument, StateCorrupt
-from .store import locked, write_atomic
+from .store import locked, write_atomic, write_new
 
 FAULTS_FILE = "faults.json"
 
@@ -41,6 +44,7 @@ FAULTS: dict[str, FaultSpec] = {
     "corrupt-handover": FaultSpec({}, {}),
     "luo-mismatch": FaultSpec({}, {}),
     "load-fails": FaultSpec({}, {"errno": (int, errno_mod.ENOMEM)}),
+    "slow-load": FaultSpec({"seconds": float}, {}),
 }
 
 
@@ -69,6 +73,8 @@ def validate(name: str, params: dict[str, object]) -> dict[str, object]:
     for key in ("offset", "length", "errno", "token"):
         if key in out and int(str(out[key])) < 0:
             raise InvalidArgument(f"fault {name!r}: {key} must not be negative")
+    if "seconds" in out and not 0 <= float(str(out["seconds"])) <= 600:
+        raise InvalidArgument(f"fault {name!r}: seconds must be from 0 to 600")
     return out
 
 
@@ -111,3 +117,9 @@ def take(directory: Path, name: str) -> dict[str, object] | None:
         if params is not None:
             write_atomic(directory / FAULTS_FILE, json.dumps(faults, indent=1).encode())
         return params
+
+
+def carry(directory: Path, faults: dict[str, dict[str, object]]) -> None:
+    """Write the faults left after a transition into the next boot being built."""
+    if faults:
+        write_new(directory / FAULTS_FILE, json.dumps(faults, indent=1).encode())

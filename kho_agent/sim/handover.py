@@ -1,9 +1,14 @@
-"""The handover between two simulated kernels, in the directory:
+"""The handover between two simulated kernels, in the directory of the boot it was handed to
+(written while that boot is built, boots.py):
 
     handover/memory.core   physical memory at the kexec (ELF core, /proc/kcore layout)
     handover/fdt           the root KHO FDT (its page is also in memory.core)
     handover/scratch.bin   the kho_scratch[] array (16 bytes per area), the kexec segment
     handover/info.json     who handed over (release, boot id), for messages only
+    handover/sim-freeze.json
+                           the simulator's own note, no kernel structure: the seals it added
+                           to preserved memfds to freeze their size (liveupdate.py), which
+                           the restored files get again
 
 The next kernel reads it with the decoder (`kho_agent.abi`) and applies the kernel's rules
 (reference §1.1, §2.2, §2.4, §3.9): an unknown KHO root drops the handover, a LUO blob it cannot
@@ -13,7 +18,6 @@ take panics it, a broken file chain fails /dev/liveupdate with EIO at the first 
 from __future__ import annotations
 
 import json
-import shutil
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,13 +33,15 @@ from ..abi.luo_common import LuoState
 from ..abi.memfd import ALL_SEALS, MemfdState
 from ..abi.memmap import MEMMAP_FORMATS
 from ..abi.memory import PhysicalMemory
+from ..errors import StateCorrupt
 from ..kernel.physmem import ElfCoreMemory, write_elf_core
 from .boot import PAGE_SIZE, Cmdline, Scratch
 from .outgoing import Handover
-from .store import write_atomic
+from .store import crash_point, remove_tree, write_atomic, write_new
 from .versions import SimAbi
 
 HANDOVER_DIR = "handover"
+FREEZE_FILE = "sim-freeze.json"
 # What the page of the freed luo_ser held in the captured 7.3 run: page-cache data of /init.
 FREED_PAGE = (b"#!/bin/busybox sh\nmount -t proc proc /proc\nmount -t debugfs none "
               b"/sys/kernel/debug\n").ljust(PAGE_SIZE, b"\n")
@@ -43,21 +49,34 @@ FREED_PAGE = (b"#!/bin/busybox sh\nmount -t proc proc /proc\nmount -t debugfs no
 
 def write_handover(directory: Path, ho: Handover, scratch: list[Scratch],
                    info: dict[str, object]) -> None:
-    new = directory / (HANDOVER_DIR + ".new")
-    shutil.rmtree(new, ignore_errors=True)
-    new.mkdir(parents=True)
-    write_elf_core(str(new / "memory.core"), sorted(ho.pages.items()))
-    (new / "fdt").write_bytes(ho.root)
-    (new / "scratch.bin").write_bytes(b"".join(struct.pack("<QQ", s.phys, s.size)
-                                               for s in scratch))
-    (new / "info.json").write_text(json.dumps(info, indent=1))
-    old = directory / HANDOVER_DIR
-    shutil.rmtree(old, ignore_errors=True)
-    new.rename(old)
+    """Into `directory`, the next boot being built."""
+    path = directory / HANDOVER_DIR
+    crash_point()
+    path.mkdir(parents=True)
+    write_elf_core(str(path / "memory.core"), sorted(ho.pages.items()))
+    write_new(path / "fdt", ho.root)
+    write_new(path / "scratch.bin", b"".join(struct.pack("<QQ", s.phys, s.size)
+                                             for s in scratch))
+    write_new(path / "info.json", json.dumps(info, indent=1).encode())
+    write_new(path / FREEZE_FILE, json.dumps(
+        [[index, token, seals] for (index, token), seals in sorted(ho.frozen.items())]).encode())
 
 
 def clear_handover(directory: Path) -> None:
-    shutil.rmtree(directory / HANDOVER_DIR, ignore_errors=True)
+    remove_tree(directory / HANDOVER_DIR)
+
+
+def read_freeze(directory: Path) -> dict[tuple[int, int], int]:
+    """(session position in the chain, token) -> the seals the simulator added at PRESERVE_FD
+    (none when the note is missing)."""
+    try:
+        raw = json.loads((directory / HANDOVER_DIR / FREEZE_FILE).read_text())
+    except FileNotFoundError:
+        return {}
+    except ValueError as exc:
+        raise StateCorrupt(f"{directory / HANDOVER_DIR / FREEZE_FILE} cannot be read ({exc})")\
+            from exc
+    return {(int(index), int(token)): int(seals) for index, token, seals in raw}
 
 
 @dataclass
@@ -256,6 +275,7 @@ class IncomingFile:
     token: int
     compatible: str
     memfd: MemfdState | None
+    frozen: int = 0       # seals the simulator added to freeze the size (FREEZE_FILE)
 
 
 @dataclass
@@ -278,15 +298,17 @@ def deserialize(directory: Path, abi: SimAbi) -> list[IncomingSession] | str:
     errors = [f"{f.path}: {f.message}" for f in ctx.findings if f.severity is Severity.ERROR]
     if not isinstance(state, LuoState):
         return "; ".join(errors) or "the incoming LUO state cannot be decoded"
+    frozen = read_freeze(directory)
     sessions: list[IncomingSession] = []
-    for s in state.sessions:
+    for index, s in enumerate(state.sessions):
         files = []
         for f in s.files:
             if f.compatible != abi.memfd:
                 errors.append(f"session {s.name!r} token {f.token:#x}: no file handler for "
                               f"{f.compatible!r} (this kernel has {abi.memfd})")
             handler = f.handler if isinstance(f.handler, MemfdState) else None
-            files.append(IncomingFile(f.token, f.compatible, handler))
+            files.append(IncomingFile(f.token, f.compatible, handler,
+                                      frozen.get((index, f.token), 0)))
         sessions.append(IncomingSession(s.name, files))
     if errors:
         return "; ".join(errors)

@@ -1,33 +1,42 @@
 """SimKernel: a simulated KHO/LUO kernel whose state lives in a directory.
 
-    DIR/boot.json          the current boot (state.py); shared bookkeeping between processes
-    DIR/incoming.log       which incoming sessions are retrieved or finished (retrieval.py)
-    DIR/faults.json        injected faults (faults.py)
-    DIR/kernel/            this boot's baseline memory and the incoming memory still reserved
-    DIR/handover/          what the last kexec handed over (handover.py)
-    DIR/root/              the fake root: proc, sys, debugfs, dev/liveupdate, boot/ (rootfs.py)
-    DIR/liveupdate.lock    flock()ed while a process holds /dev/liveupdate open
+    DIR/current            -> boots/<id>, the boot in force (boots.py: how it is switched)
+    DIR/boots/<id>/        one boot:
+        boot.json          the boot (state.py); shared bookkeeping between processes
+        incoming.log       which incoming sessions are retrieved or finished (retrieval.py)
+        faults.json        injected faults (faults.py), carried from boot to boot
+        userspace.json     the machine's init system, carried from boot to boot
+        kernel/            this boot's baseline memory and the incoming memory still reserved
+        handover/          what the kexec into this boot handed over (handover.py)
+        root/              the fake root: proc, sys, debugfs, dev/liveupdate, boot/ (rootfs.py)
+        state.lock         flock()ed for read-modify-write of this boot's files
+        liveupdate.lock    locked while a process holds /dev/liveupdate open
+        outgoing.lock      locked by the process that holds the outgoing sessions
+    DIR/root, boot.json, kernel, handover   -> current/..., stable paths for readers
+    DIR/state.lock         the machine lock (boot transitions, recovery)
 
 A process attaches with SimKernel(DIR) and gets a Host whose seams behave like the 7.2/7.3
 kernel. Outgoing sessions live in the process that created them (the kernel keeps them while
-their files are open); when that process is gone, so are they, as on a real host.
+their files are open); when that process is gone, so are they, as on a real host. What a
+process holds (the device, the outgoing sessions) is a lock on an open file, which the host
+kernel releases when the process dies however it dies: a killed process never leaves the
+simulated kernel believing it still holds them.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 from ..abi.memory import SparseMemory
-from ..errors import AgentError, Busy, InvalidArgument
+from ..errors import AgentError, Busy, InvalidArgument, NotFound
 from ..kernel.host import Host
 from ..kernel.physmem import ElfCoreMemory
+from . import boots, retrieval, rootfs
 from . import faults as faults_mod
-from . import retrieval, rootfs
 from .boot import Memblock, cold_layout, kho_layout, parse_cmdline
 from .handover import (
     Accepted,
@@ -43,34 +52,36 @@ from .images import build_bzimage
 from .memory import load_core, save_core
 from .outgoing import BASELINE_CORE, Outgoing, build_baseline, debugfs_fdt_size, root_fdt
 from .state import BootState, Incoming, load, save
-from .store import locked, pid_alive
+from .store import KEXECD, crash_point, lock_taken, locked, take_lock
 from .versions import SimAbi, check_abi
 
 INCOMING_CORE = "kernel/incoming.core"
+OWNER_LOCK = "outgoing.lock"
 DEFAULT_ABI = SimAbi()
 DEMO_RESERVE_MEM = "reserve_mem=1M:4096:kho_demo_rsv"
-SIM_FILES = ("boot.json", "faults.json", "kernel", "handover", "handover.new", "root",
-             rootfs.USERSPACE_FILE,
-             "liveupdate.lock", "liveupdate.holder", "state.lock", retrieval.LOG_FILE)
-KEXECD = ("the simulated kernel has kexec'd into a new boot: objects of the old boot (device, "
-          "sessions, seams) are gone, as a real process would be; attach a new "
-          "SimKernel(directory)")
 
 
 class Runtime:
-    """What one attached SimKernel shares with its seams, devices and sessions."""
+    """What one attached SimKernel shares with its seams, devices and sessions.
 
-    def __init__(self, directory: Path, state: BootState) -> None:
+    `directory` is the directory of the boot this process attached to (boots/<id>): every file
+    of the boot is read and written there, so a process whose boot was switched away can touch
+    only its own, old boot's files. `machine` is the simulator directory itself."""
+
+    def __init__(self, machine: Path, directory: Path, state: BootState) -> None:
+        self.machine = machine
         self.directory = directory
         self.state = state
         self.token = uuid.uuid4().hex
         self.gone = False
+        # check() runs on every seam call: its readlink gets ready-made strings
+        self._current_link = str(machine / boots.CURRENT)
+        self._current_target = boots.link_target(directory)
         self._outgoing: Outgoing | None = None
+        self._owner_fd = -1        # holds OWNER_LOCK while this process owns outgoing sessions
         self._incoming_pages: dict[int, bytes] | None = None
         self._handover_memory: ElfCoreMemory | None = None
         self.retrieval = retrieval.RetrievalLog(directory)
-        self._boot_id_path = str(self.root / "proc/sys/kernel/random/boot_id")
-        self._boot_id_stat: tuple[int, int, int] | None = None
         # inode -> incoming session name, for files this process retrieved (EBUSY on preserve)
         self.retrieved_inodes: dict[tuple[int, int], str] = {}
         # what a process of this boot holds (device lock, session fds); released at the kexec
@@ -81,30 +92,26 @@ class Runtime:
 
     @property
     def root(self) -> Path:
+        """This boot's fake root, where the simulated kernel writes."""
         return self.directory / "root"
+
+    @property
+    def host_root(self) -> Path:
+        """The stable path of the fake root (DIR/root), which readers are given."""
+        return self.machine / "root"
 
     def check(self) -> None:
         """Raise once the simulated kernel has kexec'd away from this process's boot. Called on
-        every seam operation: a stat of the boot id file, read only when the file changed."""
+        every seam operation: one readlink of DIR/current."""
         if self.gone:
             raise AgentError(KEXECD)
         try:
-            info = os.stat(self._boot_id_path)
+            current = os.readlink(self._current_link)
         except OSError:
-            self.gone = True
-            raise AgentError(KEXECD) from None
-        key = (info.st_ino, info.st_mtime_ns, info.st_size)
-        if key == self._boot_id_stat:
-            return
-        try:
-            with open(self._boot_id_path, encoding="ascii") as fh:
-                on_disk = fh.read().strip()
-        except (OSError, ValueError):
-            on_disk = ""
-        if on_disk != self.state.boot_id:
+            current = ""
+        if current != self._current_target:
             self.gone = True
             raise AgentError(KEXECD)
-        self._boot_id_stat = key
 
     def handover_memory(self) -> ElfCoreMemory | None:
         """The handed-over memory image, opened once per process (thousands of RETRIEVE_FDs
@@ -123,31 +130,43 @@ class Runtime:
         return self._outgoing
 
     def claim_outgoing(self) -> None:
-        """Outgoing sessions live in one process; another live owner makes this one wait."""
+        """Outgoing sessions live in one process; another live owner makes this one wait. The
+        owner holds a lock on DIR/boots/<id>/outgoing.lock for as long as it has outgoing
+        sessions, so an owner that died (SIGKILL included) holds nothing, whatever boot.json
+        still says and whoever got its pid since."""
+        if self._owner_fd >= 0:
+            return
+        fd = take_lock(self.directory / OWNER_LOCK)
+        if fd is None:
+            raise Busy(f"{self._owner_text()} holds the outgoing sessions of this simulated "
+                       "kernel; the simulator keeps outgoing sessions in the one process "
+                       "that created them: use that process, or end it first")
+        self._owner_fd = fd
         with locked(self.directory):
             st = load(self.directory)
-            owner = st.outgoing_owner
-            mine = (os.getpid(), self.token)
-            if owner is not None and owner != mine and pid_alive(owner[0]):
-                raise Busy(f"process {owner[0]} holds the outgoing sessions of this simulated "
-                           "kernel; the simulator keeps outgoing sessions in the one process "
-                           "that created them: use that process, or end it first")
-            if owner != mine:
-                st.outgoing_owner = mine
-                save(self.directory, st)
+            st.outgoing_owner = (os.getpid(), self.token)
+            save(self.directory, st)
+
+    def _owner_text(self) -> str:
+        owner = self.fresh().outgoing_owner
+        return f"process {owner[0]}" if owner is not None else "another process"
 
     def release_outgoing(self) -> None:
+        if self._owner_fd < 0:
+            return
         with locked(self.directory):
             st = load(self.directory)
             if st.outgoing_owner == (os.getpid(), self.token):
                 st.outgoing_owner = None
                 save(self.directory, st)
+        os.close(self._owner_fd)
+        self._owner_fd = -1
 
-    def foreign_owner(self) -> int | None:
-        owner = self.fresh().outgoing_owner
-        if owner is not None and owner != (os.getpid(), self.token) and pid_alive(owner[0]):
-            return owner[0]
-        return None
+    def foreign_owner(self) -> str | None:
+        """Who else holds the outgoing sessions ("process N"), or None."""
+        if self._owner_fd >= 0 or not lock_taken(self.directory / OWNER_LOCK):
+            return None
+        return self._owner_text()
 
     def incoming_pages(self) -> dict[int, bytes]:
         if self._incoming_pages is None:
@@ -166,12 +185,16 @@ class Runtime:
         if self.foreign_owner() is not None:
             return
         out = self.outgoing
-        if out.debugfs_dirty:
-            write_debugfs(self.directory, self.state, out)
-            out.debugfs_dirty = False
-        if memory and out.dirty:
-            write_kcore(self.directory, self.state, out, self.incoming_pages())
-            out.dirty = False
+        try:
+            if out.debugfs_dirty:
+                write_debugfs(self.directory, self.state, out)
+                out.debugfs_dirty = False
+            if memory and out.dirty:
+                write_kcore(self.directory, self.state, out, self.incoming_pages())
+                out.dirty = False
+        except FileNotFoundError:
+            self.check()  # the boot was switched away (and removed) meanwhile
+            raise
 
     def kexecd(self) -> None:
         """Everything this process held in the old boot is gone."""
@@ -185,6 +208,9 @@ class Runtime:
         self.retrieval.close()
         if self._outgoing is not None:
             self._outgoing.release_all()
+        if self._owner_fd >= 0:
+            os.close(self._owner_fd)
+            self._owner_fd = -1
 
 
 def write_debugfs(directory: Path, state: BootState, out: Outgoing) -> None:
@@ -210,29 +236,25 @@ def write_kcore(directory: Path, state: BootState, out: Outgoing,
             raise AgentError(f"internal: the live memory map root moved ({memmap:#x}, boot put "
                              f"it at {state.baseline.memmap:#x})")
         out.memory.write(state.baseline.root, root_fdt(state, memmap))
-    root = directory / "root"
     pages = dict(incoming)
     pages.update(out.memory.pages())
     pages.update(meta.pages())
-    save_core(str(root / "proc/kcore.tmp"), pages)
-    os.replace(root / "proc/kcore.tmp", root / "proc/kcore")
+    rootfs.write_core(directory / "root", "proc/kcore", pages)
 
 
 def finish_boot(directory: Path, state: BootState, mb: Memblock, incoming_pages: dict[int, bytes],
                 in_tree: tuple[bytes, dict[str, bytes]] | None) -> BootState:
-    """Allocate what the kernel preserves at boot, save the boot and write the fake root."""
+    """Allocate what the kernel preserves at boot, save the boot and write the fake root, all
+    into `directory`, the new boot being built (boots.transition)."""
     memory = SparseMemory()
     build_baseline(state, mb, memory)
     state.reserved = mb.merged()
+    crash_point()
     (directory / "kernel").mkdir(parents=True, exist_ok=True)
     save_core(str(directory / BASELINE_CORE), dict(memory.pages()))
-    inc = directory / INCOMING_CORE
     if incoming_pages:
-        save_core(str(inc), incoming_pages)
-    else:
-        inc.unlink(missing_ok=True)
-    (directory / "liveupdate.holder").unlink(missing_ok=True)
-    retrieval.reset(directory)
+        crash_point()
+        save_core(str(directory / INCOMING_CORE), incoming_pages)
     save(directory, state)
     rootfs.write_boot(directory / "root", state, mb, in_tree)
     out = Outgoing(directory, state)
@@ -259,7 +281,8 @@ def cold_boot(directory: Path, *, release: str, abi: SimAbi, cmdline: str, memor
 
 def boot_after_kexec(directory: Path, prev: BootState, loaded: dict[str, object], *,
                      handed_over: bool, drop: bool, luo_mismatch: bool) -> BootState:
-    """The kexec'd kernel boots: takes the handover (or not), panics, or comes up."""
+    """The kexec'd kernel boots into `directory` (the new boot, with the handover written
+    into it): takes the handover (or not), panics, or comes up."""
     abi = SimAbi.from_json(loaded["abi"])
     release, cmdline = str(loaded["release"]), str(loaded["cmdline"])
     cmd = parse_cmdline(cmdline)
@@ -318,40 +341,39 @@ class SimKernel:
 
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
-        state = load(self.directory)
-        self._rt = Runtime(self.directory, state)
-        with locked(self.directory):
-            st = load(self.directory)
-            if st.outgoing_owner is not None and not pid_alive(st.outgoing_owner[0]):
-                # the process that held the outgoing sessions is gone: so are its sessions
-                st.outgoing_owner = None
-                save(self.directory, st)
+        boot: Path | None = None
+        state: BootState | None = None
+        if boots.looks_like_machine(self.directory):  # leave any other directory untouched
+            with locked(self.directory):
+                # under the machine lock: no transition switches boots between these lines
+                boot = boots.recover(self.directory)
+                state = load(boot) if boot is not None else None
+        if boot is None or state is None:
+            raise NotFound(f"{directory} is not a simulated kernel directory (it has no boot); "
+                           "create one with SimKernel.create() or 'kho-agentd --simulate'")
+        self._rt = Runtime(self.directory, boot, state)
 
     @classmethod
     def create(cls, directory: Path, *, release: str = "7.3.0-sim", abi: SimAbi = DEFAULT_ABI,
                memory_mib: int = 4096, nodes: int = 1,
                cmdline: str = "console=ttyS0 kho=on liveupdate=on",
                reserve_mem: bool = True, systemd_version: int | None = None) -> SimKernel:
-        """A cold boot in a fresh (or emptied) directory. With `systemd_version` the simulated
-        machine's PID 1 is that systemd (its hand-off mode follows, e.g. fdstore from 261 on);
-        without, PID 1 is a plain init and the hand-off mode is "simulated"."""
+        """A cold boot of a new machine in `directory` (made if missing), in one transition: a
+        process killed while creating leaves the machine that was there, or the new one. With
+        `systemd_version` the simulated machine's PID 1 is that systemd (its hand-off mode
+        follows, e.g. fdstore from 261 on); without, PID 1 is a plain init and the hand-off
+        mode is "simulated"."""
         check_abi(abi)
         if not release or any(c.isspace() for c in release) or len(release) > 64:
             raise InvalidArgument(f"release {release!r} must be 1..64 characters without spaces")
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        for name in SIM_FILES:
-            path = directory / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
-        if systemd_version is not None:
-            rootfs.write_userspace(directory, systemd_version)
         if reserve_mem and "reserve_mem=" not in cmdline:
             cmdline = f"{cmdline} {DEMO_RESERVE_MEM}".strip()
-        cold_boot(directory, release=release, abi=abi, cmdline=cmdline, memory_mib=memory_mib,
-                  nodes=nodes, boot_count=1, panics=[], notes=[])
+        with boots.transition(directory, None) as boot:
+            if systemd_version is not None:
+                rootfs.write_userspace(boot, systemd_version)
+            cold_boot(boot, release=release, abi=abi, cmdline=cmdline, memory_mib=memory_mib,
+                      nodes=nodes, boot_count=1, panics=[], notes=[])
         return cls(directory)
 
     # --- the current boot ---------------------------------------------------------------------
@@ -395,7 +417,7 @@ class SimKernel:
         from .liveupdate import SimLiveUpdate
 
         self._rt.check()
-        return Host(root=self._rt.root, liveupdate=SimLiveUpdate(self._rt),
+        return Host(root=self._rt.host_root, liveupdate=SimLiveUpdate(self._rt),
                     kexec=SimKexec(self._rt), simulated=True, sync=self._rt.sync)
 
     def write_kernel_image(self, path: Path, *, release: str, abi: SimAbi) -> Path:
@@ -406,10 +428,12 @@ class SimKernel:
         return path
 
     def inject(self, fault: str, **params: object) -> None:
-        faults_mod.inject(self.directory, fault, params)
+        self._rt.check()
+        faults_mod.inject(self._rt.directory, fault, params)
 
     def clear_faults(self) -> None:
-        faults_mod.clear(self.directory)
+        self._rt.check()
+        faults_mod.clear(self._rt.directory)
 
     def faults(self) -> dict[str, dict[str, object]]:
-        return faults_mod.pending(self.directory)
+        return faults_mod.pending(self._rt.directory)

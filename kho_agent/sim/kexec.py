@@ -4,15 +4,16 @@ reboot that freezes and serializes LUO, writes the handover and boots the loaded
 from __future__ import annotations
 
 import errno
+import time
 
 from ..abi.compat import abi_from_payload
 from ..errors import Busy, InvalidArgument, KernelRefused
 from ..kernel.callerfile import RegularFile
 from ..kernel.image import MAX_INPUT, ImageError, parse_image
+from . import boots, rootfs
 from . import faults as faults_mod
-from . import rootfs
 from .boot import PAGE_SIZE
-from .handover import clear_handover, write_handover
+from .handover import write_handover
 from .kernel import Runtime, boot_after_kexec
 from .state import load, save
 from .store import locked
@@ -37,6 +38,9 @@ class SimKexec:
         rt = self._rt
         rt.check()
         op = "kexec_file_load"
+        slow = faults_mod.take(rt.directory, "slow-load")
+        if slow is not None:
+            time.sleep(float(str(slow["seconds"])))
         fault = faults_mod.take(rt.directory, "load-fails")
         if fault is not None:
             err = int(str(fault["errno"]))
@@ -107,7 +111,7 @@ class SimKexec:
                                 "first")
         other = rt.foreign_owner()
         if other is not None:
-            raise Busy(f"process {other} holds the outgoing sessions of this simulated kernel; "
+            raise Busy(f"{other} holds the outgoing sessions of this simulated kernel; "
                        "reboot from that process (the simulator keeps outgoing sessions in the "
                        "process that created them)")
         out = rt.outgoing
@@ -118,21 +122,31 @@ class SimKexec:
                                     "(injected fault freeze-fails); nothing was changed, the "
                                     "sessions stay preserved")
             out.check_freeze()
-        if handed_over:
-            ho = out.serialize()
-            corrupt = faults_mod.take(rt.directory, "corrupt-file")
-            if corrupt is not None:
-                _corrupt(out, ho.pages, corrupt)
-            write_handover(rt.directory, ho, st.scratch, {
-                "from_release": st.release, "from_boot_id": st.boot_id,
-                "from_abi": st.abi.to_json(), "via_systemd": via_systemd})
-        else:
-            clear_handover(rt.directory)
-        drop = faults_mod.take(rt.directory, "drop-kho") is not None
-        mismatch = faults_mod.take(rt.directory, "luo-mismatch") is not None
+        ho = out.serialize() if handed_over else None
+        # The next boot is built beside this one and switched to in one step (boots.py): a
+        # process killed on the way leaves this boot as it is (less what the dead process
+        # held), never a mixture of the two.
+        with boots.transition(rt.machine, rt.directory) as boot:
+            # read again under the boot's lock, which the transition holds: what it carries
+            # over is what the old boot has at the switch
+            st = rt.fresh()
+            if st.loaded is None:
+                raise KernelRefused(op, errno.EINVAL, "the loaded kernel was unloaded meanwhile")
+            faults = faults_mod.pending(rt.directory)
+            corrupt = faults.pop("corrupt-file", None) if ho is not None else None
+            drop = faults.pop("drop-kho", None) is not None
+            mismatch = faults.pop("luo-mismatch", None) is not None
+            faults_mod.carry(boot, faults)
+            rootfs.carry_userspace(rt.directory, boot)
+            if ho is not None:
+                if corrupt is not None:
+                    _corrupt(out, ho.pages, corrupt)
+                write_handover(boot, ho, st.scratch, {
+                    "from_release": st.release, "from_boot_id": st.boot_id,
+                    "from_abi": st.abi.to_json(), "via_systemd": via_systemd})
+            boot_after_kexec(boot, st, st.loaded, handed_over=handed_over, drop=drop,
+                             luo_mismatch=mismatch)
         rt.kexecd()
-        boot_after_kexec(rt.directory, st, st.loaded, handed_over=handed_over, drop=drop,
-                         luo_mismatch=mismatch)
 
 
 def _corrupt(out: object, pages: dict[int, bytes], params: dict[str, object]) -> None:

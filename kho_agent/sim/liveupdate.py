@@ -3,6 +3,30 @@ LiveUpdateSession seams with the 7.2/7.3 rules (reference §3.1-§3.5).
 
 Session fds are real: one end of a socketpair (O_CLOEXEC), so they can be passed to another
 process (SCM_RIGHTS, D-Bus); the session's state itself stays in this process.
+
+A preserved memfd cannot change size. The kernel freezes it (`shmem_freeze()` in
+`memfd_luo_preserve()`) until it is unpreserved: ftruncate() to another size, a write past the
+end and every fallocate() fail with EPERM. The simulator preserves the client's own memfd and
+cannot hook its system calls; it freezes the size with the seals that give the same EPERM:
+F_SEAL_SHRINK | F_SEAL_GROW, added at PRESERVE_FD (`freeze_size`). Where that differs:
+
+- Seals need a memfd made with MFD_ALLOW_SEALING and without F_SEAL_SEAL. Any other file (a
+  memfd without MFD_ALLOW_SEALING, whose seals are F_SEAL_SEAL from the start; one sealed with
+  F_SEAL_SEAL; an unlinked tmpfs file) is preserved as the kernel would, but not frozen: a size
+  change is found at reboot instead, which then fails with EINVAL and keeps the sessions
+  (`Outgoing.check_freeze`), where the real kernel would have refused the resize itself.
+- Seals stay: the kernel lifts the freeze when the file is unpreserved (its session closed
+  before the reboot, or released), the simulator cannot remove a seal, so a file it froze keeps
+  its size for good. A file whose PRESERVE_FD failed after the seals were added (the simulated
+  memory ran out) keeps them too.
+- Seals show: F_GET_SEALS on the client's file answers with the two bits added (the kernel's
+  freeze is no seal). memfd-v2 records the seals the file had before, as the kernel does, and
+  the handover notes the added bits beside it (handover.py, `sim-freeze.json`), so that the
+  file restored after the simulated kexec has them again and what the agent recorded at ready
+  compares equal; the real kernel restores a file that may change size.
+- Seals are narrower: fallocate() inside the current size (hole punching, KEEP_SIZE
+  allocation) still works on a sealed file; the kernel refuses every fallocate() of a frozen
+  one. Neither changes the size.
 """
 
 from __future__ import annotations
@@ -27,7 +51,7 @@ from .handover import IncomingSession, deserialize, restore_content
 from .kernel import Runtime
 from .outgoing import OutSession
 from .state import load, save
-from .store import locked, pid_alive, write_atomic
+from .store import lock_taken, locked, take_lock, write_atomic
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -51,6 +75,7 @@ BLOCK_MAX_FILES = 630_000       # 10000 blocks x 63
 SESSION_BLOCK = 51
 F_SEAL_FUTURE_WRITE = 0x10
 F_SEAL_EXEC = 0x20
+FREEZE_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
 
 
 def check_seals(seals: int) -> None:
@@ -59,6 +84,23 @@ def check_seals(seals: int) -> None:
         raise KernelRefused("PRESERVE_FD", errno.EOPNOTSUPP,
                             f"the memfd carries seals {seals:#x}; only {ALL_SEALS:#x} can be "
                             "preserved")
+
+
+def freeze_size(fd: int, seals: int) -> int:
+    """shmem_freeze() as far as userspace can (see the module's docstring): seal the file's size;
+    return the seals added, 0 when it had them already or cannot be sealed."""
+    missing = FREEZE_SEALS & ~seals
+    if not missing or seals & fcntl.F_SEAL_SEAL:
+        return 0
+    try:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, missing)
+    except OSError as exc:
+        # EPERM: sealing is not allowed on this file; EINVAL: the file takes no seals
+        if exc.errno in (errno.EPERM, errno.EINVAL):
+            return 0
+        raise KernelRefused("PRESERVE_FD", exc.errno or errno.EIO, "the simulator could not "
+                            "freeze the file's size") from exc
+    return missing
 
 
 def kernel_name(name: str, op: str) -> str:
@@ -82,19 +124,18 @@ class SimLiveUpdate:
         return self._rt.state.luo_enabled
 
     def holders(self) -> list[int]:
+        """The process holding /dev/liveupdate open. The holder keeps a lock on LOCK_FILE, which
+        the host kernel drops when the process dies (a SIGKILL too), as the real kernel
+        releases the device with the process's files; the lock is looked at, not taken, so
+        that looking never makes another process's open() fail."""
         directory = self._rt.directory
-        fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        if not lock_taken(directory / LOCK_FILE):
+            return []
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            try:
-                pid = int((directory / HOLDER_FILE).read_text().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            return [pid] if pid_alive(pid) else []
-        finally:
-            os.close(fd)
-        return []
+            pid = int((directory / HOLDER_FILE).read_text().strip() or 0)
+        except (OSError, ValueError):
+            pid = 0
+        return [pid] if pid > 0 else []
 
     def open(self) -> SimLiveUpdateDevice:
         rt = self._rt
@@ -104,15 +145,12 @@ class SimLiveUpdate:
             raise KernelRefused(op, errno.ENOENT, "the simulated kernel booted without KHO and "
                                 f"LUO enabled (cmdline: {rt.state.cmdline!r}); boot it with "
                                 "kho=on liveupdate=on")
-        fd = os.open(rt.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        fd = take_lock(rt.directory / LOCK_FILE)
+        if fd is None:
             pids = self.holders()
             who = f"process {pids[0]}" if pids else "another process"
             raise KernelRefused(op, errno.EBUSY, f"{who} holds /dev/liveupdate open (it opens "
-                                "only once); close it there first") from None
+                                "only once); close it there first")
         write_atomic(rt.directory / HOLDER_FILE, str(os.getpid()).encode())
         try:
             sessions = self._first_open()
@@ -324,7 +362,9 @@ class SimSession:
         except OSError:
             seals = 0
         check_seals(seals)
-        rt.outgoing.preserve(out, fd, token, inode, seals)
+        # frozen before the content is read: from here on the size read is the size it keeps
+        frozen = freeze_size(fd, seals)
+        rt.outgoing.preserve(out, fd, token, inode, seals, frozen)
 
     @_serialized
     def retrieve_fd(self, token: int) -> int:
@@ -351,7 +391,7 @@ class SimSession:
             raise KernelRefused(op, self._errors[token], f"token {token:#x} cannot be "
                                 "restored")
         assert entry.memfd is not None
-        fd = _restore_memfd(content, entry.memfd.pos, entry.memfd.seals)
+        fd = _restore_memfd(content, entry.memfd.pos, (entry.memfd.seals or 0) | entry.frozen)
         self._retrieved[token] = fd
         st = os.fstat(fd)
         self._rt.retrieved_inodes[(st.st_dev, st.st_ino)] = self._name
@@ -419,9 +459,10 @@ def out_sessions(rt: Runtime) -> list[OutSession]:
     return rt.outgoing.sessions
 
 
-def _restore_memfd(content: bytes, pos: int, seals: int | None) -> int:
+def _restore_memfd(content: bytes, pos: int, seals: int) -> int:
     """memfd_luo_retrieve(): a new memfd with an empty name and MFD_ALLOW_SEALING, the saved
-    content, size and position, then the saved seals."""
+    content, size and position, then the saved seals (and those the simulator froze the size
+    with before the kexec)."""
     fd = os.memfd_create("", os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
     try:
         os.ftruncate(fd, len(content))

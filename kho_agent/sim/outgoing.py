@@ -130,10 +130,11 @@ class PreservedFile:
     fd: int                      # the kernel's reference to the file (a dup)
     inode: tuple[int, int]
     size: int
-    seals: int
+    seals: int                   # as the client had them: what memfd-v2 records
     ser: int                     # memfd_luo_ser address
     data_pages: list[int]        # physical page of each page index
     allocs: list[int]            # allocations to free on unpreserve
+    frozen: int = 0              # seals the simulator added to freeze the size (liveupdate.py)
 
 
 @dataclass
@@ -147,6 +148,8 @@ class Handover:
     pages: dict[int, bytes]
     root: bytes
     memmap: int
+    # (session position, token) -> seals the simulator added at PRESERVE_FD (not in the ABI)
+    frozen: dict[tuple[int, int], int] = field(default_factory=dict)
 
 
 class Outgoing:
@@ -168,7 +171,7 @@ class Outgoing:
 
     # --- preservation --------------------------------------------------------------------------
     def preserve(self, session: OutSession, fd: int, token: int, inode: tuple[int, int],
-                 seals: int) -> None:
+                 seals: int, frozen: int = 0) -> None:
         """memfd_luo_preserve(): pin every page (holes materialised), allocate the folio array
         and memfd_luo_ser, record them as preserved."""
         dup = os.dup(fd)
@@ -185,7 +188,8 @@ class Outgoing:
         decoded = memfd_abi.decode(self.state.abi.memfd, DecodeContext(self.memory), ser, "/")
         pages = [p for phys, length in (decoded.data_runs if decoded else [])
                  for p in range(phys, phys + length, PAGE_SIZE)]
-        session.files.append(PreservedFile(token, dup, inode, size, seals, ser, pages, allocs))
+        session.files.append(PreservedFile(token, dup, inode, size, seals, ser, pages, allocs,
+                                           frozen))
         self.dirty = self.debugfs_dirty = True
 
     def unpreserve(self, session: OutSession) -> None:
@@ -247,7 +251,11 @@ class Outgoing:
     # --- reboot -----------------------------------------------------------------------------------
     def check_freeze(self) -> None:
         """memfd freeze() fails only on an internal inconsistency (EINVAL). A real preserved memfd
-        cannot change size (EPERM); a simulated one can, and that is the inconsistency."""
+        cannot change size (EPERM). The simulator freezes a preserved memfd with seals when it
+        can (liveupdate.py); one it could not seal (no MFD_ALLOW_SEALING, F_SEAL_SEAL already
+        set, an unlinked tmpfs file) can change size, and that is the inconsistency found
+        here: the reboot fails and the sessions stay preserved, where a real kernel would have
+        refused the resize itself."""
         for s in self.sessions:
             for f in s.files:
                 now = os.fstat(f.fd).st_size
@@ -296,7 +304,9 @@ class Outgoing:
         self.memory.write(b.root, root)
         pages = dict(self.memory.pages())
         pages.update(meta.pages())
-        return Handover(pages, root, memmap)
+        frozen = {(index, f.token): f.frozen for index, s in enumerate(self.sessions)
+                  for f in s.files if f.frozen}
+        return Handover(pages, root, memmap, frozen)
 
     def _append_empty_block(self, first: int) -> None:
         """luo_session_insert() grew the chain before the duplicate-name check and did not

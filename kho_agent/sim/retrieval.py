@@ -1,6 +1,8 @@
 """Which incoming sessions of the current simulated boot are retrieved (and by which process) or
-finished: an append-only log, `DIR/incoming.log`, of lines `R <hex name> <pid>` and
-`F <hex name>`. One small append per RETRIEVE_SESSION or FINISH (a rewrite of the whole boot
+finished: an append-only log, `incoming.log` in the boot's directory, of lines
+`R <hex name> <pid> <start time>` and `F <hex name>`. The holder is named by its pid and its
+start time, as pids are reused: a holder that died is never mistaken for the process that got
+its pid later. One small append per RETRIEVE_SESSION or FINISH (a rewrite of the whole boot
 state per retrieval made a verify of 1,000 sessions quadratic, and a file per session cost an
 inode creation each). Only the holder of /dev/liveupdate retrieves, and the kernel lets one
 process hold it, so the log needs no lock: single appends of a line are atomic (O_APPEND), and a
@@ -11,7 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .store import pid_alive
+from .store import own_identity, pid_alive
 
 LOG_FILE = "incoming.log"
 
@@ -26,7 +28,7 @@ class RetrievalLog:
         self.path = directory / LOG_FILE
         self._fd = -1
         self._read = 0          # bytes of the log applied so far
-        self._retrieved: dict[str, int] = {}   # hex name -> pid holding it
+        self._retrieved: dict[str, tuple[int, int | None]] = {}  # hex name -> (pid, start)
         self._finished: set[str] = set()
 
     def _open(self) -> int:
@@ -50,8 +52,11 @@ class RetrievalLog:
         end = data.rfind(b"\n") + 1   # a line being appended right now waits for next time
         for line in data[:end].decode("ascii", errors="replace").splitlines():
             fields = line.split()
-            if len(fields) == 3 and fields[0] == "R" and fields[2].isdigit():
-                self._retrieved[fields[1]] = int(fields[2])
+            if len(fields) in (3, 4) and fields[0] == "R" and all(f.isdigit()
+                                                                  for f in fields[2:]):
+                # a line of an earlier version has no start time
+                start = int(fields[3]) if len(fields) == 4 else None
+                self._retrieved[fields[1]] = (int(fields[2]), start)
             elif len(fields) == 2 and fields[0] == "F":
                 self._retrieved.pop(fields[1], None)
                 self._finished.add(fields[1])
@@ -68,17 +73,19 @@ class RetrievalLog:
         """The pid holding the session retrieved, or None. A holder that exited closed its
         session, and closing a retrieved session finishes it: that is recorded here."""
         self._refresh()
-        pid = self._retrieved.get(_key(name))
-        if pid is None:
+        holder = self._retrieved.get(_key(name))
+        if holder is None:
             return None
-        if pid_alive(pid):
+        pid, start = holder
+        if (pid, start) == own_identity() or pid_alive(pid, start):
             return pid
         self.mark_finished(name)
         return None
 
     def mark_retrieved(self, name: str) -> None:
-        self._append(f"R {_key(name)} {os.getpid()}")
-        self._retrieved[_key(name)] = os.getpid()
+        pid, start = own_identity()
+        self._append(f"R {_key(name)} {pid} {start}")
+        self._retrieved[_key(name)] = (pid, start)
 
     def mark_finished(self, name: str) -> None:
         key = _key(name)
@@ -88,7 +95,3 @@ class RetrievalLog:
         self._retrieved.pop(key, None)
         self._finished.add(key)
 
-
-def reset(directory: Path) -> None:
-    """A new boot: nothing of the previous boot's incoming state is retrieved or finished."""
-    (directory / LOG_FILE).unlink(missing_ok=True)

@@ -1,22 +1,38 @@
-"""The fake root of a simulated host (`DIR/root`): the proc, sys and debugfs files the real readers
-(`kernel.debugfs`, `kernel.physmem`, sysinfo) read, in the kernel's formats."""
+"""The fake root of a simulated host (`DIR/root`, the current boot's `root/`): the proc, sys and
+debugfs files the real readers (`kernel.debugfs`, `kernel.physmem`, sysinfo) read, in the
+kernel's formats.
+
+A boot's root is written whole while the boot is built (write_boot, invisible until the switch,
+boots.py); later changes within the boot (kexec_loaded, debugfs kho/out, kcore) replace one file
+at a time, atomically."""
 
 from __future__ import annotations
 
 import json
-import shutil
+import os
 from pathlib import Path
 
 from .boot import Memblock, MiB, memblock_debugfs
 from .images import build_bzimage
+from .memory import save_core
 from .state import BootState
-from .store import write_atomic
+from .store import crash_point, tmp_path, write_atomic, write_new
 
 KHO_DEBUGFS = "sys/kernel/debug/kho"
 
 
+def _bytes(data: bytes | str) -> bytes:
+    return data.encode() if isinstance(data, str) else data
+
+
 def _put(root: Path, rel: str, data: bytes | str) -> None:
-    write_atomic(root / rel, data.encode() if isinstance(data, str) else data)
+    """A file of a root being built."""
+    write_new(root / rel, _bytes(data))
+
+
+def _update(root: Path, rel: str, data: bytes | str) -> None:
+    """A file of the running boot's root, replaced whole."""
+    write_atomic(root / rel, _bytes(data))
 
 
 def _kb(n: int) -> int:
@@ -35,11 +51,21 @@ def meminfo(state: BootState, mb: Memblock) -> str:
             + "HugePages_Free:        0\n" + kb("Hugepagesize", 2 * MiB) + kb("CmaTotal", cma))
 
 
-USERSPACE_FILE = "userspace.json"  # the machine's init system: it outlives every boot
+USERSPACE_FILE = "userspace.json"  # the machine's init system: carried from boot to boot
 
 
 def write_userspace(directory: Path, systemd_version: int) -> None:
-    (directory / USERSPACE_FILE).write_text(json.dumps({"systemd_version": systemd_version}))
+    write_new(directory / USERSPACE_FILE, json.dumps({"systemd_version": systemd_version})
+              .encode())
+
+
+def carry_userspace(old: Path, new: Path) -> None:
+    """The init system outlives the boot: the new boot gets the old one's."""
+    try:
+        data = (old / USERSPACE_FILE).read_bytes()
+    except FileNotFoundError:
+        return
+    write_new(new / USERSPACE_FILE, data)
 
 
 def _userspace(root: Path) -> None:
@@ -56,8 +82,7 @@ def _userspace(root: Path) -> None:
 
 def write_boot(root: Path, state: BootState, mb: Memblock,
                incoming: tuple[bytes, dict[str, bytes]] | None) -> None:
-    """Everything that is fixed for a boot. The root is rebuilt from nothing at every boot."""
-    shutil.rmtree(root, ignore_errors=True)
+    """Everything that is fixed for a boot, written into the new boot's empty root."""
     _put(root, "proc/cmdline", state.cmdline + "\n")
     _put(root, "proc/sys/kernel/osrelease", state.release + "\n")
     _put(root, "proc/sys/kernel/random/boot_id", state.boot_id + "\n")
@@ -84,10 +109,12 @@ def write_boot(root: Path, state: BootState, mb: Memblock,
                                                         for s in state.scratch))
     _put(root, f"{KHO_DEBUGFS}/out/scratch_len", "".join(f"0x{s.size:x}\n"
                                                        for s in state.scratch))
+    crash_point()
     (root / KHO_DEBUGFS / "out/sub_fdts").mkdir(parents=True, exist_ok=True)
     if incoming is not None:
         fdt, blobs = incoming
         _put(root, f"{KHO_DEBUGFS}/in/fdt", fdt)
+        crash_point()
         (root / KHO_DEBUGFS / "in/sub_fdts").mkdir(parents=True, exist_ok=True)
         for name, blob in blobs.items():
             _put(root, f"{KHO_DEBUGFS}/in/sub_fdts/{name}", blob)
@@ -98,10 +125,24 @@ def write_out(root: Path, fdt: bytes | None, blobs: dict[str, bytes]) -> None:
     if not base.is_dir():
         return  # KHO is off in this boot
     if fdt is not None:
-        _put(root, f"{KHO_DEBUGFS}/out/fdt", fdt)
+        _update(root, f"{KHO_DEBUGFS}/out/fdt", fdt)
     for name, blob in blobs.items():
-        _put(root, f"{KHO_DEBUGFS}/out/sub_fdts/{name}", blob)
+        _update(root, f"{KHO_DEBUGFS}/out/sub_fdts/{name}", blob)
+
+
+def write_core(root: Path, rel: str, pages: dict[int, bytes]) -> None:
+    """An ELF core of `pages` (/proc/kcore), replaced whole."""
+    path = root / rel
+    tmp = tmp_path(path)
+    crash_point()
+    try:
+        save_core(str(tmp), pages)
+        crash_point()
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def set_kexec_loaded(root: Path, loaded: bool) -> None:
-    _put(root, "sys/kernel/kexec_loaded", "1\n" if loaded else "0\n")
+    _update(root, "sys/kernel/kexec_loaded", "1\n" if loaded else "0\n")

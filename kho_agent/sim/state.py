@@ -1,6 +1,6 @@
-"""The persisted state of the current simulated boot (`boot.json`): everything a process attaching
-to the directory needs to act as this kernel, and the bookkeeping processes share (who holds the
-device, who owns outgoing sessions, whether the incoming state was deserialized)."""
+"""The persisted state of a simulated boot (`boot.json` in the boot's directory, boots.py):
+everything a process attaching to the directory needs to act as this kernel, and the bookkeeping
+processes share (who owns outgoing sessions, whether the incoming state was deserialized)."""
 
 from __future__ import annotations
 
@@ -65,7 +65,9 @@ class BootState:
     incoming: Incoming = field(default_factory=Incoming)
     baseline: Baseline = field(default_factory=Baseline)
     loaded: dict[str, object] | None = None    # the kexec image loaded in this boot
-    outgoing_owner: tuple[int, str] | None = None  # (pid, instance) owning outgoing sessions
+    # (pid, instance) that took the outgoing sessions, for messages: whether it still holds
+    # them is its lock (kernel.py, OWNER_LOCK), which a dead process does not hold
+    outgoing_owner: tuple[int, str] | None = None
     device_holder: int | None = None
     panics: list[dict[str, object]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what the kernel logged at boot
@@ -130,5 +132,6 @@ def load(directory: Path) -> BootState:
 
 
 def save(directory: Path, state: BootState) -> None:
-    # compact: the boot state is rewritten on every retrieve, and indenting dominated a verify
-    write_atomic(directory / BOOT_FILE, json.dumps(state.to_json()).encode())
+    # compact: indenting dominated when the state was rewritten on every retrieve; durable: a
+    # host crash leaves the old state or the new, not an empty file
+    write_atomic(directory / BOOT_FILE, json.dumps(state.to_json()).encode(), durable=True)
