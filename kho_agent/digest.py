@@ -164,15 +164,13 @@ def _changed(fd: int, before: os.stat_result, after: os.stat_result, hashed: int
     return None
 
 
-def digest_fd(fd: int, size: int | None = None, *, use_mmap: bool = True) -> DigestResult:
+def digest_fd(fd: int, size: int | None = None) -> DigestResult:
     """BLAKE3 of the first `size` bytes of `fd` (all of it when None), from offset 0.
 
     The file position is not used or moved. `size` larger than the file is refused. Raises
     KernelRefused with the errno when the fd cannot be read, FileChanged when a regular file
-    changed while it was read. `use_mmap` is accepted for earlier callers and ignored: the
-    file is never mapped (see the module's docstring).
+    changed while it was read. The file is never mapped (see the module's docstring).
     """
-    del use_mmap
     if size is not None and size < 0:
         raise InvalidArgument(f"digest size must be >= 0, not {size}")
     started = time.perf_counter()

@@ -483,15 +483,21 @@ class Orchestrator:
         client = self._client(name)
         client.owner_gone = False  # whoever says so is its owner (the service checked the uid)
         if ready:
-            for f in client.files.values():
-                if f.fd is None:
-                    continue  # measured at an earlier ready; the kernel froze its size since
-                f.size = os.fstat(f.fd).st_size
-                f.seals = _seals(f.fd)
-                if client.digests:
-                    f.digest = digest_fd(f.fd, f.size)
-                else:
-                    f.drop_fd()
+            client.ready = False
+            try:
+                for f in client.files.values():
+                    if f.fd is None:
+                        continue  # measured at an earlier ready; the kernel froze its size
+                    f.size = os.fstat(f.fd).st_size
+                    f.seals = _seals(f.fd)
+                    if client.digests:
+                        f.digest = digest_fd(f.fd, f.size)
+                    else:
+                        f.drop_fd()
+            except AgentError:  # a file changed while it was digested: not ready, no digests
+                for f in client.files.values():
+                    f.digest = None
+                raise
         else:
             for f in client.files.values():
                 f.digest = None

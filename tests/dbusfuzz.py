@@ -1868,6 +1868,7 @@ class Fuzzer:
         self.by_name: dict[str, deque[str]] = {}
         # (dev, ino) of fds clients passed -> (kind, call index, call line, "Member outcome")
         self.passed: dict[tuple[int, int], tuple[str, int, str, str]] = {}
+        self.released_names: dict[str, str] = {}  # SessionReleased seen, by session name
         self.shared_fill: dict[tuple[str, int], dict[str, Any]] = {}
         self.expected_incoming: dict[str, SessionModel] = {}
         self.after_kexec: str | None = None     # the release booted, checked once quiescent
@@ -2268,9 +2269,9 @@ class Fuzzer:
         session = self.model.sessions.get(name)
         if session is not None:
             session.claimed = True
-            session.claimer = (self.uid(call.identity),
-                               self.host.clients[call.identity].unique_name)
             session.holder = call.identity
+            if self.uid(call.identity) == session.uid:  # root claiming for it is not its owner
+                session.claimer = (session.uid, self.host.clients[call.identity].unique_name)
 
     def _did_RetrieveFile(self, _call: Call, _o: Outcome, name: str) -> None:
         session = self.model.sessions.get(name)
@@ -2291,6 +2292,10 @@ class Fuzzer:
                 self._job_removed(str(sig.args[1]), str(sig.args[2]))
             elif sig.member != "PropertiesChanged":
                 text = repr(sig.args)
+                if sig.member == "SessionReleased" and sig.args:
+                    # may come before the creator's reply is processed (concurrent calls): kept
+                    # by name for the session the model learns of afterwards
+                    self.released_names[str(sig.args[0])] = f"{sig.member} on {sig.path}"
                 for session in self.model.sessions.values():
                     if session.name in text or (session.path and (session.path in text or
                                                                   sig.path == session.path)):
@@ -2679,7 +2684,8 @@ class Fuzzer:
             self._check_kernel(name, holder, daemon_fds, lines)
 
     def _row_problems(self, session: SessionModel, row: tuple[Any, ...]) -> list[str]:
-        """Owner (uid, bus name): the creator's, after the kexec the claimer's (the contract);
+        """Owner (uid, bus name): the uid the session belongs to, with the bus name of its
+        creator, after the kexec of the owner's connection that claimed it (the contract);
         Ready as last set; Claimed and Incoming as the calls left them."""
         _name, _path, uid, sender, ready, claimed, incoming = row
         out = []
@@ -2730,7 +2736,8 @@ class Fuzzer:
     def _check_vanished(self, name: str, held: dict[tuple[str, str], Held]) -> None:
         session = self.model.sessions.pop(name)
         lines = list(self.by_name.get(name, []))
-        if not session.announced:
+        early = self.released_names.pop(name, None)
+        if not session.announced and not early:
             kind = "incoming" if session.incoming else "this-boot"
             how = f" ({session.ended_by.split(' -> ')[0]} ended it)" if session.ended_by else ""
             self.finding("sessions", ("vanished", kind, str(bool(how))), f"{kind} session "
@@ -2763,6 +2770,8 @@ class Fuzzer:
                                   if s.name in listed))
         prepared = props.get("State") == "prepared"
         for entry in table:
+            if entry.fd <= 2:
+                continue  # the daemon's stdio (/dev/null, a log): the same file may be passed
             passed = self.passed.get((entry.dev, entry.ino))
             if passed is not None and prepared and passed[3] == "Prepare accepted":
                 continue  # the prepared kernel's image: the daemon may keep it until commit

@@ -17,7 +17,6 @@ import stat
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,7 +54,6 @@ from kho_agent.sim import SimAbi, SimKernel
 __all__ = ["host"]  # the fixture, imported for pytest
 
 SESSION_ACTION = "org.khoagent.Agent1.session"
-BALLAST = 48 << 20   # a memfd whose digest keeps the engine busy for a moment
 
 
 def sessions(host: Host) -> dict[str, tuple[Any, ...]]:
@@ -63,33 +61,27 @@ def sessions(host: Host) -> dict[str, tuple[Any, ...]]:
     return {row[0]: row for row in rows}
 
 
-class Ballast:
-    """Keeps the engine thread busy (a SetReady that digests a large memfd) while the test
-    sends what must be decided before the engine is free again."""
+class SlowPrepare:
+    """A Prepare whose kexec load takes `seconds` (the simulated kernel's slow-load fault): the
+    engine thread is busy for that long, while the test sends what must be decided meanwhile."""
 
-    def __init__(self, host: Host) -> None:
+    def __init__(self, host: Host, seconds: float = 2.0) -> None:
+        self.host = host
         self.client = host.client()
-        create_session(self.client, "ballast", {1: b"\1" * 4096})
-        fd = memfd(b"")
-        os.ftruncate(fd, BALLAST)
-        try:
-            self.client.call(MANAGER_PATH, MANAGER_IFACE, "Preserve",
-                             GLib.Variant("(sht)", ("ballast", 0, 2)), fds=[fd])
-        finally:
-            os.close(fd)
-        self.thread: threading.Thread | None = None
+        SimKernel(host.sim_dir).inject("slow-load", seconds=seconds)
+        self.result: str | None = None
 
-    def __enter__(self) -> Ballast:
-        def ready() -> None:
-            invoke(self.client, "SetReady", "sb", ("ballast", True))
-        self.thread = threading.Thread(target=ready)
-        self.thread.start()
-        time.sleep(0.05)  # the SetReady has reached the engine
+    def __enter__(self) -> SlowPrepare:
+        self.removed = self.client.catch_signal("JobRemoved").__enter__()
+        (self.job,) = invoke(self.client, "Prepare", "a{sv}", (kernel_option(self.host),))
+        time.sleep(0.3)  # the prepare is in the load now
         return self
 
     def __exit__(self, *_: object) -> None:
-        assert self.thread is not None
-        self.thread.join(60)
+        try:
+            _id, _path, self.result = self.removed.wait(60, lambda a: a[1] == self.job)
+        finally:
+            self.removed.__exit__(None, None, None)
 
 
 def second_target(host: Host, tmp: Path) -> Path:
@@ -233,12 +225,12 @@ print("started", flush=True)
 for t in threads: t.join()
 print(json.dumps(results))
 """
-    with Ballast(host):
+    with SlowPrepare(host, 3.0):
         flood = subprocess.Popen([*as_user(NOBODY), sys.executable, "-c", code],
                                  stdout=subprocess.PIPE, text=True, env=client_env())
         assert flood.stdout is not None
         assert flood.stdout.readline().strip() == "started"
-        time.sleep(0.3)  # the nobody calls are queued behind the ballast
+        time.sleep(0.5)  # the nobody calls wait behind the prepare
         root = host.client()
         invoke(root, "ListSessions")                # main loop: answered at once
         create_session(root, "vm-root", {1: b"r"})  # engine: ahead of nobody's planning
@@ -258,17 +250,19 @@ def test_cancelling_a_running_prepare_keeps_the_clients_sessions(host: Host) -> 
     client = host.client()
     data = os.urandom(3 * 4096)
     create_session(client, "vm-1", {1: data})
-    with Ballast(host), client.catch_signal("JobRemoved") as removed:
+    SimKernel(host.sim_dir).inject("slow-load", seconds=2.0)
+    with client.catch_signal("JobRemoved") as removed:
         (job,) = invoke(client, "Prepare", "a{sv}", (kernel_option(host),))
+        time.sleep(0.3)  # loading the kernel
         client.call(job, JOB_IFACE, "Cancel")
         _id, _path, result = removed.wait(60, lambda args: args[1] == job)
     assert result == "canceled"
     assert client.get_property(job, JOB_IFACE, "ErrorName") == ERR + "Cancelled"
     assert host.prop("State") == "idle"
     assert "preparing" not in host.prop("StateMessage")
-    assert set(sessions(host)) == {"ballast", "vm-1"}
+    assert set(sessions(host)) == {"vm-1"}
+    assert not SimKernel(host.sim_dir).host().kexec.loaded()
     # the session is still held: the next update carries it and the owner gets its bytes
-    invoke(client, "ReleaseSession", "s", ("ballast",))
     result, props = host.run_job(client, "Prepare", kernel_option(host))
     assert result == "done" and json.loads(props["Result"])["sessions"] == ["vm-1"], props
     result, props = host.run_job(client, "Commit")
@@ -323,7 +317,7 @@ def test_a_bad_command_line_is_refused_and_the_next_prepare_works(host: Host) ->
 def test_a_client_that_left_during_create_session_does_not_block_a_commit(host: Host) -> None:
     client = host.client()
     create_session(client, "vm-1", {1: b"stays"})
-    with Ballast(host), client.catch_signal("SessionReleased") as released:
+    with client.catch_signal("SessionReleased") as released, SlowPrepare(host) as prepare:
         leaver = GioClient(host.bus.address)
         with pytest.raises(RemoteError):  # the daemon knows who it is now (uid cached)
             invoke(leaver, "SetReady", "sb", ("nope", True))
@@ -333,10 +327,9 @@ def test_a_client_that_left_during_create_session_does_not_block_a_commit(host: 
         leaver.connection.flush_sync(None)
         leaver.close()   # gone before the engine gets to the call
         name, _path, reason = released.wait(60)
+    assert prepare.result == "done"
     assert name == "vm-gone" and "disconnected" in reason
-    assert set(sessions(host)) == {"ballast", "vm-1"}
-    result, props = host.run_job(client, "Prepare", kernel_option(host))
-    assert result == "done", props
+    assert set(sessions(host)) == {"vm-1"}
     result, props = host.run_job(client, "Commit", {"dry_run": GLib.Variant("b", True)})
     assert result == "done", props
 
@@ -474,3 +467,26 @@ def test_answered_calls_keep_no_fds_and_no_memory(host: Host) -> None:
             invoke(client, "SetReady", "sb", (big, True))
         assert len(exc.value.message) < 8192   # the argument is not echoed back whole
     assert _daemon_rss_kib(host) - before_rss < 40 * 1024   # 60 MiB were sent
+
+
+def test_root_ending_someone_elses_session_tells_its_owner(host: Host) -> None:
+    require_run_as(NOBODY, python=True)
+    authority = Authority(host.bus.address, {SESSION_ACTION: {NOBODY}})
+    try:
+        code = f"""
+from dbusrig import GioClient
+from gi.repository import GLib
+client = GioClient({host.bus.address!r})
+client.call("/org/khoagent/Agent1", "org.khoagent.Agent1.Manager", "CreateSession",
+            GLib.Variant("(s)", ("vm-nobody",)))
+"""
+        python_as(NOBODY, code, timeout=30, check=True)
+    finally:
+        authority.stop()
+    assert sessions(host)["vm-nobody"][2] == NOBODY
+    root = host.client()
+    with root.catch_signal("SessionReleased") as released:
+        invoke(root, "ReleaseSession", "s", ("vm-nobody",))
+        name, _path, reason = released.wait(10)
+    assert name == "vm-nobody" and "released by uid 0" in reason
+    assert "vm-nobody" not in sessions(host)

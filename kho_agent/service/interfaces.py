@@ -183,7 +183,9 @@ SESSION_XML = """
 <node>
   <interface name="org.khoagent.Agent1.Session">
     <property name="Name" type="s" access="read"/>
-    <!-- (uid, unique bus name) of the creator; after the kexec, of the claimer -->
+    <!-- (uid the session belongs to, unique bus name of the owner's connection that created
+         it, or after the kexec claimed it; "" before the owner claimed it). Root may act on a
+         session without becoming its owner. -->
     <property name="Owner" type="(us)" access="read"/>
     <property name="Tokens" type="at" access="read"/>
     <property name="Ready" type="b" access="read"/>
