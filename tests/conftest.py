@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,3 +20,12 @@ def samples_dir() -> Path:
             return candidate
     # The samples are committed: their absence is a broken checkout, not a reason to skip.
     pytest.fail("kho-samples not found in tests/data/kho-samples or ../shared/kho-samples")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _collect_cycles_between_modules() -> Iterator[None]:
+    """Objects of the simulated kernel hold real descriptors (session socketpairs, locks) in
+    reference cycles that only the cyclic collector frees; a module's worth of them is let go
+    before the next module starts, so the test process stays far below its descriptor limit."""
+    yield
+    gc.collect()

@@ -45,7 +45,6 @@ import os
 import pwd
 import random
 import re
-import select
 import shutil
 import socket
 import stat
@@ -79,6 +78,7 @@ from dbusrig import (  # noqa: E402
     RemoteError,
     as_user,
     client_env,
+    wait_readable,
     why_cannot_run_as,
 )
 from gi.repository import Gio, GLib  # noqa: E402
@@ -701,8 +701,7 @@ class ClientProc:
         deadline = time.monotonic() + timeout
         while b"\n" not in self._buffer:
             left = deadline - time.monotonic()
-            ready = select.select([fd], [], [], max(0.0, left))[0] if left > 0 else []
-            if not ready:
+            if left <= 0 or not wait_readable(fd, left):
                 raise ClientError(f"client {self.label} did not answer within {timeout:.0f} s")
             chunk = os.read(fd, 1 << 20)
             if not chunk:

@@ -149,6 +149,14 @@ class RemoteError(Exception):
         self.message = message
 
 
+def wait_readable(fd: int, timeout: float) -> bool:
+    """Whether `fd` becomes readable (or hits EOF) within `timeout` seconds. poll(), not
+    select(): a test process may hold more than FD_SETSIZE (1024) descriptors."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(max(0, int(timeout * 1000))))
+
+
 def _tail(text: str) -> str:
     return text if len(text) <= _TAIL_CHARS else "..." + text[-_TAIL_CHARS:]
 
@@ -311,8 +319,7 @@ class PrivateBus:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return ""
-            readable, _, _ = select.select([fd], [], [], remaining)
-            if not readable:
+            if not wait_readable(fd, remaining):
                 return ""
             chunk = os.read(fd, 4096)
             if not chunk:

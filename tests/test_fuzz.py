@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 import random
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,10 +22,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kho_agent.abi import kexec_metadata, luo, luo_v5, memblock, memfd, vmalloc
+from kho_agent.abi import kexec_metadata, luo, luo_v1, luo_v5, memblock, memfd, vmalloc
 from kho_agent.abi.block import MAX_BLOCKS
 from kho_agent.abi.context import DecodeContext, Side
 from kho_agent.abi.errors import AbiError
+from kho_agent.abi.extents import Extent, ExtentMap
 from kho_agent.abi.fdt import (
     FDT_BEGIN_NODE,
     FDT_END,
@@ -32,11 +34,13 @@ from kho_agent.abi.fdt import (
     FDT_MAGIC,
     FDT_PROP,
     MAX_DEPTH,
+    FdtWriter,
     parse_fdt,
 )
 from kho_agent.abi.findings import CODES
 from kho_agent.abi.kho_root import decode_root, encode_root, recover_truncated_root
 from kho_agent.abi.luo_common import LuoFile, LuoSession, LuoState
+from kho_agent.abi.memmap_chunks import chunks_walk
 from kho_agent.abi.memory import PageAllocator, PhysicalMemory, SparseMemory
 from kho_agent.abi.radix import RadixGeometry, radix_encode, radix_walk
 from kho_agent.abi.state import KhoInput, KhoState, decode_state
@@ -670,3 +674,153 @@ def test_decode_state_restores_the_collector() -> None:
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+# ----------------------------------------------------------------------------- found by fuzz/
+# What the coverage-guided fuzzer (fuzz/decoder.py) found, or showed the way to (see
+# fuzz/README.md), reduced by hand to the smallest input that fails on the code before the fix.
+
+
+def _elf_core(tmp_path: Path, phoff: int, segments: list[tuple[int, int, int]]) -> str:
+    """An ELF64 core header with `segments` = (p_offset, p_paddr, p_filesz) PT_LOAD entries."""
+    header = bytearray(64)
+    header[:7] = b"\x7fELF\x02\x01\x01"
+    struct.pack_into("<Q", header, 32, phoff)
+    struct.pack_into("<HH", header, 54, 56, len(segments))
+    table = b"".join(struct.pack("<IIQQQQQQ", 1, 6, off, 0, paddr, size, size, 4096)
+                     for off, paddr, size in segments)
+    path = tmp_path / "core"
+    path.write_bytes(bytes(header) + table + b"payload!")
+    return str(path)
+
+
+@pytest.mark.parametrize("phoff", [1 << 63, (1 << 64) - 1, (1 << 63) - 8])
+def test_elf_core_program_headers_beyond_any_file(tmp_path: Path, phoff: int) -> None:
+    """e_phoff is a u64 but pread takes an off_t: 2^63 and above raised OverflowError, just
+    below it EINVAL, instead of the AbiError of a file that is not a usable core."""
+    with pytest.raises(AbiError, match="beyond any file"):
+        ElfCoreMemory(_elf_core(tmp_path, phoff, [(120, 0x1000, 8)]))
+
+
+def test_elf_core_segment_beyond_any_file(tmp_path: Path) -> None:
+    """A PT_LOAD whose p_offset no pread can reach: read() raised OverflowError."""
+    path = _elf_core(tmp_path, 64, [(1 << 63, 0x1000, 8)])
+    with pytest.raises(AbiError, match="beyond any file"), ElfCoreMemory(path) as mem:
+        mem.read(0x1000, 8)
+    # the table is checked, not just the segments that get read
+    path = _elf_core(tmp_path, 64, [(120, 0x1000, 8), ((1 << 64) - 4, 0x9000, 8)])
+    with pytest.raises(AbiError, match="segment 1"):
+        ElfCoreMemory(path)
+
+
+def test_kho_v1_chunk_of_impossible_order_costs_nothing() -> None:
+    """A khoser_mem_chunk with order 0xffffffff is reported and skipped by read_chain, but the
+    walk still computed its bitmap span, 2^32+ bits: a 512 MB integer for a 16-byte header."""
+    import tracemalloc
+
+    mem = SparseMemory()
+    root = 0x10_0000
+    mem.write(root, struct.pack("<QII", 0, 0xFFFF_FFFF, 1) + struct.pack("<QQ", 0, 0x20_0000))
+    tracemalloc.start()
+    try:
+        walk = chunks_walk(CountingMemory(mem), root)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+    assert [i.code for i in walk.issues] == ["property-malformed"]
+    state, _ = checked_decode(KhoInput(encode_root("kho-v1", root, []), memory=mem))
+    assert "property-malformed" in _codes(state)
+
+
+def _radix_down_slot_zero(mem: SparseMemory, root: int, leaf: bytes) -> None:
+    """A radix tree whose only path takes slot 0 at every level: the leaf under key prefix 0."""
+    geom = RadixGeometry()
+    for level in range(geom.depth - 1):
+        mem.write(root + level * PAGE, struct.pack("<Q", root + (level + 1) * PAGE))
+    mem.write(root + (geom.depth - 1) * PAGE, leaf)
+
+
+def test_radix_leaf_under_key_prefix_zero() -> None:
+    """The leaf under prefix 0 holds keys of several bit lengths, i.e. several orders (38..53).
+    A run of set bits across a power of two was decoded with its first key's order, and keys
+    whose blocks reach 2^64 became extents no u64 holds: OverflowError out of the walk or out of
+    ExtentMap.union(), so decode_state() raised."""
+    mem = SparseMemory()
+    root = 0x20_0000
+    # bits 7 and 8: key 7 (order 50) is the block at 3 << 62 of 2^62 bytes, which ends at 2^64;
+    # key 8 (order 49) is the block at 0 of 2^61 bytes; bit 1 is key 1, one 2^64-byte block
+    _radix_down_slot_zero(mem, root, bytes([0b1000_0010, 0b1]))
+    walk = radix_walk(CountingMemory(mem), root)
+    assert [(e.phys, e.size, e.order) for e in walk.extents] == [(0, 1 << 61, 49)]
+    assert [i.code for i in walk.issues] == ["property-malformed"] * 2
+    walk.extents.union()
+    state, _ = checked_decode(KhoInput(encode_root("kho-v4", root, []), memory=mem))
+    assert "property-malformed" in _codes(state)
+
+
+def test_kho_v1_bitmap_that_ends_at_2_64() -> None:
+    """A kho-v1 bitmap whose span ends exactly at 2^64 passed the 'past 2^64' check, and its
+    last block became an extent ending at 2^64: ExtentMap.union() raised OverflowError."""
+    mem = SparseMemory()
+    root, bitmap = 0x10_0000, 0x20_0000
+    span = PAGE * 8 * PAGE  # a page-sized bitmap of order-0 pages
+    mem.write(root, struct.pack("<QII", 0, 0, 1) + struct.pack("<QQ", (1 << 64) - span, bitmap))
+    mem.write(bitmap, bytes(PAGE - 1) + b"\x80")
+    walk = chunks_walk(CountingMemory(mem), root)
+    assert [i.code for i in walk.issues] == ["property-malformed"]
+    assert len(walk.extents) == 0
+    state, _ = checked_decode(KhoInput(encode_root("kho-v1", root, []), memory=mem))
+    assert "property-malformed" in _codes(state)
+
+
+def test_luo_v1_sessions_sharing_one_file_array() -> None:
+    """luo-v1 sessions point at contiguous file arrays with no owner check: 100 sessions on
+    one array of 128 files decoded 12,800 files (and read the array 100 times) from 5 pages,
+    the luo-v1 form of test_sessions_sharing_one_files_chain. An array is decoded once now,
+    also when the sessions point into it at different offsets."""
+    mem, alloc = SparseMemory(), PageAllocator()
+    ser = memfd.encode("memfd-v2", b"x", mem, alloc)
+    files = alloc.alloc(2 * PAGE)
+    mem.write(files, b"".join(struct.pack("<48sQQ", b"memfd-v2", ser, i) for i in range(128)))
+    header = alloc.alloc(16 * PAGE)
+    mem.write(header, struct.pack("<Q", 100) + b"".join(
+        struct.pack("<64sQQ", f"s{i}".encode(), files + (i % 2) * 64, 128 - i % 2)
+        for i in range(100)))
+    w = FdtWriter().begin_node("").property_string("compatible", luo_v1.COMPATIBLE)
+    w.property_u64("liveupdate-number", 1).begin_node("luo-session")
+    w.property_string("compatible", luo_v1.SESSION_COMPATIBLE)
+    blob = w.property_u64("luo-session-header", header).end_node().end_node().finish()
+    luo_phys = alloc.alloc(len(blob))
+    mem.write(luo_phys, blob)
+    root = encode_root("kho-v3", alloc.alloc(), [("LUO", luo_phys, len(blob))])
+    state, counter = checked_decode(KhoInput(root, {}, memory=mem, side=Side.IN))
+    luo_state = next(s.decoded for s in state.subtrees if s.name == "LUO")
+    assert isinstance(luo_state, LuoState) and len(luo_state.sessions) == 100
+    assert sum(len(s.files) for s in luo_state.sessions) == 128
+    assert "chain-cycle" in _codes(state)
+    assert counter is not None and counter.reads <= 2 + 100 + 128 + 10
+
+
+def test_scratch_area_clear_of_the_map_is_not_a_scan(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each scratch area was compared with every extent of the map: 5.8 s for 3 areas and 1M
+    scattered pages, and areas x extents for the 1026 areas a debugfs scratch list may hold. An
+    area clear of the map (every healthy one) is now a bisection of the map's union."""
+    m = ExtentMap()
+    for i in range(1000):
+        m.add(i * 2 * PAGE, PAGE, 0)
+    scanned = 0
+    plain_iter = ExtentMap.__iter__
+
+    def counting_iter(self: ExtentMap) -> Iterator[Extent]:
+        nonlocal scanned
+        for e in plain_iter(self):
+            scanned += 1
+            yield e
+
+    monkeypatch.setattr(ExtentMap, "__iter__", counting_iter)
+    assert m.overlapping(2000 * 2 * PAGE, 64 * PAGE) == []
+    assert m.overlapping(PAGE, PAGE) == []  # the hole between the first two extents
+    assert scanned == 0
+    assert m.overlapping(PAGE, 2 * PAGE) == [Extent(2 * PAGE, PAGE, 0)]
+    assert m.overlapping(0, 1) == [Extent(0, PAGE, 0)]

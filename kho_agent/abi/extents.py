@@ -116,6 +116,10 @@ class ExtentMap:
     def overlapping(self, phys: int, length: int) -> list[Extent]:
         """Extents intersecting [phys, phys+length)."""
         stop = phys + length
+        starts, ends = self._build_union()
+        i = bisect.bisect_left(starts, stop) - 1  # the last merged run that starts before stop
+        if i < 0 or ends[i] <= phys:
+            return []  # the common case (a scratch area clear of the map) without a scan
         return [e for e in self if e.phys < stop and phys < e.phys + e.size]
 
     def self_overlaps(self) -> list[tuple[Extent, Extent]]:

@@ -123,6 +123,14 @@ def _decode_sessions(ctx: DecodeContext, state: LuoState, header: int, path: str
                     "file array")
             continue
         ctx.ref(session.files_phys, session.file_count * FILE_SER_SIZE, spath, "LUO file array")
+        # Each session has its own array; one shared by sessions (or overlapping another
+        # structure) is decoded once, as in luo-v5 block chains, so that a decode stays linear in
+        # the input (818 sessions on one array would otherwise decode 818 x 128 files).
+        first = session.files_phys // ps
+        last = (session.files_phys + session.file_count * FILE_SER_SIZE - 1) // ps
+        if not all(ctx.claim(page * ps, spath, "LUO file array page")
+                   for page in range(first, last + 1)):
+            continue
         fraw = ctx.read(session.files_phys, session.file_count * FILE_SER_SIZE, spath,
                         "LUO file array")
         if fraw is None:

@@ -141,6 +141,8 @@ def detect_bitmap_bytes(chain: ChunkChain, page_shift: int = 12) -> int:
     """
     ps = 1 << page_shift
     for chunk in chain.chunks:
+        if not chunk.entries:
+            continue  # an impossible order keeps none, and its span would be 2^order bits long
         page_span = _span(ps, chunk.order, page_shift)
         for entry in chunk.entries:
             if entry.bitmap % ps or entry.phys_start % page_span:
@@ -195,6 +197,8 @@ def chunks_walk(memory: PhysicalMemory, root: int, page_shift: int = 12,
     missing = set(chain.missing_pages)
     problems = _EntryProblems()
     for chunk in chain.chunks:
+        if not chunk.entries:
+            continue  # as in detect_bitmap_bytes: no span of an impossible order is computed
         shift = page_shift + chunk.order
         span = _span(bitmap_bytes, chunk.order, page_shift)
         for i, entry in enumerate(chunk.entries):
@@ -212,10 +216,10 @@ def chunks_walk(memory: PhysicalMemory, root: int, page_shift: int = 12,
                 problems.note("misaligned", "phys_start", chunk, i,
                               f"has phys_start {entry.phys_start:#x}, not a multiple of the "
                               f"{span:#x} bytes a bitmap covers")
-            if entry.phys_start + span > 1 << 64:
+            if entry.phys_start + span >= 1 << 64:  # an extent must end at a u64 address
                 problems.note("property-malformed", "phys_start", chunk, i,
                               f"has an order-{chunk.order} bitmap at phys_start "
-                              f"{entry.phys_start:#x} reaching past 2^64")
+                              f"{entry.phys_start:#x} reaching the end of the 64-bit space")
                 continue
             page = entry.bitmap - entry.bitmap % ps
             meta[page] = None

@@ -109,6 +109,17 @@ def _bit_runs(leaf: bytes) -> Iterable[tuple[int, int]]:
         yield start, nbits
 
 
+def _one_length_runs(runs: Iterable[tuple[int, int]]) -> Iterable[tuple[int, int]]:
+    """Split runs of the leaf under key prefix 0 where the keys' bit length changes: only there do
+    keys of several lengths, i.e. of several orders (the largest: 38 and up at 4 KiB pages),
+    share a leaf."""
+    for start, end in runs:
+        while start < end:
+            stop = min(end, 1 << start.bit_length())
+            yield start, stop
+            start = stop
+
+
 def radix_walk(memory: PhysicalMemory, root: int, geom: RadixGeometry | None = None, *,
                max_nodes: int = 1 << 20) -> MemoryMapWalk:
     """Walk the tree under `root` and return its preserved blocks as coalesced extents.
@@ -124,7 +135,7 @@ def radix_walk(memory: PhysicalMemory, root: int, geom: RadixGeometry | None = N
     fmt = "radix" if geom.depth_plus_one else "radix-v2-early"
     result = MemoryMapWalk(fmt, root, ExtentMap(geom.page_shift))
     seen: set[int] = set()
-    table_log2, bitmap_log2 = geom.table_log2, geom.bitmap_log2
+    table_log2, bitmap_log2, page_shift = geom.table_log2, geom.bitmap_log2, geom.page_shift
     # Depth-first in ascending key order, so the extents come out sorted by key.
     stack: list[tuple[int, int, int]] = [(geom.depth - 1, root, 0)]
     while stack:
@@ -145,14 +156,17 @@ def radix_walk(memory: PhysicalMemory, root: int, geom: RadixGeometry | None = N
             result.missing_pages.append(phys)
             continue
         if level == 0:
-            for start, end in _bit_runs(page):
+            runs = _bit_runs(page) if prefix else _one_length_runs(_bit_runs(page))
+            for start, end in runs:
                 pa, order = geom.decode_key(prefix | start)
-                if order < 0:
+                size = (end - start) << (page_shift + order) if order >= 0 else 0
+                if order < 0 or pa + size > U64_MASK:  # an extent must end at a u64 address
                     result.issues.append(MapIssue(
                         "property-malformed", phys,
-                        f"radix leaf {phys:#x} holds key {prefix | start:#x} with no valid order"))
+                        f"radix leaf {phys:#x} holds key {prefix | start:#x} with no valid order, "
+                        "or with blocks that do not fit below 2^64"))
                     continue
-                result.extents.add(pa, (end - start) << (geom.page_shift + order), order)
+                result.extents.add(pa, size, order)
             continue
         shift = (level - 1) * table_log2 + bitmap_log2
         children: list[tuple[int, int, int]] = []
