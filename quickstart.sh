@@ -7,6 +7,11 @@
 #   ./quickstart.sh test    install, then lint (ruff, mypy --strict) and run the test suite
 #   ./quickstart.sh bench   install, then print the benchmarks: decoder, engine, digest, daemon
 #                           (figures, not a verdict)
+#   ./quickstart.sh fuzz    install, then run both fuzzers for a bounded count and print their
+#                           figures: the decoder (atheris, coverage-guided, 20,000 executions)
+#                           and the D-Bus surface of kho-agentd (3,000 calls from root, an
+#                           authorized and an unauthorized uid). `fuzz --long SECONDS` runs the
+#                           decoder fuzzer that long and the D-Bus fuzzer for 20,000 calls.
 #   ./quickstart.sh vm      install, plus QEMU, debootstrap and a kernel toolchain, then run the
 #                           end-to-end suite (pytest -m vm): QEMU guests with systemd live-update
 #                           through real kexecs on a real KHO/LUO kernel. Kernels and the guest
@@ -77,13 +82,29 @@ run_main() {
 
 run_tests() {
     log "ruff"
-    .venv/bin/ruff check kho_agent tests benchmarks
+    .venv/bin/ruff check kho_agent tests benchmarks fuzz fuzz/run-decoder
     log "mypy --strict kho_agent"
     .venv/bin/mypy --strict kho_agent
+    MYPYPATH=fuzz .venv/bin/mypy --strict fuzz/harness.py fuzz/corpus.py fuzz/decoder.py
+    .venv/bin/mypy --strict --scripts-are-modules fuzz/run-decoder
     log "pytest"
     local rc=0
     .venv/bin/python -m pytest "$@" || rc=$?
     # pytest exits 5 when it collected nothing: that is a failure here, not a pass
+    return "$rc"
+}
+
+run_fuzz() {
+    # Both exit 1 on a finding and print what to replay; the figures are printed either way.
+    local rc=0 calls=3000 decoder=()
+    if [ "${1:-}" = "--long" ]; then
+        decoder=(--long "${2:?--long needs SECONDS}")
+        calls=20000
+    fi
+    log "decoder fuzzing (atheris) ${decoder[*]}"
+    .venv/bin/python fuzz/run-decoder "${decoder[@]}" || rc=$?
+    log "D-Bus surface fuzzing: $calls calls (kho-agentd on a private bus, simulated kernel)"
+    .venv/bin/python fuzz/dbus.py --calls "$calls" --seed 1 --quiet || rc=$?
     return "$rc"
 }
 
@@ -124,6 +145,8 @@ case "${1:-}" in
     main) install_apt; install_venv; run_main ;;
     bench) install_apt; install_venv; run_bench ;;
     test) shift; install_apt; install_venv; run_tests "$@" ;;
+    fuzz) shift; install_apt; install_venv; run_fuzz "$@" ;;
     vm) shift; install_apt; install_venv; install_vm_apt; run_vm "$@" ;;
-    *) echo "usage: $0 main | test [pytest args] | bench | vm [pytest args]" >&2; exit 2 ;;
+    *) echo "usage: $0 main | test [pytest args] | bench | fuzz [--long SECONDS] | vm [pytest args]" >&2
+       exit 2 ;;
 esac
