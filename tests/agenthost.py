@@ -7,13 +7,24 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-from dbusrig import MANAGER_IFACE, MANAGER_PATH, Daemon, GioClient, PrivateBus
+from dbusrig import (
+    CONNECTION_FLAGS,
+    DBUS_IFACE,
+    DBUS_NAME,
+    DBUS_PATH,
+    MANAGER_IFACE,
+    MANAGER_PATH,
+    Daemon,
+    GioClient,
+    PrivateBus,
+)
 from gi.repository import Gio, GLib
 
 from kho_agent.sim import SimAbi, SimKernel
@@ -23,12 +34,13 @@ JOB_IFACE = "org.khoagent.Agent1.Job"
 ERR = "org.khoagent.Agent1.Error."
 PAGE = 4096
 
-POLKIT_POLICY = """
+POLKIT_NAME = "org.freedesktop.PolicyKit1"
+POLKIT_POLICY = f"""
   <policy user="root">
-    <allow own="org.freedesktop.PolicyKit1"/>
+    <allow own="{POLKIT_NAME}"/>
   </policy>
   <policy context="default">
-    <allow send_destination="org.freedesktop.PolicyKit1"/>
+    <allow send_destination="{POLKIT_NAME}"/>
   </policy>
 """
 
@@ -49,49 +61,55 @@ AUTHORITY_XML = """
 
 
 class Authority:
-    """A polkit Authority on the private bus: allows `grants[action]` uids, records questions."""
+    """A polkit Authority on the private bus: allows `grants[action]` uids, counts the
+    questions by (uid, action), and answers `delay_ms` late (a busy polkitd)."""
 
     def __init__(self, address: str, grants: dict[str, set[int]], delay_ms: int = 0) -> None:
         self.grants = grants
-        self.delay_ms = delay_ms   # answer this late, as a busy polkitd does
-        self.asked: list[tuple[int, str]] = []
+        self.delay_ms = delay_ms
+        self.asked: Counter[tuple[int, str]] = Counter()
         self.context = GLib.MainContext.new()
         self.loop = GLib.MainLoop.new(self.context, False)
         self.ready = threading.Event()
+        self.failure: str | None = None
         self.thread = threading.Thread(target=self._run, args=(address,), daemon=True)
         self.thread.start()
-        assert self.ready.wait(5), "the polkit stand-in did not start"
+        if not self.ready.wait(10) or self.failure:
+            raise RuntimeError(f"the polkit stand-in did not start: {self.failure}")
 
     def _run(self, address: str) -> None:
         self.context.push_thread_default()
-        conn = Gio.DBusConnection.new_for_address_sync(
-            address, Gio.DBusConnectionFlags.AUTHENTICATION_CLIENT
-            | Gio.DBusConnectionFlags.MESSAGE_BUS_CONNECTION, None, None)
-        info = Gio.DBusNodeInfo.new_for_xml(AUTHORITY_XML).interfaces[0]
-        conn.register_object("/org/freedesktop/PolicyKit1/Authority", info, self._call, None,
-                             None)
-        reply = conn.call_sync("org.freedesktop.DBus", "/org/freedesktop/DBus",
-                               "org.freedesktop.DBus", "RequestName",
-                               GLib.Variant("(su)", ("org.freedesktop.PolicyKit1", 4)), None,
-                               Gio.DBusCallFlags.NONE, 5000, None)
-        assert reply.unpack()[0] == 1, "could not own org.freedesktop.PolicyKit1"
-        self.conn = conn
+        try:
+            conn = Gio.DBusConnection.new_for_address_sync(address, CONNECTION_FLAGS, None, None)
+            info = Gio.DBusNodeInfo.new_for_xml(AUTHORITY_XML).interfaces[0]
+            conn.register_object("/org/freedesktop/PolicyKit1/Authority", info, self._call,
+                                 None, None)
+            reply = conn.call_sync(DBUS_NAME, DBUS_PATH, DBUS_IFACE, "RequestName",
+                                   GLib.Variant("(su)", (POLKIT_NAME, 4)), None,
+                                   Gio.DBusCallFlags.NONE, 5000, None)
+            if reply.unpack()[0] != 1:
+                self.failure = f"could not own {POLKIT_NAME}"
+        except GLib.Error as exc:
+            self.failure = exc.message
         self.ready.set()
-        self.loop.run()
-        conn.close_sync(None)
+        if self.failure is None:
+            self.loop.run()
+            conn.close_sync(None)
         self.context.pop_thread_default()
 
     def _call(self, conn: Gio.DBusConnection, _sender: str, _path: str, _iface: str,
               _method: str, params: GLib.Variant, invocation: Gio.DBusMethodInvocation) -> None:
-        (kind, details), action, _d, _flags, _cancel = params.unpack()
-        assert kind == "system-bus-name"
-        uid = conn.call_sync("org.freedesktop.DBus", "/org/freedesktop/DBus",
-                             "org.freedesktop.DBus", "GetConnectionUnixUser",
-                             GLib.Variant("(s)", (details["name"],)), None,
-                             Gio.DBusCallFlags.NONE, 5000, None).unpack()[0]
-        self.asked.append((uid, action))
-        allowed = uid in self.grants.get(action, set())
-        answer = GLib.Variant("((bba{ss}))", ((allowed, False, {}),))
+        (_kind, details), action, _d, _flags, _cancel = params.unpack()
+        try:
+            uid = conn.call_sync(DBUS_NAME, DBUS_PATH, DBUS_IFACE, "GetConnectionUnixUser",
+                                 GLib.Variant("(s)", (details["name"],)), None,
+                                 Gio.DBusCallFlags.NONE, 5000, None).unpack()[0]
+        except (GLib.Error, KeyError) as exc:
+            invocation.return_dbus_error("org.freedesktop.PolicyKit1.Error.Failed", str(exc))
+            return
+        self.asked[(uid, action)] += 1
+        answer = GLib.Variant("((bba{ss}))", ((uid in self.grants.get(action, set()), False,
+                                               {}),))
         if not self.delay_ms:
             invocation.return_value(answer)
             return

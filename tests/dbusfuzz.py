@@ -51,7 +51,6 @@ import stat
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Generator, Iterable
@@ -64,11 +63,9 @@ import gi
 
 gi.require_version("Gio", "2.0")
 gi.require_version("GLib", "2.0")
+from agenthost import POLKIT_POLICY, Authority  # noqa: E402
 from dbusrig import (  # noqa: E402
     CONNECTION_FLAGS,
-    DBUS_IFACE,
-    DBUS_NAME,
-    DBUS_PATH,
     NOBODY,
     PROPERTIES_IFACE,
     REPO,
@@ -812,85 +809,6 @@ class Fixtures:
             released += 1
             misses = 0
         return released
-
-
-POLKIT_NAME = "org.freedesktop.PolicyKit1"
-POLKIT_POLICY = f"""
-  <policy user="root">
-    <allow own="{POLKIT_NAME}"/>
-  </policy>
-  <policy context="default">
-    <allow send_destination="{POLKIT_NAME}"/>
-  </policy>
-"""
-AUTHORITY_XML = """
-<node>
-  <interface name="org.freedesktop.PolicyKit1.Authority">
-    <method name="CheckAuthorization">
-      <arg type="(sa{sv})" name="subject" direction="in"/>
-      <arg type="s" name="action_id" direction="in"/>
-      <arg type="a{ss}" name="details" direction="in"/>
-      <arg type="u" name="flags" direction="in"/>
-      <arg type="s" name="cancellation_id" direction="in"/>
-      <arg type="(bba{ss})" name="result" direction="out"/>
-    </method>
-  </interface>
-</node>
-"""
-
-
-class Authority:
-    """polkit's Authority on the private bus (as in test_daemon.py): allows `grants[action]`."""
-
-    def __init__(self, address: str, grants: dict[str, set[int]]) -> None:
-        self.grants = grants
-        self.asked: Counter[tuple[int, str]] = Counter()
-        self.context = GLib.MainContext.new()
-        self.loop = GLib.MainLoop.new(self.context, False)
-        self.ready = threading.Event()
-        self.failure: str | None = None
-        self.thread = threading.Thread(target=self._run, args=(address,), daemon=True)
-        self.thread.start()
-        if not self.ready.wait(10) or self.failure:
-            raise RuntimeError(f"the polkit stand-in did not start: {self.failure}")
-
-    def _run(self, address: str) -> None:
-        self.context.push_thread_default()
-        try:
-            conn = Gio.DBusConnection.new_for_address_sync(address, CONNECTION_FLAGS, None, None)
-            info = Gio.DBusNodeInfo.new_for_xml(AUTHORITY_XML).interfaces[0]
-            conn.register_object("/org/freedesktop/PolicyKit1/Authority", info, self._call,
-                                 None, None)
-            reply = conn.call_sync(DBUS_NAME, DBUS_PATH, DBUS_IFACE, "RequestName",
-                                   GLib.Variant("(su)", (POLKIT_NAME, 4)), None,
-                                   Gio.DBusCallFlags.NONE, 5000, None)
-            if reply.unpack()[0] != 1:
-                self.failure = f"could not own {POLKIT_NAME}"
-        except GLib.Error as exc:
-            self.failure = exc.message
-        self.ready.set()
-        if self.failure is None:
-            self.loop.run()
-            conn.close_sync(None)
-        self.context.pop_thread_default()
-
-    def _call(self, conn: Gio.DBusConnection, _sender: str, _path: str, _iface: str,
-              _method: str, params: GLib.Variant, invocation: Gio.DBusMethodInvocation) -> None:
-        (_kind, details), action, _d, _flags, _cancel = params.unpack()
-        try:
-            uid = conn.call_sync(DBUS_NAME, DBUS_PATH, DBUS_IFACE, "GetConnectionUnixUser",
-                                 GLib.Variant("(s)", (details["name"],)), None,
-                                 Gio.DBusCallFlags.NONE, 5000, None).unpack()[0]
-        except (GLib.Error, KeyError) as exc:
-            invocation.return_dbus_error("org.freedesktop.PolicyKit1.Error.Failed", str(exc))
-            return
-        self.asked[(uid, action)] += 1
-        allowed = uid in self.grants.get(action, set())
-        invocation.return_value(GLib.Variant("((bba{ss}))", ((allowed, False, {}),)))
-
-    def stop(self) -> None:
-        self.loop.quit()
-        self.thread.join(5)
 
 
 @dataclass

@@ -394,8 +394,8 @@ def test_a_burst_of_authorized_callers_is_served(host: Host, slow_polkit: Author
     name), none is refused for the daemon's own load."""
     answers = _burst(host, connections=10, calls=50)
     assert answers == {ERR + "NotFound": 500}, answers
-    # polkit was asked once per connection and question, not once per call
-    assert len(slow_polkit.asked) <= 500
+    # identical questions in flight were shared: far fewer than one per call
+    assert sum(slow_polkit.asked.values()) < 100, slow_polkit.asked
 
 
 def test_an_unauthorized_burst_is_refused_by_polkit_not_by_load(host: Host,

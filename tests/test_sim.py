@@ -44,9 +44,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 # --- helpers ---------------------------------------------------------------------------------
 
-def decode(host: Host, side: str) -> KhoState:
-    """What the engine does: sync, then decode debugfs kho/<side> + proc/kcore."""
-    host.sync()
+def decode(host: Host, side: str, *, sync: bool = True) -> KhoState:
+    """What the engine does: sync, then decode debugfs kho/<side> + proc/kcore (without sync:
+    the files exactly as they are on disk)."""
+    if sync:
+        host.sync()
     snap = debugfs.read_snapshot(debugfs.kho_dir(host.debugfs, side))
     roles = scratch_roles(len(snap.scratch_phys))
     scratch = [ScratchArea(p, n, r) for p, n, r in zip(snap.scratch_phys, snap.scratch_len,

@@ -28,14 +28,13 @@ from agenthost import PAGE, POLKIT_POLICY, create_session, invoke, kernel_option
 from agenthost import Host as AgentHost
 from dbusrig import MANAGER_IFACE, MANAGER_PATH, Daemon, GioClient, PrivateBus
 from gi.repository import GLib
+from test_sim import decode
 
-from kho_agent.abi import KhoInput, ScratchArea, Severity, Side, decode_state
-from kho_agent.abi.state import KhoState, scratch_roles
+from kho_agent.abi import Severity
+from kho_agent.abi.state import KhoState
 from kho_agent.errors import NotFound
-from kho_agent.kernel import debugfs
 from kho_agent.kernel.host import Host
 from kho_agent.kernel.kexec import load_named
-from kho_agent.kernel.physmem import ElfCoreMemory
 from kho_agent.orchestrator import CommitOptions, EngineConfig, Orchestrator, PrepareOptions
 from kho_agent.sim import SimAbi, SimKernel
 from kho_agent.sim.boots import BOOTS, CURRENT, LINKS
@@ -159,15 +158,7 @@ def kill_at(script: str, args: list[Path], crash_at: str) -> None:
 
 def decode_disk(host: Host, side: str) -> KhoState:
     """debugfs kho/<side> and /proc/kcore exactly as the transition left them (no sync)."""
-    snap = debugfs.read_snapshot(debugfs.kho_dir(host.debugfs, side))
-    roles = scratch_roles(len(snap.scratch_phys))
-    scratch = [ScratchArea(p, n, r) for p, n, r in zip(snap.scratch_phys, snap.scratch_len,
-                                                       roles, strict=True)]
-    memory = ElfCoreMemory(str(host.path("proc/kcore")))
-    try:
-        return decode_state(KhoInput(snap.fdt, snap.sub_blobs, scratch, memory, Side(side)))
-    finally:
-        memory.close()
+    return decode(host, side, sync=False)
 
 
 def error_findings(state: KhoState) -> list[str]:
