@@ -27,7 +27,7 @@ from .abi.compat import (
 )
 from .abi.luo_common import LuoState
 from .abi.state import ScratchArea, scratch_roles
-from .errors import AgentError, InvalidArgument, NotFound
+from .errors import AgentError, InvalidArgument
 from .kernel import debugfs
 from .kernel.callerfile import FileIdentity, RegularFile, open_regular
 from .kernel.cmdline import setup_cmdline_size
@@ -175,15 +175,6 @@ class TargetImageCache:
             while len(self._cache) > self._entries:
                 self._cache.popitem(last=False)
         return image
-
-
-def file_size(path: Path | None, what: str) -> int:
-    if path is None:
-        return 0
-    try:
-        return path.stat().st_size
-    except FileNotFoundError as exc:
-        raise NotFound(f"{what} {path} does not exist") from exc
 
 
 def running_abi(host: Host, release: str, out: KhoView | None = None,

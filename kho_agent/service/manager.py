@@ -12,7 +12,6 @@ import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from gi.repository import Gio, GLib
@@ -794,10 +793,6 @@ class AgentService:
         for record in list(self.sessions.values()):
             self._drop_session(record)
         self.manager.unregister()
-
-
-def _path(value: str | None) -> Path | None:
-    return Path(value) if value else None
 
 
 def _priority(caller: Caller) -> Priority:
