@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from .errors import AgentError, InvalidArgument, KernelRefused, NotFound, StateCorrupt
-from .kernel.callerfile import read_regular
+from .kernel.callerfile import Dangling, read_if_present
 from .netstate import NetState, NetStateFormatError
 from .netstate import diff as netstate_diff
 
@@ -562,15 +562,15 @@ def read_manifest(path: Path) -> Manifest:
     is refused without blocking, and nothing larger than the bound is read."""
     source = f"manifest {path}"
     try:
-        data = read_regular(path, "manifest", MANIFEST_MAX_BYTES, allow_empty=True)
-    except NotFound as err:
-        if not os.path.lexists(path):
-            raise NotFound(f"no manifest at {path}: no live update was prepared on this host "
-                           "(run `kho-agentctl prepare` first)") from err
-        raise ManifestCorrupt("$", "it is a symbolic link to a file that does not exist",
-                              source=source) from err
+        data = read_if_present(path, "manifest", MANIFEST_MAX_BYTES, allow_empty=True)
     except AgentError as err:  # not a regular file, too large, unreadable: the message says
         raise ManifestCorrupt("$", err.message, source=source) from err
+    if data is None:
+        raise NotFound(f"no manifest at {path}: no live update was prepared on this host "
+                       "(run `kho-agentctl prepare` first)")
+    if isinstance(data, Dangling):
+        raise ManifestCorrupt("$", "it is a symbolic link to a file that does not exist",
+                              source=source)
     try:
         return manifest_from_json(data)
     except ManifestCorrupt as err:

@@ -42,8 +42,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .errors import AgentError, KernelRefused, NotFound, StateCorrupt
-from .kernel.callerfile import file_kind, read_regular
+from .errors import AgentError, KernelRefused, StateCorrupt
+from .kernel.callerfile import Dangling, file_kind, read_if_present
 from .manifest import FAILING_VERDICTS, Verdict, write_atomic
 
 STATE_FILE = "state.json"
@@ -159,18 +159,13 @@ def read_back(path: Path, what: str, limit: int) -> bytes | None:
     than a regular file of at most `limit` bytes is a StateCorrupt saying what was found; the
     open never blocks and nothing but a regular file is opened."""
     try:
-        return read_regular(path, what, limit)
-    except NotFound as exc:
-        if not os.path.lexists(path):
-            return None  # nothing there (or the state directory itself is missing)
-        try:
-            where = os.readlink(path)
-        except OSError:
-            where = "?"
-        raise StateCorrupt(f"{what} {path} is a symbolic link to {where!r}, which does not "
-                           "exist") from exc
+        data = read_if_present(path, what, limit)
     except AgentError as exc:  # not a regular file, too large, empty, unreadable: it says which
         raise StateCorrupt(exc.message) from exc
+    if isinstance(data, Dangling):
+        raise StateCorrupt(f"{what} {path} is a symbolic link to {data.target!r}, which does "
+                           "not exist")
+    return data  # None: nothing there (or the state directory itself is missing)
 
 
 class _Bad(Exception):

@@ -23,6 +23,7 @@ import pytest
 from kho_agent import manifest as mf
 from kho_agent.digest import digest_fd
 from kho_agent.errors import InvalidArgument, KernelRefused, NotFound, StateCorrupt
+from kho_agent.kernel import callerfile
 from kho_agent.manifest import (
     AGENT_SESSION,
     MANIFEST_TOKEN,
@@ -496,6 +497,37 @@ def test_read_manifest(tmp_path: Path) -> None:
         read_manifest(path)
     assert str(path) in str(caught.value)
 
+
+
+def test_a_manifest_renamed_into_place_while_it_is_read_is_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GetManifest runs on a reader thread beside a prepare: the open may find nothing and the
+    prepare's rename land before the reader looks again. That is the new manifest, not a
+    dangling symlink (seen in CI as StateCorrupt under a hundred readers)."""
+    path = tmp_path / "manifest.json"
+    real = callerfile.read_regular
+    calls: list[int] = []
+
+    def open_before_the_rename(*args: Any, **kwargs: Any) -> bytes:
+        calls.append(1)
+        if len(calls) == 1:
+            try:
+                return real(*args, **kwargs)
+            finally:
+                write_atomic(path, manifest_to_json(sample()))   # the prepare's rename
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(callerfile, "read_regular", open_before_the_rename)
+    assert read_manifest(path) == sample()
+    assert len(calls) == 2
+    # A real dangling symlink is still corrupt, and nothing absent is NotFound.
+    path.unlink()
+    path.symlink_to(tmp_path / "gone")
+    with pytest.raises(StateCorrupt, match="symbolic link to a file that does not exist"):
+        read_manifest(path)
+    path.unlink()
+    with pytest.raises(NotFound, match="prepare"):
+        read_manifest(path)
 
 def test_manifest_memfd_is_sealed_and_reads_back() -> None:
     m = sample()

@@ -930,3 +930,31 @@ def test_sessions_handed_back_by_the_fd_store_mean_this_boot_is_not_verified_yet
     report = agent.verify()
     assert report.ok, [(i.name, i.detail) for i in report.failures()]
     agent.close()
+
+
+def test_a_file_renamed_into_place_while_it_is_read_back_is_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon reads its records on reader threads beside the engine that rewrites them: a
+    record absent at the open and renamed into place before the check is the new record, not
+    a dangling symlink (a StateCorrupt that would move a good file aside)."""
+    path = tmp_path / "last-verify.json"
+    real = callerfile.read_regular
+    calls: list[int] = []
+
+    def open_before_the_rename(*args: Any, **kwargs: Any) -> bytes:
+        calls.append(1)
+        try:
+            return real(*args, **kwargs)
+        finally:
+            if len(calls) == 1:
+                path.write_text("{}")
+
+    monkeypatch.setattr(callerfile, "read_regular", open_before_the_rename)
+    assert statefile.read_back(path, "verification record", 1 << 20) == b"{}"
+    assert len(calls) == 2
+    path.unlink()
+    path.symlink_to("nowhere")
+    with pytest.raises(StateCorrupt, match="symbolic link to 'nowhere'"):
+        statefile.read_back(path, "verification record", 1 << 20)
+    path.unlink()
+    assert statefile.read_back(path, "verification record", 1 << 20) is None

@@ -234,6 +234,38 @@ def read_regular(path: str | os.PathLike[str], what: str, limit: int, *,
         return opened.read_all(limit, allow_empty=allow_empty)
 
 
+@dataclass(frozen=True)
+class Dangling:
+    """A symbolic link at the path whose target does not exist (what it points to)."""
+    target: str
+
+
+# A reader beside a writer that renames a file into place can find nothing at open time and
+# the new file right after: that is the new file, read again (bounded).
+WRITTEN_MEANWHILE_ATTEMPTS = 3
+
+
+def read_if_present(path: str | os.PathLike[str], what: str, limit: int, *,
+                    allow_empty: bool = False) -> bytes | Dangling | None:
+    """read_regular() for a file that may be absent: None when nothing is at `path`, Dangling
+    for a symbolic link to nothing. A file renamed into place between the open and the check
+    is read, not taken for a dangling link."""
+    for attempt in range(WRITTEN_MEANWHILE_ATTEMPTS):
+        try:
+            return read_regular(path, what, limit, allow_empty=allow_empty)
+        except NotFound:
+            if not os.path.lexists(path):
+                return None
+            if os.path.islink(path) and not os.path.exists(path):
+                try:
+                    return Dangling(os.readlink(path))
+                except OSError:
+                    return Dangling("?")
+            if attempt == WRITTEN_MEANWHILE_ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 def is_regular(path: Path) -> bool:
     """lstat-free check that does not follow into devices: True for a regular file (through
     symlinks), False for anything else or nothing."""
