@@ -18,6 +18,7 @@
 #                           image are built once and cached in /var/cache/kho-agent-tests
 #                           (KHO_AGENT_TEST_CACHE); KHO_AGENT_TEST_KERNEL=/path/bzImage (and
 #                           KHO_AGENT_TEST_KERNEL_NEXT=) test kernels of your own instead.
+#   ./quickstart.sh vm-core the same without the scenarios marked `extended` (what CI runs)
 #
 # Idempotent: apt packages are installed only when missing, the venv (.venv) is reused, and pip
 # runs again only when pyproject.toml changed.
@@ -147,6 +148,8 @@ case "${1:-}" in
     test) shift; install_apt; install_venv; run_tests "$@" ;;
     fuzz) shift; install_apt; install_venv; run_fuzz "$@" ;;
     vm) shift; install_apt; install_venv; install_vm_apt; run_vm "$@" ;;
-    *) echo "usage: $0 main | test [pytest args] | bench | fuzz [--long SECONDS] | vm [pytest args]" >&2
+    vm-core) shift; install_apt; install_venv; install_vm_apt; run_vm -m 'vm and not extended' "$@" ;;
+    *) echo "usage: $0 main | test [pytest args] | bench | fuzz [--long SECONDS] | vm [pytest args]" \
+            "| vm-core [pytest args]" >&2
        exit 2 ;;
 esac

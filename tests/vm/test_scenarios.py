@@ -123,6 +123,8 @@ def test_one_live_update_keeps_every_byte(tmp_path: Path, primary: kernels.Kerne
     assert "luo-blob-freed" in {f["code"] for f in incoming["findings"]}
 
 
+# ~21 minutes under TCG on 2 cores: outside CI's core set (./quickstart.sh vm runs it)
+@pytest.mark.extended
 def test_ten_live_updates_in_a_row(tmp_path: Path, primary: kernels.KernelImage) -> None:
     # 16 MiB instead of 256 for the big file: ten updates, not ten times 256 MiB of hashing
     # under TCG (the one-update test carries the 256 MiB)
