@@ -1,0 +1,363 @@
+#!/usr/bin/python3
+"""A real VM manager, run inside the test guest (as the user `vmm`): it runs a QEMU guest whose
+RAM is a memfd this manager created, and carries the running VM through a live update.
+
+    vmm_qemu.py launch DIR SESSION RAM_MIB PAYLOAD
+        start the manager (`serve`, in the background) and wait until its VM is counting:
+        CreateSessionWithOptions(SESSION, digests=false), a memfd of RAM_MIB as guest RAM,
+        qemu-system-x86_64 booting PAYLOAD (the counting boot sector) on it
+    vmm_qemu.py suspend DIR
+        just before the commit: QMP stop, device state saved with x-ignore-shared into a second
+        memfd, both memfds preserved in the session (Preserve: the agent records them),
+        SetReady; the VM stays paused in its QEMU until the kexec (or `cont` if it fails)
+    vmm_qemu.py resume-in-place DIR
+        the commit was refused: `cont`, the VM goes on in the old kernel
+    vmm_qemu.py resume DIR SESSION PAYLOAD
+        after the kexec: RetrieveSession, RETRIEVE_FD of both, a new QEMU on the retrieved RAM
+        with -incoming, restore, `cont`, then FINISH; the VM must count on from where it stopped
+
+Every command prints one JSON object (and writes it to DIR/<command>.json) with what it saw and
+when (CLOCK_REALTIME and CLOCK_MONOTONIC; the test turns realtime into RTC time with the offset
+the runner measured in each kernel, so a blackout spans the kexec).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from gi.repository import Gio, GLib
+
+from kho_agent.client import session_from_fd
+from kho_agent.errors import AgentError
+
+MIB = 1 << 20
+BUS_NAME = "org.khoagent.Agent1"
+PATH = "/org/khoagent/Agent1"
+IFACE = "org.khoagent.Agent1.Manager"
+RAM_TOKEN = 1
+STATE_TOKEN = 2
+COUNT_OFFSET = 0x500     # the payload's counter (count.asm), little-endian dword
+COUNT_STEP = 1 << 20     # it prints every 2^20 steps
+QEMU = "qemu-system-x86_64"
+
+
+# --- D-Bus ----------------------------------------------------------------------------------
+
+def call(conn: Gio.DBusConnection, method: str, args: GLib.Variant | None,
+         fds: list[int] | None = None) -> tuple[Any, list[int]]:
+    fd_list = None
+    if fds:
+        fd_list = Gio.UnixFDList()
+        for fd in fds:
+            fd_list.append(fd)  # a duplicate: the caller keeps (and closes) its own
+    reply, out = conn.call_with_unix_fd_list_sync(
+        BUS_NAME, PATH, IFACE, method, args, None, Gio.DBusCallFlags.NONE, 600_000, fd_list,
+        None)
+    return reply.unpack(), (out.steal_fds() if out is not None else [])
+
+
+# --- QMP ------------------------------------------------------------------------------------
+
+class Qmp:
+    """The smallest QMP client: one command at a time; events are kept, not waited on."""
+
+    def __init__(self, path: Path, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                self.sock.connect(str(path))
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                self.sock.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        self.sock.settimeout(timeout)
+        self.reader = self.sock.makefile("r")
+        self.events: list[dict[str, Any]] = []
+        json.loads(self.reader.readline())  # the greeting
+        self.command("qmp_capabilities")
+
+    def command(self, name: str, **arguments: Any) -> Any:
+        message: dict[str, Any] = {"execute": name}
+        if arguments:
+            message["arguments"] = arguments
+        self.sock.sendall(json.dumps(message).encode() + b"\n")
+        while True:
+            line = self.reader.readline()
+            if not line:
+                raise ConnectionError(f"QMP closed during {name}")
+            reply = json.loads(line)
+            if "event" in reply:
+                self.events.append(reply)
+                continue
+            if "error" in reply:
+                raise RuntimeError(f"QMP {name}: {reply['error'].get('desc')}")
+            return reply.get("return")
+
+    def wait_migration(self, timeout: float = 300) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = self.command("query-migrate")
+            if info.get("status") in ("completed", "failed", "cancelled"):
+                return dict(info)
+            time.sleep(0.01)
+        raise TimeoutError("migration did not end")
+
+    def close(self) -> None:
+        self.reader.close()
+        self.sock.close()
+
+
+def qemu_argv(directory: Path, ram_fd: int, ram_mib: int, payload: Path, serial: Path,
+              incoming: bool) -> list[str]:
+    argv = [QEMU, "-accel", "tcg,tb-size=64", "-machine", "pc,memory-backend=ram0",
+            "-m", f"{ram_mib}M",
+            "-object", f"memory-backend-file,id=ram0,size={ram_mib}M,"
+                       f"mem-path=/proc/self/fd/{ram_fd},share=on",
+            "-nodefaults", "-nographic", "-monitor", "none", "-serial", f"file:{serial}",
+            "-qmp", f"unix:{directory / 'qmp.sock'},server=on,wait=off",
+            "-drive", f"file={payload},format=raw,if=floppy,snapshot=on"]
+    return argv + (["-incoming", "defer"] if incoming else [])
+
+
+def spawn_qemu(argv: list[str], ram_fd: int, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(argv, pass_fds=(ram_fd,), stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=out)
+
+
+# --- the guest's RAM and its count ----------------------------------------------------------
+
+def ram_digest(fd: int) -> str:
+    size = os.fstat(fd).st_size
+    digest = hashlib.sha256()
+    for offset in range(0, size, 4 * MIB):
+        digest.update(os.pread(fd, min(4 * MIB, size - offset), offset))
+    return digest.hexdigest()
+
+
+def count_in_ram(fd: int) -> int:
+    return int.from_bytes(os.pread(fd, 4, COUNT_OFFSET), "little")
+
+
+def counts(serial: Path) -> list[int]:
+    """The complete lines the payload printed (8 hex digits each)."""
+    try:
+        text = serial.read_text(errors="replace")
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in text.split("\n")[:-1]:  # the last piece may be a line being written
+        line = line.strip("\r")
+        if len(line) == 8:
+            try:
+                out.append(int(line, 16))
+            except ValueError:
+                continue
+    return out
+
+
+def wait_counts(serial: Path, at_least: int, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    seen = counts(serial)
+    while len(seen) < at_least and time.monotonic() < deadline:
+        time.sleep(0.1)
+        seen = counts(serial)
+    return seen
+
+
+def stamp() -> dict[str, float]:
+    return {"realtime": time.clock_gettime(time.CLOCK_REALTIME),
+            "monotonic": time.clock_gettime(time.CLOCK_MONOTONIC)}
+
+
+# --- the commands ---------------------------------------------------------------------------
+
+def serve(directory: Path, session: str, ram_mib: int, payload: Path) -> int:
+    """The manager of one VM, in the old kernel: it lives until the kexec ends it."""
+    # `suspend` and `resume-in-place` are signals: blocked before anyone can send them
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGUSR2})
+    conn = Gio.bus_get_sync(Gio.BusType.SYSTEM, None)
+    options = {"digests": GLib.Variant("b", False)}
+    _path, fds = call(conn, "CreateSessionWithOptions",
+                      GLib.Variant("(sa{sv})", (session, options)))
+    live_session = session_from_fd(fds[0], session, incoming=False)  # held until the kexec
+    ram = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
+    os.ftruncate(ram, ram_mib * MIB)
+    serial = directory / "serial-1.log"
+    qemu = spawn_qemu(qemu_argv(directory, ram, ram_mib, payload, serial, incoming=False),
+                      ram, directory / "qemu-1.log")
+    qmp = Qmp(directory / "qmp.sock")
+    seen = wait_counts(serial, 3, 300)
+    report: dict[str, Any] = {"pid": os.getpid(), "qemu_pid": qemu.pid, "counts": len(seen),
+                              "qemu_version": qmp.command("query-version")["qemu"],
+                              "ok": len(seen) >= 3}
+    write(directory, "launch", report)
+    if not report["ok"]:
+        qemu.kill()
+        return 1
+    signal.sigwait({signal.SIGUSR1})
+    report = suspend(directory, conn, session, qmp, ram)
+    write(directory, "suspend", report)
+    signal.sigwait({signal.SIGUSR2})   # only if the commit did not happen
+    start = time.monotonic()
+    qmp.command("cont")
+    seen_before = len(counts(serial))
+    after = wait_counts(serial, seen_before + 2, 120)
+    write(directory, "resume-in-place", {"ok": len(after) >= seen_before + 2,
+                                         "cont_s": round(time.monotonic() - start, 3),
+                                         "running": stamp()})
+    live_session.close()
+    return 0
+
+
+def suspend(directory: Path, conn: Gio.DBusConnection, session: str, qmp: Qmp,
+            ram: int) -> dict[str, Any]:
+    stopped = stamp()
+    qmp.command("stop")
+    paused = stamp()
+    t = time.monotonic()
+    digest = ram_digest(ram)                      # the test's proof, not the manager's work
+    digest_s = time.monotonic() - t
+    count = count_in_ram(ram)
+    state = os.memfd_create("vm-device-state", os.MFD_CLOEXEC)
+    t = time.monotonic()
+    qmp.command("migrate-set-capabilities",
+                capabilities=[{"capability": "x-ignore-shared", "state": True}])
+    qmp.command("migrate", uri=f"exec:cat > /proc/{os.getpid()}/fd/{state}")
+    migration = qmp.wait_migration()
+    migrate_s = time.monotonic() - t
+    state_bytes = os.fstat(state).st_size
+    t = time.monotonic()
+    call(conn, "Preserve", GLib.Variant("(sht)", (session, 0, RAM_TOKEN)), [ram])
+    call(conn, "Preserve", GLib.Variant("(sht)", (session, 0, STATE_TOKEN)), [state])
+    preserve_s = time.monotonic() - t
+    t = time.monotonic()
+    call(conn, "SetReady", GLib.Variant("(sb)", (session, True)))
+    ready_s = time.monotonic() - t
+    os.close(state)
+    return {"ok": migration.get("status") == "completed", "stopped": stopped,
+            "paused": paused, "ready": stamp(), "ram_sha256": digest,
+            "ram_bytes": os.fstat(ram).st_size, "count_at_stop": count,
+            "digest_s": round(digest_s, 3), "migrate_s": round(migrate_s, 3),
+            "migration": migration, "state_bytes": state_bytes,
+            "preserve_s": round(preserve_s, 3), "ready_s": round(ready_s, 3)}
+
+
+def resume(directory: Path, session: str, payload: Path) -> dict[str, Any]:
+    started = stamp()
+    conn = Gio.bus_get_sync(Gio.BusType.SYSTEM, None)
+    _reply, fds = call(conn, "RetrieveSession", GLib.Variant("(s)", (session,)))
+    live_session = session_from_fd(fds[0], session, incoming=True)
+    ram = live_session.retrieve_fd(RAM_TOKEN)
+    state = live_session.retrieve_fd(STATE_TOKEN)
+    retrieved = stamp()
+    ram_mib = os.fstat(ram).st_size // MIB
+    serial = directory / "serial-2.log"
+    qemu = spawn_qemu(qemu_argv(directory, ram, ram_mib, payload, serial, incoming=True),
+                      ram, directory / "qemu-2.log")
+    qmp = Qmp(directory / "qmp.sock")
+    version = qmp.command("query-version")["qemu"]
+    qmp.command("migrate-set-capabilities",
+                capabilities=[{"capability": "x-ignore-shared", "state": True}])
+    t = time.monotonic()
+    qmp.command("migrate-incoming", uri=f"exec:cat /proc/{os.getpid()}/fd/{state}")
+    migration = qmp.wait_migration()
+    while qmp.command("query-status")["status"] == "inmigrate":
+        time.sleep(0.01)
+    restore_s = time.monotonic() - t
+    status = qmp.command("query-status")["status"]
+    count = count_in_ram(ram)
+    t = time.monotonic()
+    digest = ram_digest(ram)
+    digest_s = time.monotonic() - t
+    qmp.command("cont")
+    running = stamp()
+    after = wait_counts(serial, 3, 300)
+    count_later = count_in_ram(ram)
+    qmp.command("quit")
+    qemu.wait(30)
+    # Done with the session: the agent finishes it in the kernel and forgets it (a FINISH
+    # through the fd alone would leave the agent listing a session that is gone)
+    live_session.close()
+    call(conn, "FinishSession", GLib.Variant("(s)", (session,)))
+    os.close(ram)
+    os.close(state)
+    return {"ok": migration.get("status") == "completed" and len(after) >= 3,
+            "started": started, "retrieved": retrieved, "running": running,
+            "status_after_restore": status, "count_at_restore": count,
+            "count_later": count_later, "ram_sha256": digest, "ram_bytes": ram_mib * MIB,
+            "restore_s": round(restore_s, 3), "digest_s": round(digest_s, 3),
+            "migration": migration, "qemu_version": version}
+
+
+def write(directory: Path, name: str, report: dict[str, Any]) -> None:
+    path = directory / f"{name}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    os.replace(tmp, path)
+
+
+def wait_for(path: Path, timeout: float, pid: int | None = None) -> dict[str, Any] | None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            return dict(json.loads(path.read_text()))
+        if pid is not None:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return None
+        time.sleep(0.05)
+    return None
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 3:
+        print(__doc__, file=sys.stderr)
+        return 2
+    command, directory = argv[1], Path(argv[2])
+    try:
+        if command == "serve":
+            return serve(directory, argv[3], int(argv[4]), Path(argv[5]))
+        if command == "launch":
+            directory.mkdir(parents=True, exist_ok=True)
+            with (directory / "manager.log").open("ab") as log:
+                proc = subprocess.Popen([sys.executable, __file__, "serve", *argv[2:6]],
+                                        stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                        start_new_session=True)
+            (directory / "manager.pid").write_text(str(proc.pid))
+            report = wait_for(directory / "launch.json", 600, proc.pid) or \
+                {"ok": False, "error": "the manager died: see manager.log"}
+        elif command in ("suspend", "resume-in-place"):
+            pid = int((directory / "manager.pid").read_text())
+            os.kill(pid, signal.SIGUSR1 if command == "suspend" else signal.SIGUSR2)
+            report = wait_for(directory / f"{command}.json", 600, pid) or \
+                {"ok": False, "error": "the manager died: see manager.log"}
+        elif command == "resume":
+            directory.mkdir(parents=True, exist_ok=True)
+            report = resume(directory, argv[3], Path(argv[4]))
+            write(directory, "resume", report)
+        else:
+            print(__doc__, file=sys.stderr)
+            return 2
+    except (GLib.Error, AgentError, OSError, RuntimeError, ValueError) as exc:
+        report = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        write(directory, f"{command}-error", report)
+    print(json.dumps(report))
+    return 0 if report.get("ok") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,75 @@
+"""The real-VMM manager (jobs/vmm_qemu.py) on this machine: a real QEMU whose guest RAM is the
+manager's memfd, kho-agentd on a private bus and the simulated kernel, a simulated kexec in
+between. The same manager runs in the QEMU guests on a real KHO kernel (test_scenarios.py);
+here it runs in seconds, so a broken manager shows before a 5-minute guest run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.agenthost import Host, host, kernel_option  # noqa: F401  (host is a fixture)
+
+from . import vmm
+
+pytestmark = [
+    pytest.mark.vm,
+    pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None or shutil.which("nasm") is None,
+                       reason="needs qemu-system-x86 and nasm (./quickstart.sh vm installs them)"),
+]
+
+RAM_MIB = 64
+
+
+def manager(host: Host, *args: str) -> dict[str, Any]:
+    env = {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": host.bus.address}
+    proc = subprocess.run([sys.executable, str(vmm.MANAGER), *args], capture_output=True,
+                          text=True, timeout=600, env=env, check=False)
+    assert proc.stdout.strip(), proc.stderr
+    report = dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert proc.returncode == (0 if report.get("ok") else 1)
+    return report
+
+
+def test_a_running_vm_counts_on_after_a_simulated_live_update(host: Host,
+                                                              tmp_path: Path) -> None:
+    payload = vmm.build_payload(tmp_path / "count.bin")
+    old, new = tmp_path / "old", tmp_path / "new"
+    launched = manager(host, "launch", str(old), "vm-qemu", str(RAM_MIB), str(payload))
+    assert launched["ok"], (old / "manager.log").read_text()
+    client = host.client()
+    result, job = host.run_job(client, "Prepare", kernel_option(host))
+    assert result == "done", job
+    suspended = manager(host, "suspend", str(old))
+    assert suspended["ok"], suspended
+    assert suspended["migration"]["status"] == "completed"
+    # x-ignore-shared: the device state, not the 64 MiB of RAM, went into the second memfd
+    assert 0 < suspended["state_bytes"] < 4 << 20
+    sessions = {row[0]: row for row in client.call_values(
+        "/org/khoagent/Agent1", "org.khoagent.Agent1.Manager", "ListSessions", "", ())[0][0]}
+    assert sessions["vm-qemu"][4] is True  # ready
+    result, job = host.run_job(client, "Commit")
+    assert result == "done", job
+    host.restart()
+    host.wait_state("verified", timeout=60)
+    resumed = manager(host, "resume", str(new), "vm-qemu", str(payload))
+    assert resumed["ok"], resumed
+    # the RAM came back bit for bit and the VM's own count went on from where it stopped
+    assert resumed["ram_sha256"] == suspended["ram_sha256"]
+    assert resumed["count_at_restore"] == suspended["count_at_stop"]
+    assert resumed["count_later"] > resumed["count_at_restore"]
+    assert resumed["status_after_restore"] == "paused"
+    log = vmm.CountLog.read(old / "serial-1.log", new / "serial-2.log")
+    before = vmm.CountLog.read(old / "serial-1.log").values
+    assert len(before) >= 3 and len(log.values) >= len(before) + 3
+    assert log.gaps() == [], log.gaps()
+    # the session is finished: nothing is left for anyone to retrieve
+    assert "vm-qemu" not in {row[0] for row in client.call_values(
+        "/org/khoagent/Agent1", "org.khoagent.Agent1.Manager", "ListSessions", "", ())[0][0]}
