@@ -35,8 +35,10 @@ from typing import Any, Literal
 from .cache import cache_root, content_key
 
 # Host packages the VM suite needs (CI installs them with apt-get): QEMU and qemu-img for the
-# guests and overlays, debootstrap for the root filesystem, e2fsprogs for the images.
-VM_APT_PACKAGES: tuple[str, ...] = ("qemu-system-x86", "qemu-utils", "debootstrap", "e2fsprogs")
+# guests and overlays, debootstrap for the root filesystem, e2fsprogs for the images, nasm for
+# the boot sector the real-VMM scenario runs (payload/count.asm).
+VM_APT_PACKAGES: tuple[str, ...] = ("qemu-system-x86", "qemu-utils", "debootstrap", "e2fsprogs",
+                                    "nasm")
 
 QEMU = "qemu-system-x86_64"
 FRAME_MARKER = "KHO-TEST "

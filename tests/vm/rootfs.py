@@ -59,7 +59,7 @@ AGENT_RECIPE = "agent-2"
 # which debootstrap cannot resolve: libpam-systemd provides it. python3-cairo: Debian's
 # python3-gi does not depend on it, but the PyGObject 3.42.2 metadata it installs requires
 # pycairo>=1.16.0, so pip refuses kho-agent's PyGObject pin without it. procps is there for
-# debugging a failed run (ps, pgrep).
+# debugging a failed run (ps, pgrep). qemu-system-x86 (7.2) is the VM manager's QEMU.
 BASE_PACKAGES: tuple[str, ...] = (
     "systemd-sysv",
     "udev",
@@ -77,6 +77,7 @@ BASE_PACKAGES: tuple[str, ...] = (
     "iproute2",
     "kexec-tools",
     "procps",
+    "qemu-system-x86",   # the real VMM of jobs/vmm_qemu.py (TCG inside the guest)
 )
 
 # Dependencies of pyproject.toml that bookworm does not ship, or ships too old, as exact pins

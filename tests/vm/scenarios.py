@@ -75,8 +75,9 @@ def prepare_job(directory: Path, spec: dict[str, Any], files: dict[str, Path]) -
     job.chmod(0o755)  # the workload runs as the guest's user vmm
     shutil.copy(JOBS / "run.py", job / "run")
     (job / "run").chmod(0o755)
-    shutil.copy(JOBS / "workload.py", job / "workload.py")
-    (job / "workload.py").chmod(0o644)
+    for script in ("workload.py", "vmm_qemu.py"):
+        shutil.copy(JOBS / script, job / script)
+        (job / script).chmod(0o644)
     (job / "scenario.json").write_text(json.dumps(spec))
     out = job / "out"
     out.mkdir()

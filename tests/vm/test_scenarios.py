@@ -10,13 +10,14 @@ packages and cached, or KHO_AGENT_TEST_KERNEL / KHO_AGENT_TEST_KERNEL_NEXT).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from . import kernels, qemu
+from . import kernels, qemu, vmm
 from .scenarios import ScenarioRun, run_scenario
 
 pytestmark = pytest.mark.vm
@@ -222,3 +223,66 @@ def test_the_scratch_plan_is_what_the_next_kernel_reserves(
     assert run.facts(3)["verify_state"] == "verified", run.describe()
     workload_ok(run, 3, "workload-check-vm-1")
     assert areas(3) == areas(2)
+
+
+_PRINTK = re.compile(r"\[\s*(\d+\.\d+)\]")
+
+
+def printk_time(serial: str, text: str) -> float | None:
+    """The kernel timestamp of the last console line holding `text`."""
+    found = None
+    for line in serial.splitlines():
+        if text in line:
+            match = _PRINTK.search(line)
+            if match:
+                found = float(match.group(1))
+    return found
+
+
+def test_a_running_qemu_vm_keeps_its_ram_through_the_live_update(
+        tmp_path: Path, primary: kernels.KernelImage) -> None:
+    payload = vmm.build_payload(tmp_path / "count.bin")
+    run = run_scenario(tmp_path, {"kind": "qemu", "target": "kernels/next", "ram_mib": 256},
+                       primary, {"kernels/next": primary.path, "count.bin": payload})
+    launched = run.step(1, "vmm-launch")["json"]
+    assert launched and launched["ok"], run.describe()
+    ok_steps(run, 1, "prepare", "vmm-suspend")
+    suspended = run.step(1, "vmm-suspend")["json"]
+    assert suspended["migration"]["status"] == "completed"
+    assert 0 < suspended["state_bytes"] < 4 << 20   # device state only (x-ignore-shared)
+    resumed = run.step(2, "vmm-resume")["json"]
+    assert resumed and resumed["ok"], run.describe()
+    # the RAM the new QEMU restored on is the RAM the old one stopped with, bit for bit
+    assert resumed["ram_bytes"] == suspended["ram_bytes"] == 256 << 20
+    assert resumed["ram_sha256"] == suspended["ram_sha256"]
+    assert resumed["count_at_restore"] == suspended["count_at_stop"]
+    assert resumed["count_later"] > resumed["count_at_restore"]
+    # the VM kept running: its serial output goes on across two QEMUs and two kernels
+    vm_dir = run.result_dir / "out"
+    log = vmm.CountLog.read(vm_dir / "boot-1/vmm/serial-1.log", vm_dir / "boot-2/vmm/serial-2.log")
+    before = vmm.CountLog.read(vm_dir / "boot-1/vmm/serial-1.log").values
+    assert len(before) >= 3 and len(log.values) >= len(before) + 3
+    assert log.gaps() == [], log.gaps()
+    # and it went through KHO: a new kernel, the agent verified what it was told about
+    after = run.facts(2)
+    assert after["after_incoming_kho"] is True
+    assert after["verify_state"] == "verified", run.describe()
+    # blackout: QMP stop in the old kernel -> `cont` in the new one, on the RTC's time
+    rtc1, rtc2 = run.facts(1)["rtc"]["offset_s"], after["rtc"]["offset_s"]
+    stopped = suspended["stopped"]["realtime"] - rtc1
+    running = resumed["running"]["realtime"] - rtc2
+    blackout = running - stopped
+    probes = suspended["digest_s"] + resumed["digest_s"]  # the test's own RAM digests
+    serial = "\n".join(run.serial)
+    called = printk_time(serial, "kho-test: commit called")
+    kexec = printk_time(serial, "kexec_core: Starting new kernel")
+    start = after["agent_started"]["monotonic"]
+    retrievable = resumed["retrieved"]["monotonic"] - start
+    assert 0 < blackout < 900 and called is not None and kexec is not None and kexec > called
+    print(f"\nQEMU {resumed['qemu_version']} VM, 256 MiB, live update: blackout {blackout:.1f} s "
+          f"(of which the test's RAM digests {probes:.1f} s); suspend: migrate "
+          f"{suspended['migrate_s']:.2f} s, {suspended['state_bytes']} bytes of device state, "
+          f"preserve {suspended['preserve_s']:.2f} s, ready {suspended['ready_s']:.2f} s; "
+          f"commit call -> kexec {kexec - called:.1f} s; agent start -> session retrievable "
+          f"{retrievable:.1f} s; restore {resumed['restore_s']:.2f} s")
+

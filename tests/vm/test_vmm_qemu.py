@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from tests.agenthost import Host, host, kernel_option  # noqa: F401  (host is a fixture)
+from agenthost import Host, host, kernel_option  # noqa: F401  (host: a fixture)
 
 from . import vmm
 
@@ -28,8 +27,8 @@ pytestmark = [
 RAM_MIB = 64
 
 
-def manager(host: Host, *args: str) -> dict[str, Any]:
-    env = {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": host.bus.address}
+def manager(rig: Host, *args: str) -> dict[str, Any]:
+    env = {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": rig.bus.address}
     proc = subprocess.run([sys.executable, str(vmm.MANAGER), *args], capture_output=True,
                           text=True, timeout=600, env=env, check=False)
     assert proc.stdout.strip(), proc.stderr
@@ -38,7 +37,7 @@ def manager(host: Host, *args: str) -> dict[str, Any]:
     return report
 
 
-def test_a_running_vm_counts_on_after_a_simulated_live_update(host: Host,
+def test_a_running_vm_counts_on_after_a_simulated_live_update(host: Host,  # noqa: F811
                                                               tmp_path: Path) -> None:
     payload = vmm.build_payload(tmp_path / "count.bin")
     old, new = tmp_path / "old", tmp_path / "new"

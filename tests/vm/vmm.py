@@ -47,4 +47,5 @@ class CountLog:
 
     def gaps(self) -> list[tuple[int, int]]:
         """Neighbours that are not one step apart: a VM that restarted or lost time shows."""
-        return [(a, b) for a, b in zip(self.values, self.values[1:]) if b - a != COUNT_STEP]
+        pairs = zip(self.values, self.values[1:], strict=False)
+        return [(a, b) for a, b in pairs if b - a != COUNT_STEP]

@@ -244,6 +244,108 @@ def scratch(boot: Boot, spec: dict[str, Any]) -> int:
     return end(boot, "poweroff")
 
 
+RTC_RD_TIME = 0x80247009  # _IOR('p', 0x09, struct rtc_time): nine ints
+
+
+def rtc_offset() -> dict[str, float]:
+    """CLOCK_REALTIME minus the RTC, measured at an RTC second edge (to the poll interval).
+    QEMU's RTC follows the host's clock in every kernel, so realtime stamps taken in two
+    kernels become comparable once each is corrected by its own kernel's offset."""
+    import calendar
+    import fcntl
+    import struct
+    fd = os.open("/dev/rtc0", os.O_RDONLY)
+    try:
+        def read() -> tuple[int, ...]:
+            raw = fcntl.ioctl(fd, RTC_RD_TIME, bytes(36))
+            return struct.unpack("9i", raw)
+        first = read()
+        deadline = time.monotonic() + 2.5
+        while time.monotonic() < deadline:
+            now = read()
+            realtime = time.clock_gettime(time.CLOCK_REALTIME)
+            if now[0] != first[0]:
+                sec, minute, hour, mday, mon, year = now[:6]
+                rtc = calendar.timegm((year + 1900, mon + 1, mday, hour, minute, sec))
+                return {"offset_s": realtime - rtc, "polls_until": realtime}
+        raise TimeoutError("the RTC did not tick in 2.5 s")
+    finally:
+        os.close(fd)
+
+
+def vmm(boot: Boot, command: str, *args: str, timeout: float = 900) -> dict[str, Any]:
+    """The real VM manager (vmm_qemu.py), as vmm; its directory per boot on the job disk."""
+    directory = boot.dir / "vmm"
+    step = boot.run(f"vmm-{command}", ["runuser", "-u", "vmm", "--", "python3",
+                                       str(JOB / "vmm_qemu.py"), command, str(directory),
+                                       *args], timeout)
+    try:
+        step["json"] = json.loads(step["stdout"].strip().splitlines()[-1])
+    except (json.JSONDecodeError, IndexError):
+        step["json"] = None
+    boot.save()
+    return step
+
+
+def kmsg(text: str) -> None:
+    """A line on the console with the kernel's timestamp (printk time of this kernel)."""
+    with open("/dev/kmsg", "w") as handle:
+        handle.write(f"<4>kho-test: {text}\n")
+
+
+def qemu_vm(boot: Boot, spec: dict[str, Any]) -> int:
+    """A real QEMU VM (256 MiB by default) through a live update: boot 1 runs it, prepares,
+    suspends it into the session and commits; boot 2 resumes it as soon as its session can be
+    retrieved, then waits for the agent's verification."""
+    session = "vm-qemu"
+    payload = str(JOB / "count.bin")
+    boot.fact("rtc", rtc_offset())
+    if BOOT == 1:
+        (boot.dir / "vmm").mkdir(exist_ok=True)
+        (boot.dir / "vmm").chmod(0o777)
+        launched = vmm(boot, "launch", session, str(spec.get("ram_mib", 256)), payload)
+        if not (launched["json"] or {}).get("ok"):
+            return end(boot, "poweroff")
+        prepared = boot.ctl("prepare", "prepare", "--kernel", str(JOB / spec["target"]))
+        if prepared["rc"] != 0:
+            return end(boot, "poweroff")
+        suspended = vmm(boot, "suspend")
+        if not (suspended["json"] or {}).get("ok"):
+            return end(boot, "poweroff")
+        boot.fact("commit_called", {"realtime": time.clock_gettime(time.CLOCK_REALTIME)})
+        kmsg("commit called")
+        committed = boot.ctl("commit", "commit")
+        boot.fact("commit_rc", committed["rc"])
+        if committed["rc"] != 0:
+            vmm(boot, "resume-in-place")
+        return end(boot, "poweroff") if committed["rc"] != 0 else 0
+    # boot 2: the agent answers; the manager waits until its session can be retrieved
+    (boot.dir / "vmm").mkdir(exist_ok=True)
+    (boot.dir / "vmm").chmod(0o777)
+    boot.fact("agent_started", agent_start())
+    vmm(boot, "resume", session, payload)
+    state = wait_state(boot, ("verified", "failed"), timeout=600)
+    boot.fact("verify_state", state)
+    host_facts(boot, "after")
+    report = Path("/var/lib/kho-agent/last-verify.json")
+    if report.exists():
+        (boot.dir / "last-verify.json").write_bytes(report.read_bytes())
+    return end(boot, "poweroff")
+
+
+def agent_start() -> dict[str, float] | None:
+    """When the agent's process started, on this kernel's CLOCK_MONOTONIC and CLOCK_REALTIME."""
+    proc = subprocess.run(["systemctl", "show", "-P", "ExecMainStartTimestampMonotonic",
+                           "kho-agent.service"], capture_output=True, text=True, check=False)
+    try:
+        monotonic = int(proc.stdout.strip()) / 1e6
+    except ValueError:
+        return None
+    now_mono = time.clock_gettime(time.CLOCK_MONOTONIC)
+    now_real = time.clock_gettime(time.CLOCK_REALTIME)
+    return {"monotonic": monotonic, "realtime": now_real - (now_mono - monotonic)}
+
+
 def main() -> int:
     spec: dict[str, Any] = json.loads((JOB / "scenario.json").read_text())
     boot = Boot()
@@ -308,6 +410,8 @@ def main() -> int:
         return end(boot, "poweroff")
     if kind == "scratch":
         return scratch(boot, spec)
+    if kind == "qemu":
+        return qemu_vm(boot, spec)
     boot.fact("error", f"unknown scenario kind {kind!r}")
     return end(boot, "poweroff")
 

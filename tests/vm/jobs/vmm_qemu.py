@@ -255,10 +255,29 @@ def suspend(directory: Path, conn: Gio.DBusConnection, session: str, qmp: Qmp,
             "preserve_s": round(preserve_s, 3), "ready_s": round(ready_s, 3)}
 
 
+def retrieve_session(conn: Gio.DBusConnection, session: str,
+                     timeout: float = 300) -> tuple[list[int], int]:
+    """RetrieveSession as soon as the agent can answer it: right after the kexec the agent may
+    still be starting (no name on the bus) or restoring its sessions (NotFound, Busy)."""
+    deadline = time.monotonic() + timeout
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            _reply, fds = call(conn, "RetrieveSession", GLib.Variant("(s)", (session,)))
+            return fds, attempts
+        except GLib.Error as exc:
+            name = Gio.DBusError.get_remote_error(exc) or ""
+            waiting = name.endswith((".NotFound", ".Busy", ".ServiceUnknown", ".NameHasNoOwner"))
+            if not waiting or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 def resume(directory: Path, session: str, payload: Path) -> dict[str, Any]:
     started = stamp()
     conn = Gio.bus_get_sync(Gio.BusType.SYSTEM, None)
-    _reply, fds = call(conn, "RetrieveSession", GLib.Variant("(s)", (session,)))
+    fds, attempts = retrieve_session(conn, session)
     live_session = session_from_fd(fds[0], session, incoming=True)
     ram = live_session.retrieve_fd(RAM_TOKEN)
     state = live_session.retrieve_fd(STATE_TOKEN)
@@ -299,7 +318,7 @@ def resume(directory: Path, session: str, payload: Path) -> dict[str, Any]:
             "status_after_restore": status, "count_at_restore": count,
             "count_later": count_later, "ram_sha256": digest, "ram_bytes": ram_mib * MIB,
             "restore_s": round(restore_s, 3), "digest_s": round(digest_s, 3),
-            "migration": migration, "qemu_version": version}
+            "migration": migration, "qemu_version": version, "retrieve_attempts": attempts}
 
 
 def write(directory: Path, name: str, report: dict[str, Any]) -> None:
