@@ -99,7 +99,7 @@ WHEEL_PLATFORMS: tuple[str, ...] = (
 HOSTNAME = "kho-guest"
 VMM_USER = "vmm"
 VMM_UID = 990
-IMAGE_SIZE = "2G"
+IMAGE_SIZE = "4G"  # room for the real-VMM scenario's VM saved whole (1 GiB)
 IMAGE_NAME = "rootfs.ext4"
 ROOT_LABEL = "khoroot"
 

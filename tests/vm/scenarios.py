@@ -91,7 +91,7 @@ def prepare_job(directory: Path, spec: dict[str, Any], files: dict[str, Path]) -
 
 def run_scenario(directory: Path, spec: dict[str, Any], kernel: KernelImage,
                  files: dict[str, Path] | None = None, *, cold_boots: int = 1,
-                 timeout_s: float = 900) -> ScenarioRun:
+                 timeout_s: float = 900, memory_mb: int = GUEST_MEMORY_MB) -> ScenarioRun:
     """Boot the guest on `kernel` with the scenario `spec`; `cold_boots` QEMU starts (more than
     one where the scenario reboots cold)."""
     image = rootfs.ensure_guest_image()
@@ -111,7 +111,7 @@ def run_scenario(directory: Path, spec: dict[str, Any], kernel: KernelImage,
             except jobdisk.JobDiskError:
                 extra = ""
             append = f"{APPEND} {extra}".strip()
-        run = qemu.run_guest(kernel.path, append, [root, disk], memory_mb=GUEST_MEMORY_MB,
+        run = qemu.run_guest(kernel.path, append, [root, disk], memory_mb=memory_mb,
                              timeout_s=timeout_s, serial_log=log)
         runs.append(run)
         serial.append(log.read_text(errors="replace"))

@@ -296,7 +296,9 @@ def kmsg(text: str) -> None:
 def qemu_vm(boot: Boot, spec: dict[str, Any]) -> int:
     """A real QEMU VM (256 MiB by default) through a live update: boot 1 runs it, prepares,
     suspends it into the session and commits; boot 2 resumes it as soon as its session can be
-    retrieved, then waits for the agent's verification."""
+    retrieved, then waits for the agent's verification. With "cold": boot 2 then saves the
+    same VM whole to disk and reboots cold (QEMU exits, the host starts it again); boot 3
+    restores it: the classic alternative's blackout, for comparison."""
     session = "vm-qemu"
     payload = str(JOB / "count.bin")
     boot.fact("rtc", rtc_offset())
@@ -322,15 +324,28 @@ def qemu_vm(boot: Boot, spec: dict[str, Any]) -> int:
     # boot 2: the agent answers; the manager waits until its session can be retrieved
     (boot.dir / "vmm").mkdir(exist_ok=True)
     (boot.dir / "vmm").chmod(0o777)
+    image = "/var/lib/vmm-test/vm.img"   # the cold path's saved VM, on the root disk
+    if BOOT == 3:  # after the cold reboot: the classic alternative's restore
+        vmm(boot, "cold-restore", image, str(spec.get("ram_mib", 256)), payload)
+        return end(boot, "poweroff")
     boot.fact("agent_started", agent_start())
-    vmm(boot, "resume", session, payload)
+    cold = bool(spec.get("cold"))
+    vmm(boot, "resume", session, payload, *(["--keep-running"] if cold else []))
     state = wait_state(boot, ("verified", "failed"), timeout=600)
     boot.fact("verify_state", state)
     host_facts(boot, "after")
     report = Path("/var/lib/kho-agent/last-verify.json")
     if report.exists():
         (boot.dir / "last-verify.json").write_bytes(report.read_bytes())
-    return end(boot, "poweroff")
+    if not cold:
+        return end(boot, "poweroff")
+    # the same VM, the classic way: saved whole to disk, a cold reboot into the same kernel
+    boot.run("vmm-image-dir", ["install", "-d", "-o", "vmm", "-m", "0700",
+                               str(Path(image).parent)])
+    saved = vmm(boot, "cold-save", image)
+    if not (saved["json"] or {}).get("ok"):
+        return end(boot, "poweroff")
+    return end(boot, "reboot")
 
 
 def agent_start() -> dict[str, float] | None:

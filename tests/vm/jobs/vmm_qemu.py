@@ -12,9 +12,14 @@ RAM is a memfd this manager created, and carries the running VM through a live u
         SetReady; the VM stays paused in its QEMU until the kexec (or `cont` if it fails)
     vmm_qemu.py resume-in-place DIR
         the commit was refused: `cont`, the VM goes on in the old kernel
-    vmm_qemu.py resume DIR SESSION PAYLOAD
+    vmm_qemu.py resume DIR SESSION PAYLOAD [--keep-running]
         after the kexec: RetrieveSession, RETRIEVE_FD of both, a new QEMU on the retrieved RAM
-        with -incoming, restore, `cont`, then FINISH; the VM must count on from where it stopped
+        with -incoming, restore, `cont`, then FinishSession; the VM must count on from where it
+        stopped. --keep-running leaves it running (for cold-save)
+    vmm_qemu.py cold-save DIR IMAGE
+        the classic alternative: stop the running VM and save it whole (RAM included) to IMAGE
+    vmm_qemu.py cold-restore DIR IMAGE RAM_MIB PAYLOAD
+        after a cold reboot: a new QEMU restores the VM from IMAGE and goes on
 
 Every command prints one JSON object (and writes it to DIR/<command>.json) with what it saw and
 when (CLOCK_REALTIME and CLOCK_MONOTONIC; the test turns realtime into RTC time with the offset
@@ -131,20 +136,71 @@ def qemu_argv(directory: Path, ram_fd: int, ram_mib: int, payload: Path, serial:
     return argv + (["-incoming", "defer"] if incoming else [])
 
 
-def spawn_qemu(argv: list[str], ram_fd: int, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen(argv, pass_fds=(ram_fd,), stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=out)
+class QemuProcess:
+    """A QEMU this manager started (a child: waited for, never left behind)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float) -> int | None:
+        deadline = time.monotonic() + timeout
+        while self.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self.returncode
+
+    def terminate(self) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signal.SIGTERM)
+            if self.wait(10) is None:
+                os.kill(self.pid, signal.SIGKILL)
+                self.wait(10)
+
+
+def spawn_qemu(argv: list[str], ram_fd: int, log: Path) -> QemuProcess:
+    """posix_spawn with an empty signal mask: the manager blocks the signals it waits for, and a
+    child inherits the mask (a QEMU that ignores SIGTERM would outlive its manager)."""
+    out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+    os.set_inheritable(ram_fd, True)
+    try:
+        pid = os.posix_spawnp(argv[0], argv, dict(os.environ), file_actions=[
+            (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_DUP2, out, 1), (os.POSIX_SPAWN_DUP2, out, 2)], setsigmask=())
+    finally:
+        os.set_inheritable(ram_fd, False)
+        os.close(out)
+    return QemuProcess(pid)
 
 
 # --- the guest's RAM and its count ----------------------------------------------------------
 
 def ram_digest(fd: int) -> str:
+    """A digest of the whole guest RAM (the test's proof, timed apart from the blackout)."""
     size = os.fstat(fd).st_size
-    digest = hashlib.sha256()
-    for offset in range(0, size, 4 * MIB):
-        digest.update(os.pread(fd, min(4 * MIB, size - offset), offset))
-    return digest.hexdigest()
+    try:
+        from blake3 import blake3  # the agent's own dependency: installed wherever it is
+        digest: Any = blake3(max_threads=blake3.AUTO)
+    except ImportError:
+        digest = hashlib.sha256()
+    for offset in range(0, size, 16 * MIB):
+        digest.update(os.pread(fd, min(16 * MIB, size - offset), offset))
+    return str(digest.hexdigest())
+
+
+def fill(fd: int, size: int) -> None:
+    """Guest RAM that is in use: non-zero pages everywhere, so that a migration with the RAM
+    (the cold path) writes all of it, as it would for a real guest; QEMU sends a zero page as
+    a flag. The counting boot sector lives in the first pages and overwrites what it uses."""
+    block = os.urandom(4 * MIB)
+    for offset in range(0, size, len(block)):
+        os.pwrite(fd, block[:size - offset], offset)
 
 
 def count_in_ram(fd: int) -> int:
@@ -186,8 +242,10 @@ def stamp() -> dict[str, float]:
 
 def serve(directory: Path, session: str, ram_mib: int, payload: Path) -> int:
     """The manager of one VM, in the old kernel: it lives until the kexec ends it."""
-    # `suspend` and `resume-in-place` are signals: blocked before anyone can send them
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGUSR2})
+    # `suspend` and `resume-in-place` are signals, and SIGTERM (the shutdown, or the end of a
+    # test) ends the VM: all blocked before anyone can send them, and waited for
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGUSR2,
+                                            signal.SIGTERM})
     conn = Gio.bus_get_sync(Gio.BusType.SYSTEM, None)
     options = {"digests": GLib.Variant("b", False)}
     _path, fds = call(conn, "CreateSessionWithOptions",
@@ -195,6 +253,7 @@ def serve(directory: Path, session: str, ram_mib: int, payload: Path) -> int:
     live_session = session_from_fd(fds[0], session, incoming=False)  # held until the kexec
     ram = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
     os.ftruncate(ram, ram_mib * MIB)
+    fill(ram, ram_mib * MIB)
     serial = directory / "serial-1.log"
     qemu = spawn_qemu(qemu_argv(directory, ram, ram_mib, payload, serial, incoming=False),
                       ram, directory / "qemu-1.log")
@@ -205,21 +264,30 @@ def serve(directory: Path, session: str, ram_mib: int, payload: Path) -> int:
                               "ok": len(seen) >= 3}
     write(directory, "launch", report)
     if not report["ok"]:
-        qemu.kill()
+        qemu.terminate()
         return 1
-    signal.sigwait({signal.SIGUSR1})
-    report = suspend(directory, conn, session, qmp, ram)
-    write(directory, "suspend", report)
-    signal.sigwait({signal.SIGUSR2})   # only if the commit did not happen
-    start = time.monotonic()
-    qmp.command("cont")
-    seen_before = len(counts(serial))
-    after = wait_counts(serial, seen_before + 2, 120)
-    write(directory, "resume-in-place", {"ok": len(after) >= seen_before + 2,
-                                         "cont_s": round(time.monotonic() - start, 3),
-                                         "running": stamp()})
-    live_session.close()
-    return 0
+    try:
+        if signal.sigwait({signal.SIGUSR1, signal.SIGTERM}) == signal.SIGTERM:
+            return 0
+        report = suspend(directory, conn, session, qmp, ram)
+        write(directory, "suspend", report)
+        # the kexec ends this process; SIGUSR2 only if the commit did not happen
+        if signal.sigwait({signal.SIGUSR2, signal.SIGTERM}) == signal.SIGTERM:
+            return 0
+        start = time.monotonic()
+        # not ready first: the agent must not commit a session whose VM runs again
+        call(conn, "SetReady", GLib.Variant("(sb)", (session, False)))
+        qmp.command("cont")
+        seen_before = len(counts(serial))
+        after = wait_counts(serial, seen_before + 2, 120)
+        write(directory, "resume-in-place", {"ok": len(after) >= seen_before + 2,
+                                             "cont_s": round(time.monotonic() - start, 3),
+                                             "running": stamp()})
+        signal.sigwait({signal.SIGTERM})
+        return 0
+    finally:
+        qemu.terminate()
+        live_session.close()
 
 
 def suspend(directory: Path, conn: Gio.DBusConnection, session: str, qmp: Qmp,
@@ -274,7 +342,7 @@ def retrieve_session(conn: Gio.DBusConnection, session: str,
             time.sleep(0.1)
 
 
-def resume(directory: Path, session: str, payload: Path) -> dict[str, Any]:
+def resume(directory: Path, session: str, payload: Path, keep_running: bool) -> dict[str, Any]:
     started = stamp()
     conn = Gio.bus_get_sync(Gio.BusType.SYSTEM, None)
     fds, attempts = retrieve_session(conn, session)
@@ -305,8 +373,13 @@ def resume(directory: Path, session: str, payload: Path) -> dict[str, Any]:
     running = stamp()
     after = wait_counts(serial, 3, 300)
     count_later = count_in_ram(ram)
-    qmp.command("quit")
-    qemu.wait(30)
+    if keep_running:  # `cold-save` takes it from here, through the QMP socket
+        (directory / "qemu.json").write_text(json.dumps({"pid": qemu.pid, "ram_fd": ram}))
+    else:
+        qmp.command("quit")
+        qemu.wait(30)
+        qemu.terminate()
+    qmp.close()
     # Done with the session: the agent finishes it in the kernel and forgets it (a FINISH
     # through the fd alone would leave the agent listing a session that is gone)
     live_session.close()
@@ -319,6 +392,67 @@ def resume(directory: Path, session: str, payload: Path) -> dict[str, Any]:
             "count_later": count_later, "ram_sha256": digest, "ram_bytes": ram_mib * MIB,
             "restore_s": round(restore_s, 3), "digest_s": round(digest_s, 3),
             "migration": migration, "qemu_version": version, "retrieve_attempts": attempts}
+
+
+def cold_save(directory: Path, image: Path) -> dict[str, Any]:
+    """The classic alternative, before a cold reboot: stop the VM and save it whole (device
+    state and all of its RAM) to a file on disk."""
+    qmp = Qmp(directory / "qmp.sock")
+    stopped = stamp()
+    qmp.command("stop")
+    # QEMU's guest RAM: the fd number it was given (posix_spawn keeps numbers)
+    running = json.loads((directory / "qemu.json").read_text())
+    ram = os.open(f"/proc/{running['pid']}/fd/{running['ram_fd']}", os.O_RDONLY | os.O_CLOEXEC)
+    t = time.monotonic()
+    digest = ram_digest(ram)
+    digest_s = time.monotonic() - t
+    count = count_in_ram(ram)
+    os.close(ram)
+    t = time.monotonic()
+    # this QEMU was restored with x-ignore-shared: the whole VM goes to disk, its RAM included
+    qmp.command("migrate-set-capabilities",
+                capabilities=[{"capability": "x-ignore-shared", "state": False}])
+    qmp.command("migrate", uri=f"exec:cat > {image}")
+    migration = qmp.wait_migration(1800)
+    subprocess.run(["sync", str(image)], check=False)
+    save_s = time.monotonic() - t
+    qmp.command("quit")
+    return {"ok": migration.get("status") == "completed", "stopped": stopped,
+            "saved": stamp(), "ram_sha256": digest, "count_at_stop": count,
+            "image_bytes": image.stat().st_size, "save_s": round(save_s, 3),
+            "digest_s": round(digest_s, 3), "migration": migration}
+
+
+def cold_restore(directory: Path, image: Path, ram_mib: int, payload: Path) -> dict[str, Any]:
+    """After the cold reboot: a new QEMU restores the whole VM from the file."""
+    started = stamp()
+    ram = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
+    os.ftruncate(ram, ram_mib * MIB)
+    serial = directory / "serial-3.log"
+    qemu = spawn_qemu(qemu_argv(directory, ram, ram_mib, payload, serial, incoming=True),
+                      ram, directory / "qemu-3.log")
+    qmp = Qmp(directory / "qmp.sock")
+    t = time.monotonic()
+    qmp.command("migrate-incoming", uri=f"exec:cat {image}")
+    migration = qmp.wait_migration(1800)
+    while qmp.command("query-status")["status"] == "inmigrate":
+        time.sleep(0.01)
+    restore_s = time.monotonic() - t
+    count = count_in_ram(ram)
+    t = time.monotonic()
+    digest = ram_digest(ram)
+    digest_s = time.monotonic() - t
+    qmp.command("cont")
+    running = stamp()
+    after = wait_counts(serial, 3, 300)
+    count_later = count_in_ram(ram)
+    qmp.command("quit")
+    qemu.wait(30)
+    qemu.terminate()
+    return {"ok": migration.get("status") == "completed" and len(after) >= 3,
+            "started": started, "running": running, "count_at_restore": count,
+            "count_later": count_later, "ram_sha256": digest, "restore_s": round(restore_s, 3),
+            "digest_s": round(digest_s, 3), "migration": migration}
 
 
 def write(directory: Path, name: str, report: dict[str, Any]) -> None:
@@ -366,8 +500,15 @@ def main(argv: list[str]) -> int:
                 {"ok": False, "error": "the manager died: see manager.log"}
         elif command == "resume":
             directory.mkdir(parents=True, exist_ok=True)
-            report = resume(directory, argv[3], Path(argv[4]))
+            report = resume(directory, argv[3], Path(argv[4]), "--keep-running" in argv[5:])
             write(directory, "resume", report)
+        elif command == "cold-save":
+            report = cold_save(directory, Path(argv[3]))
+            write(directory, "cold-save", report)
+        elif command == "cold-restore":
+            directory.mkdir(parents=True, exist_ok=True)
+            report = cold_restore(directory, Path(argv[3]), int(argv[4]), Path(argv[5]))
+            write(directory, "cold-restore", report)
         else:
             print(__doc__, file=sys.stderr)
             return 2
