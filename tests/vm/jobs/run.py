@@ -337,6 +337,12 @@ def qemu_vm(boot: Boot, spec: dict[str, Any]) -> int:
     report = Path("/var/lib/kho-agent/last-verify.json")
     if report.exists():
         (boot.dir / "last-verify.json").write_bytes(report.read_bytes())
+    # where the agent's start went (its own log lines, on this kernel's monotonic clock), and
+    # the floor: a bare python3 that connects to the system bus, in the same guest
+    boot.run("agent-journal", ["journalctl", "-b", "--no-pager", "-o", "short-monotonic",
+                               "-u", "kho-agent"])
+    boot.run("python-bus-floor", ["python3", "-c", "from gi.repository import Gio; "
+                                  "Gio.bus_get_sync(Gio.BusType.SYSTEM, None)"])
     if not cold:
         return end(boot, "poweroff")
     # the same VM, the classic way: saved whole to disk, a cold reboot into the same kernel
