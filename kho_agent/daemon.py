@@ -116,6 +116,7 @@ class Daemon:
             # the unit has an fd store (kho-agent-fdstore.conf): on a systemd that carries it
             # through the kexec, commit parks the sessions there (hand-off mode fdstore)
             self.agent.fd_store = NotifierSessionStore(self.notifier)
+        self.agent.on_step_timed = lambda step, seconds: log(f"verify: {step}: {seconds:.2f} s")
         # after a kexec in mode fdstore, the incoming sessions come back from the store
         self.agent.stored_sessions = take_stored_sessions(self.notifier.listen_fds(), log)
 

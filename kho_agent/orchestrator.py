@@ -219,6 +219,9 @@ class Orchestrator:
         # Called with a percentage as an operation advances (the daemon's Job.Progress); it
         # runs on the caller's thread and must not call back into the orchestrator.
         self.on_progress: Callable[[int], None] = lambda percent: None
+        # Called with (step, seconds) as verify ends each of its steps (the daemon logs them):
+        # after a kexec a VM manager waits on verify, so where its time goes is worth a line.
+        self.on_step_timed: Callable[[str, float], None] = lambda step, seconds: None
         # Hand-off mode fdstore (fdstore.py): where commit parks the session fds (None: the
         # service has no fd store), what is parked now, and the session fds the store handed
         # back at start (name -> fd), which verify adopts instead of retrieving.
@@ -901,8 +904,9 @@ class Orchestrator:
             try:
                 # the boot id on top: a restart that lost state.json can tell this boot was
                 # verified (statefile.py reads it) and does not verify into a false failure
-                write_atomic(full, json.dumps({"boot_id": info.boot_id, **report.to_json()})
-                             .encode() + b"\n")
+                with self._timed("writing the verification report"):
+                    write_atomic(full, json.dumps({"boot_id": info.boot_id,
+                                                   **report.to_json()}).encode() + b"\n")
             except (AgentError, OSError) as exc:
                 summary["report"] = None
                 summary["report_problem"] = getattr(exc, "message", None) or str(exc)
@@ -912,39 +916,31 @@ class Orchestrator:
                              last_result=summary)
             return report
 
+    @contextmanager
+    def _timed(self, step: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.on_step_timed(step, time.perf_counter() - start)
+
     def _verify(self, info: SysInfo, disk: Manifest | None, disk_problem: str | None
                 ) -> VerifyReport:
-        incoming = kho_view(self.host, Side.IN)
-        out = kho_view(self.host, Side.OUT, with_memory=False)
+        with self._timed("decoding the incoming and outgoing KHO state"):
+            incoming = kho_view(self.host, Side.IN)
+            out = kho_view(self.host, Side.OUT, with_memory=False)
         previous = None
         if incoming.state is not None:
             for sub in incoming.state.subtrees:
                 if isinstance(sub.decoded, KexecMetadata):
                     previous = sub.decoded.previous_release
-        memfd_manifest: Manifest | None = None
-        memfd_problem = None
         device_problem = None
         try:
             device = self._device()
         except KernelRefused as exc:
             device, device_problem = None, exc.message
-        if device is not None or AGENT_SESSION in self.stored_sessions:
-            try:
-                agent = self._incoming_session(device, AGENT_SESSION, device_problem)
-            except AgentError as exc:
-                memfd_problem = exc.message
-            else:
-                try:
-                    fd = agent.retrieve_fd(MANIFEST_TOKEN)
-                    try:
-                        memfd_manifest = manifest_from_fd(fd)
-                    finally:
-                        os.close(fd)
-                    agent.finish()
-                except AgentError as exc:
-                    memfd_problem = exc.message
-                finally:
-                    agent.close()  # closing a retrieved session finishes it, failed FINISH or not
+        with self._timed("reading the manifest from the agent's session"):
+            memfd_manifest, memfd_problem = self._session_manifest(device, device_problem)
         manifest = memfd_manifest or disk
         self.verified_manifest = manifest
         if manifest is None:
@@ -954,28 +950,57 @@ class Orchestrator:
         self.on_progress(10)
         sessions = []
         total = len(manifest.sessions)
-        for i, entry in enumerate(manifest.sessions):
-            sessions.append(self._observe(device, entry, device_problem))
-            if total >= 20 and i % (total // 20) == 0:
-                self.on_progress(10 + 80 * i // total)
+        with self._timed(f"retrieving {total} session(s) and checking their files"):
+            for i, entry in enumerate(manifest.sessions):
+                sessions.append(self._observe(device, entry, device_problem))
+                if total >= 20 and i % (total // 20) == 0:
+                    self.on_progress(10 + 80 * i // total)
         self.on_progress(90)
         if self.stored_sessions:  # in the store, not in the manifest: nobody will claim them
             self._release_stored("the fd store handed back sessions the manifest does not list")
-        net, _ = netstate.snapshot_or_reason()
+        with self._timed("reading the network and the running kernel's ABI"):
+            net, _ = netstate.snapshot_or_reason()
+            abi = {k: v.primary for k, v in running_abi(self.host, info.release, out,
+                                                         incoming).contracts.items()
+                   if v.primary}
         luo = out.luo
         observation = Observation(
             boot_id=info.boot_id, release=info.release,
             kho_boot=incoming.state is not None and incoming.state.root_source != "none",
             liveupdate_number=luo.liveupdate_number if luo else None,
             previous_release=previous,
-            abi={k: v.primary for k, v in running_abi(self.host, info.release, out,
-                                                      incoming).contracts.items() if v.primary},
+            abi=abi,
             sessions=sessions,
             subtrees=[SubtreeEntry(n, s, None) for n, s in sorted(
                 incoming.sub_blob_sizes.items())],
             network=net.to_json() if net else None,
             disk_manifest_matches_memfd=_manifests_agree(disk, memfd_manifest, memfd_problem))
-        return compare_manifest(manifest, observation)
+        with self._timed("comparing with the manifest"):
+            return compare_manifest(manifest, observation)
+
+    def _session_manifest(self, device: LiveUpdateDevice | None, device_problem: str | None
+                          ) -> tuple[Manifest | None, str | None]:
+        """The manifest the agent put in its own session before the kexec (and FINISH that
+        session), or None and why not."""
+        if device is None and AGENT_SESSION not in self.stored_sessions:
+            return None, None
+        try:
+            agent = self._incoming_session(device, AGENT_SESSION, device_problem)
+        except AgentError as exc:
+            return None, exc.message
+        manifest: Manifest | None = None
+        try:
+            fd = agent.retrieve_fd(MANIFEST_TOKEN)
+            try:
+                manifest = manifest_from_fd(fd)
+            finally:
+                os.close(fd)
+            agent.finish()
+            return manifest, None
+        except AgentError as exc:  # a failed FINISH after the read keeps the manifest
+            return manifest, exc.message
+        finally:
+            agent.close()  # closing a retrieved session finishes it, failed FINISH or not
 
     def _incoming_session(self, device: LiveUpdateDevice | None, name: str,
                           device_problem: str | None) -> LiveUpdateSession:

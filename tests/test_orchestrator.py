@@ -6,6 +6,7 @@ import errno
 import fcntl
 import json
 import os
+import time
 from pathlib import Path
 
 import blake3
@@ -107,6 +108,30 @@ def test_verify_proves_the_live_update(rig: Rig) -> None:
     session.close()
     agent.close()
 
+
+
+def test_verify_reports_where_its_time_goes(rig: Rig) -> None:
+    """After a kexec the VM managers wait on verify: each of its steps is reported with its
+    duration (the daemon logs them), in the order they ran, and together they are the verify."""
+    rig.client("vm-a", {1: b"alpha" * 1000})
+    rig.agent.prepare(PrepareOptions(kernel=rig.target))
+    rig.agent.commit(CommitOptions())
+    agent = rig.reboot_view()
+    steps: list[tuple[str, float]] = []
+    agent.on_step_timed = lambda step, seconds: steps.append((step, seconds))
+    start = time.perf_counter()
+    assert agent.verify().ok
+    elapsed = time.perf_counter() - start
+    assert [name for name, _ in steps] == [
+        "decoding the incoming and outgoing KHO state",
+        "reading the manifest from the agent's session",
+        "retrieving 1 session(s) and checking their files",
+        "reading the network and the running kernel's ABI",
+        "comparing with the manifest",
+        "writing the verification report"]
+    assert all(seconds >= 0 for _, seconds in steps)
+    assert sum(seconds for _, seconds in steps) <= elapsed
+    agent.close()
 
 def test_prepare_refuses_an_incompatible_target(tmp_path: Path) -> None:
     rig = Rig(tmp_path, target_abi=SimAbi(kho="kho-v3", luo="luo-v1", memfd="memfd-v1"))
