@@ -264,7 +264,7 @@ def test_a_running_qemu_vm_keeps_its_ram_through_the_live_update(
     assert resumed and resumed["ok"], run.describe()
     # the RAM the new QEMU restored on is the RAM the old one stopped with, bit for bit
     assert resumed["ram_bytes"] == suspended["ram_bytes"] == ram_mib << 20
-    assert resumed["ram_sha256"] == suspended["ram_sha256"]
+    assert resumed["ram_digest"] == suspended["ram_digest"]
     assert resumed["count_at_restore"] == suspended["count_at_stop"]
     assert resumed["count_later"] > resumed["count_at_restore"]
     # and it went through KHO: a new kernel, the agent verified what it was told about
@@ -277,7 +277,7 @@ def test_a_running_qemu_vm_keeps_its_ram_through_the_live_update(
     assert saved["image_bytes"] > 0.95 * (ram_mib << 20)
     restored = run.step(3, "vmm-cold-restore")["json"]
     assert restored and restored["ok"], run.describe()
-    assert restored["ram_sha256"] == saved["ram_sha256"]
+    assert restored["ram_digest"] == saved["ram_digest"]
     assert run.facts(3)["start_incoming_kho"] is False   # a cold boot
     # the VM kept running: its serial output goes on across four QEMUs and three boots
     out = run.result_dir / "out"

@@ -76,7 +76,7 @@ def test_a_running_vm_counts_on_after_a_simulated_live_update(host: Host,  # noq
     resumed = manager(host, "resume", str(new), "vm-qemu", str(payload), "--keep-running")
     assert resumed["ok"], resumed
     # the RAM came back bit for bit and the VM's own count went on from where it stopped
-    assert resumed["ram_sha256"] == suspended["ram_sha256"]
+    assert resumed["ram_digest"] == suspended["ram_digest"]
     assert resumed["count_at_restore"] == suspended["count_at_stop"]
     assert resumed["count_later"] > resumed["count_at_restore"]
     assert resumed["status_after_restore"] == "paused"
@@ -93,7 +93,7 @@ def test_a_running_vm_counts_on_after_a_simulated_live_update(host: Host,  # noq
     cold = tmp_path / "cold"
     restored = manager(host, "cold-restore", str(cold), str(image), str(RAM_MIB), str(payload))
     assert restored["ok"], restored
-    assert restored["ram_sha256"] == saved["ram_sha256"]
+    assert restored["ram_digest"] == saved["ram_digest"]
     assert restored["count_at_restore"] == saved["count_at_stop"]
     log = vmm.CountLog.read(old / "serial-1.log", new / "serial-2.log", cold / "serial-3.log")
     assert log.gaps() == [], log.gaps()

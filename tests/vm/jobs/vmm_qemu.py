@@ -316,7 +316,7 @@ def suspend(directory: Path, conn: Gio.DBusConnection, session: str, qmp: Qmp,
     ready_s = time.monotonic() - t
     os.close(state)
     return {"ok": migration.get("status") == "completed", "stopped": stopped,
-            "paused": paused, "ready": stamp(), "ram_sha256": digest,
+            "paused": paused, "ready": stamp(), "ram_digest": digest,
             "ram_bytes": os.fstat(ram).st_size, "count_at_stop": count,
             "digest_s": round(digest_s, 3), "migrate_s": round(migrate_s, 3),
             "migration": migration, "state_bytes": state_bytes,
@@ -389,7 +389,7 @@ def resume(directory: Path, session: str, payload: Path, keep_running: bool) -> 
     return {"ok": migration.get("status") == "completed" and len(after) >= 3,
             "started": started, "retrieved": retrieved, "running": running,
             "status_after_restore": status, "count_at_restore": count,
-            "count_later": count_later, "ram_sha256": digest, "ram_bytes": ram_mib * MIB,
+            "count_later": count_later, "ram_digest": digest, "ram_bytes": ram_mib * MIB,
             "restore_s": round(restore_s, 3), "digest_s": round(digest_s, 3),
             "migration": migration, "qemu_version": version, "retrieve_attempts": attempts}
 
@@ -418,7 +418,7 @@ def cold_save(directory: Path, image: Path) -> dict[str, Any]:
     save_s = time.monotonic() - t
     qmp.command("quit")
     return {"ok": migration.get("status") == "completed", "stopped": stopped,
-            "saved": stamp(), "ram_sha256": digest, "count_at_stop": count,
+            "saved": stamp(), "ram_digest": digest, "count_at_stop": count,
             "image_bytes": image.stat().st_size, "save_s": round(save_s, 3),
             "digest_s": round(digest_s, 3), "migration": migration}
 
@@ -451,7 +451,7 @@ def cold_restore(directory: Path, image: Path, ram_mib: int, payload: Path) -> d
     qemu.terminate()
     return {"ok": migration.get("status") == "completed" and len(after) >= 3,
             "started": started, "running": running, "count_at_restore": count,
-            "count_later": count_later, "ram_sha256": digest, "restore_s": round(restore_s, 3),
+            "count_later": count_later, "ram_digest": digest, "restore_s": round(restore_s, 3),
             "digest_s": round(digest_s, 3), "migration": migration}
 
 
