@@ -22,12 +22,15 @@ from .abi.compat import (
     KernelAbi,
     abi_from_payload,
     abi_from_state,
+    abi_from_strings,
     compare,
     merge,
+    payload_strings,
 )
 from .abi.luo_common import LuoState
 from .abi.state import ScratchArea, scratch_roles
 from .errors import AgentError, InvalidArgument
+from .imagestrings import ImageStrings, image_digest
 from .kernel import debugfs
 from .kernel.callerfile import FileIdentity, RegularFile, open_regular
 from .kernel.cmdline import setup_cmdline_size
@@ -100,6 +103,8 @@ class TargetImage:
     size: int           # bytes of the file
     memory_size: int    # bytes kexec reserves for it (bzImage init_size), at least `size`
     cmdline_size: int | None = None  # x86 setup_header.cmdline_size; None: COMMAND_LINE_SIZE
+    digest: str = ""    # BLAKE3 of the file (imagestrings.py keys the strings below by it)
+    strings: dict[str, list[str]] = field(default_factory=dict)  # payload_strings() of it
 
 
 @dataclass
@@ -149,9 +154,10 @@ def target_image(file: RegularFile) -> TargetImage:
     head = data[:4096]
     sized = image_memory_size(head, len(data))
     path = Path(file.resolved_path())
-    return TargetImage(path, info, abi_from_payload(image.payload, f"image {path}", info.release),
+    strings = payload_strings(image.payload)
+    return TargetImage(path, info, abi_from_strings(strings, f"image {path}", info.release),
                        len(data), max(sized[0], len(data)) if sized else len(data),
-                       setup_cmdline_size(head))
+                       setup_cmdline_size(head), image_digest(data), strings)
 
 
 class TargetImageCache:
@@ -178,10 +184,12 @@ class TargetImageCache:
 
 
 def running_abi(host: Host, release: str, out: KhoView | None = None,
-                incoming: KhoView | None = None) -> KernelAbi:
+                incoming: KhoView | None = None, known: ImageStrings | None = None
+                ) -> KernelAbi:
     """What the running kernel speaks: its outgoing KHO state (what will be handed over), else
     what it received, plus its own image in /boot for the file handlers (LUO writes those only
-    inside reboot())."""
+    inside reboot()). With `known`, an image whose strings were recorded (by the prepare that
+    chose it as the target) is not decompressed again."""
     out = out or kho_view(host, Side.OUT, with_memory=False)
     if out.state is not None:
         inc_state = None
@@ -192,7 +200,23 @@ def running_abi(host: Host, release: str, out: KhoView | None = None,
     else:
         abi = KernelAbi(source="none", notes=[f"KHO state not readable: {out.problem}"])
     abi.release = abi.release or release
-    return with_running_image(abi, host.path(f"boot/vmlinuz-{release}"), release)[0]
+    path = host.path(f"boot/vmlinuz-{release}")
+    if known is not None:
+        recorded = _recorded_strings(path, known)
+        if recorded is not None:
+            return merge(abi, abi_from_strings(recorded, f"image {path}", release))
+    return with_running_image(abi, path, release)[0]
+
+
+def _recorded_strings(path: Path, known: ImageStrings) -> dict[str, list[str]] | None:
+    """The strings recorded for the image now at `path` (read whole and digested: far cheaper
+    than decompressing and scanning it), or None."""
+    try:
+        with open_regular(path, "running kernel image", max_size=TARGET_IMAGE_MAX) as file:
+            data = file.read_all(TARGET_IMAGE_MAX)
+    except AgentError:
+        return None  # with_running_image says what is wrong with it
+    return known.lookup(image_digest(data))
 
 
 def with_running_image(abi: KernelAbi, path: Path, release: str, hint: str = ""

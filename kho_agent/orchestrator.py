@@ -55,6 +55,7 @@ from .facts import (
     running_abi,
 )
 from .fdstore import SYSTEMD_SESSION, SessionFdStore
+from .imagestrings import ImageStrings
 from .kernel.callerfile import RegularFile, open_regular
 from .kernel.cmdline import target_cmdline
 from .kernel.host import Host
@@ -197,6 +198,9 @@ class Orchestrator:
         self.config = config
         self.images = TargetImageCache()
         self.store = StateStore(config.state_dir)
+        # the version strings of the images prepare decoded: verify, after the kexec into one
+        # of them, finds its own image's strings there instead of decompressing it again
+        self.image_strings = ImageStrings(config.state_dir)
         self.state = AgentState()
         self.device: LiveUpdateDevice | None = None
         self.agent_session: LiveUpdateSession | None = None
@@ -543,7 +547,8 @@ class Orchestrator:
         compat = None
         scratch: ScratchPlan | None = None
         if target is not None:
-            compat = compare(running_abi(self.host, info.release, out), target.abi)
+            compat = compare(running_abi(self.host, info.release, out,
+                                         known=self.image_strings), target.abi)
             scratch = plan_scratch(info, out.scratch, kho_boot=self._incoming_present(),
                                    image_bytes=target.memory_size, initrd_bytes=initrd_size,
                                    margin=self.config.scratch_margin if margin is None
@@ -673,6 +678,8 @@ class Orchestrator:
                                      cmdline))
                 self._plan = plan
                 self._prepared = manifest
+                if plan.target is not None and plan.target.digest:
+                    self.image_strings.remember(plan.target.digest, plan.target.strings)
                 done = True
                 return manifest
             except AgentError as exc:
@@ -960,9 +967,9 @@ class Orchestrator:
             self._release_stored("the fd store handed back sessions the manifest does not list")
         with self._timed("reading the network and the running kernel's ABI"):
             net, _ = netstate.snapshot_or_reason()
-            abi = {k: v.primary for k, v in running_abi(self.host, info.release, out,
-                                                         incoming).contracts.items()
-                   if v.primary}
+            abi = {k: v.primary for k, v in running_abi(
+                self.host, info.release, out, incoming, known=self.image_strings
+            ).contracts.items() if v.primary}
         luo = out.luo
         observation = Observation(
             boot_id=info.boot_id, release=info.release,

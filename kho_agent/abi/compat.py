@@ -184,12 +184,25 @@ def _found(payload: bytes, token: str) -> list[str]:
     return sorted(found, key=version_key)
 
 
+def payload_strings(payload: bytes) -> dict[str, list[str]]:
+    """The version strings of each contract found in a decompressed image (contract key ->
+    versions, highest last): the slow part of reading an image's ABI, and all of its input."""
+    return {c.key: _found(payload, c.token) for c in CONTRACTS}
+
+
 def abi_from_payload(payload: bytes, source: str = "image",
                      release: str | None = None) -> KernelAbi:
     """Which ABI versions a kernel speaks, from the strings in its decompressed image."""
+    return abi_from_strings(payload_strings(payload), source, release)
+
+
+def abi_from_strings(found: dict[str, list[str]], source: str = "image",
+                     release: str | None = None) -> KernelAbi:
+    """abi_from_payload() from the strings payload_strings() found (a contract missing from
+    `found` is one whose strings the image does not hold)."""
     abi = KernelAbi(source, release)
     for c in CONTRACTS:
-        versions = _found(payload, c.token)
+        versions = sorted(found.get(c.key, []), key=version_key)
         note = None
         if c.presence_version is not None:
             if versions:
