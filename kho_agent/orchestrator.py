@@ -965,8 +965,9 @@ class Orchestrator:
         self.on_progress(90)
         if self.stored_sessions:  # in the store, not in the manifest: nobody will claim them
             self._release_stored("the fd store handed back sessions the manifest does not list")
-        with self._timed("reading the network and the running kernel's ABI"):
+        with self._timed("reading the network"):
             net, _ = netstate.snapshot_or_reason()
+        with self._timed("reading the running kernel's ABI"):
             abi = {k: v.primary for k, v in running_abi(
                 self.host, info.release, out, incoming, known=self.image_strings
             ).contracts.items() if v.primary}
