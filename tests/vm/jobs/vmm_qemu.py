@@ -342,6 +342,31 @@ def retrieve_session(conn: Gio.DBusConnection, session: str,
             time.sleep(0.1)
 
 
+def restore_and_cont(qmp: Qmp, uri: str, ram: int, serial: Path,
+                     timeout: float) -> dict[str, Any]:
+    """A QEMU started with -incoming defer: restore from `uri`, digest the RAM it restored on
+    (the test's proof, timed apart), `cont`, and wait for the VM to count on."""
+    t = time.monotonic()
+    qmp.command("migrate-incoming", uri=uri)
+    migration = qmp.wait_migration(timeout)
+    while qmp.command("query-status")["status"] == "inmigrate":
+        time.sleep(0.01)
+    restore_s = time.monotonic() - t
+    status = qmp.command("query-status")["status"]
+    count = count_in_ram(ram)
+    t = time.monotonic()
+    digest = ram_digest(ram)
+    digest_s = time.monotonic() - t
+    qmp.command("cont")
+    running = stamp()
+    after = wait_counts(serial, 3, 300)
+    return {"ok": migration.get("status") == "completed" and len(after) >= 3,
+            "running": running, "status_after_restore": status, "count_at_restore": count,
+            "count_later": count_in_ram(ram), "ram_digest": digest,
+            "restore_s": round(restore_s, 3), "digest_s": round(digest_s, 3),
+            "migration": migration}
+
+
 def resume(directory: Path, session: str, payload: Path, keep_running: bool) -> dict[str, Any]:
     started = stamp()
     conn = Gio.bus_get_sync(Gio.BusType.SYSTEM, None)
@@ -358,21 +383,8 @@ def resume(directory: Path, session: str, payload: Path, keep_running: bool) -> 
     version = qmp.command("query-version")["qemu"]
     qmp.command("migrate-set-capabilities",
                 capabilities=[{"capability": "x-ignore-shared", "state": True}])
-    t = time.monotonic()
-    qmp.command("migrate-incoming", uri=f"exec:cat /proc/{os.getpid()}/fd/{state}")
-    migration = qmp.wait_migration()
-    while qmp.command("query-status")["status"] == "inmigrate":
-        time.sleep(0.01)
-    restore_s = time.monotonic() - t
-    status = qmp.command("query-status")["status"]
-    count = count_in_ram(ram)
-    t = time.monotonic()
-    digest = ram_digest(ram)
-    digest_s = time.monotonic() - t
-    qmp.command("cont")
-    running = stamp()
-    after = wait_counts(serial, 3, 300)
-    count_later = count_in_ram(ram)
+    restored = restore_and_cont(qmp, f"exec:cat /proc/{os.getpid()}/fd/{state}", ram, serial,
+                                timeout=300)
     if keep_running:  # `cold-save` takes it from here, through the QMP socket
         (directory / "qemu.json").write_text(json.dumps({"pid": qemu.pid, "ram_fd": ram}))
     else:
@@ -386,12 +398,8 @@ def resume(directory: Path, session: str, payload: Path, keep_running: bool) -> 
     call(conn, "FinishSession", GLib.Variant("(s)", (session,)))
     os.close(ram)
     os.close(state)
-    return {"ok": migration.get("status") == "completed" and len(after) >= 3,
-            "started": started, "retrieved": retrieved, "running": running,
-            "status_after_restore": status, "count_at_restore": count,
-            "count_later": count_later, "ram_digest": digest, "ram_bytes": ram_mib * MIB,
-            "restore_s": round(restore_s, 3), "digest_s": round(digest_s, 3),
-            "migration": migration, "qemu_version": version, "retrieve_attempts": attempts}
+    return {**restored, "started": started, "retrieved": retrieved, "ram_bytes": ram_mib * MIB,
+            "qemu_version": version, "retrieve_attempts": attempts}
 
 
 def cold_save(directory: Path, image: Path) -> dict[str, Any]:
@@ -432,27 +440,11 @@ def cold_restore(directory: Path, image: Path, ram_mib: int, payload: Path) -> d
     qemu = spawn_qemu(qemu_argv(directory, ram, ram_mib, payload, serial, incoming=True),
                       ram, directory / "qemu-3.log")
     qmp = Qmp(directory / "qmp.sock")
-    t = time.monotonic()
-    qmp.command("migrate-incoming", uri=f"exec:cat {image}")
-    migration = qmp.wait_migration(1800)
-    while qmp.command("query-status")["status"] == "inmigrate":
-        time.sleep(0.01)
-    restore_s = time.monotonic() - t
-    count = count_in_ram(ram)
-    t = time.monotonic()
-    digest = ram_digest(ram)
-    digest_s = time.monotonic() - t
-    qmp.command("cont")
-    running = stamp()
-    after = wait_counts(serial, 3, 300)
-    count_later = count_in_ram(ram)
+    restored = restore_and_cont(qmp, f"exec:cat {image}", ram, serial, timeout=1800)
     qmp.command("quit")
     qemu.wait(30)
     qemu.terminate()
-    return {"ok": migration.get("status") == "completed" and len(after) >= 3,
-            "started": started, "running": running, "count_at_restore": count,
-            "count_later": count_later, "ram_digest": digest, "restore_s": round(restore_s, 3),
-            "digest_s": round(digest_s, 3), "migration": migration}
+    return {**restored, "started": started}
 
 
 def write(directory: Path, name: str, report: dict[str, Any]) -> None:
