@@ -16,8 +16,10 @@ commit there ends this process, as a real kexec would, and the next start is the
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from gi.repository import Gio, GLib
@@ -97,8 +99,26 @@ def log(text: str) -> None:
     print(f"kho-agentd: {text}", file=sys.stderr, flush=True)
 
 
+def seconds_since_exec() -> float | None:
+    """How long this process has run: after a kexec a VM manager waits on the agent's start, so
+    the log says where it stands. /proc/self/stat's starttime counts clock ticks on
+    CLOCK_BOOTTIME."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+    return time.clock_gettime(time.CLOCK_BOOTTIME) - started
+
+
+def log_started(what: str) -> None:
+    since = seconds_since_exec()
+    log(what if since is None else f"{what} ({since:.2f} s after exec)")
+
+
 class Daemon:
     def __init__(self, args: argparse.Namespace) -> None:
+        log_started("start: modules loaded")
         self.args = args
         self.loop = GLib.MainLoop()
         self.exit_code = EXIT_OK
@@ -122,6 +142,7 @@ class Daemon:
 
     def run(self) -> int:
         recovery = self.agent.start()
+        log_started("start: state reconciled with this boot")
         log(f"state {recovery.phase.value}: {recovery.message or self.agent.state.message}")
         if recovery.message not in ("", "started"):
             self.events.log_event(Event.RECOVERED, f"kho-agentd started in state "
@@ -139,6 +160,7 @@ class Daemon:
                                           discarded=self._discarded, log=log))
         # the properties are right from the first call: read them before owning the name
         self.service.snapshot = self.service._read_snapshot()
+        log_started("start: connected, properties read")
         verify_now = recovery.verify_pending
         owner = Gio.bus_own_name_on_connection(
             bus, api.BUS_NAME, Gio.BusNameOwnerFlags.DO_NOT_QUEUE,
@@ -156,7 +178,8 @@ class Daemon:
         return self.exit_code
 
     def _name_acquired(self, verify_now: bool) -> None:
-        log(f"serving {api.BUS_NAME}" + (" (simulated kernel)" if self.host.simulated else ""))
+        log_started(f"serving {api.BUS_NAME}"
+                    + (" (simulated kernel)" if self.host.simulated else ""))
         assert self.service is not None
         state = self.agent.state
         self.notifier.ready(status=f"{state.phase.value}: {state.message}")

@@ -364,6 +364,8 @@ GUEST_FILE_TARGETS: dict[str, tuple[str, int]] = {
     "kexec.default": ("/etc/default/kexec", 0o644),
     "kho-test-driver.service": ("/usr/lib/systemd/system/kho-test-driver.service", 0o644),
     "kho-test-driver": ("/usr/local/lib/kho-test/kho-test-driver", 0o755),
+    "kho-test-bus-floor": ("/usr/local/lib/kho-test/kho-test-bus-floor", 0o755),
+    "kho-test-bus-floor.service": ("/usr/lib/systemd/system/kho-test-bus-floor.service", 0o644),
     "50-kho-agent-vmm.rules": ("/etc/polkit-1/rules.d/50-kho-agent-vmm.rules", 0o644),
 }
 
@@ -429,7 +431,8 @@ def _build_agent(entry: Path, base: BaseTree, key: str) -> None:
     install_guest_files(tree)
     # The guest's own systemctl (it works offline in a chroot): the guest's systemd version
     # reads the [Install] sections, and the host needs no systemd.
-    _chroot(tree, ["systemctl", "enable", "kho-agent.service", "kho-test-driver.service"],
+    _chroot(tree, ["systemctl", "enable", "kho-agent.service", "kho-test-driver.service",
+                   "kho-test-bus-floor.service"],
             "enabling the units")
     times["install_data"] = time.monotonic() - start
 

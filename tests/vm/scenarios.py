@@ -91,9 +91,10 @@ def prepare_job(directory: Path, spec: dict[str, Any], files: dict[str, Path]) -
 
 def run_scenario(directory: Path, spec: dict[str, Any], kernel: KernelImage,
                  files: dict[str, Path] | None = None, *, cold_boots: int = 1,
-                 timeout_s: float = 900, memory_mb: int = GUEST_MEMORY_MB) -> ScenarioRun:
+                 timeout_s: float = 900, memory_mb: int = GUEST_MEMORY_MB,
+                 append: str = "") -> ScenarioRun:
     """Boot the guest on `kernel` with the scenario `spec`; `cold_boots` QEMU starts (more than
-    one where the scenario reboots cold)."""
+    one where the scenario reboots cold); `append`: more kernel command line."""
     image = rootfs.ensure_guest_image()
     root = rootfs.scratch_copy(image, directory)
     files = {"kernels/running": kernel.path, **(files or {})}
@@ -104,14 +105,14 @@ def run_scenario(directory: Path, spec: dict[str, Any], kernel: KernelImage,
     serial = []
     for i in range(cold_boots):
         log = directory / f"serial-{i + 1}.log"
-        append = APPEND
+        cmdline = f"{APPEND} {append}".strip()
         if i:  # what the guest asked for its next cold boot (e.g. a kho_scratch= plan)
             try:
                 extra = jobdisk.read_job_file(disk, "/out/next-append").decode().strip()
             except jobdisk.JobDiskError:
                 extra = ""
-            append = f"{APPEND} {extra}".strip()
-        run = qemu.run_guest(kernel.path, append, [root, disk], memory_mb=memory_mb,
+            cmdline = f"{cmdline} {extra}".strip()
+        run = qemu.run_guest(kernel.path, cmdline, [root, disk], memory_mb=memory_mb,
                              timeout_s=timeout_s, serial_log=log)
         runs.append(run)
         serial.append(log.read_text(errors="replace"))

@@ -341,6 +341,9 @@ def qemu_vm(boot: Boot, spec: dict[str, Any]) -> int:
     # the floor: a bare python3 that connects to the system bus, in the same guest
     boot.run("agent-journal", ["journalctl", "-b", "--no-pager", "-o", "short-monotonic",
                                "-u", "kho-agent"])
+    # ... and the floor in the same boot (kho-test-bus-floor.service, started beside the agent)
+    boot.run("bus-floor-journal", ["journalctl", "-b", "--no-pager", "-o", "short-monotonic",
+                                   "-u", "kho-test-bus-floor"])
     boot.run("python-bus-floor", ["python3", "-c", "from gi.repository import Gio; "
                                   "Gio.bus_get_sync(Gio.BusType.SYSTEM, None)"])
     if not cold:
