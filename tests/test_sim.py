@@ -1000,3 +1000,47 @@ def test_sync_only_rewrites_when_something_changed(sim: SimKernel, fds: list[int
     finally:
         core.close()
     assert struct.calcsize("<QQ") == 16
+
+
+def test_debugfs_is_read_whole_while_another_thread_changes_the_sessions(tmp_path: Path) -> None:
+    """The daemon reads kho/out on two threads (its engine, and verify's observation beside it)
+    while sessions change: the simulated debugfs, like the kernel's, shows every subtree whole
+    and nothing else (no temporary file of the writer), and no reader fails."""
+    import threading
+
+    from kho_agent.facts import kho_view
+
+    host = SimKernel.create(tmp_path / "sim").host()
+    device = host.liveupdate.open()
+    stop = threading.Event()
+    failures: list[BaseException] = []
+    names: set[str] = set()
+
+    def read() -> None:
+        while not stop.is_set():
+            try:
+                view = kho_view(host, Side.OUT, with_memory=False)
+                assert view.problem is None, view.problem
+                names.update(view.sub_blob_sizes)
+            except (AgentError, OSError, AssertionError) as exc:
+                failures.append(exc)
+                return
+    readers = [threading.Thread(target=read) for _ in range(2)]
+    for thread in readers:
+        thread.start()
+    try:
+        for i in range(60):
+            session = device.create_session(f"s{i}")
+            fd = os.memfd_create("x", os.MFD_ALLOW_SEALING)
+            os.write(fd, b"x" * 4096)
+            session.preserve_fd(fd, 1)
+            os.close(fd)
+            if i % 2:
+                session.close()
+    finally:
+        stop.set()
+        for thread in readers:
+            thread.join()
+        device.close()
+    assert failures == []
+    assert names and not [n for n in names if n.startswith(".")], names

@@ -179,7 +179,15 @@ def read_sub_blobs(path: str, what: str = "the subtree directory") -> dict[str, 
     blobs: dict[str, bytes] = {}
     total = 0
     for name in sorted(names):
-        blob = read_file(os.path.join(path, name), "the subtree blob", MAX_SUB_BLOB, _BLOB_WHY)
+        try:
+            blob = read_file(os.path.join(path, name), "the subtree blob", MAX_SUB_BLOB,
+                             _BLOB_WHY)
+        except DebugfsError as exc:
+            # removed after the listing (a subsystem dropped its subtree meanwhile): the tree
+            # is read as it is now, without it
+            if exc.kind is NotFound and not os.path.lexists(os.path.join(path, name)):
+                continue
+            raise
         total += len(blob)
         if total > MAX_SUB_BLOBS_TOTAL:
             raise DebugfsError(f"the subtree blobs in {path} hold more than "

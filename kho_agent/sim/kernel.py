@@ -181,6 +181,10 @@ class Runtime:
         """Make debugfs kho/out current, and /proc/kcore too when `memory` (writing the core
         costs most: skip it when the caller reads no memory). A process that does not own the
         outgoing sessions leaves the owner's files alone."""
+        with self.lock:  # two threads reading debugfs would both write it, with one temp name
+            self._sync(memory)
+
+    def _sync(self, memory: bool) -> None:
         self.check()
         if self.foreign_owner() is not None:
             return

@@ -76,9 +76,17 @@ def crash_steps() -> int:
 TMP_NAME = re.compile(r"^\..+\.(\d+)\.tmp$")
 
 
+# Directories whose readers list them (KHO debugfs `sub_fdts/`: every file is a subtree): a
+# temporary file there would be read as one more subtree by a reader in another thread or
+# process, which the kernel's debugfs never shows. Their files are written beside the directory
+# and renamed into it (the same filesystem).
+LISTED_DIRS = frozenset({"sub_fdts"})
+
+
 def tmp_path(path: Path) -> Path:
     # the pid in the name lets recovery tell a dead writer's leftover from a live one's file
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    parent = path.parent.parent if path.parent.name in LISTED_DIRS else path.parent
+    return parent / f".{path.name}.{os.getpid()}.tmp"
 
 
 def write_atomic(path: Path, data: bytes, *, durable: bool = False) -> None:
