@@ -157,7 +157,8 @@ class Daemon:
                                     Hooks(state_changed=self._state_changed,
                                           job_finished=self._job_finished,
                                           handed_off=self._handed_off,
-                                          discarded=self._discarded, log=log))
+                                          discarded=self._discarded,
+                                          incoming=self._incoming, log=log))
         # the properties are right from the first call: read them before owning the name
         self.service.snapshot = self.service._read_snapshot()
         log_started("start: connected, properties read")
@@ -187,10 +188,11 @@ class Daemon:
         if interval is not None:
             # pinged from the main loop: a loop that stops turning stops the pings
             GLib.timeout_add(max(1, int(interval * 1000)), self._watchdog)
-        self.service.refresh()
-        if verify_now:
+        if verify_now:  # the verify job publishes the properties as it goes
             log("incoming live-update state found: verifying")
             self.service.start_verify()
+        else:
+            self.service.refresh()
 
     def _watchdog(self) -> bool:
         self.notifier.watchdog()
@@ -257,6 +259,12 @@ class Daemon:
     def _verified_target_started(self, started: bool | None, error: AgentError | None) -> None:
         if error is not None:
             log(f"cannot start kho-agent-verified.target: {error.message}")
+
+    def _incoming(self, now: list[str], held: list[str]) -> None:
+        what = [f"{len(now)} incoming session(s) can be claimed"]
+        if held:
+            what.append(f"{len(held)} with digests once they are checked")
+        log_started("verify: " + ", ".join(what))
 
     def _discarded(self, names: list[str]) -> None:
         self.events.log_event(Event.SESSION_DISCARDED, "finished unclaimed sessions after the "

@@ -31,7 +31,6 @@ from typing import Any
 from . import netstate
 from .abi import Severity, Side
 from .abi.compat import Spoken, compare
-from .abi.kexec_metadata import KexecMetadata
 from .digest import DigestResult, digest_fd
 from .errors import (
     AgentError,
@@ -87,6 +86,7 @@ from .manifest import (
 from .preflight import PlannedSession, PreflightInputs, PreflightResult, handoff_mode, preflight
 from .scratch import ScratchPlan, plan_scratch
 from .statefile import AgentState, Phase, StateStore, Target, move_aside, now
+from .verifyrun import HostObservation, PendingDigest, VerifyRun, observe
 
 MAX_FAILURES_IN_STATE = 50
 MAX_RELEASED_KEPT = 256   # names of released sessions remembered for their owners' later calls
@@ -208,6 +208,7 @@ class Orchestrator:
         self.incoming: dict[str, LiveUpdateSession] = {}  # retrieved at verify, for owners
         self.commit_blocker: str | None = None
         self._lock = threading.Lock()
+        self._verifying: VerifyRun | None = None  # a verification between its steps
         self._handed_off = False
         # the plan the prepared update was made with; only prepare sets it (planning calls get
         # their own copies), cancel and a failed prepare clear it
@@ -237,14 +238,19 @@ class Orchestrator:
 
     @contextmanager
     def _operation(self, name: str) -> Iterator[None]:
-        if self._handed_off:
-            raise Busy("the host has kexec'd; this agent instance is finished")
-        if not self._lock.acquire(blocking=False):
-            raise Busy(f"another operation is running; {name} was not started")
+        self._acquire(name)
         try:
             yield
         finally:
             self._lock.release()
+
+    def _acquire(self, name: str) -> None:
+        if self._handed_off:
+            raise Busy("the host has kexec'd; this agent instance is finished")
+        if not self._lock.acquire(blocking=False):
+            if self._verifying is not None:
+                raise Busy(f"the live update is being verified; {name} was not started")
+            raise Busy(f"another operation is running; {name} was not started")
 
     def _transition(self, phase: Phase, message: str, *, strict: bool = True,
                     **changes: Any) -> None:
@@ -870,77 +876,70 @@ class Orchestrator:
     # ------------------------------------------------------------------ verify
 
     def verify(self) -> VerifyReport:
-        with self._operation("verify"):
-            info = self.sysinfo()
-            same_boot = self.state.boot_id == info.boot_id
-            if same_boot and self.state.phase in (Phase.PREPARED, Phase.COMMITTING):
-                raise NotPrepared("this host has not rebooted since prepare; commit first")
-            if same_boot and self.state.phase in (Phase.VERIFIED, Phase.FAILED) and \
-                    self.state.last_result and "counts" in self.state.last_result:
-                # the sessions were retrieved by that verification and are held (or were
-                # handed out): retrieving them again would report false failures
-                raise NotPrepared("this boot was verified already: the result is in the state "
-                                  f"({self.state.last_result.get('result')}); see "
-                                  f"{self.store.last_verify_path}")
-            if self.state.phase is Phase.IDLE and not self._incoming_present():
-                raise NotPrepared("nothing to verify: this boot did not come through a live "
-                                  "update (no incoming KHO state) and none is recorded")
-            manifest_disk: Manifest | None = None
-            disk_problem = None
-            try:
-                manifest_disk = read_manifest(self.store.manifest_path)
-            except (AgentError, OSError) as exc:
-                disk_problem = str(exc)
-            self._transition(Phase.VERIFYING, "verifying the live update", discarded=[])
-            try:
-                report = self._verify(info, manifest_disk, disk_problem)
-            except AgentError as exc:
-                self._transition_best_effort(exc, Phase.FAILED, f"verification could not run: "
-                                             f"{exc.message}", last_result={
-                                                 "result": "failed", "reason": exc.message})
-                raise
-            grace = self.config.claim_grace_seconds
-            self.claim_deadline = (time.monotonic() + grace
-                                   if grace is not None and self.incoming else None)
-            self.state.awaiting = sorted(self.incoming)
-            verdict = Phase.VERIFIED if report.ok else Phase.FAILED
-            # The full report can hold 40k items: it gets its own file, written once; the state
-            # (rewritten on every transition) keeps a summary and the failures.
-            full = self.store.last_verify_path
-            summary = _summary(report, full)
-            try:
-                # the boot id on top: a restart that lost state.json can tell this boot was
-                # verified (statefile.py reads it) and does not verify into a false failure
-                with self._timed("writing the verification report"):
-                    write_atomic(full, json.dumps({"boot_id": info.boot_id,
-                                                   **report.to_json()}).encode() + b"\n")
-            except (AgentError, OSError) as exc:
-                summary["report"] = None
-                summary["report_problem"] = getattr(exc, "message", None) or str(exc)
-            # not strict: the sessions are retrieved and held; the verdict stands in memory
-            self._transition(verdict, "verified: every preserved item came back" if report.ok
-                             else "verification found problems", strict=False,
-                             last_result=summary)
-            return report
-
-    @contextmanager
-    def _timed(self, step: str) -> Iterator[None]:
-        start = time.perf_counter()
+        """Verify the live update this boot came through: the three steps of verifyrun.py in
+        a row (the daemon runs the middle one beside the engine)."""
+        run = self.verify_begin()
         try:
-            yield
+            try:
+                found = observe(self.host, run, self.image_strings, self.on_step_timed,
+                                self.on_progress)
+            except (AgentError, OSError) as exc:
+                self.verify_abandon(run, getattr(exc, "message", None) or str(exc))
+                raise
+            return self.verify_conclude(run, found)
         finally:
-            self.on_step_timed(step, time.perf_counter() - start)
+            self._end_verify(run)
 
-    def _verify(self, info: SysInfo, disk: Manifest | None, disk_problem: str | None
-                ) -> VerifyReport:
-        with self._timed("decoding the incoming and outgoing KHO state"):
-            incoming = kho_view(self.host, Side.IN)
-            out = kho_view(self.host, Side.OUT, with_memory=False)
-        previous = None
-        if incoming.state is not None:
-            for sub in incoming.state.subtrees:
-                if isinstance(sub.decoded, KexecMetadata):
-                    previous = sub.decoded.previous_release
+    def verify_begin(self) -> VerifyRun:
+        """Step 1: retrieve every incoming session and read its files' sizes and seals. Until
+        verify_conclude or verify_abandon ends the run, no other operation starts; the owners
+        may claim the sessions of `run.handed_back` meanwhile."""
+        self._acquire("verify")
+        begun = False
+        try:
+            run = self._verify_begin()
+            begun = True
+        finally:
+            if not begun:
+                self._lock.release()
+        self._verifying = run
+        return run
+
+    def _verify_begin(self) -> VerifyRun:
+        info = self.sysinfo()
+        same_boot = self.state.boot_id == info.boot_id
+        if same_boot and self.state.phase in (Phase.PREPARED, Phase.COMMITTING):
+            raise NotPrepared("this host has not rebooted since prepare; commit first")
+        if same_boot and self.state.phase in (Phase.VERIFIED, Phase.FAILED) and \
+                self.state.last_result and "counts" in self.state.last_result:
+            # the sessions were retrieved by that verification and are held (or were
+            # handed out): retrieving them again would report false failures
+            raise NotPrepared("this boot was verified already: the result is in the state "
+                              f"({self.state.last_result.get('result')}); see "
+                              f"{self.store.last_verify_path}")
+        if self.state.phase is Phase.IDLE and not self._incoming_present():
+            raise NotPrepared("nothing to verify: this boot did not come through a live "
+                              "update (no incoming KHO state) and none is recorded")
+        manifest_disk: Manifest | None = None
+        disk_problem = None
+        try:
+            manifest_disk = read_manifest(self.store.manifest_path)
+        except (AgentError, OSError) as exc:
+            disk_problem = str(exc)
+        self._transition(Phase.VERIFYING, "verifying the live update", discarded=[])
+        try:
+            return self._retrieve_incoming(info, manifest_disk, disk_problem)
+        except AgentError as exc:
+            self._verify_failed(exc)
+            raise
+
+    def _verify_failed(self, exc: AgentError) -> None:
+        self._transition_best_effort(exc, Phase.FAILED, f"verification could not run: "
+                                     f"{exc.message}", last_result={
+                                         "result": "failed", "reason": exc.message})
+
+    def _retrieve_incoming(self, info: SysInfo, disk: Manifest | None,
+                           disk_problem: str | None) -> VerifyRun:
         device_problem = None
         try:
             device = self._device()
@@ -955,36 +954,90 @@ class Orchestrator:
                            f"disk: {disk_problem or 'absent'}; memfd: "
                            f"{memfd_problem or device_problem or 'absent'}")
         self.on_progress(10)
-        sessions = []
+        run = VerifyRun(info, manifest, _manifests_agree(disk, memfd_manifest, memfd_problem),
+                        [])
         total = len(manifest.sessions)
-        with self._timed(f"retrieving {total} session(s) and checking their files"):
+        with self._timed(f"retrieving {total} session(s), reading their files' sizes"), \
+                ExitStack() as unwind:
+            unwind.callback(run.close)  # on an error; a run that is returned keeps its fds
             for i, entry in enumerate(manifest.sessions):
-                sessions.append(self._observe(device, entry, device_problem))
+                pending = len(run.pending)
+                run.sessions.append(self._retrieve_session(device, entry, device_problem, run))
+                if entry.name in self.incoming:
+                    (run.held if len(run.pending) > pending else run.handed_back).append(
+                        entry.name)
                 if total >= 20 and i % (total // 20) == 0:
-                    self.on_progress(10 + 80 * i // total)
-        self.on_progress(90)
+                    self.on_progress(10 + 40 * i // total)
+            unwind.pop_all()
+        self.on_progress(50)
         if self.stored_sessions:  # in the store, not in the manifest: nobody will claim them
             self._release_stored("the fd store handed back sessions the manifest does not list")
-        with self._timed("reading the network"):
-            net, _ = netstate.snapshot_or_reason()
-        with self._timed("reading the running kernel's ABI"):
-            abi = {k: v.primary for k, v in running_abi(
-                self.host, info.release, out, incoming, known=self.image_strings
-            ).contracts.items() if v.primary}
-        luo = out.luo
-        observation = Observation(
-            boot_id=info.boot_id, release=info.release,
-            kho_boot=incoming.state is not None and incoming.state.root_source != "none",
-            liveupdate_number=luo.liveupdate_number if luo else None,
-            previous_release=previous,
-            abi=abi,
-            sessions=sessions,
-            subtrees=[SubtreeEntry(n, s, None) for n, s in sorted(
-                incoming.sub_blob_sizes.items())],
-            network=net.to_json() if net else None,
-            disk_manifest_matches_memfd=_manifests_agree(disk, memfd_manifest, memfd_problem))
-        with self._timed("comparing with the manifest"):
-            return compare_manifest(manifest, observation)
+        return run
+
+    def verify_conclude(self, run: VerifyRun, found: HostObservation) -> VerifyReport:
+        """Step 3: compare with the manifest, write the report, record the verdict; every
+        retrieved session is its owner's to claim from here on."""
+        try:
+            observation = Observation(
+                boot_id=run.info.boot_id, release=run.info.release, kho_boot=found.kho_boot,
+                liveupdate_number=found.liveupdate_number,
+                previous_release=found.previous_release, abi=found.abi, sessions=run.sessions,
+                subtrees=found.subtrees, network=found.network,
+                disk_manifest_matches_memfd=run.disk_manifest_matches_memfd)
+            with self._timed("comparing with the manifest"):
+                report = compare_manifest(run.manifest, observation)
+            self._hold_for_owners()
+            verdict = Phase.VERIFIED if report.ok else Phase.FAILED
+            # The full report can hold 40k items: it gets its own file, written once; the state
+            # (rewritten on every transition) keeps a summary and the failures.
+            full = self.store.last_verify_path
+            summary = _summary(report, full)
+            try:
+                # the boot id on top: a restart that lost state.json can tell this boot was
+                # verified (statefile.py reads it) and does not verify into a false failure
+                with self._timed("writing the verification report"):
+                    write_atomic(full, json.dumps({"boot_id": run.info.boot_id,
+                                                   **report.to_json()}).encode() + b"\n")
+            except (AgentError, OSError) as exc:
+                summary["report"] = None
+                summary["report_problem"] = getattr(exc, "message", None) or str(exc)
+            # not strict: the sessions are retrieved and held; the verdict stands in memory
+            self._transition(verdict, "verified: every preserved item came back" if report.ok
+                             else "verification found problems", strict=False,
+                             last_result=summary)
+            return report
+        finally:
+            self._end_verify(run)
+
+    def verify_abandon(self, run: VerifyRun, reason: str) -> None:
+        """Step 2 failed: the verdict is "failed", the retrieved sessions stay their owners'."""
+        try:
+            self._hold_for_owners()
+            self._verify_failed(AgentError(reason))
+        finally:
+            self._end_verify(run)
+
+    def _hold_for_owners(self) -> None:
+        """The incoming sessions nobody claimed yet wait for their owners (the grace period)."""
+        grace = self.config.claim_grace_seconds
+        self.claim_deadline = (time.monotonic() + grace
+                               if grace is not None and self.incoming else None)
+        self.state.awaiting = sorted(self.incoming)
+
+    def _end_verify(self, run: VerifyRun) -> None:
+        """Idempotent: the run's fds closed, other operations may start."""
+        run.close()
+        if self._verifying is run:
+            self._verifying = None
+            self._lock.release()
+
+    @contextmanager
+    def _timed(self, step: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.on_step_timed(step, time.perf_counter() - start)
 
     def _session_manifest(self, device: LiveUpdateDevice | None, device_problem: str | None
                           ) -> tuple[Manifest | None, str | None]:
@@ -1024,26 +1077,31 @@ class Orchestrator:
             raise NotFound(f"session {name!r:.80}: {device_problem or '/dev/liveupdate is closed'}")
         return device.retrieve_session(name)
 
-    def _observe(self, device: LiveUpdateDevice | None, entry: SessionEntry,
-                 device_problem: str | None) -> ObservedSession:
+    def _retrieve_session(self, device: LiveUpdateDevice | None, entry: SessionEntry,
+                          device_problem: str | None, run: VerifyRun) -> ObservedSession:
+        """One incoming session retrieved and kept for its owner; its files' sizes and seals
+        read, and an fd of each file with a digest kept in `run` for step 2."""
         try:
             session = self._incoming_session(device, entry.name, device_problem)
         except AgentError as exc:
             return ObservedSession(entry.name, None, exc.message)
         self.incoming[entry.name] = session  # closing would finish it: keep it for its owner
-        files = []
+        files: list[ObservedFile] = []
         for f in entry.files:
             try:
                 fd = session.retrieve_fd(f.token)
             except AgentError as exc:
                 files.append(ObservedFile(f.token, 0, None, None, exc.message))
                 continue
-            try:
+            # the kernel allows retrieving a token again: the owner will
+            with ExitStack() as unwind:
+                unwind.callback(os.close, fd)
                 size = os.fstat(fd).st_size
-                digest = digest_fd(fd, size).hexdigest if f.digest else None
-                files.append(ObservedFile(f.token, size, digest, _seals(fd), None))
-            finally:
-                os.close(fd)  # the kernel allows retrieving a token again: the owner will
+                files.append(ObservedFile(f.token, size, None, _seals(fd), None))
+                if f.digest is not None:
+                    run.pending.append(PendingDigest(len(run.sessions), len(files) - 1, fd,
+                                                     size))
+                    unwind.pop_all()
         return ObservedSession(entry.name, files, None)
 
     def claim_session(self, name: str) -> LiveUpdateSession:

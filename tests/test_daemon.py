@@ -478,3 +478,117 @@ def test_a_client_preserves_into_its_own_session_fd_and_gets_it_back(host: Host)
         session.retrieve_fd(42)
     assert exc.value.errno == errno.ENOENT  # finished
     session.close()
+
+
+# --- after the kexec: who waits on what ----------------------------------------------------------
+
+def _two_sessions_committed(host: Host) -> tuple[GioClient, bytes, bytes]:
+    """A session without digests ("fast") and one with ("checked"), prepared and committed."""
+    client = host.client()
+    fast, checked = os.urandom(5 * PAGE), os.urandom(3 * PAGE)
+    _reply, fds = client.call(MANAGER_PATH, MANAGER_IFACE, "CreateSessionWithOptions",
+                             GLib.Variant("(sa{sv})", ("fast", {
+                                 "digests": GLib.Variant("b", False)})))
+    os.close(fds[0])
+    for name, data in (("fast", fast), ("checked", checked)):
+        if name == "checked":
+            _reply, fds = client.call(MANAGER_PATH, MANAGER_IFACE, "CreateSession",
+                                     GLib.Variant("(s)", (name,)))
+            os.close(fds[0])
+        fd = memfd(data)
+        try:
+            client.call(MANAGER_PATH, MANAGER_IFACE, "Preserve",
+                        GLib.Variant("(sht)", (name, 0, 1)), fds=[fd])
+        finally:
+            os.close(fd)
+        invoke(client, "SetReady", "sb", (name, True))
+    assert host.run_job(client, "Prepare", kernel_option(host))[0] == "done"
+    manifest = json.loads(invoke(client, "GetManifest")[0])
+    digests = {s["name"]: s["files"][0]["digest"] for s in manifest["sessions"]}
+    assert digests["fast"] is None and digests["checked"] is not None
+    assert host.run_job(client, "Commit", {})[0] == "done"
+    return client, fast, checked
+
+
+def _restart_gated(host: Host, gate: Path) -> None:
+    """The next boot, with the daemon's verification held after it retrieved the sessions."""
+    host.restart_wait_exit()
+    host.daemon.argv = [sys.executable, str(Path(__file__).parent / "gated_daemon.py"), str(gate)]
+    host.daemon.start()
+    deadline = time.monotonic() + 30
+    while not Path(f"{gate}.waiting").exists():
+        assert time.monotonic() < deadline, host.daemon.stderr_text()
+        time.sleep(0.02)
+
+
+def _retrieve_file(client: GioClient, name: str, token: int) -> bytes:
+    _reply, fds = client.call(MANAGER_PATH, MANAGER_IFACE, "RetrieveFile",
+                              GLib.Variant("(st)", (name, token)))
+    try:
+        return os.pread(fds[0], os.fstat(fds[0]).st_size, 0)
+    finally:
+        os.close(fds[0])
+
+
+def test_a_session_without_digests_is_handed_back_before_verification_ends(
+        host: Host, tmp_path: Path) -> None:
+    """The policy (docs/vmm-integration.md): a session whose owner did not ask for digests is
+    claimable as soon as the agent retrieved it; one with digests only once they are checked,
+    so that nobody writes to it while the agent reads it."""
+    client, fast, checked = _two_sessions_committed(host)
+    gate = tmp_path / "gate"
+    _restart_gated(host, gate)
+    # verification is running (held before its observation step) ...
+    client = host.client()
+    assert host.wait_state("verifying") == "verifying"
+    (rows,) = invoke(client, "ListSessions")
+    assert sorted((r[0], r[6]) for r in rows) == [("checked", True), ("fast", True)]
+    # ... and the session without digests is its owner's already, whole
+    _reply, fds = client.call(MANAGER_PATH, MANAGER_IFACE, "RetrieveSession",
+                             GLib.Variant("(s)", ("fast",)))
+    os.close(fds[0])
+    assert _retrieve_file(client, "fast", 1) == fast
+    # the one with digests waits for them, and says so
+    with pytest.raises(RemoteError) as exc:
+        client.call(MANAGER_PATH, MANAGER_IFACE, "RetrieveSession",
+                    GLib.Variant("(s)", ("checked",)))
+    assert exc.value.name == ERR + "Busy" and "digests" in exc.value.message
+    with pytest.raises(RemoteError) as exc:
+        _retrieve_file(client, "checked", 1)
+    assert exc.value.name == ERR + "Busy"
+    # no other operation starts meanwhile
+    with pytest.raises(RemoteError) as exc:
+        invoke(client, "Prepare", "a{sv}", (kernel_option(host),))
+    assert exc.value.name == ERR + "Busy"
+    assert host.prop("State") == "verifying"
+    gate.write_text("go")
+    assert host.wait_state("verified", "failed") == "verified", host.prop("LastResult")
+    assert json.loads(host.prop("LastResult"))["result"] == "verified"
+    assert _retrieve_file(client, "checked", 1) == checked
+    invoke(client, "FinishSession", "s", ("fast",))
+    invoke(client, "FinishSession", "s", ("checked",))
+    assert invoke(client, "ListSessions") == ([],)
+    log = host.daemon.stderr_text()
+    assert "verify: 1 incoming session(s) can be claimed, 1 with digests once they are " \
+           "checked" in log, log
+
+
+def test_a_verification_that_cannot_observe_fails_and_keeps_the_sessions(
+        host: Host, tmp_path: Path) -> None:
+    """The middle step fails (a read error): the verdict is "failed" with the reason, nothing
+    retrieved is lost, and the agent takes the next operation."""
+    client, fast, checked = _two_sessions_committed(host)
+    gate = tmp_path / "gate"
+    _restart_gated(host, gate)
+    gate.write_text("fail")
+    assert host.wait_state("verified", "failed") == "failed"
+    result = json.loads(host.prop("LastResult"))
+    assert result["result"] == "failed" and "EIO" in result["reason"], result
+    client = host.client()
+    assert _retrieve_file(client, "fast", 1) == fast
+    assert _retrieve_file(client, "checked", 1) == checked
+    for name in ("fast", "checked"):
+        invoke(client, "FinishSession", "s", (name,))
+    assert invoke(client, "ListSessions") == ([],)
+    result, job = host.run_job(client, "Prepare", kernel_option(host))
+    assert result == "done", job

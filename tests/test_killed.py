@@ -50,11 +50,11 @@ CHILD = textwrap.dedent("""
     agent = Orchestrator(host, EngineConfig(state_dir=state_dir))
     agent.start()
     if stop == "verifying":
-        real = agent._observe
-        def observe_one_then_halt(device, entry, problem):
-            result = real(device, entry, problem)
+        real = agent._retrieve_session
+        def retrieve_one_then_halt(device, entry, problem, run):
+            result = real(device, entry, problem, run)
             halt(stop)             # one session retrieved and held, the others not yet
-        agent._observe = observe_one_then_halt
+        agent._retrieve_session = retrieve_one_then_halt
         agent.verify()
         raise SystemExit("verify returned")
     for name in ("vm-a", "vm-b"):

@@ -123,9 +123,10 @@ def test_verify_reports_where_its_time_goes(rig: Rig) -> None:
     assert agent.verify().ok
     elapsed = time.perf_counter() - start
     assert [name for name, _ in steps] == [
-        "decoding the incoming and outgoing KHO state",
         "reading the manifest from the agent's session",
-        "retrieving 1 session(s) and checking their files",
+        "retrieving 1 session(s), reading their files' sizes",
+        "digests of 1 file(s), 5000 bytes",
+        "decoding the incoming and outgoing KHO state",
         "reading the network",
         "reading the running kernel's ABI",
         "comparing with the manifest",

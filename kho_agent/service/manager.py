@@ -25,6 +25,7 @@ from ..kernel.liveupdate import LiveUpdateSession, validate_session_name, valida
 from ..manifest import manifest_to_json, read_manifest
 from ..orchestrator import CommitOptions, Orchestrator, Plan, PrepareOptions
 from ..statefile import Phase
+from ..verifyrun import HostObservation, VerifyRun, observe
 from . import interfaces as api
 from .auth import Authorizer, Caller, owner_uid
 from .errors import check_options
@@ -99,6 +100,7 @@ class SessionObject:
     tokens: list[int] = field(default_factory=list)
     ready: bool = False
     claimed: bool = False
+    verifying: bool = False        # incoming with digests: held until they are checked
     handle: LiveUpdateSession | None = None  # a claimed incoming session, until FINISH
     obj: ExportedObject | None = None
 
@@ -121,6 +123,8 @@ class Hooks:
     job_finished: Callable[[Job], None] = lambda job: None
     handed_off: Callable[[], None] = lambda: None
     discarded: Callable[[list[str]], None] = lambda names: None
+    # verify retrieved the incoming sessions: (claimable now, held until their digests match)
+    incoming: Callable[[list[str], list[str]], None] = lambda now, held: None
     log: Callable[[str], None] = lambda text: None
 
 
@@ -137,6 +141,10 @@ class AgentService:
         # filesystem its owner controls (FUSE) can block a read for ever, and then only other
         # unprivileged callers wait (bounded: beyond a few they are told Busy)
         self.files = Worker(hooks.log, name="kho-agent-files")
+        # The part of verify that needs no engine state (digests, KHO state, network, ABI)
+        # runs here, so the engine hands the owners their sessions meanwhile (verifyrun.py)
+        self.observer = Worker(hooks.log, name="kho-agent-observer")
+        self.retrieving = False   # verify is retrieving the incoming sessions
         self.hooks = hooks
         self.simulated = agent.host.simulated
         self.snapshot = Snapshot()
@@ -406,11 +414,7 @@ class AgentService:
         """Authorize, then run the work a job does. `cleanup` runs once whatever happens
         (e.g. closing the fds the call passed)."""
         def authorized(caller: Caller) -> None:
-            if self.current is not None:
-                raise Busy(f"job {self.current.id} ({self.current.type}) is running; wait "
-                           "for its JobRemoved signal")
-            if self.handed_off:
-                raise Busy("the host is handing off to the next kernel")
+            self._check_no_job()
             job = self._new_job(kind)
             try:
                 work = make_work(caller, job)
@@ -428,6 +432,13 @@ class AgentService:
         except AgentError:
             cleanup()
             raise
+
+    def _check_no_job(self) -> None:
+        if self.current is not None:
+            raise Busy(f"job {self.current.id} ({self.current.type}) is running; wait "
+                       "for its JobRemoved signal")
+        if self.handed_off:
+            raise Busy("the host is handing off to the next kernel")
 
     def _new_job(self, kind: str) -> Job:
         """A running job, exported on the bus, as the current one."""
@@ -553,31 +564,65 @@ class AgentService:
             "message": self.agent.cancel()}, lambda data: dict(data))
 
     def _verify(self, call: Call) -> None:
-        self._start_job(call, "verify", lambda _caller, _job: self._verify_work, self._verified)
+        def authorized(_caller: Caller) -> None:
+            self._check_no_job()
+            job = self._new_job("verify")
+            call.reply("(o)", job.path)
+            self._run_verify(job)
+        self._authorized(call, api.ACTION_MANAGE, authorized)
 
     def start_verify(self) -> None:
         """At start after a live update: verify on our own, as a job anyone can watch."""
-        job = self._new_job("verify")
-        self.worker.submit(self._verify_work, lambda result, error: self._job_done(
-            job, result, error, self._verified))
+        self._run_verify(self._new_job("verify"))
 
-    def _verify_work(self) -> dict[str, Any]:
-        report = self.agent.verify()
-        manifest = self.agent.verified_manifest
-        entries = {s.name: s for s in manifest.sessions} if manifest else {}
-        incoming = {}
-        for name in self.agent.incoming:
-            entry = entries.get(name)
-            incoming[name] = (entry.owner if entry else "",
-                              [f.token for f in entry.files] if entry else [])
-        return {"ok": report.ok, "summary": self.agent.state.last_result, "incoming": incoming}
+    def _run_verify(self, job: Job) -> None:
+        """The three steps of verifyrun.py: retrieval on the engine, observation beside it (so
+        the engine answers the owners meanwhile), conclusion on the engine."""
+        self.retrieving = True
+        agent = self.agent
 
-    def _verified(self, data: dict[str, Any]) -> dict[str, Any]:
-        for name, (owner, tokens) in data.pop("incoming").items():
+        def ended(data: dict[str, Any] | None, error: AgentError | None) -> None:
+            self.retrieving = False
+            for record in self.sessions.values():
+                record.verifying = False  # every retrieved session is its owner's now
+            self._job_done(job, data, error, lambda result: dict(result))
+
+        def begun(run: VerifyRun | None, error: AgentError | None) -> None:
+            if run is None:
+                ended(None, error)
+                return
+            self._incoming_retrieved(run)
+
+            def observed(found: HostObservation | None, error: AgentError | None) -> None:
+                if found is None:
+                    reason = error.message if error else "no observation"
+                    self.worker.submit(lambda: agent.verify_abandon(run, reason),
+                                       lambda _none, abandon_error: ended(
+                                           None, abandon_error or error))
+                    return
+                self.worker.submit(lambda: self._conclude(run, found), ended)
+            self.observer.submit(lambda: observe(agent.host, run, agent.image_strings,
+                                                 agent.on_step_timed, agent.on_progress),
+                                 observed)
+        self.worker.submit(agent.verify_begin, begun)
+
+    def _conclude(self, run: VerifyRun, found: HostObservation) -> dict[str, Any]:
+        report = self.agent.verify_conclude(run, found)
+        return {"ok": report.ok, "summary": self.agent.state.last_result}
+
+    def _incoming_retrieved(self, run: VerifyRun) -> None:
+        """Step 1 done: the retrieved sessions appear on the bus; the ones without digests may
+        be claimed from now on, the others once their digests are checked."""
+        self.retrieving = False
+        entries = {s.name: s for s in run.manifest.sessions}
+        for name in [*run.handed_back, *run.held]:
             if name not in self.sessions:
-                record = self._add_session(name, owner_uid(owner), "", incoming=True)
-                record.tokens = sorted(tokens)
-        return data
+                entry = entries[name]
+                record = self._add_session(name, owner_uid(entry.owner), "", incoming=True)
+                record.tokens = sorted(f.token for f in entry.files)
+            self.sessions[name].verifying = name in run.held
+        self.hooks.incoming(run.handed_back, run.held)
+        self.refresh()
 
     # ------------------------------------------------------------------ sessions
 
@@ -693,7 +738,14 @@ class AgentService:
             self.hooks.log(f"session {record.name!r} {reason}")
 
     def _incoming_owned(self, name: str, caller: Caller) -> SessionObject:
+        if self.retrieving and name not in self.sessions:
+            raise Busy(f"the agent is retrieving the incoming sessions; session {name!r:.80} "
+                       "can be claimed shortly")
         record = self._owned(name, caller)
+        if record.verifying:
+            raise Busy(f"session {name!r:.80} is being verified (it has digests, which are "
+                       "checked before its owner gets it back); it can be claimed when the "
+                       "verify job ends")
         if not record.incoming:
             raise InvalidArgument(f"session {name!r:.80} was created in this boot; it is retrieved "
                                   "only after the next live update")
@@ -788,6 +840,8 @@ class AgentService:
     def close(self) -> None:
         self.reader.shutdown()
         self.files.shutdown()
+        # a verify's digests can take minutes: the process does not wait for them to end
+        self.observer.shutdown(wait=False)
         self.auth.close()
         GLib.source_remove(self._grace_source)
         for record in list(self.sessions.values()):

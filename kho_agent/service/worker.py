@@ -118,8 +118,9 @@ class Worker:
                                      "daemon log has the details"))
         return False  # GLib: run once
 
-    def shutdown(self) -> None:
-        """Let the running item finish, drop what waits."""
+    def shutdown(self, *, wait: bool = True) -> None:
+        """Drop what waits; let the running item finish, and wait for it unless told not to
+        (the thread then ends with the process)."""
         self._stopping = True
         while True:
             try:
@@ -127,4 +128,5 @@ class Worker:
             except queue.Empty:
                 break
         self._queue.put(_Item(-1, -1, None, None))
-        self._thread.join()
+        if wait:
+            self._thread.join()

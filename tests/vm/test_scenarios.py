@@ -321,7 +321,10 @@ def test_a_running_qemu_vm_keeps_its_ram_through_the_live_update(
     # the floor in the same boot, started beside the agent (kho-test-bus-floor.service)
     floor_boot = after_exec(run.step(2, "bus-floor-journal")["stdout"], "bus-floor: connected")
     serving_exec = after_exec(journal, "kho-agentd: serving")
+    claimable_exec = after_exec(journal, "can be claimed")
     assert floor_boot is not None and serving_exec is not None, journal
+    # the session (digests=false) is handed back before verification ends (verifyrun.py)
+    assert claimable_exec is not None and claimable_exec < verified - exec_at, journal
     assert live - live_probes > 0 and cold - cold_probes > 0
     print(f"\nQEMU {resumed['qemu_version']} VM, {ram_mib} MiB: blackout live update "
           f"{live - live_probes:.1f} s, cold reboot {cold - cold_probes:.1f} s, ratio "
@@ -336,6 +339,8 @@ def test_a_running_qemu_vm_keeps_its_ram_through_the_live_update(
           f"the bus: {floor['seconds']:.1f} s, ratio {(serving - exec_at) / floor['seconds']:.1f}"
           f"), on the bus -> verified {verified - serving:.1f} s; in the same boot, "
           f"exec -> on the bus: agent {serving_exec:.1f} s, bare python3 {floor_boot:.1f} s, "
-          f"ratio {serving_exec / floor_boot:.1f}")
+          f"ratio {serving_exec / floor_boot:.1f}; agent exec -> session claimable "
+          f"{claimable_exec:.1f} s (ratio to the floor {claimable_exec / floor_boot:.1f}), -> "
+          f"verified {verified - exec_at:.1f} s")
     print("\n".join(line for line in journal.splitlines()
                     if "after exec" in line or "verify: " in line))

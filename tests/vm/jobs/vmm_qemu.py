@@ -326,7 +326,8 @@ def suspend(directory: Path, conn: Gio.DBusConnection, session: str, qmp: Qmp,
 def retrieve_session(conn: Gio.DBusConnection, session: str,
                      timeout: float = 300) -> tuple[list[int], int]:
     """RetrieveSession as soon as the agent can answer it: right after the kexec the agent may
-    still be starting (no name on the bus) or restoring its sessions (NotFound, Busy)."""
+    still be starting (no name on the bus) or retrieving the sessions (Busy); a session it
+    does not have (NotFound) is an answer."""
     deadline = time.monotonic() + timeout
     attempts = 0
     while True:
@@ -336,7 +337,7 @@ def retrieve_session(conn: Gio.DBusConnection, session: str,
             return fds, attempts
         except GLib.Error as exc:
             name = Gio.DBusError.get_remote_error(exc) or ""
-            waiting = name.endswith((".NotFound", ".Busy", ".ServiceUnknown", ".NameHasNoOwner"))
+            waiting = name.endswith((".Busy", ".ServiceUnknown", ".NameHasNoOwner"))
             if not waiting or time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
