@@ -1,7 +1,12 @@
-"""For VM managers written in Python: use a session fd that kho-agentd handed out.
+"""For VM managers written in Python: kho-agentd's session calls, and the session fds it hands out.
 
-`CreateSession` and `RetrieveSession` return a LUO session fd over D-Bus. On a real kernel it
-takes LUO's session ioctls (PRESERVE_FD, RETRIEVE_FD, FINISH, GET_NAME); on the simulated kernel
+`AgentClient` makes the calls of docs/vmm-integration.md over D-Bus (Gio: they pass unix fds),
+raises the agent's errors as the same `AgentError` classes the daemon raised (name, message and
+exit code kept), and waits for a session after the kexec as the agent asks (it answers `Busy`
+until it has retrieved the session, or until its digests are checked).
+
+`CreateSession` and `RetrieveSession` return a LUO session fd. On a real kernel it takes LUO's
+session ioctls (PRESERVE_FD, RETRIEVE_FD, FINISH, GET_NAME); on the simulated kernel
 (`kho-agentd --simulate`, a rehearsal) it is a socket that takes the same requests as messages
 (kho_agent/kernel/sessionwire.py). `session_from_fd` returns the right one, so a client rehearses
 with the code it will run in production.
@@ -12,10 +17,25 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import time
+from collections.abc import Sequence
+from typing import Any
 
-from .errors import KernelRefused
-from .kernel import sessionwire
-from .kernel.liveupdate import LiveUpdateSession, RealLiveUpdateSession, validate_token
+import gi
+
+gi.require_version("Gio", "2.0")
+gi.require_version("GLib", "2.0")
+from gi.repository import Gio, GLib  # noqa: E402
+
+from .errors import AgentError, Busy, KernelRefused  # noqa: E402
+from .kernel import sessionwire  # noqa: E402
+from .kernel.liveupdate import (  # noqa: E402
+    LiveUpdateSession,
+    RealLiveUpdateSession,
+    validate_token,
+)
+from .service import interfaces as api  # noqa: E402
+from .service.errors import NOT_ON_BUS_ERRORS, DaemonUnreachable, from_dbus  # noqa: E402
 
 
 class SimulatedSessionFd:
@@ -73,3 +93,96 @@ def session_from_fd(fd: int, name: str, *, incoming: bool) -> LiveUpdateSession:
     if stat.S_ISSOCK(mode):
         return SimulatedSessionFd(fd, name, incoming)
     return RealLiveUpdateSession(fd, name, incoming)
+
+
+class AgentClient:
+    """kho-agentd's Manager for one VM manager: one Gio connection (the system bus unless one
+    is given), calls bounded by `call_timeout_s`. Every fd passed in stays the caller's; every
+    fd or session returned is the caller's to close."""
+
+    def __init__(self, connection: Gio.DBusConnection | None = None, *,
+                 call_timeout_s: float = 600) -> None:
+        self.connection = connection or Gio.bus_get_sync(Gio.BusType.SYSTEM, None)
+        self.call_timeout_ms = int(call_timeout_s * 1000)
+
+    def call(self, method: str, signature: str, values: tuple[Any, ...],
+             fds: Sequence[int] = ()) -> tuple[tuple[Any, ...], list[int]]:
+        """One Manager call: (the unpacked reply, the fds it carried). An error of the agent is
+        raised as its AgentError; no agent on the bus as DaemonUnreachable; another error of
+        the bus as AgentError naming it."""
+        fd_list = None
+        if fds:
+            fd_list = Gio.UnixFDList.new()
+            for fd in fds:
+                fd_list.append(fd)  # a duplicate: the caller keeps its own
+        args = GLib.Variant(f"({signature})", values) if signature else None
+        try:
+            reply, out = self.connection.call_with_unix_fd_list_sync(
+                api.BUS_NAME, api.MANAGER_PATH, api.MANAGER_IFACE, method, args, None,
+                Gio.DBusCallFlags.NONE, self.call_timeout_ms, fd_list, None)
+        except GLib.Error as exc:
+            name = Gio.DBusError.get_remote_error(exc) or ""
+            Gio.DBusError.strip_remote_error(exc)
+            if name in NOT_ON_BUS_ERRORS:
+                raise DaemonUnreachable(f"kho-agentd is not on the bus ({exc.message})") from exc
+            raise from_dbus(name, exc.message) from exc
+        received: list[int] = list(out.steal_fds()) if out is not None else []
+        return (tuple(reply.unpack()) if reply is not None else ()), received
+
+    def _one_fd(self, method: str, signature: str, values: tuple[Any, ...]
+                ) -> tuple[tuple[Any, ...], int]:
+        reply, fds = self.call(method, signature, values)
+        if len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise AgentError(f"{method}: the agent sent {len(fds)} fds instead of one")
+        return reply, fds[0]
+
+    def create_session(self, name: str, *, digests: bool | None = None
+                       ) -> tuple[str, LiveUpdateSession]:
+        """A new session (its object path, its fd). `digests`: whether the agent digests its
+        files at SetReady and checks them after the kexec (None: the daemon's default); a
+        session with digests is handed back after the kexec only once they are checked."""
+        if digests is None:
+            reply, fd = self._one_fd("CreateSession", "s", (name,))
+        else:
+            reply, fd = self._one_fd("CreateSessionWithOptions", "sa{sv}", (
+                name, {"digests": GLib.Variant("b", digests)}))
+        return str(reply[0]), session_from_fd(fd, name, incoming=False)
+
+    def preserve(self, name: str, fd: int, token: int) -> None:
+        validate_token(token)
+        self.call("Preserve", "sht", (name, 0, token), [fd])
+
+    def set_ready(self, name: str, ready: bool = True) -> None:
+        self.call("SetReady", "sb", (name, ready))
+
+    def release_session(self, name: str) -> None:
+        self.call("ReleaseSession", "s", (name,))
+
+    def retrieve_session(self, name: str, *, wait_s: float = 300,
+                         poll_s: float = 0.05) -> LiveUpdateSession:
+        """The incoming session after the kexec, as soon as the agent hands it back: while the
+        agent is not on the bus yet or answers Busy (still retrieving, or checking the
+        session's digests), ask again, for at most `wait_s`. Any other error is raised at once
+        (NotFound: the agent does not have it; the verification report says why)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                _reply, fd = self._one_fd("RetrieveSession", "s", (name,))
+                return session_from_fd(fd, name, incoming=True)
+            except AgentError as exc:
+                waiting = isinstance(exc, Busy | DaemonUnreachable)
+                if not waiting or time.monotonic() + poll_s > deadline:
+                    raise
+            time.sleep(poll_s)
+
+    def retrieve_file(self, name: str, token: int) -> int:
+        """RETRIEVE_FD through the agent (the same as on the session fd)."""
+        validate_token(token)
+        return self._one_fd("RetrieveFile", "st", (name, token))[1]
+
+    def finish_session(self, name: str) -> None:
+        """FINISH the incoming session once the VM runs: the kernel releases what was not
+        retrieved, and the agent forgets the session."""
+        self.call("FinishSession", "s", (name,))

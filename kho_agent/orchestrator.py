@@ -922,11 +922,12 @@ class Orchestrator:
                               "update (no incoming KHO state) and none is recorded")
         manifest_disk: Manifest | None = None
         disk_problem = None
-        try:
-            manifest_disk = read_manifest(self.store.manifest_path)
-        except (AgentError, OSError) as exc:
-            disk_problem = str(exc)
-        self._transition(Phase.VERIFYING, "verifying the live update", discarded=[])
+        with self._timed("reading the manifest on disk, recording the state"):
+            try:
+                manifest_disk = read_manifest(self.store.manifest_path)
+            except (AgentError, OSError) as exc:
+                disk_problem = str(exc)
+            self._transition(Phase.VERIFYING, "verifying the live update", discarded=[])
         try:
             return self._retrieve_incoming(info, manifest_disk, disk_problem)
         except AgentError as exc:

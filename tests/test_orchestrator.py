@@ -123,6 +123,7 @@ def test_verify_reports_where_its_time_goes(rig: Rig) -> None:
     assert agent.verify().ok
     elapsed = time.perf_counter() - start
     assert [name for name, _ in steps] == [
+        "reading the manifest on disk, recording the state",
         "reading the manifest from the agent's session",
         "retrieving 1 session(s), reading their files' sizes",
         "digests of 1 file(s), 5000 bytes",

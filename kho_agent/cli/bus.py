@@ -50,7 +50,12 @@ from ..errors import (  # noqa: E402
 )
 from ..kernel.callerfile import open_regular  # noqa: E402
 from ..service import interfaces as api  # noqa: E402
-from ..service.errors import from_dbus  # noqa: E402
+from ..service.errors import (  # noqa: E402
+    NOT_ON_BUS_ERRORS,
+    DaemonNotResponding,
+    DaemonUnreachable,
+    from_dbus,
+)
 
 DBUS_NAME = "org.freedesktop.DBus"
 DBUS_PATH = "/org/freedesktop/DBus"
@@ -73,9 +78,7 @@ _ADDRESS_FLAGS = (Gio.DBusConnectionFlags.AUTHENTICATION_CLIENT
 NO_UID = 0xFFFFFFFF               # the daemon's "owner not known"
 
 # Bus errors that mean "nobody serves org.khoagent.Agent1 here"
-_UNREACHABLE_ERRORS = ("org.freedesktop.DBus.Error.ServiceUnknown",
-                       "org.freedesktop.DBus.Error.NameHasNoOwner",
-                       "org.freedesktop.DBus.Error.Disconnected")
+_UNREACHABLE_ERRORS = (*NOT_ON_BUS_ERRORS, "org.freedesktop.DBus.Error.Disconnected")
 _SPAWN_ERROR_PREFIX = "org.freedesktop.DBus.Error.Spawn."
 _ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
 # ... and the ones that mean "no such object here" (a job whose 120 s linger ended)
@@ -89,25 +92,10 @@ _NO_REPLY_ERRORS = ("org.freedesktop.DBus.Error.NoReply",
                     "org.freedesktop.DBus.Error.TimedOut")
 
 
-class DaemonUnreachable(AgentError):
-    """No kho-agentd answers on the chosen bus (or the bus itself is missing)."""
-
-    name = "DaemonUnreachable"
-    exit_code = EXIT_CANNOT_RUN
-
-
 class JobNotFinished(AgentError):
     """The client stopped following a job that still runs (timeout, interrupt, daemon gone)."""
 
     name = "JobNotFinished"
-    exit_code = EXIT_CANNOT_RUN
-
-
-class DaemonNotResponding(AgentError):
-    """kho-agentd owns its bus name but did not answer within the command's --timeout: it is
-    stopped (SIGSTOP), hung or overloaded. Whether what was asked took effect is unknown."""
-
-    name = "DaemonNotResponding"
     exit_code = EXIT_CANNOT_RUN
 
 

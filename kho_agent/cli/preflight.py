@@ -26,10 +26,10 @@ from typing import Any
 
 from ..errors import AgentError
 from ..service import interfaces as api
+from ..service.errors import DaemonUnreachable
 from .bus import (
     DEFAULT_CALL_TIMEOUT,
     AgentClient,
-    DaemonUnreachable,
     TargetFiles,
     add_bus_options,
     add_timeout_option,

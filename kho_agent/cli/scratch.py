@@ -48,11 +48,11 @@ from ..scratch import (
     plan_scratch,
 )
 from ..service import interfaces as api
+from ..service.errors import DaemonUnreachable
 from .bus import (
     DEFAULT_CALL_TIMEOUT,
     KEXEC_FILE_SIZE_MAX,
     AgentClient,
-    DaemonUnreachable,
     TargetFiles,
     add_bus_options,
     add_timeout_option,

@@ -10,7 +10,7 @@ import re
 from typing import Any
 
 from .. import errors as errors_mod
-from ..errors import AgentError, InvalidArgument, KernelRefused
+from ..errors import EXIT_CANNOT_RUN, AgentError, InvalidArgument, KernelRefused
 from .interfaces import ERROR_PREFIX, NUMBER_RANGE, STRING_MAX
 
 INTERNAL = ERROR_PREFIX + "Failed"
@@ -25,6 +25,26 @@ def errno_from_message(message: str) -> int | None:
         return None
     value = getattr(errno_mod, found.group(1), None)
     return value if isinstance(value, int) else None
+
+
+# The bus's answers while no kho-agentd owns its name (not started yet, or gone)
+NOT_ON_BUS_ERRORS = ("org.freedesktop.DBus.Error.ServiceUnknown",
+                     "org.freedesktop.DBus.Error.NameHasNoOwner")
+
+
+class DaemonUnreachable(AgentError):
+    """No kho-agentd answers on the chosen bus (or the bus itself is missing)."""
+
+    name = "DaemonUnreachable"
+    exit_code = EXIT_CANNOT_RUN
+
+
+class DaemonNotResponding(AgentError):
+    """kho-agentd owns its bus name but did not answer within the command's --timeout: it is
+    stopped (SIGSTOP), hung or overloaded. Whether what was asked took effect is unknown."""
+
+    name = "DaemonNotResponding"
+    exit_code = EXIT_CANNOT_RUN
 
 
 def from_dbus(name: str, message: str) -> AgentError:

@@ -39,35 +39,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gi.repository import Gio, GLib
+from gi.repository import GLib
 
-from kho_agent.client import session_from_fd
+from kho_agent.client import AgentClient
 from kho_agent.errors import AgentError
 
 MIB = 1 << 20
-BUS_NAME = "org.khoagent.Agent1"
-PATH = "/org/khoagent/Agent1"
-IFACE = "org.khoagent.Agent1.Manager"
 RAM_TOKEN = 1
 STATE_TOKEN = 2
 COUNT_OFFSET = 0x500     # the payload's counter (count.asm), little-endian dword
 COUNT_STEP = 1 << 20     # it prints every 2^20 steps
 QEMU = "qemu-system-x86_64"
-
-
-# --- D-Bus ----------------------------------------------------------------------------------
-
-def call(conn: Gio.DBusConnection, method: str, args: GLib.Variant | None,
-         fds: list[int] | None = None) -> tuple[Any, list[int]]:
-    fd_list = None
-    if fds:
-        fd_list = Gio.UnixFDList()
-        for fd in fds:
-            fd_list.append(fd)  # a duplicate: the caller keeps (and closes) its own
-    reply, out = conn.call_with_unix_fd_list_sync(
-        BUS_NAME, PATH, IFACE, method, args, None, Gio.DBusCallFlags.NONE, 600_000, fd_list,
-        None)
-    return reply.unpack(), (out.steal_fds() if out is not None else [])
 
 
 # --- QMP ------------------------------------------------------------------------------------
@@ -246,11 +228,10 @@ def serve(directory: Path, session: str, ram_mib: int, payload: Path) -> int:
     # test) ends the VM: all blocked before anyone can send them, and waited for
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGUSR2,
                                             signal.SIGTERM})
-    conn = Gio.bus_get_sync(Gio.BusType.SYSTEM, None)
-    options = {"digests": GLib.Variant("b", False)}
-    _path, fds = call(conn, "CreateSessionWithOptions",
-                      GLib.Variant("(sa{sv})", (session, options)))
-    live_session = session_from_fd(fds[0], session, incoming=False)  # held until the kexec
+    agent = AgentClient()
+    # no digests: the session comes back as soon as the agent retrieved it (and nothing reads
+    # the guest RAM at SetReady)
+    _path, live_session = agent.create_session(session, digests=False)  # held until the kexec
     ram = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
     os.ftruncate(ram, ram_mib * MIB)
     fill(ram, ram_mib * MIB)
@@ -269,14 +250,14 @@ def serve(directory: Path, session: str, ram_mib: int, payload: Path) -> int:
     try:
         if signal.sigwait({signal.SIGUSR1, signal.SIGTERM}) == signal.SIGTERM:
             return 0
-        report = suspend(directory, conn, session, qmp, ram)
+        report = suspend(directory, agent, session, qmp, ram)
         write(directory, "suspend", report)
         # the kexec ends this process; SIGUSR2 only if the commit did not happen
         if signal.sigwait({signal.SIGUSR2, signal.SIGTERM}) == signal.SIGTERM:
             return 0
         start = time.monotonic()
         # not ready first: the agent must not commit a session whose VM runs again
-        call(conn, "SetReady", GLib.Variant("(sb)", (session, False)))
+        agent.set_ready(session, False)
         qmp.command("cont")
         seen_before = len(counts(serial))
         after = wait_counts(serial, seen_before + 2, 120)
@@ -290,7 +271,7 @@ def serve(directory: Path, session: str, ram_mib: int, payload: Path) -> int:
         live_session.close()
 
 
-def suspend(directory: Path, conn: Gio.DBusConnection, session: str, qmp: Qmp,
+def suspend(directory: Path, agent: AgentClient, session: str, qmp: Qmp,
             ram: int) -> dict[str, Any]:
     stopped = stamp()
     qmp.command("stop")
@@ -308,11 +289,11 @@ def suspend(directory: Path, conn: Gio.DBusConnection, session: str, qmp: Qmp,
     migrate_s = time.monotonic() - t
     state_bytes = os.fstat(state).st_size
     t = time.monotonic()
-    call(conn, "Preserve", GLib.Variant("(sht)", (session, 0, RAM_TOKEN)), [ram])
-    call(conn, "Preserve", GLib.Variant("(sht)", (session, 0, STATE_TOKEN)), [state])
+    agent.preserve(session, ram, RAM_TOKEN)
+    agent.preserve(session, state, STATE_TOKEN)
     preserve_s = time.monotonic() - t
     t = time.monotonic()
-    call(conn, "SetReady", GLib.Variant("(sb)", (session, True)))
+    agent.set_ready(session)
     ready_s = time.monotonic() - t
     os.close(state)
     return {"ok": migration.get("status") == "completed", "stopped": stopped,
@@ -321,26 +302,6 @@ def suspend(directory: Path, conn: Gio.DBusConnection, session: str, qmp: Qmp,
             "digest_s": round(digest_s, 3), "migrate_s": round(migrate_s, 3),
             "migration": migration, "state_bytes": state_bytes,
             "preserve_s": round(preserve_s, 3), "ready_s": round(ready_s, 3)}
-
-
-def retrieve_session(conn: Gio.DBusConnection, session: str,
-                     timeout: float = 300) -> tuple[list[int], int]:
-    """RetrieveSession as soon as the agent can answer it: right after the kexec the agent may
-    still be starting (no name on the bus) or retrieving the sessions (Busy); a session it
-    does not have (NotFound) is an answer."""
-    deadline = time.monotonic() + timeout
-    attempts = 0
-    while True:
-        attempts += 1
-        try:
-            _reply, fds = call(conn, "RetrieveSession", GLib.Variant("(s)", (session,)))
-            return fds, attempts
-        except GLib.Error as exc:
-            name = Gio.DBusError.get_remote_error(exc) or ""
-            waiting = name.endswith((".Busy", ".ServiceUnknown", ".NameHasNoOwner"))
-            if not waiting or time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
 
 
 def restore_and_cont(qmp: Qmp, uri: str, ram: int, serial: Path,
@@ -370,9 +331,9 @@ def restore_and_cont(qmp: Qmp, uri: str, ram: int, serial: Path,
 
 def resume(directory: Path, session: str, payload: Path, keep_running: bool) -> dict[str, Any]:
     started = stamp()
-    conn = Gio.bus_get_sync(Gio.BusType.SYSTEM, None)
-    fds, attempts = retrieve_session(conn, session)
-    live_session = session_from_fd(fds[0], session, incoming=True)
+    agent = AgentClient()
+    # right after the kexec the agent may not be on the bus yet, or still retrieving: wait
+    live_session = agent.retrieve_session(session, wait_s=300)
     ram = live_session.retrieve_fd(RAM_TOKEN)
     state = live_session.retrieve_fd(STATE_TOKEN)
     retrieved = stamp()
@@ -396,11 +357,11 @@ def resume(directory: Path, session: str, payload: Path, keep_running: bool) -> 
     # Done with the session: the agent finishes it in the kernel and forgets it (a FINISH
     # through the fd alone would leave the agent listing a session that is gone)
     live_session.close()
-    call(conn, "FinishSession", GLib.Variant("(s)", (session,)))
+    agent.finish_session(session)
     os.close(ram)
     os.close(state)
     return {**restored, "started": started, "retrieved": retrieved, "ram_bytes": ram_mib * MIB,
-            "qemu_version": version, "retrieve_attempts": attempts}
+            "qemu_version": version}
 
 
 def cold_save(directory: Path, image: Path) -> dict[str, Any]:

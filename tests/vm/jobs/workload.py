@@ -25,16 +25,13 @@ import os
 import sys
 import time
 
-from gi.repository import Gio, GLib
+from gi.repository import GLib
 
-from kho_agent.client import session_from_fd
+from kho_agent.client import AgentClient
 from kho_agent.errors import AgentError
 
 PAGE = 4096
 MIB = 1 << 20
-BUS_NAME = "org.khoagent.Agent1"
-PATH = "/org/khoagent/Agent1"
-IFACE = "org.khoagent.Agent1.Manager"
 
 # token -> (size, the offsets of the pages that are written; None: every page), how preserved
 FILES: dict[int, tuple[int, list[int] | None, str]] = {
@@ -94,23 +91,6 @@ def make_memfd(token: int) -> int:
     return fd
 
 
-def bus() -> Gio.DBusConnection:
-    return Gio.bus_get_sync(Gio.BusType.SYSTEM, None)
-
-
-def call(conn: Gio.DBusConnection, method: str, args: GLib.Variant | None,
-         fds: list[int] | None = None) -> tuple[GLib.Variant, list[int]]:
-    fd_list = None
-    if fds:
-        fd_list = Gio.UnixFDList()
-        for fd in fds:
-            fd_list.append(fd)  # a duplicate: the caller keeps (and closes) its own
-    reply, out = conn.call_with_unix_fd_list_sync(
-        BUS_NAME, PATH, IFACE, method, args, None, Gio.DBusCallFlags.NONE, 600_000, fd_list,
-        None)
-    return reply, (out.steal_fds() if out is not None else [])
-
-
 def file_hash(fd: int) -> tuple[int, str]:
     size = os.fstat(fd).st_size
     digest = hashlib.sha256()
@@ -125,10 +105,9 @@ def file_hash(fd: int) -> tuple[int, str]:
 
 
 def preserve(name: str) -> dict[str, object]:
-    conn = bus()
-    reply, fds = call(conn, "CreateSession", GLib.Variant("(s)", (name,)))
-    session = session_from_fd(fds[0], name, incoming=False)
-    report: dict[str, object] = {"session": name, "path": reply.unpack()[0], "files": {}}
+    agent = AgentClient()
+    path, session = agent.create_session(name)
+    report: dict[str, object] = {"session": name, "path": path, "files": {}}
     files: dict[str, object] = {}
     for token, (_size, _pages, how) in FILES.items():
         start = time.monotonic()
@@ -137,14 +116,14 @@ def preserve(name: str) -> dict[str, object]:
         if how == "ioctl":
             session.preserve_fd(fd, token)
         else:
-            call(conn, "Preserve", GLib.Variant("(sht)", (name, 0, token)), [fd])
+            agent.preserve(name, fd, token)
         files[str(token)] = {"how": how, "size": os.fstat(fd).st_size,
                              "write_s": round(written, 3),
                              "preserve_s": round(time.monotonic() - start - written, 3)}
         os.close(fd)
     report["files"] = files
     start = time.monotonic()
-    call(conn, "SetReady", GLib.Variant("(sb)", (name, True)))
+    agent.set_ready(name)
     report["ready_s"] = round(time.monotonic() - start, 3)
     # The agent keeps its own reference to the session until the kexec: this one may go.
     session.close()
@@ -153,9 +132,7 @@ def preserve(name: str) -> dict[str, object]:
 
 
 def check(name: str) -> dict[str, object]:
-    conn = bus()
-    _reply, fds = call(conn, "RetrieveSession", GLib.Variant("(s)", (name,)))
-    session = session_from_fd(fds[0], name, incoming=True)
+    session = AgentClient().retrieve_session(name, wait_s=120)
     files: dict[str, object] = {}
     ok = True
     for token in FILES:
