@@ -86,7 +86,7 @@ from .manifest import (
 from .preflight import PlannedSession, PreflightInputs, PreflightResult, handoff_mode, preflight
 from .scratch import ScratchPlan, plan_scratch
 from .statefile import AgentState, Phase, StateStore, Target, move_aside, now
-from .verifyrun import HostObservation, PendingDigest, VerifyRun, observe
+from .verifyrun import HostObservation, PendingDigest, Retrieved, VerifyRun, observe
 
 MAX_FAILURES_IN_STATE = 50
 MAX_RELEASED_KEPT = 256   # names of released sessions remembered for their owners' later calls
@@ -881,6 +881,8 @@ class Orchestrator:
         run = self.verify_begin()
         try:
             try:
+                while self.verify_retrieve(run) is not None:
+                    pass
                 found = observe(self.host, run, self.image_strings, self.on_step_timed,
                                 self.on_progress)
             except (AgentError, OSError) as exc:
@@ -891,9 +893,9 @@ class Orchestrator:
             self._end_verify(run)
 
     def verify_begin(self) -> VerifyRun:
-        """Step 1: retrieve every incoming session and read its files' sizes and seals. Until
-        verify_conclude or verify_abandon ends the run, no other operation starts; the owners
-        may claim the sessions of `run.handed_back` meanwhile."""
+        """Start a verification: the manifest read, the state "verifying"; verify_retrieve then
+        retrieves the sessions. Until verify_conclude or verify_abandon ends the run, no other
+        operation starts; the owners may claim the sessions of `run.handed_back` meanwhile."""
         self._acquire("verify")
         begun = False
         try:
@@ -955,25 +957,45 @@ class Orchestrator:
                            f"disk: {disk_problem or 'absent'}; memfd: "
                            f"{memfd_problem or device_problem or 'absent'}")
         self.on_progress(10)
-        run = VerifyRun(info, manifest, _manifests_agree(disk, memfd_manifest, memfd_problem),
-                        [])
-        total = len(manifest.sessions)
-        with self._timed(f"retrieving {total} session(s), reading their files' sizes"), \
-                ExitStack() as unwind:
-            unwind.callback(run.close)  # on an error; a run that is returned keeps its fds
-            for i, entry in enumerate(manifest.sessions):
-                pending = len(run.pending)
-                run.sessions.append(self._retrieve_session(device, entry, device_problem, run))
-                if entry.name in self.incoming:
-                    (run.held if len(run.pending) > pending else run.handed_back).append(
-                        entry.name)
-                if total >= 20 and i % (total // 20) == 0:
-                    self.on_progress(10 + 40 * i // total)
+        # the sessions without digests first (they are handed back as soon as each is
+        # retrieved, the others only at the conclusion), each kind in the manifest's order;
+        # popped from the end
+        def checked(entry: SessionEntry) -> bool:
+            return any(f.digest is not None for f in entry.files)
+        todo = [e for e in reversed(manifest.sessions) if checked(e)] + \
+            [e for e in reversed(manifest.sessions) if not checked(e)]
+        return VerifyRun(info, manifest, _manifests_agree(disk, memfd_manifest, memfd_problem),
+                         [], device=device, device_problem=device_problem, todo=todo,
+                         started=time.perf_counter())
+
+    def verify_retrieve(self, run: VerifyRun) -> Retrieved | None:
+        """Step 1, one session at a time (the daemon answers its owners between two): retrieve
+        the next session, keep it for its owner, read its files' sizes and seals, and keep an
+        fd of each file with a digest for step 2. None once every session is done."""
+        if not run.todo:
+            return None
+        entry = run.todo.pop()
+        pending = len(run.pending)
+        with ExitStack() as unwind:
+            unwind.callback(run.close)  # on an error; a run that goes on keeps its fds
+            run.sessions.append(self._retrieve_session(run.device, entry, run.device_problem,
+                                                       run))
             unwind.pop_all()
-        self.on_progress(50)
-        if self.stored_sessions:  # in the store, not in the manifest: nobody will claim them
-            self._release_stored("the fd store handed back sessions the manifest does not list")
-        return run
+        retrieved = entry.name in self.incoming
+        held = len(run.pending) > pending
+        if retrieved:
+            (run.held if held else run.handed_back).append(entry.name)
+        total = len(run.manifest.sessions)
+        done = total - len(run.todo)
+        if total < 20 or done % (total // 20) == 0:
+            self.on_progress(10 + 40 * done // total)
+        if not run.todo:
+            self.on_step_timed(f"retrieving {total} session(s), reading their files' sizes",
+                               time.perf_counter() - run.started)
+            if self.stored_sessions:  # in the store, not in the manifest: nobody will claim them
+                self._release_stored("the fd store handed back sessions the manifest does not "
+                                     "list")
+        return Retrieved(entry, retrieved, held)
 
     def verify_conclude(self, run: VerifyRun, found: HostObservation) -> VerifyReport:
         """Step 3: compare with the manifest, write the report, record the verdict; every

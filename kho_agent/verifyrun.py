@@ -4,10 +4,12 @@ After the kexec the VM managers wait for their sessions; the agent's verificatio
 more than they need (the KHO state, the network, the running kernel's ABI, and the digests of
 every preserved byte the owners asked to have checked). So verification runs in three steps:
 
-1. retrieval (the engine, `Orchestrator.verify_begin`): the manifest from the agent's own
-   session, every incoming session retrieved, every file's size and seals read. Its time grows
-   with the number of files, not with their bytes. A session whose owner did not ask for digests
-   is handed back from here on.
+1. retrieval (the engine, `Orchestrator.verify_begin`, then `verify_retrieve` once per
+   session, so that the engine answers the owners between two): the manifest from the agent's
+   own session, then each incoming session retrieved and each file's size and seals read. A
+   session whose owner did not ask for digests is handed back as soon as it is retrieved (they
+   are retrieved first). What the agent reads here does not grow with the files' bytes; the
+   kernel's RETRIEVE_FD does (it restores the folios), and an owner would pay it anyway.
 2. observation (`observe`, on a thread of its own beside the engine): the digests, the KHO
    state, the network, the running kernel's ABI. It needs no engine state: it reads only the
    fds a `VerifyRun` holds and the host, so the engine answers the owners meanwhile.
@@ -33,8 +35,9 @@ from .errors import AgentError
 from .facts import KhoView, kho_view, running_abi
 from .imagestrings import ImageStrings
 from .kernel.host import Host
+from .kernel.liveupdate import LiveUpdateDevice
 from .kernel.sysinfo import SysInfo
-from .manifest import Manifest, ObservedSession, SubtreeEntry
+from .manifest import Manifest, ObservedSession, SessionEntry, SubtreeEntry
 
 
 @dataclass
@@ -55,6 +58,10 @@ class VerifyRun:
     manifest: Manifest
     disk_manifest_matches_memfd: bool | None
     sessions: list[ObservedSession]           # sizes and seals; digests filled at step 2
+    device: LiveUpdateDevice | None = None    # /dev/liveupdate, or None and why not
+    device_problem: str | None = None
+    todo: list[SessionEntry] = field(default_factory=list)  # to retrieve, the last one first
+    started: float = 0.0                      # perf_counter() when retrieval started
     pending: list[PendingDigest] = field(default_factory=list)
     handed_back: list[str] = field(default_factory=list)   # may be claimed from step 1 on
     held: list[str] = field(default_factory=list)          # claimed only after step 3
@@ -63,6 +70,15 @@ class VerifyRun:
         """Close the fds held for the digests (the sessions themselves stay retrieved)."""
         while self.pending:
             os.close(self.pending.pop().fd)
+
+
+@dataclass(frozen=True)
+class Retrieved:
+    """One session done in step 1."""
+
+    entry: SessionEntry     # what the manifest says of it
+    retrieved: bool         # False: it could not be (the report says why)
+    held: bool              # it has digests: its owner gets it after step 3
 
 
 @dataclass

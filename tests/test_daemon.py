@@ -592,3 +592,42 @@ def test_a_verification_that_cannot_observe_fails_and_keeps_the_sessions(
     assert invoke(client, "ListSessions") == ([],)
     result, job = host.run_job(client, "Prepare", kernel_option(host))
     assert result == "done", job
+
+
+def test_each_session_is_handed_back_as_soon_as_it_is_retrieved(host: Host) -> None:
+    """Retrieval runs one session per engine call: a VM manager gets its session while the
+    agent is still retrieving the others, instead of after all of them."""
+    client = host.client()
+    count = 300
+    for i in range(count):
+        _reply, fds = client.call(MANAGER_PATH, MANAGER_IFACE, "CreateSessionWithOptions",
+                                  GLib.Variant("(sa{sv})", (f"vm-{i}", {
+                                      "digests": GLib.Variant("b", False)})))
+        os.close(fds[0])
+        fd = memfd(f"vm-{i}".encode())
+        try:
+            client.call(MANAGER_PATH, MANAGER_IFACE, "Preserve",
+                        GLib.Variant("(sht)", (f"vm-{i}", 0, 1)), fds=[fd])
+        finally:
+            os.close(fd)
+        invoke(client, "SetReady", "sb", (f"vm-{i}", True))
+    assert host.run_job(client, "Prepare", kernel_option(host))[0] == "done"
+    assert host.run_job(client, "Commit", {})[0] == "done"
+    host.restart_wait_exit()
+    host.daemon.start()
+    client = host.client()
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            _reply, fds = client.call(MANAGER_PATH, MANAGER_IFACE, "RetrieveSession",
+                                      GLib.Variant("(s)", ("vm-0",)))
+            break
+        except RemoteError as exc:
+            assert exc.name == ERR + "Busy" and time.monotonic() < deadline, exc
+            time.sleep(0.005)
+    (rows,) = invoke(client, "ListSessions")
+    os.close(fds[0])
+    assert 0 < len(rows) < count, len(rows)   # the others were still being retrieved
+    assert _retrieve_file(client, "vm-0", 1) == b"vm-0"
+    assert host.wait_state("verified", "failed", timeout=120) == "verified"
+    assert len(invoke(client, "ListSessions")[0]) == count

@@ -25,7 +25,7 @@ from ..kernel.liveupdate import LiveUpdateSession, validate_session_name, valida
 from ..manifest import manifest_to_json, read_manifest
 from ..orchestrator import CommitOptions, Orchestrator, Plan, PrepareOptions
 from ..statefile import Phase
-from ..verifyrun import HostObservation, VerifyRun, observe
+from ..verifyrun import HostObservation, Retrieved, VerifyRun, observe
 from . import interfaces as api
 from .auth import Authorizer, Caller, owner_uid
 from .errors import check_options
@@ -576,8 +576,9 @@ class AgentService:
         self._run_verify(self._new_job("verify"))
 
     def _run_verify(self, job: Job) -> None:
-        """The three steps of verifyrun.py: retrieval on the engine, observation beside it (so
-        the engine answers the owners meanwhile), conclusion on the engine."""
+        """The three steps of verifyrun.py: retrieval on the engine, one session per engine
+        call (the owners are answered between two); observation beside the engine;
+        conclusion on the engine."""
         self.retrieving = True
         agent = self.agent
 
@@ -587,42 +588,56 @@ class AgentService:
                 record.verifying = False  # every retrieved session is its owner's now
             self._job_done(job, data, error, lambda result: dict(result))
 
+        def abandon(run: VerifyRun, error: AgentError) -> None:
+            self.retrieving = False
+            self.worker.submit(lambda: agent.verify_abandon(run, error.message),
+                               lambda _none, abandon_error: ended(None, abandon_error or error))
+
+        def observed(run: VerifyRun, found: HostObservation | None,
+                     error: AgentError | None) -> None:
+            if found is None:
+                abandon(run, error or AgentError("no observation"))
+                return
+            self.worker.submit(lambda: self._conclude(run, found), ended)
+
+        def retrieved(run: VerifyRun, got: Retrieved | None, error: AgentError | None) -> None:
+            if error is not None:
+                abandon(run, error)
+                return
+            if got is not None:
+                self._incoming_retrieved(got)
+                self.worker.submit(lambda: agent.verify_retrieve(run),
+                                   lambda more, e: retrieved(run, more, e))
+                return
+            self.retrieving = False  # every session is on the bus (or could not be retrieved)
+            self.hooks.incoming(run.handed_back, run.held)
+            self.refresh()
+            self.observer.submit(lambda: observe(agent.host, run, agent.image_strings,
+                                                 agent.on_step_timed, agent.on_progress),
+                                 lambda found, e: observed(run, found, e))
+
         def begun(run: VerifyRun | None, error: AgentError | None) -> None:
             if run is None:
                 ended(None, error)
                 return
-            self._incoming_retrieved(run)
-
-            def observed(found: HostObservation | None, error: AgentError | None) -> None:
-                if found is None:
-                    reason = error.message if error else "no observation"
-                    self.worker.submit(lambda: agent.verify_abandon(run, reason),
-                                       lambda _none, abandon_error: ended(
-                                           None, abandon_error or error))
-                    return
-                self.worker.submit(lambda: self._conclude(run, found), ended)
-            self.observer.submit(lambda: observe(agent.host, run, agent.image_strings,
-                                                 agent.on_step_timed, agent.on_progress),
-                                 observed)
+            self.worker.submit(lambda: agent.verify_retrieve(run),
+                               lambda got, e: retrieved(run, got, e))
         self.worker.submit(agent.verify_begin, begun)
 
     def _conclude(self, run: VerifyRun, found: HostObservation) -> dict[str, Any]:
         report = self.agent.verify_conclude(run, found)
         return {"ok": report.ok, "summary": self.agent.state.last_result}
 
-    def _incoming_retrieved(self, run: VerifyRun) -> None:
-        """Step 1 done: the retrieved sessions appear on the bus; the ones without digests may
-        be claimed from now on, the others once their digests are checked."""
-        self.retrieving = False
-        entries = {s.name: s for s in run.manifest.sessions}
-        for name in [*run.handed_back, *run.held]:
-            if name not in self.sessions:
-                entry = entries[name]
-                record = self._add_session(name, owner_uid(entry.owner), "", incoming=True)
-                record.tokens = sorted(f.token for f in entry.files)
-            self.sessions[name].verifying = name in run.held
-        self.hooks.incoming(run.handed_back, run.held)
-        self.refresh()
+    def _incoming_retrieved(self, got: Retrieved) -> None:
+        """One session of step 1 done: on the bus; claimable now if it has no digests, once
+        they are checked if it has."""
+        if not got.retrieved:
+            return
+        entry = got.entry
+        if entry.name not in self.sessions:
+            record = self._add_session(entry.name, owner_uid(entry.owner), "", incoming=True)
+            record.tokens = sorted(f.token for f in entry.files)
+        self.sessions[entry.name].verifying = got.held
 
     # ------------------------------------------------------------------ sessions
 
