@@ -973,6 +973,7 @@ class Orchestrator:
         the next session, keep it for its owner, read its files' sizes and seals, and keep an
         fd of each file with a digest for step 2. None once every session is done."""
         if not run.todo:
+            self._retrieved_all(run)  # a manifest without sessions comes here first
             return None
         entry = run.todo.pop()
         pending = len(run.pending)
@@ -990,12 +991,17 @@ class Orchestrator:
         if total < 20 or done % (total // 20) == 0:
             self.on_progress(10 + 40 * done // total)
         if not run.todo:
-            self.on_step_timed(f"retrieving {total} session(s), reading their files' sizes",
-                               time.perf_counter() - run.started)
-            if self.stored_sessions:  # in the store, not in the manifest: nobody will claim them
-                self._release_stored("the fd store handed back sessions the manifest does not "
-                                     "list")
+            self._retrieved_all(run)
         return Retrieved(entry, retrieved, held)
+
+    def _retrieved_all(self, run: VerifyRun) -> None:
+        if run.retrieved_all:
+            return
+        run.retrieved_all = True
+        self.on_step_timed(f"retrieving {len(run.manifest.sessions)} session(s), reading their "
+                           "files' sizes", time.perf_counter() - run.started)
+        if self.stored_sessions:  # in the store, not in the manifest: nobody will claim them
+            self._release_stored("the fd store handed back sessions the manifest does not list")
 
     def verify_conclude(self, run: VerifyRun, found: HostObservation) -> VerifyReport:
         """Step 3: compare with the manifest, write the report, record the verdict; every

@@ -62,6 +62,7 @@ class VerifyRun:
     device_problem: str | None = None
     todo: list[SessionEntry] = field(default_factory=list)  # to retrieve, the last one first
     started: float = 0.0                      # perf_counter() when retrieval started
+    retrieved_all: bool = False
     pending: list[PendingDigest] = field(default_factory=list)
     handed_back: list[str] = field(default_factory=list)   # may be claimed from step 1 on
     held: list[str] = field(default_factory=list)          # claimed only after step 3

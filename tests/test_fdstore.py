@@ -218,3 +218,27 @@ def test_the_name_systemd_uses_for_its_own_session_is_refused(tmp_path: Path) ->
         agent.create_session("systemd", "test")
     assert agent.clients == {}
     agent.close()
+
+
+def test_sessions_the_manifest_does_not_list_are_released_at_verify(tmp_path: Path) -> None:
+    """The store hands back a session the manifest does not list (here a manifest without
+    sessions): nobody will claim it, so verify releases it (the store's copy included), also
+    when there is no session of the manifest to retrieve."""
+    rig = Rig(tmp_path)
+    store = DupStore()
+    agent = rig.agent(store)
+    agent.prepare(PrepareOptions(kernel=rig.target))
+    agent.commit(CommitOptions())
+    stored = store.hand_back()
+    assert sorted(stored) == [AGENT_SESSION]
+    stray = SimKernel(tmp_path / "sim").host().liveupdate.open()
+    extra = stray.create_session("stray")  # a session of this boot, not in the manifest
+    stored["stray"] = os.dup(extra.fileno())
+    store_after = DupStore()
+    store_after.fds = {name: os.dup(fd) for name, fd in stored.items()}
+    agent = rig.agent(store_after, stored)
+    assert agent.verify().ok
+    assert agent.stored_sessions == {} and store_after.fds == {}
+    extra.close()
+    stray.close()
+    agent.close()
