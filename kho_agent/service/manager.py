@@ -123,7 +123,8 @@ class Hooks:
     job_finished: Callable[[Job], None] = lambda job: None
     handed_off: Callable[[], None] = lambda: None
     discarded: Callable[[list[str]], None] = lambda names: None
-    # verify retrieved the incoming sessions: (claimable now, held until their digests match)
+    # verify retrieved the incoming sessions: (claimable now, held until their digests
+    # are checked)
     incoming: Callable[[list[str], list[str]], None] = lambda now, held: None
     log: Callable[[str], None] = lambda text: None
 
@@ -622,6 +623,7 @@ class AgentService:
                 return
             self.worker.submit(lambda: agent.verify_retrieve(run),
                                lambda got, e: retrieved(run, got, e))
+            self.refresh()  # State "verifying", read after the first session is retrieved
         self.worker.submit(agent.verify_begin, begun)
 
     def _conclude(self, run: VerifyRun, found: HostObservation) -> dict[str, Any]:
