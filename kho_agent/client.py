@@ -95,6 +95,17 @@ def session_from_fd(fd: int, name: str, *, incoming: bool) -> LiveUpdateSession:
     return RealLiveUpdateSession(fd, name, incoming)
 
 
+def remote_error(err: GLib.Error) -> tuple[str, str] | None:
+    """(the D-Bus error name, its message) of an error reply; None for a local error.
+    Gio.DBusError.strip_remote_error edits a C copy of the error in PyGObject, not the Python
+    object: the "GDBus.Error:NAME: " prefix is stripped here."""
+    if not Gio.DBusError.is_remote_error(err):
+        return None
+    name: str = Gio.DBusError.get_remote_error(err)
+    message: str = err.message
+    return name, message.removeprefix(f"GDBus.Error:{name}: ")
+
+
 class AgentClient:
     """kho-agentd's Manager for one VM manager: one Gio connection (the system bus unless one
     is given), calls bounded by `call_timeout_s`. Every fd passed in stays the caller's; every
@@ -121,11 +132,10 @@ class AgentClient:
                 api.BUS_NAME, api.MANAGER_PATH, api.MANAGER_IFACE, method, args, None,
                 Gio.DBusCallFlags.NONE, self.call_timeout_ms, fd_list, None)
         except GLib.Error as exc:
-            name = Gio.DBusError.get_remote_error(exc) or ""
-            Gio.DBusError.strip_remote_error(exc)
+            name, message = remote_error(exc) or ("", exc.message)
             if name in NOT_ON_BUS_ERRORS:
-                raise DaemonUnreachable(f"kho-agentd is not on the bus ({exc.message})") from exc
-            raise from_dbus(name, exc.message) from exc
+                raise DaemonUnreachable(f"kho-agentd is not on the bus ({message})") from exc
+            raise from_dbus(name, message) from exc
         received: list[int] = list(out.steal_fds()) if out is not None else []
         return (tuple(reply.unpack()) if reply is not None else ()), received
 

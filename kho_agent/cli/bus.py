@@ -41,6 +41,7 @@ gi.require_version("Gio", "2.0")
 gi.require_version("GLib", "2.0")
 from gi.repository import Gio, GLib  # noqa: E402
 
+from ..client import remote_error  # noqa: E402
 from ..errors import (  # noqa: E402
     EXIT_CANNOT_RUN,
     AgentError,
@@ -227,17 +228,6 @@ Progress = Callable[[JobInfo], None]
 
 # ---------------------------------------------------------------------------------- errors
 
-def _remote(err: GLib.Error) -> tuple[str, str] | None:
-    if not Gio.DBusError.is_remote_error(err):
-        return None
-    name: str = Gio.DBusError.get_remote_error(err)
-    message: str = err.message
-    prefix = f"GDBus.Error:{name}: "
-    if message.startswith(prefix):
-        message = message[len(prefix):]
-    return name, message
-
-
 def glib_error(err: GLib.Error, target: BusTarget | None = None, what: str = "") -> AgentError:
     """A local GLib/Gio error (not an error reply) as an agent error with a name: a call that
     timed out is DaemonNotResponding, a connection that closed DaemonUnreachable."""
@@ -256,7 +246,7 @@ def glib_error(err: GLib.Error, target: BusTarget | None = None, what: str = "")
 def bus_error(err: GLib.Error, target: BusTarget, what: str) -> AgentError:
     """The agent error for a failed call: ours rebuilt with their exit codes; the bus's own
     refusals turned into what the operator can do about them."""
-    remote = _remote(err)
+    remote = remote_error(err)
     if remote is None:
         return glib_error(err, target, what)
     name, message = remote
