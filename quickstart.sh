@@ -53,13 +53,17 @@ install_apt() {
 install_venv() {
     # Debian's interpreter: a venv from pyenv's (under /root, mode 700) is unusable by the
     # unprivileged users some tests switch to.
-    local stamp=.venv/.kho-agent-installed want
-    want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+    local stamp=.venv/.kho-agent-installed want constraints=() codename
+    # what only this release needs pinned (constraints/<codename>.txt), not the package's deps
+    codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
+    [ -f "constraints/$codename.txt" ] && constraints=(-c "constraints/$codename.txt")
+    want=$(cat pyproject.toml "${constraints[@]:1}" | sha256sum | cut -d' ' -f1)
     [ -x .venv/bin/python ] || { log "creating .venv"; /usr/bin/python3 -m venv .venv; }
     if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
         log "pip install -e .[dev]"
         .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
-        .venv/bin/python -m pip install -q -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' || true
+        .venv/bin/python -m pip install -q "${constraints[@]}" -e '.[dev]' 2>&1 \
+            | grep -v '^WARNING: Location' || true
         .venv/bin/python -c 'import kho_agent.abi, gi, pydbus, fdt, pyroute2, systemd.daemon, blake3'
         echo "$want" > "$stamp"
     fi
