@@ -16,6 +16,7 @@ commit there ends this process, as a real kexec would, and the next start is the
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import signal
 import sys
@@ -305,6 +306,9 @@ class Daemon:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # systemd's watchdog ends a stuck daemon with SIGABRT: the journal then shows where each
+    # thread was (a main loop starved by a long call on another thread, say)
+    faulthandler.enable(all_threads=True)
     args = parse_args(argv)
     try:
         daemon = Daemon(args)

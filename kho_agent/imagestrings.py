@@ -38,9 +38,16 @@ _KEY = re.compile(r"[a-z0-9:_-]{1,64}")      # contract keys: "kho-root", "handl
 _STRING = re.compile(r"[a-z0-9;_-]{1,128}")
 
 
+DIGEST_CHUNK = 4 << 20  # hashed a piece at a time: one call must not hold the GIL for long
+
+
 def image_digest(data: bytes) -> str:
     """The key of an image: BLAKE3 of the file's bytes, as lowercase hex."""
-    return str(blake3(data, max_threads=blake3.AUTO).hexdigest())
+    hasher = blake3(max_threads=blake3.AUTO)
+    view = memoryview(data)
+    for start in range(0, len(data), DIGEST_CHUNK):
+        hasher.update(view[start:start + DIGEST_CHUNK])
+    return str(hasher.hexdigest())
 
 
 @dataclass

@@ -557,3 +557,22 @@ def test_real_kernel_image_agrees_with_its_config() -> None:
     assert abi.luo_built is luo_on
     release = image_path.rsplit("/vmlinuz-", 1)[1]
     assert image.info.release in (None, release)
+
+
+def test_strings_across_scan_windows_are_found_once_and_whole() -> None:
+    """The payload is scanned a window at a time (so the daemon's main loop is not starved):
+    a string that starts in one window and ends in the next is found, whole, and one longer
+    than MAX_STRING is not taken at all, wherever it lies."""
+    from kho_agent.abi.compat import MAX_STRING, SCAN_WINDOW, payload_strings
+
+    filler = bytearray(b"\xcc" * (3 * SCAN_WINDOW))
+    placed = {SCAN_WINDOW - 3: b"luo-v5\0", 2 * SCAN_WINDOW - 1: b"memfd-v7\0",
+              2 * SCAN_WINDOW + 10: b"\0kho-v4\0"}
+    for offset, text in placed.items():
+        filler[offset:offset + len(text)] = text
+    long_one = b"\0kho-v9" + b";a" * MAX_STRING + b"\0"
+    filler[SCAN_WINDOW + 100:SCAN_WINDOW + 100 + len(long_one)] = long_one
+    found = payload_strings(bytes(filler))
+    assert found["luo"] == ["luo-v5"]
+    assert found["handler:memfd"] == ["memfd-v7"]
+    assert found["kho-root"] == ["kho-v4"]   # not the string longer than MAX_STRING

@@ -631,3 +631,20 @@ def test_each_session_is_handed_back_as_soon_as_it_is_retrieved(host: Host) -> N
     assert _retrieve_file(client, "vm-0", 1) == b"vm-0"
     assert host.wait_state("verified", "failed", timeout=120) == "verified"
     assert len(invoke(client, "ListSessions")[0]) == count
+
+
+def test_the_watchdogs_sigabrt_leaves_every_threads_stack_in_the_log(host: Host) -> None:
+    """systemd's watchdog ends a daemon whose main loop stopped turning with SIGABRT; the log
+    must then say where each thread was (faulthandler), or the cause is lost."""
+    import signal as signals
+
+    os.kill(host.daemon.pid, signals.SIGABRT)
+    deadline = time.monotonic() + 10
+    while host.daemon.returncode is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert host.daemon.returncode == -signals.SIGABRT
+    log = host.daemon.stderr_text()
+    assert "Fatal Python error: Aborted" in log, log
+    assert "kho-agent-engine" in log or log.count("Thread 0x") >= 2, log
+    assert "daemon.py" in log, log
+    host.daemon.start()   # the fixture's teardown expects a running daemon

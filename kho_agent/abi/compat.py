@@ -170,6 +170,14 @@ class KernelAbi:
     notes: list[str] = field(default_factory=list)
 
 
+# The payload is scanned a window at a time: one regular-expression search holds the GIL for as
+# long as it runs, and over a 30 MB payload under TCG that starved the daemon's main loop until
+# systemd's watchdog killed it (a verify in the QEMU suite). Windows overlap by more than the
+# longest string taken, so a string across a boundary is found in the window it starts in.
+SCAN_WINDOW = 1 << 20
+MAX_STRING = 4096
+
+
 def _found(payload: bytes, token: str) -> list[str]:
     # The literal prefix keeps the scan fast; the byte before the match is checked by hand so
     # that e.g. "xkho-v4" does not count. Strings usually follow a NUL, but a short one copied
@@ -177,10 +185,14 @@ def _found(payload: bytes, token: str) -> list[str]:
     # identifier character before it disqualifies a match.
     pattern = re.compile(b"(" + token.encode() + b")\0")
     found: set[str] = set()
-    for m in pattern.finditer(payload):
-        if m.start() and payload[m.start() - 1] in _IDENT:
-            continue
-        found.add(m.group(1).decode("ascii"))
+    for start in range(0, len(payload), SCAN_WINDOW):
+        end = start + SCAN_WINDOW
+        for m in pattern.finditer(payload, start, end + MAX_STRING):
+            if m.start() >= end:
+                break  # the next window's
+            if (m.start() and payload[m.start() - 1] in _IDENT) or m.end() - m.start() > MAX_STRING:
+                continue
+            found.add(m.group(1).decode("ascii"))
     return sorted(found, key=version_key)
 
 
