@@ -23,7 +23,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,7 +86,14 @@ from .manifest import (
 from .preflight import PlannedSession, PreflightInputs, PreflightResult, handoff_mode, preflight
 from .scratch import ScratchPlan, plan_scratch
 from .statefile import AgentState, Phase, StateStore, Target, move_aside, now
-from .verifyrun import HostObservation, PendingDigest, Retrieved, VerifyRun, observe
+from .verifyrun import (
+    HostObservation,
+    PendingDigest,
+    Retrieved,
+    VerifyRun,
+    observe,
+    timed_step,
+)
 
 MAX_FAILURES_IN_STATE = 50
 MAX_RELEASED_KEPT = 256   # names of released sessions remembered for their owners' later calls
@@ -1060,13 +1067,8 @@ class Orchestrator:
             self._verifying = None
             self._lock.release()
 
-    @contextmanager
-    def _timed(self, step: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.on_step_timed(step, time.perf_counter() - start)
+    def _timed(self, step: str) -> AbstractContextManager[None]:
+        return timed_step(self.on_step_timed, step)
 
     def _session_manifest(self, device: LiveUpdateDevice | None, device_problem: str | None
                           ) -> tuple[Manifest | None, str | None]:

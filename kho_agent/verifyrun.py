@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 
 from . import netstate
@@ -94,21 +94,26 @@ class HostObservation:
     network: dict[str, object] | None
 
 
+@contextmanager
+def timed_step(report: Callable[[str, float], None], step: str) -> Iterator[None]:
+    """Report how long the block took (the daemon logs each verification step with it)."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        report(step, time.perf_counter() - started)
+
+
 def observe(host: Host, run: VerifyRun, known: ImageStrings,
             timed: Callable[[str, float], None],
             progress: Callable[[int], None] = lambda percent: None) -> HostObservation:
     """Step 2. The digests first (the held sessions wait on them), then the rest."""
-    @contextmanager
-    def step(name: str) -> Iterator[None]:
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            timed(name, time.perf_counter() - started)
+    def step(name: str) -> AbstractContextManager[None]:
+        return timed_step(timed, name)
 
-    total = sum(p.size for p in run.pending) or 1
+    total = sum(p.size for p in run.pending)
     done = 0
-    with step(f"digests of {len(run.pending)} file(s), {total if run.pending else 0} bytes"):
+    with step(f"digests of {len(run.pending)} file(s), {total} bytes"):
         for pending in run.pending:
             files = run.sessions[pending.session].files
             assert files is not None  # pending only for files of a retrieved session
@@ -118,7 +123,7 @@ def observe(host: Host, run: VerifyRun, known: ImageStrings,
             except AgentError as exc:
                 observed.error = f"cannot read it for its digest: {exc.message}"
             done += pending.size
-            progress(50 + 40 * done // total)
+            progress(50 + 40 * done // max(total, 1))
     with step("decoding the incoming and outgoing KHO state"):
         incoming = kho_view(host, Side.IN)
         out = kho_view(host, Side.OUT, with_memory=False)
