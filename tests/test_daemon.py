@@ -486,15 +486,11 @@ def _two_sessions_committed(host: Host) -> tuple[GioClient, bytes, bytes]:
     """A session without digests ("fast") and one with ("checked"), prepared and committed."""
     client = host.client()
     fast, checked = os.urandom(5 * PAGE), os.urandom(3 * PAGE)
-    _reply, fds = client.call(MANAGER_PATH, MANAGER_IFACE, "CreateSessionWithOptions",
-                             GLib.Variant("(sa{sv})", ("fast", {
-                                 "digests": GLib.Variant("b", False)})))
-    os.close(fds[0])
-    for name, data in (("fast", fast), ("checked", checked)):
-        if name == "checked":
-            _reply, fds = client.call(MANAGER_PATH, MANAGER_IFACE, "CreateSession",
-                                     GLib.Variant("(s)", (name,)))
-            os.close(fds[0])
+    for name, data, options in (("fast", fast, {"digests": GLib.Variant("b", False)}),
+                                ("checked", checked, {})):  # digests by the daemon's default
+        _reply, fds = client.call(MANAGER_PATH, MANAGER_IFACE, "CreateSessionWithOptions",
+                                  GLib.Variant("(sa{sv})", (name, options)))
+        os.close(fds[0])
         fd = memfd(data)
         try:
             client.call(MANAGER_PATH, MANAGER_IFACE, "Preserve",
