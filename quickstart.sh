@@ -53,11 +53,11 @@ install_apt() {
 install_venv() {
     # Debian's interpreter: a venv from pyenv's (under /root, mode 700) is unusable by the
     # unprivileged users some tests switch to.
-    local stamp=.venv/.kho-agent-installed want constraints=() codename
+    local stamp=.venv/.kho-agent-installed want pins constraints=()
     # what only this release needs pinned (constraints/<codename>.txt), not the package's deps
-    codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
-    [ -f "constraints/$codename.txt" ] && constraints=(-c "constraints/$codename.txt")
-    want=$(cat pyproject.toml "${constraints[@]:1}" | sha256sum | cut -d' ' -f1)
+    pins="constraints/$(. /etc/os-release && echo "${VERSION_CODENAME:-}").txt"
+    if [ -f "$pins" ]; then constraints=(-c "$pins"); else pins=/dev/null; fi
+    want=$(cat pyproject.toml "$pins" | sha256sum | cut -d' ' -f1)
     [ -x .venv/bin/python ] || { log "creating .venv"; /usr/bin/python3 -m venv .venv; }
     if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
         log "pip install -e .[dev]"
