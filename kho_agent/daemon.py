@@ -21,8 +21,10 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import gi
 from gi.repository import Gio, GLib
 
 from .errors import AgentError
@@ -117,6 +119,18 @@ def log_started(what: str) -> None:
     log(what if since is None else f"{what} ({since:.2f} s after exec)")
 
 
+def _unix_signal_add(signum: int, handler: Callable[[int], bool]) -> None:
+    """GLib's unix signal source: GLibUnix.signal_add where GLib has the namespace (2.80;
+    PyGObject 3.58 warns that GLib.unix_signal_add is deprecated), else the old name."""
+    try:
+        gi.require_version("GLibUnix", "2.0")
+        from gi.repository import GLibUnix
+    except (ValueError, ImportError):  # bookworm's GLib 2.74 has no GLibUnix typelib
+        GLib.unix_signal_add(GLib.PRIORITY_DEFAULT, signum, handler, signum)
+        return
+    GLibUnix.signal_add(GLib.PRIORITY_DEFAULT, signum, handler, signum)
+
+
 class Daemon:
     def __init__(self, args: argparse.Namespace) -> None:
         log_started("start: modules loaded")
@@ -140,6 +154,9 @@ class Daemon:
         self.agent.on_step_timed = lambda step, seconds: log(f"verify: {step}: {seconds:.2f} s")
         # after a kexec in mode fdstore, the incoming sessions come back from the store
         self.agent.stored_sessions = take_stored_sessions(self.notifier.listen_fds(), log)
+        if self.agent.stored_sessions:
+            log(f"the fd store handed back {len(self.agent.stored_sessions)} session fd(s): "
+                + ", ".join(sorted(self.agent.stored_sessions)))
 
     def run(self) -> int:
         recovery = self.agent.start()
@@ -169,7 +186,7 @@ class Daemon:
             lambda conn, name: self._name_acquired(verify_now),
             lambda conn, name: self._name_lost())
         for signum in (signal.SIGTERM, signal.SIGINT):
-            GLib.unix_signal_add(GLib.PRIORITY_DEFAULT, signum, self._on_signal, signum)
+            _unix_signal_add(signum, self._on_signal)
         self.loop.run()
         self.notifier.stopping()
         Gio.bus_unown_name(owner)
