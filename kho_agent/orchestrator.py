@@ -579,7 +579,7 @@ class Orchestrator:
             target_problem=target_problem, scratch=scratch,
             sessions=[PlannedSession(c.name, [f.facts for f in c.files.values()])
                       for c in self.clients.values()],
-            outgoing_errors=errors)
+            outgoing_errors=errors, fd_store_slots=self._fd_store_slots())
         return Plan(preflight(inputs), target, scratch,
                     dict(compat.running.contracts) if compat else {},
                     dict(compat.target.contracts) if compat else {})
@@ -792,13 +792,13 @@ class Orchestrator:
     # ------------------------------------------------------------------ commit
 
     def handoff_mode(self, info: SysInfo | None = None) -> str:
-        """Who holds the session fds through the shutdown: preflight's answer, except that a
-        systemd able to carry them (fdstore) needs a service with an fd store; without one
+        """Who holds the session fds through the shutdown (preflight.handoff_mode): a systemd
+        able to carry them (fdstore) needs this service to have an fd store; without one
         (kho-agent-fdstore.conf not installed) the agent holds them itself (direct)."""
-        mode = handoff_mode(info or self.sysinfo(), self.host.simulated)
-        if mode == "fdstore" and self.fd_store is None:
-            return "direct"
-        return mode
+        return handoff_mode(info or self.sysinfo(), self.host.simulated, self._fd_store_slots())
+
+    def _fd_store_slots(self) -> int:
+        return self.fd_store.capacity if self.fd_store is not None else 0
 
     def _park_sessions(self) -> None:
         """fdstore: hand every session fd to the store, all or none."""

@@ -74,6 +74,9 @@ class PreflightInputs:
     scratch: ScratchPlan | None
     sessions: list[PlannedSession] = field(default_factory=list)
     outgoing_errors: list[Finding] = field(default_factory=list)
+    # FileDescriptorStoreMax= of the agent's unit, as systemd passed it ($FDSTORE); 0: the unit
+    # has no fd store (kho-agent-fdstore.conf is not installed) or the agent is not a service
+    fd_store_slots: int = 0
 
 
 @dataclass
@@ -94,14 +97,22 @@ class PreflightResult:
                 "checks": [c.to_json() for c in self.checks]}
 
 
-def handoff_mode(info: SysInfo, simulated: bool) -> str:
-    """Who holds the session fds through shutdown (design.md decision 1)."""
+def systemd_carries_fd_stores(info: SysInfo) -> bool:
+    """PID 1 is a systemd that preserves fd stores through LUO at a kexec (>= 261)."""
+    return (info.pid1 == "systemd" and info.systemd_version is not None
+            and info.systemd_version >= FDSTORE_SYSTEMD)
+
+
+def handoff_mode(info: SysInfo, simulated: bool, fd_store_slots: int = 0) -> str:
+    """Who holds the session fds through shutdown (design.md decision 1): systemd's fd store
+    where systemd carries it and the agent's unit has one (kho-agent-fdstore.conf), else the
+    agent itself."""
     if simulated and info.pid1 != "systemd":
         # a simulated machine whose PID 1 is systemd rehearses that systemd's mode
         return "simulated"
     if info.pid1 != "systemd":
         return "reboot-syscall"
-    if info.systemd_version is not None and info.systemd_version >= FDSTORE_SYSTEMD:
+    if systemd_carries_fd_stores(info) and fd_store_slots > 0:
         return "fdstore"
     return "direct"
 
@@ -224,13 +235,29 @@ def _limits(i: PreflightInputs) -> Check:
 
 
 def _handoff(i: PreflightInputs) -> Check:
-    mode = handoff_mode(i.sysinfo, i.simulated)
+    mode = handoff_mode(i.sysinfo, i.simulated, i.fd_store_slots)
+    version = i.sysinfo.systemd_version
+    if mode == "direct" and systemd_carries_fd_stores(i.sysinfo):
+        return Check("handoff", Tier.WARNING, f"systemd {version} carries fd stores through "
+                     "the kexec, but kho-agent.service has no fd store: the agent holds "
+                     "/dev/liveupdate through the shutdown, so systemd-shutdown cannot open it "
+                     "and the fd stores of other services (FileDescriptorStorePreserve=) and "
+                     "systemd's own state (its kexec count) are lost at this kexec",
+                     "install systemd/kho-agent-fdstore.conf as /etc/systemd/system/"
+                     "kho-agent.service.d/fdstore.conf, then systemctl daemon-reload and "
+                     "restart kho-agent while it is idle")
+    if mode == "fdstore" and len(i.sessions) + 1 > i.fd_store_slots:
+        return Check("handoff", Tier.BLOCKER, f"{len(i.sessions)} session(s) and the agent's "
+                     f"own need {len(i.sessions) + 1} fd store slots, the unit has "
+                     f"{i.fd_store_slots}", "raise FileDescriptorStoreMax= in "
+                     "kho-agent.service.d/fdstore.conf")
     if mode == "reboot-syscall":
         return Check("handoff", Tier.WARNING, f"PID 1 is {i.sysinfo.pid1 or 'unknown'}, not "
                      "systemd: the agent reboots with reboot(LINUX_REBOOT_CMD_KEXEC) itself, "
                      "without an orderly shutdown", "run under systemd for an orderly shutdown")
-    text = {"fdstore": f"systemd {i.sysinfo.systemd_version} carries session fds in its fd store",
-            "direct": f"systemd {i.sysinfo.systemd_version or '?'}: the agent survives the "
+    text = {"fdstore": f"systemd {version} carries the session fds in the agent's fd store "
+                       f"({i.fd_store_slots} slots)",
+            "direct": f"systemd {version or '?'}: the agent survives the "
                       "final kill (argv[0] starting with @) and holds the sessions",
             "simulated": "simulated kernel: the rehearsal holds the sessions in process"}[mode]
     return Check("handoff", Tier.OK, text)
@@ -292,7 +319,8 @@ CHECKS: dict[str, Callable[[PreflightInputs], Check]] = {
 
 def preflight(inputs: PreflightInputs) -> PreflightResult:
     return PreflightResult([check(inputs) for check in CHECKS.values()],
-                           handoff_mode(inputs.sysinfo, inputs.simulated))
+                           handoff_mode(inputs.sysinfo, inputs.simulated,
+                                        inputs.fd_store_slots))
 
 
 def render(result: PreflightResult) -> str:

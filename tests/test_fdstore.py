@@ -138,15 +138,28 @@ def test_commit_parks_every_session_and_the_next_boot_adopts_them(tmp_path: Path
 
 def test_a_store_too_small_refuses_the_commit_and_parks_nothing(tmp_path: Path) -> None:
     rig = Rig(tmp_path)
-    store = DupStore(capacity=1)
+    store = DupStore(capacity=2)
     agent = rig.agent(store)
     rig.client(agent, "vm-1", b"x")
-    agent.prepare(PrepareOptions(kernel=rig.target))
+    agent.prepare(PrepareOptions(kernel=rig.target))  # vm-1 and the agent's own: 2 slots
+    rig.client(agent, "vm-2", b"y")                   # one more after prepare
     with pytest.raises(PreflightFailed, match="FileDescriptorStoreMax"):
         agent.commit(CommitOptions())
     assert store.fds == {} and agent.parked == []
     assert agent.state.phase is Phase.PREPARED
     agent.cancel()
+    agent.close()
+
+
+def test_prepare_refuses_when_the_sessions_outnumber_the_store(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    store = DupStore(capacity=1)
+    agent = rig.agent(store)
+    rig.client(agent, "vm-1", b"x")
+    with pytest.raises(PreflightFailed, match="need 2 fd store slots, the unit has 1"):
+        agent.prepare(PrepareOptions(kernel=rig.target))
+    assert store.fds == {} and agent.state.phase is Phase.IDLE
+    assert not rig.sim.host().kexec.loaded()
     agent.close()
 
 

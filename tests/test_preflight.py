@@ -438,32 +438,61 @@ def test_pid1_not_systemd_warns(tmp_path: Path, fds: list[int]) -> None:
 
 # --- hand-off mode -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("pid1, version, simulated, mode", [
-    ("systemd", 252, False, "direct"),      # measured on 252: the agent survives the final kill
-    ("systemd", 260, False, "direct"),
-    ("systemd", 261, False, "fdstore"),     # 261 is the first LUO-aware fd store
-    ("systemd", 262, False, "fdstore"),
-    ("systemd", None, False, "direct"),     # version unknown: no fd store assumed
-    ("init", None, False, "reboot-syscall"),
-    (None, None, False, "reboot-syscall"),
+@pytest.mark.parametrize("pid1, version, simulated, slots, mode", [
+    ("systemd", 252, False, 0, "direct"),     # measured on 252: the agent survives the final kill
+    ("systemd", 252, False, 1024, "direct"),  # a store on 252 is not carried through a kexec
+    ("systemd", 260, False, 1024, "direct"),
+    ("systemd", 261, False, 1024, "fdstore"),  # 261 is the first LUO-aware fd store
+    ("systemd", 262, False, 1024, "fdstore"),
+    # 262 without kho-agent-fdstore.conf: the unit has no store, the agent holds the sessions
+    ("systemd", 262, False, 0, "direct"),
+    ("systemd", None, False, 1024, "direct"),  # version unknown: no fd store assumed
+    ("init", None, False, 0, "reboot-syscall"),
+    (None, None, False, 0, "reboot-syscall"),
     # a simulated machine rehearses the mode of the systemd it pretends to run
-    ("systemd", 261, True, "fdstore"),
-    ("systemd", 252, True, "direct"),
-    ("sim-init", None, True, "simulated"),
-    ("init", None, True, "simulated"),
+    ("systemd", 261, True, 1024, "fdstore"),
+    ("systemd", 261, True, 0, "direct"),
+    ("systemd", 252, True, 0, "direct"),
+    ("sim-init", None, True, 0, "simulated"),
+    ("init", None, True, 0, "simulated"),
 ])
 def test_handoff_mode(tmp_path: Path, pid1: str | None, version: int | None, simulated: bool,
-                      mode: str) -> None:
+                      slots: int, mode: str) -> None:
     info = dataclasses.replace(sysinfo(tmp_path), pid1=pid1, systemd_version=version)
-    assert handoff_mode(info, simulated) == mode
+    assert handoff_mode(info, simulated, slots) == mode
 
 
 def test_handoff_check_names_the_systemd_version(tmp_path: Path, fds: list[int]) -> None:
     info = dataclasses.replace(sysinfo(tmp_path), systemd_version=261)
-    result = preflight(healthy(tmp_path, fds, info))
+    inputs = dataclasses.replace(healthy(tmp_path, fds, info), fd_store_slots=16)
+    result = preflight(inputs)
     assert result.handoff_mode == "fdstore"
     assert check(result, "handoff").tier is Tier.OK
     assert "systemd 261" in check(result, "handoff").message
+    assert "16 slots" in check(result, "handoff").message
+
+
+def test_a_carrying_systemd_without_the_drop_in_warns_and_names_the_fix(
+        tmp_path: Path, fds: list[int]) -> None:
+    """The mode is direct (the agent holds /dev/liveupdate), and systemd-shutdown then cannot
+    carry anything of its own: not silent."""
+    info = dataclasses.replace(sysinfo(tmp_path), systemd_version=262)
+    result = preflight(healthy(tmp_path, fds, info))
+    assert result.handoff_mode == "direct"
+    found = check(result, "handoff")
+    assert found.tier is Tier.WARNING
+    assert "/dev/liveupdate" in found.message and "fd stores of other services" in found.message
+    assert found.fix is not None and "kho-agent-fdstore.conf" in found.fix
+
+
+def test_more_sessions_than_fd_store_slots_is_a_blocker(tmp_path: Path, fds: list[int]) -> None:
+    info = dataclasses.replace(sysinfo(tmp_path), systemd_version=262)
+    # one client session and the agent's own: two slots needed
+    inputs = dataclasses.replace(healthy(tmp_path, fds, info), fd_store_slots=1)
+    blocker = only_blocker(inputs, "handoff")
+    assert "need 2 fd store slots, the unit has 1" in blocker.message
+    assert blocker.fix is not None and "FileDescriptorStoreMax=" in blocker.fix
+    assert preflight(dataclasses.replace(inputs, fd_store_slots=2)).verdict is Tier.OK
 
 
 # --- output --------------------------------------------------------------------------------------
