@@ -148,16 +148,22 @@ class AgentClient:
             raise AgentError(f"{method}: the agent sent {len(fds)} fds instead of one")
         return reply, fds[0]
 
-    def create_session(self, name: str, *, digests: bool | None = None
-                       ) -> tuple[str, LiveUpdateSession]:
+    def create_session(self, name: str, *, digests: bool | None = None,
+                       fd_store: bool = False) -> tuple[str, LiveUpdateSession]:
         """A new session (its object path, its fd). `digests`: whether the agent digests its
         files at SetReady and checks them after the kexec (None: the daemon's default); a
-        session with digests is handed back after the kexec only once they are checked."""
-        if digests is None:
+        session with digests is handed back after the kexec only once they are checked.
+        `fd_store`: the caller keeps the session fd in its own service's fd store (systemd >=
+        261, FileDescriptorStorePreserve=) and gets it back from systemd after the kexec."""
+        options: dict[str, GLib.Variant] = {}
+        if digests is not None:
+            options["digests"] = GLib.Variant("b", digests)
+        if fd_store:
+            options["fd_store"] = GLib.Variant("b", True)
+        if not options:
             reply, fd = self._one_fd("CreateSession", "s", (name,))
         else:
-            reply, fd = self._one_fd("CreateSessionWithOptions", "sa{sv}", (
-                name, {"digests": GLib.Variant("b", digests)}))
+            reply, fd = self._one_fd("CreateSessionWithOptions", "sa{sv}", (name, options))
         return str(reply[0]), session_from_fd(fd, name, incoming=False)
 
     def preserve(self, name: str, fd: int, token: int) -> None:

@@ -84,6 +84,10 @@ class SessionEntry:
     files: list[FileEntry]
     ready: bool
     digests: bool               # per-session opt-in
+    # The owner keeps the session fd in its own service's fd store (hand-off mode fdstore):
+    # systemd hands the session to that service after the kexec, not to the agent, which then
+    # does not retrieve it. Written only when true (older manifests have no such field).
+    owner_fd_store: bool = False
 
 
 @dataclass
@@ -140,8 +144,12 @@ def _file_to_json(f: FileEntry) -> dict[str, object]:
 
 
 def _session_to_json(s: SessionEntry) -> dict[str, object]:
-    return {"name": s.name, "owner": s.owner, "files": [_file_to_json(f) for f in s.files],
-            "ready": s.ready, "digests": s.digests}
+    out: dict[str, object] = {"name": s.name, "owner": s.owner,
+                              "files": [_file_to_json(f) for f in s.files], "ready": s.ready,
+                              "digests": s.digests}
+    if s.owner_fd_store:
+        out["owner_fd_store"] = True
+    return out
 
 
 def _manifest_to_obj(m: Manifest) -> dict[str, object]:
@@ -406,15 +414,22 @@ def _parse_file(value: object, path: str, digests_on: bool) -> FileEntry:
                      seals=_opt_int(obj["seals"], f"{path}.seals", U32_LIMIT, "u32 seal bits"))
 
 
+_SESSION_KEYS = ("name", "owner", "files", "ready", "digests")
+
+
 def _parse_session(value: object, path: str) -> SessionEntry:
-    obj = _obj(value, path, ("name", "owner", "files", "ready", "digests"))
+    optional = ("owner_fd_store",) if isinstance(value, dict) and "owner_fd_store" in value \
+        else ()
+    obj = _obj(value, path, _SESSION_KEYS + optional)
     name = _name(obj["name"], f"{path}.name", SESSION_NAME_MAX_BYTES)
     digests = _bool(obj["digests"], f"{path}.digests")
     files = [_parse_file(item, f"{path}.files[{i}]", digests)
              for i, item in enumerate(_list(obj["files"], f"{path}.files"))]
     _unique([f.token for f in files], f"{path}.files", "token", "token")
     return SessionEntry(name=name, owner=_str(obj["owner"], f"{path}.owner"), files=files,
-                        ready=_bool(obj["ready"], f"{path}.ready"), digests=digests)
+                        ready=_bool(obj["ready"], f"{path}.ready"), digests=digests,
+                        owner_fd_store=_bool(obj.get("owner_fd_store", False),
+                                             f"{path}.owner_fd_store"))
 
 
 def _parse_subtree(value: object, path: str) -> SubtreeEntry:
@@ -855,6 +870,12 @@ def _check_file(session: SessionEntry, entry: FileEntry, got: ObservedFile | Non
 
 def _check_session(entry: SessionEntry, got: ObservedSession | None, r: _Report) -> None:
     count = len(entry.files)
+    if got is None and entry.owner_fd_store:
+        r.add("session", entry.name, Verdict.UNCHECKED, count, None,
+              f"Session {entry.name} ({count} files, owner {entry.owner}) is kept in its "
+              "owner's fd store: systemd hands it to the owner's service after the update, "
+              "the agent does not retrieve or check it.")
+        return
     if got is None:
         r.add("session", entry.name, Verdict.MISSING, count, None,
               f"Session {entry.name} ({count} files, owner {entry.owner}) did not come back "

@@ -168,14 +168,21 @@ class ClientSession:
     files: dict[int, PreservedFile] = field(default_factory=dict)
     ready: bool = False
     owner_gone: bool = False      # the creator's bus connection closed (the daemon says so)
+    # the owner keeps the session fd in its own service's fd store (option fd_store): in mode
+    # fdstore the agent does not park it (systemd would hand it to only one of two stores)
+    owner_fd_store: bool = False
 
-    def entry(self) -> SessionEntry:
+    def entry(self, mode: str) -> SessionEntry:
         return SessionEntry(self.name, self.owner, [
             FileEntry(f.token, f.size, f.digest.hexdigest if f.digest else None,
                       f.digest.alg if f.digest else None,
                       f.digest.seconds if f.digest else None, f.seals)
             for f in sorted(self.files.values(), key=lambda f: f.token)], self.ready,
-            self.digests)
+            self.digests, self.owner_fd_store and mode == "fdstore")
+
+    def parked(self, mode: str) -> bool:
+        """Whether commit parks this session's fd in the agent's fd store."""
+        return mode == "fdstore" and not self.owner_fd_store
 
 
 @dataclass
@@ -432,8 +439,8 @@ class Orchestrator:
             self.device = self.host.liveupdate.open()
         return self.device
 
-    def create_session(self, name: str, owner: str, digests: bool | None = None
-                       ) -> LiveUpdateSession:
+    def create_session(self, name: str, owner: str, digests: bool | None = None, *,
+                       owner_fd_store: bool = False) -> LiveUpdateSession:
         validate_session_name(name)
         if name == AGENT_SESSION:
             raise InvalidArgument(f"session name {AGENT_SESSION!r} is the agent's own")
@@ -456,7 +463,8 @@ class Orchestrator:
                                        "panics the next kernel; only a cold reboot is safe")
             raise
         self.clients[name] = ClientSession(name, owner, handle,
-                                           self.config.digests if digests is None else digests)
+                                           self.config.digests if digests is None else digests,
+                                           owner_fd_store=owner_fd_store)
         return handle
 
     def _client(self, name: str) -> ClientSession:
@@ -577,7 +585,8 @@ class Orchestrator:
             kho_debugfs=out.directory is not None, debugfs_problem=out.problem,
             running_luo=luo.compatible if luo else None, compat=compat,
             target_problem=target_problem, scratch=scratch,
-            sessions=[PlannedSession(c.name, [f.facts for f in c.files.values()])
+            sessions=[PlannedSession(c.name, [f.facts for f in c.files.values()],
+                                     c.owner_fd_store)
                       for c in self.clients.values()],
             outgoing_errors=errors, fd_store_slots=self._fd_store_slots())
         return Plan(preflight(inputs), target, scratch,
@@ -784,7 +793,7 @@ class Orchestrator:
                      "recommended": scratch.absolute_form() if scratch else None},
             liveupdate_number_from=number,
             liveupdate_number_expected=number + 1 if number is not None else None,
-            sessions=[c.entry() for c in self.clients.values()],
+            sessions=[c.entry(self.handoff_mode(info)) for c in self.clients.values()],
             subtrees=[SubtreeEntry(name, size, None)
                       for name, size in sorted(out.sub_blob_sizes.items())],
             network=network, final=final)
@@ -804,7 +813,7 @@ class Orchestrator:
         """fdstore: hand every session fd to the store, all or none."""
         store = self.fd_store
         assert store is not None  # handoff_mode() says fdstore only with a store
-        handles = [(c.name, c.handle) for c in self.clients.values()]
+        handles = [(c.name, c.handle) for c in self.clients.values() if c.parked("fdstore")]
         if self.agent_session is not None:
             handles.append((AGENT_SESSION, self.agent_session))
         if len(handles) > store.capacity:
@@ -984,11 +993,14 @@ class Orchestrator:
             return None
         entry = run.todo.pop()
         pending = len(run.pending)
-        with ExitStack() as unwind:
-            unwind.callback(run.close)  # on an error; a run that goes on keeps its fds
-            run.sessions.append(self._retrieve_session(run.device, entry, run.device_problem,
-                                                       run))
-            unwind.pop_all()
+        # a session its owner kept in its own fd store went to the owner's service: systemd
+        # retrieved it at boot, and a second RETRIEVE_SESSION would fail (EINVAL on 7.3)
+        if not entry.owner_fd_store:
+            with ExitStack() as unwind:
+                unwind.callback(run.close)  # on an error; a run that goes on keeps its fds
+                run.sessions.append(self._retrieve_session(run.device, entry,
+                                                           run.device_problem, run))
+                unwind.pop_all()
         retrieved = entry.name in self.incoming
         held = len(run.pending) > pending
         if retrieved:

@@ -57,6 +57,7 @@ LUO_LIMITS: dict[str, LuoLimits] = {
 class PlannedSession:
     name: str
     files: list[FileFacts]
+    owner_fd_store: bool = False   # kept in its owner's fd store: takes no slot in the agent's
 
 
 @dataclass
@@ -246,11 +247,11 @@ def _handoff(i: PreflightInputs) -> Check:
                      "install systemd/kho-agent-fdstore.conf as /etc/systemd/system/"
                      "kho-agent.service.d/fdstore.conf, then systemctl daemon-reload and "
                      "restart kho-agent while it is idle")
-    if mode == "fdstore" and len(i.sessions) + 1 > i.fd_store_slots:
-        return Check("handoff", Tier.BLOCKER, f"{len(i.sessions)} session(s) and the agent's "
-                     f"own need {len(i.sessions) + 1} fd store slots, the unit has "
-                     f"{i.fd_store_slots}", "raise FileDescriptorStoreMax= in "
-                     "kho-agent.service.d/fdstore.conf")
+    parked = sum(1 for s in i.sessions if not s.owner_fd_store)
+    if mode == "fdstore" and parked + 1 > i.fd_store_slots:
+        return Check("handoff", Tier.BLOCKER, f"{parked} session(s) and the agent's own need "
+                     f"{parked + 1} fd store slots, the unit has {i.fd_store_slots}",
+                     "raise FileDescriptorStoreMax= in kho-agent.service.d/fdstore.conf")
     if mode == "reboot-syscall":
         return Check("handoff", Tier.WARNING, f"PID 1 is {i.sysinfo.pid1 or 'unknown'}, not "
                      "systemd: the agent reboots with reboot(LINUX_REBOOT_CMD_KEXEC) itself, "

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kho_agent.errors import InvalidArgument, KernelRefused, PreflightFailed
+from kho_agent.errors import AgentError, InvalidArgument, KernelRefused, PreflightFailed
 from kho_agent.fdstore import session_fdname, session_from_fdname
 from kho_agent.kernel.sysinfo import read_sysinfo
 from kho_agent.manifest import AGENT_SESSION
@@ -255,3 +255,77 @@ def test_sessions_the_manifest_does_not_list_are_released_at_verify(tmp_path: Pa
     extra.close()
     stray.close()
     agent.close()
+
+
+# --- a session its owner keeps in its own fd store (option fd_store) ------------------------------
+
+def owner_keeps(rig: Rig, agent: Orchestrator, name: str, data: bytes) -> int:
+    """A manager in systemd's native way: its session fd goes to its own service's fd store
+    (here: a duplicate it keeps), its memfd is preserved through the agent."""
+    handle = agent.create_session(name, "test", owner_fd_store=True)
+    own_store = os.dup(handle.fileno())
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    os.write(fd, data)
+    agent.preserve(name, fd, 1)
+    os.close(fd)
+    agent.set_ready(name, True)
+    return own_store
+
+
+def test_a_session_its_owner_keeps_is_neither_parked_nor_retrieved(tmp_path: Path) -> None:
+    """systemd hands a session to one fd store only (found on systemd 262: the second
+    RETRIEVE_SESSION of a name fails with EINVAL and that unit's entry is dropped), so the agent
+    must not park a session its owner stores itself, nor try to retrieve it afterwards."""
+    rig = Rig(tmp_path)
+    store = DupStore()
+    agent = rig.agent(store)
+    rig.client(agent, "vm-1", b"held by the agent")
+    own_store = owner_keeps(rig, agent, "keeper-1", b"kept by its owner")
+    agent.prepare(PrepareOptions(kernel=rig.target))
+    agent.commit(CommitOptions())
+    assert sorted(store.fds) == sorted([AGENT_SESSION, "vm-1"])   # not keeper-1
+    written = json.loads(agent.store.manifest_path.read_text())
+    flags = {s["name"]: s.get("owner_fd_store", False) for s in written["sessions"]}
+    assert flags == {"vm-1": False, "keeper-1": True}
+    after = rig.agent(DupStore(), store.hand_back())
+    report = after.verify()
+    assert report.ok, [(i.name, i.detail) for i in report.failures()]
+    kept = next(i for i in report.items if i.kind == "session" and i.name == "keeper-1")
+    assert kept.verdict.value == "unchecked" and "owner's fd store" in kept.detail
+    with pytest.raises(AgentError):
+        after.claim_session("keeper-1")   # not the agent's to hand out
+    os.close(own_store)
+    # the agent left it in the kernel for systemd to retrieve (the simulated kernel's
+    # sessions live in its agent's process, so this retrieves it the way PID 1 would)
+    session = after._device().retrieve_session("keeper-1")
+    fd = session.retrieve_fd(1)
+    assert os.pread(fd, 100, 0) == b"kept by its owner"
+    os.close(fd)
+    session.finish()
+    session.close()
+    after.close()
+
+
+def test_without_a_store_a_session_its_owner_keeps_is_carried_by_the_agent(
+        tmp_path: Path) -> None:
+    """In mode direct the agent holds /dev/liveupdate through the shutdown: systemd carries
+    no fd store at all (measured on 262), so the agent holds and retrieves every session."""
+    rig = Rig(tmp_path)
+    agent = rig.agent(None)
+    assert agent.handoff_mode() == "direct"
+    own_store = owner_keeps(rig, agent, "keeper-1", b"kept by its owner")
+    os.close(own_store)   # lost with the owner's fd store
+    agent.prepare(PrepareOptions(kernel=rig.target))
+    agent.commit(CommitOptions())
+    written = json.loads(agent.store.manifest_path.read_text())
+    assert "owner_fd_store" not in written["sessions"][0]
+    after = rig.agent(None)
+    report = after.verify()
+    assert report.ok, [(i.name, i.detail) for i in report.failures()]
+    session = after.claim_session("keeper-1")
+    fd = session.retrieve_fd(1)
+    assert os.pread(fd, 100, 0) == b"kept by its owner"
+    os.close(fd)
+    session.finish()
+    session.close()
+    after.close()

@@ -887,3 +887,20 @@ def test_end_to_end_with_real_memfds() -> None:
         assert item(report, "file-digest", "vm/5").verdict is Verdict.MISMATCH
     finally:
         os.close(fd)
+
+
+def test_a_session_its_owner_keeps_is_marked_only_when_it_is(schema: dict[str, Any]) -> None:
+    """`owner_fd_store` is written only when true, so manifests of agents before it still
+    read, and so do the new ones."""
+    m = sample()
+    kept = dataclasses.replace(m, sessions=[dataclasses.replace(m.sessions[0],
+                                                                owner_fd_store=True)])
+    data = manifest_to_json(kept)
+    assert manifest_from_json(data) == kept
+    assert json.loads(data)["sessions"][0]["owner_fd_store"] is True
+    assert schema_errors(json.loads(data), schema, schema) == []
+    assert "owner_fd_store" not in manifest_to_json(m).decode()
+    d = json.loads(data)
+    d["sessions"][0]["owner_fd_store"] = "yes"
+    with pytest.raises(StateCorrupt, match=r"sessions\[0\]\.owner_fd_store"):
+        manifest_from_json(encode(d))

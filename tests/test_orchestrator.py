@@ -290,7 +290,7 @@ def test_cli_rehearse_incompatible_target_is_refused(tmp_path: Path,
 # --- readiness and digests ----------------------------------------------------------------------
 
 def _entry(agent: Orchestrator, name: str) -> list[tuple[int, str | None]]:
-    return [(f.token, f.digest) for f in agent.clients[name].entry().files]
+    return [(f.token, f.digest) for f in agent.clients[name].entry("direct").files]
 
 
 def test_not_ready_voids_digests_and_ready_takes_them_again(rig: Rig) -> None:

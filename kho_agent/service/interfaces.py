@@ -46,7 +46,7 @@ PREPARE_OPTIONS = {**FILE_OPTIONS, "cmdline": "s", "scratch": "s", "dry_run": "b
 STRING_MAX = {"kernel": 4095, "initrd": 4095, "cmdline": 65536, "scratch": 64}
 NUMBER_RANGE = {"margin": (0.0, 10.0)}   # the scratch margin: 0 .. 1000 %
 COMMIT_OPTIONS = {"force": "b", "dry_run": "b"}
-SESSION_OPTIONS = {"digests": "b"}
+SESSION_OPTIONS = {"digests": "b", "fd_store": "b"}
 
 MANAGER_XML = """
 <node>
@@ -109,7 +109,10 @@ MANAGER_XML = """
       <arg name="session" type="o" direction="out"/>
       <arg name="fd" type="h" direction="out"/>
     </method>
-    <!-- options: digests b (default: the daemon's setting) -->
+    <!-- options: digests b (default: the daemon's setting); fd_store b (default false): the
+         caller keeps the session fd in its own service's fd store (FileDescriptorStorePreserve=
+         on systemd >= 261), so in hand-off mode fdstore the agent does not park it and does not
+         retrieve it after the kexec (systemd hands it to the caller's service) -->
     <method name="CreateSessionWithOptions">
       <arg name="name" type="s" direction="in"/>
       <arg name="options" type="a{sv}" direction="in"/>

@@ -659,10 +659,12 @@ class AgentService:
     def _create_session(self, call: Call) -> None:
         name = call.args[0]
         digests: bool | None = None
+        owner_fd_store = False
         if call.method == "CreateSessionWithOptions":
             opts = check_options(call.args[1], api.SESSION_OPTIONS, call.method,
                                  call.option_signatures(1))
             digests = opts.get("digests")
+            owner_fd_store = bool(opts.get("fd_store", False))
         validate_session_name(name)
 
         def authorized(caller: Caller) -> None:
@@ -671,7 +673,8 @@ class AgentService:
                 raise Busy(f"session {name!r:.80} already exists (owner uid {existing.owner_uid})")
 
             def work() -> int:
-                handle = self.agent.create_session(name, caller.owner, digests)
+                handle = self.agent.create_session(name, caller.owner, digests,
+                                                   owner_fd_store=owner_fd_store)
                 return os.dup(handle.fileno())
 
             def created(fd: int) -> None:
