@@ -881,7 +881,8 @@ def test_end_to_end_with_real_memfds() -> None:
             return obs
 
         assert compare_manifest(m, observe()).ok
-        os.pwrite(fd, b"\x01", 12345)  # one byte of guest memory changes
+        # one byte of guest memory changes (to another value: a random byte is 0x01 once in 256)
+        os.pwrite(fd, bytes([payload[12345] ^ 1]), 12345)
         report = compare_manifest(m, observe())
         assert not report.ok
         assert item(report, "file-digest", "vm/5").verdict is Verdict.MISMATCH

@@ -1,17 +1,20 @@
-"""The guest's root filesystem: Debian bookworm with systemd and kho-agent installed as a package.
+"""The guests' root filesystems: Debian with systemd and kho-agent installed as a package, one
+per release in :data:`GUESTS` (bookworm with systemd 252; sid with systemd 262, where systemd
+carries the agent's sessions through the kexec).
 
 Two cached layers (``tests/vm/cache.py``), each keyed by everything that goes into it:
 
-1. **base** (``rootfs-base/<key>``): ``debootstrap --variant=minbase`` of bookworm with the
-   packages the agent and the tests need, plus the configuration that does not depend on this
-   repository (hostname, root password, masked units that would only add noise or want a
-   network, the ``vmm`` user). Keyed by suite, package list and :data:`BASE_RECIPE`; building
-   it takes about a minute and needs the Debian archive.
-2. **agent** (``rootfs-agent/<key>``): a copy of the base with kho-agent installed the way a
-   distribution package would install it: the wheel built from this repository plus wheels of
-   the dependencies bookworm lacks (``pip install --no-index`` inside the tree, so pip checks the
-   declared dependencies against Debian's ``python3-*`` packages), the data files through
-   ``packaging/install_data.py``, the files of ``tests/vm/guest`` (job-disk mount, test driver,
+1. **base** (``rootfs-base/<release>-<key>``): ``debootstrap --variant=minbase`` of the
+   release with the packages the agent and the tests need, plus the configuration that does not
+   depend on this repository (hostname, root password, masked units that would only add noise or
+   want a network, the ``vmm`` user). Keyed by suite, package list and :data:`BASE_RECIPE`;
+   building it takes about a minute and a half and needs the Debian archive.
+2. **agent** (``rootfs-agent/<release>-<key>``): a copy of the base with kho-agent installed the
+   way a distribution package would install it: the wheel built from this repository plus wheels
+   of the dependencies the release lacks (``pip install --no-index`` inside the tree, so pip
+   checks the declared dependencies against Debian's ``python3-*`` packages), the data files through
+   ``packaging/install_data.py`` (with the fdstore drop-in where the release's systemd carries
+   fd stores through LUO), the files of ``tests/vm/guest`` (job-disk mount, test driver,
    polkit rule, ``/etc/default/kexec``), the units enabled; then turned into an ext4 image with
    ``mkfs.ext4 -d`` (no loop mount). Keyed by the base key, the package sources, the pinned
    dependency wheels, the data files and the guest files, so the slow base is reused when only
@@ -33,7 +36,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -44,57 +48,77 @@ REPO = Path(__file__).resolve().parents[2]
 GUEST_DIR = Path(__file__).resolve().parent / "guest"
 INSTALL_DATA = REPO / "packaging" / "install_data.py"
 
-SUITE = "bookworm"
 MIRROR_ENV = "KHO_AGENT_TEST_MIRROR"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 
 # Bump when the base recipe (debootstrap options, configure_base) changes meaning.
 BASE_RECIPE = "base-3"
 # Bump when the agent-layer recipe changes meaning.
-AGENT_RECIPE = "agent-2"
+AGENT_RECIPE = "agent-3"
 
-# What the agent imports and runs, as bookworm packages. polkit in bookworm is split: `polkitd`
-# is the daemon with the JavaScript rules engine (and pkcheck/pkaction), `pkexec` only the setuid
-# tool, which the guest does not need. polkitd depends on the virtual package default-logind,
-# which debootstrap cannot resolve: libpam-systemd provides it. python3-cairo: Debian's
-# python3-gi does not depend on it, but the PyGObject 3.42.2 metadata it installs requires
-# pycairo>=1.16.0, so pip refuses kho-agent's PyGObject pin without it. procps is there for
-# debugging a failed run (ps, pgrep). qemu-system-x86 (7.2) is the VM manager's QEMU.
-BASE_PACKAGES: tuple[str, ...] = (
-    "systemd-sysv",
-    "udev",
-    "dbus",
-    "libpam-systemd",
-    "polkitd",
-    "python3",
-    "python3-pip",
-    "python3-gi",
-    "python3-cairo",
-    "python3-pydbus",
-    "python3-systemd",
-    "python3-pyroute2",
-    "python3-lz4",
-    "iproute2",
-    "kexec-tools",
-    "procps",
-    "qemu-system-x86",   # the real VMM of jobs/vmm_qemu.py (TCG inside the guest)
-)
-
-# Dependencies of pyproject.toml that bookworm does not ship, or ships too old, as exact pins
-# (where possible the versions the host's development venv runs):
-#   fdt          not packaged in Debian;
-#   blake3       not packaged in bookworm; 1.0.5, not the venv's 1.0.11: from 1.0.8 on blake3
-#                requires typing-extensions>=4.6 on Python < 3.12, and bookworm has 4.4.0 (a
-#                newer one from PyPI would shadow Debian's for every program of the guest);
-#   zstandard    bookworm has 0.20, the agent needs >= 0.21.
-# The others come from Debian: PyGObject 3.42.2 (python3-gi), pydbus 0.6.0, systemd-python 235,
-# pyroute2 0.7.2, lz4 4.0.2. pip checks them inside the guest tree when it installs the agent.
-EXTRA_WHEELS: tuple[str, ...] = ("fdt==0.3.3", "blake3==1.0.5", "zstandard==0.25.0")
-# Tags a wheel for the guest may carry: CPython 3.11 on x86_64 glibc 2.36 (bookworm).
+# Tags a wheel for the guest may carry: x86_64 glibc (both releases' glibc is newer than these).
 WHEEL_PLATFORMS: tuple[str, ...] = (
     "manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_28_x86_64",
     "manylinux_2_34_x86_64",
 )
+
+
+@dataclass(frozen=True)
+class GuestRelease:
+    """One Debian release the suite builds a guest of: everything that differs between them."""
+
+    name: str                      # the guest's name in test ids ("bookworm", "sid")
+    suite: str                     # debootstrap's suite
+    packages: tuple[str, ...]      # debootstrap --include
+    extra_wheels: tuple[str, ...]  # pyproject dependencies the release lacks, as exact pins
+    python: str                    # the release's python3 ("3.11"): the wheels' tags
+    # The hand-off mode an operator following preflight sets up: "fdstore" installs
+    # systemd/kho-agent-fdstore.conf as the unit's drop-in (systemd >= 261).
+    handoff: str
+
+    @property
+    def abi(self) -> str:
+        return "cp" + self.python.replace(".", "")
+
+
+# What the agent imports and runs, as Debian packages. polkit is split since bookworm: `polkitd`
+# is the daemon with the JavaScript rules engine (and pkcheck/pkaction), `pkexec` only the setuid
+# tool, which the guest does not need. polkitd depends on the virtual package default-logind,
+# which debootstrap cannot resolve: libpam-systemd provides it. procps is there for debugging a
+# failed run (ps, pgrep). qemu-system-x86 is the VM manager's QEMU (jobs/vmm_qemu.py, TCG inside
+# the guest).
+_COMMON_PACKAGES: tuple[str, ...] = (
+    "systemd-sysv", "udev", "dbus", "libpam-systemd", "polkitd", "python3", "python3-pip",
+    "python3-gi", "python3-pydbus", "python3-systemd", "python3-pyroute2", "python3-lz4",
+    "iproute2", "kexec-tools", "procps", "qemu-system-x86",
+)
+
+GUESTS: dict[str, GuestRelease] = {
+    # Debian 12: systemd 252 (before LUO: hand-off mode "direct"), Python 3.11, QEMU 7.2.
+    # python3-cairo: Debian's python3-gi does not depend on it, but the PyGObject 3.42.2
+    # metadata it installs requires pycairo>=1.16.0, so pip refuses the PyGObject dependency
+    # without it. Not packaged or too old in bookworm, from PyPI (where possible the versions
+    # the host's development venv runs):
+    #   fdt        not packaged in Debian;
+    #   blake3     not packaged in bookworm; 1.0.5, not the venv's 1.0.11: from 1.0.8 on blake3
+    #              requires typing-extensions>=4.6 on Python < 3.12, and bookworm has 4.4.0 (a
+    #              newer one from PyPI would shadow Debian's for every program of the guest);
+    #   zstandard  bookworm has 0.20, the agent needs >= 0.21.
+    # The others come from Debian: PyGObject 3.42.2, pydbus 0.6.0, systemd-python 235,
+    # pyroute2 0.7.2, lz4 4.0.2. pip checks them inside the guest tree when it installs.
+    "bookworm": GuestRelease(
+        name="bookworm", suite="bookworm", packages=(*_COMMON_PACKAGES, "python3-cairo"),
+        extra_wheels=("fdt==0.3.3", "blake3==1.0.5", "zstandard==0.25.0"), python="3.11",
+        handoff="direct"),
+    # Debian unstable, what the next release will be: systemd 262 (carries fd stores through
+    # LUO: hand-off mode "fdstore"), Python 3.14, QEMU 11.1, PyGObject 3.58 (read 2026-12-03).
+    # Everything but fdt comes from Debian.
+    "sid": GuestRelease(
+        name="sid", suite="sid", packages=(*_COMMON_PACKAGES, "python3-blake3",
+                                           "python3-zstandard"),
+        extra_wheels=("fdt==0.3.3",), python="3.14", handoff="fdstore"),
+}
+DEFAULT_GUEST = "bookworm"
 
 HOSTNAME = "kho-guest"
 VMM_USER = "vmm"
@@ -142,6 +166,7 @@ class GuestImage:
     base_key: str
     # What went into the agent layer, as recorded at build time (wheels, pip's report, timings).
     info: dict[str, object]
+    release: GuestRelease
 
 
 def mirror() -> str:
@@ -169,6 +194,19 @@ def _chroot(root: Path, argv: Sequence[str], what: str) -> str:
     return _run(["chroot", root, *argv], what, env=_chroot_env())
 
 
+@contextmanager
+def _proc_mounted(root: Path) -> Iterator[None]:
+    """/proc inside the tree while chrooted tools run: systemd 262's journalctl opens files
+    through /proc/self/fd and fails with ENOENT without it (252's did not need it)."""
+    proc = root / "proc"
+    proc.mkdir(exist_ok=True)
+    _run(["mount", "-t", "proc", "proc", proc], "mounting /proc in the guest tree")
+    try:
+        yield
+    finally:
+        _run(["umount", proc], "unmounting /proc in the guest tree")
+
+
 def _require_tools(tools: Iterable[str]) -> None:
     missing = [t for t in tools if shutil.which(t) is None]
     if missing:
@@ -180,8 +218,8 @@ def _require_tools(tools: Iterable[str]) -> None:
 
 # --- base layer -------------------------------------------------------------------------------
 
-def base_key() -> str:
-    return content_key([BASE_RECIPE, SUITE, mirror(), *BASE_PACKAGES, *MASKED_UNITS,
+def base_key(release: GuestRelease) -> str:
+    return content_key([BASE_RECIPE, release.suite, mirror(), *release.packages, *MASKED_UNITS,
                         HOSTNAME, VMM_USER, str(VMM_UID)])
 
 
@@ -225,26 +263,30 @@ def configure_base(root: Path) -> None:
     (root / "var/lib/apt/lists/partial").mkdir(parents=True, exist_ok=True)
 
 
-def _build_base(entry: Path) -> None:
+def _build_base(entry: Path, release: GuestRelease) -> None:
     _require_tools(["debootstrap", "chroot"])
     tree = entry / "rootfs"
     times: dict[str, float] = {}
     start = time.monotonic()
-    _run(["debootstrap", "--variant=minbase", "--include=" + ",".join(BASE_PACKAGES),
-          SUITE, tree, mirror()], "debootstrap")
+    # bookworm's debootstrap (1.0.128) bootstraps sid too, and the machine's archive keyring
+    # (bookworm's, with the trixie keys) verifies sid's Release file (checked 2026-12-03)
+    _run(["debootstrap", "--variant=minbase", "--include=" + ",".join(release.packages),
+          release.suite, tree, mirror()], f"debootstrap of {release.suite}")
     times["debootstrap"] = time.monotonic() - start
     start = time.monotonic()
     configure_base(tree)
     times["configure"] = time.monotonic() - start
     (entry / "build.json").write_text(json.dumps(
-        {"key": base_key(), "suite": SUITE, "packages": BASE_PACKAGES, "times": times},
+        {"key": base_key(release), "suite": release.suite, "packages": release.packages,
+         "times": times},
         indent=2) + "\n")
 
 
-def ensure_base_tree() -> BaseTree:
+def ensure_base_tree(release: GuestRelease) -> BaseTree:
     """The cached base tree, built with debootstrap on a miss (about a minute, needs network)."""
-    key = base_key()
-    entry = ensure_entry("rootfs-base", f"{SUITE}-{key}", _build_base)
+    key = base_key(release)
+    entry = ensure_entry("rootfs-base", f"{release.name}-{key}",
+                         lambda path: _build_base(path, release))
     prune("rootfs-base", keep=entry.path, spare=KEEP_BASE_TREES)
     return BaseTree(entry.path / "rootfs", key)
 
@@ -257,9 +299,11 @@ KEEP_AGENT_IMAGES = 2
 
 
 def prune(kind: str, *, keep: Path, spare: int) -> list[Path]:
-    """Remove complete entries of ``kind`` but ``keep`` and the ``spare`` newest others."""
+    """Remove complete entries of ``kind`` of the same release as ``keep`` (the name's part
+    before the first ``-``) but ``keep`` and the ``spare`` newest others."""
     directory = keep.parent
-    others = sorted((p for p in directory.iterdir() if p != keep and not p.name.startswith(".")
+    release = keep.name.split("-", 1)[0] + "-"
+    others = sorted((p for p in directory.iterdir() if p != keep and p.name.startswith(release)
                      and (p / ".complete").is_file()),
                     key=lambda p: (p / ".complete").stat().st_mtime, reverse=True)
     removed = others[spare:]
@@ -302,24 +346,25 @@ def build_agent_wheel(out: Path) -> Path:
     return wheels[0]
 
 
-def _download_extra_wheels(entry: Path) -> None:
+def _download_extra_wheels(entry: Path, release: GuestRelease) -> None:
     argv: list[str | Path] = ["/usr/bin/python3", "-m", "pip", "download", "--no-deps",
                               "--only-binary=:all:", "--implementation", "cp",
-                              "--python-version", "3.11", "--abi", "cp311", "--no-cache-dir",
+                              "--python-version", release.python, "--abi", release.abi,
+                              "--no-cache-dir",
                               "-q", "-d", entry]
     for platform in WHEEL_PLATFORMS:
         argv += ["--platform", platform]
-    _run([*argv, *EXTRA_WHEELS], "downloading the dependency wheels from PyPI")
+    _run([*argv, *release.extra_wheels], "downloading the dependency wheels from PyPI")
 
 
-def ensure_extra_wheels() -> list[Path]:
-    """The wheels of :data:`EXTRA_WHEELS` for the guest, downloaded once into the cache."""
-    key = content_key(["wheels-1", *EXTRA_WHEELS, *WHEEL_PLATFORMS])
-    entry = ensure_entry("wheels", key, _download_extra_wheels)
+def ensure_extra_wheels(release: GuestRelease) -> list[Path]:
+    """The release's extra wheels for the guest, downloaded once into the cache."""
+    key = content_key(["wheels-2", release.python, *release.extra_wheels, *WHEEL_PLATFORMS])
+    entry = ensure_entry("wheels", key, lambda path: _download_extra_wheels(path, release))
     wheels = sorted(entry.path.glob("*.whl"))
-    if len(wheels) != len(EXTRA_WHEELS):
+    if len(wheels) != len(release.extra_wheels):
         raise BuildError(f"the wheel cache {entry.path} has {len(wheels)} wheels for "
-                         f"{len(EXTRA_WHEELS)} pins; remove it and run again")
+                         f"{len(release.extra_wheels)} pins; remove it and run again")
     return wheels
 
 
@@ -345,12 +390,12 @@ def _guest_files() -> list[Path]:
     return sorted(p for p in GUEST_DIR.rglob("*") if p.is_file())
 
 
-def agent_key() -> str:
+def agent_key(release: GuestRelease) -> str:
     """Key of the agent layer: changes with any input, without building anything."""
     return content_key([
-        AGENT_RECIPE, base_key(), IMAGE_SIZE,
+        AGENT_RECIPE, base_key(release), IMAGE_SIZE, release.handoff,
         _files_digest(_package_sources(), REPO),
-        *EXTRA_WHEELS,
+        *release.extra_wheels,
         _files_digest(_data_files(), REPO),
         _files_digest([INSTALL_DATA], REPO),
         _files_digest(_guest_files(), GUEST_DIR),
@@ -403,7 +448,7 @@ def _install_agent(tree: Path, wheels: list[Path]) -> str:
     return report
 
 
-def _build_agent(entry: Path, base: BaseTree, key: str) -> None:
+def _build_agent(entry: Path, release: GuestRelease, base: BaseTree, key: str) -> None:
     _require_tools(["chroot", "mkfs.ext4"])
     times: dict[str, float] = {}
     tree = entry / "tree"
@@ -413,7 +458,7 @@ def _build_agent(entry: Path, base: BaseTree, key: str) -> None:
     times["copy_base"] = time.monotonic() - start
 
     start = time.monotonic()
-    wheels = ensure_extra_wheels()
+    wheels = ensure_extra_wheels(release)
     times["download_wheels"] = time.monotonic() - start
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="kho-agent-wheel-") as tmp:
@@ -425,15 +470,17 @@ def _build_agent(entry: Path, base: BaseTree, key: str) -> None:
         wheel_names = [agent_wheel.name, *(w.name for w in wheels)]
 
     start = time.monotonic()
-    _run([sys.executable, INSTALL_DATA, "--destdir", tree, "--prefix", "/usr"],
+    fdstore = ["--fdstore"] if release.handoff == "fdstore" else []
+    _run([sys.executable, INSTALL_DATA, "--destdir", tree, "--prefix", "/usr", *fdstore],
          "installing the data files (packaging/install_data.py)")
-    _chroot(tree, ["journalctl", "--update-catalog"], "updating the journal catalog")
     install_guest_files(tree)
-    # The guest's own systemctl (it works offline in a chroot): the guest's systemd version
-    # reads the [Install] sections, and the host needs no systemd.
-    _chroot(tree, ["systemctl", "enable", "kho-agent.service", "kho-test-driver.service",
-                   "kho-test-bus-floor.service"],
-            "enabling the units")
+    with _proc_mounted(tree):
+        _chroot(tree, ["journalctl", "--update-catalog"], "updating the journal catalog")
+        # The guest's own systemctl (it works offline in a chroot): the guest's systemd
+        # version reads the [Install] sections, and the host needs no systemd.
+        _chroot(tree, ["systemctl", "enable", "kho-agent.service", "kho-test-driver.service",
+                       "kho-test-bus-floor.service"],
+                "enabling the units")
     times["install_data"] = time.monotonic() - start
 
     start = time.monotonic()
@@ -442,20 +489,23 @@ def _build_agent(entry: Path, base: BaseTree, key: str) -> None:
          "mkfs.ext4 -d (the root image)")
     times["mkfs"] = time.monotonic() - start
     shutil.rmtree(tree)
-    info = {"key": key, "base_key": base.key, "wheels": wheel_names, "times": times,
+    info = {"key": key, "base_key": base.key, "release": release.name,
+            "handoff": release.handoff, "wheels": wheel_names, "times": times,
             "pip": pip_report.splitlines()[-3:]}
     (entry / "build.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
-def ensure_guest_image() -> GuestImage:
-    """The cached root image with kho-agent installed; built on a miss (base first if needed)."""
-    base = ensure_base_tree()
-    key = agent_key()
-    entry = ensure_entry("rootfs-agent", f"{SUITE}-{key}",
-                         lambda path: _build_agent(path, base, key))
+def ensure_guest_image(guest: str = DEFAULT_GUEST) -> GuestImage:
+    """The cached root image of ``guest`` (a key of :data:`GUESTS`) with kho-agent installed;
+    built on a miss (base first if needed)."""
+    release = GUESTS[guest]
+    base = ensure_base_tree(release)
+    key = agent_key(release)
+    entry = ensure_entry("rootfs-agent", f"{release.name}-{key}",
+                         lambda path: _build_agent(path, release, base, key))
     prune("rootfs-agent", keep=entry.path, spare=KEEP_AGENT_IMAGES)
     info = json.loads((entry.path / "build.json").read_text())
-    return GuestImage(entry.path / IMAGE_NAME, key, base.key, info)
+    return GuestImage(entry.path / IMAGE_NAME, key, base.key, info, release)
 
 
 def scratch_copy(image: GuestImage | Path, directory: Path, *, mode: Runner = "qcow2",

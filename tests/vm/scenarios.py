@@ -75,7 +75,7 @@ def prepare_job(directory: Path, spec: dict[str, Any], files: dict[str, Path]) -
     job.chmod(0o755)  # the workload runs as the guest's user vmm
     shutil.copy(JOBS / "run.py", job / "run")
     (job / "run").chmod(0o755)
-    for script in ("workload.py", "vmm_qemu.py"):
+    for script in ("workload.py", "vmm_qemu.py", "keeper.py"):
         shutil.copy(JOBS / script, job / script)
         (job / script).chmod(0o644)
     (job / "scenario.json").write_text(json.dumps(spec))
@@ -92,10 +92,11 @@ def prepare_job(directory: Path, spec: dict[str, Any], files: dict[str, Path]) -
 def run_scenario(directory: Path, spec: dict[str, Any], kernel: KernelImage,
                  files: dict[str, Path] | None = None, *, cold_boots: int = 1,
                  timeout_s: float = 900, memory_mb: int = GUEST_MEMORY_MB,
-                 append: str = "") -> ScenarioRun:
-    """Boot the guest on `kernel` with the scenario `spec`; `cold_boots` QEMU starts (more than
-    one where the scenario reboots cold); `append`: more kernel command line."""
-    image = rootfs.ensure_guest_image()
+                 append: str = "", guest: str = rootfs.DEFAULT_GUEST) -> ScenarioRun:
+    """Boot the guest `guest` (a release of rootfs.GUESTS) on `kernel` with the scenario
+    `spec`; `cold_boots` QEMU starts (more than one where the scenario reboots cold); `append`:
+    more kernel command line."""
+    image = rootfs.ensure_guest_image(guest)
     root = rootfs.scratch_copy(image, directory)
     files = {"kernels/running": kernel.path, **(files or {})}
     job = prepare_job(directory, spec, files)

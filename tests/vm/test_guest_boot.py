@@ -45,6 +45,8 @@ rec state busctl --system get-property org.khoagent.Agent1 /org/khoagent/Agent1 
 rec cmdline cat /proc/cmdline
 rec liveupdate ls -l /dev/liveupdate
 rec status kho-agentctl status --json
+rec preflight kho-agentctl preflight --json
+rec versions dpkg-query -W systemd python3 python3-gi qemu-system-x86
 # The guest's polkit rule: vmm may use sessions (0: authorized) but not manage the update
 # (2: authentication required, which nobody can give for a system user).
 rec pk-vmm-session runuser -u vmm -- sh -c \
@@ -77,11 +79,16 @@ def kernel_path() -> Path:
         pytest.skip(f"no KHO/LUO kernel can be had: {exc}")
 
 
+@pytest.fixture(scope="module", params=list(rootfs.GUESTS))
+def guest(request: pytest.FixtureRequest) -> rootfs.GuestRelease:
+    return rootfs.GUESTS[request.param]
+
+
 @pytest.fixture(scope="module")
-def booted(kernel_path: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
-        qemu.GuestRun, Path]:
-    work = tmp_path_factory.mktemp("guest-boot")
-    image = rootfs.ensure_guest_image()
+def booted(kernel_path: Path, guest: rootfs.GuestRelease,
+           tmp_path_factory: pytest.TempPathFactory) -> tuple[qemu.GuestRun, Path]:
+    work = tmp_path_factory.mktemp(f"guest-boot-{guest.name}")
+    image = rootfs.ensure_guest_image(guest.name)
     root = rootfs.scratch_copy(image, work)
     job = work / "job"
     job.mkdir()
@@ -92,7 +99,8 @@ def booted(kernel_path: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
     run = qemu.run_guest(kernel_path, qemu.guest_append(), [root, disk],
                          timeout_s=BOOT_TIMEOUT_S, serial_log=work / "serial.log")
     out = jobdisk.read_job_disk(disk, work / "result")
-    print(f"\nguest boot: {run.accel}, {run.elapsed_s:.1f} s in QEMU; serial log {run.serial_log}")
+    print(f"\nguest boot ({guest.name}): {run.accel}, {run.elapsed_s:.1f} s in QEMU; serial log "
+          f"{run.serial_log}")
     for frame in run.frames():
         if frame.get("event") == "driver-start":
             print(f"guest boot: test driver started {frame.get('uptime')} s after the kernel")
@@ -160,3 +168,19 @@ def test_guest_configuration(booted: tuple[qemu.GuestRun, Path]) -> None:
     rc, text = _answer(out, "pk-vmm-manage")
     assert rc == 2, f"vmm must not be granted manage: pkcheck rc={rc} {text}"
     assert "LOAD_KEXEC=false" in _answer(out, "kexec-default")[1].splitlines()
+
+
+def test_the_hand_off_mode_is_the_one_the_release_needs(
+        booted: tuple[qemu.GuestRun, Path], guest: rootfs.GuestRelease) -> None:
+    """bookworm's systemd 252 predates LUO: the agent holds the sessions (direct); sid's 262
+    carries them in the fd store, and the image has the drop-in that preflight asks for."""
+    _, out = booted
+    rc, status = _answer(out, "status")
+    assert rc == 0, status
+    assert json.loads(status)["properties"]["HandoffMode"] == guest.handoff
+    rc, text = _answer(out, "preflight")
+    report = json.loads(text)
+    assert report["handoff_mode"] == guest.handoff, text
+    handoff = next(c for c in report["checks"] if c["name"] == "handoff")
+    assert handoff["tier"] == "ok", handoff
+    print(f"\n{guest.name}: {_answer(out, 'versions')[1].strip()}")

@@ -17,10 +17,16 @@ from typing import Any
 
 import pytest
 
-from . import kernels, qemu, vmm
+from . import kernels, qemu, rootfs, vmm
 from .scenarios import ScenarioRun, run_scenario
 
 pytestmark = pytest.mark.vm
+
+# Every scenario runs on both guests (tests/vm/rootfs.py GUESTS). In CI's core set: bookworm for
+# all of them, sid (systemd 262, hand-off mode fdstore) for the one live update (with a manager
+# keeping its own fd store beside it) and the base unit without the drop-in; sid's runs of the
+# others are extended (CI's 90 minutes with a cold cache).
+ON_BOTH = ["bookworm", pytest.param("sid", marks=pytest.mark.extended)]
 
 
 def _why_not() -> str | None:
@@ -70,15 +76,21 @@ def last_result(facts: dict[str, Any], key: str) -> dict[str, Any]:
     return dict(json.loads(text)) if text else {}
 
 
-def test_one_live_update_keeps_every_byte(tmp_path: Path, primary: kernels.KernelImage) -> None:
+@pytest.mark.parametrize("guest", list(rootfs.GUESTS))
+def test_one_live_update_keeps_every_byte(tmp_path: Path, primary: kernels.KernelImage,
+                                          guest: str) -> None:
+    release = rootfs.GUESTS[guest]
+    # on sid, beside a VM manager that keeps its own fds in its own fd store (the keeper)
+    fdstore = release.handoff == "fdstore"
     run = run_scenario(tmp_path, {"kind": "updates", "updates": 1, "target": "kernels/next",
-                                  "capture": True}, primary,
-                       {"kernels/next": primary.path})
+                                  "capture": True, "keeper": fdstore}, primary,
+                       {"kernels/next": primary.path}, guest=guest)
     # boot 1: the workload preserved its memfds, the agent prepared and committed
     workload_ok(run, 1, "workload-preserve-vm-1")
     ok_steps(run, 1, "prepare")  # commit ends boot 1 before its record
     before = run.facts(1)
-    assert before["start_HandoffMode"] == "direct"  # systemd 252
+    # bookworm's systemd 252: the agent holds the sessions; sid's 262: systemd's fd store
+    assert before["start_HandoffMode"] == release.handoff
     # boot 2 came through the kexec, and the agent verified on its own
     after = run.facts(2)
     assert after["after_boot_id"] != before["start_boot_id"]
@@ -88,10 +100,20 @@ def test_one_live_update_keeps_every_byte(tmp_path: Path, primary: kernels.Kerne
     assert result["result"] == "verified" and result["ok"] is True, result
     assert after["after_LiveUpdateNumber"] == before["start_LiveUpdateNumber"] + 1
     ok_steps(run, 2, "verified-target")  # units ordered after it may start
-    # systemd-shutdown spared the agent (argv[0] '@') and the kernel kexec'd with it alive
     serial = "\n".join(run.serial)
-    assert "(python3) has been marked to be excluded from killing" in serial
     assert "kexec_core: Starting new kernel" in serial
+    if release.handoff == "direct":
+        # systemd-shutdown spared the agent (argv[0] '@') and the kernel kexec'd with it alive
+        assert "(python3) has been marked to be excluded from killing" in serial
+    else:
+        # the agent was stopped like any service; systemd carried its session fds and handed
+        # them back when it started again, and counted the kexec it carried its state through
+        assert "(python3) has been marked to be excluded from killing" not in serial
+        journal = run.step(2, "journal")["stdout"]
+        assert "the fd store handed back 2 session fd(s): kho-agent, vm-1" in journal, journal
+        kexecs = (before["start_systemd_kexecs"], after["after_systemd_kexecs"])
+        assert kexecs[1]["value"] == kexecs[0]["value"] + 1, kexecs
+        keeper_came_back_from_its_store(run)
     # every byte of every file, those preserved straight into the session fd included
     report = workload_ok(run, 2, "workload-check-vm-1")
     assert len(report["files"]) == 5 and report["bytes_checked"] > 256 << 20
@@ -126,12 +148,14 @@ def test_one_live_update_keeps_every_byte(tmp_path: Path, primary: kernels.Kerne
 
 # ~21 minutes under TCG on 2 cores: outside CI's core set (./quickstart.sh vm runs it)
 @pytest.mark.extended
-def test_ten_live_updates_in_a_row(tmp_path: Path, primary: kernels.KernelImage) -> None:
+@pytest.mark.parametrize("guest", list(rootfs.GUESTS))
+def test_ten_live_updates_in_a_row(tmp_path: Path, primary: kernels.KernelImage,
+                                   guest: str) -> None:
     # 16 MiB instead of 256 for the big file: ten updates, not ten times 256 MiB of hashing
     # under TCG (the one-update test carries the 256 MiB)
     run = run_scenario(tmp_path, {"kind": "updates", "updates": 10, "target": "kernels/next",
                                   "big_mib": 16}, primary, {"kernels/next": primary.path},
-                       timeout_s=1800)
+                       timeout_s=2400, guest=guest)
     numbers = []
     for boot in range(2, 12):
         facts = run.facts(boot)
@@ -140,12 +164,19 @@ def test_ten_live_updates_in_a_row(tmp_path: Path, primary: kernels.KernelImage)
         numbers.append(facts["after_LiveUpdateNumber"])
     assert numbers == list(range(numbers[0], numbers[0] + 10))
     assert run.facts(11)["ended_with"] == "poweroff"
+    if rootfs.GUESTS[guest].handoff == "fdstore":
+        # systemd carried the sessions (and its own state) through every one of the ten
+        assert {run.facts(boot)["after_HandoffMode"] for boot in range(2, 12)} == {"fdstore"}
+        kexecs = [run.facts(boot)["after_systemd_kexecs"]["value"] for boot in range(2, 12)]
+        assert kexecs == list(range(1, 11)), kexecs
 
 
+@pytest.mark.parametrize("guest", ON_BOTH)
 def test_cancel_unloads_and_the_next_reboot_is_cold(tmp_path: Path,
-                                                    primary: kernels.KernelImage) -> None:
+                                                    primary: kernels.KernelImage,
+                                                    guest: str) -> None:
     run = run_scenario(tmp_path, {"kind": "cancel", "target": "kernels/next"}, primary,
-                       {"kernels/next": primary.path}, cold_boots=2)
+                       {"kernels/next": primary.path}, cold_boots=2, guest=guest)
     ok_steps(run, 1, "prepare", "cancel")
     facts = run.facts(1)
     assert facts["prepared_kexec_loaded"] == "1" and facts["cancelled_kexec_loaded"] == "0"
@@ -163,16 +194,18 @@ def test_cancel_unloads_and_the_next_reboot_is_cold(tmp_path: Path,
 # From the primary kernel in the core set; from the other series (7.2.13 -> 7.3-rc7, across ABI
 # versions) with the extended scenarios: with a cold cache that kernel is a build of its own,
 # ~22 minutes on 2 cores, which CI's 90 minutes do not hold beside the rest.
-@pytest.mark.parametrize("start_series", [
-    "primary", pytest.param("second", marks=pytest.mark.extended)])
+@pytest.mark.parametrize("start_series, guest", [
+    ("primary", "bookworm"),
+    pytest.param("primary", "sid", marks=pytest.mark.extended),
+    pytest.param("second", "bookworm", marks=pytest.mark.extended)])
 def test_prepare_refuses_a_kernel_without_kho_then_updates(
         tmp_path: Path, primary: kernels.KernelImage, request: pytest.FixtureRequest,
-        start_series: str) -> None:
+        start_series: str, guest: str) -> None:
     start: kernels.KernelImage = request.getfixturevalue(start_series)
     stock = kernels.ensure_stock_debian_kernel()
     run = run_scenario(tmp_path, {"kind": "updates", "updates": 1, "target": "kernels/next",
                                   "refuse_target": "kernels/stock"}, start,
-                       {"kernels/next": primary.path, "kernels/stock": stock})
+                       {"kernels/next": primary.path, "kernels/stock": stock}, guest=guest)
     refused = run.step(1, "prepare-refused")
     assert refused["rc"] == 3, run.describe()  # refused by policy, with the reason
     assert "KHO" in refused["stderr"] + refused["stdout"]
@@ -186,10 +219,12 @@ def test_prepare_refuses_a_kernel_without_kho_then_updates(
     workload_ok(run, 2, "workload-check-vm-1")
 
 
+@pytest.mark.parametrize("guest", ON_BOTH)
 def test_the_agent_killed_after_prepare_reports_the_truth(tmp_path: Path,
-                                                          primary: kernels.KernelImage) -> None:
+                                                          primary: kernels.KernelImage,
+                                                          guest: str) -> None:
     run = run_scenario(tmp_path, {"kind": "kill", "target": "kernels/next"}, primary,
-                       {"kernels/next": primary.path})
+                       {"kernels/next": primary.path}, guest=guest)
     facts = run.facts(1)
     assert facts["prepared_State"] == "prepared"
     assert facts["restarted_pid"] not in (None, facts["killed_pid"])
@@ -200,11 +235,12 @@ def test_the_agent_killed_after_prepare_reports_the_truth(tmp_path: Path,
     assert facts["prepared_again_State"] == "prepared"
 
 
+@pytest.mark.parametrize("guest", ON_BOTH)
 def test_the_scratch_plan_is_what_the_next_kernel_reserves(
-        tmp_path: Path, primary: kernels.KernelImage) -> None:
+        tmp_path: Path, primary: kernels.KernelImage, guest: str) -> None:
     run = run_scenario(tmp_path, {"kind": "scratch", "target": "kernels/next", "big_mib": 16,
                                   "capture": True},
-                       primary, {"kernels/next": primary.path}, cold_boots=2)
+                       primary, {"kernels/next": primary.path}, cold_boots=2, guest=guest)
     plan = run.step(1, "scratch-plan")["json"]["plan"]
     form = plan["absolute_form"]
     assert form.startswith("kho_scratch=")
@@ -266,16 +302,18 @@ def rtc_time(run: ScenarioRun, boot: int, stamp: dict[str, float]) -> float:
 
 
 # 256 MiB in the core set; 1 GiB (a 3 GiB guest, ~12 min more) with the extended scenarios
-@pytest.mark.parametrize("ram_mib", [
-    256, pytest.param(1024, marks=pytest.mark.extended)])
+@pytest.mark.parametrize("ram_mib, guest", [
+    (256, "bookworm"), pytest.param(256, "sid", marks=pytest.mark.extended),
+    pytest.param(1024, "bookworm", marks=pytest.mark.extended),
+    pytest.param(1024, "sid", marks=pytest.mark.extended)])
 def test_a_running_qemu_vm_keeps_its_ram_through_the_live_update(
-        tmp_path: Path, primary: kernels.KernelImage, ram_mib: int) -> None:
+        tmp_path: Path, primary: kernels.KernelImage, ram_mib: int, guest: str) -> None:
     payload = vmm.build_payload(tmp_path / "count.bin")
     run = run_scenario(tmp_path, {"kind": "qemu", "target": "kernels/next", "ram_mib": ram_mib,
                                   "cold": True},
                        primary, {"kernels/next": primary.path, "count.bin": payload},
                        cold_boots=2, memory_mb=2048 + ram_mib, timeout_s=1800,
-                       append="kho-test.bus-floor")
+                       append="kho-test.bus-floor", guest=guest)
     launched = run.step(1, "vmm-launch")["json"]
     assert launched and launched["ok"], run.describe()
     ok_steps(run, 1, "prepare", "vmm-suspend")
@@ -333,7 +371,7 @@ def test_a_running_qemu_vm_keeps_its_ram_through_the_live_update(
     # the session (digests=false) is handed back before verification ends (verifyrun.py)
     assert claimable_exec is not None and claimable_exec < verified - exec_at, journal
     assert live - live_probes > 0 and cold - cold_probes > 0
-    print(f"\nQEMU {resumed['qemu_version']} VM, {ram_mib} MiB: blackout live update "
+    print(f"\n{guest}: QEMU {resumed['qemu_version']} VM, {ram_mib} MiB: blackout live update "
           f"{live - live_probes:.1f} s, cold reboot {cold - cold_probes:.1f} s, ratio "
           f"{(cold - cold_probes) / (live - live_probes):.2f} (the test's RAM digests taken "
           f"out: {live_probes:.1f} s and {cold_probes:.1f} s); live: device state "
@@ -351,3 +389,74 @@ def test_a_running_qemu_vm_keeps_its_ram_through_the_live_update(
           f"verified {verified - exec_at:.1f} s")
     print("\n".join(line for line in journal.splitlines()
                     if "after exec" in line or "verify: " in line))
+
+
+def keeper_report(run: ScenarioRun, boot: int, name: str) -> dict[str, Any]:
+    step = run.step(boot, name)
+    report = step.get("report")
+    assert report is not None, f"boot {boot} {name}: no report\n{run.describe()}"
+    return dict(report)
+
+
+def verify_items(run: ScenarioRun, boot: int) -> dict[tuple[str, str], dict[str, Any]]:
+    """The agent's verification report of `boot`, item by item."""
+    report = json.loads((run.result_dir / "out" / f"boot-{boot}/last-verify.json").read_text())
+    return {(i["kind"], i["name"]): i for i in report["items"]}
+
+
+# The sid guest's systemd 262 carries fd stores through LUO (docs/systemd.md, "Measured under a
+# real systemd 262"); kho-test-keeper.service (tests/vm/jobs/keeper.py) is a VM manager in
+# systemd's native way: a memfd and its session fd in its own preserved fd store. It runs beside
+# the workload in the one live update on sid (test_one_live_update_keeps_every_byte[sid]).
+
+def keeper_came_back_from_its_store(run: ScenarioRun) -> None:
+    """The keeper's fds came back from its own fd store, and the agent left its session there."""
+    started = keeper_report(run, 1, "keeper-start")
+    assert started["ok"] and started["resumed_from"] is None, started
+    after = run.facts(2)
+    # systemd attached both of the keeper's fds to its unit at boot, and the keeper found
+    # every byte in them: its memfd (systemd's own session) and its session (by name)
+    assert after["keeper-resume_fdstore_before"] == "2"
+    resumed = keeper_report(run, 2, "keeper-resume")
+    assert resumed["ok"] and resumed["resumed_from"] == "fd store", resumed
+    assert resumed["listened"] == ["plain", "session"]
+    assert resumed["checks"]["session_link"] == "anon_inode:[luo_session] keeper-1"
+    serial = "\n".join(run.serial)
+    assert "Failed to retrieve LUO session" not in serial   # each session reached one store
+    # the agent left keeper-1 to its owner's store and said so; it verified its own
+    items = verify_items(run, 2)
+    kept = items[("session", "keeper-1")]
+    assert kept["verdict"] == "unchecked" and "owner's fd store" in kept["detail"], kept
+    assert items[("session", "vm-1")]["verdict"] == "ok"
+
+
+def test_systemd_262_without_the_drop_in_carries_only_the_agents_sessions(
+        tmp_path: Path, primary: kernels.KernelImage) -> None:
+    """The base unit alone on 262 (hand-off mode direct): preflight warns, the agent's sessions
+    come through, and systemd carries nothing of its own, as preflight said."""
+    run = run_scenario(tmp_path, {"kind": "updates", "updates": 1, "target": "kernels/next",
+                                  "big_mib": 16, "keeper": True,
+                                  "without_fdstore_dropin": True}, primary,
+                       {"kernels/next": primary.path}, guest="sid")
+    before = run.facts(1)
+    assert before["removed_fdstore_dropin"] is True
+    assert before["start_HandoffMode"] == "direct"
+    report = run.step(1, "preflight-without-dropin")["json"]
+    assert report["handoff_mode"] == "direct"
+    handoff = next(c for c in report["checks"] if c["name"] == "handoff")
+    assert handoff["tier"] == "warning" and "kho-agent-fdstore.conf" in handoff["fix"], handoff
+    serial = "\n".join(run.serial)
+    assert "(python3) has been marked to be excluded from killing" in serial
+    assert "systemd-shutdown[1]: Failed to open /dev/liveupdate: Device or resource busy" \
+        in serial
+    after = run.facts(2)
+    assert after["verify_state"] == "verified", run.describe()
+    workload_ok(run, 2, "workload-check-vm-1")
+    # systemd carried nothing: its counter stayed, the keeper's store came back empty ...
+    kexecs = (before["start_systemd_kexecs"], after["after_systemd_kexecs"])
+    assert kexecs[1]["value"] == kexecs[0]["value"], kexecs
+    assert after["keeper-resume_fdstore_before"] == "0"
+    # ... and the keeper's session came through the agent, which it claims from there
+    resumed = keeper_report(run, 2, "keeper-resume")
+    assert resumed["ok"] and resumed["resumed_from"] == "agent", resumed
+    assert verify_items(run, 2)[("session", "keeper-1")]["verdict"] == "ok"

@@ -11,7 +11,9 @@ every wait here is for a condition, bounded, and a bound that runs out is record
 Scenario keys: updates (live updates in a row), target (kernel image on the job disk),
 refuse_target (an image prepare must refuse first), capture (copy the KHO blobs), scratch
 ("auto": prepare with the recommended kho_scratch=), cancel (prepare, cancel, reboot cold),
-kill (SIGKILL the agent after prepare).
+kill (SIGKILL the agent after prepare), without_fdstore_dropin (remove the drop-in of hand-off
+mode fdstore at the first boot, before anything else), keeper (a VM manager unit that keeps its
+own fds in its own fd store, tests/vm/jobs/keeper.py, beside the workload).
 """
 
 from __future__ import annotations
@@ -167,6 +169,19 @@ def capture(boot: Boot, side: str) -> None:
     (boot.dir / f"decode-{side}.json").write_text(step["stdout"])
 
 
+SYSTEMD = ("org.freedesktop.systemd1", "/org/freedesktop/systemd1",
+           "org.freedesktop.systemd1.Manager")
+
+
+def systemd_prop(name: str) -> Any:
+    """A property of PID 1's manager object (None where this systemd has no such property)."""
+    proc = subprocess.run(["busctl", "--system", "--json=short", "get-property", *SYSTEMD, name],
+                          capture_output=True, text=True, timeout=30, check=False)
+    if proc.returncode != 0:
+        return None
+    return json.loads(proc.stdout)["data"]
+
+
 def host_facts(boot: Boot, prefix: str) -> None:
     boot.fact(f"{prefix}_cmdline", Path("/proc/cmdline").read_text().strip())
     boot.fact(f"{prefix}_release", os.uname().release)
@@ -175,6 +190,15 @@ def host_facts(boot: Boot, prefix: str) -> None:
     for name in ("State", "LiveUpdateNumber", "LastResult", "RunningKernel", "HandoffMode"):
         boot.fact(f"{prefix}_{name}", prop(name))
     boot.fact(f"{prefix}_incoming_kho", (DEBUGFS_KHO / "in").is_dir())
+    # systemd >= 262 counts the kexecs it carried its state through (None before that); the
+    # property's name as this systemd spells it
+    for name in ("KExecsCount", "KExecCount"):
+        value = systemd_prop(name)
+        if value is not None:
+            boot.fact(f"{prefix}_systemd_kexecs", {"property": name, "value": value})
+            break
+    else:
+        boot.fact(f"{prefix}_systemd_kexecs", None)
 
 
 def end(boot: Boot, how: str) -> int:
@@ -186,6 +210,8 @@ def end(boot: Boot, how: str) -> int:
 
 def live_update(boot: Boot, spec: dict[str, Any], session: str) -> int:
     """Preserve, prepare and commit: the boot ends in the kexec (or poweroff if it fails)."""
+    if spec.get("keeper") and BOOT == 1:
+        start_keeper(boot, "keeper-start")
     boot.workload("preserve", session)
     target = str(JOB / spec["target"])
     args = ["prepare", "--kernel", target]
@@ -212,6 +238,8 @@ def after_update(boot: Boot, spec: dict[str, Any], session: str) -> None:
     state = wait_state(boot, ("verified", "failed"), timeout=600)
     boot.fact("verify_state", state)
     host_facts(boot, "after")
+    if spec.get("keeper") and BOOT == 2:
+        start_keeper(boot, "keeper-resume")
     if spec.get("capture") or spec.get("scratch"):
         capture(boot, "in")
         capture(boot, "out")
@@ -357,6 +385,50 @@ def qemu_vm(boot: Boot, spec: dict[str, Any]) -> int:
     return end(boot, "reboot")
 
 
+FDSTORE_DROPIN = Path("/etc/systemd/system/kho-agent.service.d/fdstore.conf")
+KEEPER_UNIT = "kho-test-keeper.service"
+KEEPER_UNIT_TEXT = f"""[Unit]
+Description=kho-agent VM test: a VM manager keeping its fds in its own fd store (keeper.py)
+After=kho-agent.service dbus.service
+
+[Service]
+Type=notify
+NotifyAccess=main
+User=vmm
+ExecStart=/usr/bin/python3 {JOB}/keeper.py {OUT}
+FileDescriptorStoreMax=8
+FileDescriptorStorePreserve=yes
+TimeoutStartSec=300
+"""
+
+
+def start_keeper(boot: Boot, name: str) -> None:
+    """Start kho-test-keeper.service (written at the first boot) and record its report."""
+    unit = Path("/etc/systemd/system") / KEEPER_UNIT
+    if not unit.exists():
+        unit.write_text(KEEPER_UNIT_TEXT)
+        boot.run("daemon-reload", ["systemctl", "daemon-reload"])
+    boot.fact(f"{name}_fdstore_before", subprocess.run(
+        ["systemctl", "show", "-P", "NFileDescriptorStore", KEEPER_UNIT],
+        capture_output=True, text=True, check=False).stdout.strip())
+    step = boot.run(name, ["systemctl", "start", KEEPER_UNIT], timeout=900)
+    boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    report = OUT / f"keeper-{boot_id}.json"
+    step["report"] = json.loads(report.read_text()) if report.exists() else None
+    boot.save()
+
+
+def remove_fdstore_dropin(boot: Boot) -> None:
+    """An operator who did not install kho-agent-fdstore.conf: the base unit alone (hand-off
+    mode direct), on whatever systemd this guest runs."""
+    boot.fact("removed_fdstore_dropin", FDSTORE_DROPIN.exists())
+    FDSTORE_DROPIN.unlink(missing_ok=True)
+    boot.run("daemon-reload", ["systemctl", "daemon-reload"])
+    boot.run("restart-agent", ["systemctl", "restart", "kho-agent.service"])
+    wait_state(boot, ("idle",), 180)
+    boot.ctl("preflight-without-dropin", "preflight")
+
+
 def agent_start() -> dict[str, float] | None:
     """When the agent's process started, on this kernel's CLOCK_MONOTONIC and CLOCK_REALTIME."""
     proc = subprocess.run(["systemctl", "show", "-P", "ExecMainStartTimestampMonotonic",
@@ -379,6 +451,8 @@ def main() -> int:
         boot.run("agent-status", ["systemctl", "status", "--no-pager", "kho-agent"])
         boot.run("agent-journal", ["journalctl", "-b", "--no-pager", "-u", "kho-agent"])
         return end(boot, "poweroff")
+    if BOOT == 1 and spec.get("without_fdstore_dropin"):
+        remove_fdstore_dropin(boot)
     host_facts(boot, "start")
     # A real host has its running kernel's image in /boot, where kho-agent reads the ABI the
     # running kernel speaks; QEMU booted this one from outside (-kernel): put it there.
