@@ -180,10 +180,6 @@ class ClientSession:
             for f in sorted(self.files.values(), key=lambda f: f.token)], self.ready,
             self.digests, self.owner_fd_store and mode == "fdstore")
 
-    def parked(self, mode: str) -> bool:
-        """Whether commit parks this session's fd in the agent's fd store."""
-        return mode == "fdstore" and not self.owner_fd_store
-
 
 @dataclass
 class CommitResult:
@@ -778,6 +774,7 @@ class Orchestrator:
             net, _reason = netstate.snapshot_or_reason()
             network = net.to_json() if net else None
         number = luo.liveupdate_number if luo else None
+        mode = self.handoff_mode(info)
         return Manifest(
             schema=1, created=now(), host=socket.gethostname(), release_from=info.release,
             release_to=(plan.target.info.release or "") if plan and plan.target else "",
@@ -793,7 +790,7 @@ class Orchestrator:
                      "recommended": scratch.absolute_form() if scratch else None},
             liveupdate_number_from=number,
             liveupdate_number_expected=number + 1 if number is not None else None,
-            sessions=[c.entry(self.handoff_mode(info)) for c in self.clients.values()],
+            sessions=[c.entry(mode) for c in self.clients.values()],
             subtrees=[SubtreeEntry(name, size, None)
                       for name, size in sorted(out.sub_blob_sizes.items())],
             network=network, final=final)
@@ -813,7 +810,7 @@ class Orchestrator:
         """fdstore: hand every session fd to the store, all or none."""
         store = self.fd_store
         assert store is not None  # handoff_mode() says fdstore only with a store
-        handles = [(c.name, c.handle) for c in self.clients.values() if c.parked("fdstore")]
+        handles = [(c.name, c.handle) for c in self.clients.values() if not c.owner_fd_store]
         if self.agent_session is not None:
             handles.append((AGENT_SESSION, self.agent_session))
         if len(handles) > store.capacity:
