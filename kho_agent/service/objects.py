@@ -23,13 +23,11 @@ PROPERTIES_IFACE = "org.freedesktop.DBus.Properties"
 # answered call then kept its message, its arguments and every fd it carried, for ever: any
 # caller could exhaust the daemon's fds and memory with refused calls. The extra reference is
 # dropped once the call is answered, and only where register_object is the old function.
-
-
 def _invocation_keeps_extra_ref() -> bool:
     register = Gio.DBusConnection.register_object
     get_symbol = getattr(register, "get_symbol", None)
     if get_symbol is None:
-        # PyGObject >= 3.52 (sid's 3.58) overrides register_object in Python, as a call of
+        # newer PyGObject (sid's 3.58) overrides register_object in Python, as a call of
         # ..._closures2 where GLib has it: the introspected function is not reachable here.
         return not hasattr(Gio.DBusConnection, "register_object_with_closures2")
     return bool(get_symbol() == "g_dbus_connection_register_object_with_closures")
