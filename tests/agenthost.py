@@ -211,9 +211,14 @@ def memfd(data: bytes) -> int:
     return fd
 
 
-def create_session(client: GioClient, name: str, files: dict[int, bytes]) -> str:
-    reply, fds = client.call(MANAGER_PATH, MANAGER_IFACE, "CreateSession",
-                             GLib.Variant("(s)", (name,)))
+def create_session(client: GioClient, name: str, files: dict[int, bytes],
+                   options: dict[str, GLib.Variant] | None = None) -> str:
+    if options is None:
+        reply, fds = client.call(MANAGER_PATH, MANAGER_IFACE, "CreateSession",
+                                 GLib.Variant("(s)", (name,)))
+    else:
+        reply, fds = client.call(MANAGER_PATH, MANAGER_IFACE, "CreateSessionWithOptions",
+                                 GLib.Variant("(sa{sv})", (name, options)))
     path, _handle = reply.unpack()
     assert len(fds) == 1
     os.fstat(fds[0])  # a real descriptor arrived

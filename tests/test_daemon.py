@@ -392,6 +392,9 @@ def test_fdstore_mode_parks_the_sessions_and_takes_them_back_after_the_kexec(
                 assert rig.prop("HandoffMode") == "fdstore"
                 client = rig.client()
                 create_session(client, "vm:1", {5: ram})
+                # a manager that keeps this one in its own service's fd store: not parked
+                create_session(client, "kept", {1: b"its own"},
+                               {"fd_store": GLib.Variant("b", True)})
                 assert rig.run_job(client, "Prepare", kernel_option(rig))[0] == "done"
                 result, job = rig.run_job(client, "Commit", {})
                 assert result == "done", job
@@ -431,6 +434,13 @@ def test_fdstore_mode_parks_the_sessions_and_takes_them_back_after_the_kexec(
                     assert os.pread(fds[0], len(ram) + 1, 0) == ram
                 finally:
                     os.close(fds[0])
+                # the kept session is its owner's, from its own store: the agent says so
+                report = json.loads((tmp_path / "state" / "last-verify.json").read_text())
+                kept = [i for i in report["items"] if i["name"] == "kept"]
+                assert [i["verdict"] for i in kept] == ["unchecked"], kept
+                with pytest.raises(RemoteError, match="NotFound"):
+                    client.call(MANAGER_PATH, MANAGER_IFACE, "RetrieveSession",
+                                GLib.Variant("(s)", ("kept",)))
             finally:
                 for client in rig.clients:
                     client.close()
