@@ -899,6 +899,14 @@ def _check_session(entry: SessionEntry, got: ObservedSession | None, r: _Report)
                   "record.")
 
 
+def check_session(entry: SessionEntry, got: ObservedSession) -> list[VerifyItem]:
+    """The items of one recorded session against what was read of it (a session its owner kept
+    in its own fd store and handed in after the update). Pure."""
+    report = _Report()
+    _check_session(entry, got, report)
+    return report.items
+
+
 def _check_agent_session(got: ObservedSession, r: _Report) -> None:
     """The agent's own session, when the observer reports it and the manifest does not list it
     (it cannot record the memfd that holds itself): it must be back with the manifest memfd at

@@ -75,7 +75,9 @@ from .manifest import (
     ObservedSession,
     SessionEntry,
     SubtreeEntry,
+    VerifyItem,
     VerifyReport,
+    check_session,
     compare_manifest,
     manifest_from_fd,
     manifest_memfd,
@@ -1143,6 +1145,36 @@ class Orchestrator:
                                                      size))
                     unwind.pop_all()
         return ObservedSession(entry.name, files, None)
+
+    def check_kept_session(self, name: str, session: LiveUpdateSession) -> list[VerifyItem]:
+        """After the update: check a session its owner kept in its own fd store (option
+        fd_store), through the session fd the owner hands in, against what the verified
+        manifest recorded of it (sizes, seals, digests). Reads only: every file is retrieved
+        (RETRIEVE_FD may be repeated; the owner retrieves them too) and closed again."""
+        manifest = self.verified_manifest
+        if manifest is None:
+            raise NotFound("no live update was verified in this boot")
+        entry = next((s for s in manifest.sessions if s.name == name), None)
+        if entry is None or not entry.owner_fd_store:
+            raise NotFound(f"session {name!r:.80} is not one its owner kept in its own fd store "
+                           "in the verified live update")
+        actual = session.get_name()
+        if actual != name:
+            raise InvalidArgument(f"the fd passed is session {actual!r:.80}, not {name!r:.80}")
+        files: list[ObservedFile] = []
+        for f in entry.files:
+            try:
+                fd = session.retrieve_fd(f.token)
+            except AgentError as exc:
+                files.append(ObservedFile(f.token, 0, None, None, exc.message))
+                continue
+            try:
+                digest = digest_fd(fd).hexdigest if f.digest is not None else None
+                files.append(ObservedFile(f.token, os.fstat(fd).st_size, digest, _seals(fd),
+                                          None))
+            finally:
+                os.close(fd)
+        return check_session(entry, ObservedSession(name, files, None))
 
     def claim_session(self, name: str) -> LiveUpdateSession:
         """Hand a retrieved incoming session to its owner (who finishes it)."""

@@ -300,7 +300,18 @@ def test_a_session_its_owner_keeps_is_neither_parked_nor_retrieved(tmp_path: Pat
     session = after._device().retrieve_session("keeper-1")
     fd = session.retrieve_fd(1)
     assert os.pread(fd, 100, 0) == b"kept by its owner"
+    # the owner hands its fd in: the agent checks what it recorded, and reads only
+    checked = after.check_kept_session("keeper-1", session)
+    assert [(i.kind, i.verdict.value) for i in checked] == [
+        ("session", "ok"), ("file", "ok"), ("file-size", "ok"), ("file-digest", "ok"),
+        ("file-seals", "ok")], [(i.kind, i.name, i.verdict, i.detail) for i in checked]
+    os.pwrite(fd, b"K", 0)   # one byte of the owner's memory changes
+    checked = after.check_kept_session("keeper-1", session)
+    changed = {i.kind: i for i in checked}["file-digest"]
+    assert changed.verdict.value == "mismatch", [(i.kind, i.verdict, i.detail) for i in checked]
     os.close(fd)
+    with pytest.raises(AgentError, match="not one its owner kept"):
+        after.check_kept_session("vm-1", session)
     session.finish()
     session.close()
     after.close()
