@@ -15,6 +15,7 @@ with the code it will run in production.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import stat
 import time
@@ -192,6 +193,15 @@ class AgentClient:
                 if not waiting or time.monotonic() + poll_s > deadline:
                     raise
             time.sleep(poll_s)
+
+    def check_kept_session(self, name: str, session_fd: int) -> tuple[bool, list[dict[str, Any]]]:
+        """After the kexec, for a session created with `fd_store=True` and handed back by
+        systemd from the caller's own fd store: the agent checks it against what it recorded
+        (sizes, seals, digests). Whether all matched, and the items."""
+        (ok, items), fds = self.call("CheckKeptSession", "sh", (name, 0), [session_fd])
+        for fd in fds:
+            os.close(fd)
+        return bool(ok), list(json.loads(items))
 
     def retrieve_file(self, name: str, token: int) -> int:
         """RETRIEVE_FD through the agent (the same as on the session fd)."""

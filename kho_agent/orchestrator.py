@@ -1146,11 +1146,7 @@ class Orchestrator:
                     unwind.pop_all()
         return ObservedSession(entry.name, files, None)
 
-    def check_kept_session(self, name: str, session: LiveUpdateSession) -> list[VerifyItem]:
-        """After the update: check a session its owner kept in its own fd store (option
-        fd_store), through the session fd the owner hands in, against what the verified
-        manifest recorded of it (sizes, seals, digests). Reads only: every file is retrieved
-        (RETRIEVE_FD may be repeated; the owner retrieves them too) and closed again."""
+    def _kept_entry(self, name: str) -> SessionEntry:
         manifest = self.verified_manifest
         if manifest is None:
             raise NotFound("no live update was verified in this boot")
@@ -1158,6 +1154,18 @@ class Orchestrator:
         if entry is None or not entry.owner_fd_store:
             raise NotFound(f"session {name!r:.80} is not one its owner kept in its own fd store "
                            "in the verified live update")
+        return entry
+
+    def kept_session_owner(self, name: str) -> str:
+        """The recorded owner of a session its owner kept in its own fd store."""
+        return self._kept_entry(name).owner
+
+    def check_kept_session(self, name: str, session: LiveUpdateSession) -> list[VerifyItem]:
+        """After the update: check a session its owner kept in its own fd store (option
+        fd_store), through the session fd the owner hands in, against what the verified
+        manifest recorded of it (sizes, seals, digests). Reads only: every file is retrieved
+        (RETRIEVE_FD may be repeated; the owner retrieves them too) and closed again."""
+        entry = self._kept_entry(name)
         actual = session.get_name()
         if actual != name:
             raise InvalidArgument(f"the fd passed is session {actual!r:.80}, not {name!r:.80}")

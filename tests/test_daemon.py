@@ -441,6 +441,16 @@ def test_fdstore_mode_parks_the_sessions_and_takes_them_back_after_the_kexec(
                 with pytest.raises(RemoteError, match="NotFound"):
                     client.call(MANAGER_PATH, MANAGER_IFACE, "RetrieveSession",
                                 GLib.Variant("(s)", ("kept",)))
+                # CheckKeptSession (the owner hands its session fd in) is for kept sessions
+                # only; its check itself is tested on the engine (test_fdstore.py) and in the
+                # sid guest, where the owner has a real session fd to hand in
+                stray = os.memfd_create("not-a-session", os.MFD_CLOEXEC)
+                try:
+                    with pytest.raises(RemoteError, match=r"NotFound.*not one its owner kept"):
+                        client.call(MANAGER_PATH, MANAGER_IFACE, "CheckKeptSession",
+                                    GLib.Variant("(sh)", ("vm:1", 0)), fds=[stray])
+                finally:
+                    os.close(stray)
             finally:
                 for client in rig.clients:
                     client.close()

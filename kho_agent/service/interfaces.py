@@ -137,6 +137,16 @@ MANAGER_XML = """
       <arg name="name" type="s" direction="in"/>
       <arg name="fd" type="h" direction="out"/>
     </method>
+    <!-- after the kexec: a session its owner kept in its own fd store (option fd_store),
+         handed in by its owner, checked against what the manifest recorded of it (sizes,
+         seals, digests); the agent reads only and keeps nothing. Returns whether everything
+         matched and the items as JSON (kind, name, verdict, detail). -->
+    <method name="CheckKeptSession">
+      <arg name="name" type="s" direction="in"/>
+      <arg name="session" type="h" direction="in"/>
+      <arg name="ok" type="b" direction="out"/>
+      <arg name="items" type="s" direction="out"/>
+    </method>
     <!-- after the kexec: a file of a retrieved session (RETRIEVE_FD through the agent) -->
     <method name="RetrieveFile">
       <arg name="name" type="s" direction="in"/>

@@ -22,7 +22,7 @@ from ..facts import TARGET_IMAGE_MAX, TargetFiles, TargetImage, kho_view
 from ..kernel.callerfile import RegularFile, adopt_fd, open_regular
 from ..kernel.cmdline import check_kho_scratch, target_cmdline
 from ..kernel.liveupdate import LiveUpdateSession, validate_session_name, validate_token
-from ..manifest import manifest_to_json, read_manifest
+from ..manifest import FAILING_VERDICTS, VerifyItem, manifest_to_json, read_manifest
 from ..orchestrator import CommitOptions, Orchestrator, Plan, PrepareOptions
 from ..statefile import Phase
 from ..verifyrun import HostObservation, Retrieved, VerifyRun, observe
@@ -164,6 +164,7 @@ class AgentService:
             "CreateSessionWithOptions": self._create_session, "Preserve": self._preserve,
             "SetReady": self._set_ready, "ReleaseSession": self._release_session,
             "RetrieveSession": self._retrieve_session, "RetrieveFile": self._retrieve_file,
+            "CheckKeptSession": self._check_kept_session,
             "FinishSession": self._finish_session,
         }, lambda name: self.snapshot.variant(name, self.simulated))
         self._grace_source = GLib.timeout_add_seconds(GRACE_TICK_SECONDS, self._grace_tick)
@@ -816,6 +817,39 @@ class AgentService:
                 finally:
                     os.close(fd)
             self._engine(work, retrieved, call)
+        self._authorized(call, api.ACTION_SESSION, authorized)
+
+    def _check_kept_session(self, call: Call) -> None:
+        name, index = call.args
+        validate_session_name(name)
+
+        def authorized(caller: Caller) -> None:
+            fd = call.fd(index)
+
+            def work() -> list[VerifyItem]:
+                try:
+                    recorded = owner_uid(self.agent.kept_session_owner(name))
+                    if caller.uid != 0 and recorded != caller.uid:
+                        raise PermissionDenied(f"session {name!r:.80} belongs to uid {recorded}; "
+                                               "only its owner or root may have it checked")
+                except AgentError:
+                    os.close(fd)
+                    raise
+                # from here the session owns the fd (adopt_session closes it on a wrong name)
+                session = self.agent.host.liveupdate.adopt_session(fd, name)
+                try:
+                    return self.agent.check_kept_session(name, session)
+                finally:
+                    session.close()   # a duplicate: the owner's fd keeps the session
+
+            def checked(items: list[VerifyItem]) -> None:
+                ok = not any(i.verdict in FAILING_VERDICTS for i in items)
+                self.hooks.log(f"session {name!r} kept by its owner checked: "
+                               f"{'ok' if ok else 'FAILED'} ({len(items)} item(s))")
+                call.reply("(bs)", ok, json.dumps(
+                    [{"kind": i.kind, "name": i.name, "verdict": i.verdict.value,
+                      "detail": i.detail} for i in items]))
+            self._engine(work, checked, call)
         self._authorized(call, api.ACTION_SESSION, authorized)
 
     def _finish_session(self, call: Call) -> None:

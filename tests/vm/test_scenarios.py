@@ -428,6 +428,11 @@ def keeper_came_back_from_its_store(run: ScenarioRun) -> None:
     kept = items[("session", "keeper-1")]
     assert kept["verdict"] == "unchecked" and "owner's fd store" in kept["detail"], kept
     assert items[("session", "vm-1")]["verdict"] == "ok"
+    # then the keeper handed its session in, and the agent checked what it was told about it
+    check = resumed["agent_check"]
+    assert check["ok"], check
+    assert {(i["kind"], i["verdict"]) for i in check["items"]} >= {
+        ("session", "ok"), ("file-size", "ok"), ("file-digest", "ok")}, check
 
 
 def test_systemd_262_without_the_drop_in_carries_only_the_agents_sessions(

@@ -13,8 +13,9 @@ Started with no session of its own anywhere (the first boot) it puts two things 
     `fd_store` (so the agent leaves it to this store), with a memfd preserved in it through the
     agent (Preserve, so the agent records and digests it), set ready.
 Started again after the update it takes its session from where it came back: from its fd store
-(LISTEN_FDS; hand-off mode fdstore) or, when the store came back empty (mode direct: systemd
-carried no store), from the agent (RetrieveSession); and it checks every byte it finds. The
+(LISTEN_FDS; hand-off mode fdstore; it then hands the session fd to the agent, which checks
+what it recorded of it: CheckKeptSession) or, when the store came back empty (mode direct:
+systemd carried no store), from the agent (RetrieveSession); and it checks every byte it finds. The
 report says where each thing came from and `ok`; the process then stays (a manager keeps
 running).
 """
@@ -101,10 +102,14 @@ def resume_from_store(report: dict[str, Any], fds: dict[str, int]) -> None:
     checks: dict[str, Any] = {}
     if "plain" in fds:
         checks["plain"] = read_all(fds["plain"]) == content("plain", PLAIN_SIZE)
+    agent_ok = False
     if "session" in fds:
         check_session(fds["session"], checks)
+        # and the agent checks what it recorded of it, through the fd handed in
+        agent_ok, items = AgentClient().check_kept_session(SESSION, fds["session"])
+        report["agent_check"] = {"ok": agent_ok, "items": items}
     report["checks"] = checks
-    report["ok"] = checks.get("plain") is True and checks.get("session") is True
+    report["ok"] = checks.get("plain") is True and checks.get("session") is True and agent_ok
 
 
 def resume_from_agent(report: dict[str, Any], session: LiveUpdateSession) -> None:
