@@ -95,12 +95,18 @@ class Boot:
         return step
 
 
-def prop(name: str) -> Any:
-    proc = subprocess.run(["busctl", "--system", "--json=short", "get-property", *BUS, name],
+def bus_prop(target: tuple[str, str, str], name: str) -> Any:
+    """A property on the system bus (service, object, interface); None where it cannot be read
+    (no such service or property)."""
+    proc = subprocess.run(["busctl", "--system", "--json=short", "get-property", *target, name],
                           capture_output=True, text=True, timeout=30, check=False)
     if proc.returncode != 0:
         return None
     return json.loads(proc.stdout)["data"]
+
+
+def prop(name: str) -> Any:
+    return bus_prop(BUS, name)
 
 
 def wait_state(boot: Boot, states: tuple[str, ...], timeout: float) -> str | None:
@@ -173,13 +179,6 @@ SYSTEMD = ("org.freedesktop.systemd1", "/org/freedesktop/systemd1",
            "org.freedesktop.systemd1.Manager")
 
 
-def systemd_prop(name: str) -> Any:
-    """A property of PID 1's manager object (None where this systemd has no such property)."""
-    proc = subprocess.run(["busctl", "--system", "--json=short", "get-property", *SYSTEMD, name],
-                          capture_output=True, text=True, timeout=30, check=False)
-    if proc.returncode != 0:
-        return None
-    return json.loads(proc.stdout)["data"]
 
 
 def host_facts(boot: Boot, prefix: str) -> None:
@@ -193,7 +192,7 @@ def host_facts(boot: Boot, prefix: str) -> None:
     # systemd >= 262 counts the kexecs it carried its state through (None before that); the
     # property's name as this systemd spells it
     for name in ("KExecsCount", "KExecCount"):
-        value = systemd_prop(name)
+        value = bus_prop(SYSTEMD, name)
         if value is not None:
             boot.fact(f"{prefix}_systemd_kexecs", {"property": name, "value": value})
             break
