@@ -33,11 +33,16 @@ from .errors import AgentError, InvalidArgument
 from .imagestrings import ImageStrings, image_digest
 from .kernel import debugfs
 from .kernel.callerfile import FileIdentity, RegularFile, open_regular
-from .kernel.cmdline import setup_cmdline_size
 from .kernel.fsmagic import HUGETLBFS_MAGIC, TMPFS_MAGIC, fs_magic
 from .kernel.host import Host
-from .kernel.image import ImageError, ImageInfo, parse_image, read_image
-from .scratch import image_memory_size
+from .kernel.image import (
+    ImageError,
+    ImageInfo,
+    image_memory_size,
+    parse_image,
+    read_image,
+    setup_cmdline_size,
+)
 
 
 @dataclass

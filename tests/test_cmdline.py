@@ -3,8 +3,6 @@ refused when the handover would be lost, kept word for word otherwise."""
 
 from __future__ import annotations
 
-import struct
-
 import pytest
 
 from kho_agent.errors import InvalidArgument
@@ -12,10 +10,9 @@ from kho_agent.kernel.cmdline import (
     COMMAND_LINE_SIZE,
     MAX_ELFCOREHDR_STR_LEN,
     max_length,
-    setup_cmdline_size,
-    split,
     target_cmdline,
 )
+from kho_agent.kernel.params import split
 
 
 @pytest.mark.parametrize(("base", "expected"), [
@@ -84,17 +81,6 @@ def test_length_limit_comes_from_the_image() -> None:
     assert len(target_cmdline(fits, setup_cmdline_size=2047)) == max_length(2047)
     with pytest.raises(InvalidArgument, match="at most 2016"):
         target_cmdline(fits + "y", setup_cmdline_size=2047)
-
-
-def test_setup_header_cmdline_size() -> None:
-    head = bytearray(4096)
-    head[0x202:0x206] = b"HdrS"
-    struct.pack_into("<H", head, 0x206, 0x020F)
-    struct.pack_into("<I", head, 0x238, 2047)
-    assert setup_cmdline_size(bytes(head)) == 2047
-    struct.pack_into("<H", head, 0x206, 0x0205)
-    assert setup_cmdline_size(bytes(head)) == 255
-    assert setup_cmdline_size(b"\0" * 4096) is None
 
 
 def test_split_follows_next_arg() -> None:

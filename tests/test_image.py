@@ -21,8 +21,10 @@ from kho_agent.kernel.image import (
     LZ4_LEGACY_MAGIC,
     ImageError,
     decompress,
+    image_memory_size,
     parse_image,
     read_image,
+    setup_cmdline_size,
 )
 
 HEADER_VERSION = "7.3.0-test (builder@host) #1 SMP PREEMPT_DYNAMIC"
@@ -275,3 +277,41 @@ def test_missing_file_and_directory(tmp_path: Path) -> None:
         read_image(str(tmp_path / "nope"))
     with pytest.raises(ImageError, match="is a directory"):
         read_image(str(tmp_path))
+
+
+# --- header facts: the memory kexec gives the kernel, the command line it takes ---------------
+
+MiB = 1 << 20
+
+
+def bzimage_header(init_size: int, protocol: int = 0x020F, setup_sects: int = 3) -> bytes:
+    head = bytearray(4096)
+    head[0x1F1] = setup_sects
+    head[0x202:0x206] = b"HdrS"
+    struct.pack_into("<H", head, 0x206, protocol)
+    struct.pack_into("<I", head, 0x260, init_size)
+    return bytes(head)
+
+
+def test_image_memory_size() -> None:
+    # bzImage: init_size, at least the protected-mode part ((setup_sects + 1) * 512 bytes in)
+    assert image_memory_size(bzimage_header(20 * MiB), MiB) == (20 * MiB, "bzImage init_size")
+    assert image_memory_size(bzimage_header(1000), 2048 + 5000)[0] == 5000
+    assert image_memory_size(bzimage_header(0, protocol=0x0209), 2048 + 7000)[0] == 7000
+    # arm64 Image: image_size (u64 at 16), magic "ARM\x64" at 56
+    arm = bytearray(64)
+    struct.pack_into("<Q", arm, 16, 30 * MiB)
+    arm[56:60] = b"ARM\x64"
+    assert image_memory_size(bytes(arm), 25 * MiB) == (30 * MiB, "arm64 Image image_size")
+    assert image_memory_size(b"\x7fELF" + bytes(100), 104) is None
+
+
+def test_setup_header_cmdline_size() -> None:
+    head = bytearray(4096)
+    head[0x202:0x206] = b"HdrS"
+    struct.pack_into("<H", head, 0x206, 0x020F)
+    struct.pack_into("<I", head, 0x238, 2047)
+    assert setup_cmdline_size(bytes(head)) == 2047
+    struct.pack_into("<H", head, 0x206, 0x0205)
+    assert setup_cmdline_size(bytes(head)) == 255
+    assert setup_cmdline_size(b"\0" * 4096) is None

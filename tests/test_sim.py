@@ -30,8 +30,9 @@ from kho_agent.kernel.fsmagic import TMPFS_MAGIC, fs_magic
 from kho_agent.kernel.host import Host
 from kho_agent.kernel.image import read_image
 from kho_agent.kernel.kexec import load_named
+from kho_agent.kernel.kho_scratch import ScratchParam, ScratchSizes
+from kho_agent.kernel.params import kstrtobool
 from kho_agent.kernel.physmem import ElfCoreMemory
-from kho_agent.kernel.sysinfo import kstrtobool
 from kho_agent.sim import SimAbi, SimKernel
 from kho_agent.sim import boot as simboot
 from kho_agent.sim import liveupdate as simlu
@@ -264,12 +265,12 @@ def test_kstrtobool(value: str | None, expect: bool | None) -> None:
 
 
 @pytest.mark.parametrize(("value", "expect"), [
-    ("50%", simboot.ScratchSpec(scale=50)),
-    ("16M,512M,256M", simboot.ScratchSpec(0, (16 << 20, 512 << 20, 256 << 20))),
-    ("0,0x1000000,0", simboot.ScratchSpec(0, (0, 16 << 20, 0))),
+    ("50%", ScratchParam(scale=50)),
+    ("16M,512M,256M", ScratchParam(sizes=ScratchSizes(16 << 20, 512 << 20, 256 << 20))),
+    ("0,0x1000000,0", ScratchParam(sizes=ScratchSizes(0, 16 << 20, 0))),
     ("0,0,0", None), ("64M,,64M", None), ("256M,512M,512Mfoo", None), ("512M,512M", None),
     ("12345678901%", None), ("x%", None)])
-def test_kho_scratch_grammar(value: str, expect: simboot.ScratchSpec | None) -> None:
+def test_kho_scratch_grammar(value: str, expect: ScratchParam | None) -> None:
     assert simboot.parse_kho_scratch(value) == expect
 
 

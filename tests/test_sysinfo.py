@@ -9,14 +9,12 @@ from pathlib import Path
 import pytest
 
 from kho_agent.errors import AgentError, NotFound
+from kho_agent.kernel.params import cmdline_bool, param_values, parse_cmdline
 from kho_agent.kernel.sysinfo import (
     MemblockRegion,
     SysInfo,
-    cmdline_bool,
     kho_enabled,
     luo_enabled,
-    param_values,
-    parse_cmdline,
     parse_memblock,
     parse_node_list,
     read_sysinfo,

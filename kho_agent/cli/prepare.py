@@ -50,7 +50,7 @@ def scratch_option(value: str | None) -> str | None:
     if value is None or value in ("keep", "auto"):
         return value
     value = value.removeprefix("kho_scratch=")
-    from ..scratch import parse_kho_scratch
+    from ..kernel.kho_scratch import parse_kho_scratch
 
     try:
         parse_kho_scratch(value)

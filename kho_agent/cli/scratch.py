@@ -32,21 +32,17 @@ from ..abi.state import ScratchArea, scratch_roles
 from ..errors import AgentError, InvalidArgument
 from ..kernel import debugfs
 from ..kernel.callerfile import RegularFile, open_regular
-from ..kernel.image import MAX_INPUT, ImageError, parse_image
-from ..kernel.sysinfo import SysInfo, kho_enabled, read_sysinfo
-from ..scratch import (
-    DEFAULT_MARGIN_PERCENT,
+from ..kernel.image import (
     IMAGE_HEADER_BYTES,
-    KernReserved,
-    KexecSegment,
-    Placement,
-    ScratchItem,
-    ScratchPlan,
-    ScratchSizes,
-    human,
+    MAX_INPUT,
+    ImageError,
     image_memory_size,
-    plan_scratch,
+    parse_image,
 )
+from ..kernel.kexec_placement import KexecSegment, Placement
+from ..kernel.kho_scratch import KernReserved, ScratchSizes
+from ..kernel.sysinfo import SysInfo, kho_enabled, read_sysinfo
+from ..scratch import DEFAULT_MARGIN_PERCENT, ScratchItem, ScratchPlan, human, plan_scratch
 from ..service import interfaces as api
 from ..service.errors import DaemonUnreachable
 from .bus import (
@@ -95,7 +91,8 @@ class FileSize:
 
 
 def kernel_memory_size(path: str) -> FileSize:
-    """How much memory a kernel image takes once kexec loads it (scratch.image_memory_size());
+    """How much memory a kernel image takes once kexec loads it (kernel/image.py
+    image_memory_size());
     compressed images without such a header (arm64 Image.gz, zboot) are decompressed first. A
     regular file only, of at most MAX_INPUT bytes (kernel/image.py's bound)."""
     with open_regular(path, "kernel image", max_size=MAX_INPUT) as opened:

@@ -8,17 +8,15 @@ go to init and not to the kernel, and single quotes mean nothing to the kernel. 
 agent loads is checked here, word by word with the kernel's own tokenizer, and refused with the
 fix when the next kernel would lose what was preserved.
 
-Pure: no I/O. The limits come from the target image (setup header `cmdline_size` on x86).
+Pure: no I/O. The kernel's tokenizer is kernel/params.py; the limits come from the target image
+(setup header `cmdline_size` on x86, kernel/image.py setup_cmdline_size()).
 """
 
 from __future__ import annotations
 
-import struct
-from dataclasses import dataclass
-
 from ..errors import InvalidArgument
-from ..scratch import U64_MASK, parse_kho_scratch
-from .sysinfo import _next_arg, kstrtobool
+from .kho_scratch import parse_kho_scratch
+from .params import U64_MASK, Cmdline, Word, kstrtobool, memparse_prefix, split
 
 # x86's bzImage64 loader refuses (EINVAL) a command line whose length, NUL included, plus room for
 # "elfcorehdr=0x<64-bit>" (MAX_ELFCOREHDR_STR_LEN, arch/x86/kernel/kexec-bzimage64.c) exceeds the
@@ -31,82 +29,12 @@ COMMAND_LINE_SIZE = 2048
 REQUIRED = (("kho", "KHO"), ("liveupdate", "LUO"))
 
 
-@dataclass(frozen=True)
-class Word:
-    raw: str             # as written, quotes included
-    name: str            # dashes read as underscores, as parameq() does
-    value: str | None    # after the kernel strips its quotes
-
-
-@dataclass(frozen=True)
-class Cmdline:
-    words: list[Word]    # the kernel's parameters
-    init: str | None     # what follows `--` (init's arguments), verbatim; None without `--`
-
-    def values(self, name: str) -> list[str | None]:
-        return [w.value for w in self.words if w.name == name]
-
-    def text(self) -> str:
-        out = " ".join(w.raw for w in self.words)
-        if self.init is not None:
-            out = f"{out} -- {self.init}" if out else f"-- {self.init}"
-        return out.strip()
-
-
-def split(text: str) -> Cmdline:
-    """Split like the kernel: next_arg() word by word, up to a bare `--`."""
-    words: list[Word] = []
-    rest = text.strip()
-    while rest:
-        name, value, after = _next_arg(rest)
-        raw = rest[:len(rest) - len(after)].strip()
-        if value is None and name == "--":
-            return Cmdline(words, after)
-        if name:
-            words.append(Word(raw, name.replace("-", "_"), value))
-        rest = after
-    return Cmdline(words, None)
-
-
-# x86 boot protocol (Documentation/arch/x86/boot.rst): "HdrS" at 0x202, the protocol version at
-# 0x206, cmdline_size (protocol >= 2.06) at 0x238
-_HDRS, _VERSION, _CMDLINE_SIZE, _CMDLINE_SIZE_PROTOCOL = 0x202, 0x206, 0x238, 0x0206
-
-
-def setup_cmdline_size(head: bytes) -> int | None:
-    """An x86 bzImage's setup_header.cmdline_size from the first bytes of the file; None for
-    other images (their limit is COMMAND_LINE_SIZE)."""
-    if len(head) < _CMDLINE_SIZE + 4 or head[_HDRS:_HDRS + 4] != b"HdrS":
-        return None
-    if struct.unpack_from("<H", head, _VERSION)[0] < _CMDLINE_SIZE_PROTOCOL:
-        return 255  # before 2.06 the boot protocol takes 255 bytes
-    return int(struct.unpack_from("<I", head, _CMDLINE_SIZE)[0])
-
-
 def max_length(setup_cmdline_size: int | None) -> int:
     """The longest command line (without its NUL) the target takes: from its setup header on x86,
     else COMMAND_LINE_SIZE."""
     if setup_cmdline_size:
         return max(0, setup_cmdline_size - MAX_ELFCOREHDR_STR_LEN - 1)
     return COMMAND_LINE_SIZE - 1
-
-
-def _strict_memparse(field: str) -> int | None:
-    """A memparse() field computed without wrapping: None when it is not one number."""
-    text = field
-    base = 10
-    if text[:2].lower() == "0x" and len(text) > 2:
-        base, text = 16, text[2:]
-    elif text.startswith("0") and len(text) > 1 and text[1].isdigit():
-        base, text = 8, text[1:]
-    shift = 0
-    if text and text[-1].lower() in "kmgtpe":
-        shift = 10 * ("kmgtpe".index(text[-1].lower()) + 1)
-        text = text[:-1]
-    try:
-        return int(text, base) << shift if text else None
-    except ValueError:
-        return None
 
 
 def check_kho_scratch(value: str | None) -> None:
@@ -118,8 +46,8 @@ def check_kho_scratch(value: str | None) -> None:
     if value.endswith("%"):
         return
     for field in value.split(","):
-        size = _strict_memparse(field)
-        if size is not None and size > U64_MASK:
+        size, _ = memparse_prefix(field, 0, wrap=False)
+        if size > U64_MASK:
             raise InvalidArgument(f"kho_scratch={value}: {field} does not fit in 64 bits; the "
                                   "kernel would wrap it around to another size. Give sizes the "
                                   "machine can have (e.g. 16M,512M,256M)")

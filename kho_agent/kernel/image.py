@@ -1,4 +1,6 @@
-"""Kernel image files: find and decompress the kernel inside, so its strings can be read.
+"""Kernel image files: find and decompress the kernel inside, so its strings can be read, and
+read the header facts kexec and the command line depend on (image_memory_size(),
+setup_cmdline_size()).
 
 Supported containers:
 
@@ -46,19 +48,30 @@ LZ4_LEGACY_BLOCK = 8 << 20   # uncompressed bytes per legacy block
 LZ4_LEGACY_BOUND = LZ4_LEGACY_BLOCK + LZ4_LEGACY_BLOCK // 255 + 16  # LZ4_compressBound
 ZSTD_INPUT_CHUNK = 512
 
+# x86 boot protocol setup header (Documentation/arch/x86/boot.rst): field offsets, and the
+# protocol version that introduced each field read here
 SETUP_SECTS = 0x1F1
 BOOT_FLAG = 0x1FE
 HDRS_MAGIC = 0x202
 PROTOCOL_VERSION = 0x206
 KERNEL_VERSION_PTR = 0x20E
+CMDLINE_SIZE = 0x238            # u32, protocol 2.06+: longest command line, NUL excluded
 PAYLOAD_OFFSET = 0x248
 PAYLOAD_LENGTH = 0x24C
 SETUP_HEADER_END = 0x250
+INIT_SIZE = 0x260               # u32, protocol 2.10+: memory the kernel needs to boot in place
+MIN_CMDLINE_SIZE_PROTOCOL = 0x0206
 MIN_PAYLOAD_PROTOCOL = 0x0208
+MIN_INIT_SIZE_PROTOCOL = 0x020A
+OLD_CMDLINE_SIZE = 255          # before 2.06 the boot protocol takes 255 bytes
 
+# arm64 Image header (Documentation/arch/arm64/booting.rst)
+ARM64_IMAGE_SIZE = 16           # u64 image_size: memory the kernel takes, bss included
 ARM64_MAGIC_OFFSET = 56
 ARM64_MAGIC = b"ARM\x64"
 ZBOOT_HEADER = 56
+
+IMAGE_HEADER_BYTES = 4096       # enough of a file for image_memory_size() and setup_cmdline_size()
 
 
 class ImageError(Exception):
@@ -252,6 +265,54 @@ def decompress(payload: bytes, limit: int = MAX_OUTPUT) -> tuple[str, bytes]:
     return c.name, c.decompress(payload, limit)
 
 
+# --- headers ---------------------------------------------------------------------------------
+
+def _is_bzimage(data: bytes) -> bool:
+    return len(data) >= HDRS_MAGIC + 4 and data[HDRS_MAGIC:HDRS_MAGIC + 4] == b"HdrS"
+
+
+def _boot_protocol(head: bytes) -> int:
+    return int(struct.unpack_from("<H", head, PROTOCOL_VERSION)[0])
+
+
+def _setup_bytes(head: bytes) -> int:
+    """Where the protected-mode code starts: after the boot sector and setup_sects sectors
+    (0 means 4)."""
+    return ((head[SETUP_SECTS] or 4) + 1) * 512
+
+
+def setup_cmdline_size(head: bytes) -> int | None:
+    """An x86 bzImage's setup_header.cmdline_size from the first bytes of the file; None for
+    other images (their limit is COMMAND_LINE_SIZE, kernel/cmdline.py)."""
+    if len(head) < CMDLINE_SIZE + 4 or not _is_bzimage(head):
+        return None
+    if _boot_protocol(head) < MIN_CMDLINE_SIZE_PROTOCOL:
+        return OLD_CMDLINE_SIZE
+    return int(struct.unpack_from("<I", head, CMDLINE_SIZE)[0])
+
+
+def image_memory_size(head: bytes, file_size: int) -> tuple[int, str] | None:
+    """The memory a kernel takes once kexec loads it, from the start of its file (or of its
+    decompressed payload), as (bytes, where from); None when the header is neither form.
+
+    x86 bzImage: init_size (kexec_file_load sizes the kernel segment by it; it covers the
+    in-place decompression), at least the protected-mode part of the file. arm64 Image:
+    image_size, at least the given size.
+    """
+    if len(head) >= INIT_SIZE + 4 and _is_bzimage(head):
+        setup = _setup_bytes(head)
+        if _boot_protocol(head) >= MIN_INIT_SIZE_PROTOCOL:
+            init_size = struct.unpack_from("<I", head, INIT_SIZE)[0]
+            return max(init_size, file_size - setup), "bzImage init_size"
+        return file_size - setup, "bzImage protected-mode part (boot protocol without init_size)"
+    if (head[ARM64_MAGIC_OFFSET:ARM64_MAGIC_OFFSET + 4] == ARM64_MAGIC
+            and len(head) >= ARM64_IMAGE_SIZE + 8):
+        size = struct.unpack_from("<Q", head, ARM64_IMAGE_SIZE)[0]
+        return (max(size, file_size), "arm64 Image image_size") if size else (
+            file_size, "arm64 Image size")
+    return None
+
+
 # --- containers ------------------------------------------------------------------------------
 
 _BANNER = re.compile(rb"Linux version (\d+\.\d+[^\0\n]{0,200})")
@@ -270,21 +331,16 @@ def _payload_kind(payload: bytes) -> str:
     return "data"
 
 
-def _is_bzimage(data: bytes) -> bool:
-    return len(data) >= HDRS_MAGIC + 4 and data[HDRS_MAGIC:HDRS_MAGIC + 4] == b"HdrS"
-
-
 def _bzimage(path: str, data: bytes, limit: int) -> KernelImage:
     if len(data) < SETUP_HEADER_END:
         raise ImageError(f"{path}: the bzImage setup header is cut short ({len(data)} bytes); "
                          "the file is truncated")
-    version = struct.unpack_from("<H", data, PROTOCOL_VERSION)[0]
+    version = _boot_protocol(data)
     setup_version = f"{version >> 8}.{version & 0xFF}"
     if version < MIN_PAYLOAD_PROTOCOL:
         raise ImageError(f"{path}: boot protocol {setup_version} predates payload_offset (2.08); "
                          "such old kernels have no KHO: nothing to check")
-    setup_sects = data[SETUP_SECTS] or 4
-    pm_start = (setup_sects + 1) * 512
+    pm_start = _setup_bytes(data)
     offset, length = struct.unpack_from("<II", data, PAYLOAD_OFFSET)
     start = pm_start + offset
     if length == 0 or start + length > len(data):

@@ -32,14 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import AgentError, NotFound, PermissionDenied
+from .params import cmdline_bool, parse_cmdline
 
 MEMBLOCK_RESERVED = "sys/kernel/debug/memblock/reserved"
 NODE_DIR = "sys/devices/system/node"
 SYSTEMCTL_TIMEOUT = 10.0  # seconds; systemctl --version does no IPC, this only bounds a hang
-
-# kstrtobool() (lib/kstrtox.c): the first character decides, or the first two for on/off.
-_TRUE_FIRST = frozenset("1yYtTeE")
-_FALSE_FIRST = frozenset("0nNfFdD")
 
 _MEMBLOCK_LINE = re.compile(
     r"^\s*(?P<idx>\d+): 0x(?P<base>[0-9a-fA-F]+)\.\.0x(?P<end>[0-9a-fA-F]+)"
@@ -86,105 +83,6 @@ class SysInfo:
     load_kexec_at_shutdown: bool | None  # Debian kexec-tools etc/default/kexec LOAD_KEXEC
     lockdown: str | None      # sys/kernel/security/lockdown: the bracketed mode
     warnings: list[str] = field(default_factory=list)  # optional files present but unusable
-
-
-# --- command line -------------------------------------------------------------------------------
-
-def _next_arg(args: str) -> tuple[str, str | None, str]:
-    """One parameter the way the kernel's next_arg() (kernel/params.c) splits it.
-
-    Returns (name, value or None, rest). Quotes group spaces; a quote right after '=' and the
-    matching last quote are dropped, as is a quote around the whole `"name=value"`.
-    """
-    quoted = False
-    in_quote = False
-    if args.startswith('"'):
-        args = args[1:]
-        in_quote = quoted = True
-    i = 0
-    equals = -1
-    while i < len(args):
-        ch = args[i]
-        if ch.isspace() and not in_quote:
-            break
-        if equals < 0 and ch == "=":
-            equals = i
-        if ch == '"':
-            in_quote = not in_quote
-        i += 1
-    token, rest = args[:i], args[i + 1:]
-    last_quote = i > 0 and args[i - 1] == '"'
-    if equals < 0:
-        name, value = token, None
-        if quoted and last_quote:
-            name = name[:-1]
-    else:
-        name, value = token[:equals], token[equals + 1:]
-        if value.startswith('"'):
-            value = value[1:]
-            if last_quote:
-                value = value[:-1]
-        elif quoted and last_quote:
-            value = value[:-1]
-    return name, value, rest.lstrip()
-
-
-def parse_cmdline(cmdline: str) -> dict[str, str | None]:
-    """Kernel parameters by name; stops at `--` (the rest belongs to init), last value wins.
-
-    Names are stored with dashes turned into underscores, because the kernel treats `kho-scratch`
-    and `kho_scratch` as the same parameter (parameq() in kernel/params.c).
-    """
-    params: dict[str, str | None] = {}
-    rest = cmdline.strip()
-    while rest:
-        name, value, rest = _next_arg(rest)
-        if value is None and name == "--":
-            break
-        if name:
-            params[name.replace("-", "_")] = value
-    return params
-
-
-def param_values(cmdline: str, key: str) -> list[str | None]:
-    """Every value given to one parameter, in order (some, like crashkernel=, combine)."""
-    key = key.replace("-", "_")
-    out: list[str | None] = []
-    rest = cmdline.strip()
-    while rest:
-        name, value, rest = _next_arg(rest)
-        if value is None and name == "--":
-            break
-        if name.replace("-", "_") == key:
-            out.append(value)
-    return out
-
-
-def cmdline_bool(params: dict[str, str | None], key: str, default: bool) -> bool:
-    """A boolean parameter under kstrtobool() rules; absent or malformed keeps the default.
-
-    The kernel rejects a bare `kho` (no value) and `kho=` with "Malformed early option" and
-    leaves its default in place, so both give `default` here.
-    """
-    parsed = kstrtobool(params.get(key.replace("-", "_")))
-    return default if parsed is None else parsed
-
-
-def kstrtobool(value: str | None) -> bool | None:
-    """The kernel's kstrtobool(): None when it rejects the value (or there is none)."""
-    if not value:
-        return None
-    first = value[0]
-    if first in _TRUE_FIRST:
-        return True
-    if first in _FALSE_FIRST:
-        return False
-    if first in "oO" and len(value) > 1:
-        if value[1] in "nN":
-            return True
-        if value[1] in "fF":
-            return False
-    return None
 
 
 def kho_enabled(info: SysInfo) -> bool:

@@ -5,21 +5,31 @@ Physical memory is one contiguous range per NUMA node starting at 0. Reservation
 x86 shape: firmware below 1 MiB, the kernel image at 16 MiB, memmap and per-node kernel data at
 the top of each node (all RSRV_KERN), `reserve_mem=` regions top-down; then the scratch areas,
 sized by the default algorithm (§5.4) or `kho_scratch=` and allocated top-down (§5.5).
+
+The kernel's rules come from the kernel seams the engine uses too: the command line is split by
+kernel/params.py, `kho_scratch=` parsed and the areas sized by kernel/kho_scratch.py. What is
+the simulator's own is the machine: its memory, its reservations, where the areas land.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .. import scratch
 from ..errors import InvalidArgument
-from ..kernel.sysinfo import kstrtobool
+from ..kernel import kho_scratch
+from ..kernel.kho_scratch import (
+    ARCH_LOW_ADDRESS_LIMIT,
+    DEFAULT_SCALE,
+    SCRATCH_ALIGNMENT_BYTES,
+    KernReserved,
+    ScratchParam,
+    kernel_scratch_sizes,
+    round_up,
+)
+from ..kernel.params import kstrtobool, memparse, split
 
 MiB = 1 << 20
 PAGE_SIZE = 4096
-SCRATCH_ALIGN = 4 * MiB          # SCRATCH_ALIGNMENT_BYTES on x86-64
-LOW_LIMIT = 0xFFFF_FFFF          # ARCH_LOW_ADDRESS_LIMIT on x86
-DEFAULT_SCALE = 200
 KERNEL_BASE = 16 * MiB
 KERNEL_SIZE = 40 * MiB           # text, data and bss of a distribution-sized kernel
 NODE_KERNEL_DATA = 4 * MiB       # page tables, per-cpu areas and friends, per node
@@ -34,30 +44,15 @@ FLAG_NAMES = {0x1: "HOTPLUG", 0x2: "MIRROR", 0x4: "NOMAP", 0x8: "DRV_MNG",
               0x10: "RSV_NIT", 0x20: "RSV_KERN", 0x40: "KHO_SCRATCH"}
 
 
-def round_up(value: int, align: int) -> int:
-    return -(-value // align) * align
-
-
-@dataclass(frozen=True)
-class ScratchSpec:
-    """kho_scratch=: a percent scale, or three absolute sizes (lowmem, global, per node)."""
-
-    scale: int = DEFAULT_SCALE
-    sizes: tuple[int, int, int] | None = None
-
-
-def parse_kho_scratch(value: str | None) -> ScratchSpec | None:
-    """kho_parse_scratch_size() through the planner's parser; None for a malformed value (the
-    kernel logs it and keeps its defaults)."""
+def parse_kho_scratch(value: str | None) -> ScratchParam | None:
+    """kho_parse_scratch_size() (kernel/kho_scratch.py); None for a malformed value (the kernel
+    logs it and keeps its defaults)."""
     if not value:
         return None
     try:
-        param = scratch.parse_kho_scratch(value)
+        return kho_scratch.parse_kho_scratch(value)
     except InvalidArgument:
         return None
-    if param.sizes is not None:
-        return ScratchSpec(0, (param.sizes.lowmem, param.sizes.global_, param.sizes.pernode))
-    return ScratchSpec(scale=DEFAULT_SCALE if param.scale is None else param.scale)
 
 
 @dataclass(frozen=True)
@@ -72,7 +67,7 @@ class Cmdline:
     text: str
     kho: bool
     liveupdate: bool
-    scratch: ScratchSpec
+    scratch: ScratchParam
     reserve_mem: tuple[ReserveMem, ...]
     malformed: tuple[str, ...]  # early options the kernel would log as malformed
 
@@ -83,13 +78,13 @@ class Cmdline:
 
 
 def parse_cmdline(text: str) -> Cmdline:
+    """The early parameters this kernel reads, word by word as next_arg() splits the line."""
     kho = liveupdate = False
-    scratch = ScratchSpec()
+    scratch = ScratchParam(scale=DEFAULT_SCALE)
     regions: list[ReserveMem] = []
     malformed: list[str] = []
-    for word in text.split():
-        key, eq, value = word.partition("=")
-        raw = value if eq else None
+    for w in split(text).words:
+        key, raw, word = w.name, w.value, w.raw
         if key == "kho":
             parsed = kstrtobool(raw)
             if parsed is None:
@@ -122,7 +117,7 @@ def _parse_reserve_mem(value: str) -> ReserveMem | None:
     parts = value.split(":")
     if len(parts) != 3 or not parts[2]:
         return None
-    size, align = scratch.memparse(parts[0]), scratch.memparse(parts[1])
+    size, align = memparse(parts[0]), memparse(parts[1])
     if not size or align is None or (align and align & (align - 1)):
         return None
     return ReserveMem(parts[2], round_up(size, PAGE_SIZE), max(align, PAGE_SIZE))
@@ -251,14 +246,13 @@ class Memblock:
         return total
 
 
-def scratch_sizes(mb: Memblock, spec: ScratchSpec) -> tuple[int, int, list[int]]:
-    """(lowmem, global, per-node) sizes by the kernel's algorithm (§5.4, scratch.py)."""
+def scratch_sizes(mb: Memblock, param: ScratchParam) -> tuple[int, int, list[int]]:
+    """(lowmem, global, per-node) sizes by the kernel's algorithm (§5.4,
+    kernel/kho_scratch.py)."""
     nodes = range(len(mb.nodes))
-    kern = scratch.KernReserved(mb.kern_size(LOW_LIMIT), mb.kern_size(),
-                                {n: mb.kern_size(nid=n) for n in nodes})
-    param = (scratch.ScratchParam(sizes=scratch.ScratchSizes(*spec.sizes))
-             if spec.sizes is not None else scratch.ScratchParam(scale=spec.scale))
-    sizes = scratch.kernel_scratch_sizes(kern, param, nodes=nodes, align=SCRATCH_ALIGN)
+    kern = KernReserved(mb.kern_size(ARCH_LOW_ADDRESS_LIMIT), mb.kern_size(),
+                        {n: mb.kern_size(nid=n) for n in nodes})
+    sizes = kernel_scratch_sizes(kern, param, nodes=nodes, align=SCRATCH_ALIGNMENT_BYTES)
     return sizes.lowmem, sizes.global_, [sizes.per_node[n] for n in nodes]
 
 
@@ -268,8 +262,8 @@ def _area(mb: Memblock, size: int, *, hi: int | None = None, nid: int | None = N
         gaps = [g for base, length in ([mb.nodes[nid]] if nid is not None else mb.nodes)
                 for g in mb._free_gaps(base, min(base + length, hi or 1 << 64), [])]
         top = max((g_hi for _, g_hi in gaps), default=0)
-        return Scratch(top // SCRATCH_ALIGN * SCRATCH_ALIGN, 0)
-    phys = mb.alloc(size, SCRATCH_ALIGN, hi=hi, nid=nid)
+        return Scratch(top // SCRATCH_ALIGNMENT_BYTES * SCRATCH_ALIGNMENT_BYTES, 0)
+    phys = mb.alloc(size, SCRATCH_ALIGNMENT_BYTES, hi=hi, nid=nid)
     if phys is None:
         where = "below 4 GiB" if hi is not None else (f"on node {nid}" if nid is not None
                                                        else "anywhere")
@@ -297,7 +291,7 @@ def cold_layout(memory_mib: int, nodes: int,
     if not cmd.kho:
         return mb, [], regions
     lowmem, glob, per = scratch_sizes(mb, cmd.scratch)
-    areas = [_area(mb, lowmem, hi=LOW_LIMIT + 1), _area(mb, glob)]
+    areas = [_area(mb, lowmem, hi=ARCH_LOW_ADDRESS_LIMIT + 1), _area(mb, glob)]
     areas += [_area(mb, size, nid=n) for n, size in enumerate(per)]
     return mb, areas, regions
 
