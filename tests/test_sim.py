@@ -717,6 +717,24 @@ def test_segments_must_fit_in_scratch(tmp_path: Path) -> None:
     load_named(sim.host().kexec, image, small, CMDLINE)
 
 
+def test_segments_are_placed_as_the_kernel_places_them(tmp_path: Path) -> None:
+    # 3 MiB of initrd and a few KiB of kernel would fit into the 4 MiB area by size, but the
+    # kernel segment is 2 MiB aligned (top-down: at the area's middle) and purgatory sits at its
+    # bottom, so no hole of 3 MiB is left: kho_locate_mem_hole() finds none (reference §5.5)
+    sim = SimKernel.create(tmp_path / "s", cmdline=CMDLINE + " kho_scratch=4M,0,0")
+    image = sim.write_kernel_image(tmp_path / "img", release="7.3.1", abi=sim.abi)
+    initrd = tmp_path / "initrd"
+    with open(initrd, "wb") as fh:
+        fh.truncate(3 << 20)
+    assert image.stat().st_size + (3 << 20) + 2 * 4096 < 4 << 20
+    with refused(errno.EADDRNOTAVAIL) as err:
+        load_named(sim.host().kexec, image, initrd, CMDLINE)
+    assert "initrd (3145728 bytes)" in str(err.value)
+    with open(initrd, "wb") as fh:
+        fh.truncate(1 << 20)
+    load_named(sim.host().kexec, image, initrd, CMDLINE)
+
+
 # --- ABI mismatches (§3.9) ---------------------------------------------------------------------
 
 def test_kho_root_mismatch_drops_the_handover(sim: SimKernel) -> None:

@@ -1,5 +1,6 @@
-"""kexec of the simulated kernel: kexec_file_load (image checks, scratch placement) and the
-reboot that freezes and serializes LUO, writes the handover and boots the loaded kernel."""
+"""kexec of the simulated kernel: kexec_file_load (image checks, scratch placement by
+kernel/kexec_placement.py, the rule the engine predicts with) and the reboot that freezes and
+serializes LUO, writes the handover and boots the loaded kernel."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ import errno
 import time
 
 from ..abi.compat import abi_from_payload
+from ..abi.state import ScratchArea, scratch_roles
 from ..errors import Busy, InvalidArgument, KernelRefused
 from ..kernel.callerfile import RegularFile
 from ..kernel.image import MAX_INPUT, ImageError, parse_image
+from ..kernel.kexec_placement import kexec_segments, place_segments
 from . import boots, rootfs
 from . import faults as faults_mod
-from .boot import PAGE_SIZE
+from .boot import PAGE_SIZE, Scratch
 from .handover import write_handover
 from .kernel import Runtime, boot_after_kexec
 from .state import load, save
@@ -20,6 +23,18 @@ from .store import locked
 from .versions import SimAbi, check_abi
 
 BOOT_PARAMS = PAGE_SIZE  # struct boot_params + setup_data, one page
+
+
+def unplaced_segments(scratch: list[Scratch], kernel: int, initrd: int,
+                      boot_data: int) -> list[str]:
+    """The segments (with their sizes) kexec_file_load finds no room for in the scratch areas,
+    placed as the kernel places them (kernel/kexec_placement.py)."""
+    areas = [ScratchArea(s.phys, s.size, role)
+             for s, role in zip(scratch, scratch_roles(len(scratch)), strict=True)]
+    segments = kexec_segments(kernel, initrd, max(len(scratch) - 2, 0), PAGE_SIZE,
+                              boot_data=boot_data)
+    return [f"{p.segment.label} ({p.segment.memsz} bytes)"
+            for p in place_segments(segments, areas) if p.area is None]
 
 
 class SimKexec:
@@ -62,16 +77,14 @@ class SimKexec:
                      str(versions["handler:memfd"]), str(versions["memblock"]))
         check_abi(abi)
         st = rt.state
-        need = kernel.size + (initrd.size if initrd else 0) \
-            + BOOT_PARAMS + len(cmdline) + 1
         if st.kho_enabled:
-            largest = max((s.size for s in st.scratch), default=0)
-            if need > largest:
-                raise KernelRefused(op, errno.EADDRNOTAVAIL, f"kernel, initrd and boot "
-                                    f"parameters need {need} bytes but the largest KHO scratch "
-                                    f"area has {largest}: with KHO every segment must fit in "
-                                    "scratch; boot with a larger kho_scratch= or use a smaller "
-                                    "initrd")
+            unplaced = unplaced_segments(st.scratch, kernel.size, initrd.size if initrd else 0,
+                                         BOOT_PARAMS + len(cmdline) + 1)
+            if unplaced:
+                raise KernelRefused(op, errno.EADDRNOTAVAIL, f"{', '.join(unplaced)}: no KHO "
+                                    "scratch area has room next to the other segments; with KHO "
+                                    "every segment must fit in scratch; boot with a larger "
+                                    "kho_scratch= or use a smaller initrd")
         record: dict[str, object] = {
             "kernel": kernel.resolved_path(),
             "initrd": initrd.resolved_path() if initrd else None,
