@@ -13,13 +13,12 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session")
 def samples_dir() -> Path:
-    """The captured KHO/LUO samples: tests/data/kho-samples, else ../shared/kho-samples."""
-    for candidate in (REPO / "tests" / "data" / "kho-samples",
-                      REPO.parent / "shared" / "kho-samples"):
-        if (candidate / "case-in-1").is_dir():
-            return candidate
-    # The samples are committed: their absence is a broken checkout, not a reason to skip.
-    pytest.fail("kho-samples not found in tests/data/kho-samples or ../shared/kho-samples")
+    """The captured KHO/LUO samples, committed in tests/data/kho-samples."""
+    samples = REPO / "tests" / "data" / "kho-samples"
+    if not (samples / "case-in-1").is_dir():
+        # The samples are committed: their absence is a broken checkout, not a reason to skip.
+        pytest.fail(f"kho-samples not found in {samples}")
+    return samples
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -43,8 +43,9 @@ from gi.repository import Gio, GLib  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS_DIR = REPO / "tests"
-# Where kho_agent.service.interfaces puts its constants; repeated here (not imported) so that the
-# rig keeps working while the service package is being rewritten.
+# The service's bus name, object and interface, written out here as a client outside the project
+# knows them rather than imported from the product: a rename in the service then fails
+# test_constants_match_the_service_contract instead of being followed silently by every test.
 BUS_NAME = "org.khoagent.Agent1"
 MANAGER_PATH = "/org/khoagent/Agent1"
 MANAGER_IFACE = "org.khoagent.Agent1.Manager"

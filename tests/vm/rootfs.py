@@ -99,24 +99,24 @@ GUESTS: dict[str, GuestRelease] = {
     # metadata it installs requires pycairo>=1.16.0, so pip refuses the PyGObject dependency
     # without it. Not packaged or too old in bookworm, from PyPI (where possible the versions
     # the host's development venv runs):
-    #   fdt        not packaged in Debian;
     #   blake3     not packaged in bookworm; 1.0.5, not the venv's 1.0.11: from 1.0.8 on blake3
     #              requires typing-extensions>=4.6 on Python < 3.12, and bookworm has 4.4.0 (a
     #              newer one from PyPI would shadow Debian's for every program of the guest);
     #   zstandard  bookworm has 0.20, the agent needs >= 0.21.
-    # The others come from Debian: PyGObject 3.42.2, pydbus 0.6.0, systemd-python 235,
-    # pyroute2 0.7.2, lz4 4.0.2. pip checks them inside the guest tree when it installs.
+    # The others come from Debian: PyGObject 3.42.2, systemd-python 235, pyroute2 0.7.2,
+    # lz4 4.0.2. pip checks them inside the guest tree when it installs. (fdt and pydbus are
+    # test dependencies, not the agent's; python3-pydbus is in the base all the same.)
     "bookworm": GuestRelease(
         name="bookworm", suite="bookworm", packages=(*_COMMON_PACKAGES, "python3-cairo"),
-        extra_wheels=("fdt==0.3.3", "blake3==1.0.5", "zstandard==0.25.0"), python="3.11",
+        extra_wheels=("blake3==1.0.5", "zstandard==0.25.0"), python="3.11",
         handoff="direct"),
     # Debian unstable, what the next release will be: systemd 262 (carries fd stores through
     # LUO: hand-off mode "fdstore"), Python 3.14, QEMU 11.1, PyGObject 3.58 (read 2026-12-03).
-    # Everything but fdt comes from Debian.
+    # Everything comes from Debian.
     "sid": GuestRelease(
         name="sid", suite="sid", packages=(*_COMMON_PACKAGES, "python3-blake3",
                                            "python3-zstandard"),
-        extra_wheels=("fdt==0.3.3",), python="3.14", handoff="fdstore"),
+        extra_wheels=(), python="3.14", handoff="fdstore"),
 }
 DEFAULT_GUEST = "bookworm"
 
@@ -359,6 +359,8 @@ def _download_extra_wheels(entry: Path, release: GuestRelease) -> None:
 
 def ensure_extra_wheels(release: GuestRelease) -> list[Path]:
     """The release's extra wheels for the guest, downloaded once into the cache."""
+    if not release.extra_wheels:
+        return []  # pip download refuses an empty list of requirements
     key = content_key(["wheels-2", release.python, *release.extra_wheels, *WHEEL_PLATFORMS])
     entry = ensure_entry("wheels", key, lambda path: _download_extra_wheels(path, release))
     wheels = sorted(entry.path.glob("*.whl"))
