@@ -43,9 +43,9 @@ from gi.repository import Gio, GLib  # noqa: E402
 
 from ..client import remote_error  # noqa: E402
 from ..errors import (  # noqa: E402
-    EXIT_CANNOT_RUN,
     AgentError,
     InvalidArgument,
+    JobNotFinished,
     NotFound,
     PermissionDenied,
 )
@@ -91,13 +91,6 @@ _NO_OBJECT_ERRORS = ("org.freedesktop.DBus.Error.UnknownObject",
 _NO_REPLY_ERRORS = ("org.freedesktop.DBus.Error.NoReply",
                     "org.freedesktop.DBus.Error.Timeout",
                     "org.freedesktop.DBus.Error.TimedOut")
-
-
-class JobNotFinished(AgentError):
-    """The client stopped following a job that still runs (timeout, interrupt, daemon gone)."""
-
-    name = "JobNotFinished"
-    exit_code = EXIT_CANNOT_RUN
 
 
 # ---------------------------------------------------------------------------------- options

@@ -1,6 +1,7 @@
 """Errors on the bus: every AgentError becomes `org.khoagent.Agent1.Error.<Name>` with its message
-(a KernelRefused keeps the kernel's errno in the message: "PRESERVE_FD failed: EBUSY (...)"), and
-the argument checks that turn a malformed call into InvalidArgument before anything changes."""
+(a KernelRefused or StorageFailed keeps the errno in the message: "PRESERVE_FD failed: EBUSY
+(...)"), and the argument checks that turn a malformed call into InvalidArgument before anything
+changes. The names and exit codes are errors.REGISTRY's."""
 
 from __future__ import annotations
 
@@ -9,8 +10,14 @@ import math
 import re
 from typing import Any
 
-from .. import errors as errors_mod
-from ..errors import EXIT_CANNOT_RUN, AgentError, InvalidArgument, KernelRefused
+from ..errors import (
+    REGISTRY,
+    AgentError,
+    DaemonNotResponding,
+    DaemonUnreachable,
+    InvalidArgument,
+    SystemCallFailed,
+)
 from .interfaces import ERROR_PREFIX, NUMBER_RANGE, STRING_MAX
 
 INTERNAL = ERROR_PREFIX + "Failed"
@@ -31,35 +38,22 @@ def errno_from_message(message: str) -> int | None:
 NOT_ON_BUS_ERRORS = ("org.freedesktop.DBus.Error.ServiceUnknown",
                      "org.freedesktop.DBus.Error.NameHasNoOwner")
 
-
-class DaemonUnreachable(AgentError):
-    """No kho-agentd answers on the chosen bus (or the bus itself is missing)."""
-
-    name = "DaemonUnreachable"
-    exit_code = EXIT_CANNOT_RUN
-
-
-class DaemonNotResponding(AgentError):
-    """kho-agentd owns its bus name but did not answer within the command's --timeout: it is
-    stopped (SIGSTOP), hung or overloaded. Whether what was asked took effect is unknown."""
-
-    name = "DaemonNotResponding"
-    exit_code = EXIT_CANNOT_RUN
+__all__ = ["INTERNAL", "NOT_ON_BUS_ERRORS", "DaemonNotResponding", "DaemonUnreachable",
+           "check_options", "errno_from_message", "from_dbus"]
 
 
 def from_dbus(name: str, message: str) -> AgentError:
-    """Rebuild an agent error from a D-Bus error (client side), keeping its name and exit code.
-    A name that is not ours (the bus refused, a timeout) is a plain AgentError."""
+    """Rebuild an agent error from a D-Bus error (client side), keeping its name and exit code
+    (errors.REGISTRY). A name that is not ours (the bus refused, a timeout) is a plain
+    AgentError."""
     short = name[len(ERROR_PREFIX):] if name.startswith(ERROR_PREFIX) else None
-    for cls in errors_mod.ERRORS:
-        if cls.name == short and cls not in (AgentError, KernelRefused):
-            return cls(message)
-    if short == KernelRefused.name:
-        err = errno_from_message(message) or errno_mod.EIO
-        refused = KernelRefused("", err, "")
-        refused.message = message  # the daemon's text, verbatim
-        refused.args = (message,)
-        return refused
+    for entry in REGISTRY:
+        if entry.name != short or not entry.on_bus or entry.error is AgentError:
+            continue
+        if issubclass(entry.error, SystemCallFailed):  # the daemon's text, verbatim
+            return entry.error.with_message(message, "", errno_from_message(message)
+                                            or errno_mod.EIO)
+        return entry.error(message)
     return AgentError(f"{name}: {message}" if short is None else message)
 
 
