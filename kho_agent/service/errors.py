@@ -8,7 +8,7 @@ from __future__ import annotations
 import errno as errno_mod
 import math
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import (
     REGISTRY,
@@ -19,6 +19,9 @@ from ..errors import (
     SystemCallFailed,
 )
 from .interfaces import ERROR_PREFIX, NUMBER_RANGE, STRING_MAX
+
+if TYPE_CHECKING:  # objects.py needs Gio, which kho-agentctl's local commands never load
+    from .objects import Call
 
 INTERNAL = ERROR_PREFIX + "Failed"
 # "... failed: EBUSY (Device or resource busy): ..." as KernelRefused formats it
@@ -57,12 +60,14 @@ def from_dbus(name: str, message: str) -> AgentError:
     return AgentError(f"{name}: {message}" if short is None else message)
 
 
-def check_options(options: dict[str, Any], allowed: dict[str, str], method: str,
-                  signatures: dict[str, str]) -> dict[str, Any]:
-    """Validate an a{sv} dictionary: known keys only, each with the variant type the contract
-    gives, numbers finite and within their range, strings within their length and without NUL.
-    `signatures` maps each key to the signature the variant actually had (GLib keeps it; Python
-    values alone cannot tell `t` from `x`)."""
+def check_options(call: Call) -> dict[str, Any]:
+    """Validate the call's a{sv} dictionary: the keys its method declares only, each with the
+    variant type the contract gives, numbers finite and within their range, strings within their
+    length and without NUL. The type checked is the one each variant actually had (GLib keeps
+    it; Python values alone cannot tell `t` from `x`)."""
+    options, signatures = call.options()
+    allowed = call.declared.options or {}
+    method = call.method
     out: dict[str, Any] = {}
     for key, value in options.items():
         want = allowed.get(key)
