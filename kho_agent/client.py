@@ -35,6 +35,7 @@ from .kernel.liveupdate import (  # noqa: E402
     RealLiveUpdateSession,
     validate_token,
 )
+from .service import contract  # noqa: E402
 from .service import interfaces as api  # noqa: E402
 from .service.errors import NOT_ON_BUS_ERRORS, DaemonUnreachable, from_dbus  # noqa: E402
 
@@ -117,20 +118,23 @@ class AgentClient:
         self.connection = connection or Gio.bus_get_sync(Gio.BusType.SYSTEM, None)
         self.call_timeout_ms = int(call_timeout_s * 1000)
 
-    def call(self, method: str, signature: str, values: tuple[Any, ...],
-             fds: Sequence[int] = ()) -> tuple[tuple[Any, ...], list[int]]:
-        """One Manager call: (the unpacked reply, the fds it carried). An error of the agent is
-        raised as its AgentError; no agent on the bus as DaemonUnreachable; another error of
-        the bus as AgentError naming it."""
+    def call(self, method: str, *values: Any, fds: Sequence[int] = ()
+             ) -> tuple[tuple[Any, ...], list[int]]:
+        """One Manager call with `values` as the method's declared in arguments (contract.py):
+        (the unpacked reply, checked against its declared out arguments; the fds it carried).
+        An error of the agent is raised as its AgentError; no agent on the bus as
+        DaemonUnreachable; another error of the bus as AgentError naming it."""
+        declared = contract.MANAGER.method(method)
         fd_list = None
         if fds:
             fd_list = Gio.UnixFDList.new()
             for fd in fds:
                 fd_list.append(fd)  # a duplicate: the caller keeps its own
-        args = GLib.Variant(f"({signature})", values) if signature else None
+        args = GLib.Variant(declared.in_type, values) if declared.in_args else None
         try:
             reply, out = self.connection.call_with_unix_fd_list_sync(
-                api.BUS_NAME, api.MANAGER_PATH, api.MANAGER_IFACE, method, args, None,
+                api.BUS_NAME, api.MANAGER_PATH, api.MANAGER_IFACE, method, args,
+                GLib.VariantType.new(declared.out_type),
                 Gio.DBusCallFlags.NONE, self.call_timeout_ms, fd_list, None)
         except GLib.Error as exc:
             name, message = remote_error(exc) or ("", exc.message)
@@ -140,9 +144,8 @@ class AgentClient:
         received: list[int] = list(out.steal_fds()) if out is not None else []
         return (tuple(reply.unpack()) if reply is not None else ()), received
 
-    def _one_fd(self, method: str, signature: str, values: tuple[Any, ...]
-                ) -> tuple[tuple[Any, ...], int]:
-        reply, fds = self.call(method, signature, values)
+    def _one_fd(self, method: str, *values: Any) -> tuple[tuple[Any, ...], int]:
+        reply, fds = self.call(method, *values)
         if len(fds) != 1:
             for fd in fds:
                 os.close(fd)
@@ -162,20 +165,20 @@ class AgentClient:
         if fd_store:
             options["fd_store"] = GLib.Variant("b", True)
         if not options:
-            reply, fd = self._one_fd("CreateSession", "s", (name,))
+            reply, fd = self._one_fd("CreateSession", name)
         else:
-            reply, fd = self._one_fd("CreateSessionWithOptions", "sa{sv}", (name, options))
+            reply, fd = self._one_fd("CreateSessionWithOptions", name, options)
         return str(reply[0]), session_from_fd(fd, name, incoming=False)
 
     def preserve(self, name: str, fd: int, token: int) -> None:
         validate_token(token)
-        self.call("Preserve", "sht", (name, 0, token), [fd])
+        self.call("Preserve", name, 0, token, fds=[fd])
 
     def set_ready(self, name: str, ready: bool = True) -> None:
-        self.call("SetReady", "sb", (name, ready))
+        self.call("SetReady", name, ready)
 
     def release_session(self, name: str) -> None:
-        self.call("ReleaseSession", "s", (name,))
+        self.call("ReleaseSession", name)
 
     def retrieve_session(self, name: str, *, wait_s: float = 300,
                          poll_s: float = 0.05) -> LiveUpdateSession:
@@ -186,7 +189,7 @@ class AgentClient:
         deadline = time.monotonic() + wait_s
         while True:
             try:
-                _reply, fd = self._one_fd("RetrieveSession", "s", (name,))
+                _reply, fd = self._one_fd("RetrieveSession", name)
                 return session_from_fd(fd, name, incoming=True)
             except AgentError as exc:
                 waiting = isinstance(exc, Busy | DaemonUnreachable)
@@ -198,7 +201,7 @@ class AgentClient:
         """After the kexec, for a session created with `fd_store=True` and handed back by
         systemd from the caller's own fd store: the agent checks it against what it recorded
         (sizes, seals, digests). Whether all matched, and the items."""
-        (ok, items), fds = self.call("CheckKeptSession", "sh", (name, 0), [session_fd])
+        (ok, items), fds = self.call("CheckKeptSession", name, 0, fds=[session_fd])
         for fd in fds:
             os.close(fd)
         return bool(ok), list(json.loads(items))
@@ -206,9 +209,9 @@ class AgentClient:
     def retrieve_file(self, name: str, token: int) -> int:
         """RETRIEVE_FD through the agent (the same as on the session fd)."""
         validate_token(token)
-        return self._one_fd("RetrieveFile", "st", (name, token))[1]
+        return self._one_fd("RetrieveFile", name, token)[1]
 
     def finish_session(self, name: str) -> None:
         """FINISH the incoming session once the VM runs: the kernel releases what was not
         retrieved, and the agent forgets the session."""
-        self.call("FinishSession", "s", (name,))
+        self.call("FinishSession", name)

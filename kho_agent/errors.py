@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import errno as errno_mod
 import os
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import ClassVar, Self
 
 DBUS_ERROR_PREFIX = "org.khoagent.Agent1.Error."
 
@@ -22,10 +23,11 @@ EXIT_KERNEL = 4          # the kernel refused a system call (the errno is in the
 
 
 class AgentError(Exception):
-    """Base of all agent errors: a message a user can act on, plus a stable name and exit code."""
+    """Base of all agent errors: a message a user can act on, plus a stable name and exit code
+    (both from REGISTRY below)."""
 
-    name: ClassVar[str] = "Failed"
-    exit_code: ClassVar[int] = EXIT_CANNOT_RUN
+    name: ClassVar[str]
+    exit_code: ClassVar[int]
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -40,43 +42,34 @@ class AgentError(Exception):
 
 
 class InvalidArgument(AgentError):
-    name = "InvalidArgument"
-    exit_code = EXIT_CANNOT_RUN
+    pass
 
 
 class Busy(AgentError):
-    name = "Busy"
-    exit_code = EXIT_REFUSED
+    pass
 
 
 class NotPrepared(AgentError):
-    name = "NotPrepared"
-    exit_code = EXIT_REFUSED
+    pass
 
 
 class PreflightFailed(AgentError):
-    name = "PreflightFailed"
-    exit_code = EXIT_REFUSED
+    pass
 
 
 class AbiMismatch(AgentError):
-    name = "AbiMismatch"
-    exit_code = EXIT_REFUSED
+    pass
 
 
 class Cancelled(AgentError):
     """The operation was cancelled on request (Job.Cancel of a running prepare) and rolled
     back."""
 
-    name = "Cancelled"
-    exit_code = EXIT_REFUSED
 
-
-class KernelRefused(AgentError):
-    """A system call failed. `errno` is the kernel's; `op` names the call (`PRESERVE_FD`)."""
-
-    name = "KernelRefused"
-    exit_code = EXIT_KERNEL
+class SystemCallFailed(AgentError):
+    """A system call failed: `errno` is the kernel's answer, `op` names what was done
+    (`PRESERVE_FD`, `moving /var/lib/kho-agent/state.json aside`); the message always names the
+    errno (`EBUSY (Device or resource busy)`)."""
 
     def __init__(self, op: str, err: int, advice: str) -> None:
         code = errno_mod.errorcode.get(err, str(err))
@@ -85,38 +78,135 @@ class KernelRefused(AgentError):
         self.errno = err
         self.advice = advice
 
+    @classmethod
+    def with_message(cls, message: str, op: str, err: int, advice: str = "") -> Self:
+        """The error with a message written elsewhere (the daemon's, read back from the bus),
+        kept verbatim."""
+        error = cls.__new__(cls)
+        AgentError.__init__(error, message)
+        error.op, error.errno, error.advice = op, err, advice
+        return error
+
     def to_json(self) -> dict[str, object]:
         out = super().to_json()
         out.update(op=self.op, errno=self.errno, errno_name=errno_mod.errorcode.get(self.errno))
         return out
 
 
+class KernelRefused(SystemCallFailed):
+    """The kernel refused what the agent asked of it (an ioctl, kexec_file_load, a read of
+    its state)."""
+
+
+class StorageFailed(SystemCallFailed):
+    """The agent's own files could not be written or moved (its state directory: a full disk,
+    a read-only or missing directory): the host's kernel was not involved."""
+
+
 class PermissionDenied(AgentError):
-    name = "PermissionDenied"
-    exit_code = EXIT_REFUSED
+    pass
 
 
 class NotFound(AgentError):
-    name = "NotFound"
-    exit_code = EXIT_CANNOT_RUN
+    pass
 
 
 class StateCorrupt(AgentError):
     """Persisted state (state file, manifest) cannot be read back; nothing was changed."""
 
-    name = "StateCorrupt"
-    exit_code = EXIT_CANNOT_RUN
-
 
 class VerificationFailed(AgentError):
-    name = "VerificationFailed"
-    exit_code = EXIT_FINDINGS
+    pass
 
 
-# Every error the agent sends, once: the D-Bus names, the exit codes and the client's mapping
-# back (service/errors.py from_dbus) derive from this table.
-ERRORS: tuple[type[AgentError], ...] = (
-    AgentError, InvalidArgument, Busy, Cancelled, NotPrepared, PreflightFailed, AbiMismatch,
-    KernelRefused, PermissionDenied, NotFound, StateCorrupt, VerificationFailed)
+class DaemonUnreachable(AgentError):
+    """No kho-agentd answers on the chosen bus (or the bus itself is missing)."""
 
-EXIT_CODES: dict[str, int] = {cls.name: cls.exit_code for cls in ERRORS}
+
+class DaemonNotResponding(AgentError):
+    """kho-agentd owns its bus name but did not answer within the command's --timeout: it is
+    stopped (SIGSTOP), hung or overloaded. Whether what was asked took effect is unknown."""
+
+
+class JobNotFinished(AgentError):
+    """The client stopped following a job that still runs (timeout, interrupt, daemon gone)."""
+
+
+class Interrupted(AgentError):
+    """Ctrl-C (SIGINT) stopped the command before it finished; nothing it started is undone."""
+
+
+@dataclass(frozen=True)
+class Registered:
+    """One error: its class, its name (`org.khoagent.Agent1.Error.<name>` on the bus, `error`
+    in `--json`), kho-agentctl's exit code for it, what it means (the README's tables are these
+    rows), and who raises it: kho-agentd (sent on the bus) or only the client side."""
+
+    error: type[AgentError]
+    name: str
+    exit_code: int
+    meaning: str
+    on_bus: bool = True
+
+
+# Every error, once. The classes take their names and exit codes from here; the client maps a
+# D-Bus error back through it (service/errors.py from_dbus); README.md's tables list exactly
+# these rows (tests/test_contract.py).
+REGISTRY: tuple[Registered, ...] = (
+    Registered(AgentError, "Failed", EXIT_CANNOT_RUN,
+               "anything else: an internal error (the daemon log has the details), a bus "
+               "error of no other name"),
+    Registered(InvalidArgument, "InvalidArgument", EXIT_CANNOT_RUN,
+               "bad argument; nothing was changed"),
+    Registered(NotFound, "NotFound", EXIT_CANNOT_RUN, "no such session, file or manifest"),
+    Registered(StateCorrupt, "StateCorrupt", EXIT_CANNOT_RUN,
+               "a state or manifest file cannot be read back (kept, never guessed at)"),
+    Registered(StorageFailed, "StorageFailed", EXIT_CANNOT_RUN,
+               "the agent's own state directory could not be written (full, read-only, "
+               "missing); the JSON carries `errno` and `errno_name`, the message names the "
+               "errno (e.g. `ENOSPC (No space left on device)`)"),
+    Registered(Busy, "Busy", EXIT_REFUSED,
+               "another operation runs, a client is not ready (or its file changed while it "
+               "was digested), or too many unprivileged requests wait (try again)"),
+    Registered(Cancelled, "Cancelled", EXIT_REFUSED,
+               "the operation was cancelled on request (`Job.Cancel` of a prepare) and rolled "
+               "back"),
+    Registered(NotPrepared, "NotPrepared", EXIT_REFUSED,
+               "commit/cancel without a prepared update"),
+    Registered(PreflightFailed, "PreflightFailed", EXIT_REFUSED,
+               "a blocker (the message lists them)"),
+    Registered(AbiMismatch, "AbiMismatch", EXIT_REFUSED,
+               "the kernel's interface differs from what the agent knows"),
+    Registered(PermissionDenied, "PermissionDenied", EXIT_REFUSED,
+               "not allowed (root or the polkit action is needed)"),
+    Registered(KernelRefused, "KernelRefused", EXIT_KERNEL,
+               "a system call failed (in kho-agentd or in kho-agentctl); the JSON carries "
+               "`errno` and `errno_name`, the message always names the errno (e.g. `EBADF (Bad "
+               "file descriptor)`)"),
+    Registered(VerificationFailed, "VerificationFailed", EXIT_FINDINGS,
+               "the live update lost or changed something (the report lists it)"),
+    Registered(DaemonUnreachable, "DaemonUnreachable", EXIT_CANNOT_RUN,
+               "no `kho-agentd` on that bus, or no bus", on_bus=False),
+    Registered(JobNotFinished, "JobNotFinished", EXIT_CANNOT_RUN,
+               "stopped following a job that still runs (timeout, Ctrl-C, the daemon left the "
+               "bus)", on_bus=False),
+    Registered(DaemonNotResponding, "DaemonNotResponding", EXIT_CANNOT_RUN,
+               "kho-agentd owns its name but did not answer within `--timeout` (stopped, hung, "
+               "overloaded); whether the request took effect is unknown", on_bus=False),
+    Registered(Interrupted, "Interrupted", EXIT_CANNOT_RUN,
+               "Ctrl-C stopped kho-agentctl; what already ran in kho-agentd continues",
+               on_bus=False),
+)
+
+
+def _name_the_classes() -> None:
+    """Each registered class gets its name and exit code (subclasses inherit them)."""
+    for entry in REGISTRY:
+        entry.error.name = entry.name
+        entry.error.exit_code = entry.exit_code
+
+
+_name_the_classes()
+
+ERRORS: tuple[type[AgentError], ...] = tuple(e.error for e in REGISTRY)
+EXIT_CODES: dict[str, int] = {e.name: e.exit_code for e in REGISTRY}

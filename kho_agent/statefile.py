@@ -42,7 +42,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .errors import AgentError, KernelRefused, StateCorrupt
+from .errors import AgentError, StateCorrupt, StorageFailed
 from .kernel.callerfile import Dangling, file_kind, read_if_present
 from .manifest import FAILING_VERDICTS, Verdict, write_atomic
 
@@ -489,7 +489,7 @@ def rename_noreplace(source: Path, destination: Path) -> None:
 
 def move_aside(path: Path) -> Path:
     """Move the entry at `path` to `<name>.corrupt-<UTC time to the microsecond>[-N]` in the
-    same directory, never replacing an earlier aside file. KernelRefused when it cannot."""
+    same directory, never replacing an earlier aside file. StorageFailed when it cannot."""
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
     for attempt in range(ASIDE_ATTEMPTS):
         suffix = f"-{attempt}" if attempt else ""
@@ -500,11 +500,11 @@ def move_aside(path: Path) -> Path:
             continue
         except OSError as exc:
             code = exc.errno if exc.errno is not None else errno.EIO
-            raise KernelRefused(f"moving {path} aside", code,
+            raise StorageFailed(f"moving {path} aside", code,
                                 "check the state directory's permissions and filesystem"
                                 ) from exc
         return aside
-    raise KernelRefused(f"moving {path} aside", errno.EEXIST,
+    raise StorageFailed(f"moving {path} aside", errno.EEXIST,
                         f"{ASIDE_ATTEMPTS} aside names are taken; clean up the state directory")
 
 
@@ -554,7 +554,7 @@ class StateStore:
     def _set_aside(self, path: Path, problem: str) -> Aside:
         try:
             return Aside(path, problem, move_aside(path), None)
-        except KernelRefused as exc:
+        except StorageFailed as exc:
             stuck = Aside(path, problem, None, exc.message)
             if path == self.path:
                 self.stuck = stuck
@@ -608,7 +608,7 @@ class StateStore:
         if self.stuck is not None:
             try:
                 aside = move_aside(self.path)
-            except KernelRefused as exc:
+            except StorageFailed as exc:
                 raise StateCorrupt(f"the corrupt state file {self.path} is still in place: it "
                                    f"could not be moved aside ({exc.message}); the agent does "
                                    "not write over it: make the state directory writable, or "
@@ -619,7 +619,7 @@ class StateStore:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             code = exc.errno if exc.errno is not None else errno.EIO
-            raise KernelRefused(f"creating the state directory {self.directory}", code,
+            raise StorageFailed(f"creating the state directory {self.directory}", code,
                                 "it must be a directory the agent can write in") from exc
         state.updated = now()
         state.history = [*state.history, {"at": state.updated, "phase": state.phase.value,
@@ -627,5 +627,5 @@ class StateStore:
         write_atomic(self.path, (json.dumps(_clean(state.to_json()), indent=2) + "\n").encode())
 
     def move_aside(self) -> Path:
-        """Keep the state file for inspection under a new name (KernelRefused if it cannot)."""
+        """Keep the state file for inspection under a new name (StorageFailed if it cannot)."""
         return move_aside(self.path)

@@ -1,8 +1,8 @@
 """A fuzzer for kho-agentd's D-Bus surface (issue 11): generated calls from several identities,
 invariants checked after every batch, findings recorded with a reproduction.
 
-What it drives: every method of every interface in kho_agent/service/interfaces.py (read from the
-introspection XML there, so a new method is fuzzed without touching this file), Properties
+What it drives: every method of every interface in kho_agent/service/contract.py (read from the
+declarations there, so a new method is fuzzed without touching this file), Properties
 Get/GetAll/Set on the Manager, Job and Session objects (existing and not), Job.Cancel, calls with
 the wrong signature, and sequences that make sense (sessions with preserved memfds, prepare with
 the real target kernel, a Job.Cancel mid-prepare, cancel, commit --dry-run, real commits: on the
@@ -38,7 +38,6 @@ import contextlib
 import errno
 import fcntl
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -80,6 +79,7 @@ from dbusrig import (  # noqa: E402
 )
 from gi.repository import Gio, GLib  # noqa: E402
 
+from kho_agent.service import contract  # noqa: E402
 from kho_agent.service import interfaces as api  # noqa: E402
 
 ROOT = "root"
@@ -141,58 +141,51 @@ class Interface:
 
 
 def load_interfaces(source: Path | None) -> ModuleType:
-    """kho_agent/service/interfaces.py of this checkout, or of the tree the daemon runs from
-    (it has no imports of its own, so it loads from its file)."""
-    if source is None:
-        return api
-    path = source / "kho_agent" / "service" / "interfaces.py"
-    spec = importlib.util.spec_from_file_location("fuzzed_interfaces", path)
-    if spec is None or spec.loader is None:
-        raise FuzzerError(f"cannot load {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """kho_agent/service/contract.py of this checkout, or of the tree the daemon runs from
+    (fuzz/dbus.py puts that tree first on sys.path before it imports this module)."""
+    if source is not None:
+        where = Path(contract.__file__).resolve()
+        if not where.is_relative_to(source.resolve()):
+            raise FuzzerError(f"the contract was imported from {where}, not from {source}: put "
+                              f"{source} first on sys.path (as fuzz/dbus.py does)")
+    return contract
 
 
-def load_contract(module: ModuleType = api) -> dict[str, Interface]:
-    """Every interface in interfaces.py's *_XML constants, as Gio parses them."""
+def load_contract(module: ModuleType = contract) -> dict[str, Interface]:
+    """Every interface the contract declares (contract.INTERFACES)."""
     out: dict[str, Interface] = {}
-    for attr in sorted(dir(module)):
-        if not attr.endswith("_XML"):
-            continue
-        for info in Gio.DBusNodeInfo.new_for_xml(getattr(module, attr)).interfaces:
-            methods = tuple(Method(info.name, m.name,
-                                   tuple((a.name, a.signature) for a in m.in_args),
-                                   tuple((a.name, a.signature) for a in m.out_args))
-                            for m in info.methods)
-            props = tuple((p.name, p.signature,
-                           bool(p.flags & Gio.DBusPropertyInfoFlags.WRITABLE))
-                          for p in info.properties)
-            out[info.name] = Interface(info.name, methods, props,
-                                       tuple(s.name for s in info.signals))
+    for declared in module.INTERFACES:
+        methods = tuple(Method(declared.name, m.name,
+                               tuple((a.name, a.signature) for a in m.in_args),
+                               tuple((a.name, a.signature) for a in m.out_args))
+                        for m in declared.methods)
+        props = tuple((p.name, p.signature, False) for p in declared.properties)
+        out[declared.name] = Interface(declared.name, methods, props,
+                                       tuple(s.name for s in declared.signals))
     return out
 
 
-def option_keys(module: ModuleType = api) -> dict[str, dict[str, str]]:
-    """interfaces.py's option dictionaries by stem: PREPARE_OPTIONS -> "prepare"."""
-    return {attr[:-len("_OPTIONS")].lower(): dict(getattr(module, attr))
-            for attr in dir(module) if attr.endswith("_OPTIONS")}
+def option_keys(module: ModuleType = contract) -> dict[str, dict[str, str]]:
+    """The option keys of every method that takes an a{sv}, by its name in lower case (a stem
+    `options_for` finds in the method's name)."""
+    return {m.name.lower(): dict(m.options) for declared in module.INTERFACES
+            for m in declared.methods if m.options is not None}
 
 
 def options_for(method: str, keys: dict[str, dict[str, str]]) -> dict[str, str]:
     """The option keys of a method: the dictionary whose stem the method's name contains
-    (Prepare: prepare, ScratchPlan: scratch, CreateSessionWithOptions: session)."""
+    (the longest one: ScratchPlan: scratchplan, CreateSessionWithOptions: its own)."""
     lowered = method.lower()
     stems = sorted((s for s in keys if s in lowered), key=len, reverse=True)
     return keys[stems[0]] if stems else {}
 
 
 def documented_error_names() -> frozenset[str]:
-    """org.khoagent.Agent1.Error.<Name> for every name in kho_agent.errors.EXIT_CODES and in the
-    README's exit-code tables."""
-    from kho_agent.errors import EXIT_CODES
+    """org.khoagent.Agent1.Error.<Name> for every error the registry says kho-agentd sends
+    (kho_agent.errors.REGISTRY) and in the README's exit-code tables."""
+    from kho_agent.errors import REGISTRY
 
-    names = set(EXIT_CODES)
+    names = {e.name for e in REGISTRY if e.on_bus}
     readme = REPO / "README.md"
     if readme.exists():
         names |= set(re.findall(r"^\| `(\w+)` \| \d+ \|", readme.read_text(), re.MULTILINE))

@@ -668,6 +668,7 @@ import gi
 gi.require_version("Gio", "2.0")
 from gi.repository import Gio, GLib
 
+from kho_agent.service import contract
 from kho_agent.service import interfaces as api
 
 JOB = api.JOB_PATH_PREFIX + "1"
@@ -678,8 +679,8 @@ PROPS = {"Id": GLib.Variant("u", 1), "Type": GLib.Variant("s", "cancel"),
 conn = Gio.DBusConnection.new_for_address_sync(
     sys.argv[1], Gio.DBusConnectionFlags.AUTHENTICATION_CLIENT
     | Gio.DBusConnectionFlags.MESSAGE_BUS_CONNECTION, None, None)
-manager = Gio.DBusNodeInfo.new_for_xml(api.MANAGER_XML).lookup_interface(api.MANAGER_IFACE)
-job = Gio.DBusNodeInfo.new_for_xml(api.JOB_XML).lookup_interface(api.JOB_IFACE)
+manager = Gio.DBusNodeInfo.new_for_xml(contract.MANAGER_XML).lookup_interface(api.MANAGER_IFACE)
+job = Gio.DBusNodeInfo.new_for_xml(contract.JOB_XML).lookup_interface(api.JOB_IFACE)
 conn.register_object(api.MANAGER_PATH, manager,
                      lambda c, s, p, i, m, a, inv: inv.return_value(GLib.Variant("(o)", (JOB,))),
                      None, None)

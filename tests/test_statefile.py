@@ -30,7 +30,14 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from kho_agent import statefile
-from kho_agent.errors import AgentError, NotFound, NotPrepared, StateCorrupt
+from kho_agent.errors import (
+    AgentError,
+    KernelRefused,
+    NotFound,
+    NotPrepared,
+    StateCorrupt,
+    StorageFailed,
+)
 from kho_agent.kernel import callerfile
 from kho_agent.manifest import read_manifest
 from kho_agent.orchestrator import CommitOptions, EngineConfig, Orchestrator, PrepareOptions
@@ -646,6 +653,23 @@ def test_a_corrupt_state_that_cannot_be_moved_is_kept_and_nothing_is_prepared(
     saved = rig.store.load()
     assert saved.phase is Phase.PREPARED
     assert any(str(aside) in entry["message"] for entry in saved.history)
+
+
+def test_a_state_file_that_cannot_be_moved_aside_is_a_storage_failure(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent's own directory refused, not the kernel: StorageFailed, with the errno."""
+    path = tmp_path / "state.json"
+    path.write_text("junk")
+
+    def read_only(source: Path, destination: Path) -> None:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(source))
+
+    monkeypatch.setattr(statefile, "rename_noreplace", read_only)
+    with pytest.raises(StorageFailed) as caught:
+        statefile.move_aside(path)
+    assert not isinstance(caught.value, KernelRefused)
+    assert caught.value.errno == errno.EROFS and "EROFS" in caught.value.message
+    assert caught.value.to_json()["error"] == "StorageFailed"
 
 
 def test_a_state_directory_that_cannot_be_written_still_starts(rig: Rig) -> None:

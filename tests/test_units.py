@@ -26,8 +26,8 @@ import pytest
 from dbusrig import NOBODY, GioClient, PrivateBus, gdbus, require_run_as
 
 from kho_agent import daemon
+from kho_agent.service import contract, notify
 from kho_agent.service import interfaces as api
-from kho_agent.service import notify
 from kho_agent.service.journal import Event
 
 REPO = Path(__file__).resolve().parent.parent
@@ -262,7 +262,7 @@ def test_exec_start_runs_the_daemon_with_arguments_it_accepts() -> None:
 
 def interface_methods() -> dict[str, set[str]]:
     methods: dict[str, set[str]] = {}
-    for xml in (api.MANAGER_XML, api.JOB_XML, api.SESSION_XML):
+    for xml in (contract.MANAGER_XML, contract.JOB_XML, contract.SESSION_XML):
         for iface in ET.fromstring(xml).iter("interface"):
             methods[iface.attrib["name"]] = {m.attrib["name"] for m in iface.iter("method")}
     return methods

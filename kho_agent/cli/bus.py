@@ -43,13 +43,14 @@ from gi.repository import Gio, GLib  # noqa: E402
 
 from ..client import remote_error  # noqa: E402
 from ..errors import (  # noqa: E402
-    EXIT_CANNOT_RUN,
     AgentError,
     InvalidArgument,
+    JobNotFinished,
     NotFound,
     PermissionDenied,
 )
 from ..kernel.callerfile import open_regular  # noqa: E402
+from ..service import contract  # noqa: E402
 from ..service import interfaces as api  # noqa: E402
 from ..service.errors import (  # noqa: E402
     NOT_ON_BUS_ERRORS,
@@ -91,13 +92,6 @@ _NO_OBJECT_ERRORS = ("org.freedesktop.DBus.Error.UnknownObject",
 _NO_REPLY_ERRORS = ("org.freedesktop.DBus.Error.NoReply",
                     "org.freedesktop.DBus.Error.Timeout",
                     "org.freedesktop.DBus.Error.TimedOut")
-
-
-class JobNotFinished(AgentError):
-    """The client stopped following a job that still runs (timeout, interrupt, daemon gone)."""
-
-    name = "JobNotFinished"
-    exit_code = EXIT_CANNOT_RUN
 
 
 # ---------------------------------------------------------------------------------- options
@@ -498,13 +492,17 @@ class AgentClient:
         values: tuple[Any, ...] = tuple(reply.unpack()) if reply is not None else ()
         return values, received
 
-    def manager(self, method: str, args: GLib.Variant | None = None, *,
-                reply_type: str | None = None, fds: Sequence[int] = (),
+    def manager(self, method: str, *values: Any, fds: Sequence[int] = (),
                 interactive: bool = False) -> tuple[Any, ...]:
-        values, received = self.call(api.MANAGER_PATH, api.MANAGER_IFACE, method, args,
-                                     reply_type=reply_type, fds=fds, interactive=interactive)
+        """A Manager method, called with `values` as its declared in arguments (contract.py);
+        the reply is checked against its declared out arguments."""
+        declared = contract.MANAGER.method(method)
+        args = GLib.Variant(declared.in_type, values) if declared.in_args else None
+        replied, received = self.call(api.MANAGER_PATH, api.MANAGER_IFACE, method, args,
+                                      reply_type=declared.out_type, fds=fds,
+                                      interactive=interactive)
         _close_all(received)
-        return values
+        return replied
 
     def get_all(self, path: str, iface: str) -> dict[str, Any]:
         (props,), fds = self.call(path, PROPERTIES_IFACE, "GetAll", GLib.Variant("(s)", (iface,)),
@@ -517,16 +515,12 @@ class AgentClient:
         return self.get_all(api.MANAGER_PATH, api.MANAGER_IFACE)
 
     def list_sessions(self) -> list[SessionRow]:
-        """ListSessions. Its contract lists the owner's bus name, but the signature it declares,
-        a(soubbbb), has no field for it (the daemon sends a bool there): a string in that place
-        is taken as the name, anything else leaves it to `session_details`."""
+        """ListSessions: a(sousbbb), (name, object, owner uid, owner bus name, ready, claimed,
+        incoming) as the contract declares it."""
         (rows,) = self.manager("ListSessions")
-        out = []
-        for name, path, uid, sender, ready, claimed, incoming in rows:
-            out.append(SessionRow(name, path, None if uid == NO_UID else uid,
-                                  sender if isinstance(sender, str) else "", bool(ready),
-                                  bool(claimed), bool(incoming)))
-        return out
+        return [SessionRow(name, path, None if uid == NO_UID else uid, sender, ready, claimed,
+                           incoming)
+                for name, path, uid, sender, ready, claimed, incoming in rows]
 
     def session_details(self, row: SessionRow) -> None:
         """Fill in the preserved tokens and the owner from the Session object."""
@@ -575,15 +569,13 @@ class AgentClient:
         """Call a job method (options: its a{sv}, or None for a method without arguments) and,
         with `wait`, follow the job until JobRemoved or the deadline; returns the job as it
         ended (or as it started, without `wait`)."""
-        args = options_args(options) if options is not None else None
+        args = (options,) if options is not None else ()
         interactive = sys.stdin is not None and sys.stdin.isatty()
         if not wait:
-            (path,) = self.manager(method, args, reply_type="(o)", fds=fds,
-                                   interactive=interactive)
+            (path,) = self.manager(method, *args, fds=fds, interactive=interactive)
             return JobInfo(str(path))
         with _JobWatch(self.connection) as watch:
-            (path,) = self.manager(method, args, reply_type="(o)", fds=fds,
-                                   interactive=interactive)
+            (path,) = self.manager(method, *args, fds=fds, interactive=interactive)
             job = JobInfo(str(path))
             # Id and Type never change (and are in no PropertiesChanged); the rest comes from
             # the signals, in order, so a snapshot here would only race them
@@ -717,11 +709,6 @@ def _close_all(fds: list[int]) -> None:
 
 # ---------------------------------------------------------------------------------- variants
 
-def options_args(opts: dict[str, GLib.Variant]) -> GLib.Variant:
-    """The argument tuple of a method whose only argument is an a{sv}."""
-    return GLib.Variant("(a{sv})", (opts,))
-
-
 def options(values: dict[str, Any], signatures: dict[str, str]) -> dict[str, GLib.Variant]:
     """An a{sv} dictionary for the contract's option table (`api.PREPARE_OPTIONS`...): each
     value wrapped in its declared type; None values are left out (the daemon's default)."""
@@ -733,7 +720,7 @@ def options(values: dict[str, Any], signatures: dict[str, str]) -> dict[str, GLi
         if signature is None:
             # the client and the contract ship together: only a broken install gets here
             raise AgentError(f"option {key!r} is not in kho-agentd's contract (known: "
-                             f"{', '.join(sorted(signatures))}; kho_agent/service/interfaces.py)"
+                             f"{', '.join(sorted(signatures))}; kho_agent/service/contract.py)"
                              ": this kho-agentctl and its installed contract differ; reinstall "
                              "kho-agent")
         out[key] = GLib.Variant(signature, value)

@@ -17,6 +17,7 @@ from ..errors import (
     EXIT_OK,
     EXIT_REFUSED,
     AgentError,
+    Interrupted,
     InvalidArgument,
     KernelRefused,
     NotFound,
@@ -46,13 +47,6 @@ class UsageError(InvalidArgument):
         super().__init__(message)
         self.usage = usage
         self.prog = prog
-
-
-class Interrupted(AgentError):
-    """Ctrl-C (SIGINT) stopped the command before it finished; nothing it started is undone."""
-
-    name = "Interrupted"
-    exit_code = EXIT_CANNOT_RUN
 
 
 def errno_text(code: int) -> str:

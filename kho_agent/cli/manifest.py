@@ -22,7 +22,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: s
 
 def run(args: argparse.Namespace) -> int:
     with AgentClient.from_args(args) as client:
-        (text,) = client.manager("GetManifest", reply_type="(s)")
+        (text,) = client.manager("GetManifest")
     # the manifest is JSON either way: --json changes nothing but is accepted everywhere
     try:
         print_json(json.loads(text))

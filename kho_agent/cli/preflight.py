@@ -35,7 +35,6 @@ from .bus import (
     add_timeout_option,
     open_target_files,
     options,
-    options_args,
 )
 from .common import EXIT_FINDINGS, EXIT_OK, print_json
 
@@ -82,8 +81,7 @@ def local_report(args: argparse.Namespace) -> dict[str, Any]:
 def bus_report(args: argparse.Namespace, files: TargetFiles) -> dict[str, Any]:
     opts = options(files.options, api.PREFLIGHT_OPTIONS)
     with AgentClient.from_args(args) as client:
-        (text,) = client.manager("Preflight", options_args(opts), reply_type="(s)",
-                                 fds=files.fds)
+        (text,) = client.manager("Preflight", opts, fds=files.fds)
     try:
         report: dict[str, Any] = json.loads(text)
     except json.JSONDecodeError as exc:

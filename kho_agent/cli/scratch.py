@@ -54,7 +54,6 @@ from .bus import (
     add_timeout_option,
     open_target_files,
     options,
-    options_args,
 )
 from .common import EXIT_FINDINGS, EXIT_OK, print_json
 
@@ -335,8 +334,7 @@ def plan_from_json(raw: dict[str, Any]) -> ScratchPlan:
 def bus_plan(args: argparse.Namespace, files: TargetFiles) -> ScratchPlan:
     opts = options({**files.options, "margin": args.margin / 100}, api.SCRATCH_OPTIONS)
     with AgentClient.from_args(args) as client:
-        (text,) = client.manager("ScratchPlan", options_args(opts), reply_type="(s)",
-                                 fds=files.fds)
+        (text,) = client.manager("ScratchPlan", opts, fds=files.fds)
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -1,17 +1,27 @@
 """Errors on the bus: every AgentError becomes `org.khoagent.Agent1.Error.<Name>` with its message
-(a KernelRefused keeps the kernel's errno in the message: "PRESERVE_FD failed: EBUSY (...)"), and
-the argument checks that turn a malformed call into InvalidArgument before anything changes."""
+(a KernelRefused or StorageFailed keeps the errno in the message: "PRESERVE_FD failed: EBUSY
+(...)"), and the argument checks that turn a malformed call into InvalidArgument before anything
+changes. The names and exit codes are errors.REGISTRY's."""
 
 from __future__ import annotations
 
 import errno as errno_mod
 import math
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .. import errors as errors_mod
-from ..errors import EXIT_CANNOT_RUN, AgentError, InvalidArgument, KernelRefused
+from ..errors import (
+    REGISTRY,
+    AgentError,
+    DaemonNotResponding,
+    DaemonUnreachable,
+    InvalidArgument,
+    SystemCallFailed,
+)
 from .interfaces import ERROR_PREFIX, NUMBER_RANGE, STRING_MAX
+
+if TYPE_CHECKING:  # objects.py needs Gio, which kho-agentctl's local commands never load
+    from .objects import Call
 
 INTERNAL = ERROR_PREFIX + "Failed"
 # "... failed: EBUSY (Device or resource busy): ..." as KernelRefused formats it
@@ -31,44 +41,33 @@ def errno_from_message(message: str) -> int | None:
 NOT_ON_BUS_ERRORS = ("org.freedesktop.DBus.Error.ServiceUnknown",
                      "org.freedesktop.DBus.Error.NameHasNoOwner")
 
-
-class DaemonUnreachable(AgentError):
-    """No kho-agentd answers on the chosen bus (or the bus itself is missing)."""
-
-    name = "DaemonUnreachable"
-    exit_code = EXIT_CANNOT_RUN
-
-
-class DaemonNotResponding(AgentError):
-    """kho-agentd owns its bus name but did not answer within the command's --timeout: it is
-    stopped (SIGSTOP), hung or overloaded. Whether what was asked took effect is unknown."""
-
-    name = "DaemonNotResponding"
-    exit_code = EXIT_CANNOT_RUN
+__all__ = ["INTERNAL", "NOT_ON_BUS_ERRORS", "DaemonNotResponding", "DaemonUnreachable",
+           "check_options", "errno_from_message", "from_dbus"]
 
 
 def from_dbus(name: str, message: str) -> AgentError:
-    """Rebuild an agent error from a D-Bus error (client side), keeping its name and exit code.
-    A name that is not ours (the bus refused, a timeout) is a plain AgentError."""
+    """Rebuild an agent error from a D-Bus error (client side), keeping its name and exit code
+    (errors.REGISTRY). A name that is not ours (the bus refused, a timeout) is a plain
+    AgentError."""
     short = name[len(ERROR_PREFIX):] if name.startswith(ERROR_PREFIX) else None
-    for cls in errors_mod.ERRORS:
-        if cls.name == short and cls not in (AgentError, KernelRefused):
-            return cls(message)
-    if short == KernelRefused.name:
-        err = errno_from_message(message) or errno_mod.EIO
-        refused = KernelRefused("", err, "")
-        refused.message = message  # the daemon's text, verbatim
-        refused.args = (message,)
-        return refused
+    for entry in REGISTRY:
+        if entry.name != short or not entry.on_bus or entry.error is AgentError:
+            continue
+        if issubclass(entry.error, SystemCallFailed):  # the daemon's text, verbatim
+            return entry.error.with_message(message, "", errno_from_message(message)
+                                            or errno_mod.EIO)
+        return entry.error(message)
     return AgentError(f"{name}: {message}" if short is None else message)
 
 
-def check_options(options: dict[str, Any], allowed: dict[str, str], method: str,
-                  signatures: dict[str, str]) -> dict[str, Any]:
-    """Validate an a{sv} dictionary: known keys only, each with the variant type the contract
-    gives, numbers finite and within their range, strings within their length and without NUL.
-    `signatures` maps each key to the signature the variant actually had (GLib keeps it; Python
-    values alone cannot tell `t` from `x`)."""
+def check_options(call: Call) -> dict[str, Any]:
+    """Validate the call's a{sv} dictionary: the keys its method declares only, each with the
+    variant type the contract gives, numbers finite and within their range, strings within their
+    length and without NUL. The type checked is the one each variant actually had (GLib keeps
+    it; Python values alone cannot tell `t` from `x`)."""
+    options, signatures = call.options()
+    allowed = call.declared.options or {}
+    method = call.method
     out: dict[str, Any] = {}
     for key, value in options.items():
         want = allowed.get(key)

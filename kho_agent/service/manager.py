@@ -4,13 +4,19 @@ Runs on the GLib main loop. Every engine call goes to the Worker (one thread, in
 result comes back here, where the reply, the property changes and the signals are sent. Checks
 that need no engine (argument types, names, ownership, authorization) happen before anything is
 submitted, so a refused call changes nothing.
+
+Each method's handler reads in that order: check the arguments, `yield Authorize(...)` (the
+method's polkit action, from the contract), `yield self._engine(...)` for the work, then reply
+(steps.py runs them). MANAGER_HANDLERS and JOB_HANDLERS name the handler of every method the
+contract declares; the reply and signal types are the contract's.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,10 +32,12 @@ from ..manifest import FAILING_VERDICTS, VerifyItem, manifest_to_json, read_mani
 from ..orchestrator import CommitOptions, Orchestrator, Plan, PrepareOptions
 from ..statefile import Phase
 from ..verifyrun import HostObservation, Retrieved, VerifyRun, observe
+from . import contract
 from . import interfaces as api
 from .auth import Authorizer, Caller, owner_uid
 from .errors import check_options
-from .objects import Call, ExportedObject
+from .objects import Call, ExportedObject, Handler
+from .steps import Authorize, Driver, Run, Step, Steps
 from .worker import Priority, Worker
 
 JOB_LINGER_SECONDS = 120   # a finished job stays readable this long after JobRemoved
@@ -52,15 +60,11 @@ class Snapshot:
     outgoing: dict[str, bool] = field(default_factory=dict)
     released: dict[str, str] = field(default_factory=dict)
 
-    def variant(self, name: str, simulated: bool) -> GLib.Variant:
-        values: dict[str, tuple[str, Any]] = {
-            "State": ("s", self.state), "StateMessage": ("s", self.message),
-            "HandoffMode": ("s", self.handoff), "RunningKernel": ("s", self.running),
-            "TargetKernel": ("s", self.target),
-            "LiveUpdateNumber": ("t", self.liveupdate_number),
-            "LastResult": ("s", self.last_result), "Simulated": ("b", simulated)}
-        signature, value = values[name]
-        return GLib.Variant(signature, value)
+    def value(self, name: str, simulated: bool) -> Any:
+        """A Manager property (its type is the contract's)."""
+        if name == "Simulated":
+            return simulated
+        return getattr(self, PROPERTY_FIELDS[name])
 
 
 PROPERTY_FIELDS = {"State": "state", "StateMessage": "message", "HandoffMode": "handoff",
@@ -81,13 +85,13 @@ class Job:
     cancel_requested: bool = False
     obj: ExportedObject | None = None
 
-    def variant(self, name: str) -> GLib.Variant:
-        values: dict[str, tuple[str, Any]] = {
-            "Id": ("u", self.id), "Type": ("s", self.type), "Progress": ("u", self.progress),
-            "State": ("s", self.state), "Result": ("s", self.result),
-            "ErrorName": ("s", self.error_name), "ErrorMessage": ("s", self.error_message)}
-        signature, value = values[name]
-        return GLib.Variant(signature, value)
+    def value(self, name: str) -> Any:
+        """A Job property (its type is the contract's)."""
+        values: dict[str, Any] = {
+            "Id": self.id, "Type": self.type, "Progress": self.progress, "State": self.state,
+            "Result": self.result, "ErrorName": self.error_name,
+            "ErrorMessage": self.error_message}
+        return values[name]
 
 
 @dataclass
@@ -104,15 +108,15 @@ class SessionObject:
     handle: LiveUpdateSession | None = None  # a claimed incoming session, until FINISH
     obj: ExportedObject | None = None
 
-    def variant(self, name: str) -> GLib.Variant:
-        values: dict[str, tuple[str, Any]] = {
-            "Name": ("s", self.name),
-            "Owner": ("(us)", (self.owner_uid if self.owner_uid is not None else 0xFFFFFFFF,
-                               self.owner_sender)),
-            "Tokens": ("at", self.tokens), "Ready": ("b", self.ready),
-            "Claimed": ("b", self.claimed), "Incoming": ("b", self.incoming)}
-        signature, value = values[name]
-        return GLib.Variant(signature, value)
+    def value(self, name: str) -> Any:
+        """A Session property (its type is the contract's)."""
+        values: dict[str, Any] = {
+            "Name": self.name,
+            "Owner": (self.owner_uid if self.owner_uid is not None else 0xFFFFFFFF,
+                      self.owner_sender),
+            "Tokens": self.tokens, "Ready": self.ready, "Claimed": self.claimed,
+            "Incoming": self.incoming}
+        return values[name]
 
 
 @dataclass
@@ -156,40 +160,27 @@ class AgentService:
         self.handed_off = False
         agent.on_progress = self._progress_from_engine
         authorizer.gone_callbacks.append(self._owner_gone)
-        self.manager = ExportedObject(bus, api.MANAGER_PATH, api.MANAGER_XML, {
-            "Preflight": self._preflight, "ScratchPlan": self._scratch_plan,
-            "Prepare": self._prepare, "Commit": self._commit, "Cancel": self._cancel,
-            "Verify": self._verify, "GetManifest": self._get_manifest,
-            "ListSessions": self._list_sessions, "CreateSession": self._create_session,
-            "CreateSessionWithOptions": self._create_session, "Preserve": self._preserve,
-            "SetReady": self._set_ready, "ReleaseSession": self._release_session,
-            "RetrieveSession": self._retrieve_session, "RetrieveFile": self._retrieve_file,
-            "CheckKeptSession": self._check_kept_session,
-            "FinishSession": self._finish_session,
-        }, lambda name: self.snapshot.variant(name, self.simulated))
+        self.driver = Driver(authorizer, hooks.log)
+        self.manager = ExportedObject(bus, api.MANAGER_PATH, contract.MANAGER, {
+            name: self._handle(handler) for name, handler in MANAGER_HANDLERS.items()},
+            lambda name: self.snapshot.value(name, self.simulated))
         self._grace_source = GLib.timeout_add_seconds(GRACE_TICK_SECONDS, self._grace_tick)
 
     # ------------------------------------------------------------------ engine plumbing
 
-    def _engine(self, fn: Callable[[], Any], done: Callable[[Any], None], call: Call | None,
-                priority: Priority = Priority.PRIVILEGED) -> None:
-        """Run `fn` on the engine thread; then `done(result)` on the loop, or the error to the
-        caller; the properties are refreshed after every engine call either way."""
-        def finished(result: Any, error: AgentError | None) -> None:
-            if error is not None:
-                if call is not None:
-                    call.fail(error)
-                else:
-                    self.hooks.log(f"engine call failed: {error.name}: {error.message}")
-            else:
-                try:
-                    done(result)
-                except AgentError as exc:
-                    if call is None:
-                        raise
-                    call.fail(exc)
-            self.refresh()
-        self.worker.submit(fn, finished, priority)
+    def _engine(self, fn: Callable[[], Any],
+                priority: Priority = Priority.PRIVILEGED) -> Run:
+        """A step that runs `fn` on the engine thread; the properties are refreshed after every
+        engine call, whether it succeeded or not."""
+        return Run(self.worker, fn, priority, after=self.refresh)
+
+    def _handle(self, handler: Callable[[AgentService, Call], Steps | None]) -> Handler:
+        """A method handler as objects.py calls it: the steps run by the driver."""
+        def called(call: Call) -> None:
+            steps = handler(self, call)
+            if steps is not None:
+                self.driver.start(steps, call)
+        return called
 
     def refresh(self) -> None:
         """Read the engine's state on the engine thread and publish what changed."""
@@ -233,7 +224,7 @@ class AgentService:
             if record.name not in snap.outgoing:
                 reason = snap.released.get(record.name, "the agent no longer holds it")
                 self._drop_session(record)
-                self.manager.emit("SessionReleased", "(sos)", record.name, record.path, reason)
+                self.manager.emit("SessionReleased", record.name, record.path, reason)
                 self.hooks.log(f"session {record.name!r} released: {reason}")
             elif record.ready != snap.outgoing[record.name]:
                 record.ready = snap.outgoing[record.name]
@@ -251,7 +242,10 @@ class AgentService:
         def work() -> None:
             for name in names:
                 self.agent.owner_gone(name, never_told=never_told)
-        self._engine(work, lambda _: None, None)
+
+        def steps() -> Steps:
+            yield self._engine(work)
+        self.driver.start(steps(), None)
 
     def _progress_from_engine(self, percent: int) -> None:
         # engine thread: hop to the loop
@@ -265,39 +259,7 @@ class AgentService:
                 job.obj.changed(["Progress"])
         return False
 
-    # ------------------------------------------------------------------ authorization
-
-    def _authorized(self, call: Call, action: str | None, then: Callable[[Caller], None],
-                    on_refusal: Callable[[], None] = lambda: None) -> None:
-        """Identify the caller, check the polkit action (None: anyone), then continue.
-        `on_refusal` runs when the call is refused before `then` took it over."""
-        def refuse(error: AgentError) -> None:
-            on_refusal()
-            call.fail(error)
-
-        def identified(caller: Caller | None, error: AgentError | None) -> None:
-            if caller is None:
-                refuse(error or PermissionDenied("unknown caller"))
-                return
-            if action is None:
-                self._guard(call, then, caller, refuse)
-                return
-
-            def decided(denied: AgentError | None) -> None:
-                if denied is not None:
-                    refuse(denied)
-                else:
-                    self._guard(call, then, caller, refuse)
-            self.auth.authorize(caller, action, call.interactive, decided)
-        self.auth.identify(call.sender, identified)
-
-    @staticmethod
-    def _guard(call: Call, then: Callable[[Caller], None], caller: Caller,
-               refuse: Callable[[AgentError], None]) -> None:
-        try:
-            then(caller)
-        except AgentError as exc:
-            refuse(exc)
+    # ------------------------------------------------------------------ ownership
 
     def _owned(self, name: str, caller: Caller) -> SessionObject:
         record = self.sessions.get(name)
@@ -313,42 +275,31 @@ class AgentService:
 
     # ------------------------------------------------------------------ read-only methods
 
-    def _preflight(self, call: Call) -> None:
-        opts = check_options(call.args[0], api.PREFLIGHT_OPTIONS, "Preflight",
-                             call.option_signatures(0))
+    def _preflight(self, call: Call) -> Steps:
+        opts = check_options(call)
+        caller: Caller = yield Authorize(call.declared.action)
+        source = TargetSource.from_options(call, opts, caller)
+        plan: Plan = yield from self._planned(caller, source, preflight=True)
+        call.reply(json.dumps(plan.result.to_json()))
 
-        def identified(caller: Caller) -> None:
-            source = TargetSource.from_options(call, opts, caller)
-            self._planned(call, caller, source, lambda plan: call.reply(
-                "(s)", json.dumps(plan.result.to_json())), preflight=True)
-        self._authorized(call, None, identified)
-
-    def _scratch_plan(self, call: Call) -> None:
-        opts = check_options(call.args[0], api.SCRATCH_OPTIONS, "ScratchPlan",
-                             call.option_signatures(0))
+    def _scratch_plan(self, call: Call) -> Steps:
+        opts = check_options(call)
         margin = opts.get("margin")
+        caller: Caller = yield Authorize(call.declared.action)
+        source = TargetSource.from_options(call, opts, caller)
+        if not source.given:  # the running kernel's own image: the daemon's own file
+            own: dict[str, Any] = yield self._engine(
+                lambda: self.agent.scratch_plan(None, 0, margin).to_json(), _priority(caller))
+            call.reply(json.dumps(own))
+            return
+        plan: Plan = yield from self._planned(caller, source, margin=margin)
+        if plan.scratch is None:  # the target could not be read: say why
+            raise InvalidArgument(plan.result.blockers[0].message if plan.result.blockers
+                                  else "no scratch plan for this target")
+        call.reply(json.dumps(plan.scratch.to_json()))
 
-        def identified(caller: Caller) -> None:
-            source = TargetSource.from_options(call, opts, caller)
-            if not source.given:  # the running kernel's own image: the daemon's own file
-                self._engine(lambda: self.agent.scratch_plan(None, 0, margin).to_json(),
-                             lambda plan: call.reply("(s)", json.dumps(plan)), call,
-                             priority=_priority(caller))
-                return
-
-            def reply(plan: Plan) -> None:
-                if plan.scratch is None:  # the target could not be read: say why
-                    call.fail(InvalidArgument(plan.result.blockers[0].message
-                                              if plan.result.blockers else
-                                              "no scratch plan for this target"))
-                else:
-                    call.reply("(s)", json.dumps(plan.scratch.to_json()))
-            self._planned(call, caller, source, reply, margin=margin)
-        self._authorized(call, None, identified)
-
-    def _planned(self, call: Call, caller: Caller, source: TargetSource,
-                 reply: Callable[[Plan], None], *, preflight: bool = False,
-                 margin: float | None = None) -> None:
+    def _planned(self, caller: Caller, source: TargetSource, *, preflight: bool = False,
+                 margin: float | None = None) -> Generator[Step, Any, Plan]:
         """Plan for the caller's target without touching the prepared update. Root's files are
         opened and read on the engine thread; an unprivileged caller's (always passed fds) are
         read on the files thread, and its planning waits behind every privileged call. For
@@ -373,84 +324,79 @@ class AgentService:
 
         priority = _priority(caller)
         if priority is Priority.PRIVILEGED:
-            self._engine(lambda: plan(*read()), reply, call)
-            return
-
-        def was_read(result: tuple[TargetImage | None, int, str | None] | None,
-                     error: AgentError | None) -> None:
-            if result is None:
-                call.fail(error or InvalidArgument("the target could not be read"))
-                return
-            try:
-                self._engine(lambda: plan(*result), reply, call, priority=priority)
-            except Busy as exc:
-                call.fail(exc)
+            planned: Plan = yield self._engine(lambda: plan(*read()))
+            return planned
         try:
-            self.files.submit(read, was_read, Priority.UNPRIVILEGED)
-        except Busy:
-            source.close()
+            target, initrd_size, problem = yield Run(self.files, read, Priority.UNPRIVILEGED)
+        except AgentError:
+            source.close()  # refused before it was read (Busy); after, the read closed it
             raise
+        planned = yield self._engine(lambda: plan(target, initrd_size, problem), priority)
+        return planned
 
-    def _get_manifest(self, call: Call) -> None:
+    def _get_manifest(self, call: Call) -> Steps:
         path = self.agent.store.manifest_path
-
-        def done(text: str | None, error: AgentError | None) -> None:
-            if error is not None:
-                call.fail(error)
-            else:
-                call.reply("(s)", text)
-        self.reader.submit(lambda: manifest_to_json(read_manifest(path)).decode(), done)
+        text: str = yield Run(self.reader,
+                              lambda: manifest_to_json(read_manifest(path)).decode())
+        call.reply(text)
 
     def _list_sessions(self, call: Call) -> None:
         rows = [(s.name, s.path, s.owner_uid if s.owner_uid is not None else 0xFFFFFFFF,
                  s.owner_sender, s.ready, s.claimed, s.incoming)
                 for s in sorted(self.sessions.values(), key=lambda s: s.name)]
-        call.reply("(a(sousbbb))", rows)
+        call.reply(rows)
 
     # ------------------------------------------------------------------ jobs
 
-    def _start_job(self, call: Call, kind: str,
-                   make_work: Callable[[Caller, Job], Callable[[], Any]],
-                   outcome: Callable[[Any], dict[str, Any]],
-                   cleanup: Callable[[], None] = lambda: None) -> None:
-        """Authorize, then run the work a job does. `cleanup` runs once whatever happens
-        (e.g. closing the fds the call passed)."""
-        def authorized(caller: Caller) -> None:
-            self._check_no_job()
-            job = self._new_job(kind)
+    def _run_job(self, call: Call, kind: str,
+                 make_work: Callable[[Caller, Job], Callable[[], Any]],
+                 outcome: Callable[[Any], dict[str, Any]],
+                 cleanup: Callable[[], None] = lambda: None) -> Steps:
+        """Authorize, start the job (the reply is its path), run its work, publish how it
+        ended. `cleanup` runs once whatever happens (e.g. closing the fds the call passed),
+        before the job's end is published."""
+        try:
+            caller: Caller = yield Authorize(call.declared.action)
+            job = self._begin_job(kind)
             try:
                 work = make_work(caller, job)
             except AgentError:  # refused before any work: the job never existed
                 self._discard_job(job)
                 raise
-            call.reply("(o)", job.path)
-
-            def finished(result: Any, error: AgentError | None) -> None:
-                cleanup()
-                self._job_done(job, result, error, outcome)
-            self.worker.submit(work, finished)
-        try:
-            self._authorized(call, api.ACTION_MANAGE, authorized, on_refusal=cleanup)
-        except AgentError:
+            call.reply(job.path)
+            error: AgentError | None = None
+            try:
+                result = yield Run(self.worker, work)
+            except AgentError as exc:
+                result, error = None, exc
+        finally:
             cleanup()
-            raise
+        self._job_done(job, result, error, outcome)
 
-    def _check_no_job(self) -> None:
+    def _begin_job(self, kind: str) -> Job:
+        """A new running job, unless one runs or the host is handing off (Busy)."""
         if self.current is not None:
             raise Busy(f"job {self.current.id} ({self.current.type}) is running; wait "
                        "for its JobRemoved signal")
         if self.handed_off:
             raise Busy("the host is handing off to the next kernel")
+        return self._new_job(kind)
 
     def _new_job(self, kind: str) -> Job:
         """A running job, exported on the bus, as the current one."""
         job = Job(self.next_job_id, kind, f"{api.JOB_PATH_PREFIX}{self.next_job_id}")
         self.next_job_id += 1
-        job.obj = ExportedObject(self.bus, job.path, api.JOB_XML,
-                                 {"Cancel": lambda c: self._cancel_job(c, job)}, job.variant)
+        job.obj = ExportedObject(self.bus, job.path, contract.JOB, {
+            name: functools.partial(self._handle_job, handler, job)
+            for name, handler in JOB_HANDLERS.items()}, job.value)
         self.jobs[job.id] = job
         self.current = job
         return job
+
+    def _handle_job(self, handler: Callable[[AgentService, Call, Job], Steps], job: Job,
+                    call: Call) -> None:
+        self.driver.start(handler(self, call, job), call)
+
 
     def _job_done(self, job: Job, result: Any, error: AgentError | None,
                   outcome: Callable[[Any], dict[str, Any]]) -> None:
@@ -471,7 +417,7 @@ class AgentService:
             # properties first, then JobRemoved: a client that reads State on JobRemoved sees
             # the state the job left
             self._publish(snap, snap_error)
-            self.manager.emit("JobRemoved", "(uos)", job.id, job.path, job.state)
+            self.manager.emit("JobRemoved", job.id, job.path, job.state)
             self.hooks.job_finished(job)
             GLib.timeout_add_seconds(JOB_LINGER_SECONDS, self._forget_job, job)
             if self.handed_off:
@@ -491,19 +437,17 @@ class AgentService:
         self.jobs.pop(job.id, None)
         return False
 
-    def _cancel_job(self, call: Call, job: Job) -> None:
-        def authorized(_caller: Caller) -> None:
-            if job.state != api.JOB_RUNNING:
-                raise Busy(f"job {job.id} has already ended ({job.state})")
-            if job.type != "prepare":
-                raise Busy(f"a {job.type} job cannot be cancelled once it runs")
-            job.cancel_requested = True  # the prepare rolls back at its next step
-            call.reply()
-        self._authorized(call, api.ACTION_MANAGE, authorized)
+    def _cancel_job(self, call: Call, job: Job) -> Steps:
+        yield Authorize(call.declared.action)
+        if job.state != api.JOB_RUNNING:
+            raise Busy(f"job {job.id} has already ended ({job.state})")
+        if job.type != "prepare":
+            raise Busy(f"a {job.type} job cannot be cancelled once it runs")
+        job.cancel_requested = True  # the prepare rolls back at its next step
+        call.reply()
 
-    def _prepare(self, call: Call) -> None:
-        opts = check_options(call.args[0], api.PREPARE_OPTIONS, "Prepare",
-                             call.option_signatures(0))
+    def _prepare(self, call: Call) -> Steps:
+        opts = check_options(call)
         if "kernel" not in opts and "kernel_fd" not in opts:
             raise InvalidArgument("Prepare: option 'kernel' or 'kernel_fd' (the target image) "
                                   "is required")
@@ -541,13 +485,12 @@ class AgentService:
         def cleanup() -> None:
             for source in sources:
                 source.close()
-        self._start_job(call, "prepare", make_work,
-                        lambda data: {"dry_run": True, **data} if opts.get("dry_run")
-                        else dict(data), cleanup)
+        yield from self._run_job(call, "prepare", make_work,
+                                 lambda data: {"dry_run": True, **data} if opts.get("dry_run")
+                                 else dict(data), cleanup)
 
-    def _commit(self, call: Call) -> None:
-        opts = check_options(call.args[0], api.COMMIT_OPTIONS, "Commit",
-                             call.option_signatures(0))
+    def _commit(self, call: Call) -> Steps:
+        opts = check_options(call)
         options = CommitOptions(force=bool(opts.get("force", False)),
                                 dry_run=bool(opts.get("dry_run", False)))
 
@@ -557,75 +500,80 @@ class AgentService:
                 self.handed_off = True  # set on the engine thread; read after JobRemoved
             return {"dry_run": result.dry_run, "handoff_seconds": result.handoff_seconds,
                     "plan": result.plan}
-        self._start_job(call, "commit", lambda _caller, _job: work, lambda data: dict(data))
+        yield from self._run_job(call, "commit", lambda _caller, _job: work,
+                                 lambda data: dict(data))
 
-    def _cancel(self, call: Call) -> None:
+    def _cancel(self, call: Call) -> Steps:
         # the released sessions leave the bus with SessionReleased when the properties are
         # published (_reconcile_sessions)
-        self._start_job(call, "cancel", lambda _caller, _job: lambda: {
+        yield from self._run_job(call, "cancel", lambda _caller, _job: lambda: {
             "message": self.agent.cancel()}, lambda data: dict(data))
 
-    def _verify(self, call: Call) -> None:
-        def authorized(_caller: Caller) -> None:
-            self._check_no_job()
-            job = self._new_job("verify")
-            call.reply("(o)", job.path)
-            self._run_verify(job)
-        self._authorized(call, api.ACTION_MANAGE, authorized)
+    def _verify(self, call: Call) -> Steps:
+        yield Authorize(call.declared.action)
+        job = self._begin_job("verify")
+        call.reply(job.path)
+        yield from self._verifying(job)
 
     def start_verify(self) -> None:
         """At start after a live update: verify on our own, as a job anyone can watch."""
-        self._run_verify(self._new_job("verify"))
+        self.driver.start(self._verifying(self._new_job("verify")), None)
 
-    def _run_verify(self, job: Job) -> None:
+    def _verifying(self, job: Job) -> Steps:
         """The three steps of verifyrun.py: retrieval on the engine, one session per engine
         call (the owners are answered between two); observation beside the engine;
-        conclusion on the engine."""
-        self.retrieving = True
+        conclusion on the engine. A failure before the conclusion abandons the run."""
         agent = self.agent
+        self.retrieving = True
+        try:
+            run: VerifyRun = yield Run(self.worker, agent.verify_begin)
+        except AgentError as exc:
+            self._verify_ended(job, None, exc)
+            return
+        try:
+            found = yield from self._retrieved_and_observed(run)
+        except AgentError as exc:
+            yield from self._abandoned(job, run, exc)
+            return
+        try:
+            data: dict[str, Any] = yield Run(self.worker, lambda: self._conclude(run, found))
+        except AgentError as exc:
+            self._verify_ended(job, None, exc)
+            return
+        self._verify_ended(job, data, None)
 
-        def ended(data: dict[str, Any] | None, error: AgentError | None) -> None:
-            self.retrieving = False
-            for record in self.sessions.values():
-                record.verifying = False  # every retrieved session is its owner's now
-            self._job_done(job, data, error, lambda result: dict(result))
+    def _retrieved_and_observed(self, run: VerifyRun) -> Generator[Step, Any, HostObservation]:
+        agent = self.agent
+        got: Retrieved | None = yield Run(self.worker, lambda: agent.verify_retrieve(run))
+        self.refresh()  # State "verifying", read after the first session is retrieved
+        while got is not None:
+            self._incoming_retrieved(got)
+            got = yield Run(self.worker, lambda: agent.verify_retrieve(run))
+        self.retrieving = False  # every session is on the bus (or could not be retrieved)
+        self.hooks.incoming(run.handed_back, run.held)
+        self.refresh()
+        found: HostObservation | None = yield Run(self.observer, lambda: observe(
+            agent.host, run, agent.image_strings, agent.on_step_timed, agent.on_progress))
+        if found is None:
+            raise AgentError("no observation")
+        return found
 
-        def abandon(run: VerifyRun, error: AgentError) -> None:
-            self.retrieving = False
-            self.worker.submit(lambda: agent.verify_abandon(run, error.message),
-                               lambda _none, abandon_error: ended(None, abandon_error or error))
+    def _abandoned(self, job: Job, run: VerifyRun, error: AgentError) -> Steps:
+        """The run ends without a conclusion; the job fails with `error` (or with the error
+        abandoning it raised)."""
+        self.retrieving = False
+        try:
+            yield Run(self.worker, lambda: self.agent.verify_abandon(run, error.message))
+        except AgentError as abandon_error:
+            error = abandon_error
+        self._verify_ended(job, None, error)
 
-        def observed(run: VerifyRun, found: HostObservation | None,
-                     error: AgentError | None) -> None:
-            if found is None:
-                abandon(run, error or AgentError("no observation"))
-                return
-            self.worker.submit(lambda: self._conclude(run, found), ended)
-
-        def retrieved(run: VerifyRun, got: Retrieved | None, error: AgentError | None) -> None:
-            if error is not None:
-                abandon(run, error)
-                return
-            if got is not None:
-                self._incoming_retrieved(got)
-                self.worker.submit(lambda: agent.verify_retrieve(run),
-                                   lambda more, e: retrieved(run, more, e))
-                return
-            self.retrieving = False  # every session is on the bus (or could not be retrieved)
-            self.hooks.incoming(run.handed_back, run.held)
-            self.refresh()
-            self.observer.submit(lambda: observe(agent.host, run, agent.image_strings,
-                                                 agent.on_step_timed, agent.on_progress),
-                                 lambda found, e: observed(run, found, e))
-
-        def begun(run: VerifyRun | None, error: AgentError | None) -> None:
-            if run is None:
-                ended(None, error)
-                return
-            self.worker.submit(lambda: agent.verify_retrieve(run),
-                               lambda got, e: retrieved(run, got, e))
-            self.refresh()  # State "verifying", read after the first session is retrieved
-        self.worker.submit(agent.verify_begin, begun)
+    def _verify_ended(self, job: Job, data: dict[str, Any] | None,
+                      error: AgentError | None) -> None:
+        self.retrieving = False
+        for record in self.sessions.values():
+            record.verifying = False  # every retrieved session is its owner's now
+        self._job_done(job, data, error, lambda result: dict(result))
 
     def _conclude(self, run: VerifyRun, found: HostObservation) -> dict[str, Any]:
         report = self.agent.verify_conclude(run, found)
@@ -648,7 +596,7 @@ class AgentService:
                      ) -> SessionObject:
         path = api.SESSION_PATH_PREFIX + api.escape_path_component(name)
         record = SessionObject(name, path, uid, sender, incoming)
-        record.obj = ExportedObject(self.bus, path, api.SESSION_XML, {}, record.variant)
+        record.obj = ExportedObject(self.bus, path, contract.SESSION, {}, record.value)
         self.sessions[name] = record
         return record
 
@@ -657,105 +605,87 @@ class AgentService:
             record.obj.unregister()
         self.sessions.pop(record.name, None)
 
-    def _create_session(self, call: Call) -> None:
+    def _create_session(self, call: Call) -> Steps:
         name = call.args[0]
         digests: bool | None = None
         owner_fd_store = False
-        if call.method == "CreateSessionWithOptions":
-            opts = check_options(call.args[1], api.SESSION_OPTIONS, call.method,
-                                 call.option_signatures(1))
+        if call.declared.options is not None:  # CreateSessionWithOptions
+            opts = check_options(call)
             digests = opts.get("digests")
             owner_fd_store = bool(opts.get("fd_store", False))
         validate_session_name(name)
+        caller: Caller = yield Authorize(call.declared.action)
+        existing = self.sessions.get(name)
+        if existing is not None:
+            raise Busy(f"session {name!r:.80} already exists (owner uid {existing.owner_uid})")
 
-        def authorized(caller: Caller) -> None:
-            existing = self.sessions.get(name)
-            if existing is not None:
-                raise Busy(f"session {name!r:.80} already exists (owner uid {existing.owner_uid})")
+        def work() -> int:
+            handle = self.agent.create_session(name, caller.owner, digests,
+                                               owner_fd_store=owner_fd_store)
+            return os.dup(handle.fileno())
+        fd: int = yield self._engine(work)
+        record = self._add_session(name, caller.uid, caller.sender, incoming=False)
+        try:
+            call.reply(record.path, 0, fds=[fd])
+        finally:
+            os.close(fd)
+        if self.auth.gone(caller.sender):  # it left before the reply could reach it
+            self._owner_gone(caller.sender, never_told=True)
 
-            def work() -> int:
-                handle = self.agent.create_session(name, caller.owner, digests,
-                                                   owner_fd_store=owner_fd_store)
-                return os.dup(handle.fileno())
-
-            def created(fd: int) -> None:
-                record = self._add_session(name, caller.uid, caller.sender, incoming=False)
-                try:
-                    call.reply("(oh)", record.path, 0, fds=[fd])
-                finally:
-                    os.close(fd)
-                if self.auth.gone(caller.sender):  # it left before the reply could reach it
-                    self._owner_gone(caller.sender, never_told=True)
-            self._engine(work, created, call)
-        self._authorized(call, api.ACTION_SESSION, authorized)
-
-    def _preserve(self, call: Call) -> None:
+    def _preserve(self, call: Call) -> Steps:
         name, index, token = call.args
         validate_token(token)
+        caller: Caller = yield Authorize(call.declared.action)
+        record = self._owned(name, caller)
+        if record.incoming:
+            raise InvalidArgument(f"session {name!r:.80} came from the previous kernel; "
+                                  "preserve files in a session created in this boot")
+        fd = call.fd(index)
 
-        def authorized(caller: Caller) -> None:
-            record = self._owned(name, caller)
-            if record.incoming:
-                raise InvalidArgument(f"session {name!r:.80} came from the previous kernel; "
-                                      "preserve files in a session created in this boot")
-            fd = call.fd(index)
+        def work() -> None:
+            try:
+                self.agent.preserve(name, fd, token)
+            finally:
+                os.close(fd)
+        yield self._engine(work)
+        record.tokens = sorted({*record.tokens, token})
+        record.ready = False
+        if record.obj is not None:
+            record.obj.changed(["Tokens", "Ready"])
+        call.reply()
 
-            def work() -> None:
-                try:
-                    self.agent.preserve(name, fd, token)
-                finally:
-                    os.close(fd)
-
-            def preserved(_: None) -> None:
-                record.tokens = sorted({*record.tokens, token})
-                record.ready = False
-                if record.obj is not None:
-                    record.obj.changed(["Tokens", "Ready"])
-                call.reply()
-            self._engine(work, preserved, call)
-        self._authorized(call, api.ACTION_SESSION, authorized)
-
-    def _set_ready(self, call: Call) -> None:
+    def _set_ready(self, call: Call) -> Steps:
         name, ready = call.args
+        caller: Caller = yield Authorize(call.declared.action)
+        record = self._owned(name, caller)
+        if record.incoming:
+            raise InvalidArgument(f"session {name!r:.80} came from the previous kernel; "
+                                  "readiness is for sessions created in this boot")
+        yield self._engine(lambda: self.agent.set_ready(name, ready))
+        record.ready = ready
+        if caller.uid == record.owner_uid:
+            record.owner_sender = caller.sender  # the owner's connection now
+        if record.obj is not None:
+            record.obj.changed(["Ready", "Owner"])
+        call.reply()
 
-        def authorized(caller: Caller) -> None:
-            record = self._owned(name, caller)
-            if record.incoming:
-                raise InvalidArgument(f"session {name!r:.80} came from the previous kernel; "
-                                      "readiness is for sessions created in this boot")
-
-            def done(_: None) -> None:
-                record.ready = ready
-                if caller.uid == record.owner_uid:
-                    record.owner_sender = caller.sender  # the owner's connection now
-                if record.obj is not None:
-                    record.obj.changed(["Ready", "Owner"])
-                call.reply()
-            self._engine(lambda: self.agent.set_ready(name, ready), done, call)
-        self._authorized(call, api.ACTION_SESSION, authorized)
-
-    def _release_session(self, call: Call) -> None:
+    def _release_session(self, call: Call) -> Steps:
         name = call.args[0]
-
-        def authorized(caller: Caller) -> None:
-            record = self._owned(name, caller)
-            if record.incoming:
-                raise InvalidArgument(f"session {name!r:.80} came from the previous kernel: "
-                                      "FinishSession ends it")
-
-            def done(_: None) -> None:
-                self._drop_session(record)
-                call.reply()
-                self._told_if_not_owner(record, caller, "released by uid "
-                                        f"{caller.uid} (ReleaseSession): its files are no "
-                                        "longer preserved")
-            self._engine(lambda: self.agent.release_session(name), done, call)
-        self._authorized(call, api.ACTION_SESSION, authorized)
+        caller: Caller = yield Authorize(call.declared.action)
+        record = self._owned(name, caller)
+        if record.incoming:
+            raise InvalidArgument(f"session {name!r:.80} came from the previous kernel: "
+                                  "FinishSession ends it")
+        yield self._engine(lambda: self.agent.release_session(name))
+        self._drop_session(record)
+        call.reply()
+        self._told_if_not_owner(record, caller, f"released by uid {caller.uid} "
+                                "(ReleaseSession): its files are no longer preserved")
 
     def _told_if_not_owner(self, record: SessionObject, caller: Caller, reason: str) -> None:
         """A session ended by someone else than its owner (root may): the owner is told."""
         if caller.uid != record.owner_uid:
-            self.manager.emit("SessionReleased", "(sos)", record.name, record.path, reason)
+            self.manager.emit("SessionReleased", record.name, record.path, reason)
             self.hooks.log(f"session {record.name!r} {reason}")
 
     def _incoming_owned(self, name: str, caller: Caller) -> SessionObject:
@@ -772,108 +702,90 @@ class AgentService:
                                   "only after the next live update")
         return record
 
-    def _retrieve_session(self, call: Call) -> None:
+    def _retrieve_session(self, call: Call) -> Steps:
         name = call.args[0]
+        caller: Caller = yield Authorize(call.declared.action)
+        record = self._incoming_owned(name, caller)
 
-        def authorized(caller: Caller) -> None:
-            record = self._incoming_owned(name, caller)
+        def work() -> int:
+            if record.handle is None:
+                record.handle = self.agent.claim_session(name)
+            return os.dup(record.handle.fileno())
+        fd: int = yield self._engine(work)
+        record.claimed = True
+        if caller.uid == record.owner_uid or record.owner_uid is None:
+            record.owner_sender = caller.sender  # the claimer, when it is the owner
+        if record.obj is not None:
+            record.obj.changed(["Claimed", "Owner"])
+        try:
+            call.reply(0, fds=[fd])
+        finally:
+            os.close(fd)
 
-            def work() -> int:
-                if record.handle is None:
-                    record.handle = self.agent.claim_session(name)
-                return os.dup(record.handle.fileno())
-
-            def retrieved(fd: int) -> None:
-                record.claimed = True
-                if caller.uid == record.owner_uid or record.owner_uid is None:
-                    record.owner_sender = caller.sender  # the claimer, when it is the owner
-                if record.obj is not None:
-                    record.obj.changed(["Claimed", "Owner"])
-                try:
-                    call.reply("(h)", 0, fds=[fd])
-                finally:
-                    os.close(fd)
-            self._engine(work, retrieved, call)
-        self._authorized(call, api.ACTION_SESSION, authorized)
-
-    def _retrieve_file(self, call: Call) -> None:
+    def _retrieve_file(self, call: Call) -> Steps:
         name, token = call.args
         validate_token(token)
+        caller: Caller = yield Authorize(call.declared.action)
+        record = self._incoming_owned(name, caller)
 
-        def authorized(caller: Caller) -> None:
-            record = self._incoming_owned(name, caller)
+        def work() -> int:
+            if record.handle is None:
+                record.handle = self.agent.claim_session(name)
+            return record.handle.retrieve_fd(token)
+        fd: int = yield self._engine(work)
+        record.claimed = True
+        if record.obj is not None:
+            record.obj.changed(["Claimed"])
+        try:
+            call.reply(0, fds=[fd])
+        finally:
+            os.close(fd)
 
-            def work() -> int:
-                if record.handle is None:
-                    record.handle = self.agent.claim_session(name)
-                return record.handle.retrieve_fd(token)
-
-            def retrieved(fd: int) -> None:
-                record.claimed = True
-                if record.obj is not None:
-                    record.obj.changed(["Claimed"])
-                try:
-                    call.reply("(h)", 0, fds=[fd])
-                finally:
-                    os.close(fd)
-            self._engine(work, retrieved, call)
-        self._authorized(call, api.ACTION_SESSION, authorized)
-
-    def _check_kept_session(self, call: Call) -> None:
+    def _check_kept_session(self, call: Call) -> Steps:
         name, index = call.args
         validate_session_name(name)
+        caller: Caller = yield Authorize(call.declared.action)
+        fd = call.fd(index)
 
-        def authorized(caller: Caller) -> None:
-            fd = call.fd(index)
+        def work() -> list[VerifyItem]:
+            try:
+                recorded = owner_uid(self.agent.kept_session_owner(name))
+                if caller.uid != 0 and recorded != caller.uid:
+                    raise PermissionDenied(f"session {name!r:.80} belongs to uid {recorded}; "
+                                           "only its owner or root may have it checked")
+            except AgentError:
+                os.close(fd)
+                raise
+            # from here the session owns the fd (adopt_session closes it on a wrong name)
+            session = self.agent.host.liveupdate.adopt_session(fd, name)
+            try:
+                return self.agent.check_kept_session(name, session)
+            finally:
+                session.close()   # a duplicate: the owner's fd keeps the session
+        items: list[VerifyItem] = yield self._engine(work)
+        ok = not any(i.verdict in FAILING_VERDICTS for i in items)
+        self.hooks.log(f"session {name!r} kept by its owner checked: "
+                       f"{'ok' if ok else 'FAILED'} ({len(items)} item(s))")
+        call.reply(ok, json.dumps([{"kind": i.kind, "name": i.name, "verdict": i.verdict.value,
+                                    "detail": i.detail} for i in items]))
 
-            def work() -> list[VerifyItem]:
-                try:
-                    recorded = owner_uid(self.agent.kept_session_owner(name))
-                    if caller.uid != 0 and recorded != caller.uid:
-                        raise PermissionDenied(f"session {name!r:.80} belongs to uid {recorded}; "
-                                               "only its owner or root may have it checked")
-                except AgentError:
-                    os.close(fd)
-                    raise
-                # from here the session owns the fd (adopt_session closes it on a wrong name)
-                session = self.agent.host.liveupdate.adopt_session(fd, name)
-                try:
-                    return self.agent.check_kept_session(name, session)
-                finally:
-                    session.close()   # a duplicate: the owner's fd keeps the session
-
-            def checked(items: list[VerifyItem]) -> None:
-                ok = not any(i.verdict in FAILING_VERDICTS for i in items)
-                self.hooks.log(f"session {name!r} kept by its owner checked: "
-                               f"{'ok' if ok else 'FAILED'} ({len(items)} item(s))")
-                call.reply("(bs)", ok, json.dumps(
-                    [{"kind": i.kind, "name": i.name, "verdict": i.verdict.value,
-                      "detail": i.detail} for i in items]))
-            self._engine(work, checked, call)
-        self._authorized(call, api.ACTION_SESSION, authorized)
-
-    def _finish_session(self, call: Call) -> None:
+    def _finish_session(self, call: Call) -> Steps:
         name = call.args[0]
+        caller: Caller = yield Authorize(call.declared.action)
+        record = self._incoming_owned(name, caller)
 
-        def authorized(caller: Caller) -> None:
-            record = self._incoming_owned(name, caller)
-
-            def work() -> None:
-                handle = record.handle or self.agent.claim_session(name)
-                record.handle = None
-                try:
-                    handle.finish()
-                finally:
-                    handle.close()
-
-            def finished(_: None) -> None:
-                self._drop_session(record)
-                call.reply()
-                self._told_if_not_owner(record, caller, "finished by uid "
-                                        f"{caller.uid} (FinishSession): its memory is "
-                                        "released")
-            self._engine(work, finished, call)
-        self._authorized(call, api.ACTION_SESSION, authorized)
+        def work() -> None:
+            handle = record.handle or self.agent.claim_session(name)
+            record.handle = None
+            try:
+                handle.finish()
+            finally:
+                handle.close()
+        yield self._engine(work)
+        self._drop_session(record)
+        call.reply()
+        self._told_if_not_owner(record, caller, f"finished by uid {caller.uid} "
+                                "(FinishSession): its memory is released")
 
     def _grace_tick(self) -> bool:
         def expired(names: list[str]) -> None:
@@ -901,6 +813,32 @@ class AgentService:
         for record in list(self.sessions.values()):
             self._drop_session(record)
         self.manager.unregister()
+
+
+# The handler of every method the contract declares (objects.py refuses a table that misses one
+# or has one more): a generator of steps (steps.py), or a plain function that replies at once.
+MANAGER_HANDLERS: dict[str, Callable[[AgentService, Call], Steps | None]] = {
+    "Preflight": AgentService._preflight,
+    "ScratchPlan": AgentService._scratch_plan,
+    "Prepare": AgentService._prepare,
+    "Commit": AgentService._commit,
+    "Cancel": AgentService._cancel,
+    "Verify": AgentService._verify,
+    "GetManifest": AgentService._get_manifest,
+    "ListSessions": AgentService._list_sessions,
+    "CreateSession": AgentService._create_session,
+    "CreateSessionWithOptions": AgentService._create_session,
+    "Preserve": AgentService._preserve,
+    "SetReady": AgentService._set_ready,
+    "ReleaseSession": AgentService._release_session,
+    "RetrieveSession": AgentService._retrieve_session,
+    "RetrieveFile": AgentService._retrieve_file,
+    "CheckKeptSession": AgentService._check_kept_session,
+    "FinishSession": AgentService._finish_session,
+}
+JOB_HANDLERS: dict[str, Callable[[AgentService, Call, Job], Steps]] = {
+    "Cancel": AgentService._cancel_job,
+}
 
 
 def _priority(caller: Caller) -> Priority:

@@ -1,12 +1,16 @@
 """sd_notify, the fd store, LISTEN_FDS and the verified target, for kho-agentd under systemd.
 
 The notify protocol is spoken directly over an AF_UNIX datagram socket rather than through
-systemd-python's `systemd.daemon.notify`, for three reasons:
-- FDSTORE=1 needs the fds as SCM_RIGHTS ancillary data, which `daemon.notify` cannot send;
-- `daemon.notify` raises when the socket is stale, and in hand-off mode "direct" the agent outlives
-  PID 1's notify socket (systemd-shutdown replaces PID 1 while the agent still holds the
-  sessions): a watchdog ping then must fail quietly, not end the agent;
-- one small code path for every message, whose bytes a test can capture on a real socket.
+systemd-python's `systemd.daemon.notify`. That function can carry fd-store fds (its `fds=`
+argument sends them as SCM_RIGHTS: `notify("FDSTORE=1\nFDNAME=x", fds=[fd])` delivers the fd,
+tried with systemd-python 235); it is not used because:
+- it raises an OSError when the socket is stale or gone (FileNotFoundError, ECONNREFUSED), and in
+  hand-off mode "direct" the agent outlives PID 1's notify socket (systemd-shutdown replaces
+  PID 1 while the agent still holds the sessions): a watchdog ping then must fail quietly with
+  the reason kept (`last_error`), and the limits systemd and the kernel put on one message
+  (NOTIFY_BUFFER_MAX, SCM_MAX_FD) are checked here before anything is sent;
+- one small code path for every message, whose bytes a test captures on a real socket, and no
+  C extension on the daemon's path to PID 1.
 
 Without NOTIFY_SOCKET (not started by systemd: a terminal, the tests, `--simulate`) every message
 is a no-op that returns False. A message that cannot be delivered also returns False and leaves

@@ -1,5 +1,7 @@
-"""Exported objects on a Gio connection: one interface per registration, methods dispatched to
-Python callables, properties read from a getter, PropertiesChanged emitted on request.
+"""Exported objects on a Gio connection: one interface of the contract (contract.py) per
+registration, methods dispatched to Python callables, properties read from a getter,
+PropertiesChanged emitted on request. Every reply, property value and signal is typed by the
+contract's declaration of it: a handler passes values, never a signature.
 
 Gio rather than pydbus on the service side: methods here pass unix fds (pydbus cannot), and the
 error names must be exactly ours (`org.khoagent.Agent1.Error.<Name>`).
@@ -15,6 +17,7 @@ from typing import Any
 from gi.repository import Gio, GLib
 
 from ..errors import AgentError, InvalidArgument
+from .contract import Interface, Method
 
 PROPERTIES_IFACE = "org.freedesktop.DBus.Properties"
 # Up to GLib 2.82, PyGObject's register_object is g_dbus_connection_register_object_with_closures,
@@ -43,10 +46,14 @@ class Call:
 
     sender: str
     path: str
-    method: str
+    declared: Method
     args: tuple[Any, ...]
     invocation: Gio.DBusMethodInvocation
     answered: bool = False
+
+    @property
+    def method(self) -> str:
+        return self.declared.name
 
     @property
     def interactive(self) -> bool:
@@ -77,10 +84,16 @@ class Call:
             out[key] = entry.get_child_value(1).get_variant().get_type_string()
         return out
 
-    def reply(self, signature: str | None = None, *values: Any, fds: list[int] | None = None
-              ) -> None:
-        """Answer; `fds` are duplicated into the reply (the caller keeps its own)."""
-        variant = GLib.Variant(signature, values) if signature else None
+    def options(self) -> tuple[dict[str, Any], dict[str, str]]:
+        """The method's a{sv} argument: (its values, the variant type of each entry)."""
+        position = self.declared.options_position
+        return self.args[position], self.option_signatures(position)
+
+    def reply(self, *values: Any, fds: list[int] | None = None) -> None:
+        """Answer with the method's declared out arguments; `fds` are duplicated into the reply
+        (the caller keeps its own)."""
+        variant = GLib.Variant(self.declared.out_type, values) if self.declared.out_args \
+            else None
         if fds:
             fd_list = Gio.UnixFDList.new()
             for fd in fds:
@@ -114,16 +127,22 @@ class Call:
 
 
 Handler = Callable[[Call], None]
-Getter = Callable[[str], GLib.Variant]
+Getter = Callable[[str], Any]   # a property's value, as Python (its type is the contract's)
 
 
 class ExportedObject:
-    def __init__(self, bus: Gio.DBusConnection, path: str, xml: str,
+    def __init__(self, bus: Gio.DBusConnection, path: str, declared: Interface,
                  methods: dict[str, Handler], getter: Getter) -> None:
+        """Register `declared` at `path`: `methods` must handle exactly its methods."""
+        unknown = sorted(set(methods) - {m.name for m in declared.methods})
+        missing = sorted({m.name for m in declared.methods} - set(methods))
+        if unknown or missing:
+            raise ValueError(f"{declared.name} at {path}: handlers for undeclared methods "
+                             f"{unknown}, declared methods without one {missing}")
         self.bus = bus
         self.path = path
-        info = Gio.DBusNodeInfo.new_for_xml(xml)
-        self.interface = info.interfaces[0]
+        self.declared = declared
+        self.interface = Gio.DBusNodeInfo.new_for_xml(declared.xml()).interfaces[0]
         self.methods = methods
         self.getter = getter
         self.registration = bus.register_object(path, self.interface, self._method_call,
@@ -132,11 +151,10 @@ class ExportedObject:
     def _method_call(self, _conn: Gio.DBusConnection, sender: str, path: str, _iface: str,
                      method: str, params: GLib.Variant,
                      invocation: Gio.DBusMethodInvocation) -> None:
-        call = Call(sender, path, method, tuple(params.unpack()), invocation)
-        handler = self.methods.get(method)
-        if handler is None:  # Gio checked the signature against the XML: a gap is our bug
-            call.fail(AgentError(f"{method} is not implemented"))
-            return
+        # Gio checked the name and the signature against the XML: both are declared
+        call = Call(sender, path, self.declared.method(method), tuple(params.unpack()),
+                    invocation)
+        handler = self.methods[method]
         try:
             handler(call)
         except AgentError as exc:  # raised before any work started: nothing changed
@@ -144,18 +162,23 @@ class ExportedObject:
 
     def _get_property(self, _conn: Gio.DBusConnection, _sender: str, _path: str, _iface: str,
                       name: str) -> GLib.Variant:
-        return self.getter(name)
+        return self.value(name)
+
+    def value(self, name: str) -> GLib.Variant:
+        """A property's value, typed as the contract declares it."""
+        return GLib.Variant(self.declared.prop(name).signature, self.getter(name))
 
     def changed(self, names: list[str]) -> None:
         if not names or self.registration == 0:
             return
-        values = {n: self.getter(n) for n in names}
+        values = {n: self.value(n) for n in names}
         self.bus.emit_signal(None, self.path, PROPERTIES_IFACE, "PropertiesChanged",
                              GLib.Variant("(sa{sv}as)", (self.interface.name, values, [])))
 
-    def emit(self, signal: str, signature: str, *values: Any) -> None:
-        self.bus.emit_signal(None, self.path, self.interface.name, signal,
-                             GLib.Variant(signature, values))
+    def emit(self, signal: str, *values: Any) -> None:
+        """Emit a signal of the interface with its declared arguments."""
+        self.bus.emit_signal(None, self.path, self.declared.name, signal,
+                             GLib.Variant(self.declared.signal(signal).type, values))
 
     def unregister(self) -> None:
         if self.registration:

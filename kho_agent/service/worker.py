@@ -40,9 +40,7 @@ class Priority(enum.IntEnum):
 
 class InternalError(AgentError):
     """A bug surfaced in the engine: the caller gets a reply (never a hang) and the log gets the
-    traceback."""
-
-    name = "Failed"
+    traceback. Its name is AgentError's, `Failed`."""
 
 
 @dataclass(order=True)
