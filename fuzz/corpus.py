@@ -27,18 +27,19 @@ from pathlib import Path
 
 from harness import PAGE, Scenario, selector
 
-from kho_agent.abi import kho_test, luo, memfd
+from kho_agent.abi import luo, registry
 from kho_agent.abi.block import encode_blocks, walk_blocks
 from kho_agent.abi.context import DecodeContext, Side
 from kho_agent.abi.errors import MemoryUnavailable
 from kho_agent.abi.fdt import FDT_MAGIC
-from kho_agent.abi.kho_root import ROOT_FORMATS, decode_root
+from kho_agent.abi.formats import kho_selftest_v1 as kho_test
+from kho_agent.abi.kho_root import decode_root
+from kho_agent.abi.kho_state import KhoInput, decode_state
 from kho_agent.abi.luo_common import FILE_SER_SIZE, SESSION_SER_SIZE, LuoState
 from kho_agent.abi.memfd import MemfdState
-from kho_agent.abi.memmap import MEMMAP_FORMATS
 from kho_agent.abi.memory import PageAllocator, PhysicalMemory, SparseMemory
 from kho_agent.abi.radix import RadixGeometry, radix_encode, radix_walk
-from kho_agent.abi.state import KhoInput, decode_state
+from kho_agent.abi.registry import MEMMAP_FORMATS, ROOT_FORMATS
 from kho_agent.abi.vmalloc import VmallocDesc, encode_vmalloc, read_area_bytes, read_vmalloc
 from kho_agent.kernel.physmem import ElfCoreMemory, write_elf_core
 
@@ -233,7 +234,7 @@ def _luo_seeds(c: Corpus, case: str, mem: PhysicalMemory, side: Side, state: Luo
               if isinstance(f.handler, MemfdState)]
     for f, handler in sorted(memfds, key=lambda pair: pair[1].nr_folios)[:6]:
         rec = RecordingMemory(mem)
-        memfd.decode(f.compatible, DecodeContext(rec, side), f.data, "/f")
+        registry.decode_memfd(f.compatible, DecodeContext(rec, side), f.data, "/f")
         variant = 0x10 if f.compatible == "memfd-v2" else 0
         c.scenario("memfd", f"{case}-{f.token:#x}",
                    Scenario(flag | variant, pages=rec.pages(), args=[f.data]))

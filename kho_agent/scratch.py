@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .abi.state import ScratchArea
+from .abi.kho_state import ScratchArea
 from .errors import InvalidArgument
 from .kernel.sysinfo import MemblockRegion, SysInfo, kho_enabled, param_values
 

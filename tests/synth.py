@@ -11,15 +11,18 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from kho_agent.abi import kexec_metadata, luo_v1, luo_v5, memblock, memfd
+from kho_agent.abi import registry
 from kho_agent.abi.context import Side
 from kho_agent.abi.extents import Extent, ExtentMap
+from kho_agent.abi.formats import kexec_metadata_v1 as kexec_metadata
+from kho_agent.abi.formats import luo_v1, luo_v5
+from kho_agent.abi.formats import memblock_v1 as memblock
 from kho_agent.abi.kho_root import encode_root
+from kho_agent.abi.kho_state import KhoInput, KhoState, ScratchArea
 from kho_agent.abi.luo_common import SESSION_SER_SIZE, LuoFile, LuoSession, LuoState
 from kho_agent.abi.memmap_chunks import BITMAP_512_BYTES, encode_chunks
 from kho_agent.abi.memory import PageAllocator, SparseMemory
 from kho_agent.abi.radix import RadixGeometry, radix_encode
-from kho_agent.abi.state import KhoInput, KhoState, ScratchArea
 
 DATA_START = 0x1000_0000  # preserved allocations
 META_START = 0x6000_0000  # preserved-memory map pages (chunks, bitmaps, radix nodes)
@@ -115,8 +118,8 @@ class Synth:
     # --- subsystem helpers --------------------------------------------------------------------
     def memfd_file(self, compatible: str, token: int, content: bytes, *, size: int | None = None,
                    pos: int = 0, seals: int = 0x1) -> LuoFile:
-        data = memfd.encode(compatible, content, self.memory, self.alloc, size=size, pos=pos,
-                            seals=seals)
+        data = registry.encode_memfd(compatible, content, self.memory, self.alloc, size=size,
+                                     pos=pos, seals=seals)
         return LuoFile(0, compatible, token, data)
 
     def luo_v1(self, sessions: dict[str, list[LuoFile]], *, number: int = 3,

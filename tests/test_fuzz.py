@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kho_agent.abi import kexec_metadata, luo, luo_v1, luo_v5, memblock, memfd, vmalloc
+from kho_agent.abi import luo, registry, vmalloc
 from kho_agent.abi.block import MAX_BLOCKS
 from kho_agent.abi.context import DecodeContext, Side
 from kho_agent.abi.errors import AbiError
@@ -38,12 +38,15 @@ from kho_agent.abi.fdt import (
     parse_fdt,
 )
 from kho_agent.abi.findings import CODES
+from kho_agent.abi.formats import kexec_metadata_v1 as kexec_metadata
+from kho_agent.abi.formats import luo_v1, luo_v5
+from kho_agent.abi.formats import memblock_v1 as memblock
 from kho_agent.abi.kho_root import decode_root, encode_root, recover_truncated_root
+from kho_agent.abi.kho_state import KhoInput, KhoState, decode_state
 from kho_agent.abi.luo_common import LuoFile, LuoSession, LuoState
 from kho_agent.abi.memmap_chunks import chunks_walk
 from kho_agent.abi.memory import PageAllocator, PhysicalMemory, SparseMemory
 from kho_agent.abi.radix import RadixGeometry, radix_encode, radix_walk
-from kho_agent.abi.state import KhoInput, KhoState, decode_state
 from kho_agent.kernel.physmem import ElfCoreMemory
 
 PAGE = 4096
@@ -513,7 +516,7 @@ def test_block_chain_one_over_the_kernel_limit() -> None:
 def test_vmalloc_chain_that_loops() -> None:
     mem, alloc = SparseMemory(), PageAllocator()
     data = bytes(PAGE * 4)
-    ser = memfd.encode("memfd-v2", data, mem, alloc)
+    ser = registry.encode_memfd("memfd-v2", data, mem, alloc)
     desc_first = struct.unpack_from("<Q", mem.read(ser + 32, 8))[0]
     # a full chunk whose next points at itself
     chunk = struct.pack("<Q", desc_first) + struct.pack("<Q", 0x7000_0000) * ((PAGE - 8) // 8)
@@ -549,7 +552,7 @@ def test_sessions_sharing_one_files_chain() -> None:
 def test_files_sharing_one_memfd() -> None:
     """600 files pointing at one memfd whose folio array has 40 chunks: each chunk is read once."""
     mem, alloc = SparseMemory(), PageAllocator()
-    ser = memfd.encode("memfd-v2", b"x", mem, alloc)
+    ser = registry.encode_memfd("memfd-v2", b"x", mem, alloc)
     chunks = [alloc.alloc() for _ in range(40)]
     folio_page = alloc.alloc()
     mem.write(folio_page, struct.pack("<QQ", (0x7000_0000 >> 12) | (3 << 52), 0))
@@ -572,7 +575,7 @@ def test_files_sharing_one_memfd() -> None:
 def test_memfd_folio_array_with_huge_order_is_not_read_whole() -> None:
     """A kho_vmalloc order of 40 claims 4 PiB blocks; the decoder must not ask for them."""
     mem, alloc = SparseMemory(), PageAllocator()
-    ser = memfd.encode("memfd-v2", b"x" * PAGE, mem, alloc)
+    ser = registry.encode_memfd("memfd-v2", b"x" * PAGE, mem, alloc)
     raw = bytearray(mem.read(ser, 48))
     struct.pack_into("<H", raw, 46, 40)  # kho_vmalloc.order
     mem.write(ser, bytes(raw))
@@ -780,7 +783,7 @@ def test_luo_v1_sessions_sharing_one_file_array() -> None:
     the luo-v1 form of test_sessions_sharing_one_files_chain. An array is decoded once now,
     also when the sessions point into it at different offsets."""
     mem, alloc = SparseMemory(), PageAllocator()
-    ser = memfd.encode("memfd-v2", b"x", mem, alloc)
+    ser = registry.encode_memfd("memfd-v2", b"x", mem, alloc)
     files = alloc.alloc(2 * PAGE)
     mem.write(files, b"".join(struct.pack("<48sQQ", b"memfd-v2", ser, i) for i in range(128)))
     header = alloc.alloc(16 * PAGE)

@@ -6,10 +6,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from synth import META_START, Synth, block_set, luo_state
 
-from kho_agent.abi import kexec_metadata, luo_v1, luo_v5, memblock, memfd
+from kho_agent.abi import memfd, registry
 from kho_agent.abi.block import capacity, encode_blocks, walk_blocks
 from kho_agent.abi.context import DecodeContext
 from kho_agent.abi.fdt import FdtNode, FdtWriter, parse_fdt
+from kho_agent.abi.formats import kexec_metadata_v1 as kexec_metadata
+from kho_agent.abi.formats import luo_v1, luo_v5
+from kho_agent.abi.formats import memblock_v1 as memblock
 from kho_agent.abi.luo_common import LuoFile, LuoState
 from kho_agent.abi.memmap_chunks import BITMAP_512_BYTES, chunks_walk, encode_chunks
 from kho_agent.abi.memory import PageAllocator, SparseMemory
@@ -136,31 +139,33 @@ def test_vmalloc_blocks_do_not_depend_on_total_pages(nblocks: int, claimed: int)
 def test_memfd_data_runs_coalesce_contiguous_folios() -> None:
     memory = SparseMemory(PAGE)
     alloc = PageAllocator(META_START, PAGE)
-    phys = memfd.encode("memfd-v2", bytes(3 * PAGE), memory, alloc)  # 3 adjacent data pages
+    # 3 adjacent data pages
+    phys = registry.encode_memfd("memfd-v2", bytes(3 * PAGE), memory, alloc)
     alloc.alloc(PAGE)
-    other = memfd.encode("memfd-v2", bytes(PAGE), memory, alloc)
+    other = registry.encode_memfd("memfd-v2", bytes(PAGE), memory, alloc)
     ctx = DecodeContext(memory)
-    state = memfd.decode("memfd-v2", ctx, phys, "/f")
+    state = registry.decode_memfd("memfd-v2", ctx, phys, "/f")
     assert state is not None and state.first_page is not None
     assert state.data_runs == [(state.first_page, 3 * PAGE)]
     refs = [(r.phys, r.length) for r in ctx.refs if r.what == "memfd data folio"]
     assert refs == [(state.first_page, 3 * PAGE)]
-    second = memfd.decode("memfd-v2", ctx, other, "/g")
+    second = registry.decode_memfd("memfd-v2", ctx, other, "/g")
     assert second is not None and second.data_runs == [(second.first_page, PAGE)]
 
 
 @FAST
-@given(st.sampled_from(sorted(memfd.FORMATS)), st.binary(max_size=3 * PAGE),
+@given(st.sampled_from(sorted(registry.MEMFD_BY_COMPATIBLE)), st.binary(max_size=3 * PAGE),
        st.integers(0, 3 * PAGE), st.integers(0, 1 << 40), st.integers(0, memfd.ALL_SEALS))
 def test_memfd(compatible: str, content: bytes, extra: int, pos: int, seals: int) -> None:
     memory = SparseMemory(PAGE)
     alloc = PageAllocator(META_START, PAGE)
     size = len(content) + extra
-    phys = memfd.encode(compatible, content, memory, alloc, size=size, pos=pos, seals=seals)
+    phys = registry.encode_memfd(compatible, content, memory, alloc, size=size, pos=pos,
+                                 seals=seals)
     ctx = DecodeContext(memory)
-    state = memfd.decode(compatible, ctx, phys, "/f")
+    state = registry.decode_memfd(compatible, ctx, phys, "/f")
     assert state is not None and ctx.findings == []
-    has_seals = memfd.FORMATS[compatible].has_seals
+    has_seals = registry.MEMFD_BY_COMPATIBLE[compatible].has_seals
     assert (state.pos, state.size, state.seals, state.nr_folios) == (
         pos, size, seals if has_seals else None, -(-size // PAGE))
     if content:
@@ -175,7 +180,7 @@ session_names = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7e), m
 luo_sessions = st.dictionaries(
     session_names,
     st.tuples(st.lists(st.integers(0, (1 << 64) - 1), max_size=70, unique=True),
-              st.sampled_from(sorted(memfd.FORMATS))),
+              st.sampled_from(sorted(registry.MEMFD_BY_COMPATIBLE))),
     max_size=60)
 
 
@@ -185,7 +190,7 @@ def _luo_roundtrip(compatible: str, number: int,
     ser: dict[str, list[LuoFile]] = {}
     for name, (tokens, handler) in sessions.items():
         # One real (empty) memfd shared by all files: only the LUO layer is under test here.
-        data = memfd.encode(handler, b"", s.memory, s.alloc)
+        data = registry.encode_memfd(handler, b"", s.memory, s.alloc)
         ser[name] = [LuoFile(0, handler, token, data) for token in tokens]
     state = luo_state(compatible, number, ser)
     ctx = DecodeContext(s.memory)

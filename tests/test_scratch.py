@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from kho_agent import cli
-from kho_agent.abi.state import ScratchArea
+from kho_agent.abi.kho_state import ScratchArea
 from kho_agent.cli import scratch as scratch_cli
 from kho_agent.errors import InvalidArgument
 from kho_agent.kernel.sysinfo import MemblockRegion, NumaNode, SysInfo, parse_cmdline

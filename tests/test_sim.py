@@ -4,6 +4,7 @@ mismatches, cross-process behaviour and an older-ABI cycle. Real memfds througho
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import json
@@ -20,10 +21,11 @@ import pytest
 
 from kho_agent.abi import KhoInput, ScratchArea, Severity, Side, decode_state
 from kho_agent.abi.compat import abi_from_payload
-from kho_agent.abi.kexec_metadata import KexecMetadata
+from kho_agent.abi.formats.kexec_metadata_v1 import KexecMetadata
+from kho_agent.abi.formats.records import LuoLimits
+from kho_agent.abi.kho_state import KhoState, scratch_roles
 from kho_agent.abi.luo_common import LuoState
 from kho_agent.abi.memfd import MemfdState
-from kho_agent.abi.state import KhoState, scratch_roles
 from kho_agent.errors import AgentError, Busy, InvalidArgument, KernelRefused, NotFound
 from kho_agent.kernel import debugfs
 from kho_agent.kernel.fsmagic import TMPFS_MAGIC, fs_magic
@@ -422,8 +424,10 @@ def test_luo_v5_chain_caps(sim: SimKernel, monkeypatch: pytest.MonkeyPatch,
                            fds: list[int]) -> None:
     """The block-chain caps (510,000 sessions, 630,000 files) give ENOSPC; the caps are lowered
     here so the test stays fast."""
-    monkeypatch.setattr(simlu, "BLOCK_MAX_SESSIONS", 3)
-    monkeypatch.setattr(simlu, "BLOCK_MAX_FILES", 2)
+    assert sim.abi.luo_format.limits == LuoLimits(510_000, 630_000, "ENOSPC", "ENOSPC",
+                                                  "10000 blocks of 51", "10000 blocks of 63")
+    lowered = dataclasses.replace(sim.abi.luo_format.limits, sessions=3, files_per_session=2)
+    monkeypatch.setattr(simlu, "luo_limits", lambda rt: lowered)
     dev = sim.host().liveupdate.open()
     s = dev.create_session("a")
     dev.create_session("b")

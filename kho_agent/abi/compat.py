@@ -23,13 +23,15 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from . import kexec_metadata, luo, memblock
+from . import luo
 from .context import Side
 from .findings import Finding, Severity, make
-from .kexec_metadata import KexecMetadata
+from .formats import kexec_metadata_v1 as kexec_metadata
+from .formats import memblock_v1 as memblock
+from .formats.kexec_metadata_v1 import KexecMetadata
+from .formats.memblock_v1 import MemblockState
+from .kho_state import KhoState
 from .luo_common import LuoState
-from .memblock import MemblockState
-from .state import KhoState
 
 
 class Verdict(enum.Enum):

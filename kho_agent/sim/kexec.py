@@ -13,9 +13,9 @@ from ..kernel.image import MAX_INPUT, ImageError, parse_image
 from . import boots, rootfs
 from . import faults as faults_mod
 from .boot import PAGE_SIZE
+from .boot_record import load, save
 from .handover import write_handover
 from .kernel import Runtime, boot_after_kexec
-from .state import load, save
 from .store import locked
 from .versions import SimAbi, check_abi
 
