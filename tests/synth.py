@@ -17,6 +17,7 @@ from kho_agent.abi.extents import Extent, ExtentMap
 from kho_agent.abi.formats import kexec_metadata_v1 as kexec_metadata
 from kho_agent.abi.formats import luo_v1, luo_v5
 from kho_agent.abi.formats import memblock_v1 as memblock
+from kho_agent.abi.formats.records import LuoVersion
 from kho_agent.abi.kho_root import encode_root
 from kho_agent.abi.kho_state import KhoInput, KhoState, ScratchArea
 from kho_agent.abi.luo_common import SESSION_SER_SIZE, LuoFile, LuoSession, LuoState
@@ -103,7 +104,7 @@ class Synth:
 
     def write_map(self, memmap: str) -> int:
         blocks = self.blocks()
-        if memmap in ("chunks-page", "chunks-512"):
+        if memmap.startswith("chunks"):  # "chunks": page-sized bitmaps, as 6.19 .. 7.0 wrote
             return encode_chunks(blocks, self.memory, self.meta_alloc, page_shift=self.page_shift,
                                  bitmap_bytes=BITMAP_512_BYTES if memmap == "chunks-512" else None)
         geom = RadixGeometry(self.page_shift, depth_plus_one=memmap == "radix")
@@ -121,6 +122,13 @@ class Synth:
         data = registry.encode_memfd(compatible, content, self.memory, self.alloc, size=size,
                                      pos=pos, seals=seals)
         return LuoFile(0, compatible, token, data)
+
+    def luo(self, fmt: LuoVersion, sessions: dict[str, list[LuoFile]], *, number: int = 3,
+            sized: bool = True) -> LuoState:
+        """A LUO subtree of any version, with every session serialized."""
+        state = luo_state(fmt.compatible, number, sessions)
+        self.place("LUO", fmt.encode(state, self.memory, self.alloc), sized=sized)
+        return state
 
     def luo_v1(self, sessions: dict[str, list[LuoFile]], *, number: int = 3,
                sized: bool = True) -> LuoState:

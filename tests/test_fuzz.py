@@ -38,7 +38,6 @@ from kho_agent.abi.fdt import (
     parse_fdt,
 )
 from kho_agent.abi.findings import CODES
-from kho_agent.abi.formats import kexec_metadata_v1 as kexec_metadata
 from kho_agent.abi.formats import luo_v1, luo_v5
 from kho_agent.abi.formats import memblock_v1 as memblock
 from kho_agent.abi.kho_root import decode_root, encode_root, recover_truncated_root
@@ -377,10 +376,22 @@ def _memory(pages: list[bytes]) -> SparseMemory:
     return mem
 
 
+COMPOSITES = ["luo-v5;block-v1", "luo-v5;flb-v1;block-v1", "luo-v5;;", "kho-v4;radix-v1",
+              "kho-v4;radix-v1;radix-v1", ";"]
+
+
+def _compat_field(version: str) -> bytes:
+    """A compatible field sized from its string, as LUO_ABI_COMPAT_LEN is."""
+    return version.encode().ljust(-(-(len(version) + 1) // 8) * 8, b"\0")
+
+
 sub_blob = st.one_of(
     st.binary(max_size=128),
     st.builds(lambda compat, words: compat + struct.pack(f"<{len(words)}Q", *words),
-              st.sampled_from([b"luo-v5\0\0", b"luo-v9\0\0", b"\x01\0\0\0", b"luo-v1\0\0"]),
+              st.sampled_from([b"luo-v5\0\0", b"luo-v9\0\0", b"\x01\0\0\0", b"luo-v1\0\0",
+                               # every LUO version the registry knows, and composite strings
+                               *(_compat_field(v) for v in registry.versions("luo")),
+                               *(_compat_field(v) for v in COMPOSITES)]),
               st.lists(_word(), max_size=8)),
     fdt_bytes,
 )
@@ -390,7 +401,7 @@ sub_blob = st.one_of(
 @given(sub_blob, st.lists(page_contents, max_size=len(POOL)), st.sampled_from(list(Side)))
 def test_subtree_decoders_raise_only_abi_errors(blob: bytes, pages: list[bytes],
                                                 side: Side) -> None:
-    for decoder in (luo.decode, memblock.decode, kexec_metadata.decode):
+    for decoder in (luo.decode, *(f.decode for f in registry.SUBTREES)):
         ctx = DecodeContext(CountingMemory(_memory(pages)), side)
         try:
             decoder(blob, ctx, "/x")
@@ -403,13 +414,18 @@ def test_subtree_decoders_raise_only_abi_errors(blob: bytes, pages: list[bytes],
 root_fdt = st.one_of(
     fdt_bytes,
     st.builds(lambda compat, memmap, subs: encode_root(compat, memmap, subs),
-              st.sampled_from(["kho-v1", "kho-v2", "kho-v3", "kho-v4"]),
+              st.sampled_from(registry.versions("kho")),
               st.sampled_from(POOL) | st.sampled_from(INTERESTING_U64),
-              st.lists(st.tuples(st.sampled_from(["LUO", "memblock", "kho_test",
-                                                  "kexec-metadata", "other"]),
+              st.lists(st.tuples(st.sampled_from([luo.SUBTREE_NAME,
+                                                  *(f.subtree_name for f in registry.SUBTREES),
+                                                  "other"]),
                                  st.sampled_from(POOL) | st.integers(0, 1 << 40),
                                  st.none() | st.integers(0, 1 << 20)),
                        max_size=4, unique_by=lambda t: t[0])),
+    # roots whose compatible is composite (reference §2.7), well formed or not
+    st.builds(lambda compat, memmap: FdtWriter().begin_node("").property_string(
+        "compatible", compat).property("preserved-memory-map", struct.pack("<Q", memmap))
+        .end_node().finish(), st.sampled_from(COMPOSITES), st.sampled_from(POOL)),
 )
 
 

@@ -27,14 +27,25 @@ from ..errors import InvalidArgument
 R = TypeVar("R")
 
 
+def _newest(family: str, among: frozenset[str] | None = None) -> str:
+    """The newest version of a family (the registry lists them oldest first), among `among`."""
+    return [v for v in registry.versions(family) if among is None or v in among][-1]
+
+
+# By default a simulated kernel speaks what the newest kernels ship (kho-v4, luo-v5, memfd-v2,
+# memblock-v1: 7.2/7.3).
+_NEWEST_KHO = _newest(KHO)
+_NEWEST_LUOS, _NEWEST_MEMFDS = registry.shipped_with(_NEWEST_KHO)
+
+
 @dataclass(frozen=True)
 class SimAbi:
     """The versions a simulated kernel speaks (check_abi() says whether one kernel could)."""
 
-    kho: str = "kho-v4"
-    luo: str = "luo-v5"
-    memfd: str = "memfd-v2"
-    memblock: str = "memblock-v1"
+    kho: str = _NEWEST_KHO
+    luo: str = _newest(LUO, _NEWEST_LUOS)
+    memfd: str = _newest(MEMFD, _NEWEST_MEMFDS)
+    memblock: str = _newest(MEMBLOCK)
 
     def to_json(self) -> dict[str, str]:
         return asdict(self)

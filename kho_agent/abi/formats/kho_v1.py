@@ -36,4 +36,7 @@ KHO_V1 = KhoRootVersion(
     radix_plus_one=False,
     writes_kexec_metadata=False,
     debugfs_fdt_truncated=False,
+    same_string_caveat=("kho-v1 changed its preserved-memory bitmaps from 512 bytes to a page "
+                        "between 6.16 and 6.19 without a new string (reference §1.3); the same "
+                        "string proves nothing across those releases"),
 )

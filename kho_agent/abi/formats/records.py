@@ -51,6 +51,8 @@ class KhoRootVersion:
     radix_plus_one: bool          # KHO_TREE_MAX_DEPTH with the `+ 1`
     writes_kexec_metadata: bool   # its kernels add the kexec-metadata subtree (7.1+)
     debugfs_fdt_truncated: bool   # debugfs out/fdt frozen at its early size (absent on KHO boot)
+    # why an equal string on both kernels does not prove an equal layout (None: it does)
+    same_string_caveat: str | None = None
     family: str = KHO
 
 
