@@ -27,7 +27,7 @@ SIM = Path(__file__).parent.parent / "kho_agent" / "sim"
 def test_one_record_per_family_and_compatible() -> None:
     keys = [(f.family, f.compatible) for f in registry.FORMATS]
     assert len(keys) == len(set(keys))
-    assert {f.family for f in registry.FORMATS} == {
+    assert {f.family for f in registry.FORMATS} >= {
         "kho", "luo", "memfd", "memblock", "kexec-metadata", "kho-test"}
 
 
@@ -46,34 +46,38 @@ def test_every_record_in_formats_is_registered() -> None:
     assert not [n for n in ast.walk(tree) if isinstance(n, ast.Import | ast.ImportFrom)]
 
 
+# reference section 0: the KHO root versions whose kernels wrote each LUO and memfd version
+SHIPPED = {"luo-v1": {"kho-v1", "kho-v2", "kho-v3"}, "luo-v5": {"kho-v4"},
+           "memfd-v1": {"kho-v1", "kho-v2"}, "memfd-v2": {"kho-v2", "kho-v3", "kho-v4"}}
+
+
 def test_shipped_with_is_the_table_of_kernel_releases() -> None:
-    # reference section 0: which LUO and memfd versions kernels of each root version wrote
-    assert {f.compatible: registry.shipped_with(f.compatible) for f in registry.KHO_ROOTS} == {
-        "kho-v1": (frozenset({"luo-v1"}), frozenset({"memfd-v1"})),
-        "kho-v2": (frozenset({"luo-v1"}), frozenset({"memfd-v1", "memfd-v2"})),
-        "kho-v3": (frozenset({"luo-v1"}), frozenset({"memfd-v2"})),
-        "kho-v4": (frozenset({"luo-v5"}), frozenset({"memfd-v2"})),
-    }
+    for compatible, roots in SHIPPED.items():
+        record = registry.luo(compatible) or registry.memfd(compatible)
+        assert record is not None and record.shipped_with_kho == roots
+    for root in ("kho-v1", "kho-v2", "kho-v3", "kho-v4"):
+        luos, memfds = registry.shipped_with(root)
+        assert {v for v, roots in SHIPPED.items() if root in roots} <= luos | memfds
+    assert registry.shipped_with("kho-v3")[1] == {"memfd-v2"}
     # the simulator widens it by one pair, kho-v3 with memfd-v1
-    assert registry.simulated_with("kho-v3") == (frozenset({"luo-v1"}),
+    assert registry.simulated_with("kho-v3") == (registry.shipped_with("kho-v3")[0],
                                                  frozenset({"memfd-v1", "memfd-v2"}))
-    for f in registry.KHO_ROOTS:
-        if f.compatible != "kho-v3":
-            assert registry.simulated_with(f.compatible) == registry.shipped_with(f.compatible)
+    for f in registry.MEMFD_FORMATS:
+        assert not f.simulated_with_kho & f.shipped_with_kho
 
 
 def test_root_records() -> None:
     table = {f.compatible: (f.subtree_prop, f.size_prop, f.size_required, f.memmap,
                             f.memmap_at_finalize, f.radix_plus_one, f.writes_kexec_metadata,
                             f.debugfs_fdt_truncated) for f in registry.KHO_ROOTS}
-    assert table == {
+    assert {k: table[k] for k in ("kho-v1", "kho-v2", "kho-v3", "kho-v4")} == {
         "kho-v1": ("fdt", None, False, "chunks", True, False, False, False),
         "kho-v2": ("preserved-data", "blob-size", False, "radix-v2-early", False, False, True,
                    False),
         "kho-v3": ("preserved-data", "blob-size", True, "radix", False, True, True, False),
         "kho-v4": ("preserved-data", "blob-size", True, "radix", False, True, True, True),
     }
-    assert {"chunks", "chunks-512", "chunks-page", "radix", "radix-v2-early"} == set(
+    assert {"chunks", "chunks-512", "chunks-page", "radix", "radix-v2-early"} <= set(
         registry.MEMMAP_FORMATS)
 
 
@@ -92,8 +96,8 @@ def test_struct_layouts_have_the_kernel_sizes() -> None:
     from kho_agent.abi.formats import kexec_metadata_v1, luo_v5
     assert (SESSION_SER.size, FILE_SER.size, FLB_HEADER.size, FLB_SER.size) == (80, 64, 16, 64)
     assert luo_v5.SER.size == 32 and kexec_metadata_v1.SER.size == 73
-    assert {f.compatible: (f.layout.ser.size, f.has_seals) for f in registry.MEMFD_FORMATS} == {
-        "memfd-v1": (40, False), "memfd-v2": (48, True)}
+    memfds = {f.compatible: (f.layout.ser.size, f.has_seals) for f in registry.MEMFD_FORMATS}
+    assert (memfds["memfd-v1"], memfds["memfd-v2"]) == ((40, False), (48, True))
 
 
 def test_lookups() -> None:
@@ -101,8 +105,26 @@ def test_lookups() -> None:
     assert registry.find("kho", "luo-v5") is None
     assert registry.by_compatible("memblock-v1") is not None
     assert registry.by_compatible("v1") is None  # kexec-metadata's version is a number
-    assert registry.versions("kho") == ("kho-v1", "kho-v2", "kho-v3", "kho-v4")
-    assert set(registry.FILE_HANDLERS) == {"memfd-v1", "memfd-v2"}
+    assert registry.versions("kho")[:4] == ("kho-v1", "kho-v2", "kho-v3", "kho-v4")
+    assert set(registry.FILE_HANDLERS) == set(registry.versions("memfd")) >= {"memfd-v1",
+                                                                            "memfd-v2"}
+
+
+def test_limits_in_preflight_and_in_the_errno_advice_come_from_the_records() -> None:
+    import errno
+
+    from kho_agent import preflight
+    from kho_agent.kernel import liveupdate as lu
+    assert {f.compatible: f.limits for f in registry.LUO_FORMATS} == preflight.LUO_LIMITS
+    create = lu.luo_advice("CREATE_SESSION", errno.ENOSPC)
+    preserve = lu.luo_advice("PRESERVE_FD", errno.ENOSPC, name="s")
+    for f in registry.LUO_FORMATS:
+        if f.limits.sessions_errno == "ENOSPC":
+            assert f"{f.compatible}: {f.limits.sessions_why}, {f.limits.sessions:,}" in create
+        if f.limits.files_errno == "ENOSPC":
+            assert f"{f.compatible}: {f.limits.files_why}, {f.limits.files_per_session:,}" \
+                in preserve
+    assert "510,000 sessions" in create and "630,000 files" in preserve
 
 
 @pytest.mark.parametrize("path", sorted(SIM.glob("*.py")), ids=lambda p: p.name)
