@@ -44,7 +44,7 @@ class Check:
 # block chains only a chain length (10000 blocks of 51 sessions / 63 files).
 LUO_LIMITS: Mapping[str, LuoLimits] = {f.compatible: f.limits for f in registry.LUO_FORMATS}
 # the version that holds the most, for the advice when a plan exceeds the running one's
-ROOMIEST_LUO = max(registry.LUO_FORMATS, key=lambda f: f.limits.sessions).compatible
+ROOMIEST_LUO = max(reversed(registry.LUO_FORMATS), key=lambda f: f.limits.sessions).compatible
 
 
 @dataclass
