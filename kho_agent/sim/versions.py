@@ -123,7 +123,9 @@ def check_abi(abi: SimAbi) -> None:
     if abi.memfd not in memfds:
         raise InvalidArgument(f"{abi.memfd!r} with a {abi.kho!r} root is not a combination the "
                               f"simulator supports; use {', '.join(sorted(memfds))}")
-    abi.memblock_format  # noqa: B018  (raises InvalidArgument for a memblock it does not speak)
+    if registry.find(MEMBLOCK, abi.memblock) is None:
+        raise InvalidArgument(f"the simulator speaks memblock "
+                              f"{', '.join(registry.versions(MEMBLOCK))}, not {abi.memblock!r}")
 
 
 def era_combinations() -> list[SimAbi]:
