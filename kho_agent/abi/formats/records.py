@@ -57,7 +57,7 @@ class KhoRootVersion:
 
 
 # luo_early_startup() of this version: the incoming liveupdate number, or why the kernel panics
-EarlyStartup = Callable[[bytes, DecodeContext], "int | str"]
+EarlyStartup = Callable[[bytes, DecodeContext], int | str]
 LuoDecoder = Callable[[bytes, DecodeContext, str], LuoState | None]
 
 
