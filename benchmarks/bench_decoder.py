@@ -29,11 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from kho_agent.abi import Severity
 from kho_agent.abi.context import Side
 from kho_agent.abi.kho_root import encode_root
+from kho_agent.abi.kho_state import KhoInput, decode_state
 from kho_agent.abi.luo_common import LuoFile, LuoSession, LuoState
-from kho_agent.abi.memfd import encode as memfd_encode
 from kho_agent.abi.memory import PageAllocator, SparseMemory
 from kho_agent.abi.radix import RadixGeometry, radix_encode, radix_walk
-from kho_agent.abi.state import KhoInput, decode_state
+from kho_agent.abi.registry import encode_memfd as memfd_encode
 
 PAGE = 4096
 GIB = 1 << 30
@@ -167,7 +167,7 @@ def figure_scattered(repeat: int, profile: bool) -> Figure:
 
 
 def figure_luo(repeat: int, profile: bool, sessions: int = 2000, files: int = 50) -> Figure:
-    from kho_agent.abi import luo_v5
+    from kho_agent.abi.formats import luo_v5
 
     mem, alloc = SparseMemory(), PageAllocator(0x1000_0000)
     first = alloc.next

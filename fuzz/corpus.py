@@ -27,18 +27,25 @@ from pathlib import Path
 
 from harness import PAGE, Scenario, selector
 
-from kho_agent.abi import kho_test, luo, memfd
+from kho_agent.abi import luo, registry
 from kho_agent.abi.block import encode_blocks, walk_blocks
 from kho_agent.abi.context import DecodeContext, Side
 from kho_agent.abi.errors import MemoryUnavailable
 from kho_agent.abi.fdt import FDT_MAGIC
-from kho_agent.abi.kho_root import ROOT_FORMATS, decode_root
+from kho_agent.abi.formats import kho_selftest_v1 as kho_test
+from kho_agent.abi.formats.records import (
+    KEXEC_METADATA,
+    KhoRootVersion,
+    LuoVersion,
+    SubtreeVersion,
+)
+from kho_agent.abi.kho_root import decode_root
+from kho_agent.abi.kho_state import KhoInput, decode_state
 from kho_agent.abi.luo_common import FILE_SER_SIZE, SESSION_SER_SIZE, LuoState
 from kho_agent.abi.memfd import MemfdState
-from kho_agent.abi.memmap import MEMMAP_FORMATS
 from kho_agent.abi.memory import PageAllocator, PhysicalMemory, SparseMemory
 from kho_agent.abi.radix import RadixGeometry, radix_encode, radix_walk
-from kho_agent.abi.state import KhoInput, decode_state
+from kho_agent.abi.registry import MEMMAP_FORMATS
 from kho_agent.abi.vmalloc import VmallocDesc, encode_vmalloc, read_area_bytes, read_vmalloc
 from kho_agent.kernel.physmem import ElfCoreMemory, write_elf_core
 
@@ -233,7 +240,7 @@ def _luo_seeds(c: Corpus, case: str, mem: PhysicalMemory, side: Side, state: Luo
               if isinstance(f.handler, MemfdState)]
     for f, handler in sorted(memfds, key=lambda pair: pair[1].nr_folios)[:6]:
         rec = RecordingMemory(mem)
-        memfd.decode(f.compatible, DecodeContext(rec, side), f.data, "/f")
+        registry.decode_memfd(f.compatible, DecodeContext(rec, side), f.data, "/f")
         variant = 0x10 if f.compatible == "memfd-v2" else 0
         c.scenario("memfd", f"{case}-{f.token:#x}",
                    Scenario(flag | variant, pages=rec.pages(), args=[f.data]))
@@ -287,19 +294,21 @@ def core_seeds(c: Corpus) -> None:
 # ----------------------------------------------------------------------------- older eras
 
 
-def _era(c: Corpus, label: str, compatible: str, memmap: str, luo_era: str, memfd_era: str,
-         page_shift: int = 12, sized: bool = True) -> None:
+def _era(c: Corpus, label: str, root: KhoRootVersion, luo_fmt: LuoVersion, memfd_era: str, *,
+         memmap: str | None = None, page_shift: int = 12, sized: bool | None = None) -> None:
+    """A state as a kernel of these versions lays it out (`memmap` and `sized` override the
+    root version's own map format and blob-size, for the shapes one version had over time)."""
+    compatible = root.compatible
+    memmap = memmap or root.memmap
+    sized = root.size_prop is not None if sized is None else sized
     s = synth.Synth(page_shift)
     content = b"kho-agent fuzz seed " * 300
     big = s.memfd_file(memfd_era, 0x1A, content, pos=17)
     holes = s.memfd_file(memfd_era, 0x1B, b"", size=3 * s.page_size + 5)
     sessions = {"vm-7": [big, holes], "idle": []}
-    if luo_era == "luo-v1":
-        s.luo_v1(sessions, number=5, sized=sized)
-    else:
-        s.luo_v5(sessions, number=5)
+    s.luo(luo_fmt, sessions, number=5, sized=sized)
     s.memblock({"kho_demo_rsv": 1 << 20}, align=1 << 20, sized=sized)
-    if compatible != "kho-v1":
+    if root.writes_kexec_metadata:
         s.kexec_metadata("7.1.0-kho", 2, sized=sized)
     inp = s.finish(compatible, memmap)
     flag = FLAG_16K if page_shift == 14 else 0
@@ -311,7 +320,7 @@ def _era(c: Corpus, label: str, compatible: str, memmap: str, luo_era: str, memf
                                         root=inp.root_fdt))
     if state.memmap_phys:
         rec = RecordingMemory(s.memory)
-        MEMMAP_FORMATS[ROOT_FORMATS[compatible].memmap](rec, state.memmap_phys, page_shift)
+        MEMMAP_FORMATS[memmap](rec, state.memmap_phys, page_shift)
         target = "chunks" if memmap.startswith("chunks") else "radix"
         variant = {"chunks-512": 0x10, "chunks-page": 0x20, "radix-v2-early": 0x10}.get(memmap, 0)
         c.scenario(target, label, Scenario(flag | variant, pages=rec.pages(),
@@ -354,20 +363,33 @@ def walker_seeds(c: Corpus) -> None:
 
 
 def era_seeds(c: Corpus) -> None:
-    _era(c, "kho-v1-chunks-page", "kho-v1", "chunks-page", "luo-v1", "memfd-v1", sized=False)
-    _era(c, "kho-v1-chunks-512", "kho-v1", "chunks-512", "luo-v1", "memfd-v1", sized=False)
-    _era(c, "kho-v2-early", "kho-v2", "radix-v2-early", "luo-v1", "memfd-v2", sized=False)
-    _era(c, "kho-v2-sized", "kho-v2", "radix-v2-early", "luo-v1", "memfd-v2")
-    _era(c, "kho-v3", "kho-v3", "radix", "luo-v1", "memfd-v2")
-    _era(c, "kho-v4", "kho-v4", "radix", "luo-v5", "memfd-v2")
-    _era(c, "kho-v4-16k", "kho-v4", "radix", "luo-v5", "memfd-v2", page_shift=14)
+    """One state per combination of versions one kernel shipped (from the registry), then the
+    shapes a version had over time that the matrix does not reach."""
+    for root in registry.KHO_ROOTS:
+        luos, memfds = registry.shipped_with(root.compatible)
+        for luo_version in sorted(luos):
+            for memfd_version in sorted(memfds):
+                _era(c, f"{root.compatible}-{luo_version}-{memfd_version}", root,
+                     registry.LUO_BY_COMPATIBLE[luo_version], memfd_version)
+    kho_v1, kho_v2 = registry.ROOT_FORMATS["kho-v1"], registry.ROOT_FORMATS["kho-v2"]
+    newest = registry.KHO_ROOTS[-1]
+    newest_luo = sorted(registry.shipped_with(newest.compatible)[0])[-1]
+    newest_memfd = sorted(registry.shipped_with(newest.compatible)[1])[-1]
+    _era(c, "kho-v1-chunks-512", kho_v1, registry.LUO_BY_COMPATIBLE["luo-v1"], "memfd-v1",
+         memmap="chunks-512")
+    _era(c, "kho-v2-early", kho_v2, registry.LUO_BY_COMPATIBLE["luo-v1"], "memfd-v2",
+         sized=False)
+    _era(c, f"{newest.compatible}-16k", newest, registry.LUO_BY_COMPATIBLE[newest_luo],
+         newest_memfd, page_shift=14)
 
 
 # ----------------------------------------------------------------------------- dictionary
 
 DICT_STRINGS = [
-    "kho-v1", "kho-v2", "kho-v3", "kho-v4", "luo-v1", "luo-v5", "luo-session-v2", "luo-flb-v1",
-    "memfd-v1", "memfd-v2", "memblock-v1", "reserve-mem-v1", "kho-test-v1",
+    # every version string the registry knows, and the further strings their kernels carry
+    *(f.compatible for f in registry.FORMATS if f.family != KEXEC_METADATA),
+    *(s for f in registry.FORMATS if isinstance(f, LuoVersion | SubtreeVersion)
+      for s in f.image_strings if s != "kexec-metadata"),
     "compatible", "preserved-memory-map", "preserved-data", "blob-size", "fdt",
     "liveupdate-number", "luo-session", "luo-session-header", "luo-flb", "luo-flb-header",
     "start", "size", "magic", "nr_folios", "folios_info", "csum", "data",

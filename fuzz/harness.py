@@ -39,19 +39,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from kho_agent.abi import kexec_metadata, kho_test, luo, memblock, memfd
+from kho_agent.abi import luo, registry
 from kho_agent.abi.block import MAX_BLOCKS, walk_blocks
 from kho_agent.abi.compat import abi_from_state
 from kho_agent.abi.context import DecodeContext, Side
 from kho_agent.abi.errors import AbiError, MemoryUnavailable
 from kho_agent.abi.fdt import parse_fdt
 from kho_agent.abi.findings import CODES, Severity
+from kho_agent.abi.formats import kexec_metadata_v1 as kexec_metadata
+from kho_agent.abi.formats import kho_selftest_v1 as kho_test
+from kho_agent.abi.formats import memblock_v1 as memblock
 from kho_agent.abi.jsonview import to_json
 from kho_agent.abi.kho_root import decode_root, recover_truncated_root
+from kho_agent.abi.kho_state import KhoInput, KhoState, ScratchArea, decode_state
 from kho_agent.abi.memmap_chunks import BITMAP_512_BYTES, chunks_walk
 from kho_agent.abi.memory import PhysicalMemory, SparseMemory
 from kho_agent.abi.radix import RadixGeometry, radix_walk
-from kho_agent.abi.state import KhoInput, KhoState, ScratchArea, decode_state
 from kho_agent.abi.vmalloc import VmallocDesc, read_area_bytes, read_vmalloc
 from kho_agent.kernel.physmem import ElfCoreMemory
 
@@ -336,7 +339,7 @@ def target_memfd(sc: Scenario) -> str:
     outcome = "ok"
     for phys in sc.args[:8] or [0]:
         try:
-            memfd.decode(compatible, ctx, phys, f"/memfd[{phys:#x}]")
+            registry.decode_memfd(compatible, ctx, phys, f"/memfd[{phys:#x}]")
         except AbiError:
             outcome = "rejected"
     check_findings(list(ctx.findings))

@@ -27,8 +27,8 @@ from .abi.compat import (
     merge,
     payload_strings,
 )
+from .abi.kho_state import ScratchArea, scratch_roles
 from .abi.luo_common import LuoState
-from .abi.state import ScratchArea, scratch_roles
 from .errors import AgentError, InvalidArgument
 from .imagestrings import ImageStrings, image_digest
 from .kernel import debugfs

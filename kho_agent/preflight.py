@@ -8,11 +8,13 @@ means prepare refuses; a warning is printed and recorded in the manifest.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from .abi import registry
 from .abi.compat import CompatReport, Verdict
 from .abi.findings import Finding
+from .abi.formats.records import LuoLimits
 from .facts import FileFacts
 from .kernel.sysinfo import SysInfo, kho_enabled, luo_enabled
 from .scratch import ScratchPlan
@@ -38,19 +40,11 @@ class Check:
                 "fix": self.fix}
 
 
-@dataclass(frozen=True)
-class LuoLimits:
-    sessions: int
-    files_per_session: int
-    errno_name: str
-
-
-# Per LUO ABI (reference §3.2, §3.4): the FDT era had fixed caps, the block chains only a
-# chain length (10000 blocks of 51 sessions / 63 files).
-LUO_LIMITS: dict[str, LuoLimits] = {
-    "luo-v1": LuoLimits(819, 128, "ENOMEM/ENOSPC"),
-    "luo-v5": LuoLimits(510_000, 630_000, "ENOSPC"),
-}
+# Per LUO ABI (reference §3.2, §3.4), from each version's record: the FDT era had fixed caps, the
+# block chains only a chain length (10000 blocks of 51 sessions / 63 files).
+LUO_LIMITS: Mapping[str, LuoLimits] = {f.compatible: f.limits for f in registry.LUO_FORMATS}
+# the version that holds the most, for the advice when a plan exceeds the running one's
+ROOMIEST_LUO = max(reversed(registry.LUO_FORMATS), key=lambda f: f.limits.sessions).compatible
 
 
 @dataclass
@@ -231,7 +225,7 @@ def _limits(i: PreflightInputs) -> Check:
         return Check("luo-limits", Tier.BLOCKER, f"{count} sessions / {widest} files in one "
                      f"session exceed {i.running_luo}'s limits ({limits.sessions} sessions, "
                      f"{limits.files_per_session} files per session: {limits.errno_name})",
-                     "spread files over fewer sessions or use a kernel with luo-v5")
+                     f"spread files over fewer sessions or use a kernel with {ROOMIEST_LUO}")
     return Check("luo-limits", Tier.OK, f"{count} session(s) within {i.running_luo}'s limits")
 
 

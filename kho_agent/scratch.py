@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .abi.state import ScratchArea
+from .abi.kho_state import ScratchArea
 from .errors import InvalidArgument
 from .kernel.crashkernel import crashkernel_sizes
 from .kernel.kexec_placement import KexecSegment, Placement, kexec_segments, place_segments

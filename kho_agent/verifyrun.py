@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from . import netstate
 from .abi import Side
-from .abi.kexec_metadata import KexecMetadata
+from .abi.formats.kexec_metadata_v1 import KexecMetadata
 from .digest import digest_fd
 from .errors import AgentError
 from .facts import KhoView, kho_view, running_abi

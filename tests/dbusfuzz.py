@@ -2364,7 +2364,7 @@ class Fuzzer:
             self.restart("unresponsive")
 
     def _sim_state(self) -> Any:
-        from kho_agent.sim.state import load
+        from kho_agent.sim.boot_record import load
 
         return load(self.host.sim_dir)
 

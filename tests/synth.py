@@ -11,15 +11,19 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from kho_agent.abi import kexec_metadata, luo_v1, luo_v5, memblock, memfd
+from kho_agent.abi import registry
 from kho_agent.abi.context import Side
 from kho_agent.abi.extents import Extent, ExtentMap
+from kho_agent.abi.formats import kexec_metadata_v1 as kexec_metadata
+from kho_agent.abi.formats import luo_v1, luo_v5
+from kho_agent.abi.formats import memblock_v1 as memblock
+from kho_agent.abi.formats.records import LuoVersion
 from kho_agent.abi.kho_root import encode_root
+from kho_agent.abi.kho_state import KhoInput, KhoState, ScratchArea
 from kho_agent.abi.luo_common import SESSION_SER_SIZE, LuoFile, LuoSession, LuoState
 from kho_agent.abi.memmap_chunks import BITMAP_512_BYTES, encode_chunks
 from kho_agent.abi.memory import PageAllocator, SparseMemory
 from kho_agent.abi.radix import RadixGeometry, radix_encode
-from kho_agent.abi.state import KhoInput, KhoState, ScratchArea
 
 DATA_START = 0x1000_0000  # preserved allocations
 META_START = 0x6000_0000  # preserved-memory map pages (chunks, bitmaps, radix nodes)
@@ -100,7 +104,7 @@ class Synth:
 
     def write_map(self, memmap: str) -> int:
         blocks = self.blocks()
-        if memmap in ("chunks-page", "chunks-512"):
+        if memmap.startswith("chunks"):  # "chunks": page-sized bitmaps, as 6.19 .. 7.0 wrote
             return encode_chunks(blocks, self.memory, self.meta_alloc, page_shift=self.page_shift,
                                  bitmap_bytes=BITMAP_512_BYTES if memmap == "chunks-512" else None)
         geom = RadixGeometry(self.page_shift, depth_plus_one=memmap == "radix")
@@ -115,9 +119,16 @@ class Synth:
     # --- subsystem helpers --------------------------------------------------------------------
     def memfd_file(self, compatible: str, token: int, content: bytes, *, size: int | None = None,
                    pos: int = 0, seals: int = 0x1) -> LuoFile:
-        data = memfd.encode(compatible, content, self.memory, self.alloc, size=size, pos=pos,
-                            seals=seals)
+        data = registry.encode_memfd(compatible, content, self.memory, self.alloc, size=size,
+                                     pos=pos, seals=seals)
         return LuoFile(0, compatible, token, data)
+
+    def luo(self, fmt: LuoVersion, sessions: dict[str, list[LuoFile]], *, number: int = 3,
+            sized: bool = True) -> LuoState:
+        """A LUO subtree of any version, with every session serialized."""
+        state = luo_state(fmt.compatible, number, sessions)
+        self.place("LUO", fmt.encode(state, self.memory, self.alloc), sized=sized)
+        return state
 
     def luo_v1(self, sessions: dict[str, list[LuoFile]], *, number: int = 3,
                sized: bool = True) -> LuoState:

@@ -40,7 +40,7 @@ from dbusrig import (
     require_run_as,
 )
 
-from kho_agent.abi.state import ScratchArea
+from kho_agent.abi.kho_state import ScratchArea
 from kho_agent.cli import bus as ctl_bus
 from kho_agent.cli.jobs import ProgressView
 from kho_agent.cli.preflight import render_report

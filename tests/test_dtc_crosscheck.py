@@ -19,12 +19,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kho_agent.abi import kho_test, luo_v1, memblock
 from kho_agent.abi.errors import AbiError, FdtTruncated
 from kho_agent.abi.fdt import FdtNode, FdtWriter, parse_fdt
-from kho_agent.abi.kho_root import ROOT_FORMATS, encode_root
+from kho_agent.abi.formats import kho_selftest_v1 as kho_test
+from kho_agent.abi.formats import luo_v1
+from kho_agent.abi.formats import memblock_v1 as memblock
+from kho_agent.abi.kho_root import encode_root
 from kho_agent.abi.luo_common import LuoFile, LuoFlb, LuoSession, LuoState
 from kho_agent.abi.memory import PageAllocator, SparseMemory
+from kho_agent.abi.registry import ROOT_FORMATS
 from kho_agent.abi.vmalloc import VmallocDesc
 
 pytestmark = pytest.mark.skipif(

@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kho_agent.abi import kexec_metadata, luo, luo_v1, luo_v5, memblock, memfd, vmalloc
+from kho_agent.abi import luo, registry, vmalloc
 from kho_agent.abi.block import MAX_BLOCKS
 from kho_agent.abi.context import DecodeContext, Side
 from kho_agent.abi.errors import AbiError
@@ -38,12 +38,14 @@ from kho_agent.abi.fdt import (
     parse_fdt,
 )
 from kho_agent.abi.findings import CODES
+from kho_agent.abi.formats import luo_v1, luo_v5
+from kho_agent.abi.formats import memblock_v1 as memblock
 from kho_agent.abi.kho_root import decode_root, encode_root, recover_truncated_root
+from kho_agent.abi.kho_state import KhoInput, KhoState, decode_state
 from kho_agent.abi.luo_common import LuoFile, LuoSession, LuoState
 from kho_agent.abi.memmap_chunks import chunks_walk
 from kho_agent.abi.memory import PageAllocator, PhysicalMemory, SparseMemory
 from kho_agent.abi.radix import RadixGeometry, radix_encode, radix_walk
-from kho_agent.abi.state import KhoInput, KhoState, decode_state
 from kho_agent.kernel.physmem import ElfCoreMemory
 
 PAGE = 4096
@@ -374,10 +376,22 @@ def _memory(pages: list[bytes]) -> SparseMemory:
     return mem
 
 
+COMPOSITES = ["luo-v5;block-v1", "luo-v5;flb-v1;block-v1", "luo-v5;;", "kho-v4;radix-v1",
+              "kho-v4;radix-v1;radix-v1", ";"]
+
+
+def _compat_field(version: str) -> bytes:
+    """A compatible field sized from its string, as LUO_ABI_COMPAT_LEN is."""
+    return version.encode().ljust(-(-(len(version) + 1) // 8) * 8, b"\0")
+
+
 sub_blob = st.one_of(
     st.binary(max_size=128),
     st.builds(lambda compat, words: compat + struct.pack(f"<{len(words)}Q", *words),
-              st.sampled_from([b"luo-v5\0\0", b"luo-v9\0\0", b"\x01\0\0\0", b"luo-v1\0\0"]),
+              st.sampled_from([b"luo-v5\0\0", b"luo-v9\0\0", b"\x01\0\0\0", b"luo-v1\0\0",
+                               # every LUO version the registry knows, and composite strings
+                               *(_compat_field(v) for v in registry.versions("luo")),
+                               *(_compat_field(v) for v in COMPOSITES)]),
               st.lists(_word(), max_size=8)),
     fdt_bytes,
 )
@@ -387,7 +401,7 @@ sub_blob = st.one_of(
 @given(sub_blob, st.lists(page_contents, max_size=len(POOL)), st.sampled_from(list(Side)))
 def test_subtree_decoders_raise_only_abi_errors(blob: bytes, pages: list[bytes],
                                                 side: Side) -> None:
-    for decoder in (luo.decode, memblock.decode, kexec_metadata.decode):
+    for decoder in (luo.decode, *(f.decode for f in registry.SUBTREES)):
         ctx = DecodeContext(CountingMemory(_memory(pages)), side)
         try:
             decoder(blob, ctx, "/x")
@@ -400,13 +414,18 @@ def test_subtree_decoders_raise_only_abi_errors(blob: bytes, pages: list[bytes],
 root_fdt = st.one_of(
     fdt_bytes,
     st.builds(lambda compat, memmap, subs: encode_root(compat, memmap, subs),
-              st.sampled_from(["kho-v1", "kho-v2", "kho-v3", "kho-v4"]),
+              st.sampled_from(registry.versions("kho")),
               st.sampled_from(POOL) | st.sampled_from(INTERESTING_U64),
-              st.lists(st.tuples(st.sampled_from(["LUO", "memblock", "kho_test",
-                                                  "kexec-metadata", "other"]),
+              st.lists(st.tuples(st.sampled_from([luo.SUBTREE_NAME,
+                                                  *(f.subtree_name for f in registry.SUBTREES),
+                                                  "other"]),
                                  st.sampled_from(POOL) | st.integers(0, 1 << 40),
                                  st.none() | st.integers(0, 1 << 20)),
                        max_size=4, unique_by=lambda t: t[0])),
+    # roots whose compatible is composite (reference §2.7), well formed or not
+    st.builds(lambda compat, memmap: FdtWriter().begin_node("").property_string(
+        "compatible", compat).property("preserved-memory-map", struct.pack("<Q", memmap))
+        .end_node().finish(), st.sampled_from(COMPOSITES), st.sampled_from(POOL)),
 )
 
 
@@ -513,7 +532,7 @@ def test_block_chain_one_over_the_kernel_limit() -> None:
 def test_vmalloc_chain_that_loops() -> None:
     mem, alloc = SparseMemory(), PageAllocator()
     data = bytes(PAGE * 4)
-    ser = memfd.encode("memfd-v2", data, mem, alloc)
+    ser = registry.encode_memfd("memfd-v2", data, mem, alloc)
     desc_first = struct.unpack_from("<Q", mem.read(ser + 32, 8))[0]
     # a full chunk whose next points at itself
     chunk = struct.pack("<Q", desc_first) + struct.pack("<Q", 0x7000_0000) * ((PAGE - 8) // 8)
@@ -549,7 +568,7 @@ def test_sessions_sharing_one_files_chain() -> None:
 def test_files_sharing_one_memfd() -> None:
     """600 files pointing at one memfd whose folio array has 40 chunks: each chunk is read once."""
     mem, alloc = SparseMemory(), PageAllocator()
-    ser = memfd.encode("memfd-v2", b"x", mem, alloc)
+    ser = registry.encode_memfd("memfd-v2", b"x", mem, alloc)
     chunks = [alloc.alloc() for _ in range(40)]
     folio_page = alloc.alloc()
     mem.write(folio_page, struct.pack("<QQ", (0x7000_0000 >> 12) | (3 << 52), 0))
@@ -572,7 +591,7 @@ def test_files_sharing_one_memfd() -> None:
 def test_memfd_folio_array_with_huge_order_is_not_read_whole() -> None:
     """A kho_vmalloc order of 40 claims 4 PiB blocks; the decoder must not ask for them."""
     mem, alloc = SparseMemory(), PageAllocator()
-    ser = memfd.encode("memfd-v2", b"x" * PAGE, mem, alloc)
+    ser = registry.encode_memfd("memfd-v2", b"x" * PAGE, mem, alloc)
     raw = bytearray(mem.read(ser, 48))
     struct.pack_into("<H", raw, 46, 40)  # kho_vmalloc.order
     mem.write(ser, bytes(raw))
@@ -780,7 +799,7 @@ def test_luo_v1_sessions_sharing_one_file_array() -> None:
     the luo-v1 form of test_sessions_sharing_one_files_chain. An array is decoded once now,
     also when the sessions point into it at different offsets."""
     mem, alloc = SparseMemory(), PageAllocator()
-    ser = memfd.encode("memfd-v2", b"x", mem, alloc)
+    ser = registry.encode_memfd("memfd-v2", b"x", mem, alloc)
     files = alloc.alloc(2 * PAGE)
     mem.write(files, b"".join(struct.pack("<48sQQ", b"memfd-v2", ser, i) for i in range(128)))
     header = alloc.alloc(16 * PAGE)

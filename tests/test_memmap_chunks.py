@@ -12,7 +12,7 @@ from kho_agent.abi import decode_state
 from kho_agent.abi import memmap_chunks as chunks
 from kho_agent.abi.errors import AbiError
 from kho_agent.abi.kho_root import encode_root
-from kho_agent.abi.memmap import MEMMAP_FORMATS
+from kho_agent.abi.kho_state import KhoInput
 from kho_agent.abi.memmap_chunks import (
     BITMAP_512_BYTES,
     ChunkEntry,
@@ -22,7 +22,7 @@ from kho_agent.abi.memmap_chunks import (
     read_chain,
 )
 from kho_agent.abi.memory import PageAllocator, SparseMemory
-from kho_agent.abi.state import KhoInput
+from kho_agent.abi.registry import MEMMAP_FORMATS
 
 PAGE = 4096
 MAP = "/preserved-memory-map"

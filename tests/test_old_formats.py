@@ -15,18 +15,20 @@ import struct
 import pytest
 from synth import DATA_START, META_START, Synth, block_set, codes, subtree_record
 
-from kho_agent.abi import ScratchArea, Side, block, decode_state, kexec_metadata, luo_v5, memfd
+from kho_agent.abi import ScratchArea, Side, block, decode_state, memfd
 from kho_agent.abi.errors import AbiError
 from kho_agent.abi.fdt import FdtTree, FdtWriter
-from kho_agent.abi.kexec_metadata import KexecMetadata
+from kho_agent.abi.formats import kexec_metadata_v1 as kexec_metadata
+from kho_agent.abi.formats import luo_v5
+from kho_agent.abi.formats.kexec_metadata_v1 import KexecMetadata
+from kho_agent.abi.formats.memblock_v1 import MemblockState
 from kho_agent.abi.kho_root import encode_root
+from kho_agent.abi.kho_state import KhoInput, KhoState
 from kho_agent.abi.luo_common import LuoFile, LuoState
-from kho_agent.abi.memblock import MemblockState
 from kho_agent.abi.memfd import MemfdState
-from kho_agent.abi.memmap import MEMMAP_FORMATS
 from kho_agent.abi.memory import PageAllocator, SparseMemory
 from kho_agent.abi.radix import RadixGeometry, radix_encode
-from kho_agent.abi.state import KhoInput, KhoState
+from kho_agent.abi.registry import MEMMAP_FORMATS
 
 PAGE = 4096
 MAP = "/preserved-memory-map"

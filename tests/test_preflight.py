@@ -27,7 +27,7 @@ from kho_agent.abi.compat import (
     compare,
 )
 from kho_agent.abi.findings import Severity, make
-from kho_agent.abi.state import ScratchArea
+from kho_agent.abi.kho_state import ScratchArea
 from kho_agent.cli import main
 from kho_agent.errors import AgentError, InvalidArgument, NotFound
 from kho_agent.facts import FileFacts, TargetFiles, file_facts, target_image

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from hypothesis import given, settings
+import pytest
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from synth import META_START, Synth, block_set, luo_state
 
-from kho_agent.abi import kexec_metadata, luo_v1, luo_v5, memblock, memfd
+from kho_agent.abi import memfd, registry
 from kho_agent.abi.block import capacity, encode_blocks, walk_blocks
 from kho_agent.abi.context import DecodeContext
 from kho_agent.abi.fdt import FdtNode, FdtWriter, parse_fdt
+from kho_agent.abi.formats import kexec_metadata_v1 as kexec_metadata
+from kho_agent.abi.formats import luo_v1, luo_v5
+from kho_agent.abi.formats import memblock_v1 as memblock
+from kho_agent.abi.formats.records import KhoRootVersion, LuoVersion
+from kho_agent.abi.kho_root import decode_root, encode_root
 from kho_agent.abi.luo_common import LuoFile, LuoState
 from kho_agent.abi.memmap_chunks import BITMAP_512_BYTES, chunks_walk, encode_chunks
 from kho_agent.abi.memory import PageAllocator, SparseMemory
@@ -136,31 +142,33 @@ def test_vmalloc_blocks_do_not_depend_on_total_pages(nblocks: int, claimed: int)
 def test_memfd_data_runs_coalesce_contiguous_folios() -> None:
     memory = SparseMemory(PAGE)
     alloc = PageAllocator(META_START, PAGE)
-    phys = memfd.encode("memfd-v2", bytes(3 * PAGE), memory, alloc)  # 3 adjacent data pages
+    # 3 adjacent data pages
+    phys = registry.encode_memfd("memfd-v2", bytes(3 * PAGE), memory, alloc)
     alloc.alloc(PAGE)
-    other = memfd.encode("memfd-v2", bytes(PAGE), memory, alloc)
+    other = registry.encode_memfd("memfd-v2", bytes(PAGE), memory, alloc)
     ctx = DecodeContext(memory)
-    state = memfd.decode("memfd-v2", ctx, phys, "/f")
+    state = registry.decode_memfd("memfd-v2", ctx, phys, "/f")
     assert state is not None and state.first_page is not None
     assert state.data_runs == [(state.first_page, 3 * PAGE)]
     refs = [(r.phys, r.length) for r in ctx.refs if r.what == "memfd data folio"]
     assert refs == [(state.first_page, 3 * PAGE)]
-    second = memfd.decode("memfd-v2", ctx, other, "/g")
+    second = registry.decode_memfd("memfd-v2", ctx, other, "/g")
     assert second is not None and second.data_runs == [(second.first_page, PAGE)]
 
 
 @FAST
-@given(st.sampled_from(sorted(memfd.FORMATS)), st.binary(max_size=3 * PAGE),
+@given(st.sampled_from(sorted(registry.MEMFD_BY_COMPATIBLE)), st.binary(max_size=3 * PAGE),
        st.integers(0, 3 * PAGE), st.integers(0, 1 << 40), st.integers(0, memfd.ALL_SEALS))
 def test_memfd(compatible: str, content: bytes, extra: int, pos: int, seals: int) -> None:
     memory = SparseMemory(PAGE)
     alloc = PageAllocator(META_START, PAGE)
     size = len(content) + extra
-    phys = memfd.encode(compatible, content, memory, alloc, size=size, pos=pos, seals=seals)
+    phys = registry.encode_memfd(compatible, content, memory, alloc, size=size, pos=pos,
+                                 seals=seals)
     ctx = DecodeContext(memory)
-    state = memfd.decode(compatible, ctx, phys, "/f")
+    state = registry.decode_memfd(compatible, ctx, phys, "/f")
     assert state is not None and ctx.findings == []
-    has_seals = memfd.FORMATS[compatible].has_seals
+    has_seals = registry.MEMFD_BY_COMPATIBLE[compatible].has_seals
     assert (state.pos, state.size, state.seals, state.nr_folios) == (
         pos, size, seals if has_seals else None, -(-size // PAGE))
     if content:
@@ -175,28 +183,26 @@ session_names = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7e), m
 luo_sessions = st.dictionaries(
     session_names,
     st.tuples(st.lists(st.integers(0, (1 << 64) - 1), max_size=70, unique=True),
-              st.sampled_from(sorted(memfd.FORMATS))),
+              st.sampled_from(sorted(registry.MEMFD_BY_COMPATIBLE))),
     max_size=60)
 
 
-def _luo_roundtrip(compatible: str, number: int,
+def _luo_roundtrip(fmt: LuoVersion, number: int,
                    sessions: dict[str, tuple[list[int], str]]) -> None:
+    compatible = fmt.compatible
     s = Synth()
     ser: dict[str, list[LuoFile]] = {}
     for name, (tokens, handler) in sessions.items():
         # One real (empty) memfd shared by all files: only the LUO layer is under test here.
-        data = memfd.encode(handler, b"", s.memory, s.alloc)
+        data = registry.encode_memfd(handler, b"", s.memory, s.alloc)
         ser[name] = [LuoFile(0, handler, token, data) for token in tokens]
     state = luo_state(compatible, number, ser)
     ctx = DecodeContext(s.memory)
-    decoded: LuoState | None
-    if compatible == luo_v1.COMPATIBLE:
-        decoded = luo_v1.decode(luo_v1.encode(state, s.memory, s.alloc), ctx, "/LUO")
-    else:
-        decoded = luo_v5.decode(luo_v5.encode(state, s.memory, s.alloc), ctx, "/LUO")
+    decoded: LuoState | None = fmt.decode(fmt.encode(state, s.memory, s.alloc), ctx, "/LUO")
     assert decoded is not None
-    # With no sessions the kernel leaves sessions_pa 0, which reads as "not serialized yet".
-    quiet = compatible == luo_v1.COMPATIBLE or sessions
+    # With no sessions a block-chain kernel leaves sessions_pa 0, which reads as "not serialized
+    # yet"; the fixed arrays are always there.
+    quiet = not fmt.sessions_in_blocks or sessions
     assert [f.code for f in ctx.findings] == ([] if quiet else ["sessions-not-serialized"])
     assert (decoded.compatible, decoded.liveupdate_number) == (compatible, number)
     assert [(x.name, x.file_count, [(f.token, f.compatible) for f in x.files])
@@ -205,17 +211,41 @@ def _luo_roundtrip(compatible: str, number: int,
         for name, (tokens, handler) in sessions.items()]
 
 
+@pytest.mark.parametrize("fmt", registry.LUO_FORMATS, ids=lambda f: f.compatible)
 @FAST
-@given(st.integers(0, (1 << 64) - 1), luo_sessions.filter(
-    lambda d: all(len(t) <= 128 for t, _ in d.values())))
-def test_luo_v1(number: int, sessions: dict[str, tuple[list[int], str]]) -> None:
-    _luo_roundtrip(luo_v1.COMPATIBLE, number, sessions)
+@given(number=st.integers(0, (1 << 64) - 1), sessions=luo_sessions)
+def test_luo(fmt: LuoVersion, number: int, sessions: dict[str, tuple[list[int], str]]) -> None:
+    """Every LUO version (luo-v1 and luo-v5 so far), within the version's own caps."""
+    assume(len(sessions) <= fmt.limits.sessions)
+    assume(all(len(t) <= fmt.limits.files_per_session for t, _ in sessions.values()))
+    _luo_roundtrip(fmt, number, sessions)
 
 
+def test_the_luo_matrix_covers_both_eras() -> None:
+    assert {f.compatible for f in registry.LUO_FORMATS} >= {luo_v1.COMPATIBLE, luo_v5.COMPATIBLE}
+
+
+# ----------------------------------------------------------------------------- KHO roots
+
+@pytest.mark.parametrize("fmt", registry.KHO_ROOTS, ids=lambda f: f.compatible)
 @FAST
-@given(st.integers(0, (1 << 64) - 1), luo_sessions)
-def test_luo_v5(number: int, sessions: dict[str, tuple[list[int], str]]) -> None:
-    _luo_roundtrip(luo_v5.COMPATIBLE, number, sessions)
+@given(blocks=block_lists())
+def test_kho_root_memory_map(fmt: KhoRootVersion, blocks: list[tuple[int, int, int]]) -> None:
+    """Every KHO root version: its map encoder and its walker agree, and its root FDT reads
+    back with the subtrees it lists (blob-size only where the version has it)."""
+    memory = SparseMemory(PAGE)
+    root = fmt.encode_memmap(blocks, memory, PageAllocator(META_START, PAGE))
+    if blocks or not fmt.memmap_at_finalize:
+        walk = fmt.walk_memmap(memory, root, 12)
+        assert walk.issues == [] and block_set(walk.extents) == block_set(blocks)
+    blob = encode_root(fmt.compatible, root, [("LUO", 0x1000, 32), ("memblock", 0x3000, 0x200)])
+    decoded = decode_root(blob)
+    assert (decoded.compatible, decoded.memmap_phys, decoded.problems) == (fmt.compatible, root,
+                                                                           [])
+    # the kernel inserts each new subnode first: the last added is listed first
+    assert [(r.name, r.phys, r.size) for r in decoded.subtrees] == [
+        ("memblock", 0x3000, 0x200 if fmt.size_prop else None),
+        ("LUO", 0x1000, 32 if fmt.size_prop else None)]
 
 
 # ----------------------------------------------------------------------------- small blobs

@@ -10,22 +10,15 @@ from typing import Any
 
 import pytest
 
-from kho_agent.abi import (
-    KhoInput,
-    KhoState,
-    Severity,
-    Side,
-    decode_state,
-    kexec_metadata,
-    kho_root,
-    kho_test,
-    luo_v5,
-    memblock,
-)
+from kho_agent.abi import KhoInput, KhoState, Severity, Side, decode_state, kho_root
 from kho_agent.abi.context import DecodeContext
+from kho_agent.abi.formats import kexec_metadata_v1 as kexec_metadata
+from kho_agent.abi.formats import kho_selftest_v1 as kho_test
+from kho_agent.abi.formats import luo_v5
+from kho_agent.abi.formats import memblock_v1 as memblock
+from kho_agent.abi.formats.memblock_v1 import MemblockState
 from kho_agent.abi.jsonview import to_json
 from kho_agent.abi.luo_common import LuoState
-from kho_agent.abi.memblock import MemblockState
 from kho_agent.abi.memfd import MemfdState
 from kho_agent.abi.memory import PageAllocator, SparseMemory
 from kho_agent.kernel.debugfs import read_snapshot
@@ -185,7 +178,7 @@ def test_truncated_debugfs_fdt_is_reported_and_recovered(samples_dir: Path) -> N
     snap = read_snapshot(str(samples_dir / "debugfs" / "stage1-3-loaded" / "out"))
     assert snap.fdt is not None and len(snap.fdt) == 233
     with ElfCoreMemory(str(samples_dir / "case-out-1" / "memory.core")) as mem:
-        from kho_agent.abi.state import ScratchArea, scratch_roles
+        from kho_agent.abi.kho_state import ScratchArea, scratch_roles
         scratch = [ScratchArea(p, n, r) for p, n, r in
                    zip(snap.scratch_phys, snap.scratch_len, scratch_roles(3), strict=True)]
         state = decode_state(KhoInput(snap.fdt, snap.sub_blobs, scratch, mem, Side.OUT))
@@ -239,7 +232,7 @@ def test_incoming_memory_map_pages_reused_is_not_an_error(samples_dir: Path) -> 
 def test_scratch_overlap_detected_on_real_map(samples_dir: Path) -> None:
     """Put a fake scratch area over the real reserve_mem region: the check must fire."""
     snap = read_snapshot(str(samples_dir / "case-out-1"))
-    from kho_agent.abi.state import ScratchArea
+    from kho_agent.abi.kho_state import ScratchArea
     with ElfCoreMemory(str(samples_dir / "case-out-1" / "memory.core")) as mem:
         state = decode_state(KhoInput(snap.fdt, snap.sub_blobs,
                                       [ScratchArea(0x7C000000, 0x1000000, "global")], mem,

@@ -14,7 +14,7 @@ from test_image import bzimage_header
 from test_kho_scratch import REGIONS
 
 from kho_agent import cli
-from kho_agent.abi.state import ScratchArea
+from kho_agent.abi.kho_state import ScratchArea
 from kho_agent.cli import scratch as scratch_cli
 from kho_agent.errors import InvalidArgument
 from kho_agent.kernel.kho_scratch import (

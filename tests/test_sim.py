@@ -4,6 +4,7 @@ mismatches, cross-process behaviour and an older-ABI cycle. Real memfds througho
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import json
@@ -18,12 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from kho_agent.abi import KhoInput, ScratchArea, Severity, Side, decode_state
+from kho_agent.abi import KhoInput, ScratchArea, Severity, Side, decode_state, registry
 from kho_agent.abi.compat import abi_from_payload
-from kho_agent.abi.kexec_metadata import KexecMetadata
+from kho_agent.abi.formats.kexec_metadata_v1 import KexecMetadata
+from kho_agent.abi.formats.records import LuoLimits
+from kho_agent.abi.kho_state import KhoState, scratch_roles
 from kho_agent.abi.luo_common import LuoState
 from kho_agent.abi.memfd import MemfdState
-from kho_agent.abi.state import KhoState, scratch_roles
 from kho_agent.errors import AgentError, Busy, InvalidArgument, KernelRefused, NotFound
 from kho_agent.kernel import debugfs
 from kho_agent.kernel.fsmagic import TMPFS_MAGIC, fs_magic
@@ -33,9 +35,10 @@ from kho_agent.kernel.kexec import load_named
 from kho_agent.kernel.kho_scratch import ScratchParam, ScratchSizes
 from kho_agent.kernel.params import kstrtobool
 from kho_agent.kernel.physmem import ElfCoreMemory
-from kho_agent.sim import SimAbi, SimKernel
+from kho_agent.sim import SimAbi, SimKernel, check_abi
 from kho_agent.sim import boot as simboot
 from kho_agent.sim import liveupdate as simlu
+from kho_agent.sim.versions import era_combinations
 
 F_SEAL_SEAL, F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_WRITE = 0x1, 0x2, 0x4, 0x8
 PAGE = 4096
@@ -423,8 +426,10 @@ def test_luo_v5_chain_caps(sim: SimKernel, monkeypatch: pytest.MonkeyPatch,
                            fds: list[int]) -> None:
     """The block-chain caps (510,000 sessions, 630,000 files) give ENOSPC; the caps are lowered
     here so the test stays fast."""
-    monkeypatch.setattr(simlu, "BLOCK_MAX_SESSIONS", 3)
-    monkeypatch.setattr(simlu, "BLOCK_MAX_FILES", 2)
+    assert sim.abi.luo_format.limits == LuoLimits(510_000, 630_000, "ENOSPC", "ENOSPC",
+                                                  "10000 blocks of 51", "10000 blocks of 63")
+    lowered = dataclasses.replace(sim.abi.luo_format.limits, sessions=3, files_per_session=2)
+    monkeypatch.setattr(simlu, "luo_limits", lambda rt: lowered)
     dev = sim.host().liveupdate.open()
     s = dev.create_session("a")
     dev.create_session("b")
@@ -786,6 +791,42 @@ def test_older_abi_cycle_kho_v3_luo_v1_memfd_v1(tmp_path: Path, fds: list[int]) 
     fd = new.host().liveupdate.open().retrieve_session("a").retrieve_fd(5)
     fds.append(fd)
     assert os.pread(fd, 7000, 0) == b"old era" * 1000 and os.lseek(fd, 0, os.SEEK_CUR) == 9
+
+
+@pytest.mark.parametrize("abi", era_combinations(), ids=lambda a: f"{a.kho}-{a.luo}-{a.memfd}")
+def test_every_era_carries_a_memfd_through_a_live_update(tmp_path: Path, fds: list[int],
+                                                         abi: SimAbi) -> None:
+    """Each combination of versions the simulator speaks (from the format records): a session
+    with a memfd goes through a kexec into a kernel of the same versions and comes back."""
+    sim = SimKernel.create(tmp_path, abi=abi)
+    m = memfd(b"era " * 2000)
+    os.lseek(m, 3, os.SEEK_SET)
+    fds.append(m)
+    sim.host().liveupdate.open().create_session("a").preserve_fd(m, 7)
+    out = decode(sim.host(), "out")
+    assert errors(out) == [] and out.compatible == abi.kho
+    scratch = [(s.phys, s.size) for s in sim.state.scratch]
+    new = kexec(sim)
+    assert new.state.kho_boot and new.panics == [] and new.abi == abi
+    handed = decode_handover(sim.directory, scratch)
+    shipped = abi.memfd in registry.shipped_with(abi.kho)[1]
+    assert [e.split()[0] for e in errors(handed)] == ([] if shipped else ["compatible-mismatch"])
+    luo = subtree(handed, "LUO")
+    assert isinstance(luo, LuoState) and luo.compatible == abi.luo
+    assert [(f.compatible, f.token) for f in luo.sessions[0].files] == [(abi.memfd, 7)]
+    assert errors(decode(new.host(), "in")) == []
+    fd = new.host().liveupdate.open().retrieve_session("a").retrieve_fd(7)
+    fds.append(fd)
+    assert os.pread(fd, 8000, 0) == b"era " * 2000 and os.lseek(fd, 0, os.SEEK_CUR) == 3
+
+
+def test_the_era_matrix_is_the_shipped_table_plus_one_simulated_pair() -> None:
+    eras = {(a.kho, a.luo, a.memfd) for a in era_combinations()}
+    assert eras >= {("kho-v1", "luo-v1", "memfd-v1"), ("kho-v2", "luo-v1", "memfd-v1"),
+                    ("kho-v2", "luo-v1", "memfd-v2"), ("kho-v3", "luo-v1", "memfd-v1"),
+                    ("kho-v3", "luo-v1", "memfd-v2"), ("kho-v4", "luo-v5", "memfd-v2")}
+    for abi in era_combinations():
+        check_abi(abi)
 
 
 def test_kho_v1_era_writes_the_map_at_finalize(tmp_path: Path, fds: list[int]) -> None:

@@ -31,7 +31,7 @@ from gi.repository import GLib
 from test_sim import decode
 
 from kho_agent.abi import Severity
-from kho_agent.abi.state import KhoState
+from kho_agent.abi.kho_state import KhoState
 from kho_agent.errors import NotFound
 from kho_agent.kernel.host import Host
 from kho_agent.kernel.kexec import load_named

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from kho_agent.abi import KhoInput, KhoState, Severity, Side, decode_state
-from kho_agent.abi.kexec_metadata import KexecMetadata
+from kho_agent.abi.formats.kexec_metadata_v1 import KexecMetadata
+from kho_agent.abi.kho_state import ScratchArea, scratch_roles
 from kho_agent.abi.luo_common import LuoState
-from kho_agent.abi.state import ScratchArea, scratch_roles
 from kho_agent.kernel.debugfs import read_snapshot
 
 CASE = Path(__file__).resolve().parent / "data" / "vm-samples" / "7.3-rc7-guest"

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 from .context import DecodeContext, Side
 
 if TYPE_CHECKING:
+    from .kho_state import ScratchArea
     from .memmap import MemoryMapWalk
-    from .state import ScratchArea
 
 MAX_REPORTED = 32  # per check; the rest is summarised so a broken state stays readable
 MAP_PATH = "/preserved-memory-map"

@@ -23,13 +23,15 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from . import kexec_metadata, luo, memblock
+from . import luo, registry
 from .context import Side
 from .findings import Finding, Severity, make
-from .kexec_metadata import KexecMetadata
+from .formats import kexec_metadata_v1 as kexec_metadata
+from .formats import memblock_v1 as memblock
+from .formats.kexec_metadata_v1 import KexecMetadata
+from .formats.memblock_v1 import MemblockState
+from .kho_state import KhoState
 from .luo_common import LuoState
-from .memblock import MemblockState
-from .state import KhoState
 
 
 class Verdict(enum.Enum):
@@ -70,9 +72,6 @@ METADATA_MISMATCH = ("the next kernel ignores the kexec metadata with a warning 
                      "release or kexec count after the update)")
 METADATA_MISSING = ("the target kernel does not read kexec metadata: no previous release or "
                     "kexec count after the update (harmless)")
-KHO_V1_CAVEAT = ("kho-v1 changed its preserved-memory bitmaps from 512 bytes to a page between "
-                 "6.16 and 6.19 without a new string (reference §1.3); the same string proves "
-                 "nothing across those releases")
 
 
 @dataclass(frozen=True)
@@ -98,7 +97,8 @@ HANDLER_PREFIX = "handler:"
 CONTRACTS: tuple[Contract, ...] = (
     Contract("kho-root", "KHO root", r"kho-v\d+(?:;[a-z0-9_-]+)*", None, Impact.FATAL,
              KHO_ROOT_MISMATCH, KHO_ROOT_MISSING, always=True,
-             same_string_caveats=(("kho-v1", KHO_V1_CAVEAT),)),
+             same_string_caveats=tuple((f.compatible, f.same_string_caveat)
+                                       for f in registry.KHO_ROOTS if f.same_string_caveat)),
     Contract("luo", "LUO", r"luo-v\d+[a-z0-9_;-]*", "kho-root", Impact.FATAL,
              LUO_MISMATCH, LUO_MISSING, always=True),
     Contract("luo-session", "LUO sessions (luo-v1 FDT)", r"luo-session-v\d+", "luo",

@@ -34,6 +34,12 @@ CODES: dict[str, tuple[Severity, str]] = {
     # structure and versions
     "compatible-unknown": (Severity.ERROR, "a compatible string or version this decoder does not know"),
     "compatible-mismatch": (Severity.ERROR, "a compatible string that disagrees with its container"),
+    # composite compatible strings ("base;sub-a;sub-b", abi/composite.py): one per component
+    "compatible-component-known": (Severity.INFO, "a component of a composite compatible string this decoder knows"),
+    "compatible-component-unknown": (Severity.ERROR, "a component of a composite compatible string this decoder does not know"),
+    "compatible-component-unsorted": (Severity.ERROR, "composite sub-components out of their strict alphabetical order"),
+    "compatible-component-duplicate": (Severity.ERROR, "a composite compatible string names a component twice"),
+    "compatible-component-empty": (Severity.ERROR, "a composite compatible string has an empty component"),
     "property-missing": (Severity.ERROR, "a required property is absent"),
     "property-malformed": (Severity.ERROR, "a property has the wrong size or an impossible value"),
     "blob-malformed": (Severity.ERROR, "a blob or structure could not be decoded"),

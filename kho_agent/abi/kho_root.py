@@ -1,4 +1,5 @@
-"""The KHO root FDT, one contract per compatible string (include/linux/kho/abi/kexec_handover.h).
+"""The KHO root FDT, read and written per the root version's record (formats/kho_vN.py;
+include/linux/kho/abi/kexec_handover.h).
 
     / { compatible = "kho-vN"; preserved-memory-map = <u64 phys>;
         <subtree> { fdt = <u64 phys>; };                                   // kho-v1
@@ -13,29 +14,11 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from . import registry
 from .errors import AbiError
 from .fdt import FDT_BEGIN_NODE, FDT_NOP, FDT_PROP, FdtTree, FdtWriter, check_header, parse_fdt
 
 MEMMAP_PROP = "preserved-memory-map"
-
-
-@dataclass(frozen=True)
-class KhoRootFormat:
-    compatible: str
-    subtree_prop: str        # property holding the subtree's physical address
-    size_prop: str | None    # property holding its size, when the format has one
-    size_required: bool
-    memmap: str              # key into memmap.MEMMAP_FORMATS
-    releases: str
-
-
-ROOT_FORMATS: dict[str, KhoRootFormat] = {f.compatible: f for f in (
-    KhoRootFormat("kho-v1", "fdt", None, False, "chunks", "6.16 .. 7.0"),
-    # 7.1 shipped kho-v2 first without blob-size, then with it (2026-04-18): both decode.
-    KhoRootFormat("kho-v2", "preserved-data", "blob-size", False, "radix-v2-early", "7.1"),
-    KhoRootFormat("kho-v3", "preserved-data", "blob-size", True, "radix", "7.1 .. 7.2-rc1"),
-    KhoRootFormat("kho-v4", "preserved-data", "blob-size", True, "radix", "7.2 .. 7.3"),
-)}
 
 
 @dataclass
@@ -72,7 +55,7 @@ def decode_root(blob: bytes) -> KhoRoot:
         compatible = ""
     else:
         compatible = compat_raw.split(b"\0")[0].decode("ascii", errors="backslashreplace")
-    fmt = ROOT_FORMATS.get(compatible)
+    fmt = registry.kho_root(compatible)
     memmap_raw = fdt.root.prop(MEMMAP_PROP)
     memmap = _u64(memmap_raw)
     if memmap_raw is None:
@@ -151,7 +134,7 @@ def recover_truncated_root(prefix: bytes) -> KhoRoot | None:
     if compat is None or not compat.endswith(b"\0") or memmap is None or len(memmap) != 8:
         return None
     compatible = compat[:-1].decode("ascii", errors="backslashreplace")
-    if compatible not in ROOT_FORMATS:
+    if registry.kho_root(compatible) is None:
         return None
     return KhoRoot(compatible, _u64(memmap), [], totalsize, [], recovered=True)
 
@@ -161,7 +144,7 @@ def encode_root(compatible: str, memmap_phys: int,
     """The root FDT as the kernel leaves it: written sequentially at boot, then one
     fdt_open_into/fdt_add_subnode/fdt_setprop/fdt_pack round per kho_add_subtree() call, in the
     order given (the kernel inserts each new subnode first, so the last added is listed first)."""
-    fmt = ROOT_FORMATS.get(compatible)
+    fmt = registry.kho_root(compatible)
     if fmt is None:
         raise AbiError(f"no KHO root format {compatible!r}")
     w = FdtWriter().begin_node("").property_string("compatible", compatible)

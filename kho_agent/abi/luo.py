@@ -1,36 +1,40 @@
-"""The `LUO` KHO subtree: pick the era's decoder from the blob itself.
+"""The `LUO` KHO subtree: pick the version's record from the blob itself.
 
-Up to 7.1 the blob is an FDT (`luo-v1`, see luo_v1.py); from 7.2 it is a raw `struct luo_ser` whose
-first bytes are the compatible string (`luo-v5`, see luo_v5.py). Future raw versions land in
-RAW_FORMATS beside it.
+Up to 7.1 the blob is an FDT (`luo-v1`); from 7.2 it is a raw `struct luo_ser` whose first bytes
+are the compatible string (`luo-v5`). Each version is a record in registry.LUO_FORMATS.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-from . import luo_v1, luo_v5
+from . import composite, registry
 from .context import DecodeContext, Side, cstr
 from .fdt import FDT_MAGIC
 from .luo_common import LuoState
 
 SUBTREE_NAME = "LUO"
-
-RawDecoder = Callable[[bytes, DecodeContext, str], LuoState | None]
-RAW_FORMATS: dict[str, RawDecoder] = {luo_v5.COMPATIBLE: luo_v5.decode}
-KNOWN = sorted([*RAW_FORMATS, luo_v1.COMPATIBLE])
+# The raw compatible field is sized from its string (ALIGN(sizeof, 8)); a composite string is
+# read up to its NUL within this many bytes.
+MAX_COMPAT_LEN = 64
+MISMATCH = "a kernel that speaks another LUO version panics at boot on it"
 
 
 def decode(blob: bytes, ctx: DecodeContext, path: str) -> LuoState | None:
     if len(blob) >= 4 and int.from_bytes(blob[:4], "big") == FDT_MAGIC:
-        return luo_v1.decode(blob, ctx, path)
+        fdt_era = next((f for f in registry.LUO_FORMATS if f.blob_is_fdt), None)
+        if fdt_era is not None:
+            return fdt_era.decode(blob, ctx, path)
     head, _ = cstr(blob[:8])
-    if head in RAW_FORMATS:
-        return RAW_FORMATS[head](blob, ctx, path)
+    for fmt in registry.LUO_FORMATS:
+        if not fmt.blob_is_fdt and head == fmt.compatible:
+            return fmt.decode(blob, ctx, path)
     if head.startswith("luo-"):
+        full, _ = cstr(blob[:MAX_COMPAT_LEN])
+        if composite.is_composite(full):
+            composite.findings(ctx, path, full, "LUO", MISMATCH)
+            return None
+        known = ", ".join(sorted(registry.versions("luo")))
         ctx.add("compatible-unknown", path,
-                f"LUO compatible {head!r} is unknown to this decoder (known: {', '.join(KNOWN)}); "
-                "a kernel that speaks another LUO version panics at boot on it")
+                f"LUO compatible {head!r} is unknown to this decoder (known: {known}); {MISMATCH}")
         return None
     if ctx.side is Side.IN:
         ctx.add("luo-blob-freed", path,

@@ -13,18 +13,35 @@ block chains. Both end up as the same records, checked by the same rules.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from .context import DecodeContext, cstr
-from .handlers import FILE_HANDLERS
+from .structs import layout
 
 SESSION_NAME_LENGTH = 64
 HNDL_COMPAT_LENGTH = 48
 FLB_COMPAT_LENGTH = 48
-SESSION_SER_SIZE = 80
-FILE_SER_SIZE = 64
-FLB_HEADER_SIZE = 16
-FLB_SER_SIZE = 64
+SESSION_SER = layout("<64sQQ", 80)   # luo_session_ser
+FILE_SER = layout("<48sQQ", 64)      # luo_file_ser
+FLB_HEADER = layout("<QQ", 16)       # luo_flb_header_ser
+FLB_SER = layout("<48sQQ", 64)       # luo_flb_ser
+SESSION_SER_SIZE = SESSION_SER.size
+FILE_SER_SIZE = FILE_SER.size
+FLB_HEADER_SIZE = FLB_HEADER.size
+FLB_SER_SIZE = FLB_SER.size
+
+# A file handler's decoder takes (ctx, luo_file_ser.data, path) and returns its record (memfd:
+# MemfdState), or None when nothing could be read.
+FileDecoder = Callable[[DecodeContext, int, str], object | None]
+
+
+def file_handlers() -> Mapping[str, FileDecoder]:
+    """The file handlers of the registry, by compatible; a LUO decode takes them once. Imported
+    here, at call time: the registry imports every format module, and the LUO ones import this
+    module."""
+    from .registry import FILE_HANDLERS
+    return FILE_HANDLERS
 
 
 @dataclass(slots=True)
@@ -86,18 +103,19 @@ def unpack_session(ctx: DecodeContext, raw: bytes, base: str, index: int) -> Luo
     return LuoSession(name, count, files)
 
 
-def unpack_file(ctx: DecodeContext, raw: bytes, spath: str, index: int) -> LuoFile:
+def unpack_file(ctx: DecodeContext, raw: bytes, spath: str, index: int,
+                handlers: Mapping[str, FileDecoder]) -> LuoFile:
     compatible, had_nul = cstr(raw[:HNDL_COMPAT_LENGTH])
     data, token = struct.unpack_from("<QQ", raw, HNDL_COMPAT_LENGTH)
     f = LuoFile(index, compatible, token, data)
     fpath = f"{spath}/file[{token:#x}]"  # file_path() inlined: this runs for every file
     if not had_nul:
         ctx.add("name-unterminated", fpath, "file handler compatible has no NUL in its 48 bytes")
-    decoder = FILE_HANDLERS.get(compatible)
+    decoder = handlers.get(compatible)
     if decoder is None:
         ctx.add("handler-unknown", fpath,
                 f"file handler {compatible!r} is unknown to this decoder (known: "
-                f"{', '.join(sorted(FILE_HANDLERS))}); a kernel without that handler fails "
+                f"{', '.join(sorted(handlers))}); a kernel without that handler fails "
                 "every open of /dev/liveupdate with EIO")
     else:
         f.handler = decoder(ctx, data, fpath)
@@ -166,15 +184,15 @@ def decode_flbs(ctx: DecodeContext, state: LuoState, phys: int, base: str) -> No
 
 
 def pack_session(s: LuoSession) -> bytes:
-    return struct.pack("<64sQQ", s.name.encode(), s.files_phys, s.file_count)
+    return SESSION_SER.pack(s.name.encode(), s.files_phys, s.file_count)
 
 
 def pack_file(f: LuoFile) -> bytes:
-    return struct.pack("<48sQQ", f.compatible.encode(), f.data, f.token)
+    return FILE_SER.pack(f.compatible.encode(), f.data, f.token)
 
 
 def pack_flbs(flbs: list[LuoFlb], page_size: int) -> bytes:
-    out = bytearray(struct.pack("<QQ", 1, len(flbs)))
+    out = bytearray(FLB_HEADER.pack(1, len(flbs)))
     for flb in flbs:
-        out += struct.pack("<48sQQ", flb.name.encode(), flb.data, flb.count)
+        out += FLB_SER.pack(flb.name.encode(), flb.data, flb.count)
     return bytes(out.ljust(page_size, b"\0"))

@@ -18,7 +18,6 @@ from array import array
 from dataclasses import dataclass, field
 
 from .context import DecodeContext, MemRef
-from .errors import AbiError
 from .memory import PageAllocator, SparseMemory
 from .vmalloc import VmallocDesc, encode_vmalloc, read_vmalloc
 
@@ -31,16 +30,16 @@ MAX_FOLIO_PAGES = 1 << 10  # a folio spans at most 2^MAX_PAGE_ORDER pages (x86-6
 
 
 @dataclass(frozen=True)
-class MemfdFormat:
+class MemfdLayout:
+    """One memfd_luo_ser version's layout (its record is formats/memfd_vN.py)."""
+
     compatible: str
-    ser_size: int
-    has_seals: bool
+    ser: struct.Struct  # the whole memfd_luo_ser, its kho_vmalloc descriptor included
+    has_seals: bool     # u32 seals; u32 flags after size
 
-
-FORMATS: dict[str, MemfdFormat] = {
-    "memfd-v1": MemfdFormat("memfd-v1", 40, False),
-    "memfd-v2": MemfdFormat("memfd-v2", 48, True),
-}
+    @property
+    def ser_size(self) -> int:
+        return self.ser.size
 
 
 @dataclass(slots=True)
@@ -60,8 +59,8 @@ class MemfdState:
     complete: bool = True
 
 
-def decode(compatible: str, ctx: DecodeContext, phys: int, path: str) -> MemfdState | None:
-    fmt = FORMATS[compatible]
+def decode(fmt: MemfdLayout, ctx: DecodeContext, phys: int, path: str) -> MemfdState | None:
+    compatible = fmt.compatible
     if phys == 0 or phys % 8:
         ctx.add("misaligned", path, f"{compatible}: memfd_luo_ser address {phys:#x} is invalid")
         return None
@@ -71,11 +70,10 @@ def decode(compatible: str, ctx: DecodeContext, phys: int, path: str) -> MemfdSt
         return None
     # one unpack for the header and its kho_vmalloc descriptor (this runs for every memfd)
     if fmt.has_seals:
-        pos, size, seals, flags, nr_folios, first, total, vflags, order = struct.unpack_from(
-            "<QQIIQQIHH", raw, 0)
+        pos, size, seals, flags, nr_folios, first, total, vflags, order = fmt.ser.unpack_from(
+            raw, 0)
     else:
-        pos, size, nr_folios, first, total, vflags, order = struct.unpack_from(
-            "<QQQQIHH", raw, 0)
+        pos, size, nr_folios, first, total, vflags, order = fmt.ser.unpack_from(raw, 0)
         seals = flags = None
     desc = VmallocDesc(first, total, vflags, order)
     state = MemfdState(compatible, pos, size, seals, flags, nr_folios, desc)
@@ -170,13 +168,10 @@ def _decode_folios(ctx: DecodeContext, state: MemfdState, path: str) -> None:
                 f"has {npages} pages ({state.size} bytes); the tail would be lost")
 
 
-def encode(compatible: str, content: bytes, memory: SparseMemory, alloc: PageAllocator, *,
+def encode(fmt: MemfdLayout, content: bytes, memory: SparseMemory, alloc: PageAllocator, *,
            size: int | None = None, pos: int = 0, seals: int = 0x1) -> int:
     """Preserve a memfd holding `content` (zero-filled up to `size`), as memfd_luo_preserve()
     does: every page gets an order-0 folio, holes included. Returns the memfd_luo_ser address."""
-    fmt = FORMATS.get(compatible)
-    if fmt is None:
-        raise AbiError(f"no memfd format {compatible!r}")
     ps = memory.page_size
     size = len(content) if size is None else size
     npages = -(-size // ps)
@@ -188,9 +183,10 @@ def encode(compatible: str, content: bytes, memory: SparseMemory, alloc: PageAll
         folios += struct.pack("<QQ", word, index)
     desc = encode_vmalloc(bytes(folios), memory, alloc) if npages else VmallocDesc(0, 0, 0, 0)
     ser_phys = alloc.alloc(fmt.ser_size)
+    vmalloc = (desc.first, desc.total_pages, desc.flags, desc.order)
     if fmt.has_seals:
-        raw = struct.pack("<QQIIQ", pos, size, seals, 0, npages) + desc.pack()
+        raw = fmt.ser.pack(pos, size, seals, 0, npages, *vmalloc)
     else:
-        raw = struct.pack("<QQQ", pos, size, npages) + desc.pack()
+        raw = fmt.ser.pack(pos, size, npages, *vmalloc)
     memory.write(ser_phys, raw)
     return ser_phys

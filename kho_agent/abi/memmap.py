@@ -1,7 +1,8 @@
-"""The preserved-memory map, whatever its format: what a walk found, and the format registry.
+"""The preserved-memory map, whatever its format: what a walk found, and the walker's shape.
 
 `kho-v1` roots point at a linked list of `khoser_mem_chunk` pages (two bitmap sizes under one
-compatible string); `kho-v2` and later point at a radix tree. Each walker returns a MemoryMapWalk.
+compatible string); `kho-v2` and later point at a radix tree. Each walker returns a MemoryMapWalk;
+the walkers are listed by name in registry.MEMMAP_FORMATS, and each KHO root record names its own.
 """
 
 from __future__ import annotations
@@ -31,13 +32,5 @@ class MemoryMapWalk:
     missing_pages: list[int] = field(default_factory=list)  # map pages the source lacked
 
 
-# format name -> walker(memory, root, page_shift)
+# walker(memory, root, page_shift)
 MapWalker = Callable[[PhysicalMemory, int, int], MemoryMapWalk]
-MEMMAP_FORMATS: dict[str, MapWalker] = {}
-
-
-def register(name: str) -> Callable[[MapWalker], MapWalker]:
-    def add(walker: MapWalker) -> MapWalker:
-        MEMMAP_FORMATS[name] = walker
-        return walker
-    return add

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from .errors import AbiError, MemoryUnavailable
 from .extents import Extent, ExtentMap
-from .memmap import MapIssue, MemoryMapWalk, register
+from .memmap import MapIssue, MemoryMapWalk
 from .memory import PageAllocator, PhysicalMemory, SparseMemory
 from .radix import _bit_runs
 
@@ -238,18 +238,15 @@ def chunks_walk(memory: PhysicalMemory, root: int, page_shift: int = 12,
     return walk
 
 
-@register("chunks")
-def _walk_chunks(memory: PhysicalMemory, root: int, page_shift: int) -> MemoryMapWalk:
+def walk_chunks(memory: PhysicalMemory, root: int, page_shift: int) -> MemoryMapWalk:
     return chunks_walk(memory, root, page_shift)
 
 
-@register(FORMAT_512)
-def _walk_chunks_512(memory: PhysicalMemory, root: int, page_shift: int) -> MemoryMapWalk:
+def walk_chunks_512(memory: PhysicalMemory, root: int, page_shift: int) -> MemoryMapWalk:
     return chunks_walk(memory, root, page_shift, BITMAP_512_BYTES)
 
 
-@register(FORMAT_PAGE)
-def _walk_chunks_page(memory: PhysicalMemory, root: int, page_shift: int) -> MemoryMapWalk:
+def walk_chunks_page(memory: PhysicalMemory, root: int, page_shift: int) -> MemoryMapWalk:
     return chunks_walk(memory, root, page_shift, 1 << page_shift)
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from .errors import AbiError, MemoryUnavailable
 from .extents import ExtentMap
-from .memmap import MapIssue, MemoryMapWalk, register
+from .memmap import MapIssue, MemoryMapWalk
 from .memory import PageAllocator, PhysicalMemory, SparseMemory
 
 U64_MASK = (1 << 64) - 1
@@ -190,15 +190,22 @@ def radix_walk(memory: PhysicalMemory, root: int, geom: RadixGeometry | None = N
     return result
 
 
-@register("radix")
-def _walk_radix(memory: PhysicalMemory, root: int, page_shift: int) -> MemoryMapWalk:
+def walk_radix(memory: PhysicalMemory, root: int, page_shift: int) -> MemoryMapWalk:
     return radix_walk(memory, root, RadixGeometry(page_shift, depth_plus_one=True))
 
 
-@register("radix-v2-early")
-def _walk_radix_early(memory: PhysicalMemory, root: int, page_shift: int) -> MemoryMapWalk:
+def walk_radix_early(memory: PhysicalMemory, root: int, page_shift: int) -> MemoryMapWalk:
     """The first kho-v2 header computed the depth without the `+ 1` (differs at 16 KiB pages)."""
     return radix_walk(memory, root, RadixGeometry(page_shift, depth_plus_one=False))
+
+
+def encode_radix_map(blocks: Iterable[tuple[int, int, int]], memory: SparseMemory,
+                     alloc: PageAllocator, page_shift: int = 12, *,
+                     depth_plus_one: bool = True) -> int:
+    """radix_encode() with the depth formula of one root version (a KHO root record's map
+    encoder)."""
+    return radix_encode(blocks, memory, alloc, RadixGeometry(page_shift,
+                                                             depth_plus_one=depth_plus_one))
 
 
 def radix_encode(blocks: Iterable[tuple[int, int, int]], memory: SparseMemory,

@@ -7,7 +7,7 @@ import os
 from contextlib import ExitStack
 
 from ..abi import KhoInput, ScratchArea, Side
-from ..abi.state import scratch_roles
+from ..abi.kho_state import scratch_roles
 from ..errors import NotFound, PermissionDenied
 from ..kernel import debugfs
 from ..kernel.physmem import KCORE_PATH, ElfCoreMemory

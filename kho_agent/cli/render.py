@@ -7,10 +7,10 @@ from typing import Any
 
 from ..abi import KhoState, Severity
 from ..abi.extents import ExtentMap
-from ..abi.kexec_metadata import KexecMetadata
-from ..abi.kho_test import KhoTestState
+from ..abi.formats.kexec_metadata_v1 import KexecMetadata
+from ..abi.formats.kho_selftest_v1 import KhoTestState
+from ..abi.formats.memblock_v1 import MemblockState
 from ..abi.luo_common import LuoState
-from ..abi.memblock import MemblockState
 from ..abi.memfd import MemfdState
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..abi.jsonview import to_json
-from ..abi.state import ScratchArea, scratch_roles
+from ..abi.kho_state import ScratchArea, scratch_roles
 from ..errors import AgentError, InvalidArgument
 from ..kernel import debugfs
 from ..kernel.callerfile import RegularFile, open_regular

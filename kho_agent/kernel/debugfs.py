@@ -22,7 +22,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 
-from ..abi.state import MAX_SIZED_BLOB
+from ..abi.kho_state import MAX_SIZED_BLOB
 from ..errors import AgentError, InvalidArgument, NotFound, PermissionDenied
 from .callerfile import file_kind, open_regular
 

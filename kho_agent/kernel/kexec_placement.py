@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..abi.state import ScratchArea
+from ..abi.kho_state import ScratchArea
 from .kho_scratch import SCRATCH_ENTRY_BYTES, round_up
 
 KiB = 1 << 10

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from ..abi import registry
 from ..errors import AbiMismatch, InvalidArgument, KernelRefused
 from .procfd import FdHolder, describe_holders, find_holders
 
@@ -320,6 +321,19 @@ def _validate_fd(fd: int) -> int:
 # --- errno -> advice ---------------------------------------------------------------------------
 # Templates may use {path}, {name}, {token}, {fd}, {holders}; see kernel-abi.md §3.1/§3.2.
 
+def _caps(errno_name: str, sessions: bool) -> str:
+    """The caps of the LUO versions (their records) that answer `errno_name` at the session or the
+    file cap, e.g. "luo-v5: 10000 blocks of 51, 510,000 sessions"."""
+    parts = []
+    for f in registry.LUO_FORMATS:
+        lim = f.limits
+        if sessions and lim.sessions_errno == errno_name:
+            parts.append(f"{f.compatible}: {lim.sessions_why}, {lim.sessions:,} sessions")
+        elif not sessions and lim.files_errno == errno_name:
+            parts.append(f"{f.compatible}: {lim.files_why}, {lim.files_per_session:,} files")
+    return "; ".join(parts)
+
+
 _EEXIST_DEFECT = (
     "Kernel defect (7.2/7.3): a refused duplicate CREATE_SESSION can leave an empty session block "
     "that makes the next kernel panic at boot; do not commit a live update until a throwaway "
@@ -343,11 +357,15 @@ LUO_ADVICE: dict[tuple[str, int], str] = {
                                       "use another name. " + _EEXIST_DEFECT,
     ("CREATE_SESSION", errno.EINVAL): "the kernel rejected the session name {name!r}: it must be "
                                       "1 to 63 bytes with a NUL in the 64-byte field",
-    ("CREATE_SESSION", errno.ENOSPC): "the kernel's session list is full (10000 blocks, 510,000 "
-                                      "sessions at 4 KiB pages): close unused sessions",
+    ("CREATE_SESSION", errno.ENOSPC): "the kernel's session list is full ("
+                                      + _caps("ENOSPC", sessions=True)
+                                      + ", at 4 KiB pages): close unused sessions",
     ("CREATE_SESSION", errno.EMFILE): "this process has no free file descriptor: raise "
                                       "RLIMIT_NOFILE (LimitNOFILE=) or close fds",
-    ("CREATE_SESSION", errno.ENOMEM): "the kernel is out of memory for a new session",
+    ("CREATE_SESSION", errno.ENOMEM): "the kernel is out of memory for a new session, or its "
+                                      "fixed session array is full ("
+                                      + _caps("ENOMEM", sessions=True)
+                                      + "): close unused sessions",
     ("RETRIEVE_SESSION", errno.ENOENT): "no incoming session {name!r}: cold boot, rejected "
                                         "handover, or never preserved",
     ("RETRIEVE_SESSION", errno.EINVAL): "incoming session {name!r} is already retrieved and "
@@ -367,8 +385,9 @@ LUO_ADVICE: dict[tuple[str, int], str] = {
     ("PRESERVE_FD", errno.EBADF): "fd {fd} is not an open file in this process",
     ("PRESERVE_FD", errno.ENOMEM): "the kernel could not pin or record the file's pages (out of "
                                    "memory; sparse memfds cost their full size)",
-    ("PRESERVE_FD", errno.ENOSPC): "session {name!r} holds the maximum number of files (630,000 "
-                                   "at 4 KiB pages): use another session",
+    ("PRESERVE_FD", errno.ENOSPC): "session {name!r} holds the maximum number of files ("
+                                   + _caps("ENOSPC", sessions=False)
+                                   + ", at 4 KiB pages): use another session",
     ("PRESERVE_FD", errno.EINVAL): "session {name!r} is an incoming (retrieved) session, which "
                                    "takes no new files: preserve into a session created in this "
                                    "boot; or KEXEC_HANDOVER_DEBUG found the pages overlapping the "

@@ -22,16 +22,16 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..abi import kexec_metadata, luo, luo_v5, memblock
-from ..abi.block import walk_blocks
+from ..abi import luo
 from ..abi.context import DecodeContext, Side, cstr
 from ..abi.errors import AbiError, MemoryUnavailable
 from ..abi.fdt import FDT_MAGIC, parse_fdt
 from ..abi.findings import Severity
-from ..abi.kho_root import ROOT_FORMATS, KhoRoot, decode_root
+from ..abi.formats import kexec_metadata_v1 as kexec_metadata
+from ..abi.formats import memblock_v1 as memblock
+from ..abi.kho_root import KhoRoot, decode_root
 from ..abi.luo_common import LuoState
 from ..abi.memfd import ALL_SEALS, MemfdState
-from ..abi.memmap import MEMMAP_FORMATS
 from ..abi.memory import PhysicalMemory
 from ..errors import StateCorrupt
 from ..kernel.physmem import ElfCoreMemory, write_elf_core
@@ -112,7 +112,7 @@ def _subtree(root: KhoRoot, name: str) -> tuple[int, int | None] | None:
 
 
 def _blob(mem: ElfCoreMemory, phys: int, size: int | None) -> bytes:
-    if size is None:  # kho-v1: an FDT whose header gives its size
+    if size is None:  # a root without blob-size: an FDT whose header gives its size
         head = mem.read(phys, 8)
         size = int.from_bytes(head[4:8], "big") if int.from_bytes(head[:4], "big") == FDT_MAGIC \
             else PAGE_SIZE
@@ -154,12 +154,12 @@ def accept(rec: Received, abi: SimAbi, cmd: Cmdline, *, luo_mismatch: bool) -> (
     if root.compatible != abi.kho:
         return Refused([f"KHO: setup: handover FDT is incompatible with '{abi.kho}' (it is "
                         f"'{root.compatible}')", "KHO: disabling KHO revival"])
-    fmt = ROOT_FORMATS[root.compatible]
+    fmt = abi.kho_format  # the root's compatible is this kernel's own
     if not root.memmap_phys:
         return Refused(["KHO: setup: handover FDT has no preserved-memory-map",
                         "KHO: disabling KHO revival"])
     with ElfCoreMemory(rec.memory_path) as mem:
-        walk = MEMMAP_FORMATS[fmt.memmap](mem, root.memmap_phys, PAGE_SIZE.bit_length() - 1)
+        walk = fmt.walk_memmap(mem, root.memmap_phys, PAGE_SIZE.bit_length() - 1)
         if walk.issues or walk.missing_pages:
             return Refused(["KHO: failed to walk the preserved-memory map",
                             "KHO: disabling KHO revival"])
@@ -242,27 +242,14 @@ def _luo_early(acc: Accepted, mem: ElfCoreMemory, blob: bytes, abi: SimAbi,
         compat = (tree.root.prop("compatible") or b"").split(b"\0")[0].decode(
             "ascii", "backslashreplace")
     else:
-        compat = cstr(blob[:8])[0]
+        compat = cstr(blob[:luo.MAX_COMPAT_LEN])[0]
     if forced_mismatch or compat != abi.luo:
         return fail(f"luo: incoming LUO state is '{compat}', this kernel speaks "
                     f"'{'another version' if forced_mismatch else abi.luo}'")
-    ctx = DecodeContext(mem, Side.IN)
-    if abi.luo_blocks:
-        if len(blob) < luo_v5.SER_SIZE:
-            return fail("luo: luo_ser is too short")
-        num, sessions_pa = struct.unpack_from("<QQ", blob, 8)
-        if sessions_pa:
-            chain = walk_blocks(ctx, sessions_pa, 80, "/LUO", "sessions")
-            if any(c == 0 for _, c in chain.blocks):
-                return fail("luo: Block contains invalid entry count: 0")
-            if any(f.severity is Severity.ERROR for f in ctx.findings):
-                return fail("luo: the incoming session chain is broken")
-    else:
-        state = luo.decode(blob, ctx, "/LUO")
-        if state is None or any(f.code in ("property-missing", "compatible-unknown")
-                                for f in ctx.findings):
-            return fail("luo: the incoming LUO FDT is incomplete")
-        num = state.liveupdate_number
+    early = abi.luo_format.early_startup(blob, DecodeContext(mem, Side.IN))
+    if isinstance(early, str):
+        return fail(early)
+    num = early
     acc.luo_number = num
     acc.notes.append(f"luo: Retrieved live update data, liveupdate number: {num}")
     return None

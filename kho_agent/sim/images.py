@@ -7,6 +7,8 @@ from __future__ import annotations
 import gzip
 import struct
 
+from ..abi import registry
+from ..abi.formats.records import KEXEC_METADATA
 from .versions import SimAbi
 
 SETUP_SECTS = 4
@@ -17,11 +19,10 @@ BUILDER = "sim@kho-agent"
 
 def abi_strings(abi: SimAbi) -> list[str]:
     """The NUL-terminated strings a kernel of this ABI carries in .rodata."""
-    out = [abi.kho, abi.luo, abi.memfd, abi.memblock, "reserve-mem-v1"]
-    if abi.luo == "luo-v1":
-        out += ["luo-session-v2", "luo-flb-v1"]
+    out = [abi.kho, abi.luo, abi.memfd, abi.memblock, *abi.memblock_format.image_strings,
+           *abi.luo_format.image_strings]
     if abi.has_kexec_metadata:
-        out.append("kexec-metadata")
+        out += next(f.image_strings for f in registry.SUBTREES if f.family == KEXEC_METADATA)
     return out
 
 

@@ -38,6 +38,7 @@ from ..kernel.physmem import ElfCoreMemory
 from . import boots, retrieval, rootfs
 from . import faults as faults_mod
 from .boot import Memblock, cold_layout, kho_layout, parse_cmdline
+from .boot_record import BootState, Incoming, load, save
 from .handover import (
     Accepted,
     Panic,
@@ -51,7 +52,6 @@ from .handover import (
 from .images import build_bzimage
 from .memory import load_core, save_core
 from .outgoing import BASELINE_CORE, Outgoing, build_baseline, debugfs_fdt_size, root_fdt
-from .state import BootState, Incoming, load, save
 from .store import KEXECD, crash_point, lock_taken, locked, take_lock
 from .versions import SimAbi, check_abi
 
@@ -224,7 +224,7 @@ def write_debugfs(directory: Path, state: BootState, out: Outgoing) -> None:
     if not state.kho_enabled:
         return
     fdt: bytes | None = root_fdt(state, state.baseline.memmap)
-    if state.abi.debugfs_72:
+    if state.abi.debugfs_fdt_truncated:
         # the size debugfs froze at kho_init(); a KHO boot shows no out/fdt
         fdt = None if state.kho_boot or fdt is None else fdt[:debugfs_fdt_size(state)]
     rootfs.write_out(directory / "root", fdt, out.sub_blobs())

@@ -8,7 +8,7 @@ import errno
 import time
 
 from ..abi.compat import abi_from_payload
-from ..abi.state import ScratchArea, scratch_roles
+from ..abi.kho_state import ScratchArea, scratch_roles
 from ..errors import Busy, InvalidArgument, KernelRefused
 from ..kernel.callerfile import RegularFile
 from ..kernel.image import MAX_INPUT, ImageError, parse_image
@@ -16,9 +16,9 @@ from ..kernel.kexec_placement import kexec_segments, place_segments
 from . import boots, rootfs
 from . import faults as faults_mod
 from .boot import PAGE_SIZE, Scratch
+from .boot_record import load, save
 from .handover import write_handover
 from .kernel import Runtime, boot_after_kexec
-from .state import load, save
 from .store import locked
 from .versions import SimAbi, check_abi
 

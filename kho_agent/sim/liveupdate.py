@@ -41,16 +41,19 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
+from ..abi.block import capacity
+from ..abi.formats.records import LuoLimits
+from ..abi.luo_common import SESSION_SER_SIZE
 from ..abi.memfd import ALL_SEALS
 from ..errors import KernelRefused
 from ..kernel import sessionwire
 from ..kernel.fsmagic import HUGETLBFS_MAGIC, TMPFS_MAGIC, fs_magic
 from ..kernel.liveupdate import SESSION_NAME_LENGTH
 from . import faults as faults_mod
+from .boot_record import load, save
 from .handover import IncomingSession, deserialize, restore_content
 from .kernel import Runtime
 from .outgoing import OutSession
-from .state import load, save
 from .store import lock_taken, locked, take_lock, write_atomic
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -68,11 +71,7 @@ def _serialized(method: F) -> F:
 
 LOCK_FILE = "liveupdate.lock"
 HOLDER_FILE = "liveupdate.holder"
-LUO_V1_MAX_SESSIONS = 819       # (16 pages - 8) / 80
-LUO_V1_MAX_FILES = 128          # 2 pages / 64
-BLOCK_MAX_SESSIONS = 510_000    # 10000 blocks x 51
-BLOCK_MAX_FILES = 630_000       # 10000 blocks x 63
-SESSION_BLOCK = 51
+SESSION_BLOCK = capacity(SESSION_SER_SIZE)  # sessions per block of a block-chain LUO (51)
 F_SEAL_FUTURE_WRITE = 0x10
 F_SEAL_EXEC = 0x20
 FREEZE_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
@@ -235,12 +234,11 @@ class SimLiveUpdateDevice:
         out = rt.outgoing
         count = len(out.sessions)
         blocks = rt.state.abi.luo_blocks
-        if blocks and count >= BLOCK_MAX_SESSIONS:
-            raise KernelRefused(op, errno.ENOSPC, f"the session chain is full ({count} "
-                                "sessions); close sessions first")
-        if not blocks and count >= LUO_V1_MAX_SESSIONS:
-            raise KernelRefused(op, errno.ENOMEM, f"this LUO version holds at most "
-                                f"{LUO_V1_MAX_SESSIONS} sessions; close sessions first")
+        limits = luo_limits(rt)
+        if count >= limits.sessions:
+            raise KernelRefused(op, getattr(errno, limits.sessions_errno),
+                                f"{rt.state.abi.luo} holds at most {limits.sessions} sessions "
+                                f"({limits.sessions_why}); close sessions first")
         if any(s.name == key for s in out.sessions):
             if blocks and count % SESSION_BLOCK == 0:
                 out.empty_block = True  # the chain grew before the duplicate check (§1.5)
@@ -333,10 +331,11 @@ class SimSession:
         if any(f.token == token for f in out.files):
             raise KernelRefused(op, errno.EEXIST, f"token {token:#x} is already used in "
                                 f"session {self._name!r}")
-        limit = BLOCK_MAX_FILES if rt.state.abi.luo_blocks else LUO_V1_MAX_FILES
-        if len(out.files) >= limit:
-            raise KernelRefused(op, errno.ENOSPC, f"session {self._name!r} holds its maximum "
-                                f"of {limit} files; use another session")
+        limits = luo_limits(rt)
+        if len(out.files) >= limits.files_per_session:
+            raise KernelRefused(op, getattr(errno, limits.files_errno), f"session "
+                                f"{self._name!r} holds its maximum of "
+                                f"{limits.files_per_session} files; use another session")
         try:
             st = os.fstat(fd)
             fstype = fs_magic(fd)
@@ -453,6 +452,11 @@ class SimSession:
                 rt.release_outgoing()
             return
         self._do_finish()  # closing a retrieved session finishes it
+
+
+def luo_limits(rt: Runtime) -> LuoLimits:
+    """The caps of the LUO version this kernel speaks (its record's)."""
+    return rt.state.abi.luo_format.limits
 
 
 def out_sessions(rt: Runtime) -> list[OutSession]:

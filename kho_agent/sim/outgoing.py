@@ -14,18 +14,17 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..abi import kexec_metadata, luo_v1, luo_v5, memblock
-from ..abi import memfd as memfd_abi
+from ..abi import luo as luo_subtree
 from ..abi.context import DecodeContext
+from ..abi.formats import kexec_metadata_v1 as kexec_metadata
+from ..abi.formats import memblock_v1 as memblock
 from ..abi.kho_root import encode_root
 from ..abi.luo_common import LuoFile, LuoSession, LuoState
-from ..abi.memmap_chunks import encode_chunks
 from ..abi.memory import PageAllocator, SparseMemory
-from ..abi.radix import RadixGeometry, radix_encode
 from ..errors import AgentError, KernelRefused
 from .boot import PAGE_SIZE, Memblock
+from .boot_record import Baseline, BootState
 from .memory import SimAllocator, load_core
-from .state import Baseline, BootState
 
 MiB = 1 << 20
 META_WINDOW = 16 * MiB   # room for the preserved-memory map's own pages (never preserved)
@@ -78,10 +77,7 @@ def build_baseline(state: BootState, mb: Memblock, memory: SparseMemory) -> None
         memory.write(base.metadata, blob)
     if state.luo_enabled:
         luo = LuoState(abi.luo, state.liveupdate_number, 0, 0, sessions_serialized=False)
-        if abi.luo_blocks:
-            blob = luo_v5.encode(luo, memory, alloc, serialize_sessions=False)
-        else:
-            blob = luo_v1.encode(luo, memory, alloc)
+        blob = abi.luo_format.encode(luo, memory, alloc, serialize_sessions=False)
         base.flb = luo.flbs_phys
         base.luo, base.luo_size = alloc.alloc(len(blob)), len(blob)
         memory.write(base.luo, blob)
@@ -107,7 +103,7 @@ def subtrees(state: BootState) -> list[tuple[str, int, int | None]]:
         out.append((kexec_metadata.SUBTREE_NAME, b.metadata,
                     kexec_metadata.SIZE_V1 if sized else None))
     if b.luo:
-        out.append(("LUO", b.luo, b.luo_size if sized else None))
+        out.append((luo_subtree.SUBTREE_NAME, b.luo, b.luo_size if sized else None))
     if b.memblock:
         out.append((memblock.SUBTREE_NAME, b.memblock, b.memblock_size if sized else None))
     return out
@@ -179,13 +175,14 @@ class Outgoing:
             size = os.fstat(dup).st_size
             content = _read_all(dup, size)
             start = len(self.alloc.log)
-            ser = memfd_abi.encode(self.state.abi.memfd, content, self.memory, self.alloc,
-                                   size=size, pos=os.lseek(dup, 0, os.SEEK_CUR), seals=seals)
+            ser = self.state.abi.memfd_format.encode(content, self.memory, self.alloc, size=size,
+                                                     pos=os.lseek(dup, 0, os.SEEK_CUR),
+                                                     seals=seals)
         except BaseException:
             os.close(dup)
             raise
         allocs = self.alloc.log[start:]
-        decoded = memfd_abi.decode(self.state.abi.memfd, DecodeContext(self.memory), ser, "/")
+        decoded = self.state.abi.memfd_format.decode(DecodeContext(self.memory), ser, "/")
         pages = [p for phys, length in (decoded.data_runs if decoded else [])
                  for p in range(phys, phys + length, PAGE_SIZE)]
         session.files.append(PreservedFile(token, dup, inode, size, seals, ser, pages, allocs,
@@ -222,20 +219,16 @@ class Outgoing:
                   for blk in split_blocks(phys, size)]
         start, size = self.state.baseline.meta_window
         meta_alloc = PageAllocator(start, PAGE_SIZE)
-        abi = self.state.abi
-        if abi.memmap_at_finalize:
-            root = encode_chunks(blocks, meta, meta_alloc)
-        else:
-            root = radix_encode(blocks, meta, meta_alloc,
-                                RadixGeometry(12, depth_plus_one=abi.radix_plus_one))
+        root = self.state.abi.kho_format.encode_memmap(blocks, meta, meta_alloc,
+                                                        PAGE_SIZE.bit_length() - 1)
         if meta_alloc.next > start + size:
             raise AgentError("the preserved-memory map outgrew the simulator's 16 MiB map "
                              "window; preserve less or create the simulation with more memory")
         return root, meta
 
     def live_map(self) -> tuple[int, SparseMemory]:
-        """The map as it stands before reboot: the radix tree is live from boot (kho-v2+);
-        kho-v1 has none until finalize."""
+        """The map as it stands before reboot: live from boot (the radix tree), or none until
+        finalize (the memmap_at_finalize quirk)."""
         if self.state.abi.memmap_at_finalize:
             return 0, SparseMemory(PAGE_SIZE)
         return self.encode_map([])
@@ -243,7 +236,7 @@ class Outgoing:
     def sub_blobs(self) -> dict[str, bytes]:
         out: dict[str, bytes] = {}
         for name, phys, size in subtrees(self.state):
-            if size is None:  # kho-v1: an FDT, as long as its header says
+            if size is None:  # a root without blob-size: an FDT, as long as its header says
                 size = int.from_bytes(self.memory.read(phys + 4, 4), "big")
             out[name] = self.memory.read(phys, size)
         return out
@@ -287,12 +280,9 @@ class Outgoing:
                 files = [LuoFile(i, abi.memfd, f.token, f.ser) for i, f in enumerate(s.files)]
                 luo.sessions.append(LuoSession(s.name, len(files), 0, files))
             start = len(self.alloc.log)
-            if abi.luo_blocks:
-                blob = luo_v5.encode(luo, self.memory, self.alloc, serialize_sessions=True)
-                if self.empty_block and luo.sessions_phys:
-                    self._append_empty_block(luo.sessions_phys)
-            else:
-                blob = luo_v1.encode(luo, self.memory, self.alloc)
+            blob = abi.luo_format.encode(luo, self.memory, self.alloc, serialize_sessions=True)
+            if abi.luo_blocks and self.empty_block and luo.sessions_phys:
+                self._append_empty_block(luo.sessions_phys)
             if len(blob) != b.luo_size:
                 raise AgentError(f"internal: the LUO blob changed size ({b.luo_size} -> "
                                  f"{len(blob)}) while serializing")

@@ -13,9 +13,9 @@ import os
 from pathlib import Path
 
 from .boot import Memblock, MiB, memblock_debugfs
+from .boot_record import BootState
 from .images import build_bzimage
 from .memory import save_core
-from .state import BootState
 from .store import crash_point, tmp_path, write_atomic, write_new
 
 KHO_DEBUGFS = "sys/kernel/debug/kho"

@@ -14,9 +14,10 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from .context import DecodeContext
-from .errors import AbiError
-from .fdt import FdtWriter, parse_fdt
+from ..context import DecodeContext
+from ..errors import AbiError
+from ..fdt import FdtWriter, parse_fdt
+from .records import MEMBLOCK, SubtreeVersion
 
 SUBTREE_NAME = "memblock"
 COMPATIBLE = "memblock-v1"
@@ -92,3 +93,13 @@ def encode(state: MemblockState) -> bytes:
         w.property_u64("start", region.start or 0).property_u64("size", region.size or 0)
         w.end_node()
     return w.end_node().finish()
+
+
+MEMBLOCK_V1 = SubtreeVersion(
+    family=MEMBLOCK,
+    compatible=COMPATIBLE,
+    subtree_name=SUBTREE_NAME,
+    releases="6.16 ..",
+    decode=decode,
+    image_strings=(REGION_COMPATIBLE,),
+)

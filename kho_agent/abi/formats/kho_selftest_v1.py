@@ -1,4 +1,5 @@
-"""`kho_test` subtree of lib/test_kho.c (`kho-test-v1`, only with CONFIG_TEST_KEXEC_HANDOVER).
+"""`kho_test` subtree of lib/test_kho.c (`kho-test-v1`, only with CONFIG_TEST_KEXEC_HANDOVER):
+the kernel's KHO self-test, decoded here like any other subtree.
 
     / { compatible = "kho-test-v1"; magic = <u32 0x4b484f21>;
         data { nr_folios = <u32>; folios_info = <struct kho_vmalloc>; csum = <u32>; }; };
@@ -11,10 +12,11 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from .context import DecodeContext
-from .errors import AbiError
-from .fdt import FdtWriter, parse_fdt
-from .vmalloc import VmallocDesc, read_vmalloc
+from ..context import DecodeContext
+from ..errors import AbiError
+from ..fdt import FdtWriter, parse_fdt
+from ..vmalloc import VmallocDesc, read_vmalloc
+from .records import KHO_TEST, SubtreeVersion
 
 SUBTREE_NAME = "kho_test"
 COMPATIBLE = "kho-test-v1"
@@ -68,3 +70,12 @@ def encode(state: KhoTestState) -> bytes:
     w.property("folios_info", (state.folios_info or VmallocDesc(0, 0, 0, 0)).pack())
     w.property_u32("csum", state.csum or 0)
     return w.end_node().end_node().finish()
+
+
+KHO_TEST_V1 = SubtreeVersion(
+    family=KHO_TEST,
+    compatible=COMPATIBLE,
+    subtree_name=SUBTREE_NAME,
+    releases="6.16 .. (CONFIG_TEST_KEXEC_HANDOVER)",
+    decode=decode,
+)

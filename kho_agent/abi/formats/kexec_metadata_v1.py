@@ -14,13 +14,16 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from .context import DecodeContext, cstr
-from .errors import AbiError
+from ..context import DecodeContext, cstr
+from ..errors import AbiError
+from ..structs import layout
+from .records import KEXEC_METADATA, SubtreeVersion
 
 SUBTREE_NAME = "kexec-metadata"
 VERSION = 1
-SIZE_V1 = 73
 RELEASE_LEN = 65
+SER = layout(f"<I{RELEASE_LEN}sI", 73)  # struct kho_kexec_metadata, __packed
+SIZE_V1 = SER.size
 
 
 @dataclass
@@ -59,4 +62,14 @@ def encode(meta: KexecMetadata) -> bytes:
     release = (meta.previous_release or "").encode()
     if len(release) >= RELEASE_LEN:
         raise AbiError("release does not fit the 65-byte field with its NUL")
-    return struct.pack("<I65sI", meta.version, release, meta.kexec_count or 0)
+    return SER.pack(meta.version, release, meta.kexec_count or 0)
+
+
+KEXEC_METADATA_V1 = SubtreeVersion(
+    family=KEXEC_METADATA,
+    compatible=f"v{VERSION}",  # a number in the blob, not a string
+    subtree_name=SUBTREE_NAME,
+    releases="7.1 ..",
+    decode=decode,
+    image_strings=(SUBTREE_NAME,),
+)

@@ -9,38 +9,27 @@ finding and the rest is still decoded.
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import kexec_metadata, kho_test, luo, memblock
-from . import memmap as memmap_mod
+from . import composite, luo, registry
 from .checks import check_state
 from .context import DecodeContext, MemRef, Side
 from .errors import AbiError, FdtTruncated, MemoryUnavailable
 from .fdt import FDT_MAGIC
 from .findings import Finding
-from .kho_root import ROOT_FORMATS, KhoRoot, decode_root, recover_truncated_root
+from .formats.records import KhoRootVersion, SubtreeDecoder
+from .kho_root import KhoRoot, decode_root, recover_truncated_root
 from .luo_common import LuoState
 from .memmap import MemoryMapWalk
 from .memory import PhysicalMemory
 
-SubtreeDecoder = Callable[[bytes, DecodeContext, str], object | None]
+# subtree name -> decoder: LUO picks its version from the blob (luo.py), the others have one
 SUBTREE_DECODERS: dict[str, SubtreeDecoder] = {
     luo.SUBTREE_NAME: luo.decode,
-    memblock.SUBTREE_NAME: memblock.decode,
-    kexec_metadata.SUBTREE_NAME: kexec_metadata.decode,
-    kho_test.SUBTREE_NAME: kho_test.decode,
+    **{f.subtree_name: f.decode for f in registry.SUBTREES},
 }
 MAX_UNSIZED_BLOB = 1 << 20  # kho-v1 subtree FDTs carry no size; bound what we read
 
-# Which LUO and memfd versions each KHO root version was shipped with (reference section 0): a
-# combination outside this table was not written by any one kernel.
-SHIPPED_WITH: dict[str, tuple[frozenset[str], frozenset[str]]] = {
-    "kho-v1": (frozenset({"luo-v1"}), frozenset({"memfd-v1"})),
-    "kho-v2": (frozenset({"luo-v1"}), frozenset({"memfd-v1", "memfd-v2"})),
-    "kho-v3": (frozenset({"luo-v1"}), frozenset({"memfd-v2"})),
-    "kho-v4": (frozenset({"luo-v5"}), frozenset({"memfd-v2"})),
-}
 # blob-size comes from the FDT: never turn an absurd value into a read of that size (on /proc/kcore
 # it would copy all of RAM). Real subtree blobs are a page or less.
 MAX_SIZED_BLOB = 16 << 20
@@ -162,15 +151,19 @@ def decode_state(inp: KhoInput) -> KhoState:
 def _decode_state(inp: KhoInput) -> KhoState:
     ctx = DecodeContext(inp.memory, inp.side, inp.page_shift)
     root, root_source = _root(inp, ctx)
-    fmt = ROOT_FORMATS.get(root.compatible) if root else None
+    fmt = registry.kho_root(root.compatible) if root else None
     if root is not None:
         for code, path, message in root.problems:
             ctx.add(code, path, message)
         if fmt is None and root.compatible:
-            ctx.add("compatible-unknown", "/",
-                    f"KHO root compatible {root.compatible!r} is unknown to this decoder (known: "
-                    f"{', '.join(ROOT_FORMATS)}); a kernel that speaks another version disables "
-                    "KHO revival and every preserved page is lost")
+            consequence = ("a kernel that speaks another version disables KHO revival and every "
+                           "preserved page is lost")
+            if composite.is_composite(root.compatible):
+                composite.findings(ctx, "/", root.compatible, "KHO root", consequence)
+            else:
+                ctx.add("compatible-unknown", "/",
+                        f"KHO root compatible {root.compatible!r} is unknown to this decoder "
+                        f"(known: {', '.join(registry.ROOT_FORMATS)}); {consequence}")
 
     # Subtrees: those the root lists, else the debugfs copies (truncated or absent root FDT).
     refs: list[tuple[str, int | None, int | None]]
@@ -214,7 +207,7 @@ def _decode_state(inp: KhoInput) -> KhoState:
 
     if root is not None:
         _check_versions(ctx, root.compatible, subtrees)
-    walk = _memmap(inp, ctx, root, fmt.memmap if fmt else None)
+    walk = _memmap(inp, ctx, root, fmt)
     scratch = list(inp.scratch)
     check_state(ctx, walk, scratch)
     return KhoState(inp.side, root.compatible if root else None, root_source,
@@ -223,10 +216,9 @@ def _decode_state(inp: KhoInput) -> KhoState:
 
 
 def _check_versions(ctx: DecodeContext, compatible: str, subtrees: list[Subtree]) -> None:
-    shipped = SHIPPED_WITH.get(compatible)
-    if shipped is None:
+    if registry.kho_root(compatible) is None:
         return
-    luo_ok, memfd_ok = shipped
+    luo_ok, memfd_ok = registry.shipped_with(compatible)
     for sub in subtrees:
         state = sub.decoded
         if not isinstance(state, LuoState):
@@ -245,14 +237,14 @@ def _check_versions(ctx: DecodeContext, compatible: str, subtrees: list[Subtree]
 
 
 def _memmap(inp: KhoInput, ctx: DecodeContext, root: KhoRoot | None,
-            fmt_name: str | None) -> MemoryMapWalk | None:
+            fmt: KhoRootVersion | None) -> MemoryMapWalk | None:
     path = "/preserved-memory-map"
-    if root is None or root.memmap_phys is None or fmt_name is None:
+    if root is None or root.memmap_phys is None or fmt is None:
         return None
     if root.memmap_phys == 0:
-        if root.compatible == "kho-v1" and inp.side is Side.OUT:
-            ctx.add("memmap-not-checked", path, "preserved-memory-map is 0: a kho-v1 kernel "
-                    "writes the map only at finalize (inside reboot() with LUO)")
+        if fmt.memmap_at_finalize and inp.side is Side.OUT:
+            ctx.add("memmap-not-checked", path, f"preserved-memory-map is 0: a {fmt.compatible} "
+                    "kernel writes the map only at finalize (inside reboot() with LUO)")
         else:
             ctx.add("property-malformed", path, "preserved-memory-map is 0; the next kernel "
                     "disables KHO revival and every preserved page is lost")
@@ -266,12 +258,8 @@ def _memmap(inp: KhoInput, ctx: DecodeContext, root: KhoRoot | None,
         ctx.add("memmap-not-checked", path, f"the map at {root.memmap_phys:#x} was not read: no "
                 "memory source (pass --memory CORE or --kcore)")
         return None
-    walker = memmap_mod.MEMMAP_FORMATS.get(fmt_name)
-    if walker is None:
-        ctx.add("memmap-not-checked", path, f"no walker for memory-map format {fmt_name!r}")
-        return None
     try:
-        return walker(inp.memory, root.memmap_phys, inp.page_shift)
+        return fmt.walk_memmap(inp.memory, root.memmap_phys, inp.page_shift)
     except AbiError as exc:
         ctx.add("blob-malformed", path, f"the preserved-memory map cannot be walked: {exc}")
         return None

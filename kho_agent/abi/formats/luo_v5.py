@@ -11,16 +11,16 @@ live in a KHO block chain (80-byte entries) at `sessions_pa`, each session's fil
 
 from __future__ import annotations
 
-import struct
-
-from .block import encode_blocks, walk_blocks
-from .context import DecodeContext, Side, cstr
-from .luo_common import (
+from ..block import MAX_BLOCKS, capacity, encode_blocks, walk_blocks
+from ..context import DecodeContext, Side, cstr
+from ..findings import Severity
+from ..luo_common import (
     FILE_SER_SIZE,
     SESSION_SER_SIZE,
     LuoState,
     check_sessions,
     decode_flbs,
+    file_handlers,
     pack_file,
     pack_flbs,
     pack_session,
@@ -28,12 +28,14 @@ from .luo_common import (
     unpack_file,
     unpack_session,
 )
-from .memory import PageAllocator, SparseMemory
+from ..memory import PageAllocator, SparseMemory
+from ..structs import layout
+from .records import LuoLimits, LuoVersion
 
 COMPATIBLE = "luo-v5"
 COMPAT_LEN = 8  # ALIGN(sizeof("luo-v5"), 8)
-SER_SIZE = 32
-REQUIRES_KHO = "kho-v4"  # block chains are a kho-v4 contract
+SER = layout("<8sQQQ", 32)  # struct luo_ser: compatible, liveupdate_num, sessions_pa, flbs_pa
+SER_SIZE = SER.size
 
 
 def decode(blob: bytes, ctx: DecodeContext, path: str) -> LuoState | None:
@@ -41,8 +43,8 @@ def decode(blob: bytes, ctx: DecodeContext, path: str) -> LuoState | None:
         ctx.add("blob-malformed", path, f"luo_ser is {len(blob)} bytes, needs {SER_SIZE}; the "
                 "next kernel panics at boot on this LUO state")
         return None
-    compatible, _ = cstr(blob[:COMPAT_LEN])
-    num, sessions_pa, flbs_pa = struct.unpack_from("<QQQ", blob, COMPAT_LEN)
+    raw_compatible, num, sessions_pa, flbs_pa = SER.unpack_from(blob)
+    compatible, _ = cstr(raw_compatible)
     state = LuoState(compatible, num, sessions_pa, flbs_pa,
                      sessions_serialized=sessions_pa != 0 or ctx.side is Side.IN)
     if sessions_pa == 0:
@@ -51,6 +53,7 @@ def decode(blob: bytes, ctx: DecodeContext, path: str) -> LuoState | None:
                     "sessions_pa is 0: LUO writes sessions only inside reboot(), so this outgoing "
                     "state lists none yet; the agent checks its sessions from its own records")
     else:
+        handlers = file_handlers()
         chain = walk_blocks(ctx, sessions_pa, SESSION_SER_SIZE, path, "sessions")
         for i, raw in enumerate(chain.entries):
             session = unpack_session(ctx, raw, path, i)
@@ -63,7 +66,7 @@ def decode(blob: bytes, ctx: DecodeContext, path: str) -> LuoState | None:
                 continue
             files = walk_blocks(ctx, session.files_phys, FILE_SER_SIZE, spath, "files")
             for j, fraw in enumerate(files.entries):
-                session.files.append(unpack_file(ctx, fraw, spath, j))
+                session.files.append(unpack_file(ctx, fraw, spath, j, handlers))
             if files.complete and len(files.entries) != session.file_count:
                 ctx.add("count-mismatch", spath, f"session says {session.file_count} files but "
                         f"its blocks hold {len(files.entries)}; the next kernel fails every open "
@@ -93,5 +96,43 @@ def encode(state: LuoState, memory: SparseMemory, alloc: PageAllocator, *,
     memory.write(flbs_pa, pack_flbs(state.flbs, memory.page_size))
     state.flbs_phys = flbs_pa
     state.sessions_phys = sessions_pa
-    return struct.pack("<8sQQQ", state.compatible.encode(), state.liveupdate_number, sessions_pa,
-                       flbs_pa)
+    return SER.pack(state.compatible.encode(), state.liveupdate_number, sessions_pa, flbs_pa)
+
+
+def early_startup(blob: bytes, ctx: DecodeContext) -> int | str:
+    """luo_early_startup() of a luo-v5 kernel: a whole luo_ser and an intact session chain (no
+    cycle, no block of count 0 or above 51, at most 10000 blocks); the file chains are read at
+    the first open of /dev/liveupdate."""
+    if len(blob) < SER_SIZE:
+        return "luo: luo_ser is too short"
+    _, num, sessions_pa, _ = SER.unpack_from(blob)
+    if sessions_pa:
+        chain = walk_blocks(ctx, sessions_pa, SESSION_SER_SIZE, "/LUO", "sessions")
+        if any(c == 0 for _, c in chain.blocks):
+            return "luo: Block contains invalid entry count: 0"
+        if any(f.severity is Severity.ERROR for f in ctx.findings):
+            return "luo: the incoming session chain is broken"
+    return int(num)
+
+
+SESSIONS_PER_BLOCK = capacity(SESSION_SER_SIZE)  # 51 at 4 KiB pages
+FILES_PER_BLOCK = capacity(FILE_SER_SIZE)        # 63
+
+LUO_V5 = LuoVersion(
+    compatible=COMPATIBLE,
+    releases="7.2-rc1 .. 7.3",
+    blob_is_fdt=False,
+    sessions_in_blocks=True,
+    limits=LuoLimits(
+        sessions=MAX_BLOCKS * SESSIONS_PER_BLOCK,      # 510,000
+        files_per_session=MAX_BLOCKS * FILES_PER_BLOCK,  # 630,000
+        sessions_errno="ENOSPC", files_errno="ENOSPC",
+        sessions_why=f"{MAX_BLOCKS} blocks of {SESSIONS_PER_BLOCK}",
+        files_why=f"{MAX_BLOCKS} blocks of {FILES_PER_BLOCK}"),
+    shipped_with_kho=frozenset({"kho-v4"}),  # block chains are a kho-v4 contract
+    image_strings=(),
+    decode=decode,
+    encode=encode,
+    early_startup=early_startup,
+)
+assert LUO_V5.limits.sessions == 510_000 and LUO_V5.limits.files_per_session == 630_000

@@ -14,16 +14,19 @@ these panics the next kernel (early_initcall).
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
 
-from .context import DecodeContext
-from .errors import AbiError
-from .fdt import FdtWriter, parse_fdt
-from .luo_common import (
+from ..context import DecodeContext
+from ..errors import AbiError
+from ..fdt import FdtWriter, parse_fdt
+from ..luo_common import (
     FILE_SER_SIZE,
     SESSION_SER_SIZE,
+    FileDecoder,
     LuoState,
     check_sessions,
     decode_flbs,
+    file_handlers,
     pack_file,
     pack_flbs,
     pack_session,
@@ -31,7 +34,8 @@ from .luo_common import (
     unpack_file,
     unpack_session,
 )
-from .memory import PageAllocator, SparseMemory
+from ..memory import PageAllocator, SparseMemory
+from .records import LuoLimits, LuoVersion
 
 COMPATIBLE = "luo-v1"
 SESSION_COMPATIBLE = "luo-session-v2"
@@ -78,7 +82,7 @@ def decode(blob: bytes, ctx: DecodeContext, path: str) -> LuoState | None:
             ctx.add("property-missing", f"{path}/luo-session", "no 8-byte 'luo-session-header'")
         elif header:
             state.sessions_phys = header
-            _decode_sessions(ctx, state, header, path)
+            _decode_sessions(ctx, state, header, path, file_handlers())
     flb = fdt.root.child("luo-flb")
     if flb is not None:
         state.flb_compatible = _str(flb.prop("compatible"))
@@ -90,7 +94,8 @@ def decode(blob: bytes, ctx: DecodeContext, path: str) -> LuoState | None:
     return state
 
 
-def _decode_sessions(ctx: DecodeContext, state: LuoState, header: int, path: str) -> None:
+def _decode_sessions(ctx: DecodeContext, state: LuoState, header: int, path: str,
+                     handlers: Mapping[str, FileDecoder]) -> None:
     ps = ctx.page_size
     hpath = f"{path}/luo-session"
     ctx.ref(header, SESSION_PGCNT * ps, hpath, "LUO session array")
@@ -137,12 +142,16 @@ def _decode_sessions(ctx: DecodeContext, state: LuoState, header: int, path: str
             continue
         for j in range(session.file_count):
             session.files.append(unpack_file(ctx, fraw[j * FILE_SER_SIZE:(j + 1) * FILE_SER_SIZE],
-                                             spath, j))
+                                             spath, j, handlers))
     check_sessions(ctx, state, path)
 
 
-def encode(state: LuoState, memory: SparseMemory, alloc: PageAllocator) -> bytes:
-    """Write the session and file arrays and the FLB page; return the one-page LUO FDT."""
+def encode(state: LuoState, memory: SparseMemory, alloc: PageAllocator, *,
+           serialize_sessions: bool = True) -> bytes:
+    """Write the session and file arrays and the FLB page; return the one-page LUO FDT.
+
+    luo-v1 has no unserialized form: its FDT points at the session array from boot on, so
+    serialize_sessions changes nothing (it is there for the record's common signature)."""
     ps = memory.page_size
     header = alloc.alloc(SESSION_PGCNT * ps)
     sessions = bytearray(struct.pack("<Q", len(state.sessions)))
@@ -167,3 +176,33 @@ def encode(state: LuoState, memory: SparseMemory, alloc: PageAllocator) -> bytes
     w.begin_node("luo-flb").property_string("compatible", FLB_COMPATIBLE)
     w.property_u64("luo-flb-header", flbs).end_node()
     return w.end_node().finish()
+
+
+def early_startup(blob: bytes, ctx: DecodeContext) -> int | str:
+    """luo_early_startup() of a luo-v1 kernel: the FDT, its liveupdate-number and its session
+    node must be there and of this version (the session arrays are read at the first open)."""
+    state = decode(blob, ctx, "/LUO")
+    if state is None or any(f.code in ("property-missing", "compatible-unknown")
+                            for f in ctx.findings):
+        return "luo: the incoming LUO FDT is incomplete"
+    return state.liveupdate_number
+
+
+LUO_V1 = LuoVersion(
+    compatible=COMPATIBLE,
+    releases="6.19 .. 7.1",
+    blob_is_fdt=True,
+    sessions_in_blocks=False,
+    limits=LuoLimits(
+        sessions=(SESSION_PGCNT * 4096 - 8) // SESSION_SER_SIZE,    # 819
+        files_per_session=FILE_PGCNT * 4096 // FILE_SER_SIZE,      # 128
+        sessions_errno="ENOMEM", files_errno="ENOSPC",
+        sessions_why=f"{SESSION_PGCNT} pages of {SESSION_SER_SIZE}-byte entries",
+        files_why=f"{FILE_PGCNT} pages of {FILE_SER_SIZE}-byte entries"),
+    shipped_with_kho=frozenset({"kho-v1", "kho-v2", "kho-v3"}),
+    image_strings=(SESSION_COMPATIBLE, FLB_COMPATIBLE),
+    decode=decode,
+    encode=encode,
+    early_startup=early_startup,
+)
+assert LUO_V1.limits.sessions == 819 and LUO_V1.limits.files_per_session == 128
