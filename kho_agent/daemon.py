@@ -27,9 +27,10 @@ from pathlib import Path
 import gi
 from gi.repository import Gio, GLib
 
+from .engine import Engine, EngineConfig
+from .engine.phase import Phase
 from .errors import AgentError
 from .kernel.host import Host, real_host
-from .orchestrator import EngineConfig, Orchestrator
 from .service import interfaces as api
 from .service.auth import Authorizer
 from .service.fdstore import NotifierSessionStore, take_stored_sessions
@@ -37,7 +38,6 @@ from .service.journal import Event, EventLog
 from .service.manager import AgentService, Hooks, Job, Snapshot
 from .service.notify import Notifier
 from .service.worker import Worker
-from .statefile import Phase
 
 DEFAULT_STATE_DIR = Path("/var/lib/kho-agent")
 EXIT_OK = 0
@@ -141,7 +141,7 @@ class Daemon:
         state_dir = args.state_dir or (args.simulate / "state" if args.simulate
                                        else DEFAULT_STATE_DIR)
         grace = args.claim_grace if args.claim_grace > 0 else None
-        self.agent = Orchestrator(self.host, EngineConfig(
+        self.agent = Engine(self.host, EngineConfig(
             state_dir=state_dir, digests=not args.no_digests, claim_grace_seconds=grace))
         self.service: AgentService | None = None
         self.worker = Worker(log)

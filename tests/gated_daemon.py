@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from kho_agent import daemon
+from kho_agent.engine.verifyrun import HostObservation
 from kho_agent.service import manager
-from kho_agent.verifyrun import HostObservation
 
 GATE_TIMEOUT_S = 60
 

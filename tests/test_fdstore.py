@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from kho_agent.engine import CommitOptions, Engine, EngineConfig, PrepareOptions
+from kho_agent.engine.handoff import session_fdname, session_from_fdname
+from kho_agent.engine.manifest import AGENT_SESSION
+from kho_agent.engine.phase import Phase
 from kho_agent.errors import AgentError, InvalidArgument, KernelRefused, PreflightFailed
-from kho_agent.fdstore import session_fdname, session_from_fdname
 from kho_agent.kernel.sysinfo import read_sysinfo
-from kho_agent.manifest import AGENT_SESSION
-from kho_agent.orchestrator import CommitOptions, EngineConfig, Orchestrator, PrepareOptions
 from kho_agent.service.notify import fdname_is_valid
 from kho_agent.sim import SimAbi, SimKernel
-from kho_agent.statefile import Phase
 
 # --- names ----------------------------------------------------------------------------------------
 
@@ -90,14 +90,14 @@ class Rig:
         self.config = EngineConfig(state_dir=tmp / "state")
 
     def agent(self, store: DupStore | None, stored: dict[str, int] | None = None
-              ) -> Orchestrator:
-        agent = Orchestrator(SimKernel(self.tmp / "sim").host(), self.config)
+              ) -> Engine:
+        agent = Engine(SimKernel(self.tmp / "sim").host(), self.config)
         agent.fd_store = store
         agent.stored_sessions = dict(stored or {})
         agent.start()
         return agent
 
-    def client(self, agent: Orchestrator, name: str, data: bytes) -> None:
+    def client(self, agent: Engine, name: str, data: bytes) -> None:
         agent.create_session(name, "test")
         fd = os.memfd_create(name, os.MFD_CLOEXEC)
         os.write(fd, data)
@@ -259,7 +259,7 @@ def test_sessions_the_manifest_does_not_list_are_released_at_verify(tmp_path: Pa
 
 # --- a session its owner keeps in its own fd store (option fd_store) ------------------------------
 
-def owner_keeps(rig: Rig, agent: Orchestrator, name: str, data: bytes) -> int:
+def owner_keeps(rig: Rig, agent: Engine, name: str, data: bytes) -> int:
     """A manager in systemd's native way: its session fd goes to its own service's fd store
     (here: a duplicate it keeps), its memfd is preserved through the agent."""
     handle = agent.create_session(name, "test", owner_fd_store=True)

@@ -12,9 +12,10 @@ from pathlib import Path
 import blake3
 import pytest
 
-from kho_agent import manifest as manifest_mod
-from kho_agent import orchestrator as orchestrator_mod
 from kho_agent.cli import main as cli_main
+from kho_agent.engine import CommitOptions, Engine, EngineConfig, PrepareOptions
+from kho_agent.engine import facade as engine_mod
+from kho_agent.engine.phase import Phase
 from kho_agent.errors import (
     AgentError,
     Busy,
@@ -24,10 +25,9 @@ from kho_agent.errors import (
     NotPrepared,
     PreflightFailed,
 )
-from kho_agent.orchestrator import CommitOptions, EngineConfig, Orchestrator, PrepareOptions
+from kho_agent.kernel import atomicfile
 from kho_agent.rehearsal import client_plans, rehearse
 from kho_agent.sim import SimAbi, SimKernel
-from kho_agent.statefile import Phase
 
 PAGE = 4096
 
@@ -44,8 +44,8 @@ class Rig:
         self.config = EngineConfig(state_dir=tmp / "state")
         self.agent = self.new_agent()
 
-    def new_agent(self) -> Orchestrator:
-        agent = Orchestrator(self.sim.host(), self.config)
+    def new_agent(self) -> Engine:
+        agent = Engine(self.sim.host(), self.config)
         agent.start()
         return agent
 
@@ -59,7 +59,7 @@ class Rig:
         if ready:
             self.agent.set_ready(name, True)
 
-    def reboot_view(self) -> Orchestrator:
+    def reboot_view(self) -> Engine:
         """After the simulated kexec: a new kernel, a new agent process."""
         self.sim = SimKernel(self.tmp / "sim")
         return self.new_agent()
@@ -242,10 +242,10 @@ def test_disk_full_while_writing_the_manifest(rig: Rig, monkeypatch: pytest.Monk
     def full(fd: int) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(manifest_mod.os, "fsync", full)
+    monkeypatch.setattr(atomicfile.os, "fsync", full)
     with pytest.raises(AgentError) as exc:
         rig.agent.prepare(PrepareOptions(kernel=rig.target))
-    monkeypatch.setattr(manifest_mod.os, "fsync", real_fsync)
+    monkeypatch.setattr(atomicfile.os, "fsync", real_fsync)
     assert "ENOSPC" in exc.value.message or "No space" in exc.value.message
     assert not rig.sim.host().kexec.loaded()
     assert rig.agent.state.phase is Phase.IDLE
@@ -289,7 +289,7 @@ def test_cli_rehearse_incompatible_target_is_refused(tmp_path: Path,
 
 # --- readiness and digests ----------------------------------------------------------------------
 
-def _entry(agent: Orchestrator, name: str) -> list[tuple[int, str | None]]:
+def _entry(agent: Engine, name: str) -> list[tuple[int, str | None]]:
     return [(f.token, f.digest) for f in agent.clients[name].entry("direct").files]
 
 
@@ -322,18 +322,18 @@ def test_no_fd_left_for_the_agent_preserves_nothing(rig: Rig,
     rig.agent.create_session("vm-a", "test")
     fd = os.memfd_create("m", os.MFD_CLOEXEC)
     os.write(fd, b"x")
-    real = orchestrator_mod.fcntl.fcntl
+    real = engine_mod.fcntl.fcntl
 
     def no_fds(f: int, cmd: int, arg: int = 0) -> int:
         if cmd == fcntl.F_DUPFD_CLOEXEC:
             raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
         return real(f, cmd, arg)
 
-    monkeypatch.setattr(orchestrator_mod.fcntl, "fcntl", no_fds)
+    monkeypatch.setattr(engine_mod.fcntl, "fcntl", no_fds)
     with pytest.raises(KernelRefused, match="LimitNOFILE") as exc:
         rig.agent.preserve("vm-a", fd, 1)
     assert exc.value.errno == errno.EMFILE
-    monkeypatch.setattr(orchestrator_mod.fcntl, "fcntl", real)
+    monkeypatch.setattr(engine_mod.fcntl, "fcntl", real)
     assert rig.agent.clients["vm-a"].files == {}
     rig.agent.preserve("vm-a", fd, 1)  # the kernel did not keep it: no EBUSY, no EEXIST
     os.close(fd)
@@ -450,10 +450,10 @@ def _disk_full(monkeypatch: pytest.MonkeyPatch, rig: Rig) -> None:
         if os.readlink(f"/proc/self/fd/{fd}").startswith(state_dir):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real_fsync(fd)
-    monkeypatch.setattr(manifest_mod.os, "fsync", full)
+    monkeypatch.setattr(atomicfile.os, "fsync", full)
 
 
-def _consistent(agent: Orchestrator) -> None:
+def _consistent(agent: Engine) -> None:
     """What the engine says equals what it is and holds."""
     phase, message = agent.state.phase, agent.state.message
     for other in Phase:

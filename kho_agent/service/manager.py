@@ -1,4 +1,4 @@
-"""The Manager object and its Job and Session objects: the bus face of one Orchestrator.
+"""The Manager object and its Job and Session objects: the bus face of one Engine.
 
 Runs on the GLib main loop. Every engine call goes to the Worker (one thread, in order) and its
 result comes back here, where the reply, the property changes and the signals are sent. Checks
@@ -17,15 +17,15 @@ from typing import Any
 from gi.repository import Gio, GLib
 
 from ..abi import Side
+from ..engine import CommitOptions, Engine, Plan, PrepareOptions
+from ..engine.manifest import FAILING_VERDICTS, VerifyItem, manifest_to_json, read_manifest
+from ..engine.phase import Phase
+from ..engine.verifyrun import HostObservation, Retrieved, VerifyRun, observe
 from ..errors import AgentError, Busy, Cancelled, InvalidArgument, NotFound, PermissionDenied
 from ..facts import TARGET_IMAGE_MAX, TargetFiles, TargetImage, kho_view
 from ..kernel.callerfile import RegularFile, adopt_fd, open_regular
 from ..kernel.cmdline import check_kho_scratch, target_cmdline
 from ..kernel.liveupdate import LiveUpdateSession, validate_session_name, validate_token
-from ..manifest import FAILING_VERDICTS, VerifyItem, manifest_to_json, read_manifest
-from ..orchestrator import CommitOptions, Orchestrator, Plan, PrepareOptions
-from ..statefile import Phase
-from ..verifyrun import HostObservation, Retrieved, VerifyRun, observe
 from . import interfaces as api
 from .auth import Authorizer, Caller, owner_uid
 from .errors import check_options
@@ -130,7 +130,7 @@ class Hooks:
 
 
 class AgentService:
-    def __init__(self, bus: Gio.DBusConnection, agent: Orchestrator, authorizer: Authorizer,
+    def __init__(self, bus: Gio.DBusConnection, agent: Engine, authorizer: Authorizer,
                  worker: Worker, hooks: Hooks) -> None:
         self.bus = bus
         self.agent = agent

@@ -42,9 +42,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .errors import AgentError, KernelRefused, StateCorrupt
-from .kernel.callerfile import Dangling, file_kind, read_if_present
-from .manifest import FAILING_VERDICTS, Verdict, write_atomic
+from ..errors import AgentError, KernelRefused, StateCorrupt
+from ..kernel.atomicfile import write_atomic
+from ..kernel.callerfile import Dangling, file_kind, read_if_present
+from .manifest.compare import FAILING_VERDICTS, Verdict
 
 STATE_FILE = "state.json"
 MANIFEST_FILE = "manifest.json"

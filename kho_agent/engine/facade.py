@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import netstate
-from .abi import Severity, Side
-from .abi.compat import Spoken, compare
-from .digest import DigestResult, digest_fd
-from .errors import (
+from .. import netstate
+from ..abi import Severity, Side
+from ..abi.compat import Spoken, compare
+from ..digest import DigestResult, digest_fd
+from ..errors import (
     AgentError,
     Busy,
     Cancelled,
@@ -43,7 +43,7 @@ from .errors import (
     PreflightFailed,
     StateCorrupt,
 )
-from .facts import (
+from ..facts import (
     TARGET_IMAGE_MAX,
     FileFacts,
     TargetFiles,
@@ -53,18 +53,21 @@ from .facts import (
     kho_view,
     running_abi,
 )
-from .fdstore import SYSTEMD_SESSION, SessionFdStore
-from .imagestrings import ImageStrings
-from .kernel.callerfile import RegularFile, open_regular
-from .kernel.cmdline import target_cmdline
-from .kernel.host import Host
-from .kernel.liveupdate import (
+from ..imagestrings import ImageStrings
+from ..kernel.atomicfile import write_atomic
+from ..kernel.callerfile import RegularFile, open_regular
+from ..kernel.cmdline import target_cmdline
+from ..kernel.host import Host
+from ..kernel.liveupdate import (
     LiveUpdateDevice,
     LiveUpdateSession,
     validate_session_name,
     validate_token,
 )
-from .kernel.sysinfo import SysInfo, read_sysinfo
+from ..kernel.sysinfo import SysInfo, read_sysinfo
+from ..preflight import PlannedSession, PreflightInputs, PreflightResult, handoff_mode, preflight
+from ..scratch import ScratchPlan, plan_scratch
+from .handoff import SYSTEMD_SESSION, SessionFdStore
 from .manifest import (
     AGENT_SESSION,
     MANIFEST_TOKEN,
@@ -83,11 +86,8 @@ from .manifest import (
     manifest_memfd,
     manifest_to_json,
     read_manifest,
-    write_atomic,
 )
-from .preflight import PlannedSession, PreflightInputs, PreflightResult, handoff_mode, preflight
-from .scratch import ScratchPlan, plan_scratch
-from .statefile import AgentState, Phase, StateStore, Target, move_aside, now
+from .phase import AgentState, Phase, StateStore, Target, move_aside, now
 from .verifyrun import (
     HostObservation,
     PendingDigest,
@@ -204,7 +204,7 @@ def _seals(fd: int) -> int | None:
         return None
 
 
-class Orchestrator:
+class Engine:
     def __init__(self, host: Host, config: EngineConfig) -> None:
         self.host = host
         self.config = config
@@ -1344,7 +1344,7 @@ def _manifests_agree(disk: Manifest | None, memfd: Manifest | None,
 
 # --- start without a state to go by (issue 11) ---------------------------------------------------
 
-def _prepared_in(agent: Orchestrator, boot: str) -> bool:
+def _prepared_in(agent: Engine, boot: str) -> bool:
     """A manifest written in this boot: an update was prepared in it (cancel, a failed prepare
     and a restart before the kexec all remove the manifest; after a kexec it names the boot
     before). Absent or unreadable proves nothing."""
@@ -1354,7 +1354,7 @@ def _prepared_in(agent: Orchestrator, boot: str) -> bool:
         return False
 
 
-def _adopt_verification(agent: Orchestrator, verified: tuple[bool, dict[str, Any], str],
+def _adopt_verification(agent: Engine, verified: tuple[bool, dict[str, Any], str],
                         notes: list[str]) -> RecoveryResult:
     """This boot was verified already, but the state does not say so (it was lost, or not
     saved after the verification): report that result instead of verifying again."""
@@ -1369,7 +1369,7 @@ def _adopt_verification(agent: Orchestrator, verified: tuple[bool, dict[str, Any
     return RecoveryResult(phase, message, False)
 
 
-def _recover_lost_state(agent: Orchestrator, boot: str, corrupt: str | None, notes: list[str],
+def _recover_lost_state(agent: Engine, boot: str, corrupt: str | None, notes: list[str],
                         incoming: bool, verified: tuple[bool, dict[str, Any], str] | None,
                         record_problem: str | None) -> RecoveryResult:
     """No state to go by: the state file was corrupt (`corrupt` says what, and where it was
@@ -1413,7 +1413,7 @@ def _recover_lost_state(agent: Orchestrator, boot: str, corrupt: str | None, not
     return RecoveryResult(Phase.IDLE, message, verify)
 
 
-def _unsaved_at_start(agent: Orchestrator, result: RecoveryResult,
+def _unsaved_at_start(agent: Engine, result: RecoveryResult,
                       problem: str) -> RecoveryResult:
     """The state could not be saved while starting: the agent runs on with it in memory and
     says so. Prepare and verify save before they act, so they refuse until it can be saved; a
