@@ -18,15 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from kho_agent import daemon
+from kho_agent.engine import verify
 from kho_agent.engine.verifyrun import HostObservation
-from kho_agent.service import manager
 
 GATE_TIMEOUT_S = 60
 
 
 def main() -> int:
     gate = Path(sys.argv[1])
-    real = manager.observe
+    real = verify.observe
 
     def gated(*args: Any, **kwargs: Any) -> HostObservation:
         Path(f"{gate}.waiting").touch()
@@ -39,7 +39,7 @@ def main() -> int:
             raise OSError(errno.EIO, "the test failed the observation", str(gate))
         return real(*args, **kwargs)
 
-    manager.observe = gated
+    verify.observe = gated
     return daemon.main(sys.argv[2:])
 
 

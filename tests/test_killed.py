@@ -29,8 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 CHILD = textwrap.dedent("""
     import os, sys
     from pathlib import Path
-    from kho_agent.engine import (CommitOptions, EngineConfig, Engine,
-                                        PrepareOptions)
+    from kho_agent.engine import CommitOptions, Engine, EngineConfig, PrepareOptions, verify
     from kho_agent.sim import SimKernel
 
     sim_dir, state_dir = Path(sys.argv[1]), Path(sys.argv[2])
@@ -50,11 +49,11 @@ CHILD = textwrap.dedent("""
     agent = Engine(host, EngineConfig(state_dir=state_dir))
     agent.start()
     if stop == "verifying":
-        real = agent._retrieve_session
-        def retrieve_one_then_halt(device, entry, problem, run):
-            result = real(device, entry, problem, run)
+        real = verify.retrieve_session
+        def retrieve_one_then_halt(ctx, device, entry, problem, run):
+            result = real(ctx, device, entry, problem, run)
             halt(stop)             # one session retrieved and held, the others not yet
-        agent._retrieve_session = retrieve_one_then_halt
+        verify.retrieve_session = retrieve_one_then_halt
         agent.verify()
         raise SystemExit("verify returned")
     for name in ("vm-a", "vm-b"):

@@ -56,8 +56,7 @@ def content(name: str) -> bytes:
 COMMIT = textwrap.dedent("""
     import os, sys
     from pathlib import Path
-    from kho_agent.engine import (CommitOptions, EngineConfig, Engine,
-                                        PrepareOptions)
+    from kho_agent.engine import CommitOptions, Engine, EngineConfig, PrepareOptions
     from kho_agent.sim import SimKernel
     from kho_agent.sim.store import crash_steps
 

@@ -904,8 +904,7 @@ def test_sessions_handed_back_by_the_fd_store_mean_this_boot_is_not_verified_yet
     target = sim.write_kernel_image(tmp_path / "vmlinuz", release="7.3.1-sim", abi=SimAbi())
     config = EngineConfig(state_dir=tmp_path / "state")
     store = DupStore()
-    agent = Engine(SimKernel(tmp_path / "sim").host(), config)
-    agent.fd_store = store
+    agent = Engine(SimKernel(tmp_path / "sim").host(), config, fd_store=store)
     agent.start()
     agent.create_session("vm-a", "test")
     fd = os.memfd_create("vm-a", os.MFD_CLOEXEC)
@@ -921,12 +920,11 @@ def test_sessions_handed_back_by_the_fd_store_mean_this_boot_is_not_verified_yet
     handed_back, store.fds = store.fds, {}
     after = DupStore()
     after.fds = {name: os.dup(fd) for name, fd in handed_back.items()}
-    agent = Engine(SimKernel(tmp_path / "sim").host(), config)
-    agent.fd_store = after
-    agent.stored_sessions = handed_back
+    agent = Engine(SimKernel(tmp_path / "sim").host(), config, fd_store=after,
+                   stored_sessions=handed_back)
     recovery = agent.start()
     assert recovery.verify_pending and agent.state.phase is Phase.IDLE
-    assert agent.stored_sessions  # kept for verification, not released
+    assert agent._ctx.stored_sessions  # kept for verification, not released
     report = agent.verify()
     assert report.ok, [(i.name, i.detail) for i in report.failures()]
     agent.close()
