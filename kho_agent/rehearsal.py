@@ -3,7 +3,7 @@
     preflight -> prepare (sessions with memfds of known content) -> commit -> simulated kexec
     -> a new agent instance (as after the reboot) -> verify -> the clients check their bytes
 
-This is `kho-agentctl rehearse`: it exercises the same orchestrator, manifest and decoder code as
+This is `kho-agentctl rehearse`: it exercises the same engine, manifest and decoder code as
 a real host, on any machine, and shows what the agent would do and find.
 """
 

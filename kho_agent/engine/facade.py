@@ -155,9 +155,6 @@ class Engine:
     def claim_session(self, name: str) -> LiveUpdateSession:
         return sessions.claim_session(self._ctx, name)
 
-    def finish_unclaimed(self) -> list[str]:
-        return sessions.finish_unclaimed(self._ctx)
-
     def finish_expired(self, now: float | None = None) -> list[str]:
         return sessions.finish_expired(self._ctx, now)
 

@@ -1,4 +1,4 @@
-"""systemd's fd store as the agent's SessionFdStore (hand-off mode fdstore, see fdstore.py)."""
+"""systemd's fd store as the agent's SessionFdStore (hand-off mode fdstore: engine/handoff.py)."""
 
 from __future__ import annotations
 

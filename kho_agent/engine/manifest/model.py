@@ -44,7 +44,7 @@ class FileEntry:
 @dataclass
 class SessionEntry:
     name: str
-    owner: str                  # "uid=0 bus=:1.42" or "rehearsal"
+    owner: str                  # "uid:1000" (service/auth.py, Caller.owner) or "rehearsal"
     files: list[FileEntry]
     ready: bool
     digests: bool               # per-session opt-in
@@ -69,10 +69,14 @@ class Manifest:
     release_from: str
     release_to: str
     boot_id_from: str
-    abi_from: dict[str, str]    # contract -> version ("kho": "kho-v4", "luo": "luo-v5", ...)
+    # contract key (abi/compat.py) -> version spoken: {"kho-root": "kho-v4", "luo": "luo-v5",
+    # "handler:memfd": "memfd-v2", "memblock": "memblock-v1", ...}
+    abi_from: dict[str, str]
     abi_to: dict[str, str]
     cmdline_to: str
-    scratch: dict[str, object]  # areas and the kho_scratch= value in effect
+    # {"areas": [{"role", "phys", "size"}], "kho_scratch": the kho_scratch= in effect or None,
+    #  "recommended": the kho_scratch= the scratch plan recommends or None}
+    scratch: dict[str, object]
     liveupdate_number_from: int | None
     liveupdate_number_expected: int | None
     sessions: list[SessionEntry]
