@@ -1,10 +1,10 @@
 """kho-agentd with the middle step of its verification held at a gate (tests only).
 
-The daemon is the real one (`kho_agent.daemon.main`); only `verifyrun.observe`, the step that
-runs beside the engine, waits before it starts: it creates `GATE.waiting`, then waits until
-`GATE` exists. A gate that holds "fail" makes the step fail with EIO instead, as a read error
-would. So a test can look at the daemon, deterministically, while its verification is
-retrieving-done but not concluded.
+The daemon is the real one (`kho_agent.daemon.main`); only `observe` (as engine/verify.py calls
+it), the step that runs beside the engine, waits before it starts: it creates `GATE.waiting`,
+then waits until `GATE` exists. A gate that holds "fail" makes the step fail with EIO instead,
+as a read error would. So a test can look at the daemon, deterministically, while its
+verification is retrieving-done but not concluded.
 
     python tests/gated_daemon.py GATE kho-agentd arguments...
 """
