@@ -6,8 +6,6 @@ Commit writes the final manifest and hands off: in mode `direct` (and the simula
 process holds the session fds until the kexec; in mode `fdstore` they are parked in systemd's fd
 store across it.
 
-Hand-off mode `fdstore`: the session fds parked in systemd's fd store across the kexec.
-
 On systemd >= 261 with `FileDescriptorStorePreserve=yes` (kho-agent-fdstore.conf), systemd keeps
 the fds a service stores with `FDSTORE=1` through a kexec and hands them back in `LISTEN_FDS`
 after the reboot (design.md decision 1). The agent then needs no process alive at the kexec:
