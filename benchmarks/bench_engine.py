@@ -7,7 +7,7 @@ work: < 50 ms added to the blackout for 100 sessions, verify of 1,000 sessions <
 Figures are printed, not asserted. Each size runs a fresh simulated host in a temporary
 directory. "commit" is `CommitResult.handoff_seconds`: from the commit call to the moment the
 agent calls reboot (the simulated kexec itself, i.e. the kernel's serialization, is excluded).
-"verify" is the whole `Orchestrator.verify()` after the simulated reboot: retrieving every
+"verify" is the whole `Engine.verify()` after the simulated reboot: retrieving every
 session and token, reading the manifest memfd, decoding the incoming KHO state, comparing.
 The simulator's own file writes (debugfs tree, /proc/kcore image) happen inside `host.sync()`
 calls and are part of both figures; the "sim sync" column shows how much of it that is. The
@@ -30,7 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kho_agent.orchestrator import CommitOptions, EngineConfig, Orchestrator, PrepareOptions
+from kho_agent.engine import CommitOptions, Engine, EngineConfig, PrepareOptions
 from kho_agent.sim import SimAbi, SimKernel
 from kho_agent.sim import liveupdate as simlu
 
@@ -83,7 +83,7 @@ def run_size(sessions: int, files: int) -> dict[str, float]:
 
         host.sync = timed_sync
         config = EngineConfig(state_dir=root / "state", digests=False)
-        agent = Orchestrator(host, config)
+        agent = Engine(host, config)
         agent.start()
         t = time.perf_counter()
         for s in range(sessions):
@@ -106,7 +106,7 @@ def run_size(sessions: int, files: int) -> dict[str, float]:
         synced[0] = 0.0
         real_sync = host.sync
         host.sync = timed_sync
-        agent = Orchestrator(host, config)
+        agent = Engine(host, config)
         agent.start()
         CLOCK.seconds, CLOCK.on = 0.0, True
         t = time.perf_counter()

@@ -27,9 +27,10 @@ from pathlib import Path
 import gi
 from gi.repository import Gio, GLib
 
+from .engine import Engine, EngineConfig
+from .engine.phase import Phase
 from .errors import AgentError
 from .kernel.host import Host, real_host
-from .orchestrator import EngineConfig, Orchestrator
 from .service import interfaces as api
 from .service.auth import Authorizer
 from .service.fdstore import NotifierSessionStore, take_stored_sessions
@@ -37,7 +38,6 @@ from .service.journal import Event, EventLog
 from .service.manager import AgentService, Hooks, Job, Snapshot
 from .service.notify import Notifier
 from .service.worker import Worker
-from .statefile import Phase
 
 DEFAULT_STATE_DIR = Path("/var/lib/kho-agent")
 EXIT_OK = 0
@@ -141,22 +141,24 @@ class Daemon:
         state_dir = args.state_dir or (args.simulate / "state" if args.simulate
                                        else DEFAULT_STATE_DIR)
         grace = args.claim_grace if args.claim_grace > 0 else None
-        self.agent = Orchestrator(self.host, EngineConfig(
-            state_dir=state_dir, digests=not args.no_digests, claim_grace_seconds=grace))
         self.service: AgentService | None = None
         self.worker = Worker(log)
         self.notifier = Notifier.from_env()
         self.events = EventLog()
+        fd_store = None
         if self.notifier.enabled and self.notifier.fdstore_max > 0:
             # the unit has an fd store (kho-agent-fdstore.conf): on a systemd that carries it
             # through the kexec, commit parks the sessions there (hand-off mode fdstore)
-            self.agent.fd_store = NotifierSessionStore(self.notifier)
-        self.agent.on_step_timed = lambda step, seconds: log(f"verify: {step}: {seconds:.2f} s")
+            fd_store = NotifierSessionStore(self.notifier)
         # after a kexec in mode fdstore, the incoming sessions come back from the store
-        self.agent.stored_sessions = take_stored_sessions(self.notifier.listen_fds(), log)
-        if self.agent.stored_sessions:
-            log(f"the fd store handed back {len(self.agent.stored_sessions)} session fd(s): "
-                + ", ".join(sorted(self.agent.stored_sessions)))
+        stored = take_stored_sessions(self.notifier.listen_fds(), log)
+        if stored:
+            log(f"the fd store handed back {len(stored)} session fd(s): "
+                + ", ".join(sorted(stored)))
+        self.agent = Engine(self.host, EngineConfig(
+            state_dir=state_dir, digests=not args.no_digests, claim_grace_seconds=grace),
+            fd_store=fd_store, stored_sessions=stored,
+            on_step_timed=lambda step, seconds: log(f"verify: {step}: {seconds:.2f} s"))
 
     def run(self) -> int:
         recovery = self.agent.start()

@@ -26,8 +26,8 @@ from pathlib import Path
 from blake3 import blake3
 
 from .errors import AgentError
+from .kernel.atomicfile import write_atomic
 from .kernel.callerfile import read_if_present
-from .manifest import write_atomic
 
 FILE_NAME = "image-strings.json"
 SCHEMA_VERSION = 1

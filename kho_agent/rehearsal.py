@@ -3,7 +3,7 @@
     preflight -> prepare (sessions with memfds of known content) -> commit -> simulated kexec
     -> a new agent instance (as after the reboot) -> verify -> the clients check their bytes
 
-This is `kho-agentctl rehearse`: it exercises the same orchestrator, manifest and decoder code as
+This is `kho-agentctl rehearse`: it exercises the same engine, manifest and decoder code as
 a real host, on any machine, and shows what the agent would do and find.
 """
 
@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .engine import CommitOptions, Engine, EngineConfig, PrepareOptions
+from .engine.manifest import VerifyReport
 from .errors import AgentError
-from .manifest import VerifyReport
-from .orchestrator import CommitOptions, EngineConfig, Orchestrator, PrepareOptions
 from .preflight import PreflightResult
 from .sim import SimAbi, SimKernel
 
@@ -133,7 +133,7 @@ def rehearse(directory: Path, *, sessions: int = 3, fault: str | None = None,
     target = sim.write_kernel_image(directory / "boot" / f"vmlinuz-{TARGET_RELEASE}",
                                     release=TARGET_RELEASE, abi=target_abi or SimAbi())
     config = EngineConfig(state_dir=directory / "state")
-    agent = Orchestrator(host, config)
+    agent = Engine(host, config)
     agent.start()
     clock.step("boot", True, f"simulated kernel {sim.release} booted cold in {directory / 'sim'}",
                t)
@@ -191,7 +191,7 @@ def rehearse(directory: Path, *, sessions: int = 3, fault: str | None = None,
     # The old process is gone with the old kernel: a new one attaches to the new boot.
     t = time.perf_counter()
     sim = SimKernel(directory / "sim")
-    agent = Orchestrator(sim.host(), config)
+    agent = Engine(sim.host(), config)
     recovery = agent.start()
     clock.step("reboot", recovery.verify_pending, f"booted {sim.release} (boot "
                f"{sim.boot_count}); {recovery.message}", t)
@@ -217,7 +217,7 @@ def rehearse(directory: Path, *, sessions: int = 3, fault: str | None = None,
     return result
 
 
-def _clients_check(agent: Orchestrator, plans: list[ClientPlan]) -> tuple[list[str], int]:
+def _clients_check(agent: Engine, plans: list[ClientPlan]) -> tuple[list[str], int]:
     """What a VMM does after the reboot: claim its session, read every file, finish."""
     problems: list[str] = []
     checked = 0

@@ -1743,7 +1743,7 @@ class FdEntry:
 
 SESSION_METHODS = frozenset({"Preserve", "SetReady", "ReleaseSession", "RetrieveSession",
                              "RetrieveFile", "FinishSession"})
-# what a StateMessage says about the State it goes with (orchestrator transitions)
+# what a StateMessage says about the State it goes with (engine transitions)
 MESSAGE_STATES = (("preparing ", {"preparing"}), ("prepared ", {"prepared"}),
                   ("cancelling", {"cancelling"}), ("handing off", {"committing"}),
                   ("verifying the", {"verifying"}), ("verified: every", {"verified"}),

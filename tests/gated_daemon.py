@@ -1,10 +1,10 @@
 """kho-agentd with the middle step of its verification held at a gate (tests only).
 
-The daemon is the real one (`kho_agent.daemon.main`); only `verifyrun.observe`, the step that
-runs beside the engine, waits before it starts: it creates `GATE.waiting`, then waits until
-`GATE` exists. A gate that holds "fail" makes the step fail with EIO instead, as a read error
-would. So a test can look at the daemon, deterministically, while its verification is
-retrieving-done but not concluded.
+The daemon is the real one (`kho_agent.daemon.main`); only `observe` (as engine/verify.py calls
+it), the step that runs beside the engine, waits before it starts: it creates `GATE.waiting`,
+then waits until `GATE` exists. A gate that holds "fail" makes the step fail with EIO instead,
+as a read error would. So a test can look at the daemon, deterministically, while its
+verification is retrieving-done but not concluded.
 
     python tests/gated_daemon.py GATE kho-agentd arguments...
 """
@@ -18,15 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from kho_agent import daemon
-from kho_agent.service import manager
-from kho_agent.verifyrun import HostObservation
+from kho_agent.engine import verify
+from kho_agent.engine.verifyrun import HostObservation
 
 GATE_TIMEOUT_S = 60
 
 
 def main() -> int:
     gate = Path(sys.argv[1])
-    real = manager.observe
+    real = verify.observe
 
     def gated(*args: Any, **kwargs: Any) -> HostObservation:
         Path(f"{gate}.waiting").touch()
@@ -39,7 +39,7 @@ def main() -> int:
             raise OSError(errno.EIO, "the test failed the observation", str(gate))
         return real(*args, **kwargs)
 
-    manager.observe = gated
+    verify.observe = gated
     return daemon.main(sys.argv[2:])
 
 

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from kho_agent.engine import CommitOptions, Engine, EngineConfig, PrepareOptions
+from kho_agent.engine.handoff import session_fdname, session_from_fdname
+from kho_agent.engine.manifest import AGENT_SESSION
+from kho_agent.engine.phase import Phase
 from kho_agent.errors import AgentError, InvalidArgument, KernelRefused, PreflightFailed
-from kho_agent.fdstore import session_fdname, session_from_fdname
 from kho_agent.kernel.sysinfo import read_sysinfo
-from kho_agent.manifest import AGENT_SESSION
-from kho_agent.orchestrator import CommitOptions, EngineConfig, Orchestrator, PrepareOptions
 from kho_agent.service.notify import fdname_is_valid
 from kho_agent.sim import SimAbi, SimKernel
-from kho_agent.statefile import Phase
 
 # --- names ----------------------------------------------------------------------------------------
 
@@ -90,14 +90,13 @@ class Rig:
         self.config = EngineConfig(state_dir=tmp / "state")
 
     def agent(self, store: DupStore | None, stored: dict[str, int] | None = None
-              ) -> Orchestrator:
-        agent = Orchestrator(SimKernel(self.tmp / "sim").host(), self.config)
-        agent.fd_store = store
-        agent.stored_sessions = dict(stored or {})
+              ) -> Engine:
+        agent = Engine(SimKernel(self.tmp / "sim").host(), self.config, fd_store=store,
+                       stored_sessions=stored)
         agent.start()
         return agent
 
-    def client(self, agent: Orchestrator, name: str, data: bytes) -> None:
+    def client(self, agent: Engine, name: str, data: bytes) -> None:
         agent.create_session(name, "test")
         fd = os.memfd_create(name, os.MFD_CLOEXEC)
         os.write(fd, data)
@@ -117,7 +116,7 @@ def test_commit_parks_every_session_and_the_next_boot_adopts_them(tmp_path: Path
     assert "fd store" in result.plan[-1]
     assert sorted(store.fds) == sorted([AGENT_SESSION, "vm:1"])
     assert sorted(agent.parked) == sorted([AGENT_SESSION, "vm:1"])
-    assert agent.device is None  # closed for systemd-shutdown
+    assert agent._ctx.device is None  # closed for systemd-shutdown
     # the next boot: the store hands the fds back, the agent adopts instead of retrieving
     stored = store.hand_back()
     store_after = DupStore()
@@ -125,7 +124,7 @@ def test_commit_parks_every_session_and_the_next_boot_adopts_them(tmp_path: Path
     agent = rig.agent(store_after, stored)
     report = agent.verify()
     assert report.ok, [(i.name, i.detail) for i in report.failures()]
-    assert agent.stored_sessions == {}
+    assert agent._ctx.stored_sessions == {}
     assert store_after.fds == {}  # adopted sessions leave the store
     session = agent.claim_session("vm:1")
     fd = session.retrieve_fd(1)
@@ -209,13 +208,13 @@ def test_fds_handed_back_in_the_same_boot_are_released(tmp_path: Path) -> None:
     rig = Rig(tmp_path)
     agent = rig.agent(DupStore())
     rig.client(agent, "vm-1", b"x")
-    handle = agent.clients["vm-1"].handle
+    handle = agent._ctx.clients["vm-1"].handle
     stray = os.dup(handle.fileno())
     agent.close()
     store = DupStore()
     store.fds["vm-1"] = os.dup(stray)
     agent = rig.agent(store, {"vm-1": stray})
-    assert agent.stored_sessions == {} and store.fds == {}
+    assert agent._ctx.stored_sessions == {} and store.fds == {}
     assert "released 1: vm-1" in agent.state.message
     with pytest.raises(OSError):
         os.fstat(stray)  # closed by the agent
@@ -229,7 +228,7 @@ def test_the_name_systemd_uses_for_its_own_session_is_refused(tmp_path: Path) ->
     agent = rig.agent(DupStore())
     with pytest.raises(InvalidArgument, match="systemd's own"):
         agent.create_session("systemd", "test")
-    assert agent.clients == {}
+    assert agent._ctx.clients == {}
     agent.close()
 
 
@@ -251,7 +250,7 @@ def test_sessions_the_manifest_does_not_list_are_released_at_verify(tmp_path: Pa
     store_after.fds = {name: os.dup(fd) for name, fd in stored.items()}
     agent = rig.agent(store_after, stored)
     assert agent.verify().ok
-    assert agent.stored_sessions == {} and store_after.fds == {}
+    assert agent._ctx.stored_sessions == {} and store_after.fds == {}
     extra.close()
     stray.close()
     agent.close()
@@ -259,7 +258,7 @@ def test_sessions_the_manifest_does_not_list_are_released_at_verify(tmp_path: Pa
 
 # --- a session its owner keeps in its own fd store (option fd_store) ------------------------------
 
-def owner_keeps(rig: Rig, agent: Orchestrator, name: str, data: bytes) -> int:
+def owner_keeps(rig: Rig, agent: Engine, name: str, data: bytes) -> int:
     """A manager in systemd's native way: its session fd goes to its own service's fd store
     (here: a duplicate it keeps), its memfd is preserved through the agent."""
     handle = agent.create_session(name, "test", owner_fd_store=True)
@@ -284,7 +283,7 @@ def test_a_session_its_owner_keeps_is_neither_parked_nor_retrieved(tmp_path: Pat
     agent.prepare(PrepareOptions(kernel=rig.target))
     agent.commit(CommitOptions())
     assert sorted(store.fds) == sorted([AGENT_SESSION, "vm-1"])   # not keeper-1
-    written = json.loads(agent.store.manifest_path.read_text())
+    written = json.loads(agent.manifest_path.read_text())
     flags = {s["name"]: s.get("owner_fd_store", False) for s in written["sessions"]}
     assert flags == {"vm-1": False, "keeper-1": True}
     after = rig.agent(DupStore(), store.hand_back())
@@ -297,7 +296,7 @@ def test_a_session_its_owner_keeps_is_neither_parked_nor_retrieved(tmp_path: Pat
     os.close(own_store)
     # the agent left it in the kernel for systemd to retrieve (the simulated kernel's
     # sessions live in its agent's process, so this retrieves it the way PID 1 would)
-    session = after._device().retrieve_session("keeper-1")
+    session = after._ctx.open_device().retrieve_session("keeper-1")
     fd = session.retrieve_fd(1)
     assert os.pread(fd, 100, 0) == b"kept by its owner"
     # the owner hands its fd in: the agent checks what it recorded, and reads only
@@ -328,7 +327,7 @@ def test_without_a_store_a_session_its_owner_keeps_is_carried_by_the_agent(
     os.close(own_store)   # lost with the owner's fd store
     agent.prepare(PrepareOptions(kernel=rig.target))
     agent.commit(CommitOptions())
-    written = json.loads(agent.store.manifest_path.read_text())
+    written = json.loads(agent.manifest_path.read_text())
     assert "owner_fd_store" not in written["sessions"][0]
     after = rig.agent(None)
     report = after.verify()

@@ -13,8 +13,8 @@ import pytest
 from test_orchestrator import Rig
 
 from kho_agent import facts
+from kho_agent.engine import CommitOptions, PrepareOptions
 from kho_agent.imagestrings import FILE_NAME, MAX_IMAGES, ImageStrings, image_digest
-from kho_agent.orchestrator import CommitOptions, PrepareOptions
 
 STRINGS = {"kho-root": ["kho-v4"], "luo": ["luo-v5"], "handler:memfd": ["memfd-v2"],
            "luo-flb": []}

@@ -19,18 +19,17 @@ from pathlib import Path
 
 import pytest
 
+from kho_agent.engine import CommitOptions, Engine, EngineConfig, PrepareOptions
+from kho_agent.engine.phase import Phase
 from kho_agent.errors import KernelRefused
-from kho_agent.orchestrator import CommitOptions, EngineConfig, Orchestrator, PrepareOptions
 from kho_agent.sim import SimAbi, SimKernel
-from kho_agent.statefile import Phase
 
 REPO = Path(__file__).resolve().parent.parent
 
 CHILD = textwrap.dedent("""
     import os, sys
     from pathlib import Path
-    from kho_agent.orchestrator import (CommitOptions, EngineConfig, Orchestrator,
-                                        PrepareOptions)
+    from kho_agent.engine import CommitOptions, Engine, EngineConfig, PrepareOptions, verify
     from kho_agent.sim import SimKernel
 
     sim_dir, state_dir = Path(sys.argv[1]), Path(sys.argv[2])
@@ -47,14 +46,14 @@ CHILD = textwrap.dedent("""
         setattr(obj, name, blocked)
 
     host = SimKernel(sim_dir).host()
-    agent = Orchestrator(host, EngineConfig(state_dir=state_dir))
+    agent = Engine(host, EngineConfig(state_dir=state_dir))
     agent.start()
     if stop == "verifying":
-        real = agent._retrieve_session
-        def retrieve_one_then_halt(device, entry, problem, run):
-            result = real(device, entry, problem, run)
+        real = verify.retrieve_session
+        def retrieve_one_then_halt(ctx, device, entry, problem, run):
+            result = real(ctx, device, entry, problem, run)
             halt(stop)             # one session retrieved and held, the others not yet
-        agent._retrieve_session = retrieve_one_then_halt
+        verify.retrieve_session = retrieve_one_then_halt
         agent.verify()
         raise SystemExit("verify returned")
     for name in ("vm-a", "vm-b"):
@@ -115,8 +114,8 @@ class Host:
                 if stream is not None:
                     stream.close()
 
-    def agent(self) -> Orchestrator:
-        agent = Orchestrator(SimKernel(self.sim_dir).host(), EngineConfig(self.state_dir))
+    def agent(self) -> Engine:
+        agent = Engine(SimKernel(self.sim_dir).host(), EngineConfig(self.state_dir))
         agent.start()
         return agent
 
@@ -130,7 +129,7 @@ def host(tmp_path: Path) -> Host:
     return Host(tmp_path)
 
 
-def _new_cycle_works(host: Host, agent: Orchestrator) -> None:
+def _new_cycle_works(host: Host, agent: Engine) -> None:
     """The same session names and a new prepare/commit/verify: nothing was left behind."""
     for name in ("vm-a", "vm-b"):
         agent.create_session(name, "again")

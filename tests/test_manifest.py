@@ -23,11 +23,9 @@ import jsonschema.validators
 import pytest
 from jsonschema import Draft202012Validator
 
-from kho_agent import manifest as mf
 from kho_agent.digest import digest_fd
-from kho_agent.errors import InvalidArgument, KernelRefused, NotFound, StateCorrupt
-from kho_agent.kernel import callerfile
-from kho_agent.manifest import (
+from kho_agent.engine import manifest as mf
+from kho_agent.engine.manifest import (
     AGENT_SESSION,
     MANIFEST_TOKEN,
     FileEntry,
@@ -44,8 +42,10 @@ from kho_agent.manifest import (
     manifest_memfd,
     manifest_to_json,
     read_manifest,
-    write_atomic,
 )
+from kho_agent.errors import InvalidArgument, KernelRefused, NotFound, StateCorrupt
+from kho_agent.kernel import callerfile
+from kho_agent.kernel.atomicfile import write_atomic
 from kho_agent.netstate import Address, Link, NetState, Route
 
 REPO = Path(__file__).resolve().parent.parent
@@ -399,7 +399,7 @@ REAL_FS_SCRIPT = textwrap.dedent("""
     import json, os, subprocess, sys
     from pathlib import Path
     from kho_agent.errors import KernelRefused
-    from kho_agent.manifest import write_atomic
+    from kho_agent.kernel.atomicfile import write_atomic
     mnt = Path(sys.argv[1])
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], check=True)
     target = mnt / "manifest.json"

@@ -12,9 +12,11 @@ from pathlib import Path
 import blake3
 import pytest
 
-from kho_agent import manifest as manifest_mod
-from kho_agent import orchestrator as orchestrator_mod
 from kho_agent.cli import main as cli_main
+from kho_agent.engine import CommitOptions, Engine, EngineConfig, PrepareOptions
+from kho_agent.engine import prepare as prepare_mod
+from kho_agent.engine import sessions as sessions_mod
+from kho_agent.engine.phase import Phase
 from kho_agent.errors import (
     AgentError,
     Busy,
@@ -24,10 +26,9 @@ from kho_agent.errors import (
     NotPrepared,
     PreflightFailed,
 )
-from kho_agent.orchestrator import CommitOptions, EngineConfig, Orchestrator, PrepareOptions
+from kho_agent.kernel import atomicfile
 from kho_agent.rehearsal import client_plans, rehearse
 from kho_agent.sim import SimAbi, SimKernel
-from kho_agent.statefile import Phase
 
 PAGE = 4096
 
@@ -44,8 +45,8 @@ class Rig:
         self.config = EngineConfig(state_dir=tmp / "state")
         self.agent = self.new_agent()
 
-    def new_agent(self) -> Orchestrator:
-        agent = Orchestrator(self.sim.host(), self.config)
+    def new_agent(self) -> Engine:
+        agent = Engine(self.sim.host(), self.config)
         agent.start()
         return agent
 
@@ -59,7 +60,7 @@ class Rig:
         if ready:
             self.agent.set_ready(name, True)
 
-    def reboot_view(self) -> Orchestrator:
+    def reboot_view(self) -> Engine:
         """After the simulated kexec: a new kernel, a new agent process."""
         self.sim = SimKernel(self.tmp / "sim")
         return self.new_agent()
@@ -118,7 +119,7 @@ def test_verify_reports_where_its_time_goes(rig: Rig) -> None:
     rig.agent.commit(CommitOptions())
     agent = rig.reboot_view()
     steps: list[tuple[str, float]] = []
-    agent.on_step_timed = lambda step, seconds: steps.append((step, seconds))
+    agent._ctx.on_step_timed = lambda step, seconds: steps.append((step, seconds))
     start = time.perf_counter()
     assert agent.verify().ok
     elapsed = time.perf_counter() - start
@@ -164,7 +165,7 @@ def test_duplicate_session_name_never_reaches_the_kernel(rig: Rig) -> None:
     rig.client("vm-a", {1: b"x"})
     with pytest.raises(Busy, match="already exists"):
         rig.agent.create_session("vm-a", "someone else")
-    assert rig.agent.commit_blocker is None
+    assert rig.agent._ctx.commit_blocker is None
 
 
 def test_restart_after_prepare_reports_cancelled_and_unloads(rig: Rig) -> None:
@@ -242,10 +243,10 @@ def test_disk_full_while_writing_the_manifest(rig: Rig, monkeypatch: pytest.Monk
     def full(fd: int) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(manifest_mod.os, "fsync", full)
+    monkeypatch.setattr(atomicfile.os, "fsync", full)
     with pytest.raises(AgentError) as exc:
         rig.agent.prepare(PrepareOptions(kernel=rig.target))
-    monkeypatch.setattr(manifest_mod.os, "fsync", real_fsync)
+    monkeypatch.setattr(atomicfile.os, "fsync", real_fsync)
     assert "ENOSPC" in exc.value.message or "No space" in exc.value.message
     assert not rig.sim.host().kexec.loaded()
     assert rig.agent.state.phase is Phase.IDLE
@@ -289,8 +290,8 @@ def test_cli_rehearse_incompatible_target_is_refused(tmp_path: Path,
 
 # --- readiness and digests ----------------------------------------------------------------------
 
-def _entry(agent: Orchestrator, name: str) -> list[tuple[int, str | None]]:
-    return [(f.token, f.digest) for f in agent.clients[name].entry("direct").files]
+def _entry(agent: Engine, name: str) -> list[tuple[int, str | None]]:
+    return [(f.token, f.digest) for f in agent._ctx.clients[name].entry("direct").files]
 
 
 def test_not_ready_voids_digests_and_ready_takes_them_again(rig: Rig) -> None:
@@ -322,22 +323,22 @@ def test_no_fd_left_for_the_agent_preserves_nothing(rig: Rig,
     rig.agent.create_session("vm-a", "test")
     fd = os.memfd_create("m", os.MFD_CLOEXEC)
     os.write(fd, b"x")
-    real = orchestrator_mod.fcntl.fcntl
+    real = sessions_mod.fcntl.fcntl
 
     def no_fds(f: int, cmd: int, arg: int = 0) -> int:
         if cmd == fcntl.F_DUPFD_CLOEXEC:
             raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
         return real(f, cmd, arg)
 
-    monkeypatch.setattr(orchestrator_mod.fcntl, "fcntl", no_fds)
+    monkeypatch.setattr(sessions_mod.fcntl, "fcntl", no_fds)
     with pytest.raises(KernelRefused, match="LimitNOFILE") as exc:
         rig.agent.preserve("vm-a", fd, 1)
     assert exc.value.errno == errno.EMFILE
-    monkeypatch.setattr(orchestrator_mod.fcntl, "fcntl", real)
-    assert rig.agent.clients["vm-a"].files == {}
+    monkeypatch.setattr(sessions_mod.fcntl, "fcntl", real)
+    assert rig.agent._ctx.clients["vm-a"].files == {}
     rig.agent.preserve("vm-a", fd, 1)  # the kernel did not keep it: no EBUSY, no EEXIST
     os.close(fd)
-    assert list(rig.agent.clients["vm-a"].files) == [1]
+    assert list(rig.agent._ctx.clients["vm-a"].files) == [1]
 
 
 # --- after the reboot: claiming, grace period ----------------------------------------------------
@@ -385,13 +386,13 @@ def test_a_state_that_cannot_be_saved_is_added_to_the_error(
     rig.client("vm-a", {1: b"x"})
     rig.agent.prepare(PrepareOptions(kernel=rig.target))
     rig.sim.inject("freeze-fails")
-    kexec = rig.agent.host.kexec
+    kexec = rig.agent._ctx.host.kexec
     real_reboot = kexec.reboot
 
     def reboot_then_disk_full(*, via_systemd: bool) -> None:
         def full(state: object) -> None:
             raise KernelRefused("writing state.json", errno.ENOSPC, "the disk is full")
-        monkeypatch.setattr(rig.agent.store, "save", full)
+        monkeypatch.setattr(rig.agent._ctx.store, "save", full)
         real_reboot(via_systemd=via_systemd)
 
     monkeypatch.setattr(kexec, "reboot", reboot_then_disk_full)
@@ -450,18 +451,18 @@ def _disk_full(monkeypatch: pytest.MonkeyPatch, rig: Rig) -> None:
         if os.readlink(f"/proc/self/fd/{fd}").startswith(state_dir):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real_fsync(fd)
-    monkeypatch.setattr(manifest_mod.os, "fsync", full)
+    monkeypatch.setattr(atomicfile.os, "fsync", full)
 
 
-def _consistent(agent: Orchestrator) -> None:
+def _consistent(agent: Engine) -> None:
     """What the engine says equals what it is and holds."""
     phase, message = agent.state.phase, agent.state.message
     for other in Phase:
         if other is not phase and message.startswith(other.value):
             raise AssertionError(f"state {phase.value} with message {message!r}")
     if phase is Phase.IDLE:
-        assert agent.agent_session is None and agent._plan is None
-        assert not agent.host.kexec.loaded()
+        assert agent._ctx.agent_session is None and agent._ctx.plan is None
+        assert not agent._ctx.host.kexec.loaded()
 
 
 def test_a_failed_prepare_on_a_full_disk_changes_nothing(rig: Rig,
@@ -487,8 +488,8 @@ def test_cancel_on_a_full_disk_ends_idle_and_the_next_prepare_works(
     _disk_full(monkeypatch, rig)
     message = rig.agent.cancel()
     assert "could not be saved" in message
-    assert rig.agent.state.phase is Phase.IDLE and rig.agent.clients == {}
-    assert rig.agent.released["vm-a"].startswith("the live update was cancelled")
+    assert rig.agent.state.phase is Phase.IDLE and rig.agent._ctx.clients == {}
+    assert rig.agent.released_sessions()["vm-a"].startswith("the live update was cancelled")
     _consistent(rig.agent)
     assert rig.state()["phase"] == "prepared"   # the file lags; a restart resolves it
     monkeypatch.undo()
@@ -508,7 +509,7 @@ def test_a_cancelled_prepare_rolls_back_and_keeps_the_sessions(rig: Rig) -> None
         rig.agent.prepare(PrepareOptions(kernel=rig.target, cancelled=cancelled))
     assert steps == [False, True]
     assert not rig.sim.host().kexec.loaded()
-    assert set(rig.agent.clients) == {"vm-a"} and rig.agent.released == {}
+    assert set(rig.agent._ctx.clients) == {"vm-a"} and rig.agent.released_sessions() == {}
     assert "prepare cancelled" in rig.agent.state.message
     _consistent(rig.agent)
     rig.agent.prepare(PrepareOptions(kernel=rig.target))
@@ -522,7 +523,7 @@ def test_an_internal_error_in_prepare_still_leaves_one_state(
 
     def bug(*args: object, **kwargs: object) -> None:
         raise ZeroDivisionError("a bug")
-    monkeypatch.setattr(rig.agent, "_replace_agent_session", bug)
+    monkeypatch.setattr(prepare_mod, "replace_agent_session", bug)
     with pytest.raises(ZeroDivisionError):
         rig.agent.prepare(PrepareOptions(kernel=rig.target))
     assert rig.agent.state.phase is Phase.IDLE and "internal error" in rig.agent.state.message
@@ -535,7 +536,7 @@ def test_an_internal_error_in_prepare_still_leaves_one_state(
 def test_a_refused_unload_keeps_the_update_prepared(rig: Rig) -> None:
     rig.client("vm-a", {1: b"x"})
     rig.agent.prepare(PrepareOptions(kernel=rig.target))
-    host = rig.agent.host
+    host = rig.agent._ctx.host
 
     def refuse() -> None:
         raise KernelRefused("kexec_file_load(UNLOAD)", errno.EBUSY, "held")
@@ -544,7 +545,7 @@ def test_a_refused_unload_keeps_the_update_prepared(rig: Rig) -> None:
     with pytest.raises(KernelRefused):
         rig.agent.cancel()
     assert rig.agent.state.phase is Phase.PREPARED and "cancel failed" in rig.agent.state.message
-    assert set(rig.agent.clients) == {"vm-a"}
+    assert set(rig.agent._ctx.clients) == {"vm-a"}
     host.kexec.unload = real  # type: ignore[method-assign]
     assert "unloaded the kernel" in rig.agent.cancel()
     _consistent(rig.agent)

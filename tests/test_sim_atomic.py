@@ -32,15 +32,15 @@ from test_sim import decode
 
 from kho_agent.abi import Severity
 from kho_agent.abi.kho_state import KhoState
+from kho_agent.engine import CommitOptions, Engine, EngineConfig, PrepareOptions
+from kho_agent.engine.phase import Phase
 from kho_agent.errors import NotFound
 from kho_agent.kernel.host import Host
 from kho_agent.kernel.kexec import load_named
-from kho_agent.orchestrator import CommitOptions, EngineConfig, Orchestrator, PrepareOptions
 from kho_agent.sim import SimAbi, SimKernel
 from kho_agent.sim.boots import BOOTS, CURRENT, LINKS
 from kho_agent.sim.images import build_bzimage
 from kho_agent.sim.store import CRASH_ENV, TMP_NAME
-from kho_agent.statefile import Phase
 
 REPO = Path(__file__).resolve().parent.parent
 NEVER = 1_000_000          # a crash point no transition reaches: the run counts the steps
@@ -56,13 +56,12 @@ def content(name: str) -> bytes:
 COMMIT = textwrap.dedent("""
     import os, sys
     from pathlib import Path
-    from kho_agent.orchestrator import (CommitOptions, EngineConfig, Orchestrator,
-                                        PrepareOptions)
+    from kho_agent.engine import CommitOptions, Engine, EngineConfig, PrepareOptions
     from kho_agent.sim import SimKernel
     from kho_agent.sim.store import crash_steps
 
     sim_dir, state_dir, target = (Path(arg) for arg in sys.argv[1:4])
-    agent = Orchestrator(SimKernel(sim_dir).host(), EngineConfig(state_dir=state_dir))
+    agent = Engine(SimKernel(sim_dir).host(), EngineConfig(state_dir=state_dir))
     agent.start()
     for name, sealing in (("vm-a", True), ("vm-b", False)):
         agent.create_session(name, "child")
@@ -194,7 +193,7 @@ def whole(sim_dir: Path) -> SimKernel:
     return sim
 
 
-def claim_all(agent: Orchestrator, expect: dict[str, bytes]) -> None:
+def claim_all(agent: Engine, expect: dict[str, bytes]) -> None:
     for name, data in expect.items():
         session = agent.claim_session(name)
         fd = session.retrieve_fd(1)
@@ -206,7 +205,7 @@ def claim_all(agent: Orchestrator, expect: dict[str, bytes]) -> None:
         session.close()
 
 
-def live_update(rig: Rig, agent: Orchestrator, names: tuple[str, ...]) -> None:
+def live_update(rig: Rig, agent: Engine, names: tuple[str, ...]) -> None:
     """A whole prepare / commit / verify on the host the agent runs on."""
     for name in names:
         agent.create_session(name, "next")
@@ -217,7 +216,7 @@ def live_update(rig: Rig, agent: Orchestrator, names: tuple[str, ...]) -> None:
         agent.set_ready(name, True)
     agent.prepare(PrepareOptions(kernel=rig.target))
     agent.commit(CommitOptions())
-    after = Orchestrator(whole(rig.sim_dir).host(), rig.config)
+    after = Engine(whole(rig.sim_dir).host(), rig.config)
     assert after.start().verify_pending
     report = after.verify()
     assert report.ok, [(i.kind, i.name, i.detail) for i in report.items
@@ -231,7 +230,7 @@ def live_update(rig: Rig, agent: Orchestrator, names: tuple[str, ...]) -> None:
 def after_killed_commit(rig: Rig) -> str:
     """Check the host after the committing agent was killed; return which boot it found."""
     sim = whole(rig.sim_dir)
-    agent = Orchestrator(sim.host(), rig.config)
+    agent = Engine(sim.host(), rig.config)
     recovery = agent.start()
     if sim.boot_count == 2:
         # killed after the switch: the live update happened; the next agent proves it
@@ -296,7 +295,7 @@ def after_killed_panic(rig: Rig) -> str:
         assert sim.boot_count == 3 and len(sim.panics) == 1 and sim.faults() == {}
         assert sim.release == "7.3.0-sim" and not sim.state.kho_boot
         found = "new"
-    agent = Orchestrator(sim.host(), rig.config)
+    agent = Engine(sim.host(), rig.config)
     agent.start()
     live_update(rig, agent, ("vm-p",))
     agent.close()
@@ -348,7 +347,7 @@ def after_killed_create(rig: Rig, existed: bool) -> str:
             assert sim.host().path("proc/1/comm").read_text() == "sim-init\n"
             found = "old"
         assert sim.boot_count == 1
-    agent = Orchestrator(sim.host(), rig.config)
+    agent = Engine(sim.host(), rig.config)
     agent.start()
     live_update(rig, agent, ("vm-c",))
     agent.close()
@@ -502,7 +501,7 @@ def after_killed_migration(rig: Rig, boot_id: str) -> None:
         os.close(fd)
     session.close()
     device.close()
-    agent = Orchestrator(sim.host(), rig.config)
+    agent = Engine(sim.host(), rig.config)
     agent.start()
     live_update(rig, agent, ("vm-m",))
     agent.close()

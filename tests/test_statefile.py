@@ -29,7 +29,16 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from kho_agent import statefile
+from kho_agent.engine import CommitOptions, Engine, EngineConfig, PrepareOptions
+from kho_agent.engine import phase as statefile
+from kho_agent.engine.manifest import read_manifest
+from kho_agent.engine.phase import (
+    STATE_MAX_BYTES,
+    AgentState,
+    Phase,
+    StateStore,
+    Target,
+)
 from kho_agent.errors import (
     AgentError,
     KernelRefused,
@@ -39,16 +48,7 @@ from kho_agent.errors import (
     StorageFailed,
 )
 from kho_agent.kernel import callerfile
-from kho_agent.manifest import read_manifest
-from kho_agent.orchestrator import CommitOptions, EngineConfig, Orchestrator, PrepareOptions
 from kho_agent.sim import SimAbi, SimKernel
-from kho_agent.statefile import (
-    STATE_MAX_BYTES,
-    AgentState,
-    Phase,
-    StateStore,
-    Target,
-)
 
 T = TypeVar("T")
 HANG_SECONDS = 5.0
@@ -532,12 +532,12 @@ class Rig:
         self.store = StateStore(self.config.state_dir)
         self.agent = self.new_agent()
 
-    def new_agent(self) -> Orchestrator:
-        agent = Orchestrator(SimKernel(self.tmp / "sim").host(), self.config)
+    def new_agent(self) -> Engine:
+        agent = Engine(SimKernel(self.tmp / "sim").host(), self.config)
         self.last_start = within(HANG_SECONDS, agent.start)
         return agent
 
-    def restart(self) -> Orchestrator:
+    def restart(self) -> Engine:
         self.agent.close()
         self.agent = self.new_agent()
         return self.agent
@@ -550,7 +550,7 @@ class Rig:
         os.close(fd)
         self.agent.set_ready(name, True)
 
-    def live_update(self) -> Orchestrator:
+    def live_update(self) -> Engine:
         """prepare, commit, the simulated kexec, a new agent (not verified yet)."""
         self.client("vm-a", b"alpha" * 1000)
         self.agent.prepare(PrepareOptions(kernel=self.target))
@@ -565,7 +565,7 @@ class Rig:
         return SimKernel(self.tmp / "sim").host().kexec.loaded()
 
 
-def phase_of(agent: Orchestrator) -> Phase:
+def phase_of(agent: Engine) -> Phase:
     """The phase now (a function, so that type narrowing of an earlier check does not stick)."""
     return agent.state.phase
 
@@ -928,8 +928,7 @@ def test_sessions_handed_back_by_the_fd_store_mean_this_boot_is_not_verified_yet
     target = sim.write_kernel_image(tmp_path / "vmlinuz", release="7.3.1-sim", abi=SimAbi())
     config = EngineConfig(state_dir=tmp_path / "state")
     store = DupStore()
-    agent = Orchestrator(SimKernel(tmp_path / "sim").host(), config)
-    agent.fd_store = store
+    agent = Engine(SimKernel(tmp_path / "sim").host(), config, fd_store=store)
     agent.start()
     agent.create_session("vm-a", "test")
     fd = os.memfd_create("vm-a", os.MFD_CLOEXEC)
@@ -945,12 +944,11 @@ def test_sessions_handed_back_by_the_fd_store_mean_this_boot_is_not_verified_yet
     handed_back, store.fds = store.fds, {}
     after = DupStore()
     after.fds = {name: os.dup(fd) for name, fd in handed_back.items()}
-    agent = Orchestrator(SimKernel(tmp_path / "sim").host(), config)
-    agent.fd_store = after
-    agent.stored_sessions = handed_back
+    agent = Engine(SimKernel(tmp_path / "sim").host(), config, fd_store=after,
+                   stored_sessions=handed_back)
     recovery = agent.start()
     assert recovery.verify_pending and agent.state.phase is Phase.IDLE
-    assert agent.stored_sessions  # kept for verification, not released
+    assert agent._ctx.stored_sessions  # kept for verification, not released
     report = agent.verify()
     assert report.ok, [(i.name, i.detail) for i in report.failures()]
     agent.close()

@@ -68,12 +68,12 @@ def render_report(report: dict[str, Any]) -> str:
 
 
 def local_report(args: argparse.Namespace) -> dict[str, Any]:
+    from ..engine import Engine, EngineConfig
     from ..kernel.host import real_host
-    from ..orchestrator import EngineConfig, Orchestrator
 
     host = real_host(args.root if args.root is not None else Path("/"))
     # Preflight reads; it never writes state, so the state directory is not touched.
-    agent = Orchestrator(host, EngineConfig(state_dir=DEFAULT_STATE_DIR))
+    agent = Engine(host, EngineConfig(state_dir=DEFAULT_STATE_DIR))
     report: dict[str, Any] = agent.gather_preflight(args.kernel, args.initrd).to_json()
     return report
 

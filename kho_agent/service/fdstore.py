@@ -1,4 +1,4 @@
-"""systemd's fd store as the agent's SessionFdStore (hand-off mode fdstore, see fdstore.py)."""
+"""systemd's fd store as the agent's SessionFdStore (hand-off mode fdstore: engine/handoff.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from ..engine.handoff import session_fdname, session_from_fdname
 from ..errors import AgentError, PreflightFailed
-from ..fdstore import session_fdname, session_from_fdname
 from .notify import Notifier
 
 

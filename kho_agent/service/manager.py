@@ -1,4 +1,4 @@
-"""The Manager object and its Job and Session objects: the bus face of one Orchestrator.
+"""The Manager object and its Job and Session objects: the bus face of one Engine.
 
 Runs on the GLib main loop. Every engine call goes to the Worker (one thread, in order) and its
 result comes back here, where the reply, the property changes and the signals are sent. Checks
@@ -22,16 +22,15 @@ from typing import Any
 
 from gi.repository import Gio, GLib
 
-from ..abi import Side
+from ..engine import CommitOptions, Engine, Plan, PrepareOptions
+from ..engine.manifest import FAILING_VERDICTS, VerifyItem, manifest_to_json, read_manifest
+from ..engine.phase import Phase
+from ..engine.verifyrun import HostObservation, Retrieved, VerifyRun
 from ..errors import AgentError, Busy, Cancelled, InvalidArgument, NotFound, PermissionDenied
-from ..facts import TARGET_IMAGE_MAX, TargetFiles, TargetImage, kho_view
+from ..facts import TARGET_IMAGE_MAX, TargetFiles, TargetImage
 from ..kernel.callerfile import RegularFile, adopt_fd, open_regular
 from ..kernel.cmdline import check_kho_scratch, target_cmdline
 from ..kernel.liveupdate import LiveUpdateSession, validate_session_name, validate_token
-from ..manifest import FAILING_VERDICTS, VerifyItem, manifest_to_json, read_manifest
-from ..orchestrator import CommitOptions, Orchestrator, Plan, PrepareOptions
-from ..statefile import Phase
-from ..verifyrun import HostObservation, Retrieved, VerifyRun, observe
 from . import contract
 from . import interfaces as api
 from .auth import Authorizer, Caller, owner_uid
@@ -134,7 +133,7 @@ class Hooks:
 
 
 class AgentService:
-    def __init__(self, bus: Gio.DBusConnection, agent: Orchestrator, authorizer: Authorizer,
+    def __init__(self, bus: Gio.DBusConnection, agent: Engine, authorizer: Authorizer,
                  worker: Worker, hooks: Hooks) -> None:
         self.bus = bus
         self.agent = agent
@@ -151,14 +150,14 @@ class AgentService:
         self.observer = Worker(hooks.log, name="kho-agent-observer")
         self.retrieving = False   # verify is retrieving the incoming sessions
         self.hooks = hooks
-        self.simulated = agent.host.simulated
+        self.simulated = agent.simulated
         self.snapshot = Snapshot()
         self.jobs: dict[int, Job] = {}
         self.current: Job | None = None
         self.next_job_id = 1
         self.sessions: dict[str, SessionObject] = {}
         self.handed_off = False
-        agent.on_progress = self._progress_from_engine
+        agent.set_progress_listener(self._progress_from_engine)
         authorizer.gone_callbacks.append(self._owner_gone)
         self.driver = Driver(authorizer, hooks.log)
         self.manager = ExportedObject(bus, api.MANAGER_PATH, contract.MANAGER, {
@@ -192,16 +191,15 @@ class AgentService:
         info = agent.sysinfo()
         number = 0
         if state.phase is not Phase.COMMITTING and not self.handed_off:
-            luo = kho_view(agent.host, Side.OUT, with_memory=False).luo
-            number = luo.liveupdate_number if luo and luo.liveupdate_number else 0
+            number = agent.outgoing_liveupdate_number() or 0
         return Snapshot(
             state=state.phase.value, message=state.message,
             handoff=agent.handoff_mode(info), running=info.release,
             target=state.target.kernel if state.target else "", liveupdate_number=number,
             last_result=json.dumps(state.last_result, sort_keys=True)
             if state.last_result is not None else "",
-            outgoing={name: c.ready for name, c in agent.clients.items()},
-            released=dict(agent.released))
+            outgoing=agent.outgoing_sessions(),
+            released=agent.released_sessions())
 
     def _publish(self, snap: Snapshot | None, error: AgentError | None) -> None:
         if snap is None:
@@ -315,7 +313,7 @@ class AgentService:
                 return None, 0, exc.message
             with files:
                 try:
-                    return self.agent.images.get(files.kernel), files.initrd_size, None
+                    return self.agent.decode_target(files.kernel), files.initrd_size, None
                 except AgentError as exc:
                     return None, files.initrd_size, exc.message
 
@@ -335,7 +333,7 @@ class AgentService:
         return planned
 
     def _get_manifest(self, call: Call) -> Steps:
-        path = self.agent.store.manifest_path
+        path = self.agent.manifest_path
         text: str = yield Run(self.reader,
                               lambda: manifest_to_json(read_manifest(path)).decode())
         call.reply(text)
@@ -552,8 +550,7 @@ class AgentService:
         self.retrieving = False  # every session is on the bus (or could not be retrieved)
         self.hooks.incoming(run.handed_back, run.held)
         self.refresh()
-        found: HostObservation | None = yield Run(self.observer, lambda: observe(
-            agent.host, run, agent.image_strings, agent.on_step_timed, agent.on_progress))
+        found: HostObservation | None = yield Run(self.observer, lambda: agent.verify_observe(run))
         if found is None:
             raise AgentError("no observation")
         return found
@@ -757,7 +754,7 @@ class AgentService:
                 os.close(fd)
                 raise
             # from here the session owns the fd (adopt_session closes it on a wrong name)
-            session = self.agent.host.liveupdate.adopt_session(fd, name)
+            session = self.agent.adopt_session(fd, name)
             try:
                 return self.agent.check_kept_session(name, session)
             finally:

@@ -1,9 +1,9 @@
-"""The one thread that talks to the engine. Every orchestrator call (ioctls, kexec_file_load,
+"""The one thread that talks to the engine. Every engine call (ioctls, kexec_file_load,
 digests, decoding) runs here, one at a time, so the GLib main loop stays free to answer the
 bus; each result is handed back to the main loop, where replies and signals are sent.
 
 A single thread is the engine's own rule (one operation at a time) made structural: no two
-engine calls ever overlap, and the orchestrator needs no locking of its records.
+engine calls ever overlap, and the engine needs no locking of its records.
 
 Work comes in two classes. Privileged work (root's calls, authorized verbs, the daemon's own)
 runs first, in submission order. Work for unprivileged callers (their Preflight and ScratchPlan)

@@ -1,4 +1,4 @@
-"""The orchestrator's persisted state: where it was, in which boot, and what it last concluded.
+"""The engine's persisted state: where it was, in which boot, and what it last concluded.
 
 Written atomically on every transition (write, fsync, rename, fsync the directory) so that a
 restart, or the next kernel after the kexec, knows where things stood.
@@ -16,7 +16,7 @@ the link with a new file. A symlink to a regular file is read through.
 
 A state file found corrupt is moved aside (the entry itself: a symlink as the symlink, a
 directory as the directory) under a name that never replaces an earlier aside file, and the
-agent starts from what it can prove (orchestrator.py). If it cannot be moved (a read-only
+agent starts from what it can prove (recovery.py). If it cannot be moved (a read-only
 directory, an immutable file), it is left in place and never written over: every save first
 tries the move again and refuses while it fails, so nothing is persisted (and no update can be
 prepared) until the evidence is kept.
@@ -42,9 +42,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .errors import AgentError, StateCorrupt, StorageFailed
-from .kernel.callerfile import Dangling, file_kind, read_if_present
-from .manifest import FAILING_VERDICTS, Verdict, write_atomic
+from ..errors import AgentError, StateCorrupt, StorageFailed
+from ..kernel.atomicfile import write_atomic
+from ..kernel.callerfile import Dangling, file_kind, read_if_present
+from .manifest.compare import FAILING_VERDICTS, Verdict
 
 STATE_FILE = "state.json"
 MANIFEST_FILE = "manifest.json"
@@ -145,7 +146,7 @@ class VerifyRecord:
     failures: list[dict[str, str]]  # kind, name, verdict, detail of each failing item
 
     def summary(self, max_failures: int) -> dict[str, Any]:
-        """The `last_result` that verification stored in the state (orchestrator._summary)."""
+        """The `last_result` that verification stored in the state (verify._summary)."""
         return {"result": "verified" if self.ok else "failed", "ok": self.ok,
                 "counts": {k: v for k, v in self.counts.items() if v},
                 "failures": self.failures[:max_failures],

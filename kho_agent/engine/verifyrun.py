@@ -4,7 +4,7 @@ After the kexec the VM managers wait for their sessions; the agent's verificatio
 more than they need (the KHO state, the network, the running kernel's ABI, and the digests of
 every preserved byte the owners asked to have checked). So verification runs in three steps:
 
-1. retrieval (the engine, `Orchestrator.verify_begin`, then `verify_retrieve` once per
+1. retrieval (the engine, `Engine.verify_begin`, then `verify_retrieve` once per
    session, so that the engine answers the owners between two): the manifest from the agent's
    own session, then each incoming session retrieved and each file's size and seals read. A
    session whose owner did not ask for digests is handed back as soon as it is retrieved (they
@@ -13,7 +13,7 @@ every preserved byte the owners asked to have checked). So verification runs in 
 2. observation (`observe`, on a thread of its own beside the engine): the digests, the KHO
    state, the network, the running kernel's ABI. It needs no engine state: it reads only the
    fds a `VerifyRun` holds and the host, so the engine answers the owners meanwhile.
-3. conclusion (the engine, `Orchestrator.verify_conclude`): the comparison with the manifest,
+3. conclusion (the engine, `Engine.verify_conclude`): the comparison with the manifest,
    the report, the verdict. A session with digests is handed back from here on: its owner gets it
    once its bytes are proven (or proven wrong, which the report then says), and nobody writes to
    it while the agent reads it.
@@ -27,16 +27,16 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 
-from . import netstate
-from .abi import Side
-from .abi.formats.kexec_metadata_v1 import KexecMetadata
-from .digest import digest_fd
-from .errors import AgentError
-from .facts import KhoView, kho_view, running_abi
-from .imagestrings import ImageStrings
-from .kernel.host import Host
-from .kernel.liveupdate import LiveUpdateDevice
-from .kernel.sysinfo import SysInfo
+from .. import netstate
+from ..abi import Side
+from ..abi.formats.kexec_metadata_v1 import KexecMetadata
+from ..digest import digest_fd
+from ..errors import AgentError
+from ..facts import KhoView, kho_view, running_abi
+from ..imagestrings import ImageStrings
+from ..kernel.host import Host
+from ..kernel.liveupdate import LiveUpdateDevice
+from ..kernel.sysinfo import SysInfo
 from .manifest import Manifest, ObservedSession, SessionEntry, SubtreeEntry
 
 
