@@ -155,15 +155,15 @@ class Daemon:
         if stored:
             log(f"the fd store handed back {len(stored)} session fd(s): "
                 + ", ".join(sorted(stored)))
-        self.agent = Engine(self.host, EngineConfig(
+        self.engine = Engine(self.host, EngineConfig(
             state_dir=state_dir, digests=not args.no_digests, claim_grace_seconds=grace),
             fd_store=fd_store, stored_sessions=stored,
             on_step_timed=lambda step, seconds: log(f"verify: {step}: {seconds:.2f} s"))
 
     def run(self) -> int:
-        recovery = self.agent.start()
+        recovery = self.engine.start()
         log_started("start: state reconciled with this boot")
-        log(f"state {recovery.phase.value}: {recovery.message or self.agent.state.message}")
+        log(f"state {recovery.phase.value}: {recovery.message or self.engine.state.message}")
         if recovery.message not in ("", "started"):
             self.events.log_event(Event.RECOVERED, f"kho-agentd started in state "
                                   f"{recovery.phase.value}: {recovery.message}",
@@ -173,7 +173,7 @@ class Daemon:
         # holds the sessions until the kexec), so Gio must not exit it when the bus closes.
         bus.set_exit_on_close(False)
         bus.connect("closed", self._bus_closed)
-        self.service = AgentService(bus, self.agent, Authorizer(bus, polkit_bus), self.worker,
+        self.service = AgentService(bus, self.engine, Authorizer(bus, polkit_bus), self.worker,
                                     Hooks(state_changed=self._state_changed,
                                           job_finished=self._job_finished,
                                           handed_off=self._handed_off,
@@ -194,7 +194,7 @@ class Daemon:
         Gio.bus_unown_name(owner)
         self.service.close()
         self.worker.shutdown()
-        self.agent.close()
+        self.engine.close()
         bus.flush_sync(None)
         return self.exit_code
 
@@ -202,7 +202,7 @@ class Daemon:
         log_started(f"serving {api.BUS_NAME}"
                     + (" (simulated kernel)" if self.host.simulated else ""))
         assert self.service is not None
-        state = self.agent.state
+        state = self.engine.state
         self.notifier.ready(status=f"{state.phase.value}: {state.message}")
         interval = self.notifier.watchdog_interval()
         if interval is not None:
@@ -220,7 +220,7 @@ class Daemon:
 
     def _parked(self) -> bool:
         """Handed off in mode fdstore: systemd holds the sessions, this process may end."""
-        return self.service is not None and self.service.handed_off and bool(self.agent.parked)
+        return self.service is not None and self.service.handed_off and bool(self.engine.parked)
 
     def _bus_closed(self, _conn: Gio.DBusConnection, _remote: bool, _error: object) -> None:
         if self._parked():
@@ -250,9 +250,9 @@ class Daemon:
     def _job_finished(self, job: Job) -> None:
         detail = job.error_message if job.error_message else job.result
         log(f"job {job.id} ({job.type}) {job.state}: {detail}")
-        target = self.agent.state.target
+        target = self.engine.state.target
         fields: dict[str, str] = {"job": str(job.id), "job_type": job.type,
-                                  "state": self.agent.state.phase.value,
+                                  "state": self.engine.state.phase.value,
                                   "target": target.kernel if target else ""}
         if job.state != "done":
             if job.state == "failed":
@@ -260,7 +260,7 @@ class Daemon:
                                       error=job.error_name, **fields)
             return
         if job.type == "verify":
-            if self.agent.state.phase is Phase.VERIFIED:
+            if self.engine.state.phase is Phase.VERIFIED:
                 self.events.log_event(Event.VERIFIED, "the live update is verified: every "
                                       "preserved item came back", **fields)
                 summary = job.result
@@ -268,12 +268,12 @@ class Daemon:
                                    self._verified_target_started)
             else:
                 self.events.log_event(Event.FAILED, "the live update failed verification: "
-                                      f"{self.agent.state.message}", **fields)
+                                      f"{self.engine.state.message}", **fields)
             return
         event = {"prepare": Event.PREPARED, "commit": Event.COMMITTED,
                  "cancel": Event.CANCELLED}.get(job.type)
         if event is not None and '"dry_run": true' not in job.result:
-            self.events.log_event(event, f"{job.type} done: {self.agent.state.message}",
+            self.events.log_event(event, f"{job.type} done: {self.engine.state.message}",
                                   **fields)
 
     def _verified_target_started(self, started: bool | None, error: AgentError | None) -> None:
@@ -296,7 +296,7 @@ class Daemon:
             log("the simulated kernel kexec'd: this process ends as a real one would; start "
                 "kho-agentd again to run as the next boot")
             GLib.timeout_add(200, self._quit)  # let JobRemoved reach the bus first
-        elif self.agent.parked:
+        elif self.engine.parked:
             log("handed off to the loaded kernel: the sessions are parked in systemd's fd store")
         else:
             log("handed off to the loaded kernel: holding the sessions until the kexec")
@@ -306,7 +306,7 @@ class Daemon:
         return False
 
     def _on_signal(self, signum: int) -> bool:
-        phase = self.agent.state.phase
+        phase = self.engine.state.phase
         if self._parked():
             log(f"signal {signum} after the hand-off: the sessions are in systemd's fd store, "
                 "exiting")

@@ -1,9 +1,9 @@
 """Gathering what the engine decides on: the running kernel's KHO state and ABI, the target
 image's ABI, and the files a client wants preserved.
 
-This is the I/O half of planning; `preflight.py`, `scratch.py` and `engine/manifest/` are pure and
-work on what is gathered here. Everything reads through a `Host`, so the simulated kernel's root
-stands in for the real one.
+This is the I/O half of planning; `engine/preflight.py`, `engine/scratch_plan.py` and
+`engine/manifest/` are pure and work on what is gathered here. Everything reads through a
+`Host`, so the simulated kernel's root stands in for the real one.
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ from typing import Any
 
 from .engine import CommitOptions, Engine, EngineConfig, PrepareOptions
 from .engine.manifest import VerifyReport
+from .engine.preflight import PreflightResult
 from .errors import AgentError
-from .preflight import PreflightResult
 from .sim import SimAbi, SimKernel
 
 PAGE = 4096
@@ -133,8 +133,8 @@ def rehearse(directory: Path, *, sessions: int = 3, fault: str | None = None,
     target = sim.write_kernel_image(directory / "boot" / f"vmlinuz-{TARGET_RELEASE}",
                                     release=TARGET_RELEASE, abi=target_abi or SimAbi())
     config = EngineConfig(state_dir=directory / "state")
-    agent = Engine(host, config)
-    agent.start()
+    engine = Engine(host, config)
+    engine.start()
     clock.step("boot", True, f"simulated kernel {sim.release} booted cold in {directory / 'sim'}",
                t)
 
@@ -142,34 +142,34 @@ def rehearse(directory: Path, *, sessions: int = 3, fault: str | None = None,
     t = time.perf_counter()
     try:
         for plan in plans:
-            agent.create_session(plan.name, "rehearsal")
+            engine.create_session(plan.name, "rehearsal")
             for f in plan.files:
                 fd = _memfd(f)
                 try:
-                    agent.preserve(plan.name, fd, f.token)
+                    engine.preserve(plan.name, fd, f.token)
                 finally:
                     os.close(fd)  # the kernel and the agent hold their own references
-            agent.set_ready(plan.name, True)
+            engine.set_ready(plan.name, True)
     except AgentError as exc:
         clock.step("sessions", False, exc.message, t)
-        agent.close()
+        engine.close()
         return result
     files = sum(len(p.files) for p in plans)
     clock.step("sessions", True, f"{len(plans)} session(s), {files} memfd(s) preserved and "
                "ready (digests taken)", t)
 
     t = time.perf_counter()
-    result.preflight = agent.gather_preflight(target, None)
+    result.preflight = engine.gather_preflight(target, None)
     blockers = result.preflight.blockers
     clock.step("preflight", not blockers, f"verdict {result.preflight.verdict.name.lower()}"
                + (": " + "; ".join(c.message for c in blockers) if blockers else ""), t)
 
     t = time.perf_counter()
     try:
-        manifest = agent.prepare(PrepareOptions(kernel=target))
+        manifest = engine.prepare(PrepareOptions(kernel=target))
     except AgentError as exc:
         clock.step("prepare", False, f"{exc.name}: {exc.message}", t)
-        agent.close()
+        engine.close()
         return result
     clock.step("prepare", True, f"{TARGET_RELEASE} loaded with kexec_file_load; manifest of "
                f"{len(manifest.sessions)} session(s) written to disk and session kho-agent", t)
@@ -179,10 +179,10 @@ def rehearse(directory: Path, *, sessions: int = 3, fault: str | None = None,
         sim.inject(name, **params)
     t = time.perf_counter()
     try:
-        commit = agent.commit(CommitOptions())
+        commit = engine.commit(CommitOptions())
     except AgentError as exc:
         clock.step("commit", False, f"{exc.name}: {exc.message}", t)
-        agent.close()
+        engine.close()
         return result
     result.handoff_seconds = commit.handoff_seconds
     clock.step("commit", True, f"handed off in {(commit.handoff_seconds or 0) * 1000:.1f} ms; "
@@ -191,17 +191,17 @@ def rehearse(directory: Path, *, sessions: int = 3, fault: str | None = None,
     # The old process is gone with the old kernel: a new one attaches to the new boot.
     t = time.perf_counter()
     sim = SimKernel(directory / "sim")
-    agent = Engine(sim.host(), config)
-    recovery = agent.start()
+    engine = Engine(sim.host(), config)
+    recovery = engine.start()
     clock.step("reboot", recovery.verify_pending, f"booted {sim.release} (boot "
                f"{sim.boot_count}); {recovery.message}", t)
 
     t = time.perf_counter()
     try:
-        result.report = agent.verify()
+        result.report = engine.verify()
     except AgentError as exc:
         clock.step("verify", False, f"{exc.name}: {exc.message}", t)
-        agent.close()
+        engine.close()
         return result
     bad = [i for i in result.report.items if i.verdict.value in ("mismatch", "missing", "failed")]
     clock.step("verify", result.report.ok, f"{len(result.report.items)} item(s) checked"
@@ -209,21 +209,21 @@ def rehearse(directory: Path, *, sessions: int = 3, fault: str | None = None,
                t)
 
     t = time.perf_counter()
-    problems, checked = _clients_check(agent, plans)
+    problems, checked = _clients_check(engine, plans)
     result.bytes_checked = checked
     clock.step("clients", not problems, "; ".join(problems[:5]) if problems else
                f"every client retrieved its session and found its {checked} bytes intact", t)
-    agent.close()
+    engine.close()
     return result
 
 
-def _clients_check(agent: Engine, plans: list[ClientPlan]) -> tuple[list[str], int]:
+def _clients_check(engine: Engine, plans: list[ClientPlan]) -> tuple[list[str], int]:
     """What a VMM does after the reboot: claim its session, read every file, finish."""
     problems: list[str] = []
     checked = 0
     for plan in plans:
         try:
-            session = agent.claim_session(plan.name)
+            session = engine.claim_session(plan.name)
         except AgentError as exc:
             problems.append(f"{plan.name}: {exc.message}")
             continue

@@ -45,10 +45,10 @@ from kho_agent.cli import bus as ctl_bus
 from kho_agent.cli.jobs import ProgressView
 from kho_agent.cli.preflight import render_report
 from kho_agent.cli.scratch import plan_from_json
+from kho_agent.engine.preflight import Check, PreflightResult, Tier, render
+from kho_agent.engine.scratch_plan import plan_scratch
 from kho_agent.errors import AgentError
 from kho_agent.kernel.sysinfo import MemblockRegion, NumaNode, SysInfo, parse_cmdline
-from kho_agent.preflight import Check, PreflightResult, Tier, render
-from kho_agent.scratch import plan_scratch
 from kho_agent.service import interfaces as api
 from kho_agent.sim import SimKernel
 from kho_agent.sim.versions import SimAbi

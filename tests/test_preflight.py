@@ -1,4 +1,4 @@
-"""kho_agent.preflight: the tiered verdict, one condition at a time, plus `kho-agentctl preflight`.
+"""engine/preflight.py: the tiered verdict, one condition at a time, plus `kho-agentctl preflight`.
 
 The inputs are built by hand around a healthy host read with `read_sysinfo` from a fake root;
 each test changes one fact and checks that exactly the check it concerns moves. File facts come
@@ -29,10 +29,7 @@ from kho_agent.abi.compat import (
 from kho_agent.abi.findings import Severity, make
 from kho_agent.abi.kho_state import ScratchArea
 from kho_agent.cli import main
-from kho_agent.errors import AgentError, InvalidArgument, NotFound
-from kho_agent.facts import FileFacts, TargetFiles, file_facts, target_image
-from kho_agent.kernel.sysinfo import SysInfo, read_sysinfo
-from kho_agent.preflight import (
+from kho_agent.engine.preflight import (
     Check,
     PlannedSession,
     PreflightInputs,
@@ -42,7 +39,10 @@ from kho_agent.preflight import (
     preflight,
     render,
 )
-from kho_agent.scratch import plan_scratch
+from kho_agent.engine.scratch_plan import plan_scratch
+from kho_agent.errors import AgentError, InvalidArgument, NotFound
+from kho_agent.facts import FileFacts, TargetFiles, file_facts, target_image
+from kho_agent.kernel.sysinfo import SysInfo, read_sysinfo
 from kho_agent.sim import SimAbi, SimKernel
 
 MiB = 1 << 20

@@ -113,7 +113,7 @@ def test_lookups() -> None:
 def test_limits_in_preflight_and_in_the_errno_advice_come_from_the_records() -> None:
     import errno
 
-    from kho_agent import preflight
+    from kho_agent.engine import preflight
     from kho_agent.kernel import liveupdate as lu
     assert {f.compatible: f.limits for f in registry.LUO_FORMATS} == preflight.LUO_LIMITS
     create = lu.luo_advice("CREATE_SESSION", errno.ENOSPC)

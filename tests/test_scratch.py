@@ -16,6 +16,12 @@ from test_kho_scratch import REGIONS
 from kho_agent import cli
 from kho_agent.abi.kho_state import ScratchArea
 from kho_agent.cli import scratch as scratch_cli
+from kho_agent.engine.scratch_plan import (
+    ScratchPlan,
+    estimate_reserved,
+    plan_scratch,
+    smallest_scale,
+)
 from kho_agent.errors import InvalidArgument
 from kho_agent.kernel.kho_scratch import (
     AreaSizes,
@@ -27,7 +33,6 @@ from kho_agent.kernel.kho_scratch import (
 )
 from kho_agent.kernel.params import parse_cmdline
 from kho_agent.kernel.sysinfo import MemblockRegion, NumaNode, SysInfo
-from kho_agent.scratch import ScratchPlan, estimate_reserved, plan_scratch, smallest_scale
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 

@@ -58,7 +58,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: s
 
 def render_report(report: dict[str, Any]) -> str:
     """The text of a preflight report given as JSON (PreflightResult.to_json())."""
-    from ..preflight import Check, PreflightResult, Tier, render
+    from ..engine.preflight import Check, PreflightResult, Tier, render
 
     checks = [Check(str(c["name"]), Tier[str(c["tier"]).upper()], str(c["message"]),
                     c.get("fix")) for c in report.get("checks", [])]
@@ -73,8 +73,8 @@ def local_report(args: argparse.Namespace) -> dict[str, Any]:
 
     host = real_host(args.root if args.root is not None else Path("/"))
     # Preflight reads; it never writes state, so the state directory is not touched.
-    agent = Engine(host, EngineConfig(state_dir=DEFAULT_STATE_DIR))
-    report: dict[str, Any] = agent.gather_preflight(args.kernel, args.initrd).to_json()
+    engine = Engine(host, EngineConfig(state_dir=DEFAULT_STATE_DIR))
+    report: dict[str, Any] = engine.gather_preflight(args.kernel, args.initrd).to_json()
     return report
 
 

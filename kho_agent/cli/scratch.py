@@ -29,6 +29,13 @@ from typing import Any
 
 from ..abi.jsonview import to_json
 from ..abi.kho_state import ScratchArea, scratch_roles
+from ..engine.scratch_plan import (
+    DEFAULT_MARGIN_PERCENT,
+    ScratchItem,
+    ScratchPlan,
+    human,
+    plan_scratch,
+)
 from ..errors import AgentError, InvalidArgument
 from ..kernel import debugfs
 from ..kernel.callerfile import RegularFile, open_regular
@@ -42,7 +49,6 @@ from ..kernel.image import (
 from ..kernel.kexec_placement import KexecSegment, Placement
 from ..kernel.kho_scratch import KernReserved, ScratchSizes
 from ..kernel.sysinfo import SysInfo, kho_enabled, read_sysinfo
-from ..scratch import DEFAULT_MARGIN_PERCENT, ScratchItem, ScratchPlan, human, plan_scratch
 from ..service import interfaces as api
 from ..service.errors import DaemonUnreachable
 from .bus import (

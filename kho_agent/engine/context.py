@@ -26,9 +26,9 @@ from ..imagestrings import ImageStrings
 from ..kernel.host import Host
 from ..kernel.liveupdate import LiveUpdateDevice, LiveUpdateSession
 from ..kernel.sysinfo import SysInfo, read_sysinfo
-from ..preflight import handoff_mode
 from .manifest import Manifest
 from .phase import AgentState, Phase, StateStore, move_aside
+from .preflight import handoff_mode
 from .verifyrun import VerifyRun, timed_step
 
 if TYPE_CHECKING:

@@ -24,15 +24,15 @@ from ..kernel.callerfile import RegularFile
 from ..kernel.host import Host
 from ..kernel.liveupdate import LiveUpdateSession
 from ..kernel.sysinfo import SysInfo
-from ..preflight import PreflightResult
-from ..scratch import ScratchPlan
 from . import handoff, prepare, recovery, sessions, verify
 from .context import EngineConfig, EngineContext
 from .handoff import CommitOptions, CommitResult, SessionFdStore
 from .manifest import Manifest, VerifyItem, VerifyReport
 from .phase import AgentState, StateStore
+from .preflight import PreflightResult
 from .prepare import Plan, PrepareOptions
 from .recovery import RecoveryResult
+from .scratch_plan import ScratchPlan
 from .verifyrun import HostObservation, Retrieved, VerifyRun
 
 

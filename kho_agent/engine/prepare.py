@@ -35,8 +35,6 @@ from ..kernel.atomicfile import write_atomic
 from ..kernel.callerfile import RegularFile, open_regular
 from ..kernel.cmdline import target_cmdline
 from ..kernel.sysinfo import SysInfo
-from ..preflight import PlannedSession, PreflightInputs, PreflightResult, preflight
-from ..scratch import ScratchPlan, plan_scratch
 from .context import EngineContext
 from .manifest import (
     AGENT_SESSION,
@@ -47,6 +45,8 @@ from .manifest import (
     manifest_to_json,
 )
 from .phase import Phase, Target, now
+from .preflight import PlannedSession, PreflightInputs, PreflightResult, preflight
+from .scratch_plan import ScratchPlan, plan_scratch
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """crashkernel= as the kernel reads it (parse_crashkernel(), kernel/crash_reserve.c): how much
 memory the kdump reservation takes below and above 4 GiB. Pure: no I/O. The scratch
 recommendation counts it among the kernel's early reservations when memblock debugfs is not
-there to count them (kho_agent/scratch.py)."""
+there to count them (kho_agent/engine/scratch_plan.py)."""
 
 from __future__ import annotations
 

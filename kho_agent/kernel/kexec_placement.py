@@ -5,7 +5,7 @@ kho_locate_mem_hole() walks kho_scratch[] and takes the first area with an align
 load fails with EADDRNOTAVAIL when a segment fits nowhere. The segments, in the kernel's order:
 the scratch array (kho_fill_kimage()), then the x86 bzImage64 loader's purgatory, boot params,
 kernel and initrd (arm64 is close). The engine predicts the fit with this module
-(kho_agent/scratch.py) and the simulated kernel decides its loads by it (sim/kexec.py).
+(kho_agent/engine/scratch_plan.py) and the simulated kernel decides its loads by it (sim/kexec.py).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ A KHO boot allocates early memory only from the scratch areas it inherits: one b
 (lowmem), one anywhere (global), one per NUMA node with memory. A cold boot with KHO on reserves
 them, sized by `kho_scratch=` or by default at 200% of its own kernel-flagged memblock
 reservations (MEMBLOCK_RSRV_KERN: memmap, page tables, kernel image, initrd, swiotlb,
-crashkernel...). The engine's recommendation (kho_agent/scratch.py) and the simulated kernel
+crashkernel...). The engine's recommendation (engine/scratch_plan.py) and the simulated kernel
 (sim/boot.py) both size areas with this module.
 """
 

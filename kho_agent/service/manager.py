@@ -133,10 +133,10 @@ class Hooks:
 
 
 class AgentService:
-    def __init__(self, bus: Gio.DBusConnection, agent: Engine, authorizer: Authorizer,
+    def __init__(self, bus: Gio.DBusConnection, engine: Engine, authorizer: Authorizer,
                  worker: Worker, hooks: Hooks) -> None:
         self.bus = bus
-        self.agent = agent
+        self.engine = engine
         self.auth = authorizer
         self.worker = worker
         # Reads that need no engine state (the manifest file) must not wait behind a job
@@ -150,14 +150,14 @@ class AgentService:
         self.observer = Worker(hooks.log, name="kho-agent-observer")
         self.retrieving = False   # verify is retrieving the incoming sessions
         self.hooks = hooks
-        self.simulated = agent.simulated
+        self.simulated = engine.simulated
         self.snapshot = Snapshot()
         self.jobs: dict[int, Job] = {}
         self.current: Job | None = None
         self.next_job_id = 1
         self.sessions: dict[str, SessionObject] = {}
         self.handed_off = False
-        agent.set_progress_listener(self._progress_from_engine)
+        engine.set_progress_listener(self._progress_from_engine)
         authorizer.gone_callbacks.append(self._owner_gone)
         self.driver = Driver(authorizer, hooks.log)
         self.manager = ExportedObject(bus, api.MANAGER_PATH, contract.MANAGER, {
@@ -186,20 +186,20 @@ class AgentService:
         self.worker.submit(self._read_snapshot, self._publish)
 
     def _read_snapshot(self) -> Snapshot:
-        agent = self.agent
-        state = agent.state
-        info = agent.sysinfo()
+        engine = self.engine
+        state = engine.state
+        info = engine.sysinfo()
         number = 0
         if state.phase is not Phase.COMMITTING and not self.handed_off:
-            number = agent.outgoing_liveupdate_number() or 0
+            number = engine.outgoing_liveupdate_number() or 0
         return Snapshot(
             state=state.phase.value, message=state.message,
-            handoff=agent.handoff_mode(info), running=info.release,
+            handoff=engine.handoff_mode(info), running=info.release,
             target=state.target.kernel if state.target else "", liveupdate_number=number,
             last_result=json.dumps(state.last_result, sort_keys=True)
             if state.last_result is not None else "",
-            outgoing=agent.outgoing_sessions(),
-            released=agent.released_sessions())
+            outgoing=engine.outgoing_sessions(),
+            released=engine.released_sessions())
 
     def _publish(self, snap: Snapshot | None, error: AgentError | None) -> None:
         if snap is None:
@@ -239,7 +239,7 @@ class AgentService:
 
         def work() -> None:
             for name in names:
-                self.agent.owner_gone(name, never_told=never_told)
+                self.engine.owner_gone(name, never_told=never_told)
 
         def steps() -> Steps:
             yield self._engine(work)
@@ -287,7 +287,7 @@ class AgentService:
         source = TargetSource.from_options(call, opts, caller)
         if not source.given:  # the running kernel's own image: the daemon's own file
             own: dict[str, Any] = yield self._engine(
-                lambda: self.agent.scratch_plan(None, 0, margin).to_json(), _priority(caller))
+                lambda: self.engine.scratch_plan(None, 0, margin).to_json(), _priority(caller))
             call.reply(json.dumps(own))
             return
         plan: Plan = yield from self._planned(caller, source, margin=margin)
@@ -313,12 +313,12 @@ class AgentService:
                 return None, 0, exc.message
             with files:
                 try:
-                    return self.agent.decode_target(files.kernel), files.initrd_size, None
+                    return self.engine.decode_target(files.kernel), files.initrd_size, None
                 except AgentError as exc:
                     return None, files.initrd_size, exc.message
 
         def plan(target: TargetImage | None, initrd_size: int, problem: str | None) -> Plan:
-            return self.agent.plan(target, initrd_size, problem, margin=margin)
+            return self.engine.plan(target, initrd_size, problem, margin=margin)
 
         priority = _priority(caller)
         if priority is Priority.PRIVILEGED:
@@ -333,7 +333,7 @@ class AgentService:
         return planned
 
     def _get_manifest(self, call: Call) -> Steps:
-        path = self.agent.manifest_path
+        path = self.engine.manifest_path
         text: str = yield Run(self.reader,
                               lambda: manifest_to_json(read_manifest(path)).decode())
         call.reply(text)
@@ -468,13 +468,13 @@ class AgentService:
             if opts.get("dry_run"):
                 def dry() -> dict[str, Any]:
                     with source.open() as files:
-                        return self.agent.plan_prepare(options(files))
+                        return self.engine.plan_prepare(options(files))
                 return dry
 
             def work() -> dict[str, Any]:
                 with source.open() as files:
-                    manifest = self.agent.prepare(options(files))
-                target = self.agent.state.target
+                    manifest = self.engine.prepare(options(files))
+                target = self.engine.state.target
                 return {"prepared": target.kernel if target else "",
                         "cmdline": manifest.cmdline_to,
                         "sessions": [s.name for s in manifest.sessions]}
@@ -493,7 +493,7 @@ class AgentService:
                                 dry_run=bool(opts.get("dry_run", False)))
 
         def work() -> dict[str, Any]:
-            result = self.agent.commit(options)
+            result = self.engine.commit(options)
             if not result.dry_run:
                 self.handed_off = True  # set on the engine thread; read after JobRemoved
             return {"dry_run": result.dry_run, "handoff_seconds": result.handoff_seconds,
@@ -505,7 +505,7 @@ class AgentService:
         # the released sessions leave the bus with SessionReleased when the properties are
         # published (_reconcile_sessions)
         yield from self._run_job(call, "cancel", lambda _caller, _job: lambda: {
-            "message": self.agent.cancel()}, lambda data: dict(data))
+            "message": self.engine.cancel()}, lambda data: dict(data))
 
     def _verify(self, call: Call) -> Steps:
         yield Authorize(call.declared.action)
@@ -521,10 +521,10 @@ class AgentService:
         """The three steps of verifyrun.py: retrieval on the engine, one session per engine
         call (the owners are answered between two); observation beside the engine;
         conclusion on the engine. A failure before the conclusion abandons the run."""
-        agent = self.agent
+        engine = self.engine
         self.retrieving = True
         try:
-            run: VerifyRun = yield Run(self.worker, agent.verify_begin)
+            run: VerifyRun = yield Run(self.worker, engine.verify_begin)
         except AgentError as exc:
             self._verify_ended(job, None, exc)
             return
@@ -541,16 +541,16 @@ class AgentService:
         self._verify_ended(job, data, None)
 
     def _retrieved_and_observed(self, run: VerifyRun) -> Generator[Step, Any, HostObservation]:
-        agent = self.agent
-        got: Retrieved | None = yield Run(self.worker, lambda: agent.verify_retrieve(run))
+        engine = self.engine
+        got: Retrieved | None = yield Run(self.worker, lambda: engine.verify_retrieve(run))
         self.refresh()  # State "verifying", read after the first session is retrieved
         while got is not None:
             self._incoming_retrieved(got)
-            got = yield Run(self.worker, lambda: agent.verify_retrieve(run))
+            got = yield Run(self.worker, lambda: engine.verify_retrieve(run))
         self.retrieving = False  # every session is on the bus (or could not be retrieved)
         self.hooks.incoming(run.handed_back, run.held)
         self.refresh()
-        found: HostObservation | None = yield Run(self.observer, lambda: agent.verify_observe(run))
+        found: HostObservation | None = yield Run(self.observer, lambda: engine.verify_observe(run))
         if found is None:
             raise AgentError("no observation")
         return found
@@ -560,7 +560,7 @@ class AgentService:
         abandoning it raised)."""
         self.retrieving = False
         try:
-            yield Run(self.worker, lambda: self.agent.verify_abandon(run, error.message))
+            yield Run(self.worker, lambda: self.engine.verify_abandon(run, error.message))
         except AgentError as abandon_error:
             error = abandon_error
         self._verify_ended(job, None, error)
@@ -573,8 +573,8 @@ class AgentService:
         self._job_done(job, data, error, lambda result: dict(result))
 
     def _conclude(self, run: VerifyRun, found: HostObservation) -> dict[str, Any]:
-        report = self.agent.verify_conclude(run, found)
-        return {"ok": report.ok, "summary": self.agent.state.last_result}
+        report = self.engine.verify_conclude(run, found)
+        return {"ok": report.ok, "summary": self.engine.state.last_result}
 
     def _incoming_retrieved(self, got: Retrieved) -> None:
         """One session of step 1 done: on the bus; claimable now if it has no digests, once
@@ -617,7 +617,7 @@ class AgentService:
             raise Busy(f"session {name!r:.80} already exists (owner uid {existing.owner_uid})")
 
         def work() -> int:
-            handle = self.agent.create_session(name, caller.owner, digests,
+            handle = self.engine.create_session(name, caller.owner, digests,
                                                owner_fd_store=owner_fd_store)
             return os.dup(handle.fileno())
         fd: int = yield self._engine(work)
@@ -641,7 +641,7 @@ class AgentService:
 
         def work() -> None:
             try:
-                self.agent.preserve(name, fd, token)
+                self.engine.preserve(name, fd, token)
             finally:
                 os.close(fd)
         yield self._engine(work)
@@ -658,7 +658,7 @@ class AgentService:
         if record.incoming:
             raise InvalidArgument(f"session {name!r:.80} came from the previous kernel; "
                                   "readiness is for sessions created in this boot")
-        yield self._engine(lambda: self.agent.set_ready(name, ready))
+        yield self._engine(lambda: self.engine.set_ready(name, ready))
         record.ready = ready
         if caller.uid == record.owner_uid:
             record.owner_sender = caller.sender  # the owner's connection now
@@ -673,7 +673,7 @@ class AgentService:
         if record.incoming:
             raise InvalidArgument(f"session {name!r:.80} came from the previous kernel: "
                                   "FinishSession ends it")
-        yield self._engine(lambda: self.agent.release_session(name))
+        yield self._engine(lambda: self.engine.release_session(name))
         self._drop_session(record)
         call.reply()
         self._told_if_not_owner(record, caller, f"released by uid {caller.uid} "
@@ -706,7 +706,7 @@ class AgentService:
 
         def work() -> int:
             if record.handle is None:
-                record.handle = self.agent.claim_session(name)
+                record.handle = self.engine.claim_session(name)
             return os.dup(record.handle.fileno())
         fd: int = yield self._engine(work)
         record.claimed = True
@@ -727,7 +727,7 @@ class AgentService:
 
         def work() -> int:
             if record.handle is None:
-                record.handle = self.agent.claim_session(name)
+                record.handle = self.engine.claim_session(name)
             return record.handle.retrieve_fd(token)
         fd: int = yield self._engine(work)
         record.claimed = True
@@ -746,7 +746,7 @@ class AgentService:
 
         def work() -> list[VerifyItem]:
             try:
-                recorded = owner_uid(self.agent.kept_session_owner(name))
+                recorded = owner_uid(self.engine.kept_session_owner(name))
                 if caller.uid != 0 and recorded != caller.uid:
                     raise PermissionDenied(f"session {name!r:.80} belongs to uid {recorded}; "
                                            "only its owner or root may have it checked")
@@ -754,9 +754,9 @@ class AgentService:
                 os.close(fd)
                 raise
             # from here the session owns the fd (adopt_session closes it on a wrong name)
-            session = self.agent.adopt_session(fd, name)
+            session = self.engine.adopt_session(fd, name)
             try:
-                return self.agent.check_kept_session(name, session)
+                return self.engine.check_kept_session(name, session)
             finally:
                 session.close()   # a duplicate: the owner's fd keeps the session
         items: list[VerifyItem] = yield self._engine(work)
@@ -772,7 +772,7 @@ class AgentService:
         record = self._incoming_owned(name, caller)
 
         def work() -> None:
-            handle = record.handle or self.agent.claim_session(name)
+            handle = record.handle or self.engine.claim_session(name)
             record.handle = None
             try:
                 handle.finish()
@@ -792,12 +792,12 @@ class AgentService:
                     self._drop_session(record)
             if names:
                 self.hooks.discarded(names)
-        if self.agent.claim_deadline is not None and self.current is None:
+        if self.engine.claim_deadline is not None and self.current is None:
             def done(names: list[str] | None, error: AgentError | None) -> None:
                 if error is not None:  # FINISH failed: say so, the next tick tries again
                     self.hooks.log(f"finishing unclaimed sessions failed: {error.message}")
                 expired(names or [])
-            self.worker.submit(self.agent.finish_expired, done)
+            self.worker.submit(self.engine.finish_expired, done)
         return True  # keep ticking
 
     def close(self) -> None:

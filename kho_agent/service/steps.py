@@ -7,7 +7,7 @@ and the driver resumes it with the answer once that arrives, or throws the error
         name, ready = call.args
         caller: Caller = yield Authorize(call.declared.action)   # polkit, asynchronously
         record = self._owned(name, caller)
-        yield self._engine(lambda: self.agent.set_ready(name, ready))   # on the engine thread
+        yield self._engine(lambda: self.engine.set_ready(name, ready))   # on the engine thread
         record.ready = ready
         call.reply()
 

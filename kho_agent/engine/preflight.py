@@ -11,13 +11,13 @@ import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from .abi import registry
-from .abi.compat import CompatReport, Verdict
-from .abi.findings import Finding
-from .abi.formats.records import LuoLimits
-from .facts import FileFacts
-from .kernel.sysinfo import SysInfo, kho_enabled, luo_enabled
-from .scratch import ScratchPlan
+from ..abi import registry
+from ..abi.compat import CompatReport, Verdict
+from ..abi.findings import Finding
+from ..abi.formats.records import LuoLimits
+from ..facts import FileFacts
+from ..kernel.sysinfo import SysInfo, kho_enabled, luo_enabled
+from .scratch_plan import ScratchPlan
 
 FDSTORE_SYSTEMD = 261  # first systemd that carries LUO session fds through its fd store
 

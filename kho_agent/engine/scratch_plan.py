@@ -27,11 +27,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .abi.kho_state import ScratchArea
-from .errors import InvalidArgument
-from .kernel.crashkernel import crashkernel_sizes
-from .kernel.kexec_placement import KexecSegment, Placement, kexec_segments, place_segments
-from .kernel.kho_scratch import (
+from ..abi.kho_state import ScratchArea
+from ..errors import InvalidArgument
+from ..kernel.crashkernel import crashkernel_sizes
+from ..kernel.kexec_placement import KexecSegment, Placement, kexec_segments, place_segments
+from ..kernel.kho_scratch import (
     DEFAULT_SCALE,
     KERN_FLAGS,
     SCRATCH_ALIGNMENT_BYTES,
@@ -46,8 +46,8 @@ from .kernel.kho_scratch import (
     round_up,
     scratch_alignment,
 )
-from .kernel.params import U64_MASK, param_values
-from .kernel.sysinfo import SysInfo, kho_enabled
+from ..kernel.params import U64_MASK, param_values
+from ..kernel.sysinfo import SysInfo, kho_enabled
 
 KiB = 1 << 10
 MiB = 1 << 20
