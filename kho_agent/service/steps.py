@@ -73,7 +73,11 @@ class Driver:
             return
         except AgentError as exc:
             self._failed(call, exc)
+            _forget_frames(exc)
             return
+        finally:
+            if error is not None:
+                _forget_frames(error)
         if isinstance(step, Authorize):
             if call is None:
                 raise TypeError("Authorize needs a method call")
@@ -107,3 +111,13 @@ class Driver:
             step.worker.submit(step.fn, finished, step.priority)
         except AgentError as exc:  # refused at once (Busy): nothing was queued
             self._advance(steps, call, None, exc)
+
+
+def _forget_frames(exc: BaseException) -> None:
+    """Drop the traceback of an error that has been answered. It holds the handler's frame and,
+    through each frame's caller, the callback that threw the error in, which holds the error:
+    a cycle that would keep the call and its arguments (megabytes a caller may send) alive until
+    the cycle collector ran. Measured by the D-Bus fuzzer's memory probe."""
+    exc.__traceback__ = None
+    if exc.__context__ is not None and exc.__context__ is not exc:
+        exc.__context__.__traceback__ = None
