@@ -43,7 +43,7 @@ from kho_agent.kernel.image import read_image
 
 REPO = Path(__file__).resolve().parent.parent
 
-# What 7.2.13 / 7.3-rc7 carry (reference "Verified against 7.2.13 / 7.3-rc7 source").
+# What 7.2.13 / 7.3-rc7 carry (docs/kernel-abi.md, "Verified against 7.2.13 / 7.3-rc7 source").
 V73 = ["kho-v4", "luo-v5", "memfd-v2", "memblock-v1", "reserve-mem-v1", "kexec-metadata"]
 
 

@@ -1,5 +1,6 @@
-"""Composite compatible strings ("kho-v4;radix-v1", "luo-v5;block-v1"; reference §2.7): the pure
-parser, and what the decoder reports, per component, for root FDTs and LUO blobs holding one."""
+"""Composite compatible strings ("kho-v4;radix-v1", "luo-v5;block-v1"; docs/kernel-abi.md §2.7):
+the pure parser, and what the decoder reports, per component, for root FDTs and LUO blobs holding
+one."""
 
 from __future__ import annotations
 

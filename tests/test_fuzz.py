@@ -422,7 +422,7 @@ root_fdt = st.one_of(
                                  st.sampled_from(POOL) | st.integers(0, 1 << 40),
                                  st.none() | st.integers(0, 1 << 20)),
                        max_size=4, unique_by=lambda t: t[0])),
-    # roots whose compatible is composite (reference §2.7), well formed or not
+    # roots whose compatible is composite (docs/kernel-abi.md §2.7), well formed or not
     st.builds(lambda compat, memmap: FdtWriter().begin_node("").property_string(
         "compatible", compat).property("preserved-memory-map", struct.pack("<Q", memmap))
         .end_node().finish(), st.sampled_from(COMPOSITES), st.sampled_from(POOL)),

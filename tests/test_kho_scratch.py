@@ -1,5 +1,5 @@
-"""kho_agent.kernel.kho_scratch: the kho_scratch= grammar (reference §5.3) and the sizes a cold
-boot reserves (§5.4). Expected values come from the kernel's rules, worked by hand in the
+"""kho_agent.kernel.kho_scratch: the kho_scratch= grammar (docs/kernel-abi.md §5.3) and the sizes a
+cold boot reserves (§5.4). Expected values come from the kernel's rules, worked by hand in the
 comments."""
 
 from __future__ import annotations
@@ -82,8 +82,8 @@ def test_size_text_largest_exact_suffix(n: int, text: str) -> None:
 # === the kernel's sizing =======================================================================
 
 def test_alignment() -> None:
-    # PAGE_SIZE << MAX_PAGE_ORDER (reference 5.4): 4 MiB on x86-64 and 4K arm64, 32 MiB with
-    # 16K pages (order 11), 512 MiB with 64K pages (order 13).
+    # PAGE_SIZE << MAX_PAGE_ORDER (docs/kernel-abi.md §5.4): 4 MiB on x86-64 and 4K arm64, 32 MiB
+    # with 16K pages (order 11), 512 MiB with 64K pages (order 13).
     assert SCRATCH_ALIGNMENT_BYTES == scratch_alignment(4096) == 4 * MiB
     assert scratch_alignment(16384, 11) == 32 * MiB
     assert scratch_alignment(65536, 13) == 512 * MiB

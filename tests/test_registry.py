@@ -46,7 +46,7 @@ def test_every_record_in_formats_is_registered() -> None:
     assert not [n for n in ast.walk(tree) if isinstance(n, ast.Import | ast.ImportFrom)]
 
 
-# reference section 0: the KHO root versions whose kernels wrote each LUO and memfd version
+# docs/kernel-abi.md §0: the KHO root versions whose kernels wrote each LUO and memfd version
 SHIPPED = {"luo-v1": {"kho-v1", "kho-v2", "kho-v3"}, "luo-v5": {"kho-v4"},
            "memfd-v1": {"kho-v1", "kho-v2"}, "memfd-v2": {"kho-v2", "kho-v3", "kho-v4"}}
 

@@ -725,7 +725,8 @@ def test_segments_must_fit_in_scratch(tmp_path: Path) -> None:
 def test_segments_are_placed_as_the_kernel_places_them(tmp_path: Path) -> None:
     # 3 MiB of initrd and a few KiB of kernel would fit into the 4 MiB area by size, but the
     # kernel segment is 2 MiB aligned (top-down: at the area's middle) and purgatory sits at its
-    # bottom, so no hole of 3 MiB is left: kho_locate_mem_hole() finds none (reference §5.5)
+    # bottom, so no hole of 3 MiB is left: kho_locate_mem_hole() finds none
+    # (docs/kernel-abi.md §5.5)
     sim = SimKernel.create(tmp_path / "s", cmdline=CMDLINE + " kho_scratch=4M,0,0")
     image = sim.write_kernel_image(tmp_path / "img", release="7.3.1", abi=sim.abi)
     initrd = tmp_path / "initrd"
@@ -779,7 +780,7 @@ def test_older_abi_cycle_kho_v3_luo_v1_memfd_v1(tmp_path: Path, fds: list[int]) 
     new = kexec(sim, release="7.1.0-sim")
     handed = decode_handover(sim.directory, scratch)
     # The decoder's table of shipped combinations has kho-v3 only with memfd-v2; which release
-    # carried kho-v3 is unconfirmed (reference §0) and the task asks for this pair, so that
+    # carried kho-v3 is unconfirmed (docs/kernel-abi.md §0) and the task asks for this pair, so that
     # one heuristic finding is expected; no kernel checks it.
     assert [e.split()[0] for e in errors(handed)] == ["compatible-mismatch"]
     luo = subtree(handed, "LUO")

@@ -3,7 +3,7 @@
 A kernel image names every contract it speaks as a NUL-terminated string in its .rodata
 (`kho-v4`, `luo-v5`, `memfd-v2`, `memblock-v1`, ...); the running kernel's outgoing KHO state
 (debugfs) shows what it actually hands over. `compare()` lines the two up, contract by contract,
-and says what the next kernel does on a mismatch (see the reference, §1.1, §2.2-§2.4, §3.9):
+and says what the next kernel does on a mismatch (docs/kernel-abi.md §1.1, §2.2-§2.4, §3.9):
 
     KHO root        the next kernel disables KHO revival: preserved memory lost, cold boot
     LUO             the next kernel panics at boot
@@ -56,7 +56,7 @@ LUO_MISMATCH = ("the next kernel panics at boot (LUO check at early_initcall, ev
 LUO_MISSING = ("the target kernel is built without LUO: it ignores the LUO state and every "
                "preserved session is lost (no panic)")
 FLB_MISMATCH = ("the next kernel cannot restore the LUO FLB state (global objects such as IOMMU "
-                "or PCI state); the exact failure is not pinned down (reference §2.5)")
+                "or PCI state); the exact failure is not pinned down (docs/kernel-abi.md §2.5)")
 FLB_MISSING = ("the target kernel does not read LUO FLB state: file-lifecycle-bound global "
                "objects are lost")
 HANDLER_MISMATCH = ("every open of /dev/liveupdate in the next kernel fails with EIO: the "

@@ -1,4 +1,4 @@
-"""Composite compatible strings of the "granular compatibility" proposal (reference §2.7).
+"""Composite compatible strings of the "granular compatibility" proposal (docs/kernel-abi.md §2.7).
 
 A kernel that versions the parts of a contract separately names them in one string: the base
 version, then each sub-component behind a `;`, the sub-components in strict alphabetical order

@@ -103,7 +103,7 @@ def memfd(compatible: str) -> MemfdVersion | None:
 
 
 def shipped_with(kho: str) -> tuple[frozenset[str], frozenset[str]]:
-    """The LUO and memfd versions kernels of one KHO root version wrote (reference section 0): a
+    """The LUO and memfd versions kernels of one KHO root version wrote (docs/kernel-abi.md §0): a
     combination outside these was not written by any one kernel."""
     return (frozenset(f.compatible for f in LUO_FORMATS if kho in f.shipped_with_kho),
             frozenset(f.compatible for f in MEMFD_FORMATS if kho in f.shipped_with_kho))

@@ -40,8 +40,8 @@ class Check:
                 "fix": self.fix}
 
 
-# Per LUO ABI (reference §3.2, §3.4), from each version's record: the FDT era had fixed caps, the
-# block chains only a chain length (10000 blocks of 51 sessions / 63 files).
+# Per LUO ABI (docs/kernel-abi.md §3.2, §3.4), from each version's record: the FDT era had fixed
+# caps, the block chains only a chain length (10000 blocks of 51 sessions / 63 files).
 LUO_LIMITS: Mapping[str, LuoLimits] = {f.compatible: f.limits for f in registry.LUO_FORMATS}
 # the version that holds the most, for the advice when a plan exceeds the running one's
 ROOMIEST_LUO = max(reversed(registry.LUO_FORMATS), key=lambda f: f.limits.sessions).compatible

@@ -1,12 +1,13 @@
 """The KHO scratch recommendation: what the next boot needs and what to put on the command line
 (like `kdumpctl estimate` for kdump). Pure: SysInfo and sizes in, a plan out.
 
-The kernel's rules it applies are the kernel seams' (reference §5.3-5.5): the `kho_scratch=`
-grammar and the sizes a cold boot reserves (kernel/kho_scratch.py), where kexec_file_load puts the
-next kernel's segments, each in the first scratch area with room, failing with EADDRNOTAVAIL when
-one does not fit (kernel/kexec_placement.py), crashkernel= (kernel/crashkernel.py) and the memory
-a kernel image takes (kernel/image.py). This module adds what the engine judges: how much the
-kernel reserves when memblock debugfs cannot say, the margin, and the warnings.
+The kernel's rules it applies are the kernel seams' (docs/kernel-abi.md §5.3-5.5): the
+`kho_scratch=` grammar and the sizes a cold boot reserves (kernel/kho_scratch.py), where
+kexec_file_load puts the next kernel's segments, each in the first scratch area with room, failing
+with EADDRNOTAVAIL when one does not fit (kernel/kexec_placement.py), crashkernel=
+(kernel/crashkernel.py) and the memory a kernel image takes (kernel/image.py). This module adds
+what the engine judges: how much the kernel reserves when memblock debugfs cannot say, the margin,
+and the warnings.
 
 The plan works per area:
 

@@ -29,8 +29,8 @@ from .callerfile import file_kind, open_regular
 DEFAULT_DEBUGFS = "/sys/kernel/debug"
 
 # The root FDT is one page: the kernel creates it with fdt_create(root, PAGE_SIZE) and adding a
-# subtree that does not fit fails with -ENOMEM (kho_add_subtree(); reference §1.1). The largest
-# PAGE_SIZE of an architecture with KHO is 64 KiB (arm64 with 64K pages).
+# subtree that does not fit fails with -ENOMEM (kho_add_subtree(); docs/kernel-abi.md §1.1). The
+# largest PAGE_SIZE of an architecture with KHO is 64 KiB (arm64 with 64K pages).
 MAX_ROOT_FDT = 64 << 10
 # A subtree blob is what its subsystem gave kho_add_subtree(); the decoder refuses a blob-size
 # above MAX_SIZED_BLOB (16 MiB) when it reads one from memory, so a debugfs copy of one cannot be

@@ -1,4 +1,5 @@
-"""Where kexec_file_load() puts the next kernel when KHO is on (reference §5.5). Pure: no I/O.
+"""Where kexec_file_load() puts the next kernel when KHO is on (docs/kernel-abi.md §5.5). Pure:
+no I/O.
 
 With KHO enabled, every segment of a normal (non-crash) image goes inside the scratch areas:
 kho_locate_mem_hole() walks kho_scratch[] and takes the first area with an aligned hole, and the

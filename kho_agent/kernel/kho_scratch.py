@@ -1,5 +1,5 @@
-"""The KHO scratch areas by the kernel's rules: the `kho_scratch=` grammar (reference §5.3) and
-the sizes a cold boot reserves (§5.4). Pure: no I/O.
+"""The KHO scratch areas by the kernel's rules: the `kho_scratch=` grammar (docs/kernel-abi.md
+§5.3) and the sizes a cold boot reserves (§5.4). Pure: no I/O.
 
 A KHO boot allocates early memory only from the scratch areas it inherits: one below 4 GiB
 (lowmem), one anywhere (global), one per NUMA node with memory. A cold boot with KHO on reserves

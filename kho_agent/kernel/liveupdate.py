@@ -162,7 +162,8 @@ def ioctl_numbers(machine: str | None = None) -> dict[str, int]:
 
 # --- ioctl argument structs (include/uapi/linux/liveupdate.h) --------------------------------
 # Native byte order with standard sizes: the kernel reads these as CPU-native structs, and on the
-# two KHO architectures (x86-64, arm64) "=" gives the same bytes as the reference's "<".
+# two KHO architectures (x86-64, arm64) "=" gives the same bytes as the "<" of
+# docs/kernel-abi.md §3.3.
 
 _SESSION = struct.Struct("=Ii64s")   # create_session / retrieve_session: size, fd (out), name
 _FD = struct.Struct("=IiQ")          # preserve_fd / retrieve_fd: size, fd, token

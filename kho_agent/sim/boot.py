@@ -1,5 +1,6 @@
 """What a simulated kernel decides at boot: its command line (kstrtobool, `kho_scratch=`,
-`reserve_mem=`), its memblock reservations, and the KHO scratch areas (reference §5.1-§5.5).
+`reserve_mem=`), its memblock reservations, and the KHO scratch areas (docs/kernel-abi.md
+§5.1-§5.5).
 
 Physical memory is one contiguous range per NUMA node starting at 0. Reservations follow the
 x86 shape: firmware below 1 MiB, the kernel image at 16 MiB, memmap and per-node kernel data at

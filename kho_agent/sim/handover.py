@@ -11,8 +11,8 @@
                            the restored files get again
 
 The next kernel reads it with the decoder (`kho_agent.abi`) and applies the kernel's rules
-(reference §1.1, §2.2, §2.4, §3.9): an unknown KHO root drops the handover, a LUO blob it cannot
-take panics it, a broken file chain fails /dev/liveupdate with EIO at the first open.
+(docs/kernel-abi.md §1.1, §2.2, §2.4, §3.9): an unknown KHO root drops the handover, a LUO blob
+it cannot take panics it, a broken file chain fails /dev/liveupdate with EIO at the first open.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """`/dev/liveupdate` of the simulated kernel: the LiveUpdate / LiveUpdateDevice /
-LiveUpdateSession seams with the 7.2/7.3 rules (reference §3.1-§3.5).
+LiveUpdateSession seams with the 7.2/7.3 rules (docs/kernel-abi.md §3.1-§3.5).
 
 Session fds are real: one end of a socketpair (O_CLOEXEC), so they can be passed to another
 process (SCM_RIGHTS, D-Bus); the session's state itself stays in this process.

@@ -37,6 +37,6 @@ KHO_V1 = KhoRootVersion(
     writes_kexec_metadata=False,
     debugfs_fdt_truncated=False,
     same_string_caveat=("kho-v1 changed its preserved-memory bitmaps from 512 bytes to a page "
-                        "between 6.16 and 6.19 without a new string (reference §1.3); the same "
-                        "string proves nothing across those releases"),
+                        "between 6.16 and 6.19 without a new string (docs/kernel-abi.md "
+                        "§1.3); the same string proves nothing across those releases"),
 )

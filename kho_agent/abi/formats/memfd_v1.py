@@ -19,7 +19,7 @@ MEMFD_V1 = MemfdVersion(
     layout=LAYOUT,
     releases="6.19 .. 7.0",
     shipped_with_kho=frozenset({"kho-v1", "kho-v2"}),
-    # which release carried kho-v3 is unconfirmed (reference §0); rehearsing an older memfd
+    # which release carried kho-v3 is unconfirmed (docs/kernel-abi.md §0); rehearsing an older memfd
     # handler against it is useful, so the simulator allows the pair
     simulated_with_kho=frozenset({"kho-v3"}),
     decode=functools.partial(memfd.decode, LAYOUT),
