@@ -52,7 +52,7 @@ from kho_agent.sim import SimAbi, SimKernel  # noqa: E402
 
 GET_TARGET = 3.0      # issue 4
 STATUS_TARGET = 2.5   # kho-agentctl status over a bare python3 + Gio GetId
-RSS_TARGET = 3.0      # the idle daemon over a bare python3 + Gio on the bus
+RSS_TARGET = 2.0      # the idle daemon over a bare python3 + Gio on the bus
 STATUS_RUNS = 5
 
 # The floor client: a bare python3 that imports Gio, connects to the bus and asks the bus daemon
