@@ -72,20 +72,22 @@ def sample() -> Manifest:
         release_from="7.2.13",
         release_to="7.3.0-rc7",
         boot_id_from="0f6c7d2e-1111-4a4a-9b9b-000000000001",
-        abi_from={"kho": "kho-v4", "luo": "luo-v5", "memfd": "memfd-v2"},
-        abi_to={"kho": "kho-v4", "luo": "luo-v5", "memfd": "memfd-v2"},
+        abi_from={"kho-root": "kho-v4", "luo": "luo-v5", "handler:memfd": "memfd-v2",
+                  "memblock": "memblock-v1"},
+        abi_to={"kho-root": "kho-v4", "luo": "luo-v5", "handler:memfd": "memfd-v2",
+                "memblock": "memblock-v1"},
         cmdline_to="console=ttyS0 kho=on liveupdate=on",
         scratch={"kho_scratch": None, "areas": [{"addr": 1 << 32, "size": 64 << 20}]},
         liveupdate_number_from=1,
         liveupdate_number_expected=2,
         sessions=[
-            SessionEntry("vm-alpha", "uid=0 bus=:1.42", [
+            SessionEntry("vm-alpha", "uid:0", [
                 FileEntry(1, 4 << 20, DIGEST_A, "blake3", 0.012, 0x20),
                 FileEntry((1 << 64) - 1, 0, None, None, None, 0),
             ], ready=True, digests=True),
             SessionEntry(NAME_63, "rehearsal", [FileEntry(7, 4096, None, None, None, None)],
                          ready=False, digests=False),
-            SessionEntry("vm-é", "uid=0 bus=:1.43", [], ready=True, digests=False),
+            SessionEntry("vm-é", "uid:1000", [], ready=True, digests=False),
         ],
         subtrees=[SubtreeEntry("kexec-metadata", 73, None), SubtreeEntry("LUO", 32, "luo-v5"),
                   SubtreeEntry("memblock", 405, "memblock-v1")],
@@ -333,8 +335,8 @@ def test_unreadable_documents_are_state_corrupt(mutate: Callable[[bytes], bytes]
 
 
 def test_duplicate_json_key_is_reported_at_its_path() -> None:
-    data = manifest_to_json(sample()).replace(b'"owner":"uid=0 bus=:1.42",',
-                                              b'"owner":"a","owner":"uid=0 bus=:1.42",', 1)
+    data = manifest_to_json(sample()).replace(b'"owner":"uid:0",',
+                                              b'"owner":"a","owner":"uid:0",', 1)
     with pytest.raises(StateCorrupt) as caught:
         manifest_from_json(data)
     assert isinstance(caught.value, mf.ManifestCorrupt)
@@ -621,7 +623,7 @@ def _file(attr: str, value: object) -> Mutation:
 
 
 def _abi(m: Manifest, obs: Observation) -> None:
-    obs.abi["memfd"] = "memfd-v3"
+    obs.abi["handler:memfd"] = "memfd-v3"
 
 
 def _subtree_size(m: Manifest, obs: Observation) -> None:
@@ -644,7 +646,7 @@ FAILING: list[tuple[str, Mutation, str, str, Verdict]] = [
     ("previous", _set("previous_release", "7.1.0"), "proof", "previous_release",
      Verdict.MISMATCH),
     ("release", _set("release", "7.2.13"), "proof", "release", Verdict.MISMATCH),
-    ("abi", _abi, "abi", "memfd", Verdict.MISMATCH),
+    ("abi", _abi, "abi", "handler:memfd", Verdict.MISMATCH),
     ("session-gone", _drop_session("vm-alpha"), "session", "vm-alpha", Verdict.MISSING),
     ("session-error", _session_error, "session", "vm-alpha", Verdict.FAILED),
     ("token-gone", _drop_token, "file", "vm-alpha/1", Verdict.MISSING),
@@ -706,7 +708,7 @@ def _extra_abi(m: Manifest, obs: Observation) -> None:
 
 
 def _missing_abi(m: Manifest, obs: Observation) -> None:
-    del obs.abi["memfd"]
+    del obs.abi["handler:memfd"]
 
 
 def _not_final(m: Manifest, obs: Observation) -> None:
@@ -722,7 +724,7 @@ INFORMATIONAL: list[tuple[str, Mutation, str, str, Verdict]] = [
     ("extra-token", _extra_token, "file", "vm-alpha/99", Verdict.EXTRA),
     ("extra-subtree", _extra_subtree, "subtree", "kho_test", Verdict.EXTRA),
     ("extra-abi", _extra_abi, "abi", "flb", Verdict.EXTRA),
-    ("missing-abi", _missing_abi, "abi", "memfd", Verdict.UNCHECKED),
+    ("missing-abi", _missing_abi, "abi", "handler:memfd", Verdict.UNCHECKED),
     ("no-subtrees-visible", _no_subtrees, "subtree", "LUO", Verdict.UNCHECKED),
     ("luo-size-unknown", _luo_freed, "subtree-size", "LUO", Verdict.UNCHECKED),
     ("no-digest-after", _no_digest_after, "file-digest", "vm-alpha/1", Verdict.UNCHECKED),
