@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from ..abi import registry
 from ..errors import AbiMismatch, InvalidArgument, KernelRefused
 from .procfd import FdHolder, describe_holders, find_holders
 
@@ -325,6 +324,10 @@ def _validate_fd(fd: int) -> int:
 def _caps(errno_name: str, sessions: bool) -> str:
     """The caps of the LUO versions (their records) that answer `errno_name` at the session or the
     file cap, e.g. "luo-v5: 10000 blocks of 51, 510,000 sessions"."""
+    # Imported here, on the error path: the registry imports every format record, which costs
+    # every process that loads this module (kho-agentctl, VM managers' AgentClient) ~70 ms.
+    from ..abi import registry
+
     parts = []
     for f in registry.LUO_FORMATS:
         lim = f.limits
@@ -358,15 +361,14 @@ LUO_ADVICE: dict[tuple[str, int], str] = {
                                       "use another name. " + _EEXIST_DEFECT,
     ("CREATE_SESSION", errno.EINVAL): "the kernel rejected the session name {name!r}: it must be "
                                       "1 to 63 bytes with a NUL in the 64-byte field",
-    ("CREATE_SESSION", errno.ENOSPC): "the kernel's session list is full ("
-                                      + _caps("ENOSPC", sessions=True)
-                                      + ", at 4 KiB pages): close unused sessions",
+    ("CREATE_SESSION", errno.ENOSPC): "the kernel's session list is full "
+                                      "({caps_sessions_ENOSPC}, at 4 KiB pages): close unused "
+                                      "sessions",
     ("CREATE_SESSION", errno.EMFILE): "this process has no free file descriptor: raise "
                                       "RLIMIT_NOFILE (LimitNOFILE=) or close fds",
     ("CREATE_SESSION", errno.ENOMEM): "the kernel is out of memory for a new session, or its "
-                                      "fixed session array is full ("
-                                      + _caps("ENOMEM", sessions=True)
-                                      + "): close unused sessions",
+                                      "fixed session array is full ({caps_sessions_ENOMEM}): close "
+                                      "unused sessions",
     ("RETRIEVE_SESSION", errno.ENOENT): "no incoming session {name!r}: cold boot, rejected "
                                         "handover, or never preserved",
     ("RETRIEVE_SESSION", errno.EINVAL): "incoming session {name!r} is already retrieved and "
@@ -386,9 +388,8 @@ LUO_ADVICE: dict[tuple[str, int], str] = {
     ("PRESERVE_FD", errno.EBADF): "fd {fd} is not an open file in this process",
     ("PRESERVE_FD", errno.ENOMEM): "the kernel could not pin or record the file's pages (out of "
                                    "memory; sparse memfds cost their full size)",
-    ("PRESERVE_FD", errno.ENOSPC): "session {name!r} holds the maximum number of files ("
-                                   + _caps("ENOSPC", sessions=False)
-                                   + ", at 4 KiB pages): use another session",
+    ("PRESERVE_FD", errno.ENOSPC): "session {name!r} holds the maximum number of files "
+                                   "({caps_files_ENOSPC}, at 4 KiB pages): use another session",
     ("PRESERVE_FD", errno.EINVAL): "session {name!r} is an incoming (retrieved) session, which "
                                    "takes no new files: preserve into a session created in this "
                                    "boot; or KEXEC_HANDOVER_DEBUG found the pages overlapping the "
@@ -437,6 +438,10 @@ class _Fill(dict[str, object]):
     """Template values; a missing one prints as "?" instead of failing the error path."""
 
     def __missing__(self, key: str) -> object:
+        # {caps_sessions_ENOSPC}, {caps_files_ENOSPC}: the LUO versions' caps for that errno
+        what, _, errno_name = key.removeprefix("caps_").partition("_")
+        if key.startswith("caps_") and what in ("sessions", "files"):
+            return _caps(errno_name, sessions=what == "sessions")
         return "?"
 
 
