@@ -2,7 +2,7 @@
 
     DIR/current            -> boots/<id>, the boot in force (boots.py: how it is switched)
     DIR/boots/<id>/        one boot:
-        boot.json          the boot (state.py); shared bookkeeping between processes
+        boot.json          the boot (boot_record.py); shared bookkeeping between processes
         incoming.log       which incoming sessions are retrieved or finished (retrieval.py)
         faults.json        injected faults (faults.py), carried from boot to boot
         userspace.json     the machine's init system, carried from boot to boot
