@@ -59,7 +59,7 @@ class VmallocArea:
 
 
 @functools.cache
-def _labels(what: str) -> tuple[str, str, str]:
+def labels(what: str) -> tuple[str, str, str]:
     """The labels for one caller's chunks and data; cached because a LUO state with 100k memfds
     reads 100k folio arrays under the same `what`."""
     return f"{what} vmalloc chunk", f"{what}: kho_vmalloc chunk", f"{what} vmalloc data"
@@ -67,7 +67,8 @@ def _labels(what: str) -> tuple[str, str, str]:
 
 def read_vmalloc(ctx: DecodeContext, desc: VmallocDesc, path: str, what: str) -> VmallocArea:
     area = VmallocArea(desc)
-    ps = 1 << ctx.page_shift
+    shift = ctx.page_shift
+    ps = 1 << shift
     order = desc.order
     if desc.flags & ~KNOWN_FLAGS:
         ctx.add("vmalloc-flags-unknown", path, f"{what}: kho_vmalloc flags {desc.flags:#x} carry "
@@ -85,7 +86,7 @@ def read_vmalloc(ctx: DecodeContext, desc: VmallocDesc, path: str, what: str) ->
             area.complete = False
         return area
     per_chunk = (ps - 8) // 8
-    chunk_what, claim_what, data_what = _labels(what)
+    chunk_what, claim_what, data_what = labels(what)
     blocks = area.blocks
     chunk_pages = area.chunk_pages
     refs_append = ctx.refs.append  # ctx.ref() inlined: this runs for every memfd
@@ -111,11 +112,11 @@ def read_vmalloc(ctx: DecodeContext, desc: VmallocDesc, path: str, what: str) ->
             break
         if seen:
             seen.add(phys)
-        if phys in owners:  # ctx.claim() with its common case inlined
+        if phys >> shift in owners:  # ctx.claim() with its common case inlined
             ctx.claim(phys, path, claim_what)
             area.complete = False
             break
-        owners[phys] = path
+        owners[phys >> shift] = path
         chunk_pages.append(phys)
         refs_append(MemRef(phys, ps, path, chunk_what))
         # Most areas are small (a one-page memfd has one block), so read only the words that

@@ -25,7 +25,7 @@ from ..luo_common import (
     pack_flbs,
     pack_session,
     session_path,
-    unpack_file,
+    unpack_files,
     unpack_session,
 )
 from ..memory import PageAllocator, SparseMemory
@@ -65,8 +65,7 @@ def decode(blob: bytes, ctx: DecodeContext, path: str) -> LuoState | None:
                             f"{session.file_count} but no file blocks")
                 continue
             files = walk_blocks(ctx, session.files_phys, FILE_SER_SIZE, spath, "files")
-            for j, fraw in enumerate(files.entries):
-                session.files.append(unpack_file(ctx, fraw, spath, j, handlers))
+            session.files = unpack_files(ctx, files.entries, spath, handlers)
             if files.complete and len(files.entries) != session.file_count:
                 ctx.add("count-mismatch", spath, f"session says {session.file_count} files but "
                         f"its blocks hold {len(files.entries)}; the next kernel fails every open "
