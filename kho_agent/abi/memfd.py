@@ -64,10 +64,15 @@ class MemfdState:
     complete: bool = True
 
 
-def decode(fmt: MemfdLayout, ctx: DecodeContext, phys: int, path: str) -> MemfdState | None:
-    # This runs for every memfd (100k in a large LUO state), so context methods and the common
-    # case of read_vmalloc() are inlined; the results, findings and references are those of the
-    # general code, in the same order.
+def decode(fmt: MemfdLayout, ctx: DecodeContext, phys: int, path: str, *,
+           fast: bool = True) -> MemfdState | None:
+    """Decode one memfd_luo_ser and its folio array.
+
+    This runs for every memfd (100k in a large LUO state), so context methods are inlined, and
+    two common cases take a fast path: a folio array of one vmalloc chunk (read_vmalloc()'s
+    work done here) and a one-folio file. Their results, findings and references are those of
+    the general code, in the same order; `fast=False` runs the general code only, and
+    tests/test_memfd_fast_path.py holds the two to each other."""
     compatible = fmt.compatible
     if phys == 0 or phys % 8:
         ctx.add("misaligned", path, f"{compatible}: memfd_luo_ser address {phys:#x} is invalid")
@@ -115,7 +120,7 @@ def decode(fmt: MemfdLayout, ctx: DecodeContext, phys: int, path: str) -> MemfdS
     block = ps << order
     owners = ctx.owners
     expect = total >> order
-    if (not vflags & ~KNOWN_FLAGS and order <= MAX_ORDER and first and not first % ps
+    if (fast and not vflags & ~KNOWN_FLAGS and order <= MAX_ORDER and first and not first % ps
             and first >> shift not in owners and expect < (ps - 8) // 8):
         # read_vmalloc()'s common case: one chunk, read as far as total_pages says it is used
         # (a one-page memfd: one block). Its list ends there unless total_pages lies; then
@@ -168,7 +173,7 @@ def decode(fmt: MemfdLayout, ctx: DecodeContext, phys: int, path: str) -> MemfdS
             return state
         blocks = area.blocks
 
-    if nr_folios == 1 and blocks:
+    if fast and nr_folios == 1 and blocks:
         # A one-page memfd, the usual file: its one entry is read and checked alone, with the
         # outcome of the loop below for one entry (indices ascend, the first folio is the last).
         blk = blocks[0]
