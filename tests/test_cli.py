@@ -122,6 +122,28 @@ def test_unreadable_inputs_exit_2(samples_dir: Path, tmp_path: Path,
     assert code == 2 and "give FDT" in err
 
 
+def test_a_directory_without_a_kho_state_is_refused_not_passed(
+        capsys: pytest.CaptureFixture[str], samples_dir: Path, tmp_path: Path) -> None:
+    """Nothing decoded is not a pass: a health check pointed at the wrong directory (an empty
+    one, /proc, the parent of kho/out) exits 2 and says so, for check and decode alike."""
+    parent = samples_dir / "debugfs" / "stage1-3-loaded"
+    assert (parent / "out").is_dir()
+    for where, words in ((tmp_path, "holds no KHO state"), (Path("/proc"), "holds no KHO state"),
+                         (parent, f"give {parent / 'out'} instead")):
+        for command in ("check", "decode"):
+            code, out, err = run(capsys, command, str(where))
+            assert code == 2 and "InvalidArgument" in err and words in err, (command, where)
+            assert "Findings" not in out
+        code, _, err = run(capsys, "check", "--in", str(where))
+        assert code == 2 and words in err
+    # the directory itself still checks, and a KHO boot's kho/out without its fdt still decodes
+    assert run(capsys, "check", str(parent / "out"))[0] == 0
+    subs_only = tmp_path / "subs-only"
+    shutil.copytree(parent / "out" / "sub_fdts", subs_only / "sub_fdts")
+    code, out, _ = run(capsys, "check", str(subs_only))
+    assert code == 0 and "debugfs-fdt-absent" in out
+
+
 def test_console_entry_point_runs(samples_dir: Path) -> None:
     case = samples_dir / "case-in-1"
     proc = subprocess.run([sys.executable, "-m", "kho_agent.cli", "check", "--in", str(case)],

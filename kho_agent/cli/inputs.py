@@ -8,7 +8,7 @@ from contextlib import ExitStack
 
 from ..abi import KhoInput, ScratchArea, Side
 from ..abi.kho_state import scratch_roles
-from ..errors import NotFound, PermissionDenied
+from ..errors import InvalidArgument, NotFound, PermissionDenied
 from ..kernel import debugfs
 from ..kernel.physmem import KCORE_PATH, ElfCoreMemory
 from .common import CliError
@@ -45,14 +45,14 @@ def load_input(args: argparse.Namespace, stack: ExitStack) -> tuple[KhoInput, st
         if args.fdt or args.memory:
             raise CliError("--live reads this host; do not also give FDT or --memory")
         path = debugfs.kho_dir(args.debugfs, side.value)
-        snap = debugfs.read_snapshot(path)
+        snap = _state_directory(path)
         mem_path: str | None = args.kcore_path
         source = f"live {path}"
     else:
         if not args.fdt:
             raise CliError("give FDT (a file or a debugfs-style directory), or --live")
         if os.path.isdir(args.fdt):
-            snap = debugfs.read_snapshot(args.fdt)
+            snap = _state_directory(args.fdt)
         else:
             snap = debugfs.KhoDebugfsSnapshot(args.fdt, debugfs.read_root_fdt(args.fdt))
         if args.sub_fdts:
@@ -67,6 +67,20 @@ def load_input(args: argparse.Namespace, stack: ExitStack) -> tuple[KhoInput, st
     scratch = [ScratchArea(p, n, r) for p, n, r in zip(snap.scratch_phys, snap.scratch_len,
                                                        roles, strict=True)]
     return KhoInput(snap.fdt, snap.sub_blobs, scratch, memory, side), source
+
+
+def _state_directory(path: str) -> debugfs.KhoDebugfsSnapshot:
+    """A debugfs-style KHO directory that holds a state. One with neither a root FDT nor a
+    subtree blob is refused: decoding nothing finds nothing wrong, and a health check pointed
+    at the wrong directory (an empty one, /proc, the parent of kho/out) must not pass."""
+    snap = debugfs.read_snapshot(path)
+    if snap.fdt is not None or snap.sub_blobs:
+        return snap
+    inside = [name for name in ("out", "in", "kho") if os.path.isdir(os.path.join(path, name))]
+    hint = (f"; it has {', '.join(f'{name}/' for name in inside)}: give "
+            f"{os.path.join(path, inside[0])} instead" if inside else "")
+    raise InvalidArgument(f"{path} holds no KHO state (no fdt, no sub_fdts/ blobs): it is not "
+                          f"a debugfs kho/out or kho/in directory or a copy of one{hint}")
 
 
 def _open_core(path: str) -> ElfCoreMemory:
