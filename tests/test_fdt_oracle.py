@@ -12,21 +12,28 @@ from pathlib import Path
 
 import fdt
 import pytest
+from fdtcases import (
+    SUBTREES,
+    Tree,
+    fdt_trees,
+    luo_v1_state,
+    memblock_state,
+    names,
+    our_tree,
+    prop,
+    sample_fdts,
+    write_tree,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kho_agent.abi.errors import FdtTruncated
-from kho_agent.abi.fdt import FdtNode, FdtWriter, parse_fdt
+from kho_agent.abi.fdt import parse_fdt
 from kho_agent.abi.formats import luo_v1
 from kho_agent.abi.formats import memblock_v1 as memblock
 from kho_agent.abi.kho_root import encode_root
-from kho_agent.abi.luo_common import LuoFile, LuoFlb, LuoSession, LuoState
 from kho_agent.abi.memory import PageAllocator, SparseMemory
 from kho_agent.abi.registry import ROOT_FORMATS
-
-# (name, [(property, raw value)], [children]), the root's name left out: both parsers' trees are
-# reduced to this before they are compared.
-Tree = tuple[str, list[tuple[str, bytes]], list["Tree"]]
 
 
 def raw_value(prop: fdt.Property) -> bytes:
@@ -47,10 +54,6 @@ def oracle_tree(node: fdt.Node, name: str = "") -> Tree:
             [oracle_tree(child, child.name) for child in node.nodes])
 
 
-def our_tree(node: FdtNode, name: str = "") -> Tree:
-    return (name, list(node.props), [our_tree(c, c.name) for c in node.children])
-
-
 def agree(blob: bytes) -> Tree:
     """Both parsers read `blob` alike, reservations included, and our parser reads the `fdt`
     package's re-encoding of it alike too; the agreed tree."""
@@ -64,20 +67,7 @@ def agree(blob: bytes) -> Tree:
     return tree
 
 
-def prop(tree: Tree, name: str) -> bytes:
-    return dict(tree[1])[name]
-
-
-def names(tree: Tree) -> list[str]:
-    return [child[0] for child in tree[2]]
-
-
 # --- our encoders --------------------------------------------------------------------------------
-
-SUBTREES: list[tuple[str, int, int | None]] = [
-    ("memblock", 0x2C3F000, 218), ("LUO", 0x2C3D000, 32), ("kho_test", 0x267C000, 240),
-    ("kexec-metadata", 0x2656000, 73)]
-
 
 @pytest.mark.parametrize("compatible", sorted(ROOT_FORMATS))
 @pytest.mark.parametrize("count", [0, 1, 4])
@@ -98,10 +88,7 @@ def test_root_fdt_of_every_kho_version(compatible: str, count: int) -> None:
 
 
 def test_memblock_fdt() -> None:
-    state = memblock.MemblockState("memblock-v1", [
-        memblock.ReserveMemRegion("kho_demo_rsv", "reserve-mem-v1", 0x7C300000, 0x100000),
-        memblock.ReserveMemRegion("second", "reserve-mem-v1", 0x1000, 0x2000)])
-    blob = memblock.encode(state)
+    blob = memblock.encode(memblock_state())
     tree = agree(blob)
     assert prop(tree, "compatible") == b"memblock-v1\0"
     assert names(tree) == ["kho_demo_rsv", "second"]
@@ -115,11 +102,7 @@ def test_memblock_fdt() -> None:
 
 def test_luo_v1_fdt() -> None:
     mem, alloc = SparseMemory(), PageAllocator()
-    state = LuoState("luo-v1", 3, 0, 0, True,
-                     [LuoSession("a", 0, 0, [LuoFile(0, "memfd-v1", 7, 0x1000)]),
-                      LuoSession("b", 0, 0, [])],
-                     [LuoFlb("liveupdate-test-flb-v0", 0xFEED, 9)])
-    tree = agree(luo_v1.encode(state, mem, alloc))
+    tree = agree(luo_v1.encode(luo_v1_state(), mem, alloc))
     assert prop(tree, "compatible") == b"luo-v1\0"
     assert prop(tree, "liveupdate-number") == struct.pack("<Q", 3)
     assert names(tree) == ["luo-session", "luo-flb"]
@@ -129,11 +112,6 @@ def test_luo_v1_fdt() -> None:
 
 # --- any tree FdtWriter can write ----------------------------------------------------------------
 
-NODE_NAME = st.from_regex(r"[a-z][a-z0-9_-]{0,10}(@[0-9a-f]{1,4})?", fullmatch=True)
-# names whose tails are shared in the string table ("size" in "blob-size") included
-PROP_NAME = st.one_of(st.from_regex(r"x[a-z0-9_,.+-]{0,12}", fullmatch=True),
-                      st.sampled_from(["compatible", "size", "blob-size", "start",
-                                       "preserved-data", "data"]))
 # every form the oracle types a value as: strings, words, odd-sized bytes, empty
 VALUE = st.one_of(st.binary(max_size=24),
                   st.lists(st.from_regex(r"[a-z0-9,.-]{1,12}", fullmatch=True), min_size=1,
@@ -141,44 +119,13 @@ VALUE = st.one_of(st.binary(max_size=24),
                   st.integers(0, (1 << 64) - 1).map(lambda v: struct.pack("<Q", v)))
 
 
-@st.composite
-def fdt_trees(draw: st.DrawFn, depth: int = 0) -> Tree:
-    props = draw(st.lists(st.tuples(PROP_NAME, VALUE), max_size=5, unique_by=lambda p: p[0]))
-    children: list[Tree] = []
-    if depth < 4:
-        children = draw(st.lists(fdt_trees(depth + 1), max_size=3, unique_by=lambda c: c[0]))
-    name = draw(NODE_NAME) if depth else ""
-    return (name, props, children)
-
-
-def _write(w: FdtWriter, tree: Tree) -> None:
-    w.begin_node(tree[0])
-    for name, value in tree[1]:
-        w.property(name, value)
-    for child in tree[2]:
-        _write(w, child)
-    w.end_node()
-
-
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(fdt_trees())
+@given(fdt_trees(VALUE))
 def test_fdt_writer_random_trees(tree: Tree) -> None:
-    w = FdtWriter()
-    _write(w, tree)
-    assert agree(w.finish()) == tree
+    assert agree(write_tree(tree)) == tree
 
 
 # --- the captured samples ------------------------------------------------------------------------
-
-def sample_fdts(samples: Path) -> list[Path]:
-    found = [samples / case / "fdt" for case in ("case-out-1", "case-in-1")]
-    found += [samples / case / "sub_fdts" / name for case in ("case-out-1", "case-in-1")
-              for name in ("memblock", "kho_test")]
-    found += sorted((samples / "fdt").glob("*.dtb"))
-    found += [p for p in sorted((samples / "fdt").glob("*.bin"))
-              if p.read_bytes()[:4] == b"\xd0\x0d\xfe\xed" and "truncated" not in p.name]
-    return found
-
 
 def test_real_sample_fdts(samples_dir: Path) -> None:
     blobs = sample_fdts(samples_dir)
