@@ -107,6 +107,14 @@ class PermissionDenied(AgentError):
     pass
 
 
+def with_message(exc: AgentError, message: str) -> AgentError:
+    """`exc` again (its class; its op, errno and advice if it has them) with `message`: for
+    saying more about an error on its way out without changing the one already raised."""
+    if isinstance(exc, SystemCallFailed):
+        return type(exc).with_message(message, exc.op, exc.errno, exc.advice)
+    return type(exc)(message)
+
+
 class NotFound(AgentError):
     pass
 

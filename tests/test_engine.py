@@ -404,6 +404,24 @@ def test_a_state_that_cannot_be_saved_is_added_to_the_error(
     assert rig.state()["phase"] == "committing"      # what a restart would find
 
 
+def test_the_error_being_raised_is_not_changed_when_the_state_cannot_be_saved(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rollback's note goes on a copy of the error (same class, errno and advice), not
+    onto the exception already on its way out; with the state saved, the error is the same."""
+    ctx = rig.agent._ctx
+    cause = KernelRefused("kexec_file_load", errno.EINVAL, "the image is refused")
+    assert ctx.transition_best_effort(cause, ctx.state.phase, "rolled back") is cause
+
+    def full(state: object) -> None:
+        raise KernelRefused("writing state.json", errno.ENOSPC, "the disk is full")
+    monkeypatch.setattr(ctx.store, "save", full)
+    raised = ctx.transition_best_effort(cause, ctx.state.phase, "rolled back")
+    assert raised is not cause and type(raised) is KernelRefused
+    assert (raised.op, raised.errno, raised.advice) == (cause.op, cause.errno, cause.advice)
+    assert raised.message.startswith(cause.message) and "could not be saved" in raised.message
+    assert "could not be saved" not in cause.message and str(cause) == cause.message
+
+
 def test_a_restart_after_verify_reports_unclaimed_sessions_as_lost(rig: Rig) -> None:
     rig.client("vm-a", {1: b"a"})
     rig.client("vm-b", {1: b"b"})

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import AgentError, Busy
+from ..errors import AgentError, Busy, with_message
 from ..facts import TargetImageCache
 from ..imagestrings import ImageStrings
 from ..kernel.host import Host
@@ -134,16 +134,18 @@ class EngineContext:
         self.state = new
 
     def transition_best_effort(self, cause: AgentError, phase: Phase, message: str,
-                               **changes: Any) -> None:
+                               **changes: Any) -> AgentError:
         """For rollbacks: a state that cannot be written (disk full) must not hide the error
-        being reported (`cause`), so it is added to it. The in-memory state moves on; the file
-        keeps the earlier phase, which a restart in this boot resolves to "cancelled"."""
+        being reported (`cause`). Returns the error to raise: `cause`, or a copy of it that
+        also says the state was not saved (the raised one is not changed). The in-memory state
+        moves on; the file keeps the earlier phase, which a restart in this boot resolves to
+        "cancelled"."""
         self.transition(phase, message, strict=False, **changes)
-        if self.persist_problem is not None:
-            cause.message += (f"; in addition the agent's state could not be saved "
-                              f"({self.persist_problem}): until it can, a restart of the agent "
-                              "reports an earlier state")
-            cause.args = (cause.message,)
+        if self.persist_problem is None:
+            return cause
+        return with_message(cause, f"{cause.message}; in addition the agent's state could not "
+                            f"be saved ({self.persist_problem}): until it can, a restart of the "
+                            "agent reports an earlier state")
 
     # ------------------------------------------------------------------ the host
 

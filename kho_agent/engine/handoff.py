@@ -169,8 +169,7 @@ def commit(ctx: EngineContext, options: CommitOptions) -> CommitResult:
             ctx.host.kexec.reboot(via_systemd=mode in ("direct", "fdstore"))
         except AgentError as exc:  # refused by the kernel, an inhibitor, or systemctl
             ctx.unpark_all()  # the agent holds them again; a later cancel must free them
-            ctx.transition_best_effort(exc, Phase.PREPARED, "the kexec did not happen, "
-                                       f"nothing lost: {exc.message}")
-            raise
+            raise ctx.transition_best_effort(  # noqa: B904 (the error or its copy)
+                exc, Phase.PREPARED, f"the kexec did not happen, nothing lost: {exc.message}")
         ctx.handed_off = True  # only the simulator returns from a successful reboot
         return CommitResult(False, handoff, plan)

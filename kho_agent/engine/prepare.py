@@ -238,11 +238,11 @@ def prepare(ctx: EngineContext, options: PrepareOptions) -> Manifest:
         except AgentError as exc:
             _rollback_prepare(ctx, loaded)
             verb = "cancelled" if isinstance(exc, Cancelled) else "failed"
-            ctx.transition_best_effort(
+            failed = ctx.transition_best_effort(
                 exc, previous if previous is not Phase.FAILED else Phase.IDLE,
                 f"prepare {verb}: {exc.message}", loaded_by_us=False, target=None)
             done = True
-            raise
+            raise failed  # noqa: B904 (the error or its copy)
         finally:
             if not done:  # a bug: undo what was done, and end in the phase we came from
                 _rollback_prepare(ctx, loaded)
@@ -353,9 +353,8 @@ def cancel(ctx: EngineContext) -> str:
             try:
                 ctx.host.kexec.unload()
             except KernelRefused as exc:
-                ctx.transition_best_effort(exc, before, "cancel failed, nothing was "
-                                           f"changed: {exc.message}")
-                raise
+                raise ctx.transition_best_effort(  # noqa: B904 (the error or its copy)
+                    exc, before, f"cancel failed, nothing was changed: {exc.message}")
             notes.append("unloaded the kernel")
         ctx.unpark_all()
         names = sorted(ctx.clients)

@@ -101,12 +101,11 @@ def _verify_begin(ctx: EngineContext) -> VerifyRun:
     try:
         return _retrieve_incoming(ctx, info, manifest_disk, disk_problem)
     except AgentError as exc:
-        _verify_failed(ctx, exc)
-        raise
+        raise _verify_failed(ctx, exc)  # noqa: B904 (the error or its copy)
 
 
-def _verify_failed(ctx: EngineContext, exc: AgentError) -> None:
-    ctx.transition_best_effort(exc, Phase.FAILED, f"verification could not run: "
+def _verify_failed(ctx: EngineContext, exc: AgentError) -> AgentError:
+    return ctx.transition_best_effort(exc, Phase.FAILED, f"verification could not run: "
                                f"{exc.message}", last_result={
                                    "result": "failed", "reason": exc.message})
 
