@@ -25,6 +25,7 @@ from kho_agent.errors import (
     NotFound,
     NotPrepared,
     PreflightFailed,
+    StorageFailed,
 )
 from kho_agent.kernel import atomicfile
 from kho_agent.rehearsal import client_plans, rehearse
@@ -248,6 +249,9 @@ def test_disk_full_while_writing_the_manifest(rig: Rig, monkeypatch: pytest.Monk
         rig.agent.prepare(PrepareOptions(kernel=rig.target))
     monkeypatch.setattr(atomicfile.os, "fsync", real_fsync)
     assert "ENOSPC" in exc.value.message or "No space" in exc.value.message
+    # the agent's own disk, not the kernel: StorageFailed, exit 2, the errno kept
+    assert type(exc.value) is StorageFailed and exc.value.errno == errno.ENOSPC
+    assert exc.value.exit_code == 2 and exc.value.to_json()["error"] == "StorageFailed"
     assert not rig.sim.host().kexec.loaded()
     assert rig.agent.state.phase is Phase.IDLE
 
@@ -391,7 +395,7 @@ def test_a_state_that_cannot_be_saved_is_added_to_the_error(
 
     def reboot_then_disk_full(*, via_systemd: bool) -> None:
         def full(state: object) -> None:
-            raise KernelRefused("writing state.json", errno.ENOSPC, "the disk is full")
+            raise StorageFailed("writing state.json", errno.ENOSPC, "the disk is full")
         monkeypatch.setattr(rig.agent._ctx.store, "save", full)
         real_reboot(via_systemd=via_systemd)
 
@@ -413,7 +417,7 @@ def test_the_error_being_raised_is_not_changed_when_the_state_cannot_be_saved(
     assert ctx.transition_best_effort(cause, ctx.state.phase, "rolled back") is cause
 
     def full(state: object) -> None:
-        raise KernelRefused("writing state.json", errno.ENOSPC, "the disk is full")
+        raise StorageFailed("writing state.json", errno.ENOSPC, "the disk is full")
     monkeypatch.setattr(ctx.store, "save", full)
     raised = ctx.transition_best_effort(cause, ctx.state.phase, "rolled back")
     assert raised is not cause and type(raised) is KernelRefused

@@ -43,7 +43,13 @@ from kho_agent.engine.manifest import (
     manifest_to_json,
     read_manifest,
 )
-from kho_agent.errors import InvalidArgument, KernelRefused, NotFound, StateCorrupt
+from kho_agent.errors import (
+    InvalidArgument,
+    KernelRefused,
+    NotFound,
+    StateCorrupt,
+    StorageFailed,
+)
 from kho_agent.kernel import callerfile
 from kho_agent.kernel.atomicfile import write_atomic
 from kho_agent.netstate import Address, Link, NetState, Route
@@ -379,7 +385,7 @@ def test_write_atomic_failure_keeps_the_old_file(tmp_path: Path, monkeypatch: py
         raise OSError(code, os.strerror(code))
 
     monkeypatch.setattr(os, call, fail)
-    with pytest.raises(KernelRefused) as caught:
+    with pytest.raises(StorageFailed) as caught:
         write_atomic(target, b"new manifest" * 1000)
     monkeypatch.setattr(os, "fsync", real_fsync)
     err = caught.value
@@ -391,7 +397,7 @@ def test_write_atomic_failure_keeps_the_old_file(tmp_path: Path, monkeypatch: py
 
 
 def test_write_atomic_into_missing_directory(tmp_path: Path) -> None:
-    with pytest.raises(KernelRefused) as caught:
+    with pytest.raises(StorageFailed) as caught:
         write_atomic(tmp_path / "nope" / "manifest.json", b"x")
     assert caught.value.errno == errno.ENOENT
     assert "does not exist" in caught.value.message
@@ -400,7 +406,7 @@ def test_write_atomic_into_missing_directory(tmp_path: Path) -> None:
 REAL_FS_SCRIPT = textwrap.dedent("""
     import json, os, subprocess, sys
     from pathlib import Path
-    from kho_agent.errors import KernelRefused
+    from kho_agent.errors import StorageFailed
     from kho_agent.kernel.atomicfile import write_atomic
     mnt = Path(sys.argv[1])
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], check=True)
@@ -409,13 +415,13 @@ REAL_FS_SCRIPT = textwrap.dedent("""
     out = {}
     try:
         write_atomic(target, b"x" * (1 << 20))
-    except KernelRefused as err:
+    except StorageFailed as err:
         out["enospc"] = [err.errno, err.message]
     out["after_enospc"] = [target.read_bytes().decode(), sorted(os.listdir(mnt))]
     subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
     try:
         write_atomic(target, b"small")
-    except KernelRefused as err:
+    except StorageFailed as err:
         out["erofs"] = [err.errno, err.message]
     out["after_erofs"] = [target.read_bytes().decode(), sorted(os.listdir(mnt))]
     print(json.dumps(out))

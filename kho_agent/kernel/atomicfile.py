@@ -1,7 +1,8 @@
 """Replacing a file so that a crash leaves the old content or the new, never a mix (the agent's
 state, its manifest, its verification record, the image strings it keeps).
 
-A failure is a KernelRefused carrying the errno and what the operator can do about it.
+A failure is a StorageFailed (the agent's own files, not the kernel: exit 2, D-Bus
+StorageFailed) carrying the errno and what the operator can do about it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from ..errors import KernelRefused
+from ..errors import StorageFailed
 
 
 def _advice_for(err: OSError, directory: Path) -> str:
@@ -36,7 +37,7 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Replace `path` with `data` so that a crash or an error leaves the old or the new content,
     never a mix: a temporary file in the same directory, written, fsynced, renamed over `path`,
     then the directory fsynced. On failure the old file is intact and the temporary file gone;
-    the error is a KernelRefused carrying the errno and what to do."""
+    the error is a StorageFailed carrying the errno and what to do."""
     directory = path.parent
     tmp: str | None = None
     renamed = False
@@ -69,4 +70,4 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
                       + _advice_for(err, directory))
         else:
             advice = f"{path} was left as it was; " + _advice_for(err, directory)
-        raise KernelRefused(f"writing {path}", code, advice) from err
+        raise StorageFailed(f"writing {path}", code, advice) from err
