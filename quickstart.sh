@@ -31,6 +31,7 @@ APT_PACKAGES=(
     dbus-daemon device-tree-compiler iproute2            # private buses, dtc cross-checks
     zstd lz4 xz-utils bzip2                              # kernel image compressors in tests
     b3sum xxhash                                         # digest benchmark comparisons
+    zsh mandoc                                           # completion syntax, man page lint
 )
 
 log() { printf '==> %s\n' "$*" >&2; }

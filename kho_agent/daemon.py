@@ -27,6 +27,7 @@ from pathlib import Path
 import gi
 from gi.repository import Gio, GLib
 
+from .about import VersionAction
 from .engine import Engine, EngineConfig
 from .engine.phase import Phase
 from .errors import AgentError
@@ -44,11 +45,14 @@ EXIT_OK = 0
 EXIT_CANNOT_RUN = 2
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """kho-agentd's command line (packaging/gen_manpages.py writes kho-agentd(8) from it)."""
     p = argparse.ArgumentParser(prog="kho-agentd", description=__doc__.splitlines()[0] if __doc__
                                 else None)
+    p.add_argument("--version", action=VersionAction)
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--bus", choices=("system", "session"), default="system")
+    where.add_argument("--bus", choices=("system", "session"), default="system",
+                       help="the bus to serve (default: system)")
     where.add_argument("--bus-address", metavar="ADDR", help="a private bus (tests)")
     p.add_argument("--simulate", type=Path, metavar="DIR",
                    help="run on the simulated kernel in DIR (created when absent)")
@@ -65,7 +69,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=argparse.SUPPRESS)
     p.add_argument("--no-digests", action="store_true",
                    help="do not digest preserved memory by default (sessions may opt in)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def build_host(args: argparse.Namespace) -> Host:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import NoReturn, cast
 
+from ..about import VersionAction
 from ..errors import AgentError, InvalidArgument
 from .bus import add_bus_options
 from .common import EXIT_BROKEN_PIPE, Interrupted, UsageError, os_error, print_json
@@ -79,6 +80,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         epilog="Exit codes: 0 ok, 1 a check failed, 2 usage or cannot run, 3 refused by policy, "
                "4 the kernel refused. End-to-end tests on a real KHO kernel of your own, from a "
                "checkout: KHO_AGENT_TEST_KERNEL=/path/bzImage ./quickstart.sh vm (see README).")
+    parser.add_argument("--version", action=VersionAction)
     add_bus_options(parser, top_level=True)
     # the sub-command parsers are _Parsers too (argparse makes them of type(parser))
     sub = cast("argparse._SubParsersAction[argparse.ArgumentParser]",
