@@ -29,6 +29,7 @@ COMMANDS: dict[str, str] = {
     "decode": "decode",
     "check": "decode",
     "compat": "compat",
+    "kernels": "kernels",
     "scratch": "scratch",
     "preflight": "preflight",
     "rehearse": "rehearse",
