@@ -42,6 +42,8 @@ COMMANDS: dict[str, str] = {
     "sessions": "sessions",
     "manifest": "manifest",
     "jobs": "jobs",
+    # on its own: collects what the others say, with or without a daemon
+    "report": "bugreport",  # not "report": main() has a function of that name
 }
 
 
