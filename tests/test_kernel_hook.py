@@ -136,3 +136,7 @@ def test_kernels_lists_unreadable_records_without_following_links(
     assert all("error" in d for d in docs)
     assert main(["kernels", "--state-dir", str(tmp_path / "empty")]) == 0
     assert "no kernel recorded" in capsys.readouterr().out
+    (records / "7.2.json").write_text("{}")
+    assert main(["kernels", "--forget", "7.2", "--state-dir", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"version": "7.2", "removed": True}
+    assert not (records / "7.2.json").exists() and (records / "7.1.json").is_symlink()

@@ -222,7 +222,9 @@ def run(args: argparse.Namespace) -> int:
             os.unlink(path)
         except FileNotFoundError:
             raise NotFound(f"no record of kernel {args.forget} in {directory}") from None
-        if not args.json:
+        if args.json:
+            print_json({"version": args.forget, "removed": True})
+        else:
             print(f"{args.forget}: record removed")
         return EXIT_OK
     docs = list_records(directory)
