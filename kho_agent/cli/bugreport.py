@@ -70,7 +70,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: s
                    help=f"the configuration directory (default {DEFAULT_CONFIG_DIR})")
     p.add_argument("--no-journal", action="store_true", help="leave the journal out")
     p.add_argument("--debugfs", default=DEFAULT_DEBUGFS, help=argparse.SUPPRESS)
-    p.add_argument("--root", default=None, help=argparse.SUPPRESS)  # preflight's (tests)
     add_bus_options(p)
     p.set_defaults(run=run)
 
@@ -226,7 +225,6 @@ def _first_line(path: str) -> str | None:
 
 def collect(args: argparse.Namespace) -> dict[str, Any]:
     uname = os.uname()
-    preflight = ["preflight", "--json"] + (["--root", args.root] if args.root else [])
     journal: dict[str, Any]
     if args.no_journal:
         journal = {"error": "left out (--no-journal)"}
@@ -249,7 +247,7 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
                  "kernel_version": uname.version, "machine": uname.machine,
                  "cmdline": _first_line("/proc/cmdline")},
         "status": status,
-        "preflight": run_command(_ctl(args, *preflight)),
+        "preflight": run_command(_ctl(args, "preflight", "--json")),
         "state": state_files(Path(args.state_dir or state_dir_default())),
         "kho_debugfs": debugfs_files(Path(args.debugfs)),
         "journal": journal,
