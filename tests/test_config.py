@@ -208,7 +208,7 @@ def test_a_file_of_the_wrong_shape_is_named(tmp_path: Path, shape: str) -> None:
 
 def test_a_drop_in_directory_that_is_a_file_is_named(tmp_path: Path) -> None:
     write(tmp_path / "etc/kho-agent/agent.conf.d", "oops")
-    with pytest.raises(ConfigInvalid, match="agent.conf.d: not a directory"):
+    with pytest.raises(ConfigInvalid, match=r"agent\.conf\.d: not a directory"):
         load_config(tmp_path)
 
 

@@ -197,6 +197,8 @@ MANAGER = Interface(
         Property("LastResult", "s", "JSON of the last result (verify summary, cancel, "
                  "failure); \"\" before any"),
         Property("Simulated", "b"),
+        Property("ConfigFiles", "as", "the configuration files kho-agentd read at start, in "
+                 "the order they apply (kho-agent.conf(5)); empty: built-in defaults only"),
     ),
     methods=(
         Method("Preflight", _args("options:a{sv}"), _args("report:s"), READ_ONLY,
