@@ -90,6 +90,14 @@ def test_the_daemon_reports_and_logs_the_files_it_read(configured: Host) -> None
 
 def test_prepare_without_a_kernel_takes_the_newest_compatible_and_the_command_line(
         configured: Host) -> None:
+    # kho-agentctl prepare without --kernel: the daemon's Target= (a dry run changes nothing)
+    done = subprocess.run([sys.executable, "-m", "kho_agent.cli", "--bus-address",
+                           configured.bus.address, "prepare", "--dry-run"], capture_output=True,
+                          text=True, timeout=120, env=client_env(), stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "dry run: prepare would load " in done.stdout
+    assert "/boot/vmlinuz-7.9.2-sim (initrd none)" in done.stdout
+    assert configured.prop("State") == "idle"
     client = configured.client()
     result, props = configured.run_job(client, "Prepare", {})
     assert result == "done", props
