@@ -1,7 +1,7 @@
 """kho-agentd: the live-update agent as a D-Bus service (org.khoagent.Agent1).
 
     kho-agentd [--bus system|session | --bus-address ADDR] [--simulate DIR] [--state-dir DIR]
-               [--config-root DIR] [--claim-grace SECONDS] [--no-digests]
+               [--config-root DIR] [--check-config] [--claim-grace SECONDS] [--no-digests]
 
 The configuration is /etc/kho-agent/agent.conf and its drop-ins (kho-agent.conf(5)), read once
 at start; a command-line option overrides the file. A configuration that cannot be used stops
@@ -32,8 +32,9 @@ from pathlib import Path
 import gi
 from gi.repository import Gio, GLib
 
-from .config import AgentConfig, load_config
+from .config import AgentConfig, Setting, load_config
 from .config.model import ENGINE_HANDOFF_NAME
+from .config.parse import format_config
 from .engine import Engine, EngineConfig
 from .engine.phase import Phase
 from .errors import AgentError
@@ -65,6 +66,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config-root", type=Path, default=Path("/"), metavar="DIR",
                    help="read the configuration under DIR instead of / (DIR/etc/kho-agent/"
                         "agent.conf, ...; and Target=newest-compatible looks in DIR/boot)")
+    p.add_argument("--check-config", action="store_true",
+                   help="read the configuration, print it as it applies (each key with the file "
+                        "and line that set it) and exit: 0 usable, 2 not (ConfigInvalid)")
     p.add_argument("--claim-grace", type=float, default=None, metavar="SECONDS",
                    help="after verify, how long retrieved sessions wait for their owners before "
                         "they are finished (0 or less: wait forever); overrides ClaimGraceSec= "
@@ -83,12 +87,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def effective_config(args: argparse.Namespace) -> AgentConfig:
     """The configuration files under --config-root, then the command line's overrides."""
     config = load_config(args.config_root)
+    origins = dict(config.origins)
     if args.claim_grace is not None:
         config = replace(config, claim_grace_seconds=args.claim_grace
                          if args.claim_grace > 0 else None)
+        origins["ClaimGraceSec"] = Setting("the command line (--claim-grace)", 0)
     if args.no_digests:
         config = replace(config, digests=False)
-    return config
+        origins["Digests"] = Setting("the command line (--no-digests)", 0)
+    return replace(config, origins=tuple(origins.items()))
 
 
 def engine_config(config: AgentConfig, state_dir: Path) -> EngineConfig:
@@ -365,6 +372,13 @@ def main(argv: list[str] | None = None) -> int:
     # thread was (a main loop starved by a long call on another thread, say)
     faulthandler.enable(all_threads=True)
     args = parse_args(argv)
+    if args.check_config:   # before a restart: a bad file would keep the agent down
+        try:
+            print(format_config(effective_config(args)), end="")
+        except AgentError as exc:
+            log(f"{exc.name}: {exc.message}")
+            return exc.exit_code
+        return EXIT_OK
     try:
         daemon = Daemon(args)
         return daemon.run()

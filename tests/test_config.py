@@ -322,3 +322,19 @@ def test_the_newest_kernel_that_passes_the_gate_is_chosen(tmp_path: Path) -> Non
     assert nothing.chosen is None
     assert nothing.explain() == "6.12.10: no 6.12.10; 6.12.9: no 6.12.9; 6.2.0: no 6.2.0"
     assert "no kernel is installed" in newest_passing([], gate).explain()
+
+
+def test_the_effective_configuration_prints_as_a_file_that_parses_to_it() -> None:
+    from kho_agent.config.parse import format_config
+    config = parse_config([
+        ("/etc/kho-agent/agent.conf", b"[Prepare]\nTarget=/boot/vmlinuz-7\nCommandLine=ro\n"
+         b"AppendCommandLine=a=1\nAppendCommandLine=b\nScratchMargin=12.5%\n[Commit]\n"
+         b"HandoffMode=direct\nMaintenanceWindow=Fri 23:00-01:00\n"
+         b"MaintenanceWindow=Sat,Sun 00:00-24:00\n[Sessions]\nClaimGraceSec=infinity\n"
+         b"Digests=off\n[Records]\nMetricsDirectory=\nHistoryMaxEntries=7\n")])
+    text = format_config(config)
+    assert "# /etc/kho-agent/agent.conf:10\nMaintenanceWindow=Fri 23:00-01:00\n" \
+           "MaintenanceWindow=Sat,Sun 00:00-24:00\n" in text
+    again = parse_config([("/printed", text.encode())])
+    assert replace_files(again, ()) == replace_files(config, ())
+    assert format_config(AgentConfig()).startswith("# files read: none")

@@ -201,3 +201,25 @@ def test_a_bad_configuration_stops_the_start_with_exit_2(tmp_path: Path, name: s
     assert not (tmp_path / "state").exists()   # stopped before anything was touched
     unit = (REPO / "systemd/kho-agent.service").read_text()
     assert "\nRestartPreventExitStatus=2\n" in unit   # so systemd does not loop on it
+
+
+def test_check_config_prints_the_effective_configuration_or_names_the_error(
+        tmp_path: Path) -> None:
+    """`kho-agentd --check-config`: what an operator runs before restarting the agent (a
+    restart while prepared drops the sessions; a bad file would keep it down)."""
+    root = tmp_path / "root"
+    path = write(root / "etc/kho-agent/agent.conf.d/30-w.conf",
+                 "[Commit]\nMaintenanceWindow=Sat 01:00-02:00\n")
+
+    def check(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "kho_agent.daemon", "--check-config",
+                               "--config-root", str(root), *extra], capture_output=True,
+                              text=True, timeout=60, env=client_env(), stdin=subprocess.DEVNULL)
+    done = check("--no-digests")
+    assert done.returncode == 0, done.stderr
+    assert f"# {path}:2\nMaintenanceWindow=Sat 01:00-02:00\n" in done.stdout
+    assert "# the command line (--no-digests)\nDigests=no\n" in done.stdout
+    path.write_text("[Commit]\nMaintenanceWindow=Sat 01:00\n")
+    done = check()
+    assert done.returncode == 2 and done.stdout == ""
+    assert f"kho-agentd: ConfigInvalid: {path}:2: [Commit] MaintenanceWindow=" in done.stderr

@@ -239,3 +239,34 @@ def parse_config(files: Sequence[tuple[str, bytes]],
         config = _apply_file(config, origins, path, data)
     return replace(config, files=(*config.files, *(path for path, _ in files)),
                    origins=tuple(origins.items()))
+
+
+# ------------------------------------------------------------------ back to text
+
+def _format_value(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+def format_config(config: AgentConfig) -> str:
+    """The effective configuration as a file would say it, each key after a comment saying
+    where it was set (`kho-agentd --check-config`); parsed again, it gives the same values."""
+    lines = ["# files read: " + (", ".join(config.files) or "none (the built-in defaults)")]
+    for section in SECTIONS:
+        lines += ["", f"[{section}]"]
+        for key in (k for k in KEYS if k.section == section):
+            value = getattr(config, key.field)
+            if key.field == "scratch_margin":
+                shown = [f"{value * 100:g}%"]
+            elif key.field == "claim_grace_seconds":
+                shown = ["infinity" if value is None else f"{value:g}s"]
+            elif key.is_list:
+                shown = [_format_value(v) for v in value] or [""]
+            else:
+                shown = [_format_value(value)]
+            lines.append(f"# {config.origin(key.name)}")
+            lines += [f"{key.name}={text}" for text in shown]
+    return "\n".join(lines) + "\n"
