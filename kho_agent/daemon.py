@@ -37,7 +37,7 @@ from .config.model import ENGINE_HANDOFF_NAME
 from .config.parse import format_config
 from .engine import Engine, EngineConfig
 from .engine.phase import Phase
-from .errors import AgentError
+from .errors import AgentError, ConfigInvalid
 from .kernel.host import Host, real_host
 from .service import interfaces as api
 from .service.auth import Authorizer
@@ -382,6 +382,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         daemon = Daemon(args)
         return daemon.run()
+    except ConfigInvalid as exc:
+        # at err, with its own MESSAGE_ID: the unit does not restart on exit 2, so this entry
+        # is what an operator finds
+        EventLog().log_event(Event.CONFIG_INVALID, f"{exc.name}: {exc.message}",
+                             error=exc.name)
+        return exc.exit_code
     except AgentError as exc:
         log(f"{exc.name}: {exc.message}")
         return exc.exit_code

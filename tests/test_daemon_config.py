@@ -19,6 +19,7 @@ from gi.repository import GLib
 
 from kho_agent import daemon as agentd
 from kho_agent.engine import EngineConfig
+from kho_agent.service.journal import LOG_ERR, Event
 from kho_agent.sim import SimAbi, SimKernel
 
 REPO = Path(__file__).resolve().parent.parent
@@ -197,7 +198,10 @@ def test_a_bad_configuration_stops_the_start_with_exit_2(tmp_path: Path, name: s
             stdin=subprocess.DEVNULL)
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr
-    assert f"kho-agentd: ConfigInvalid: {root}/{where}" in done.stderr
+    # the journal entry (MESSAGE_ID of Event.CONFIG_INVALID, priority err), echoed to stderr
+    # when stderr is not the journal
+    assert f"kho-agentd: [config-invalid] ConfigInvalid: {root}/{where}" in done.stderr
+    assert Event.CONFIG_INVALID.priority == LOG_ERR
     assert not (tmp_path / "state").exists()   # stopped before anything was touched
     unit = (REPO / "systemd/kho-agent.service").read_text()
     assert "\nRestartPreventExitStatus=2\n" in unit   # so systemd does not loop on it
