@@ -1,7 +1,11 @@
 """kho-agentd: the live-update agent as a D-Bus service (org.khoagent.Agent1).
 
     kho-agentd [--bus system|session | --bus-address ADDR] [--simulate DIR] [--state-dir DIR]
-               [--claim-grace SECONDS] [--no-digests]
+               [--config-root DIR] [--check-config] [--claim-grace SECONDS] [--no-digests]
+
+The configuration is /etc/kho-agent/agent.conf and its drop-ins (kho-agent.conf(5)), read once
+at start; a command-line option overrides the file. A configuration that cannot be used stops
+the start with exit 2 (ConfigInvalid, naming the file, line and key).
 
 At start it reconciles its persisted state with this boot; after a live update it verifies on
 its own (a Verify job anyone can watch) and keeps the retrieved sessions for their owners. The
@@ -22,15 +26,19 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import gi
 from gi.repository import Gio, GLib
 
 from .about import VersionAction
+from .config import AgentConfig, Setting, load_config
+from .config.model import ENGINE_HANDOFF_NAME
+from .config.parse import format_config
 from .engine import Engine, EngineConfig
 from .engine.phase import Phase
-from .errors import AgentError
+from .errors import AgentError, ConfigInvalid
 from .kernel.host import Host, real_host
 from .service import interfaces as api
 from .service.auth import Authorizer
@@ -59,21 +67,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", type=Path, metavar="DIR",
                    help=f"persisted state (default {DEFAULT_STATE_DIR}, or DIR/state with "
                         "--simulate)")
-    p.add_argument("--claim-grace", type=float, default=1800.0, metavar="SECONDS",
+    p.add_argument("--config-root", type=Path, default=Path("/"), metavar="DIR",
+                   help="read the configuration under DIR instead of / (DIR/etc/kho-agent/"
+                        "agent.conf, ...; and Target=newest-compatible looks in DIR/boot)")
+    p.add_argument("--check-config", action="store_true",
+                   help="read the configuration, print it as it applies (each key with the file "
+                        "and line that set it) and exit: 0 usable, 2 not (ConfigInvalid)")
+    p.add_argument("--claim-grace", type=float, default=None, metavar="SECONDS",
                    help="after verify, how long retrieved sessions wait for their owners before "
-                        "they are finished (0 or less: wait forever); default 1800")
+                        "they are finished (0 or less: wait forever); overrides ClaimGraceSec= "
+                        "(default 1800)")
     # where polkit is asked about unprivileged callers: the system bus (default when serving
     # it), the served bus itself (tests run a polkit Authority on their private bus), or nowhere
     # (only root may act)
     p.add_argument("--polkit-bus", choices=("system", "served", "none"), default=None,
                    help=argparse.SUPPRESS)
     p.add_argument("--no-digests", action="store_true",
-                   help="do not digest preserved memory by default (sessions may opt in)")
+                   help="do not digest preserved memory by default (sessions may opt in); "
+                        "overrides Digests=")
     return p
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
+
+
+def effective_config(args: argparse.Namespace) -> AgentConfig:
+    """The configuration files under --config-root, then the command line's overrides."""
+    config = load_config(args.config_root)
+    origins = dict(config.origins)
+    if args.claim_grace is not None:
+        config = replace(config, claim_grace_seconds=args.claim_grace
+                         if args.claim_grace > 0 else None)
+        origins["ClaimGraceSec"] = Setting("the command line (--claim-grace)", 0)
+    if args.no_digests:
+        config = replace(config, digests=False)
+        origins["Digests"] = Setting("the command line (--no-digests)", 0)
+    return replace(config, origins=tuple(origins.items()))
+
+
+def engine_config(config: AgentConfig, state_dir: Path) -> EngineConfig:
+    return EngineConfig(
+        state_dir=state_dir, digests=config.digests, scratch_margin=config.scratch_margin,
+        claim_grace_seconds=config.claim_grace_seconds,
+        handoff_required=ENGINE_HANDOFF_NAME.get(config.handoff_mode, "auto"),
+        maintenance_window=config.maintenance_window,
+        setting_origins=tuple((key, str(where)) for key, where in config.origins))
 
 
 def build_host(args: argparse.Namespace) -> Host:
@@ -143,12 +182,16 @@ class Daemon:
     def __init__(self, args: argparse.Namespace) -> None:
         log_started("start: modules loaded")
         self.args = args
+        # first: a configuration that cannot be used stops the start (ConfigInvalid, exit 2)
+        # before anything is touched
+        self.config = effective_config(args)
+        log("configuration: " + (", ".join(self.config.files) if self.config.files
+                                 else "no file, the built-in defaults"))
         self.loop = GLib.MainLoop()
         self.exit_code = EXIT_OK
         self.host = build_host(args)
         state_dir = args.state_dir or (args.simulate / "state" if args.simulate
                                        else DEFAULT_STATE_DIR)
-        grace = args.claim_grace if args.claim_grace > 0 else None
         self.service: AgentService | None = None
         self.worker = Worker(log)
         self.notifier = Notifier.from_env()
@@ -163,8 +206,7 @@ class Daemon:
         if stored:
             log(f"the fd store handed back {len(stored)} session fd(s): "
                 + ", ".join(sorted(stored)))
-        self.engine = Engine(self.host, EngineConfig(
-            state_dir=state_dir, digests=not args.no_digests, claim_grace_seconds=grace),
+        self.engine = Engine(self.host, engine_config(self.config, state_dir),
             fd_store=fd_store, stored_sessions=stored,
             on_step_timed=lambda step, seconds: log(f"verify: {step}: {seconds:.2f} s"))
 
@@ -186,7 +228,8 @@ class Daemon:
                                           job_finished=self._job_finished,
                                           handed_off=self._handed_off,
                                           discarded=self._discarded,
-                                          incoming=self._incoming, log=log))
+                                          incoming=self._incoming, log=log),
+                                    self.config, self.args.config_root / "boot")
         # the properties are right from the first call: read them before owning the name
         self.service.snapshot = self.service._read_snapshot()
         log_started("start: connected, properties read")
@@ -337,9 +380,22 @@ def main(argv: list[str] | None = None) -> int:
     # thread was (a main loop starved by a long call on another thread, say)
     faulthandler.enable(all_threads=True)
     args = parse_args(argv)
+    if args.check_config:   # before a restart: a bad file would keep the agent down
+        try:
+            print(format_config(effective_config(args)), end="")
+        except AgentError as exc:
+            log(f"{exc.name}: {exc.message}")
+            return exc.exit_code
+        return EXIT_OK
     try:
         daemon = Daemon(args)
         return daemon.run()
+    except ConfigInvalid as exc:
+        # at err, with its own MESSAGE_ID: the unit does not restart on exit 2, so this entry
+        # is what an operator finds
+        EventLog().log_event(Event.CONFIG_INVALID, f"{exc.name}: {exc.message}",
+                             error=exc.name)
+        return exc.exit_code
     except AgentError as exc:
         log(f"{exc.name}: {exc.message}")
         return exc.exit_code

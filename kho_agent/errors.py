@@ -119,6 +119,11 @@ class NotFound(AgentError):
     pass
 
 
+class ConfigInvalid(AgentError):
+    """kho-agentd's configuration (kho-agent.conf(5)) cannot be used; the message names the file,
+    the line and the key."""
+
+
 class StateCorrupt(AgentError):
     """Persisted state (state file, manifest) cannot be read back; nothing was changed."""
 
@@ -167,6 +172,9 @@ REGISTRY: tuple[Registered, ...] = (
     Registered(InvalidArgument, "InvalidArgument", EXIT_CANNOT_RUN,
                "bad argument; nothing was changed"),
     Registered(NotFound, "NotFound", EXIT_CANNOT_RUN, "no such session, file or manifest"),
+    Registered(ConfigInvalid, "ConfigInvalid", EXIT_CANNOT_RUN,
+               "the configuration (`/etc/kho-agent/agent.conf` or a drop-in) cannot be used: "
+               "the message names the file, line and key; kho-agentd does not start"),
     Registered(StateCorrupt, "StateCorrupt", EXIT_CANNOT_RUN,
                "a state or manifest file cannot be read back (kept, never guessed at)"),
     Registered(StorageFailed, "StorageFailed", EXIT_CANNOT_RUN,

@@ -60,6 +60,9 @@ DATA_FILES: tuple[DataFile, ...] = (
     DataFile("share/polkit-1/actions/org.khoagent.Agent1.policy",
              "{prefix}/share/polkit-1/actions/org.khoagent.Agent1.policy"),
     DataFile("catalog/kho-agent.catalog", "{prefix}/lib/systemd/catalog/kho-agent.catalog"),
+    # every key commented out at its default (kho-agent.conf(5)); local settings belong in
+    # drop-ins, /etc/kho-agent/agent.conf.d/*.conf
+    DataFile("etc/kho-agent/agent.conf", "/etc/kho-agent/agent.conf"),
 )
 
 # Directories the package owns, created empty with their mode: what `systemd-tmpfiles --create

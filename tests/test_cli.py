@@ -168,7 +168,6 @@ def json_error(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dic
 @pytest.mark.parametrize("argv,message", [
     (["status", "--json", "--no-such-option"], "unrecognized arguments: --no-such-option"),
     (["--json"], "the following arguments are required: COMMAND"),
-    (["prepare", "--json"], "the following arguments are required: --kernel"),
     (["prepare", "--kernel", "--json"], "argument --kernel: expected one argument"),
     (["scratch", "--margin", "lots", "--json"], "argument --margin: invalid int value: 'lots'"),
     (["status", "--bus", "nowhere", "--json"], "argument --bus: invalid choice: 'nowhere'"),
@@ -182,6 +181,15 @@ def test_usage_errors_print_the_json_error_document(capsys: pytest.CaptureFixtur
     assert message in str(doc["message"])
     # stderr keeps argparse's form: the usage, then the error
     assert err.startswith("usage: kho-agentctl") and f"error: {doc['message']}" in err
+
+
+def test_prepare_without_kernel_is_the_daemons_target_but_an_initrd_alone_is_refused(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """--kernel is optional (the daemon's Target=, kho-agent.conf(5)); an initrd without it is
+    refused before the daemon is asked."""
+    code, doc, _err = json_error(capsys, "prepare", "--initrd", "/boot/initrd.img", "--json")
+    assert code == 2 and doc["error"] == "InvalidArgument"
+    assert "--initrd needs --kernel" in str(doc["message"])
 
 
 @pytest.mark.parametrize("command", ["status", "sessions", "jobs", "manifest", "commit", "cancel",

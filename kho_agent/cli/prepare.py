@@ -24,13 +24,18 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: s
     p = sub.add_parser(name, help=HELP, description=HELP + ". Exit 0 prepared, 1 a dry run "
                        "found blockers, 2 cannot run, 3 refused (blockers, state), 4 the kernel "
                        "refused the load.")
-    p.add_argument("--kernel", required=True, metavar="IMAGE", help="the next kernel's image")
-    p.add_argument("--initrd", metavar="FILE", help="its initrd")
+    p.add_argument("--kernel", metavar="IMAGE",
+                   help="the next kernel's image; without it, the daemon's Target= "
+                        "(kho-agent.conf(5): a fixed image, or the newest installed kernel that "
+                        "passes the preflight)")
+    p.add_argument("--initrd", metavar="FILE", help="its initrd (only with --kernel)")
     line = p.add_mutually_exclusive_group()
     line.add_argument("--cmdline", metavar="S", help="its command line (kho=on liveupdate=on "
                       "are added when missing)")
     line.add_argument("--reuse-cmdline", action="store_true",
-                      help="reuse the running kernel's command line (the default)")
+                      help="the daemon's command-line policy (the default): the running "
+                           "kernel's command line unless kho-agent.conf(5) sets CommandLine= "
+                           "or AppendCommandLine=")
     p.add_argument("--scratch", metavar="keep|auto|VALUE", default=None,
                    help="kho_scratch= on the next kernel's command line: keep the current one "
                         "(default), auto (the recommended sizes), or a value such as "
@@ -61,6 +66,8 @@ def scratch_option(value: str | None) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     scratch = scratch_option(args.scratch)  # refused before anything is opened or called
+    if args.initrd is not None and args.kernel is None:
+        raise InvalidArgument("--initrd needs --kernel (the configured Target= brings its own)")
     with ExitStack() as stack:
         # opened here, with our rights; the daemon gets the fds (bus.open_target_files)
         files = open_target_files(args.kernel, args.initrd, stack)

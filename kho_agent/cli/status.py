@@ -35,6 +35,9 @@ def render(props: dict[str, Any], sessions: list[SessionRow], jobs: list[JobInfo
              f"  running kernel: {props.get('RunningKernel') or '?'}",
              f"  target kernel:  {props.get('TargetKernel') or '-'}",
              f"  live update:    {'#' + str(number) if number else 'unknown'}"]
+    files = list(props.get("ConfigFiles") or [])
+    lines.append("  configuration:  " + (files[0] if files else "built-in defaults (no file)"))
+    lines += [f"                  {path}" for path in files[1:]]
     if last is None:
         lines.append("  last result:    -")
     else:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..config.window import Window
 from ..errors import AgentError, Busy, with_message
 from ..facts import TargetImageCache
 from ..imagestrings import ImageStrings
@@ -47,6 +48,15 @@ class EngineConfig:
     # After verify, incoming client sessions wait this long for their owners; then they are
     # finished (their memory is discarded). None: wait until an operator finishes them.
     claim_grace_seconds: float | None = 1800.0
+    # Commit policy from kho-agent.conf(5): the hand-off mode this host must use ("auto": the
+    # one it offers; else preflight.handoff_mode's name of it), the maintenance window (empty:
+    # any time; --force overrides it) and, for messages, where each was set (key -> file:line)
+    handoff_required: str = "auto"
+    maintenance_window: tuple[Window, ...] = ()
+    setting_origins: tuple[tuple[str, str], ...] = ()
+
+    def origin(self, key: str) -> str:
+        return dict(self.setting_origins).get(key, "the configuration")
 
 
 @dataclass

@@ -21,9 +21,12 @@ most 255 characters, session names are up to 63 arbitrary bytes.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Protocol
 
+from ..config.window import next_opening, window_allows
 from ..errors import AgentError, Busy, NotPrepared, PreflightFailed
 from ..kernel.atomicfile import write_atomic
 from .context import EngineContext
@@ -88,8 +91,10 @@ class SessionFdStore(Protocol):
 
 @dataclass
 class CommitOptions:
-    force: bool = False           # commit although some clients are not ready
+    force: bool = False           # commit although some clients are not ready, or outside
+                                  # the maintenance window
     dry_run: bool = False
+    now: Callable[[], datetime] = field(default=datetime.now)   # local time, for the window
 
 
 @dataclass
@@ -119,6 +124,32 @@ def _park_sessions(ctx: EngineContext) -> None:
         raise
 
 
+def _check_window(ctx: EngineContext, now: datetime) -> None:
+    """Outside the configured maintenance window a commit is refused (a dry run too: it says
+    what the commit would do); --force overrides."""
+    windows = ctx.config.maintenance_window
+    if window_allows(windows, now):
+        return
+    opening = next_opening(windows, now)
+    when = f"the next opening is {opening:%a %Y-%m-%d %H:%M}; " if opening else ""
+    raise PreflightFailed(
+        f"outside the maintenance window (MaintenanceWindow={', '.join(map(str, windows))}, "
+        f"{ctx.config.origin('MaintenanceWindow')}): it is {now:%a %Y-%m-%d %H:%M} here; "
+        f"{when}commit then, or with --force (which also commits without the sessions that "
+        "are not ready)")
+
+
+def _check_required_mode(ctx: EngineContext, mode: str) -> None:
+    """HandoffMode= names the mode this host must use: a host that offers another (the fdstore
+    drop-in went missing, PID 1 is not systemd) is refused rather than handed off otherwise."""
+    required = ctx.config.handoff_required
+    if required != "auto" and mode != required:
+        raise PreflightFailed(
+            f"the configuration requires hand-off mode {required} (HandoffMode=, "
+            f"{ctx.config.origin('HandoffMode')}) but this host hands off in mode {mode} "
+            "(docs/systemd.md says what each needs); fix the host or set HandoffMode=auto")
+
+
 def commit(ctx: EngineContext, options: CommitOptions) -> CommitResult:
     with ctx.operation("commit"):
         if ctx.state.phase is not Phase.PREPARED:
@@ -126,6 +157,8 @@ def commit(ctx: EngineContext, options: CommitOptions) -> CommitResult:
                               "prepare first")
         if ctx.commit_blocker:
             raise PreflightFailed(ctx.commit_blocker)
+        if not options.force:
+            _check_window(ctx, options.now())
         waiting = [c.name + (" (its owner disconnected)" if c.owner_gone else "")
                    for c in ctx.clients.values() if not c.ready]
         if waiting and not options.force:
@@ -133,6 +166,7 @@ def commit(ctx: EngineContext, options: CommitOptions) -> CommitResult:
                        "(a new connection of the same uid can SetReady) or commit with "
                        "force")
         mode = ctx.handoff_mode()
+        _check_required_mode(ctx, mode)
         plan = [f"kernel {ctx.state.target.kernel if ctx.state.target else '?'} is loaded",
                 f"{len(ctx.clients)} client session(s), "
                 f"{sum(len(c.files) for c in ctx.clients.values())} file(s)",

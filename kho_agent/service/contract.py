@@ -197,6 +197,8 @@ MANAGER = Interface(
         Property("LastResult", "s", "JSON of the last result (verify summary, cancel, "
                  "failure); \"\" before any"),
         Property("Simulated", "b"),
+        Property("ConfigFiles", "as", "the configuration files kho-agentd read at start, in "
+                 "the order they apply (kho-agent.conf(5)); empty: built-in defaults only"),
     ),
     methods=(
         Method("Preflight", _args("options:a{sv}"), _args("report:s"), READ_ONLY,
@@ -206,8 +208,10 @@ MANAGER = Interface(
                SCRATCH_OPTIONS, "options: kernel s, initrd s, kernel_fd h, initrd_fd h, margin "
                "d (0..10). Returns the scratch plan as JSON."),
         Method("Prepare", _args("options:a{sv}"), _args("job:o"), ACTION_MANAGE,
-               PREPARE_OPTIONS, "options: kernel s or kernel_fd h (one required), initrd s, "
-               "initrd_fd h, cmdline s, scratch s (keep|auto|value), dry_run b"),
+               PREPARE_OPTIONS, "options: kernel s or kernel_fd h (neither, or an empty "
+               "kernel: the configured Target=, kho-agent.conf(5)), initrd s, initrd_fd h, "
+               "cmdline s (absent: the configured command-line policy), scratch s "
+               "(keep|auto|value), dry_run b"),
         Method("Commit", _args("options:a{sv}"), _args("job:o"), ACTION_MANAGE,
                COMMIT_OPTIONS, "options: force b, dry_run b"),
         Method("Cancel", (), _args("job:o"), ACTION_MANAGE),

@@ -52,6 +52,7 @@ class Event(enum.Enum):
     CANCELLED = "cancelled"
     SESSION_DISCARDED = "session-discarded"   # unclaimed after the grace period, finished
     RECOVERED = "recovered"                   # started with an update in progress (a restart)
+    CONFIG_INVALID = "config-invalid"         # kho-agent.conf(5) cannot be used: not started
 
     @property
     def message_id(self) -> str:
@@ -78,6 +79,7 @@ _SPECS: Mapping[Event, _Spec] = MappingProxyType({
     Event.CANCELLED: _Spec("807f89826e8d46479808bfb2713027c2", LOG_NOTICE),
     Event.SESSION_DISCARDED: _Spec("bd9b5201d9c44ce2a80f1590a5ec43e6", LOG_WARNING),
     Event.RECOVERED: _Spec("905acea450fa4177bf5aade8744e2695", LOG_WARNING),
+    Event.CONFIG_INVALID: _Spec("e2af0f2798254503bdffee03b516454c", LOG_ERR),
 })
 
 FieldValue = str | int | float | bool | Sequence[str] | None

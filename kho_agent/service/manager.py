@@ -18,15 +18,27 @@ import json
 import os
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from gi.repository import Gio, GLib
 
+from ..config import AgentConfig
+from ..config.model import TARGET_NEWEST_COMPATIBLE, TARGET_NONE
+from ..config.target import KernelCandidate, installed_kernels, newest_passing
 from ..engine import CommitOptions, Engine, Plan, PrepareOptions
 from ..engine.manifest import FAILING_VERDICTS, VerifyItem, manifest_to_json, read_manifest
 from ..engine.phase import Phase
 from ..engine.verifyrun import HostObservation, Retrieved, VerifyRun
-from ..errors import AgentError, Busy, Cancelled, InvalidArgument, NotFound, PermissionDenied
+from ..errors import (
+    AgentError,
+    Busy,
+    Cancelled,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    PreflightFailed,
+)
 from ..facts import TARGET_IMAGE_MAX, TargetFiles, TargetImage
 from ..kernel.callerfile import RegularFile, adopt_fd, open_regular
 from ..kernel.cmdline import check_kho_scratch, target_cmdline
@@ -39,6 +51,7 @@ from .objects import Call, ExportedObject, Handler
 from .steps import Authorize, Driver, Run, Step, Steps
 from .worker import Priority, Worker
 
+DEFAULT_BOOT_DIR = Path("/boot")   # where Target=newest-compatible looks
 JOB_LINGER_SECONDS = 120   # a finished job stays readable this long after JobRemoved
 GRACE_TICK_SECONDS = 30
 
@@ -59,10 +72,12 @@ class Snapshot:
     outgoing: dict[str, bool] = field(default_factory=dict)
     released: dict[str, str] = field(default_factory=dict)
 
-    def value(self, name: str, simulated: bool) -> Any:
+    def value(self, name: str, simulated: bool, config: AgentConfig) -> Any:
         """A Manager property (its type is the contract's)."""
         if name == "Simulated":
             return simulated
+        if name == "ConfigFiles":
+            return list(config.files)
         return getattr(self, PROPERTY_FIELDS[name])
 
 
@@ -134,8 +149,13 @@ class Hooks:
 
 class AgentService:
     def __init__(self, bus: Gio.DBusConnection, engine: Engine, authorizer: Authorizer,
-                 worker: Worker, hooks: Hooks) -> None:
+                 worker: Worker, hooks: Hooks, config: AgentConfig | None = None,
+                 boot_dir: Path = DEFAULT_BOOT_DIR) -> None:
         self.bus = bus
+        # kho-agent.conf(5): Prepare takes its target and command line from it when the
+        # caller names none; the engine has the rest (EngineConfig)
+        self.config = config or AgentConfig()
+        self.boot_dir = boot_dir
         self.engine = engine
         self.auth = authorizer
         self.worker = worker
@@ -162,7 +182,7 @@ class AgentService:
         self.driver = Driver(authorizer, hooks.log)
         self.manager = ExportedObject(bus, api.MANAGER_PATH, contract.MANAGER, {
             name: self._handle(handler) for name, handler in MANAGER_HANDLERS.items()},
-            lambda name: self.snapshot.value(name, self.simulated))
+            lambda name: self.snapshot.value(name, self.simulated, self.config))
         self._grace_source = GLib.timeout_add_seconds(GRACE_TICK_SECONDS, self._grace_tick)
 
     # ------------------------------------------------------------------ engine plumbing
@@ -446,9 +466,14 @@ class AgentService:
 
     def _prepare(self, call: Call) -> Steps:
         opts = check_options(call)
-        if "kernel" not in opts and "kernel_fd" not in opts:
+        configured = not opts.get("kernel") and "kernel_fd" not in opts
+        if configured and self.config.target == TARGET_NONE:
             raise InvalidArgument("Prepare: option 'kernel' or 'kernel_fd' (the target image) "
-                                  "is required")
+                                  "is required: the configuration names no Target= "
+                                  "(kho-agent.conf(5))")
+        if configured and (opts.get("initrd") or "initrd_fd" in opts):
+            raise InvalidArgument("Prepare: an initrd without a kernel; the configured Target= "
+                                  "brings its own")
         scratch = opts.get("scratch", "keep")
         if scratch not in ("keep", "auto"):
             check_kho_scratch(scratch)  # InvalidArgument before it reaches a command line
@@ -458,21 +483,31 @@ class AgentService:
         sources: list[TargetSource] = []
 
         def make_work(caller: Caller, job: Job) -> Callable[[], Any]:
-            source = TargetSource.from_options(call, opts, caller)
-            sources.append(source)
+            if not configured:
+                sources.append(TargetSource.from_options(call, opts, caller))
+
+            def source() -> TargetSource:
+                """The caller's files, or the configured target's (chosen on the engine thread:
+                newest-compatible runs the preflight on the candidates)."""
+                if not configured:
+                    return sources[0]
+                sources.append(self._configured_target())
+                return sources[-1]
 
             def options(files: TargetFiles) -> PrepareOptions:
-                return PrepareOptions(kernel=files.kernel, initrd=files.initrd, cmdline=cmdline,
+                line = cmdline if cmdline is not None else self.config.command_line_for(
+                    self.engine.sysinfo().cmdline)
+                return PrepareOptions(kernel=files.kernel, initrd=files.initrd, cmdline=line,
                                       scratch=scratch,
                                       cancelled=lambda: job.cancel_requested)
             if opts.get("dry_run"):
                 def dry() -> dict[str, Any]:
-                    with source.open() as files:
+                    with source().open() as files:
                         return self.engine.plan_prepare(options(files))
                 return dry
 
             def work() -> dict[str, Any]:
-                with source.open() as files:
+                with source().open() as files:
                     manifest = self.engine.prepare(options(files))
                 target = self.engine.state.target
                 return {"prepared": target.kernel if target else "",
@@ -486,6 +521,36 @@ class AgentService:
         yield from self._run_job(call, "prepare", make_work,
                                  lambda data: {"dry_run": True, **data} if opts.get("dry_run")
                                  else dict(data), cleanup)
+
+    def _configured_target(self) -> TargetSource:
+        """Target= of the configuration (engine thread): a fixed path, or the newest kernel in
+        the boot directory whose preflight has no blocker."""
+        where = self.config.origin("Target")
+        if self.config.target != TARGET_NEWEST_COMPATIBLE:
+            return TargetSource(self.config.target)
+
+        def gate(candidate: KernelCandidate) -> str | None:
+            source = TargetSource(str(candidate.kernel),
+                                  str(candidate.initrd) if candidate.initrd else None)
+            try:
+                with source.open() as files:
+                    target = self.engine.decode_target(files.kernel)
+                    plan = self.engine.plan(target, files.initrd_size)
+            except AgentError as exc:
+                return exc.message
+            blockers = plan.result.blockers
+            return "; ".join(b.message for b in blockers) if blockers else None
+        selection = newest_passing(installed_kernels(self.boot_dir), gate)
+        chosen = selection.chosen
+        if chosen is None:
+            raise PreflightFailed(f"Target=newest-compatible ({where}): no kernel in "
+                                  f"{self.boot_dir} passes the preflight: "
+                                  f"{selection.explain()}"[:4000])
+        for skipped, why in selection.refused:
+            self.hooks.log(f"Target=newest-compatible: skipped {skipped.release}: {why}")
+        self.hooks.log(f"Target=newest-compatible ({where}): chose {chosen.kernel}")
+        return TargetSource(str(chosen.kernel),
+                            str(chosen.initrd) if chosen.initrd else None)
 
     def _commit(self, call: Call) -> Steps:
         opts = check_options(call)

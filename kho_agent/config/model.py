@@ -1,0 +1,69 @@
+"""The configuration kho-agentd runs with: one frozen record, its defaults equal to the agent's
+behaviour without any file (and to the command-line defaults of kho-agentd)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .window import Window
+
+# Target=: prepare without a kernel is refused (the operator names one), or the newest installed
+# kernel that passes the preflight gate, or a fixed path
+TARGET_NONE = ""
+TARGET_NEWEST_COMPATIBLE = "newest-compatible"
+
+# HandoffMode=: the mode this host must hand off in; "auto" takes what the host offers
+HANDOFF_MODES = ("auto", "direct", "fdstore", "reboot")
+# how the engine (preflight.handoff_mode) names each configured mode
+ENGINE_HANDOFF_NAME = {"direct": "direct", "fdstore": "fdstore", "reboot": "reboot-syscall"}
+
+DEFAULT_METRICS_DIRECTORY = "/var/lib/prometheus/node-exporter"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Where a value came from: the file and line (for messages that must name it)."""
+
+    path: str
+    line: int
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}" if self.line else self.path
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    # [Prepare]
+    target: str = TARGET_NONE
+    command_line: str | None = None          # None: the running kernel's command line
+    append_command_line: tuple[str, ...] = ()
+    scratch_margin: float = 0.25             # 25 %, the engine's default
+    # [Commit]
+    handoff_mode: str = "auto"
+    maintenance_window: tuple[Window, ...] = ()   # empty: commits are allowed at any time
+    # [Sessions]
+    claim_grace_seconds: float | None = 1800.0   # None: wait until an operator finishes them
+    digests: bool = True
+    # [Records]
+    metrics_directory: str = DEFAULT_METRICS_DIRECTORY   # "": no metrics written
+    history_max_entries: int = 1000
+    # the files read, in the order they were applied (later ones win)
+    files: tuple[str, ...] = ()
+    # where a setting came from, by key name ("HandoffMode" -> file:line), for messages
+    origins: tuple[tuple[str, Setting], ...] = ()
+
+    def command_line_for(self, running: str) -> str | None:
+        """The next kernel's command line when prepare names none: CommandLine= or the
+        running kernel's, then AppendCommandLine= words; None (the engine reuses the running
+        one) when neither key is set."""
+        if self.command_line is None and not self.append_command_line:
+            return None
+        base = self.command_line if self.command_line is not None else running
+        return " ".join(part for part in (base.strip(), *self.append_command_line) if part)
+
+    def origin(self, key: str) -> str:
+        """`file:line` of the setting of `key`, or "the default"."""
+        for name, where in self.origins:
+            if name == key:
+                return str(where)
+        return "the default"
