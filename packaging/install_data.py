@@ -12,8 +12,9 @@ state directory /var/lib/kho-agent.
 ``--fdstore`` adds the drop-in for systemd >= 261 (``kho-agentctl preflight`` reports the mode a
 host needs). ``--package`` is what the Debian package's build runs (packaging/debian/rules): the
 drop-in goes to ``{prefix}/share/kho-agent/`` (the package's postinst links it into /etc on
-systemd >= 261) and the state directory is left to tmpfiles. Nothing is run on the target system: afterwards, on the target, run
-``journalctl --update-catalog`` and ``systemctl daemon-reload``, then enable kho-agent.service.
+systemd >= 261) and the state directory is left to tmpfiles. Nothing is run on the target
+system: afterwards, on the target, run ``journalctl --update-catalog`` and
+``systemctl daemon-reload``, then enable kho-agent.service.
 
 Standard library only: it runs with any Python 3.11, inside or outside the project's venv.
 """
