@@ -19,6 +19,7 @@ Standard library only: it runs with any Python 3.11, inside or outside the proje
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -30,6 +31,10 @@ REPO = Path(__file__).resolve().parent.parent
 PACKAGE = "kho-agent"
 BUILD_COMMAND = ("dpkg-buildpackage", "-us", "-uc", "-b")
 SKIPPED_TOP = {".git", ".venv"}
+# A Debian package is built with Debian's own interpreter and tools: a virtual environment's or
+# pyenv's python3 first in PATH would build (or fail to build: no `build` module) with another.
+BUILD_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+SCRUBBED_ENV = ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP", "PYTHONUSERBASE")
 
 
 class BuildError(Exception):
@@ -63,11 +68,17 @@ def stage(tree: Path, repo: Path = REPO) -> None:
     shutil.copytree(repo / "packaging" / "debian", tree / "debian", symlinks=True)
 
 
+def build_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in SCRUBBED_ENV}
+    env["PATH"] = BUILD_PATH
+    return env
+
+
 def build_deb(out_dir: Path, repo: Path = REPO, log: Path | None = None) -> Path:
     """Build the package; return the path of the .deb in `out_dir`. `log` keeps the build's
     output (otherwise it is in the BuildError on failure)."""
-    missing = [tool for tool in ("dpkg-buildpackage", "dh", "fakeroot")
-               if shutil.which(tool) is None]
+    missing = [tool for tool in ("dpkg-buildpackage", "dh", "fakeroot", "python3")
+               if shutil.which(tool, path=BUILD_PATH) is None]
     if missing:
         raise BuildError(f"{', '.join(missing)} not found: install the Build-Depends of "
                          "packaging/debian/control (apt-get install debhelper dh-python "
@@ -76,7 +87,7 @@ def build_deb(out_dir: Path, repo: Path = REPO, log: Path | None = None) -> Path
     with tempfile.TemporaryDirectory(prefix="kho-agent-deb-") as work:
         tree = Path(work) / PACKAGE
         stage(tree, repo)
-        result = subprocess.run(BUILD_COMMAND, cwd=tree, stdout=subprocess.PIPE,
+        result = subprocess.run(BUILD_COMMAND, cwd=tree, env=build_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, check=False)
         output = result.stdout.decode(errors="replace")
         if log is not None:
