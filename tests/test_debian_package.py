@@ -2,8 +2,9 @@
 depends on, what lintian says, and that an upgrade does not stop or restart a daemon that holds a
 live update (its maintainer scripts run here against a real dbus-daemon and kho-agentd).
 
-The package is built once per module in a temporary copy of the tree (~10 s); without the build
-tools (packaging/debian/control, Build-Depends; .ci/run installs them) those tests skip.
+The package is built once per module in a temporary copy of the tree (~10 s, so the tests
+that need it are marked slow); without the build tools (packaging/debian/control,
+Build-Depends; .ci/run installs them) those tests skip, saying which tool is missing.
 """
 
 from __future__ import annotations
@@ -89,12 +90,14 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
     yield Built(deb, _control(deb), files, scripts)
 
 
+@pytest.mark.slow  # builds the package (~10 s, once per module)
 def test_the_build_leaves_the_checkout_alone(built: Built) -> None:
     assert not (REPO / "debian").exists() and not (REPO / ".pybuild").exists()
     assert not list(REPO.parent.glob("kho-agent_*"))
     assert built.deb.name == "kho-agent_0.1.0_all.deb"
 
 
+@pytest.mark.slow  # builds the package (~10 s, once per module)
 def test_the_package_ships_every_file_the_install_table_declares(built: Built) -> None:
     wanted = {p.target for p in install_data.plan(Path("/"), "/usr", package=True)}
     assert "/usr/share/kho-agent/kho-agent-fdstore.conf" in wanted
@@ -150,6 +153,7 @@ def _satisfied(version: str, constraint: str | None) -> bool:
     return subprocess.run(["dpkg", "--compare-versions", version, op, wanted]).returncode == 0
 
 
+@pytest.mark.slow  # builds the package (~10 s, once per module)
 def test_the_dependencies_are_debians_and_installable_here(built: Built) -> None:
     """Every Depends has a candidate on this (bookworm) machine that meets its version; blake3
     only recommended (bookworm has none); nothing from pip."""
@@ -169,6 +173,7 @@ def test_the_dependencies_are_debians_and_installable_here(built: Built) -> None
     assert not unmet, f"not installable on this machine: {unmet}"
 
 
+@pytest.mark.slow  # builds the package (~10 s, once per module)
 def test_lintian_finds_no_error(built: Built) -> None:
     result = subprocess.run(["lintian", "--pedantic", "-I", str(built.deb)],
                             capture_output=True, text=True)
@@ -238,6 +243,7 @@ def _scripts(built: Built, tmp: Path, address: str, version: int = 252) -> Scrip
     return Scripts(built, tmp, address, version)
 
 
+@pytest.mark.slow  # builds the package (~10 s, once per module)
 def test_an_upgrade_leaves_a_prepared_daemon_running(built: Built, host: Host,
                                                       tmp_path: Path) -> None:
     client = host.client()
@@ -266,6 +272,7 @@ def test_an_upgrade_leaves_a_prepared_daemon_running(built: Built, host: Host,
     host.wait_state("idle")
 
 
+@pytest.mark.slow  # builds the package (~10 s, once per module)
 def test_an_upgrade_restarts_an_idle_daemon_and_a_removal_stops_it(built: Built, host: Host,
                                                                    tmp_path: Path) -> None:
     assert host.prop("State") == "idle"
@@ -280,6 +287,7 @@ def test_an_upgrade_restarts_an_idle_daemon_and_a_removal_stops_it(built: Built,
     assert _acts_on_unit(scripts.calls(), "stop") == [f"deb-systemd-invoke stop {UNIT}"]
 
 
+@pytest.mark.slow  # builds the package (~10 s, once per module)
 @pytest.mark.parametrize(("version", "linked"), [(252, False), (262, True)])
 def test_a_first_install_enables_the_fdstore_drop_in_only_on_systemd_261(
         built: Built, tmp_path: Path, version: int, linked: bool) -> None:
