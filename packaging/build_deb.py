@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """Build kho-agent's Debian package from this checkout; print the path of the .deb.
 
-    packaging/build_deb.py [--out DIR] [--keep]
+    packaging/build_deb.py [--out DIR] [--log FILE]
 
 dpkg-buildpackage needs debian/ at the top of the source tree and writes its outputs into the
-tree's parent directory; neither may touch the checkout. So the tree (the files git knows, plus
-untracked ones it does not ignore; every file but .git and .venv outside a git checkout) is
-copied into a temporary directory, packaging/debian/ becomes its debian/, and
-`dpkg-buildpackage -us -uc -b` runs there. The .deb is moved to --out (default: the current
+tree's parent directory; neither may touch the checkout. So the tree is copied into a temporary
+directory (the files git knows plus the untracked ones it does not ignore; outside a git
+checkout every file but the top-level dot directories, .venv and caches, and __pycache__),
+packaging/debian/ becomes its debian/, and `dpkg-buildpackage -us -uc -b` runs there with
+Debian's own python3 first in PATH. The .deb is moved to --out (default: the current
 directory) and its path is the last line printed. Build tools: see packaging/debian/control
 (Build-Depends); .ci/run installs them.
 
@@ -30,7 +31,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = "kho-agent"
 BUILD_COMMAND = ("dpkg-buildpackage", "-us", "-uc", "-b")
-SKIPPED_TOP = {".git", ".venv"}
 # A Debian package is built with Debian's own interpreter and tools: a virtual environment's or
 # pyenv's python3 first in PATH would build (or fail to build: no `build` module) with another.
 BUILD_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
@@ -52,7 +52,7 @@ def source_files(repo: Path = REPO) -> list[Path]:
     found = []
     for path in sorted(repo.rglob("*")):
         relative = path.relative_to(repo)
-        if relative.parts[0] in SKIPPED_TOP or "__pycache__" in relative.parts:
+        if relative.parts[0].startswith(".") or "__pycache__" in relative.parts:
             continue
         if path.is_file():
             found.append(relative)
