@@ -339,3 +339,27 @@ def test_restart_check_knows_the_bus_names_and_every_state() -> None:
     cases = re.findall(r"^\s+([a-z|]+)\)\s*$", text, re.MULTILINE)
     classified = [state for case in cases for state in case.split("|")]
     assert sorted(classified) == sorted(p.value for p in Phase)
+
+
+def test_restart_check_counts_sessions_at_rest(host: Host) -> None:
+    """Idle is not enough: a session a client created for the next update, or an incoming one
+    its owner has not claimed after a verified update, is closed by a stop as well."""
+    if shutil.which("busctl") is None:
+        pytest.skip("busctl (systemd) not installed")
+    empty = _check(host.bus.address)
+    assert (empty.returncode, empty.stdout.strip()) == (
+        0, "kho-agentd holds no live update and no session (state idle)")
+    client = host.client()
+    create_session(client, "vm-1", {1: b"guest memory" * 100})
+    created = _check(host.bus.address)
+    assert (created.returncode, created.stdout.strip()) == (
+        1, "kho-agentd holds 1 session(s) (state idle): a stop would close them")
+    result, job = host.run_job(client, "Prepare", kernel_option(host))
+    assert result == "done", job
+    result, job = host.run_job(client, "Commit", {})
+    assert result == "done", job
+    host.restart()                                  # the next boot: verified, vm-1 unclaimed
+    assert host.wait_state("verified", "failed") == "verified", host.prop("LastResult")
+    verified = _check(host.bus.address)
+    assert (verified.returncode, verified.stdout.strip()) == (
+        1, "kho-agentd holds 1 session(s) (state verified): a stop would close them")
