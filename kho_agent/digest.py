@@ -1,4 +1,13 @@
-"""Content digests of preserved files (BLAKE3), taken before a live update and after it.
+"""Content digests of preserved files (BLAKE3, else SHA-256), taken before a live update and after.
+
+The algorithm: BLAKE3 when the `blake3` module is installed (pip, Debian sid's python3-blake3),
+SHA-256 (hashlib) when it is not (Debian bookworm has no python3-blake3; the package only
+recommends it). SHA-256 rather than BLAKE2b: through digest_fd on a 256 MiB memfd it ran
+1.2 GB/s against BLAKE2b's 0.7 GB/s, BLAKE3 2.4 GB/s (2 shared cores, x86-64 with SHA
+extensions; benchmarks/bench_digest_algorithms.py). The manifest records the algorithm of
+every digest, and verification takes the digest after the kexec with that same algorithm; one it
+cannot compute (a manifest written with BLAKE3, read where blake3 is missing) is refused with
+DigestUnavailable, never replaced by another algorithm.
 
 A digest reads the whole file from offset 0 without moving the file position: the fd is shared
 with the VM manager that owns it, and its position is part of what LUO carries (memfd `pos`).
@@ -23,19 +32,44 @@ before and after, and a change (or a short read) raises FileChanged, which names
 from __future__ import annotations
 
 import errno
+import hashlib
+import importlib
 import os
 import queue
 import stat
 import threading
 import time
 from dataclasses import dataclass
+from types import ModuleType
+from typing import Protocol
 
-import blake3
+from .errors import Busy, InvalidArgument, KernelRefused, NotFound
 
-from .errors import Busy, InvalidArgument, KernelRefused
 
-DIGEST_ALG = "blake3"
-DIGEST_HEX_LENGTH = 64  # BLAKE3's default 32-byte output, hex
+def _import_blake3() -> ModuleType | None:
+    try:
+        return importlib.import_module("blake3")
+    except ImportError:
+        return None
+
+
+_BLAKE3 = _import_blake3()
+
+BLAKE3 = "blake3"
+SHA256 = "sha256"
+# Every algorithm a manifest may name, with its hex length (the manifest codec checks digests
+# against it): BLAKE3's default 32-byte output, SHA-256's 32 bytes.
+HEX_LENGTHS: dict[str, int] = {BLAKE3: 64, SHA256: 64}
+
+
+def default_algorithm() -> str:
+    """What new digests are taken with: BLAKE3 when the module is installed, else SHA-256."""
+    return BLAKE3 if _BLAKE3 is not None else SHA256
+
+
+# The same, as found when this module was imported.
+DIGEST_ALG = default_algorithm()
+DIGEST_HEX_LENGTH = HEX_LENGTHS[DIGEST_ALG]
 # Below this the thread pool costs more than it saves (BLAKE3 splits work at 1 KiB chunks, and
 # its own guidance puts the break-even for multi-threading in the hundreds of KiB).
 MULTITHREAD_MIN_BYTES = 1 << 20
@@ -56,6 +90,24 @@ class FileChanged(Busy):
     still changed; it says ready again once nothing writes it."""
 
 
+class DigestUnavailable(NotFound):
+    """A digest in an algorithm this installation cannot compute (a manifest written where
+    the `blake3` module was installed, verified where it is not). Its stable name is `NotFound`
+    (exit 2): what is missing is a module, and no other algorithm may stand in for the one the
+    manifest names."""
+
+
+def available(alg: str) -> bool:
+    """Whether digest_fd can compute `alg` here."""
+    return alg == SHA256 or (alg == BLAKE3 and _BLAKE3 is not None)
+
+
+class Hasher(Protocol):
+    def update(self, data: memoryview, /) -> object: ...
+
+    def hexdigest(self) -> str: ...
+
+
 @dataclass(frozen=True)
 class DigestResult:
     alg: str
@@ -64,13 +116,27 @@ class DigestResult:
     seconds: float     # wall clock spent reading and hashing
 
 
-def _new_hasher(size_hint: int | None) -> blake3.blake3:
-    if size_hint is None or size_hint >= MULTITHREAD_MIN_BYTES:
-        return blake3.blake3(max_threads=blake3.blake3.AUTO)
-    return blake3.blake3()
+def new_hasher(alg: str, size_hint: int | None = None) -> Hasher:
+    """A hasher of `alg` for about `size_hint` bytes (None: unknown, maybe large). Raises
+    DigestUnavailable for an algorithm this installation cannot compute."""
+    if alg == BLAKE3 and _BLAKE3 is not None:
+        hasher_class = _BLAKE3.blake3
+        if size_hint is None or size_hint >= MULTITHREAD_MIN_BYTES:
+            return hasher_class(max_threads=hasher_class.AUTO)  # type: ignore[no-any-return]
+        return hasher_class()  # type: ignore[no-any-return]
+    if alg == SHA256:
+        # hashlib releases the GIL while it hashes a chunk, so the pipeline overlaps as well
+        return hashlib.sha256()
+    if alg == BLAKE3:
+        raise DigestUnavailable(
+            "the digest was taken with blake3, and the Python module blake3 is not installed "
+            "here: install it (Debian: apt install python3-blake3; pip: pip install blake3) "
+            "and verify again; no other algorithm can check a blake3 digest")
+    raise DigestUnavailable(f"unknown digest algorithm {alg!r:.40} (known: "
+                            f"{', '.join(sorted(HEX_LENGTHS))})")
 
 
-def _read_refused(fd: int, err: OSError) -> KernelRefused:
+def _read_refused(fd: int, err: OSError, alg: str) -> KernelRefused:
     code = err.errno if err.errno is not None else errno.EIO
     if code == errno.EBADF:
         advice = ("the fd is closed or not open for reading; digests need a readable fd "
@@ -81,10 +147,10 @@ def _read_refused(fd: int, err: OSError) -> KernelRefused:
         advice = "the fd is a directory; only regular files and memfds have a content digest"
     else:
         advice = "the file content could not be read, so no digest was taken"
-    return KernelRefused(f"read of fd {fd} for its {DIGEST_ALG} digest", code, advice)
+    return KernelRefused(f"read of fd {fd} for its {alg} digest", code, advice)
 
 
-def _hash_pread(fd: int, size: int | None, hasher: blake3.blake3) -> int:
+def _hash_pread(fd: int, size: int | None, hasher: Hasher) -> int:
     """Hash `size` bytes from offset 0 (to EOF when None); returns the bytes hashed, fewer
     when the file ended first."""
     if size is not None and size > PIPELINE_MIN_CHUNKS * PREAD_CHUNK:
@@ -102,7 +168,7 @@ def _hash_pread(fd: int, size: int | None, hasher: blake3.blake3) -> int:
     return offset
 
 
-def _hash_pipelined(fd: int, size: int, hasher: blake3.blake3) -> int:
+def _hash_pipelined(fd: int, size: int, hasher: Hasher) -> int:
     """The same for a large file, with the reads on a thread of their own: a reader fills a few
     buffers ahead while this thread hashes the ones filled. pread and BLAKE3 both release the
     GIL, so reading and hashing overlap (measured on 2 cores, best of 7, interleaved: 1.2-1.4x
@@ -149,57 +215,62 @@ def _hash_pipelined(fd: int, size: int, hasher: blake3.blake3) -> int:
 
 
 def _changed(fd: int, before: os.stat_result, after: os.stat_result, hashed: int,
-             wanted: int) -> FileChanged | None:
+             wanted: int, alg: str) -> FileChanged | None:
     if after.st_size != before.st_size or hashed < wanted:
         end = after.st_size if after.st_size != before.st_size else hashed
         return FileChanged(
             f"fd {fd} changed size from {before.st_size} to {end} bytes while its "
-            f"{DIGEST_ALG} digest was taken: no digest of it was recorded; its owner says "
+            f"{alg} digest was taken: no digest of it was recorded; its owner says "
             "ready again once its memory no longer changes")
     if after.st_ctime_ns != before.st_ctime_ns:
         return FileChanged(
-            f"fd {fd} was written while its {DIGEST_ALG} digest was taken (its size, "
+            f"fd {fd} was written while its {alg} digest was taken (its size, "
             f"{before.st_size} bytes, stayed; its change time moved): no digest of it was "
             "recorded; its owner says ready again once its memory no longer changes")
     return None
 
 
-def digest_fd(fd: int, size: int | None = None) -> DigestResult:
-    """BLAKE3 of the first `size` bytes of `fd` (all of it when None), from offset 0.
+def digest_fd(fd: int, size: int | None = None, alg: str | None = None) -> DigestResult:
+    """The `alg` digest (default: default_algorithm()) of the first `size` bytes of `fd` (all
+    of it when None), from offset 0. A verification passes the algorithm its manifest names.
 
     The file position is not used or moved. `size` larger than the file is refused. Raises
     KernelRefused with the errno when the fd cannot be read, FileChanged when a regular file
-    changed while it was read. The file is never mapped (see the module's docstring).
+    changed while it was read, DigestUnavailable when `alg` cannot be computed here (before
+    anything is read). The file is never mapped (see the module's docstring).
     """
     if size is not None and size < 0:
         raise InvalidArgument(f"digest size must be >= 0, not {size}")
+    if alg is None:
+        alg = default_algorithm()
+    new_hasher(alg)  # refuses an algorithm it cannot compute before anything is read
     started = time.perf_counter()
     try:
         info = os.fstat(fd)
     except OSError as err:
-        raise _read_refused(fd, err) from err
+        raise _read_refused(fd, err, alg) from err
     if stat.S_ISDIR(info.st_mode):
-        raise _read_refused(fd, OSError(errno.EISDIR, os.strerror(errno.EISDIR)))
+        raise _read_refused(fd, OSError(errno.EISDIR, os.strerror(errno.EISDIR)), alg)
     regular = stat.S_ISREG(info.st_mode)
     if size is not None and regular and size > info.st_size:
         raise InvalidArgument(
             f"fd {fd} holds {info.st_size} bytes, fewer than the {size} to digest: the file "
             "shrank or the recorded size is wrong")
     length = size if size is not None else info.st_size
-    hasher = _new_hasher(length if regular else None)
+    hasher = new_hasher(alg, length if regular else None)
     # stat size 0 says nothing about debugfs/procfs files: read those to EOF.
     want = size if size is not None else (length if length > 0 else None)
     try:
         hashed = _hash_pread(fd, want, hasher)
         after = os.fstat(fd) if regular else info
     except OSError as err:
-        raise _read_refused(fd, err) from err
+        raise _read_refused(fd, err, alg) from err
     if regular:
-        changed = _changed(fd, info, after, hashed, hashed if want is None else want)
+        changed = _changed(fd, info, after, hashed, hashed if want is None else want, alg)
         if changed is not None:
             raise changed
     if size is not None and hashed < size:
         raise InvalidArgument(
             f"fd {fd} ended after {hashed} of the {size} bytes to digest: the file shrank "
             "while it was read")
-    return DigestResult(DIGEST_ALG, hasher.hexdigest(), hashed, time.perf_counter() - started)
+    return DigestResult(alg, hasher.hexdigest(), hashed, time.perf_counter() - started)

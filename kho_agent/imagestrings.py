@@ -5,10 +5,13 @@ it (`abi.compat.payload_strings`): under TCG 26 s of a 43 s verification, on the
 of every VM manager waiting for its session after the kexec. Prepare has decoded that very image
 already, as its target: it records the strings here, keyed by the BLAKE3 digest of the image
 file's bytes, and verify looks the running kernel's image up by the digest of what is in /boot
-now. Equal digests are equal images, so the strings are the ones a new scan would find.
+now. Equal digests are equal images, so the strings are the ones a new scan would find. The
+digest is BLAKE3, or SHA-256 where the blake3 module is missing (digest.default_algorithm): the
+entry's key names it, and a lookup reads only entries of its own algorithm.
 
     <state dir>/image-strings.json
         {"version": 1, "images": [{"blake3": "<64 hex>", "strings": {"<contract>": [...]}}]}
+        ("sha256" instead of "blake3" for an entry keyed by SHA-256)
 
 At most MAX_IMAGES entries, newest last. The file is a cache: one of any other shape (absent,
 unreadable, too large, not this schema) is a miss, never an error, and the next record
@@ -23,8 +26,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from blake3 import blake3
-
+from .digest import default_algorithm, new_hasher
 from .errors import AgentError
 from .kernel.atomicfile import write_atomic
 from .kernel.callerfile import read_if_present
@@ -42,8 +44,8 @@ DIGEST_CHUNK = 4 << 20  # hashed a piece at a time: one call must not hold the G
 
 
 def image_digest(data: bytes) -> str:
-    """The key of an image: BLAKE3 of the file's bytes, as lowercase hex."""
-    hasher = blake3(max_threads=blake3.AUTO)
+    """The key of an image: its digest (BLAKE3, else SHA-256), lowercase hex."""
+    hasher = new_hasher(default_algorithm(), len(data))
     view = memoryview(data)
     for start in range(0, len(data), DIGEST_CHUNK):
         hasher.update(view[start:start + DIGEST_CHUNK])
@@ -96,7 +98,8 @@ class ImageStrings:
         images = [(k, s) for k, s in self._load() if k != digest]
         images.append((digest, {k: list(v) for k, v in strings.items()}))
         doc = {"version": SCHEMA_VERSION,
-               "images": [{"blake3": k, "strings": s} for k, s in images[-MAX_IMAGES:]]}
+               "images": [{default_algorithm(): k, "strings": s}
+                          for k, s in images[-MAX_IMAGES:]]}
         # a cache: verify decodes the image itself when it finds nothing here
         with contextlib.suppress(AgentError, OSError):
             write_atomic(self.path, json.dumps(doc, sort_keys=True).encode() + b"\n")
@@ -105,7 +108,8 @@ class ImageStrings:
 def _entry(entry: object) -> tuple[str, dict[str, list[str]]] | None:
     if not isinstance(entry, dict):
         return None
-    digest, strings = entry.get("blake3"), entry.get("strings")
+    # an entry keyed by another algorithm is a miss here (its key is not this digest)
+    digest, strings = entry.get(default_algorithm()), entry.get("strings")
     if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
         return None
     if not isinstance(strings, dict):

@@ -6,12 +6,15 @@ script places what pip does not: the systemd units, the D-Bus bus policy and act
 the polkit actions and the journal catalog, per the table in docs/systemd.md, and the empty
 state directory /var/lib/kho-agent.
 
-    packaging/install_data.py [--destdir DIR] [--prefix /usr] [--fdstore] [--dry-run]
+    packaging/install_data.py [--destdir DIR] [--prefix /usr] [--fdstore | --package] [--dry-run]
 
 ``--destdir`` stages the files under DIR (a package build root or a guest's root filesystem);
 ``--fdstore`` adds the drop-in for systemd >= 261 (``kho-agentctl preflight`` reports the mode a
-host needs). Nothing is run on the target system: afterwards, on the target, run
-``journalctl --update-catalog`` and ``systemctl daemon-reload``, then enable kho-agent.service.
+host needs). ``--package`` is what the Debian package's build runs (packaging/debian/rules): the
+drop-in goes to ``{prefix}/share/kho-agent/`` (the package's postinst links it into /etc on
+systemd >= 261) and the state directory is left to tmpfiles. Nothing is run on the target
+system: afterwards, on the target, run ``journalctl --update-catalog`` and
+``systemctl daemon-reload``, then enable kho-agent.service.
 
 Standard library only: it runs with any Python 3.11, inside or outside the project's venv.
 """
@@ -42,7 +45,8 @@ class DataFile:
     source: str
     target: str
     mode: int = 0o644
-    # Only with --fdstore (hand-off mode "fdstore", systemd >= 261).
+    # Only with --fdstore (hand-off mode "fdstore", systemd >= 261); with --package it is
+    # shipped unused in PACKAGE_SHARE.
     fdstore_only: bool = False
 
 
@@ -76,6 +80,9 @@ DATA_DIRS: tuple[str, ...] = ("systemd", "etc", "share", "catalog")
 
 DIR_MODE = 0o755
 
+# Where --package puts the fdstore-only rows: shipped, enabled by the package's postinst.
+PACKAGE_SHARE = "{prefix}/share/kho-agent"
+
 
 class InstallError(Exception):
     """A user-facing failure: the message says what went wrong and what to do."""
@@ -106,24 +113,32 @@ def plan_dirs(destdir: Path) -> list[DirPlacement]:
             for target, mode in DATA_DIRS_CREATED]
 
 
-def target_path(row: DataFile, prefix: str) -> str:
-    return row.target.replace("{prefix}", prefix.rstrip("/") or "")
+def target_path(row: DataFile, prefix: str, *, package: bool = False) -> str:
+    target = row.target
+    if package and row.fdstore_only:
+        target = f"{PACKAGE_SHARE}/{Path(row.source).name}"
+    return target.replace("{prefix}", prefix.rstrip("/") or "")
 
 
-def plan(destdir: Path, prefix: str = "/usr", *, fdstore: bool = False,
+def plan(destdir: Path, prefix: str = "/usr", *, fdstore: bool = False, package: bool = False,
          repo: Path = REPO) -> list[Placement]:
-    """Every file to install, in table order; raises InstallError for a bad prefix or source."""
+    """Every file to install, in table order; raises InstallError for a bad prefix or source.
+    `package`: every row, the fdstore-only ones in PACKAGE_SHARE (a distribution package)."""
     if not prefix.startswith("/"):
         raise InstallError(f"--prefix must be an absolute path, got {prefix!r} (e.g. /usr)")
+    if fdstore and package:
+        raise InstallError("--fdstore and --package exclude each other: a package ships the "
+                           f"drop-in in {PACKAGE_SHARE.format(prefix=prefix)} and its postinst "
+                           "enables it")
     placements = []
     for row in DATA_FILES:
-        if row.fdstore_only and not fdstore:
+        if row.fdstore_only and not (fdstore or package):
             continue
         source = repo / row.source
         if not source.is_file():
             raise InstallError(f"{source} is missing: run this from a complete kho-agent "
                                "checkout or source archive")
-        target = target_path(row, prefix)
+        target = target_path(row, prefix, package=package)
         placements.append(Placement(row.source, source, destdir / target.lstrip("/"), target,
                                     row.mode))
     return placements
@@ -192,6 +207,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="installation prefix for the non-/etc files (default: /usr)")
     parser.add_argument("--fdstore", action="store_true",
                         help="also install the drop-in for hand-off mode fdstore (systemd >= 261)")
+    parser.add_argument("--package", action="store_true",
+                        help="what a distribution package ships: the fdstore drop-in under "
+                             "PREFIX/share/kho-agent, no state directory (tmpfiles makes it)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan, install nothing")
     return parser.parse_args(argv)
 
@@ -201,8 +219,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout,
     args = parse_args(argv)
     destdir = args.destdir.resolve()
     try:
-        placements = plan(destdir, args.prefix, fdstore=args.fdstore)
-        dirs = plan_dirs(destdir)
+        placements = plan(destdir, args.prefix, fdstore=args.fdstore, package=args.package)
+        dirs = [] if args.package else plan_dirs(destdir)
         if not args.dry_run:
             install(placements, dirs)
     except InstallError as exc:

@@ -158,7 +158,7 @@ WHILE_HASHED = textwrap.dedent("""
 
     fd, change = int(sys.argv[1]), sys.argv[2]
     size = os.fstat(fd).st_size
-    real_new_hasher = digest._new_hasher
+    real_new_hasher = digest.new_hasher
 
     def act():
         if change == "truncate":
@@ -167,8 +167,8 @@ WHILE_HASHED = textwrap.dedent("""
             os.pwrite(fd, b"grown", size)
 
     class Racing:
-        def __init__(self, hint):
-            self.real = real_new_hasher(hint)
+        def __init__(self, alg, hint=None):
+            self.real = real_new_hasher(alg, hint)
             self.first = True
         def update(self, data):
             if self.first:
@@ -180,7 +180,7 @@ WHILE_HASHED = textwrap.dedent("""
         def hexdigest(self):
             return self.real.hexdigest()
 
-    digest._new_hasher = Racing
+    digest.new_hasher = Racing
     try:
         result = digest.digest_fd(fd, size)
     except AgentError as exc:
@@ -251,11 +251,11 @@ def test_memfd_written_during_the_digest_is_refused(memfd: int) -> None:
     fill(memfd, data)
     time.sleep(0.02)              # the write below gets a later change time
     calls = 0
-    real = digest_mod._new_hasher
+    real = digest_mod.new_hasher
 
     class Writing:
-        def __init__(self, hint: int | None) -> None:
-            self.real = real(hint)
+        def __init__(self, alg: str, hint: int | None = None) -> None:
+            self.real = real(alg, hint)
 
         def update(self, chunk: memoryview) -> None:
             nonlocal calls
@@ -267,11 +267,11 @@ def test_memfd_written_during_the_digest_is_refused(memfd: int) -> None:
         def hexdigest(self) -> str:
             return str(self.real.hexdigest())
 
-    digest_mod._new_hasher = Writing  # type: ignore[assignment]
+    digest_mod.new_hasher = Writing  # type: ignore[assignment]
     try:
         with pytest.raises(Busy, match="was written while its blake3 digest was taken"):
             digest_fd(memfd, len(data))
     finally:
-        digest_mod._new_hasher = real
+        digest_mod.new_hasher = real
     assert calls >= 1
     digest_fd(memfd, len(data))       # quiet again: a digest

@@ -166,3 +166,20 @@ def test_bad_prefix_and_unwritable_destdir_say_what_to_do(tmp_path: Path) -> Non
     assert inst.main(["--destdir", str(blocker)], out=io.StringIO(), err=err) == 1
     assert re.search(r"cannot (install|create) ", err.getvalue()), err.getvalue()
     assert "--destdir" in err.getvalue()
+
+
+def test_package_mode_ships_the_fdstore_drop_in_where_systemd_does_not_read_it(
+        tmp_path: Path) -> None:
+    """--package (packaging/debian/rules): every row, the drop-in for systemd >= 261 under
+    /usr/share/kho-agent (the postinst enables it), and no state directory (tmpfiles)."""
+    targets = {p.name: p.target for p in inst.plan(tmp_path, "/usr", package=True)}
+    assert targets.keys() == {row.source for row in inst.DATA_FILES}
+    assert targets["systemd/kho-agent-fdstore.conf"] == \
+        "/usr/share/kho-agent/kho-agent-fdstore.conf"
+    assert not [t for t in targets.values() if t.startswith("/etc/systemd")]
+    with pytest.raises(inst.InstallError, match="exclude each other"):
+        inst.plan(tmp_path, "/usr", fdstore=True, package=True)
+    out, err = io.StringIO(), io.StringIO()
+    assert inst.main(["--destdir", str(tmp_path), "--package"], out, err) == 0, err.getvalue()
+    assert (tmp_path / "usr/share/kho-agent/kho-agent-fdstore.conf").is_file()
+    assert not (tmp_path / "var/lib/kho-agent").exists()

@@ -244,7 +244,8 @@ def check_kept_session(ctx: EngineContext, name: str,
             files.append(ObservedFile(f.token, 0, None, None, exc.message))
             continue
         try:
-            digest = digest_fd(fd).hexdigest if f.digest is not None else None
+            digest = (digest_fd(fd, alg=f.digest_alg).hexdigest
+                      if f.digest is not None and f.digest_alg is not None else None)
             files.append(ObservedFile(f.token, os.fstat(fd).st_size, digest, seals(fd), None))
         finally:
             os.close(fd)

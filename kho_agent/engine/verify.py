@@ -305,8 +305,9 @@ def retrieve_session(ctx: EngineContext, device: LiveUpdateDevice | None, entry:
             unwind.callback(os.close, fd)
             size = os.fstat(fd).st_size
             files.append(ObservedFile(f.token, size, None, seals(fd), None))
-            if f.digest is not None:
-                run.pending.append(PendingDigest(len(run.sessions), len(files) - 1, fd, size))
+            if f.digest is not None and f.digest_alg is not None:  # both or neither (codec)
+                run.pending.append(PendingDigest(len(run.sessions), len(files) - 1, fd, size,
+                                                 f.digest_alg))
                 unwind.pop_all()
     return ObservedSession(entry.name, files, None)
 

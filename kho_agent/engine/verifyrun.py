@@ -48,6 +48,7 @@ class PendingDigest:
     file: int               # index in that session's files
     fd: int                 # a retrieved fd of the file, held by the run until it ends
     size: int
+    alg: str                # the algorithm the manifest's digest was taken with
 
 
 @dataclass
@@ -119,7 +120,7 @@ def observe(host: Host, run: VerifyRun, known: ImageStrings,
             assert files is not None  # pending only for files of a retrieved session
             observed = files[pending.file]
             try:
-                observed.digest = digest_fd(pending.fd, pending.size).hexdigest
+                observed.digest = digest_fd(pending.fd, pending.size, pending.alg).hexdigest
             except AgentError as exc:
                 observed.error = f"cannot read it for its digest: {exc.message}"
             done += pending.size

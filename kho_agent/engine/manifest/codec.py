@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import NoReturn
 
+from ...digest import HEX_LENGTHS
 from ...errors import AgentError, InvalidArgument, KernelRefused, NotFound, StateCorrupt
 from ...kernel.callerfile import Dangling, read_if_present
 from ...netstate import NetState, NetStateFormatError
@@ -31,7 +32,9 @@ SESSION_NAME_MAX_BYTES = 63        # LIVEUPDATE_SESSION_NAME_LENGTH (64) less th
 SUBTREE_NAME_MAX_BYTES = 255       # FDT node names have no kernel limit; this bounds junk
 U64_LIMIT = 1 << 64
 U32_LIMIT = 1 << 32
-DIGEST_HEX_LENGTHS = {"blake3": 64}
+# the algorithms digest.py knows (a manifest may name one this installation cannot compute:
+# it is read all the same, and its verification says so)
+DIGEST_HEX_LENGTHS = HEX_LENGTHS
 _LOWER_HEX = re.compile(r"[0-9a-f]*")
 MANIFEST_MAX_BYTES = 256 << 20     # measured: 10k files 1.7-3 MB, 100k files 17 MB; refuses junk
 
