@@ -67,6 +67,12 @@ DATA_FILES: tuple[DataFile, ...] = (
     # every key commented out at its default (kho-agent.conf(5)); local settings belong in
     # drop-ins, /etc/kho-agent/agent.conf.d/*.conf
     DataFile("etc/kho-agent/agent.conf", "/etc/kho-agent/agent.conf"),
+    # Debian's kernel packages run these after installing or removing a kernel ($1 = version,
+    # $2 = image): record whether a live update into it is possible (kho-agentctl kernels)
+    DataFile("packaging/kernel/postinst.d/zz-kho-agent", "/etc/kernel/postinst.d/zz-kho-agent",
+             mode=0o755),
+    DataFile("packaging/kernel/postrm.d/zz-kho-agent", "/etc/kernel/postrm.d/zz-kho-agent",
+             mode=0o755),
 )
 
 # Directories the package owns, created empty with their mode: what `systemd-tmpfiles --create
@@ -76,7 +82,7 @@ DATA_FILES: tuple[DataFile, ...] = (
 DATA_DIRS_CREATED: tuple[tuple[str, int], ...] = (("/var/lib/kho-agent", 0o700),)
 
 # The repository directories whose every file must have a row above (tests/test_packaging.py).
-DATA_DIRS: tuple[str, ...] = ("systemd", "etc", "share", "catalog")
+DATA_DIRS: tuple[str, ...] = ("systemd", "etc", "share", "catalog", "packaging/kernel")
 
 DIR_MODE = 0o755
 

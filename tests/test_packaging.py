@@ -60,7 +60,7 @@ def _docs_table() -> dict[str, str]:
 
 def test_table_matches_the_documented_install_locations() -> None:
     documented = _docs_table()
-    assert len(documented) == 9, documented  # the parser found the whole table
+    assert len(documented) == 11, documented  # the parser found the whole table
     ours = {row.source: inst.target_path(row, "/usr") for row in inst.DATA_FILES}
     assert ours == documented
 
@@ -77,11 +77,18 @@ def test_created_directories_are_the_tmpfiles_ones() -> None:
 
 
 def test_every_data_file_of_the_repository_has_a_row() -> None:
-    """A file added to systemd/ etc/ share/ catalog/ must be added to the table too."""
+    """A file added to systemd/ etc/ share/ catalog/ packaging/kernel/ must be added to the table
+    too."""
     in_repo = {str(p.relative_to(REPO)) for d in inst.DATA_DIRS for p in (REPO / d).rglob("*")
                if p.is_file()}
     assert in_repo, "no data files found: wrong repository root?"
     assert in_repo == {row.source for row in inst.DATA_FILES}
+
+
+def _mode_of(source: str) -> int:
+    """The kernel hooks are run by run-parts, which skips files that are not executable;
+    everything else is data."""
+    return 0o755 if source.startswith("packaging/kernel/") else 0o644
 
 
 def test_install_places_every_file_with_content_and_mode(tmp_path: Path,
@@ -98,7 +105,7 @@ def test_install_places_every_file_with_content_and_mode(tmp_path: Path,
             continue
         target = dest / inst.target_path(row, "/usr").lstrip("/")
         assert target.read_bytes() == (REPO / row.source).read_bytes()
-        assert stat.S_IMODE(target.stat().st_mode) == 0o644
+        assert stat.S_IMODE(target.stat().st_mode) == _mode_of(row.source)
     # directories readable by dbus-daemon and polkitd (not root) despite the umask 077; the
     # state directory, which the unit's ReadWritePaths= needs to exist, is root's alone
     state = dest / "var/lib/kho-agent"
@@ -151,7 +158,8 @@ def test_dry_run_prints_the_plan_and_installs_nothing(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert not dest.exists()
     for source, target in _docs_table().items():
-        assert f"install {source} -> {dest}{target} (mode 0644)" in proc.stdout
+        assert (f"install {source} -> {dest}{target} (mode {_mode_of(source):04o})"
+                in proc.stdout)
     assert f"mkdir {dest}/var/lib/kho-agent (mode 0700)" in proc.stdout
 
 
