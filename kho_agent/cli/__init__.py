@@ -40,6 +40,8 @@ COMMANDS: dict[str, str] = {
     "sessions": "sessions",
     "manifest": "manifest",
     "jobs": "jobs",
+    "history": "history",
+    "inhibit": "inhibit",
 }
 
 
