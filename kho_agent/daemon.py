@@ -36,6 +36,8 @@ from .service.auth import Authorizer
 from .service.fdstore import NotifierSessionStore, take_stored_sessions
 from .service.journal import Event, EventLog
 from .service.manager import AgentService, Hooks, Job, Snapshot
+from .service.metrics import DEFAULT_METRICS_DIR, MetricsInput, MetricsWriter
+from .service.metrics import render as render_metrics
 from .service.notify import Notifier
 from .service.worker import Worker
 
@@ -65,7 +67,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=argparse.SUPPRESS)
     p.add_argument("--no-digests", action="store_true",
                    help="do not digest preserved memory by default (sessions may opt in)")
+    p.add_argument("--metrics-dir", type=str, metavar="DIR", default=None,
+                   help="write kho_agent.prom for node_exporter's textfile collector here "
+                        f"(default {DEFAULT_METRICS_DIR}, off with --simulate; '' turns it off)")
     return p.parse_args(argv)
+
+
+def metrics_dir(args: argparse.Namespace) -> Path | None:
+    if args.metrics_dir is None:
+        return None if args.simulate is not None else DEFAULT_METRICS_DIR
+    return Path(args.metrics_dir) if args.metrics_dir else None
+
+
+def _log_metrics_error(_written: bool | None, error: AgentError | None) -> None:
+    if error is not None:
+        log(f"metrics not written: {error.message}")
 
 
 def build_host(args: argparse.Namespace) -> Host:
@@ -142,6 +158,8 @@ class Daemon:
                                        else DEFAULT_STATE_DIR)
         grace = args.claim_grace if args.claim_grace > 0 else None
         self.service: AgentService | None = None
+        directory = metrics_dir(args)
+        self.metrics = MetricsWriter(directory, log) if directory is not None else None
         self.worker = Worker(log)
         self.notifier = Notifier.from_env()
         self.events = EventLog()
@@ -178,7 +196,9 @@ class Daemon:
                                           job_finished=self._job_finished,
                                           handed_off=self._handed_off,
                                           discarded=self._discarded,
-                                          incoming=self._incoming, log=log))
+                                          incoming=self._incoming,
+                                          inhibitors_changed=self._inhibitors_changed,
+                                          log=log))
         # the properties are right from the first call: read them before owning the name
         self.service.snapshot = self.service._read_snapshot()
         log_started("start: connected, properties read")
@@ -213,6 +233,7 @@ class Daemon:
             self.service.start_verify()
         else:
             self.service.refresh()
+        self._write_metrics()
 
     def _watchdog(self) -> bool:
         self.notifier.watchdog()
@@ -246,8 +267,27 @@ class Daemon:
         self.notifier.status(f"{new.state}: {new.message}")
         if old.state != new.state:
             log(f"state {new.state}: {new.message}")
+        self._write_metrics()
+
+    def _inhibitors_changed(self, held: tuple[str, ...]) -> None:
+        self._write_metrics()
+
+    def _write_metrics(self) -> None:
+        """kho_agent.prom from the published state and the history, written beside the engine
+        (the history is a file read) by the reader thread, which alone touches the writer."""
+        writer, service = self.metrics, self.service
+        if writer is None or service is None:
+            return
+        snap = service.snapshot
+        data = (snap.state, snap.liveupdate_number, len(service.inhibitors))
+        engine = self.engine
+
+        def write() -> bool:
+            return writer.write(render_metrics(MetricsInput(*data, engine.history().entries)))
+        service.reader.submit(write, _log_metrics_error)
 
     def _job_finished(self, job: Job) -> None:
+        self._write_metrics()  # a refused commit changes the history, not the state
         detail = job.error_message if job.error_message else job.result
         log(f"job {job.id} ({job.type}) {job.state}: {detail}")
         target = self.engine.state.target
