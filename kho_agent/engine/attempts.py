@@ -1,14 +1,15 @@
 """The history's hooks in the phase transitions (history.py holds the records and the file).
 
-Each function records one step of an attempt: prepare done or failed, a commit refused, the
-kexec asked for, the end (verified, verification failed, cancelled, interrupted). A history
+Each function records one step of an attempt: prepare done or failed, a commit refused, the end
+(verified, verification failed, cancelled, interrupted). Nothing is written inside the commit's
+blackout: the time of the kexec is in the state (`committed_at`), and the attempt takes it, with
+the blackout, when it ends after the kexec. A history
 that cannot be written never fails the operation it records: the problem is kept in
 `ctx.history_problem` and the operation goes on.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -84,24 +85,6 @@ def commit_refused(ctx: EngineContext, error: AgentError) -> None:
     _write(ctx, ended(base, verdict, error=error))
 
 
-def committing(ctx: EngineContext, manifest: Manifest, handoff_seconds: float) -> None:
-    """Just before the kexec: the final manifest's figures and the time, from which the next
-    kernel measures the blackout."""
-    update = _open(ctx)
-    if update is None:
-        return
-    _write(ctx, replace(update, verdict=Verdict.COMMITTED.value, committed_at=time.time(),
-                        handoff_seconds=handoff_seconds, **_carried(manifest)))
-
-
-def kexec_not_done(ctx: EngineContext, error: AgentError) -> None:
-    """The reboot was refused after the attempt was marked committed: it is prepared again."""
-    update = _open(ctx)
-    if update is not None:
-        _write(ctx, replace(update, verdict=Verdict.PREPARED.value, committed_at=None))
-    commit_refused(ctx, error)
-
-
 def end(ctx: EngineContext, verdict: Verdict, *, error: AgentError | None = None,
         message: str | None = None, manifest: Manifest | None = None,
         resumed_at: float | None = None, detail: str | None = None) -> None:
@@ -123,6 +106,10 @@ def end(ctx: EngineContext, verdict: Verdict, *, error: AgentError | None = None
     changes: dict[str, Any] = {}
     if detail is not None:
         changes["detail"] = detail
-    if resumed_at is not None and update.committed_at is not None:
-        changes["blackout_seconds"] = max(0.0, resumed_at - update.committed_at)
+    committed_at = ctx.state.committed_at
+    if committed_at is not None and update.committed_at is None:
+        changes["committed_at"] = committed_at
+        changes["handoff_seconds"] = ctx.state.handoff_seconds
+        if resumed_at is not None:
+            changes["blackout_seconds"] = max(0.0, resumed_at - committed_at)
     _write(ctx, ended(update, verdict, error=error, message=message, **changes))

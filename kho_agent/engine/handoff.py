@@ -145,7 +145,7 @@ def commit(ctx: EngineContext, options: CommitOptions) -> CommitResult:
             ctx.host.kexec.reboot(via_systemd=mode in ("direct", "fdstore"))
         except AgentError as exc:  # refused by the kernel, an inhibitor, or systemctl
             ctx.unpark_all()  # the agent holds them again; a later cancel must free them
-            attempts.kexec_not_done(ctx, exc)
+            attempts.commit_refused(ctx, exc)
             raise ctx.transition_best_effort(  # noqa: B904 (the error or its copy)
                 exc, Phase.PREPARED, f"the kexec did not happen, nothing lost: {exc.message}")
         ctx.handed_off = True  # only the simulator returns from a successful reboot
@@ -204,8 +204,8 @@ def _ready(ctx: EngineContext, options: CommitOptions
     handoff = time.perf_counter() - start
     # not strict: a state that cannot be saved must not stop the kexec (the next boot
     # finds "prepared" from another boot, which means the same: verify)
+    # committed_at: where the history's blackout starts (in the state, which is written here
+    # anyway: the history itself is not rewritten inside the blackout)
     ctx.transition(Phase.COMMITTING, "handing off to the loaded kernel", strict=False,
-                   handoff_seconds=handoff)
-    # the time the blackout is measured from, kept across the kexec (one small file write)
-    attempts.committing(ctx, manifest, handoff)
+                   handoff_seconds=handoff, committed_at=time.time())
     return plan, mode, handoff

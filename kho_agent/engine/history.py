@@ -1,11 +1,12 @@
 """The history of live updates on this host: one record per attempt, kept across kexecs.
 
 `history.jsonl` in the state directory holds one JSON object per line, the oldest first. An
-attempt is written when it opens (prepare succeeded: "prepared"), rewritten as it moves on
-("committed", just before the kexec) and when it ends (verified, verification failed,
-cancelled, interrupted); a prepare that fails and a commit that is refused are attempts that
-end as they open. The file is bounded by entries and by bytes (the oldest go first) and is
-rewritten whole with the atomic writer, so a crash leaves the old file or the new one.
+attempt is written when it opens (prepare succeeded: "prepared") and rewritten when it ends
+(verified, verification failed, cancelled, interrupted), after the kexec for a live update:
+nothing is written inside the commit's blackout. A prepare that fails and a commit that is
+refused or fails are attempts that end as they open. The file is bounded by entries and by
+bytes (the oldest go first) and is rewritten whole with the atomic writer, so a crash leaves the
+old file or the new one.
 
 Reading trusts nothing: a line that is not JSON, too long, or has a field of the wrong type is
 skipped and reported (`HistoryRead.problems`), never fatal; a file that is not a regular file or
@@ -42,8 +43,7 @@ MAX_TEXT = 4000   # characters kept of a message
 
 
 class Verdict(enum.Enum):
-    PREPARED = "prepared"                    # open: waiting for commit or cancel
-    COMMITTED = "committed"                  # open: the kexec was asked for
+    PREPARED = "prepared"                    # open: until it is verified, cancelled, ...
     VERIFIED = "verified"
     VERIFICATION_FAILED = "verification failed"
     CANCELLED = "cancelled"
@@ -53,7 +53,7 @@ class Verdict(enum.Enum):
     INTERRUPTED = "interrupted"              # a reboot or a stop cut the attempt short
 
 
-OPEN = (Verdict.PREPARED.value, Verdict.COMMITTED.value)
+OPEN = (Verdict.PREPARED.value,)
 
 
 class Kind(enum.Enum):
@@ -80,7 +80,7 @@ class Attempt:
     bytes: int | None = None
     liveupdate_number: int | None = None   # the number the update leads to
     handoff_seconds: float | None = None   # commit: final manifest to reboot(2)
-    committed_at: float | None = None
+    committed_at: float | None = None      # Unix time just before the kexec
     # commit (just before the kexec) to the new kernel's agent starting to hand the sessions
     # back: the longest the guests can have been paused by the host
     blackout_seconds: float | None = None
@@ -240,7 +240,7 @@ def upsert(entries: list[Attempt], attempt: Attempt) -> list[Attempt]:
 
 
 def current(entries: list[Attempt]) -> Attempt | None:
-    """The open live update (prepared or committed), if any: the newest open one."""
+    """The open live update, if any: the newest open one."""
     return next((a for a in reversed(entries) if a.open), None)
 
 

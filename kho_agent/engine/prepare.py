@@ -206,7 +206,8 @@ def prepare(ctx: EngineContext, options: PrepareOptions) -> Manifest:
             target_cmdline(options.cmdline)
         previous = ctx.state.phase
         started = history.now_iso()
-        ctx.transition(Phase.PREPARING, f"preparing {files.kernel.resolved_path()}")
+        ctx.transition(Phase.PREPARING, f"preparing {files.kernel.resolved_path()}",
+                       committed_at=None)
         loaded = False
         done = False
         try:

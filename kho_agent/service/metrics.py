@@ -79,8 +79,7 @@ def render(data: MetricsInput) -> str:
     """The exposition text (ends with a newline)."""
     out = _Text()
     ended = [a for a in data.history if not a.open]
-    results = [v.value for v in Verdict if v.value not in (Verdict.PREPARED.value,
-                                                            Verdict.COMMITTED.value)]
+    results = [v.value for v in Verdict if v is not Verdict.PREPARED]
     results += sorted({a.verdict for a in ended} - set(results))  # a newer agent's verdicts
     out.family("kho_agent_updates",
                "Live-update attempts by result, over the entries the history keeps (bounded: "
