@@ -45,6 +45,8 @@ from .service.auth import Authorizer
 from .service.fdstore import NotifierSessionStore, take_stored_sessions
 from .service.journal import Event, EventLog
 from .service.manager import AgentService, Hooks, Job, Snapshot
+from .service.metrics import DEFAULT_METRICS_DIR, MetricsInput, MetricsWriter
+from .service.metrics import render as render_metrics
 from .service.notify import Notifier
 from .service.worker import Worker
 
@@ -85,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-digests", action="store_true",
                    help="do not digest preserved memory by default (sessions may opt in); "
                         "overrides Digests=")
+    p.add_argument("--metrics-dir", type=str, metavar="DIR", default=None,
+                   help="write kho_agent.prom for node_exporter's textfile collector here; "
+                        "overrides MetricsDirectory= (default "
+                        f"{DEFAULT_METRICS_DIR}; off with --simulate unless the configuration "
+                        "names one; '' turns it off)")
     return p
 
 
@@ -112,7 +119,23 @@ def engine_config(config: AgentConfig, state_dir: Path) -> EngineConfig:
         claim_grace_seconds=config.claim_grace_seconds,
         handoff_required=ENGINE_HANDOFF_NAME.get(config.handoff_mode, "auto"),
         maintenance_window=config.maintenance_window,
+        history_max_entries=config.history_max_entries,
         setting_origins=tuple((key, str(where)) for key, where in config.origins))
+
+
+def metrics_dir(args: argparse.Namespace, config: AgentConfig) -> Path | None:
+    """--metrics-dir, else MetricsDirectory= ("" turns metrics off); a simulated host writes
+    none unless one of them names a directory (the default is the real host's collector)."""
+    if args.metrics_dir is not None:
+        return Path(args.metrics_dir) if args.metrics_dir else None
+    if args.simulate is not None and "MetricsDirectory" not in dict(config.origins):
+        return None
+    return Path(config.metrics_directory) if config.metrics_directory else None
+
+
+def _log_metrics_error(_written: bool | None, error: AgentError | None) -> None:
+    if error is not None:
+        log(f"metrics not written: {error.message}")
 
 
 def build_host(args: argparse.Namespace) -> Host:
@@ -193,6 +216,8 @@ class Daemon:
         state_dir = args.state_dir or (args.simulate / "state" if args.simulate
                                        else DEFAULT_STATE_DIR)
         self.service: AgentService | None = None
+        directory = metrics_dir(args, self.config)
+        self.metrics = MetricsWriter(directory, log) if directory is not None else None
         self.worker = Worker(log)
         self.notifier = Notifier.from_env()
         self.events = EventLog()
@@ -228,7 +253,9 @@ class Daemon:
                                           job_finished=self._job_finished,
                                           handed_off=self._handed_off,
                                           discarded=self._discarded,
-                                          incoming=self._incoming, log=log),
+                                          incoming=self._incoming,
+                                          inhibitors_changed=self._inhibitors_changed,
+                                          log=log),
                                     self.config, self.args.config_root / "boot")
         # the properties are right from the first call: read them before owning the name
         self.service.snapshot = self.service._read_snapshot()
@@ -264,6 +291,7 @@ class Daemon:
             self.service.start_verify()
         else:
             self.service.refresh()
+        self._write_metrics()
 
     def _watchdog(self) -> bool:
         self.notifier.watchdog()
@@ -297,8 +325,27 @@ class Daemon:
         self.notifier.status(f"{new.state}: {new.message}")
         if old.state != new.state:
             log(f"state {new.state}: {new.message}")
+        self._write_metrics()
+
+    def _inhibitors_changed(self, held: tuple[str, ...]) -> None:
+        self._write_metrics()
+
+    def _write_metrics(self) -> None:
+        """kho_agent.prom from the published state and the history, written beside the engine
+        (the history is a file read) by the reader thread, which alone touches the writer."""
+        writer, service = self.metrics, self.service
+        if writer is None or service is None:
+            return
+        snap = service.snapshot
+        data = (snap.state, snap.liveupdate_number, len(service.inhibitors))
+        engine = self.engine
+
+        def write() -> bool:
+            return writer.write(render_metrics(MetricsInput(*data, engine.history().entries)))
+        service.reader.submit(write, _log_metrics_error)
 
     def _job_finished(self, job: Job) -> None:
+        self._write_metrics()  # a refused commit changes the history, not the state
         detail = job.error_message if job.error_message else job.result
         log(f"job {job.id} ({job.type}) {job.state}: {detail}")
         target = self.engine.state.target

@@ -57,6 +57,10 @@ class PreflightFailed(AgentError):
     pass
 
 
+class Inhibited(AgentError):
+    """A commit while someone holds live updates off (`kho-agentctl inhibit`, Inhibit())."""
+
+
 class AbiMismatch(AgentError):
     pass
 
@@ -191,6 +195,9 @@ REGISTRY: tuple[Registered, ...] = (
                "commit/cancel without a prepared update"),
     Registered(PreflightFailed, "PreflightFailed", EXIT_REFUSED,
                "a blocker (the message lists them)"),
+    Registered(Inhibited, "Inhibited", EXIT_REFUSED,
+               "a commit while an inhibitor holds live updates off (the message names who and "
+               "why; `kho-agentctl status` lists them); prepare and cancel are not held"),
     Registered(AbiMismatch, "AbiMismatch", EXIT_REFUSED,
                "the kernel's interface differs from what the agent knows"),
     Registered(PermissionDenied, "PermissionDenied", EXIT_REFUSED,

@@ -97,7 +97,8 @@ STANDARD_ERRORS = frozenset(BUS_ERROR + n for n in (
     "PropertyReadOnly", "AccessDenied", "InvalidSignature"))
 # The Manager methods the README calls read-only ("need no privilege"): every other method must
 # fail for a uid polkit does not authorize. A new method is thus treated as privileged.
-READ_ONLY_METHODS = frozenset({"Preflight", "ScratchPlan", "GetManifest", "ListSessions"})
+READ_ONLY_METHODS = frozenset({"Preflight", "ScratchPlan", "GetManifest", "ListSessions",
+                               "History"})
 # Manager States a job passes through: at a quiescent check (no job running) none may remain.
 TRANSIENT_STATES = frozenset({"preparing", "committing", "cancelling", "verifying"})
 SECRET_RELEASE = "7.3.9-secret"   # the release of the image in the 0700 directory

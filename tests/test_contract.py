@@ -77,7 +77,7 @@ def test_the_polkit_policy_declares_exactly_the_actions_the_contract_uses() -> N
     root = ET.parse(POLKIT_POLICY).getroot()
     shipped = {a.attrib["id"] for a in root.iter("action")}
     used = {m.action for iface in contract.INTERFACES for m in iface.methods if m.action}
-    assert shipped == used == {api.ACTION_MANAGE, api.ACTION_SESSION}
+    assert shipped == used == {api.ACTION_MANAGE, api.ACTION_SESSION, api.ACTION_INHIBIT}
 
 
 def test_a_policy_check_would_see_a_method_in_the_wrong_group() -> None:

@@ -260,6 +260,8 @@ CONTENT_SHAPES: dict[str, bytes] = {
     "handoff-string": with_value(("handoff_seconds",), "0.25"),
     "handoff-negative": with_value(("handoff_seconds",), -1.0),
     "handoff-boolean": with_value(("handoff_seconds",), True),
+    "committed-at-string": with_value(("committed_at",), "2026-12-04T12:00:00Z"),
+    "committed-at-negative": with_value(("committed_at",), -5.0),
 }
 
 

@@ -44,6 +44,8 @@ COMMANDS: dict[str, str] = {
     "jobs": "jobs",
     # on its own: collects what the others say, with or without a daemon
     "report": "bugreport",  # not "report": main() has a function of that name
+    "history": "history",
+    "inhibit": "inhibit",
 }
 
 

@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from ..about import known_formats, package_version
+from ..engine.history import HISTORY_FILE
+from ..engine.phase import LAST_VERIFY_FILE, MANIFEST_FILE, STATE_FILE
 from ..kernel.atomicfile import write_atomic
 from ..kernel.debugfs import DEFAULT_DEBUGFS
 from .bus import add_bus_options
@@ -42,7 +44,8 @@ from .kernels import DEFAULT_STATE_DIR, STATE_DIR_ENV, state_dir_default
 HELP = "write one file (JSON) with what a bug report needs"
 REPORT_SCHEMA = 1
 DEFAULT_CONFIG_DIR = "/etc/kho-agent"
-STATE_FILES = ("state.json", "manifest.json", "last-verify.json")
+# the engine's own names for them (the report must follow a rename)
+STATE_FILES = (STATE_FILE, MANIFEST_FILE, LAST_VERIFY_FILE, HISTORY_FILE)
 MAX_TEXT_FILE = 1 << 20         # one state or configuration file
 MAX_BINARY_FILE = 256 << 10     # one debugfs blob (an FDT is a few KiB)
 MAX_FILES = 200                 # per directory walked

@@ -4,6 +4,7 @@ holds and its jobs (the running one first). Read-only; anyone may run it."""
 from __future__ import annotations
 
 import argparse
+from datetime import UTC, datetime
 from typing import Any
 
 from ..service import interfaces as api
@@ -13,7 +14,8 @@ from .jobs import add_common_options
 from .sessions import table
 from .verify import parse_result, render_summary
 
-HELP = "show kho-agentd's state, hand-off mode, kernels, last result, sessions and jobs"
+HELP = ("show kho-agentd's state, hand-off mode, kernels, last result, inhibitors, sessions "
+        "and jobs")
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str) -> None:
@@ -44,6 +46,15 @@ def render(props: dict[str, Any], sessions: list[SessionRow], jobs: list[JobInfo
         first, *rest = render_summary(last).splitlines()
         lines.append(f"  last result:    {first}")
         lines += [f"                  {line.strip()}" for line in rest]
+    held = list(props.get("Inhibitors") or [])
+    if not held:
+        lines.append("  inhibitors:     none")
+    for i, (who, why, uid, since) in enumerate(held):
+        when = datetime.fromtimestamp(since / 1e6, UTC).isoformat(timespec="seconds")
+        lines.append(("  inhibitors:     " if i == 0 else "                  ")
+                     + f"{who} (uid {uid}, since {when}): {why}"
+                     + (" - commits are refused until released" if i == len(held) - 1
+                        else ""))
     running = [j for j in jobs if j.running]
     lines.append("  job:            " + ("; ".join(f"{j.id} {j.type} {j.progress}% ({j.path})"
                                                    for j in running) or "none running"))
@@ -70,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
         running = next((j for j in jobs if j.running), None)
         print_json({"connection": target.to_json(),
                     "properties": props,
+                    "inhibitors": [{"who": who, "why": why, "uid": uid, "since_usec": since}
+                                   for who, why, uid, since in props.get("Inhibitors") or []],
                     "last_result": parse_result(str(props.get("LastResult", ""))),
                     "sessions": [s.to_json() for s in sessions],
                     "running_job": running.to_json() if running else None,

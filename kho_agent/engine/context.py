@@ -27,6 +27,7 @@ from ..imagestrings import ImageStrings
 from ..kernel.host import Host
 from ..kernel.liveupdate import LiveUpdateDevice, LiveUpdateSession
 from ..kernel.sysinfo import SysInfo, read_sysinfo
+from .history import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, HistoryLog
 from .manifest import Manifest
 from .phase import AgentState, Phase, StateStore, move_aside
 from .preflight import handoff_mode
@@ -57,6 +58,9 @@ class EngineConfig:
 
     def origin(self, key: str) -> str:
         return dict(self.setting_origins).get(key, "the configuration")
+    # The history of attempts (history.py): the newest this many, in at most this many bytes
+    history_max_entries: int = DEFAULT_MAX_ENTRIES
+    history_max_bytes: int = DEFAULT_MAX_BYTES
 
 
 @dataclass
@@ -67,6 +71,7 @@ class EngineContext:
     # the version strings of the images prepare decoded: verify, after the kexec into one
     # of them, finds its own image's strings there instead of decompressing it again
     image_strings: ImageStrings
+    history: HistoryLog
     images: TargetImageCache = field(default_factory=TargetImageCache)
     state: AgentState = field(default_factory=AgentState)
     device: LiveUpdateDevice | None = None
@@ -85,6 +90,7 @@ class EngineContext:
     # daemon tells each owner, and a later call on the name says what happened
     released: dict[str, str] = field(default_factory=dict)
     persist_problem: str | None = None  # the last state write that failed
+    history_problem: str | None = None  # the last history write that failed
     # monotonic time after which unclaimed incoming sessions are finished (set by verify)
     claim_deadline: float | None = None
     verified_manifest: Manifest | None = None  # what the last verify compared with

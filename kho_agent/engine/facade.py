@@ -27,6 +27,7 @@ from ..kernel.sysinfo import SysInfo
 from . import handoff, prepare, recovery, sessions, verify
 from .context import EngineConfig, EngineContext
 from .handoff import CommitOptions, CommitResult, SessionFdStore
+from .history import HISTORY_FILE, HistoryLog, HistoryRead
 from .manifest import Manifest, VerifyItem, VerifyReport
 from .phase import AgentState, StateStore
 from .preflight import PreflightResult
@@ -46,7 +47,11 @@ class Engine:
         start (name -> fd, now the engine's), which verify adopts instead of retrieving;
         `on_step_timed`: called with (step, seconds) as verify ends each of its steps."""
         self._ctx = EngineContext(host, config, StateStore(config.state_dir),
-                                  ImageStrings(config.state_dir), fd_store=fd_store,
+                                  ImageStrings(config.state_dir),
+                                  HistoryLog(config.state_dir / HISTORY_FILE,
+                                             config.history_max_entries,
+                                             config.history_max_bytes),
+                                  fd_store=fd_store,
                                   stored_sessions=dict(stored_sessions or {}))
         if on_step_timed is not None:
             self._ctx.on_step_timed = on_step_timed
@@ -90,6 +95,14 @@ class Engine:
     def persist_problem(self) -> str | None:
         """Why the last state write failed, while it does."""
         return self._ctx.persist_problem
+
+    def history(self) -> HistoryRead:
+        """Every attempt the history holds, oldest first, and the lines it had to skip. Reads
+        a file only: may run beside the engine thread."""
+        read = self._ctx.history.read()
+        if self._ctx.history_problem is not None:
+            read.problems.append(f"the last history write failed: {self._ctx.history_problem}")
+        return read
 
     def outgoing_sessions(self) -> dict[str, bool]:
         """The clients' sessions for the next kernel: name -> ready."""

@@ -27,8 +27,9 @@ from datetime import datetime
 from typing import Protocol
 
 from ..config.window import next_opening, window_allows
-from ..errors import AgentError, Busy, NotPrepared, PreflightFailed
+from ..errors import AgentError, Busy, Inhibited, NotPrepared, PreflightFailed
 from ..kernel.atomicfile import write_atomic
+from . import attempts
 from .context import EngineContext
 from .manifest import AGENT_SESSION, manifest_to_json
 from .phase import Phase
@@ -95,6 +96,8 @@ class CommitOptions:
                                   # the maintenance window
     dry_run: bool = False
     now: Callable[[], datetime] = field(default=datetime.now)   # local time, for the window
+    # who holds live updates off and why ("who (why)"): the commit is refused while any does
+    inhibitors: tuple[str, ...] = ()
 
 
 @dataclass
@@ -151,59 +154,92 @@ def _check_required_mode(ctx: EngineContext, mode: str) -> None:
 
 
 def commit(ctx: EngineContext, options: CommitOptions) -> CommitResult:
-    with ctx.operation("commit"):
-        if ctx.state.phase is not Phase.PREPARED:
-            raise NotPrepared(f"nothing is prepared (state {ctx.state.phase.value}); run "
-                              "prepare first")
-        if ctx.commit_blocker:
-            raise PreflightFailed(ctx.commit_blocker)
-        if not options.force:
-            _check_window(ctx, options.now())
-        waiting = [c.name + (" (its owner disconnected)" if c.owner_gone else "")
-                   for c in ctx.clients.values() if not c.ready]
-        if waiting and not options.force:
-            raise Busy(f"session(s) not ready: {', '.join(waiting)}; wait for their owners "
-                       "(a new connection of the same uid can SetReady) or commit with "
-                       "force")
-        mode = ctx.handoff_mode()
-        _check_required_mode(ctx, mode)
-        plan = [f"kernel {ctx.state.target.kernel if ctx.state.target else '?'} is loaded",
-                f"{len(ctx.clients)} client session(s), "
-                f"{sum(len(c.files) for c in ctx.clients.values())} file(s)",
-                f"final manifest to {ctx.store.manifest_path} and session {AGENT_SESSION}",
-                f"reboot via {mode}"
-                + (" (session fds parked in systemd's fd store, /dev/liveupdate closed)"
-                   if mode == "fdstore" else "")]
-        if options.dry_run:
-            return CommitResult(True, None, plan)
-        start = time.perf_counter()
-        if not ctx.host.kexec.loaded():
-            raise NotPrepared("the prepared kernel is no longer loaded (kexec -u or another "
-                              "loader?); cancel and prepare again")
-        info = ctx.sysinfo()
-        # The network was recorded at prepare: reading it again (pyroute2) would add to
-        # the blackout for no gain.
-        manifest = build_manifest(ctx, info, ctx.state.target.cmdline if ctx.state.target
-                                  else info.cmdline, ctx.plan, final=True,
-                                  network=ctx.prepared.network if ctx.prepared else None)
-        write_atomic(ctx.store.manifest_path, manifest_to_json(manifest))
-        replace_agent_session(ctx, manifest)
-        if mode == "fdstore":
-            _park_sessions(ctx)
-            if ctx.device is not None:  # systemd-shutdown opens it: it opens only once
-                ctx.device.close()
-                ctx.device = None
-        ctx.on_progress(90)
-        handoff = time.perf_counter() - start
-        # not strict: a state that cannot be saved must not stop the kexec (the next boot
-        # finds "prepared" from another boot, which means the same: verify)
-        ctx.transition(Phase.COMMITTING, "handing off to the loaded kernel", strict=False,
-                       handoff_seconds=handoff)
+    """Hand off to the loaded kernel. A commit that does not happen is recorded in the history
+    (a dry run is not: it asks, it does not attempt)."""
+    try:
+        ctx.acquire("commit")
+    except AgentError as exc:
+        if not options.dry_run:
+            attempts.commit_refused(ctx, exc)
+        raise
+    try:
+        try:
+            ready = _ready(ctx, options)
+        except AgentError as exc:
+            if not options.dry_run:
+                attempts.commit_refused(ctx, exc)
+            raise
+        if isinstance(ready, CommitResult):
+            return ready
+        plan, mode, handoff = ready
         try:
             ctx.host.kexec.reboot(via_systemd=mode in ("direct", "fdstore"))
         except AgentError as exc:  # refused by the kernel, an inhibitor, or systemctl
             ctx.unpark_all()  # the agent holds them again; a later cancel must free them
+            attempts.commit_refused(ctx, exc)
             raise ctx.transition_best_effort(  # noqa: B904 (the error or its copy)
                 exc, Phase.PREPARED, f"the kexec did not happen, nothing lost: {exc.message}")
         ctx.handed_off = True  # only the simulator returns from a successful reboot
         return CommitResult(False, handoff, plan)
+    finally:
+        ctx.lock.release()
+
+
+def _ready(ctx: EngineContext, options: CommitOptions
+           ) -> CommitResult | tuple[list[str], str, float]:
+    """Everything up to the reboot: the checks, the final manifest, the fds parked, the state
+    "committing". A dry run ends after the checks with its plan."""
+    if ctx.state.phase is not Phase.PREPARED:
+        raise NotPrepared(f"nothing is prepared (state {ctx.state.phase.value}); run "
+                          "prepare first")
+    if options.inhibitors:
+        # --force is about clients that are not ready; an inhibitor is released by its holder
+        raise Inhibited("live updates are held off by " + "; ".join(options.inhibitors)
+                        + ": commit when they are released (`kho-agentctl status` lists them)")
+    if ctx.commit_blocker:
+        raise PreflightFailed(ctx.commit_blocker)
+    if not options.force:
+        _check_window(ctx, options.now())
+    waiting = [c.name + (" (its owner disconnected)" if c.owner_gone else "")
+               for c in ctx.clients.values() if not c.ready]
+    if waiting and not options.force:
+        raise Busy(f"session(s) not ready: {', '.join(waiting)}; wait for their owners "
+                   "(a new connection of the same uid can SetReady) or commit with "
+                   "force")
+    mode = ctx.handoff_mode()
+    _check_required_mode(ctx, mode)
+    plan = [f"kernel {ctx.state.target.kernel if ctx.state.target else '?'} is loaded",
+            f"{len(ctx.clients)} client session(s), "
+            f"{sum(len(c.files) for c in ctx.clients.values())} file(s)",
+            f"final manifest to {ctx.store.manifest_path} and session {AGENT_SESSION}",
+            f"reboot via {mode}"
+            + (" (session fds parked in systemd's fd store, /dev/liveupdate closed)"
+               if mode == "fdstore" else "")]
+    if options.dry_run:
+        return CommitResult(True, None, plan)
+    start = time.perf_counter()
+    if not ctx.host.kexec.loaded():
+        raise NotPrepared("the prepared kernel is no longer loaded (kexec -u or another "
+                          "loader?); cancel and prepare again")
+    info = ctx.sysinfo()
+    # The network was recorded at prepare: reading it again (pyroute2) would add to
+    # the blackout for no gain.
+    manifest = build_manifest(ctx, info, ctx.state.target.cmdline if ctx.state.target
+                              else info.cmdline, ctx.plan, final=True,
+                              network=ctx.prepared.network if ctx.prepared else None)
+    write_atomic(ctx.store.manifest_path, manifest_to_json(manifest))
+    replace_agent_session(ctx, manifest)
+    if mode == "fdstore":
+        _park_sessions(ctx)
+        if ctx.device is not None:  # systemd-shutdown opens it: it opens only once
+            ctx.device.close()
+            ctx.device = None
+    ctx.on_progress(90)
+    handoff = time.perf_counter() - start
+    # not strict: a state that cannot be saved must not stop the kexec (the next boot
+    # finds "prepared" from another boot, which means the same: verify)
+    # committed_at: where the history's blackout starts (in the state, which is written here
+    # anyway: the history itself is not rewritten inside the blackout)
+    ctx.transition(Phase.COMMITTING, "handing off to the loaded kernel", strict=False,
+                   handoff_seconds=handoff, committed_at=time.time())
+    return plan, mode, handoff

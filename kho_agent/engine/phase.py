@@ -90,6 +90,9 @@ class AgentState:
     loaded_by_us: bool = False   # the kexec image is ours to unload on cancel
     last_result: dict[str, Any] | None = None
     handoff_seconds: float | None = None
+    # the wall clock (Unix time) just before the kexec: the blackout the history records after
+    # the kexec is measured from it (kept here, as the state is written there anyway)
+    committed_at: float | None = None
     # incoming sessions of this boot finished unclaimed (their memory discarded), for owners
     # that come after the grace period
     discarded: list[str] = field(default_factory=list)
@@ -392,6 +395,7 @@ def _parse(data: object, path: Path) -> AgentState:
             loaded_by_us=_flag(obj.get("loaded_by_us", False), "$.loaded_by_us"),
             last_result=_last_result(obj.get("last_result"), "$.last_result"),
             handoff_seconds=_seconds(obj.get("handoff_seconds"), "$.handoff_seconds"),
+            committed_at=_seconds(obj.get("committed_at"), "$.committed_at"),
             discarded=_names(obj.get("discarded", []), "$.discarded"),
             awaiting=_names(obj.get("awaiting", []), "$.awaiting"),
             history=_history(obj.get("history", []), "$.history"))

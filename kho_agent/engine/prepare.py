@@ -35,6 +35,7 @@ from ..kernel.atomicfile import write_atomic
 from ..kernel.callerfile import RegularFile, open_regular
 from ..kernel.cmdline import target_cmdline
 from ..kernel.sysinfo import SysInfo
+from . import attempts, history
 from .context import EngineContext
 from .manifest import (
     AGENT_SESSION,
@@ -204,7 +205,9 @@ def prepare(ctx: EngineContext, options: PrepareOptions) -> Manifest:
         if options.cmdline is not None:
             target_cmdline(options.cmdline)
         previous = ctx.state.phase
-        ctx.transition(Phase.PREPARING, f"preparing {files.kernel.resolved_path()}")
+        started = history.now_iso()
+        ctx.transition(Phase.PREPARING, f"preparing {files.kernel.resolved_path()}",
+                       committed_at=None)
         loaded = False
         done = False
         try:
@@ -231,6 +234,7 @@ def prepare(ctx: EngineContext, options: PrepareOptions) -> Manifest:
                                cmdline))
             ctx.plan = found
             ctx.prepared = manifest
+            attempts.prepared(ctx, started, files.kernel.resolved_path(), manifest)
             if found.target is not None and found.target.digest:
                 ctx.image_strings.remember(found.target.digest, found.target.strings)
             done = True
@@ -241,6 +245,7 @@ def prepare(ctx: EngineContext, options: PrepareOptions) -> Manifest:
             failed = ctx.transition_best_effort(
                 exc, previous if previous is not Phase.FAILED else Phase.IDLE,
                 f"prepare {verb}: {exc.message}", loaded_by_us=False, target=None)
+            attempts.prepare_failed(ctx, started, files.kernel.resolved_path(), exc)
             done = True
             raise failed  # noqa: B904 (the error or its copy)
         finally:
@@ -376,6 +381,7 @@ def cancel(ctx: EngineContext) -> str:
         message = "cancelled: " + (", ".join(notes) or "nothing was held")
         ctx.transition(Phase.IDLE, message, strict=False, loaded_by_us=False, target=None,
                        last_result={"result": "cancelled", "reason": message})
+        attempts.end(ctx, history.Verdict.CANCELLED, message=message)
         if ctx.persist_problem is not None:
             message += (f"; the agent's state could not be saved ({ctx.persist_problem}): "
                         "until it can, a restart of the agent reports an earlier state")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import AgentError, KernelRefused, StateCorrupt
+from . import attempts, history
 from .context import EngineContext
 from .manifest import read_manifest
 from .phase import Phase
@@ -92,11 +93,15 @@ def _start(ctx: EngineContext) -> RecoveryResult:
             ctx.transition(Phase.FAILED, f"the host rebooted while {phase.value}; "
                            "nothing was committed", last_result={
                                "result": "failed", "reason": f"rebooted {phase.value}"})
+            attempts.end(ctx, history.Verdict.INTERRUPTED,
+                         message=f"the host rebooted while {phase.value}")
     elif phase is Phase.VERIFYING:
         ctx.transition(Phase.FAILED, "verification was interrupted (the agent stopped "
                        "while verifying); sessions it had retrieved were finished when it "
                        "exited", last_result={"result": "failed",
                                               "reason": "verification interrupted"})
+        attempts.end(ctx, history.Verdict.INTERRUPTED,
+                     message="verification was interrupted (the agent stopped)")
     if result is None:
         result = RecoveryResult(ctx.state.phase, ctx.state.message,
                                 not same_boot and incoming)
@@ -134,6 +139,7 @@ def _restarted_before_kexec(ctx: EngineContext, phase: Phase) -> RecoveryResult:
     message = "; ".join(notes) + ". Run prepare again."
     ctx.transition(Phase.IDLE, message, loaded_by_us=False, target=None,
                    last_result={"result": "cancelled", "reason": message})
+    attempts.end(ctx, history.Verdict.CANCELLED, message=message)
     return RecoveryResult(Phase.IDLE, message, False)
 
 
@@ -161,6 +167,9 @@ def _adopt_verification(ctx: EngineContext, verified: tuple[bool, dict[str, Any]
         "first one retrieved as missing. Retrieved sessions that their owners had not claimed "
         "when the agent stopped were finished with it"])
     ctx.transition(phase, message, last_result=summary, awaiting=[])
+    attempts.end(ctx, history.Verdict.VERIFIED if ok else history.Verdict.VERIFICATION_FAILED,
+                 message=None if ok else f"{summary['failures_total']} item(s) failed",
+                 detail="recorded at a restart: the verification's own record")
     return RecoveryResult(phase, message, False)
 
 

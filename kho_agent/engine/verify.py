@@ -17,10 +17,11 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from ..errors import AgentError, KernelRefused, NotFound, NotPrepared
+from ..errors import AgentError, KernelRefused, NotFound, NotPrepared, VerificationFailed
 from ..kernel.atomicfile import write_atomic
 from ..kernel.liveupdate import LiveUpdateDevice, LiveUpdateSession
 from ..kernel.sysinfo import SysInfo
+from . import attempts, history
 from .context import EngineContext
 from .manifest import (
     AGENT_SESSION,
@@ -105,9 +106,12 @@ def _verify_begin(ctx: EngineContext) -> VerifyRun:
 
 
 def _verify_failed(ctx: EngineContext, exc: AgentError) -> AgentError:
-    return ctx.transition_best_effort(exc, Phase.FAILED, f"verification could not run: "
-                               f"{exc.message}", last_result={
-                                   "result": "failed", "reason": exc.message})
+    raised = ctx.transition_best_effort(exc, Phase.FAILED, f"verification could not run: "
+                                        f"{exc.message}", last_result={
+                                            "result": "failed", "reason": exc.message})
+    attempts.end(ctx, history.Verdict.VERIFICATION_FAILED, error=exc,
+                 detail="verification could not run")
+    return raised
 
 
 def _retrieve_incoming(ctx: EngineContext, info: SysInfo, disk: Manifest | None,
@@ -214,6 +218,7 @@ def verify_conclude(ctx: EngineContext, run: VerifyRun, found: HostObservation) 
         ctx.transition(verdict, "verified: every preserved item came back" if report.ok
                        else "verification found problems", strict=False,
                        last_result=summary)
+        _record(ctx, run, report, summary)
         return report
     finally:
         _end_verify(ctx, run)
@@ -310,6 +315,22 @@ def retrieve_session(ctx: EngineContext, device: LiveUpdateDevice | None, entry:
                                                  f.digest_alg))
                 unwind.pop_all()
     return ObservedSession(entry.name, files, None)
+
+
+def _record(ctx: EngineContext, run: VerifyRun, report: VerifyReport,
+            summary: dict[str, Any]) -> None:
+    """The attempt ends in the history. The blackout ends when this agent started handing the
+    sessions back (retrieval began): the wall clock of then, from the monotonic one."""
+    resumed_at = time.time() - (time.perf_counter() - run.started) if run.started else None
+    counts = ", ".join(f"{n} {verdict}" for verdict, n in sorted(summary["counts"].items()))
+    error = None
+    if not report.ok:
+        first = "; ".join(f"{f['kind']} {f['name']}: {f['verdict']}"
+                          for f in summary["failures"][:3])
+        error = VerificationFailed(f"{summary['failures_total']} item(s) failed: {first}")
+    attempts.end(ctx, history.Verdict.VERIFIED if report.ok
+                 else history.Verdict.VERIFICATION_FAILED, error=error, manifest=run.manifest,
+                 resumed_at=resumed_at, detail=counts or None)
 
 
 def _summary(report: VerifyReport, full: Path) -> dict[str, Any]:

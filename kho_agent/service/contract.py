@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .interfaces import (
+    ACTION_INHIBIT,
     ACTION_MANAGE,
     ACTION_SESSION,
     COMMIT_OPTIONS,
@@ -199,6 +200,8 @@ MANAGER = Interface(
         Property("Simulated", "b"),
         Property("ConfigFiles", "as", "the configuration files kho-agentd read at start, in "
                  "the order they apply (kho-agent.conf(5)); empty: built-in defaults only"),
+        Property("Inhibitors", "a(ssut)", "who holds live updates off: (who, why, uid, since "
+                 "in microseconds of CLOCK_REALTIME); a commit is refused while any is held"),
     ),
     methods=(
         Method("Preflight", _args("options:a{sv}"), _args("report:s"), READ_ONLY,
@@ -218,6 +221,13 @@ MANAGER = Interface(
         Method("Verify", (), _args("job:o"), ACTION_MANAGE),
         Method("GetManifest", (), _args("manifest:s"), READ_ONLY,
                doc="the manifest of the prepared (or last committed) update, as JSON"),
+        Method("History", (), _args("history:s"), READ_ONLY,
+               doc="every live update and attempt on this host, oldest first, kept across "
+               "kexecs, as JSON: {schema, entries, problems}"),
+        Method("Inhibit", _args("who:s", "why:s"), _args("fd:h"), ACTION_INHIBIT,
+               doc="Holds commits off while the returned fd is open (as logind's Inhibit): "
+               "close it, or exit, to release. who: a name (default: the caller's uid); why: "
+               "required, one line. Prepare and cancel are not held."),
         Method("ListSessions", (), _args("sessions:a(sousbbb)"), READ_ONLY,
                doc="(name, object, owner uid, owner bus name, ready, claimed, incoming)"),
         Method("CreateSession", _args("name:s"), _args("session:o", "fd:h"), ACTION_SESSION,

@@ -31,6 +31,7 @@ ERROR_PREFIX = "org.khoagent.Agent1.Error."
 # polkit actions (one per class of verb, as sysupdate1 has)
 ACTION_MANAGE = "org.khoagent.Agent1.manage"     # Prepare, Commit, Cancel, Verify
 ACTION_SESSION = "org.khoagent.Agent1.session"   # CreateSession, Preserve, SetReady, ...
+ACTION_INHIBIT = "org.khoagent.Agent1.inhibit"   # Inhibit
 
 # Job.State values and JobRemoved results
 JOB_RUNNING = "running"

@@ -17,7 +17,7 @@ import functools
 import json
 import os
 from collections.abc import Callable, Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ from . import contract
 from . import interfaces as api
 from .auth import Authorizer, Caller, owner_uid
 from .errors import check_options
+from .inhibitors import MAX_WHO, MAX_WHY, Inhibitors, check_text
 from .objects import Call, ExportedObject, Handler
 from .steps import Authorize, Driver, Run, Step, Steps
 from .worker import Priority, Worker
@@ -145,6 +146,8 @@ class Hooks:
     # are checked)
     incoming: Callable[[list[str], list[str]], None] = lambda now, held: None
     log: Callable[[str], None] = lambda text: None
+    # who holds live updates off now ("who (uid: why)" each)
+    inhibitors_changed: Callable[[tuple[str, ...]], None] = lambda held: None
 
 
 class AgentService:
@@ -180,10 +183,20 @@ class AgentService:
         engine.set_progress_listener(self._progress_from_engine)
         authorizer.gone_callbacks.append(self._owner_gone)
         self.driver = Driver(authorizer, hooks.log)
+        self.inhibitors = Inhibitors(self._inhibitors_changed, hooks.log)
         self.manager = ExportedObject(bus, api.MANAGER_PATH, contract.MANAGER, {
             name: self._handle(handler) for name, handler in MANAGER_HANDLERS.items()},
-            lambda name: self.snapshot.value(name, self.simulated, self.config))
+            self._property)
         self._grace_source = GLib.timeout_add_seconds(GRACE_TICK_SECONDS, self._grace_tick)
+
+    def _property(self, name: str) -> Any:
+        if name == "Inhibitors":
+            return self.inhibitors.rows()
+        return self.snapshot.value(name, self.simulated, self.config)
+
+    def _inhibitors_changed(self) -> None:
+        self.manager.changed(["Inhibitors"])
+        self.hooks.inhibitors_changed(self.inhibitors.descriptions())
 
     # ------------------------------------------------------------------ engine plumbing
 
@@ -357,6 +370,22 @@ class AgentService:
         text: str = yield Run(self.reader,
                               lambda: manifest_to_json(read_manifest(path)).decode())
         call.reply(text)
+
+    def _history(self, call: Call) -> Steps:
+        # a file read: beside the engine thread, never behind a job
+        text: str = yield Run(self.reader, lambda: json.dumps(self.engine.history().to_json()))
+        call.reply(text)
+
+    def _inhibit(self, call: Call) -> Steps:
+        who, why = call.args
+        check_text(who, "who", MAX_WHO, required=False)  # refused before polkit is asked
+        check_text(why, "why", MAX_WHY, required=True)
+        caller: Caller = yield Authorize(call.declared.action)
+        fd = self.inhibitors.take(who, why, caller.uid)
+        try:
+            call.reply(0, fds=[fd])
+        finally:
+            os.close(fd)  # the holder's copy is the inhibitor now
 
     def _list_sessions(self, call: Call) -> None:
         rows = [(s.name, s.path, s.owner_uid if s.owner_uid is not None else 0xFFFFFFFF,
@@ -557,14 +586,18 @@ class AgentService:
         options = CommitOptions(force=bool(opts.get("force", False)),
                                 dry_run=bool(opts.get("dry_run", False)))
 
-        def work() -> dict[str, Any]:
-            result = self.engine.commit(options)
-            if not result.dry_run:
-                self.handed_off = True  # set on the engine thread; read after JobRemoved
-            return {"dry_run": result.dry_run, "handoff_seconds": result.handoff_seconds,
-                    "plan": result.plan}
-        yield from self._run_job(call, "commit", lambda _caller, _job: work,
-                                 lambda data: dict(data))
+        def make_work(_caller: Caller, _job: Job) -> Callable[[], Any]:
+            # read on the loop, where inhibitors come and go; the engine refuses with them
+            held = replace(options, inhibitors=self.inhibitors.descriptions())
+
+            def work() -> dict[str, Any]:
+                result = self.engine.commit(held)
+                if not result.dry_run:
+                    self.handed_off = True  # set on the engine thread; read after JobRemoved
+                return {"dry_run": result.dry_run, "handoff_seconds": result.handoff_seconds,
+                        "plan": result.plan}
+            return work
+        yield from self._run_job(call, "commit", make_work, lambda data: dict(data))
 
     def _cancel(self, call: Call) -> Steps:
         # the released sessions leave the bus with SessionReleased when the properties are
@@ -872,6 +905,7 @@ class AgentService:
         self.observer.shutdown(wait=False)
         self.auth.close()
         GLib.source_remove(self._grace_source)
+        self.inhibitors.close()
         for record in list(self.sessions.values()):
             self._drop_session(record)
         self.manager.unregister()
@@ -888,6 +922,8 @@ MANAGER_HANDLERS: dict[str, Callable[[AgentService, Call], Steps | None]] = {
     "Verify": AgentService._verify,
     "GetManifest": AgentService._get_manifest,
     "ListSessions": AgentService._list_sessions,
+    "History": AgentService._history,
+    "Inhibit": AgentService._inhibit,
     "CreateSession": AgentService._create_session,
     "CreateSessionWithOptions": AgentService._create_session,
     "Preserve": AgentService._preserve,

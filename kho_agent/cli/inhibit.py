@@ -1,0 +1,85 @@
+"""`kho-agentctl inhibit --why TEXT [--who NAME] [-- COMMAND...]`: hold live-update commits off,
+as `systemd-inhibit` holds shutdowns off. kho-agentd hands out an inhibitor fd (Inhibit()); the
+commits stay refused (Inhibited, exit 3) while it is open. With a COMMAND, the inhibitor lasts
+while the command runs and the exit status is the command's; without one, until Ctrl-C or
+SIGTERM (exit 0). If this process dies, the kernel closes the fd and the inhibitor goes with it:
+it never outlives its holder. `kho-agentctl status` lists who holds what."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+from types import FrameType
+
+from gi.repository import GLib
+
+from ..errors import InvalidArgument
+from ..service import contract
+from ..service import interfaces as api
+from .bus import AgentClient
+from .common import EXIT_OK, print_json
+from .jobs import add_common_options
+
+HELP = "hold live-update commits off while a command runs, or until interrupted"
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str) -> None:
+    p = sub.add_parser(name, help=HELP, description=HELP + ". Prepare and cancel are not held.")
+    add_common_options(p)
+    p.add_argument("--why", required=True, help="why (shown to whoever tries to commit)")
+    p.add_argument("--who", default="", help="who holds it (default: your uid)")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
+                   help="run this and release when it exits")
+    p.set_defaults(run=run)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop(_signum: int, _frame: FrameType | None) -> None:
+    raise _Stop
+
+
+def take(client: AgentClient, who: str, why: str) -> int:
+    """An inhibitor fd from kho-agentd (the caller closes it to release)."""
+    declared = contract.MANAGER.method("Inhibit")
+    interactive = sys.stdin is not None and sys.stdin.isatty()
+    (_index,), fds = client.call(api.MANAGER_PATH, api.MANAGER_IFACE, "Inhibit",
+                                 GLib.Variant(declared.in_type, (who, why)),
+                                 reply_type=declared.out_type, interactive=interactive)
+    if len(fds) != 1:
+        for fd in fds:
+            os.close(fd)
+        raise InvalidArgument(f"kho-agentd answered Inhibit with {len(fds)} fds, not one")
+    return fds[0]
+
+
+def run(args: argparse.Namespace) -> int:
+    command = list(args.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    with AgentClient.from_args(args) as client:
+        fd = take(client, args.who, args.why)
+    try:
+        held = {"who": args.who or f"uid {os.getuid()}", "why": args.why}
+        if command:
+            # the command does not inherit the fd (O_CLOEXEC): the inhibitor is this process's
+            return subprocess.call(command)
+        if args.json:
+            print_json({"inhibiting": held})
+        else:
+            print(f"holding live-update commits off ({held['who']}: {args.why}); "
+                  "Ctrl-C to release", flush=True)
+        signal.signal(signal.SIGTERM, _stop)
+        try:
+            while True:
+                signal.pause()
+        except (_Stop, KeyboardInterrupt):
+            pass
+        return EXIT_OK
+    finally:
+        os.close(fd)

@@ -1,0 +1,236 @@
+"""The history of attempts: the codec on bytes, the bounds, and the engine's hooks through whole
+cycles on the simulated kernel (prepare and cancel, prepare-commit-verify across the kexec, a
+failed prepare, a refused commit, a restart before the kexec)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from kho_agent.engine import CommitOptions, EngineConfig, PrepareOptions
+from kho_agent.engine.history import (
+    HISTORY_FILE,
+    Attempt,
+    HistoryLog,
+    bound,
+    decode,
+    encode,
+)
+from kho_agent.errors import Inhibited, NotPrepared, PreflightFailed
+from kho_agent.sim import SimAbi
+from tests.test_engine import Rig
+
+
+def _attempt(n: int, **changes: object) -> Attempt:
+    values: dict[str, object] = {"id": f"a{n}", "kind": "update",
+                                 "started": "2026-12-04T12:00:00+00:00", "verdict": "verified",
+                                 "release_from": "7.2.0"}
+    values.update(changes)
+    return Attempt(**values)  # type: ignore[arg-type]
+
+
+# --- the codec ---------------------------------------------------------------------------------
+
+def test_encode_decode_round_trip() -> None:
+    attempts = [_attempt(1, sessions=2, files=3, bytes=4096, blackout_seconds=1.5,
+                         error_name="Busy", error_message="é \udcff and a NUL \0"),
+                _attempt(2, verdict="prepared")]
+    read = decode(b"".join(encode(a) for a in attempts))
+    assert read.problems == []
+    assert read.entries[0].sessions == 2 and read.entries[0].blackout_seconds == 1.5
+    # text that could not go out on D-Bus is escaped, not lost
+    assert read.entries[0].error_message == "é \\udcff and a NUL \\x00"
+    assert read.entries[1] == attempts[1]
+    assert read.entries[1].open and not read.entries[0].open
+
+
+@pytest.mark.parametrize("line, problem", [
+    (b"{not json", "not JSON"),
+    (b"\xff\xfe", "not UTF-8"),
+    (b"[1, 2]", "not an object"),
+    (b'{"id": "x", "kind": "update", "started": "t"}', "verdict: required field is missing"),
+    (b'{"id": "x", "kind": "update", "started": "t", "verdict": 3}', "verdict: expected a string"),
+    (b'{"id": "x", "kind": "update", "started": "t", "verdict": "v", "bytes": -1}',
+     "bytes: expected a count"),
+    (b'{"id": "x", "kind": "update", "started": "t", "verdict": "v", "bytes": true}',
+     "bytes: expected a count"),
+    (b'{"id": "x", "kind": "update", "started": "t", "verdict": "v", "blackout_seconds": NaN}',
+     "not JSON"),
+    (b'{"id": "", "kind": "update", "started": "t", "verdict": "v"}', "id: empty"),
+    (b"[" * 100000 + b"]" * 100000, "more than a record holds"),
+])
+def test_a_bad_line_is_skipped_and_reported(line: bytes, problem: str) -> None:
+    good = encode(_attempt(1)) + encode(_attempt(2))
+    read = decode(encode(_attempt(1)) + line + b"\n" + encode(_attempt(2)), "h")
+    assert [a.id for a in read.entries] == ["a1", "a2"]
+    assert len(read.problems) == 1 and read.problems[0].startswith("h line 2 skipped: ")
+    assert problem in read.problems[0]
+    assert decode(good).problems == []
+
+
+def test_unknown_members_are_ignored() -> None:
+    line = json.dumps({**_attempt(1).to_json(), "from_a_newer_agent": {"x": 1}}).encode()
+    assert decode(line).entries == [_attempt(1)]
+
+
+def test_bound_keeps_the_newest() -> None:
+    entries = [_attempt(n) for n in range(10)]
+    assert [a.id for a in bound(entries, 3, 1 << 20)] == ["a7", "a8", "a9"]
+    one = len(encode(entries[0]))
+    assert [a.id for a in bound(entries, 100, one * 4 + 1)] == ["a6", "a7", "a8", "a9"]
+    assert [a.id for a in bound(entries, 100, 1)] == ["a9"]  # the newest always stays
+
+
+def test_the_file_stays_bounded(tmp_path: Path) -> None:
+    log = HistoryLog(tmp_path / HISTORY_FILE, max_entries=5)
+    for n in range(12):
+        log.record(_attempt(n))
+    assert [a.id for a in log.read().entries] == ["a7", "a8", "a9", "a10", "a11"]
+    log.record(_attempt(9, verdict="cancelled"))  # an update in place
+    assert [a.verdict for a in log.read().entries] == ["verified", "verified", "cancelled",
+                                                       "verified", "verified"]
+
+
+@pytest.mark.parametrize("shape", ["directory", "fifo", "huge", "garbage"])
+def test_a_file_of_any_shape_is_reported_and_replaced(tmp_path: Path, shape: str) -> None:
+    path = tmp_path / HISTORY_FILE
+    log = HistoryLog(path, max_bytes=64 << 10)
+    if shape == "directory":
+        path.mkdir()
+    elif shape == "fifo":
+        os.mkfifo(path)
+    elif shape == "huge":
+        path.write_bytes(b"x" * (1 << 20))
+    else:
+        path.write_bytes(os.urandom(4096).replace(b"\n", b""))
+    read = log.read()
+    assert read.entries == [] and len(read.problems) == 1
+    log.record(_attempt(1))
+    assert log.read().entries == [_attempt(1)] and log.read().problems == []
+    assert any(p.name.startswith(HISTORY_FILE + ".corrupt-") for p in tmp_path.iterdir())
+
+
+# --- the engine --------------------------------------------------------------------------------
+
+def _history(rig: Rig) -> list[Attempt]:
+    read = HistoryLog(rig.config.state_dir / HISTORY_FILE).read()
+    assert read.problems == []
+    return read.entries
+
+
+def test_prepare_then_cancel(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    rig.client("vm-a", {1: b"alpha" * 1000})
+    rig.agent.prepare(PrepareOptions(kernel=rig.target))
+    (open_,) = _history(rig)
+    assert (open_.verdict, open_.ended, open_.kind) == ("prepared", None, "update")
+    assert open_.release_to == "7.3.1-sim" and open_.kernel_to == str(rig.target)
+    assert (open_.sessions, open_.files, open_.bytes) == (1, 1, 5000)
+    rig.agent.cancel()
+    (done,) = _history(rig)
+    assert done.id == open_.id and done.verdict == "cancelled" and done.ended is not None
+    assert done.error_message is not None and "unloaded the kernel" in done.error_message
+    assert rig.agent.history().entries == [done]
+
+
+def test_a_live_update_is_kept_across_the_kexec(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    rig.client("vm-a", {1: b"alpha" * 1000, 2: b"beta"})
+    rig.agent.prepare(PrepareOptions(kernel=rig.target))
+    rig.agent.commit(CommitOptions())
+    (committed,) = _history(rig)  # not rewritten inside the blackout: the state has the time
+    assert committed.verdict == "prepared" and committed.committed_at is None
+    assert isinstance(rig.state()["committed_at"], float)
+    agent = rig.reboot_view()
+    assert agent.verify().ok
+    (done,) = _history(rig)
+    assert done.id == committed.id and done.verdict == "verified"
+    assert (done.sessions, done.files, done.bytes) == (1, 2, 5004)
+    assert done.release_from != "" and done.release_to == "7.3.1-sim"
+    manifest = json.loads((rig.config.state_dir / "manifest.json").read_text())
+    assert done.liveupdate_number == manifest["liveupdate_number_expected"] is not None
+    assert done.committed_at == rig.state()["committed_at"]
+    assert done.handoff_seconds is not None and done.handoff_seconds > 0
+    assert done.blackout_seconds is not None and 0 <= done.blackout_seconds < 600
+    assert done.detail is not None and "ok" in done.detail
+    assert done.error_name is None
+    agent.close()
+
+
+def test_a_failed_prepare_and_a_refused_commit_are_recorded(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, target_abi=SimAbi(kho="kho-v3", luo="luo-v1", memfd="memfd-v1"))
+    with pytest.raises(PreflightFailed):
+        rig.agent.prepare(PrepareOptions(kernel=rig.target))
+    with pytest.raises(NotPrepared):
+        rig.agent.commit(CommitOptions())
+    with pytest.raises(NotPrepared):  # a dry run asks: it is not an attempt
+        rig.agent.commit(CommitOptions(dry_run=True))
+    failed, refused = _history(rig)
+    assert (failed.verdict, failed.error_name) == ("prepare failed", "PreflightFailed")
+    assert failed.ended is not None and failed.kernel_to == str(rig.target)
+    assert (refused.kind, refused.verdict, refused.error_name) == (
+        "commit", "commit refused", "NotPrepared")
+
+
+def test_an_inhibited_commit_is_refused_and_the_update_stays(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    rig.client("vm-a", {1: b"a"})
+    rig.agent.prepare(PrepareOptions(kernel=rig.target))
+    with pytest.raises(Inhibited) as refused:
+        rig.agent.commit(CommitOptions(inhibitors=("ops (database migration)",)))
+    assert "ops (database migration)" in refused.value.message
+    assert rig.agent.state.phase.value == "prepared"
+    update, commit = _history(rig)
+    assert update.verdict == "prepared" and update.ended is None
+    assert (commit.verdict, commit.error_name, commit.sessions) == (
+        "commit refused", "Inhibited", 1)
+    rig.agent.commit(CommitOptions())
+    assert rig.agent.state.phase.value == "committing"
+
+
+def test_a_restart_before_the_kexec_ends_the_attempt(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    rig.client("vm-a", {1: b"a"})
+    rig.agent.prepare(PrepareOptions(kernel=rig.target))
+    rig.agent.close()
+    agent = rig.new_agent()  # same boot: the sessions closed with the old process
+    (done,) = _history(rig)
+    assert done.verdict == "cancelled" and "restarted while prepared" in (done.error_message or "")
+    agent.close()
+
+
+def test_the_bound_comes_from_the_config(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    rig.config = EngineConfig(state_dir=rig.config.state_dir, history_max_entries=3)
+    rig.agent = rig.new_agent()
+    for _ in range(5):
+        with pytest.raises(NotPrepared):
+            rig.agent.commit(CommitOptions())
+    assert len(_history(rig)) == 3
+
+
+def test_a_corrupt_history_does_not_stop_the_engine(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    (rig.config.state_dir / HISTORY_FILE).write_bytes(
+        encode(_attempt(1)) + b"\x00garbage\n" + encode(_attempt(2, verdict="cancelled")))
+    rig.agent = rig.new_agent()
+    read = rig.agent.history()
+    assert [a.id for a in read.entries] == ["a1", "a2"] and len(read.problems) == 1
+    rig.agent.prepare(PrepareOptions(kernel=rig.target))
+    rig.agent.cancel()
+    read = rig.agent.history()
+    assert [a.verdict for a in read.entries] == ["verified", "cancelled", "cancelled"]
+    assert read.problems == []  # rewritten without the bad line
+
+
+def test_a_history_that_cannot_be_written_does_not_fail_the_update(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    (rig.config.state_dir / HISTORY_FILE).mkdir()
+    (rig.config.state_dir / HISTORY_FILE / "x").write_text("keeps the directory non-empty")
+    os.chmod(rig.config.state_dir / HISTORY_FILE, 0o500)
+    rig.client("vm-a", {1: b"a"})
+    rig.agent.prepare(PrepareOptions(kernel=rig.target))  # moves the directory aside, writes
+    assert rig.agent.history().entries[0].verdict == "prepared"
