@@ -18,6 +18,8 @@ HANDOFF_MODES = ("auto", "direct", "fdstore", "reboot")
 ENGINE_HANDOFF_NAME = {"direct": "direct", "fdstore": "fdstore", "reboot": "reboot-syscall"}
 
 DEFAULT_METRICS_DIRECTORY = "/var/lib/prometheus/node-exporter"
+# the history (engine/history.py) also stays under 1 MiB, oldest entries dropped first
+DEFAULT_HISTORY_MAX_ENTRIES = 200
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,7 @@ class AgentConfig:
     digests: bool = True
     # [Records]
     metrics_directory: str = DEFAULT_METRICS_DIRECTORY   # "": no metrics written
-    history_max_entries: int = 1000
+    history_max_entries: int = DEFAULT_HISTORY_MAX_ENTRIES
     # the files read, in the order they were applied (later ones win)
     files: tuple[str, ...] = ()
     # where a setting came from, by key name ("HandoffMode" -> file:line), for messages

@@ -25,13 +25,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ..config.model import DEFAULT_HISTORY_MAX_ENTRIES
 from ..errors import AgentError, StateCorrupt
 from ..kernel.atomicfile import write_atomic
 from .phase import move_aside, read_back
 
 HISTORY_FILE = "history.jsonl"
 SCHEMA = 1
-DEFAULT_MAX_ENTRIES = 200
+DEFAULT_MAX_ENTRIES = DEFAULT_HISTORY_MAX_ENTRIES  # HistoryMaxEntries=, kho-agent.conf(5)
 DEFAULT_MAX_BYTES = 1 << 20
 # One record with a 4000-character message and long paths is under 10 KiB; a longer line is
 # not one the agent wrote.
