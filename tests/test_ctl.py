@@ -381,6 +381,32 @@ def test_verify_follows_the_daemons_own_verification(bus: PrivateBus, daemon: Da
     assert [j["type"] for j in jobs] == ["verify"]
 
 
+def test_verify_again_after_a_verification_that_ran_is_refused_with_why(
+        bus: PrivateBus, daemon: Daemon, kernel: Path) -> None:
+    """`--again` does not pretend to verify anew: the first verification retrieved the
+    sessions (the kernel hands each out once), so a second is refused, exit 3, saying so and
+    naming the result and its report; plain `verify` does not advertise `--again` as a rerun."""
+    with GioClient(bus.address) as vm_manager:
+        create_ready_session(vm_manager, "vm-3", 5, b"guest" * 100)
+        assert ctl(bus.address, "prepare", "--kernel", str(kernel)).returncode == 0
+        assert ctl(bus.address, "commit").returncode == 0
+    deadline = time.monotonic() + WAIT_S
+    while daemon.returncode is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    daemon.start()
+    wait_for_state(bus, "verified")
+    plain = ctl(bus.address, "verify")
+    assert plain.returncode == 0 and "--again verifies anew" not in plain.stdout
+    again = ctl(bus.address, "verify", "--again", "--json")
+    assert again.returncode == 3, again.stderr
+    doc = json.loads(again.stdout)
+    assert doc["error"] == "NotPrepared"
+    assert "cannot be verified anew" in doc["message"] and "hands each out once" in \
+        doc["message"] and re.search(r"\(verified: \d+ ok;", doc["message"])
+    assert str(daemon.state_dir) in doc["message"]  # the report it points at
+    assert prop(bus, "State") == "verified"   # refused, nothing changed
+
+
 def test_kernel_refusals_exit_4_with_the_errno(bus: PrivateBus, daemon: Daemon, simdir: Path,
                                                kernel: Path) -> None:
     sim = SimKernel(simdir)
