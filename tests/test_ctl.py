@@ -476,6 +476,30 @@ def test_preflight_and_scratch_go_through_the_daemon(bus: PrivateBus, daemon: Da
     assert "recommended: kho_scratch=" in text.stdout
 
 
+def test_preflight_with_checks_that_could_not_run_is_not_ok(bus: PrivateBus, daemon: Daemon,
+                                                           kernel: Path) -> None:
+    """No KHO debugfs (not mounted, or a kernel without it): the outgoing state and the LUO
+    limits were not checked. They are `not-run`, never `ok`, over D-Bus as locally, and a
+    preflight that found no blocker but could not run every check exits 2, report printed."""
+    assert daemon.simulate_dir is not None
+    shutil.rmtree(daemon.simulate_dir / "root/sys/kernel/debug/kho")
+    done = ctl(bus.address, "preflight", "--json")
+    report = json.loads(done.stdout)
+    assert done.returncode == 2, [c for c in report["checks"] if c["tier"] != "ok"]
+    tiers = {c["name"]: c["tier"] for c in report["checks"]}
+    assert tiers["outgoing-state"] == "not-run" and tiers["luo-limits"] == "not-run"
+    assert tiers["debugfs"] == "warning" and "blocker" not in tiers.values()
+    assert report["verdict"] == "not-run"
+    text = ctl(bus.address, "preflight")
+    assert text.returncode == 2
+    assert re.search(r"^not-run +outgoing-state +not run: ", text.stdout, re.M), text.stdout
+    assert "has no error findings" not in text.stdout and "limits not known" not in text.stdout
+    assert text.stdout.rstrip().endswith("verdict: not-run (hand-off mode: simulated)")
+    # a blocker still wins: with a target, the scratch areas cannot be sized without debugfs
+    blocked = ctl(bus.address, "preflight", "--kernel", str(kernel), "--json")
+    assert blocked.returncode == 1 and json.loads(blocked.stdout)["verdict"] == "blocker"
+
+
 def test_preflight_runs_locally_with_a_note_when_no_daemon_answers(bus: PrivateBus,
                                                                    kernel: Path) -> None:
     done = ctl(bus.address, "preflight", "--kernel", str(kernel), "--json")

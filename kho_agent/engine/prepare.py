@@ -104,7 +104,8 @@ def plan(ctx: EngineContext, target: TargetImage | None, initrd_size: int = 0,
         sessions=[PlannedSession(c.name, [f.facts for f in c.files.values()],
                                  c.owner_fd_store)
                   for c in ctx.clients.values()],
-        outgoing_errors=errors, fd_store_slots=ctx.fd_store_slots())
+        outgoing_errors=errors, outgoing_decoded=out.state is not None,
+        fd_store_slots=ctx.fd_store_slots())
     return Plan(preflight(inputs), target, scratch,
                 dict(compat.running.contracts) if compat else {},
                 dict(compat.target.contracts) if compat else {})
