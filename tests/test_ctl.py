@@ -267,6 +267,28 @@ def test_commit_without_prepare_exits_3(bus: PrivateBus, daemon: Daemon) -> None
     assert daemon.returncode is None  # nothing happened to it
 
 
+def test_a_refused_commit_announces_no_reboot_and_names_force(bus: PrivateBus, daemon: Daemon,
+                                                              kernel: Path) -> None:
+    """The reboot is announced only once the daemon's checks passed; a commit they refuse
+    (a session not ready) says why and names the real option, `--force`."""
+    with GioClient(bus.address) as vm_manager:
+        create_ready_session(vm_manager, "vm-slow", 9, b"not ready yet")
+        vm_manager.call_values(MANAGER_PATH, MANAGER_IFACE, "SetReady", "sb",
+                               ("vm-slow", False))
+        assert ctl(bus.address, "prepare", "--kernel", str(kernel)).returncode == 0
+        refused = ctl(bus.address, "commit")
+        assert refused.returncode == 3, refused.stderr
+        assert "Busy" in refused.stderr and "vm-slow" in refused.stderr
+        assert "kho-agentctl commit --force" in refused.stderr
+        assert "commit with force" not in refused.stderr
+        assert "reboots" not in refused.stderr and "handing off" not in refused.stderr
+        assert prop(bus, "State") == "prepared" and daemon.returncode is None
+        forced = ctl(bus.address, "commit", "--force")
+        assert forced.returncode == 0, forced.stderr
+        announced = forced.stderr.index("the checks passed; handing off")
+        assert announced < forced.stderr.index("commit: 100%")
+
+
 def test_commit_dry_run_and_cancel(bus: PrivateBus, daemon: Daemon, kernel: Path) -> None:
     assert ctl(bus.address, "prepare", "--kernel", str(kernel)).returncode == 0
     dry = ctl(bus.address, "commit", "--dry-run")

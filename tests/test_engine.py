@@ -91,6 +91,16 @@ def test_rehearsal_cycle_keeps_every_byte(tmp_path: Path) -> None:
     assert result.handoff_seconds is not None and result.handoff_seconds > 0
 
 
+def test_a_dry_run_commit_refuses_when_the_kernel_is_no_longer_loaded(rig: Rig) -> None:
+    """The dry run holds every check the commit makes before its blackout: its "would go
+    ahead" is what the CLI announces a reboot on."""
+    rig.agent.prepare(PrepareOptions(kernel=rig.target))
+    rig.sim.host().kexec.unload()          # kexec -u by someone else
+    with pytest.raises(NotPrepared, match="no longer loaded"):
+        rig.agent.commit(CommitOptions(dry_run=True))
+    assert rig.state()["phase"] == "prepared"
+
+
 def test_verify_proves_the_live_update(rig: Rig) -> None:
     rig.client("vm-a", {1: b"alpha" * 1000, 2: b"beta"})
     before = rig.sim.boot_id
