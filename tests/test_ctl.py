@@ -32,7 +32,9 @@ from dbusrig import (
     NOBODY,
     Daemon,
     GioClient,
+    GLib,
     PrivateBus,
+    RemoteError,
     busctl,
     client_env,
     get_property,
@@ -542,6 +544,34 @@ def test_a_missing_kernel_is_refused_here_before_any_call(bus: PrivateBus, daemo
     doc = json.loads(done.stdout)
     assert doc["error"] == "NotFound" and doc["message"] == f"target kernel {path} does not exist"
     assert busctl(bus.address, "tree", api.BUS_NAME).stdout.count("/job/") == 0
+    assert prop(bus, "State") == "idle"
+
+
+@pytest.mark.parametrize("content", [None, b"not a kernel image" * 64])
+def test_an_unreadable_target_kernel_is_the_same_error_in_every_command(
+        bus: PrivateBus, daemon: Daemon, kernel: Path, tmp_path: Path,
+        content: bytes | None) -> None:
+    """A target kernel that is missing (NotFound) or not a kernel (InvalidArgument) is "cannot
+    run" (exit 2) with the same name in prepare (its dry run too), preflight (through the
+    daemon and here), scratch and compat; before, prepare refused it by policy
+    (PreflightFailed, 3) and preflight reported a blocker (1)."""
+    path = tmp_path / "vmlinuz-broken"
+    if content is not None:
+        path.write_bytes(content)
+    name = "NotFound" if content is None else "InvalidArgument"
+    for argv in (["prepare"], ["prepare", "--dry-run"], ["preflight"], ["preflight", "--local"],
+                 ["scratch"], ["compat", "--running-image", str(kernel)]):
+        done = ctl(bus.address, *argv, "--kernel", str(path), "--json")
+        assert done.returncode == 2, (argv, done.stdout, done.stderr)
+        assert json.loads(done.stdout)["error"] == name, (argv, done.stdout)
+        assert str(path) in done.stderr, (argv, done.stderr)
+    # a D-Bus caller naming the file (the daemon opens it) gets the same error name
+    with GioClient(bus.address) as client:
+        for method in ("Preflight", "ScratchPlan"):
+            with pytest.raises(RemoteError) as raised:
+                client.call_values(MANAGER_PATH, MANAGER_IFACE, method, "a{sv}",
+                                   ({"kernel": GLib.Variant("s", str(path))},))
+            assert raised.value.name == f"{api.ERROR_PREFIX}{name}", (method, raised.value)
     assert prop(bus, "State") == "idle"
 
 

@@ -80,7 +80,6 @@ class PreflightInputs:
     debugfs_problem: str | None
     running_luo: str | None            # LUO compatible of the running kernel, when known
     compat: CompatReport | None        # None: no target image given
-    target_problem: str | None
     scratch: ScratchPlan | None
     sessions: list[PlannedSession] = field(default_factory=list)
     outgoing_errors: list[Finding] = field(default_factory=list)
@@ -169,9 +168,6 @@ def _kexec(i: PreflightInputs) -> Check:
 
 
 def _target(i: PreflightInputs) -> Check:
-    if i.target_problem:
-        return Check("target-abi", Tier.BLOCKER, i.target_problem,
-                     "give a readable kernel image with --kernel")
     if i.compat is None:
         return Check("target-abi", Tier.WARNING, "no target kernel given: ABI compatibility "
                      "not checked", "pass --kernel IMAGE")
