@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import errno
 import io
 import json
@@ -52,6 +53,7 @@ from kho_agent.engine.scratch_plan import plan_scratch
 from kho_agent.errors import AgentError
 from kho_agent.kernel.sysinfo import MemblockRegion, NumaNode, SysInfo, parse_cmdline
 from kho_agent.service import interfaces as api
+from kho_agent.service.buses import StartFacts
 from kho_agent.sim import SimKernel
 from kho_agent.sim.versions import SimAbi
 
@@ -596,9 +598,84 @@ def test_no_bus_exits_2_in_json(tmp_path: Path) -> None:
     assert "cannot connect" in doc["message"]
 
 
-def test_system_bus_hint_names_systemctl() -> None:
-    target = ctl_bus.BusTarget("system")
-    assert "systemctl start kho-agent" in target.hint()
+def test_the_start_advice_follows_what_the_host_has() -> None:
+    """`systemctl start kho-agent` only where systemd runs and the unit is installed; a missing
+    unit or a host without systemd is said; the session bus is advised only to a process that
+    has one; the trial on a bus of its own is offered whenever the system bus is meant."""
+    system, session = ctl_bus.BusTarget("system"), ctl_bus.BusTarget("session")
+    ready = StartFacts(systemd_running=True, unit_installed=True, session_bus=False)
+    assert system.hint(ready).startswith("start it with `systemctl start kho-agent`")
+    no_unit = system.hint(dataclasses.replace(ready, unit_installed=False))
+    assert "kho-agent.service is not installed on this host" in no_unit
+    assert not no_unit.startswith("start it with `systemctl")
+    no_systemd = system.hint(dataclasses.replace(ready, systemd_running=False))
+    assert "does not run systemd" in no_systemd and "systemctl" not in no_systemd
+    for text in (system.hint(ready), no_unit, no_systemd):
+        assert "dbus-daemon --session --fork --print-address" in text
+    lonely = session.hint(ready)
+    assert "no session bus" in lonely and "--bus session" not in lonely
+    assert "`kho-agentd --bus session --simulate DIR`" in session.hint(
+        dataclasses.replace(ready, session_bus=True))
+
+
+def test_the_advised_trial_works_on_a_fresh_host(tmp_path: Path) -> None:
+    """The commands the advice gives, run as given in an empty directory of a process with no
+    bus at all (kho-agentd and kho-agentctl spelled as this checkout's modules)."""
+    advice = ctl_bus.BusTarget("session").hint(
+        StartFacts(systemd_running=False, unit_installed=False, session_bus=False))
+    steps = re.findall(r"`([^`]+)`", advice)
+    assert len(steps) == 3, advice
+    here = {"kho-agentd": f"{sys.executable} -m kho_agent.daemon",
+            "kho-agentctl": f"{sys.executable} -m kho_agent.cli"}
+    steps = [re.sub(r"^kho-agent(d|ctl)", lambda m: here[m.group(0)], s) for s in steps]
+    env = client_env()
+    assert not {"DBUS_SESSION_BUS_ADDRESS", "DBUS_SYSTEM_BUS_ADDRESS"} & set(env)
+    started = subprocess.run(["sh", "-c", steps[0] + '; echo "$ADDR"'], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=30, check=True)
+    address = started.stdout.strip().splitlines()[-1]
+    bus_pid = int(busctl(address, "call", "org.freedesktop.DBus", "/org/freedesktop/DBus",
+                         "org.freedesktop.DBus", "GetConnectionUnixProcessID", "s",
+                         "org.freedesktop.DBus").stdout.split()[1])
+    daemon = None
+    try:
+        assert steps[1].endswith(" &")
+        daemon = subprocess.Popen(["sh", "-c", f"exec {steps[1][:-2]}"], cwd=tmp_path,
+                                  env={**env, "ADDR": address}, stderr=subprocess.PIPE,
+                                  text=True)
+        assert daemon.stderr is not None
+        for line in daemon.stderr:  # "it is ready when it logs 'serving'"
+            if "serving" in line:
+                break
+        status = subprocess.run(["sh", "-c", steps[2]], cwd=tmp_path, capture_output=True,
+                                text=True, timeout=CTL_TIMEOUT, env={**env, "ADDR": address})
+        assert status.returncode == 0, status.stderr
+        assert "(simulated kernel)" in status.stdout.splitlines()[0]
+        assert (tmp_path / "DIR" / "boot.json").exists()  # DIR was created
+    finally:
+        if daemon is not None:
+            daemon.terminate()
+            daemon.wait(timeout=30)
+        os.kill(bus_pid, signal.SIGTERM)
+
+
+def test_kho_agentd_names_the_bus_it_could_not_reach(tmp_path: Path) -> None:
+    """Before, every case said "cannot connect to the bus", naming none."""
+    env = client_env()
+    cases = (([], env, "the system bus at unix:path=/run/dbus/system_bus_socket (the default"),
+             ([], {**env, "DBUS_SYSTEM_BUS_ADDRESS": f"unix:path={tmp_path}/system"},
+              f"the system bus at unix:path={tmp_path}/system (DBUS_SYSTEM_BUS_ADDRESS)"),
+             (["--bus", "session"], env, "the session bus, which this process has none of"),
+             (["--bus-address", f"unix:path={tmp_path}/private"], env,
+              f"the bus at unix:path={tmp_path}/private:"))
+    if Path("/run/dbus/system_bus_socket").exists():
+        cases = cases[1:]  # this machine has a system bus: the default would connect
+    for argv, environ, words in cases:
+        done = subprocess.run([sys.executable, "-m", "kho_agent.daemon", *argv, "--simulate",
+                               str(tmp_path / "sim")], capture_output=True, text=True,
+                              timeout=60, env=environ, stdin=subprocess.DEVNULL)
+        assert done.returncode == 2, done.stderr
+        last = done.stderr.splitlines()[-1]
+        assert last.startswith("kho-agentd: cannot connect to ") and words in last, last
 
 
 # --- pieces without a bus ---------------------------------------------------------------------
