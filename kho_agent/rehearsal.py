@@ -166,7 +166,7 @@ def rehearse(directory: Path, *, sessions: int = 3, fault: str | None = None,
         engine.close()
         return result
     blockers = result.preflight.blockers
-    clock.step("preflight", not blockers, f"verdict {result.preflight.verdict.name.lower()}"
+    clock.step("preflight", not blockers, f"verdict {result.preflight.verdict.label}"
                + (": " + "; ".join(c.message for c in blockers) if blockers else ""), t)
 
     t = time.perf_counter()
