@@ -38,10 +38,11 @@ from .config.model import ENGINE_HANDOFF_NAME
 from .config.parse import format_config
 from .engine import Engine, EngineConfig
 from .engine.phase import Phase
-from .errors import AgentError, ConfigInvalid
+from .errors import AgentError, ConfigInvalid, DaemonUnreachable
 from .kernel.host import Host, real_host
 from .service import interfaces as api
 from .service.auth import Authorizer
+from .service.buses import bus_address, describe_bus
 from .service.fdstore import NotifierSessionStore, take_stored_sessions
 from .service.journal import Event, EventLog
 from .service.manager import AgentService, Hooks, Job, Snapshot
@@ -150,22 +151,36 @@ def build_host(args: argparse.Namespace) -> Host:
 
 
 def connect(args: argparse.Namespace) -> tuple[Gio.DBusConnection, Gio.DBusConnection | None]:
-    """(the bus we serve, the system bus for polkit or None)."""
+    """(the bus we serve, the system bus for polkit or None). A bus that cannot be reached is
+    DaemonUnreachable ("no bus") naming the bus and the address tried."""
     if args.bus_address:
         flags = (Gio.DBusConnectionFlags.AUTHENTICATION_CLIENT
                  | Gio.DBusConnectionFlags.MESSAGE_BUS_CONNECTION)
-        bus = Gio.DBusConnection.new_for_address_sync(args.bus_address, flags, None, None)
+        bus = _connected("session", args.bus_address, lambda: Gio.DBusConnection
+                         .new_for_address_sync(args.bus_address, flags, None, None))
     else:
         kind = Gio.BusType.SYSTEM if args.bus == "system" else Gio.BusType.SESSION
-        bus = Gio.bus_get_sync(kind, None)
+        bus = _connected(args.bus, None, lambda: Gio.bus_get_sync(kind, None))
     polkit = args.polkit_bus or ("system" if args.bus == "system" and not args.bus_address
                                  else "none")
     if polkit == "served":
         return bus, bus
     if polkit == "system":
         return bus, bus if args.bus == "system" and not args.bus_address else \
-            Gio.bus_get_sync(Gio.BusType.SYSTEM, None)
+            _connected("system", None, lambda: Gio.bus_get_sync(Gio.BusType.SYSTEM, None))
     return bus, None
+
+
+def _connected(kind: str, address: str | None,
+               make: Callable[[], Gio.DBusConnection]) -> Gio.DBusConnection:
+    try:
+        return make()
+    except GLib.Error as exc:
+        where = describe_bus(kind, address, os.environ)
+        advice = ("" if address or bus_address(kind, os.environ) else "; give one with "
+                  "--bus-address (`dbus-daemon --session --fork --print-address` starts one "
+                  "and prints its address)")
+        raise DaemonUnreachable(f"cannot connect to {where}: {exc.message}{advice}") from exc
 
 
 def log(text: str) -> None:
@@ -443,11 +458,14 @@ def main(argv: list[str] | None = None) -> int:
         EventLog().log_event(Event.CONFIG_INVALID, f"{exc.name}: {exc.message}",
                              error=exc.name)
         return exc.exit_code
+    except DaemonUnreachable as exc:  # its own bus: the message names it
+        log(exc.message)
+        return exc.exit_code
     except AgentError as exc:
         log(f"{exc.name}: {exc.message}")
         return exc.exit_code
     except GLib.Error as exc:
-        log(f"cannot connect to the bus: {exc.message}")
+        log(f"D-Bus: {exc.message}")
         return EXIT_CANNOT_RUN
 
 

@@ -159,9 +159,14 @@ def rehearse(directory: Path, *, sessions: int = 3, fault: str | None = None,
                "ready (digests taken)", t)
 
     t = time.perf_counter()
-    result.preflight = engine.gather_preflight(target, None)
+    try:
+        result.preflight = engine.gather_preflight(target, None)
+    except AgentError as exc:  # the target cannot be read
+        clock.step("preflight", False, f"{exc.name}: {exc.message}", t)
+        engine.close()
+        return result
     blockers = result.preflight.blockers
-    clock.step("preflight", not blockers, f"verdict {result.preflight.verdict.name.lower()}"
+    clock.step("preflight", not blockers, f"verdict {result.preflight.verdict.label}"
                + (": " + "; ".join(c.message for c in blockers) if blockers else ""), t)
 
     t = time.perf_counter()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import errno
 import io
 import json
@@ -32,7 +33,9 @@ from dbusrig import (
     NOBODY,
     Daemon,
     GioClient,
+    GLib,
     PrivateBus,
+    RemoteError,
     busctl,
     client_env,
     get_property,
@@ -50,6 +53,7 @@ from kho_agent.engine.scratch_plan import plan_scratch
 from kho_agent.errors import AgentError
 from kho_agent.kernel.sysinfo import MemblockRegion, NumaNode, SysInfo, parse_cmdline
 from kho_agent.service import interfaces as api
+from kho_agent.service.buses import StartFacts
 from kho_agent.sim import SimKernel
 from kho_agent.sim.versions import SimAbi
 
@@ -267,6 +271,28 @@ def test_commit_without_prepare_exits_3(bus: PrivateBus, daemon: Daemon) -> None
     assert daemon.returncode is None  # nothing happened to it
 
 
+def test_a_refused_commit_announces_no_reboot_and_names_force(bus: PrivateBus, daemon: Daemon,
+                                                              kernel: Path) -> None:
+    """The reboot is announced only once the daemon's checks passed; a commit they refuse
+    (a session not ready) says why and names the real option, `--force`."""
+    with GioClient(bus.address) as vm_manager:
+        create_ready_session(vm_manager, "vm-slow", 9, b"not ready yet")
+        vm_manager.call_values(MANAGER_PATH, MANAGER_IFACE, "SetReady", "sb",
+                               ("vm-slow", False))
+        assert ctl(bus.address, "prepare", "--kernel", str(kernel)).returncode == 0
+        refused = ctl(bus.address, "commit")
+        assert refused.returncode == 3, refused.stderr
+        assert "Busy" in refused.stderr and "vm-slow" in refused.stderr
+        assert "kho-agentctl commit --force" in refused.stderr
+        assert "commit with force" not in refused.stderr
+        assert "reboots" not in refused.stderr and "handing off" not in refused.stderr
+        assert prop(bus, "State") == "prepared" and daemon.returncode is None
+        forced = ctl(bus.address, "commit", "--force")
+        assert forced.returncode == 0, forced.stderr
+        announced = forced.stderr.index("the checks passed; handing off")
+        assert announced < forced.stderr.index("commit: 100%")
+
+
 def test_commit_dry_run_and_cancel(bus: PrivateBus, daemon: Daemon, kernel: Path) -> None:
     assert ctl(bus.address, "prepare", "--kernel", str(kernel)).returncode == 0
     dry = ctl(bus.address, "commit", "--dry-run")
@@ -381,6 +407,32 @@ def test_verify_follows_the_daemons_own_verification(bus: PrivateBus, daemon: Da
     assert [j["type"] for j in jobs] == ["verify"]
 
 
+def test_verify_again_after_a_verification_that_ran_is_refused_with_why(
+        bus: PrivateBus, daemon: Daemon, kernel: Path) -> None:
+    """`--again` does not pretend to verify anew: the first verification retrieved the
+    sessions (the kernel hands each out once), so a second is refused, exit 3, saying so and
+    naming the result and its report; plain `verify` does not advertise `--again` as a rerun."""
+    with GioClient(bus.address) as vm_manager:
+        create_ready_session(vm_manager, "vm-3", 5, b"guest" * 100)
+        assert ctl(bus.address, "prepare", "--kernel", str(kernel)).returncode == 0
+        assert ctl(bus.address, "commit").returncode == 0
+    deadline = time.monotonic() + WAIT_S
+    while daemon.returncode is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    daemon.start()
+    wait_for_state(bus, "verified")
+    plain = ctl(bus.address, "verify")
+    assert plain.returncode == 0 and "--again verifies anew" not in plain.stdout
+    again = ctl(bus.address, "verify", "--again", "--json")
+    assert again.returncode == 3, again.stderr
+    doc = json.loads(again.stdout)
+    assert doc["error"] == "NotPrepared"
+    assert "cannot be verified anew" in doc["message"] and "hands each out once" in \
+        doc["message"] and re.search(r"\(verified: \d+ ok;", doc["message"])
+    assert str(daemon.state_dir) in doc["message"]  # the report it points at
+    assert prop(bus, "State") == "verified"   # refused, nothing changed
+
+
 def test_kernel_refusals_exit_4_with_the_errno(bus: PrivateBus, daemon: Daemon, simdir: Path,
                                                kernel: Path) -> None:
     sim = SimKernel(simdir)
@@ -450,6 +502,30 @@ def test_preflight_and_scratch_go_through_the_daemon(bus: PrivateBus, daemon: Da
     assert "recommended: kho_scratch=" in text.stdout
 
 
+def test_preflight_with_checks_that_could_not_run_is_not_ok(bus: PrivateBus, daemon: Daemon,
+                                                           kernel: Path) -> None:
+    """No KHO debugfs (not mounted, or a kernel without it): the outgoing state and the LUO
+    limits were not checked. They are `not-run`, never `ok`, over D-Bus as locally, and a
+    preflight that found no blocker but could not run every check exits 2, report printed."""
+    assert daemon.simulate_dir is not None
+    shutil.rmtree(daemon.simulate_dir / "root/sys/kernel/debug/kho")
+    done = ctl(bus.address, "preflight", "--json")
+    report = json.loads(done.stdout)
+    assert done.returncode == 2, [c for c in report["checks"] if c["tier"] != "ok"]
+    tiers = {c["name"]: c["tier"] for c in report["checks"]}
+    assert tiers["outgoing-state"] == "not-run" and tiers["luo-limits"] == "not-run"
+    assert tiers["debugfs"] == "warning" and "blocker" not in tiers.values()
+    assert report["verdict"] == "not-run"
+    text = ctl(bus.address, "preflight")
+    assert text.returncode == 2
+    assert re.search(r"^not-run +outgoing-state +not run: ", text.stdout, re.M), text.stdout
+    assert "has no error findings" not in text.stdout and "limits not known" not in text.stdout
+    assert text.stdout.rstrip().endswith("verdict: not-run (hand-off mode: simulated)")
+    # a blocker still wins: with a target, the scratch areas cannot be sized without debugfs
+    blocked = ctl(bus.address, "preflight", "--kernel", str(kernel), "--json")
+    assert blocked.returncode == 1 and json.loads(blocked.stdout)["verdict"] == "blocker"
+
+
 def test_preflight_runs_locally_with_a_note_when_no_daemon_answers(bus: PrivateBus,
                                                                    kernel: Path) -> None:
     done = ctl(bus.address, "preflight", "--kernel", str(kernel), "--json")
@@ -470,6 +546,34 @@ def test_a_missing_kernel_is_refused_here_before_any_call(bus: PrivateBus, daemo
     doc = json.loads(done.stdout)
     assert doc["error"] == "NotFound" and doc["message"] == f"target kernel {path} does not exist"
     assert busctl(bus.address, "tree", api.BUS_NAME).stdout.count("/job/") == 0
+    assert prop(bus, "State") == "idle"
+
+
+@pytest.mark.parametrize("content", [None, b"not a kernel image" * 64])
+def test_an_unreadable_target_kernel_is_the_same_error_in_every_command(
+        bus: PrivateBus, daemon: Daemon, kernel: Path, tmp_path: Path,
+        content: bytes | None) -> None:
+    """A target kernel that is missing (NotFound) or not a kernel (InvalidArgument) is "cannot
+    run" (exit 2) with the same name in prepare (its dry run too), preflight (through the
+    daemon and here), scratch and compat; before, prepare refused it by policy
+    (PreflightFailed, 3) and preflight reported a blocker (1)."""
+    path = tmp_path / "vmlinuz-broken"
+    if content is not None:
+        path.write_bytes(content)
+    name = "NotFound" if content is None else "InvalidArgument"
+    for argv in (["prepare"], ["prepare", "--dry-run"], ["preflight"], ["preflight", "--local"],
+                 ["scratch"], ["compat", "--running-image", str(kernel)]):
+        done = ctl(bus.address, *argv, "--kernel", str(path), "--json")
+        assert done.returncode == 2, (argv, done.stdout, done.stderr)
+        assert json.loads(done.stdout)["error"] == name, (argv, done.stdout)
+        assert str(path) in done.stderr, (argv, done.stderr)
+    # a D-Bus caller naming the file (the daemon opens it) gets the same error name
+    with GioClient(bus.address) as client:
+        for method in ("Preflight", "ScratchPlan"):
+            with pytest.raises(RemoteError) as raised:
+                client.call_values(MANAGER_PATH, MANAGER_IFACE, method, "a{sv}",
+                                   ({"kernel": GLib.Variant("s", str(path))},))
+            assert raised.value.name == f"{api.ERROR_PREFIX}{name}", (method, raised.value)
     assert prop(bus, "State") == "idle"
 
 
@@ -494,9 +598,84 @@ def test_no_bus_exits_2_in_json(tmp_path: Path) -> None:
     assert "cannot connect" in doc["message"]
 
 
-def test_system_bus_hint_names_systemctl() -> None:
-    target = ctl_bus.BusTarget("system")
-    assert "systemctl start kho-agent" in target.hint()
+def test_the_start_advice_follows_what_the_host_has() -> None:
+    """`systemctl start kho-agent` only where systemd runs and the unit is installed; a missing
+    unit or a host without systemd is said; the session bus is advised only to a process that
+    has one; the trial on a bus of its own is offered whenever the system bus is meant."""
+    system, session = ctl_bus.BusTarget("system"), ctl_bus.BusTarget("session")
+    ready = StartFacts(systemd_running=True, unit_installed=True, session_bus=False)
+    assert system.hint(ready).startswith("start it with `systemctl start kho-agent`")
+    no_unit = system.hint(dataclasses.replace(ready, unit_installed=False))
+    assert "kho-agent.service is not installed on this host" in no_unit
+    assert not no_unit.startswith("start it with `systemctl")
+    no_systemd = system.hint(dataclasses.replace(ready, systemd_running=False))
+    assert "does not run systemd" in no_systemd and "systemctl" not in no_systemd
+    for text in (system.hint(ready), no_unit, no_systemd):
+        assert "dbus-daemon --session --fork --print-address" in text
+    lonely = session.hint(ready)
+    assert "no session bus" in lonely and "--bus session" not in lonely
+    assert "`kho-agentd --bus session --simulate DIR`" in session.hint(
+        dataclasses.replace(ready, session_bus=True))
+
+
+def test_the_advised_trial_works_on_a_fresh_host(tmp_path: Path) -> None:
+    """The commands the advice gives, run as given in an empty directory of a process with no
+    bus at all (kho-agentd and kho-agentctl spelled as this checkout's modules)."""
+    advice = ctl_bus.BusTarget("session").hint(
+        StartFacts(systemd_running=False, unit_installed=False, session_bus=False))
+    steps = re.findall(r"`([^`]+)`", advice)
+    assert len(steps) == 3, advice
+    here = {"kho-agentd": f"{sys.executable} -m kho_agent.daemon",
+            "kho-agentctl": f"{sys.executable} -m kho_agent.cli"}
+    steps = [re.sub(r"^kho-agent(d|ctl)", lambda m: here[m.group(0)], s) for s in steps]
+    env = client_env()
+    assert not {"DBUS_SESSION_BUS_ADDRESS", "DBUS_SYSTEM_BUS_ADDRESS"} & set(env)
+    started = subprocess.run(["sh", "-c", steps[0] + '; echo "$ADDR"'], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=30, check=True)
+    address = started.stdout.strip().splitlines()[-1]
+    bus_pid = int(busctl(address, "call", "org.freedesktop.DBus", "/org/freedesktop/DBus",
+                         "org.freedesktop.DBus", "GetConnectionUnixProcessID", "s",
+                         "org.freedesktop.DBus").stdout.split()[1])
+    daemon = None
+    try:
+        assert steps[1].endswith(" &")
+        daemon = subprocess.Popen(["sh", "-c", f"exec {steps[1][:-2]}"], cwd=tmp_path,
+                                  env={**env, "ADDR": address}, stderr=subprocess.PIPE,
+                                  text=True)
+        assert daemon.stderr is not None
+        for line in daemon.stderr:  # "it is ready when it logs 'serving'"
+            if "serving" in line:
+                break
+        status = subprocess.run(["sh", "-c", steps[2]], cwd=tmp_path, capture_output=True,
+                                text=True, timeout=CTL_TIMEOUT, env={**env, "ADDR": address})
+        assert status.returncode == 0, status.stderr
+        assert "(simulated kernel)" in status.stdout.splitlines()[0]
+        assert (tmp_path / "DIR" / "boot.json").exists()  # DIR was created
+    finally:
+        if daemon is not None:
+            daemon.terminate()
+            daemon.wait(timeout=30)
+        os.kill(bus_pid, signal.SIGTERM)
+
+
+def test_kho_agentd_names_the_bus_it_could_not_reach(tmp_path: Path) -> None:
+    """Before, every case said "cannot connect to the bus", naming none."""
+    env = client_env()
+    cases = (([], env, "the system bus at unix:path=/run/dbus/system_bus_socket (the default"),
+             ([], {**env, "DBUS_SYSTEM_BUS_ADDRESS": f"unix:path={tmp_path}/system"},
+              f"the system bus at unix:path={tmp_path}/system (DBUS_SYSTEM_BUS_ADDRESS)"),
+             (["--bus", "session"], env, "the session bus, which this process has none of"),
+             (["--bus-address", f"unix:path={tmp_path}/private"], env,
+              f"the bus at unix:path={tmp_path}/private:"))
+    if Path("/run/dbus/system_bus_socket").exists():
+        cases = cases[1:]  # this machine has a system bus: the default would connect
+    for argv, environ, words in cases:
+        done = subprocess.run([sys.executable, "-m", "kho_agent.daemon", *argv, "--simulate",
+                               str(tmp_path / "sim")], capture_output=True, text=True,
+                              timeout=60, env=environ, stdin=subprocess.DEVNULL)
+        assert done.returncode == 2, done.stderr
+        last = done.stderr.splitlines()[-1]
+        assert last.startswith("kho-agentd: cannot connect to ") and words in last, last
 
 
 # --- pieces without a bus ---------------------------------------------------------------------

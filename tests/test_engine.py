@@ -21,6 +21,7 @@ from kho_agent.errors import (
     AgentError,
     Busy,
     Cancelled,
+    InvalidArgument,
     KernelRefused,
     NotFound,
     NotPrepared,
@@ -89,6 +90,30 @@ def test_rehearsal_cycle_keeps_every_byte(tmp_path: Path) -> None:
     assert result.bytes_checked == sum(len(f.content) for p in plans for f in p.files)
     assert all(p.files[1].size == PAGE * 3 + PAGE // 2 for p in plans)
     assert result.handoff_seconds is not None and result.handoff_seconds > 0
+
+
+def test_a_dry_run_commit_refuses_when_the_kernel_is_no_longer_loaded(rig: Rig) -> None:
+    """The dry run holds every check the commit makes before its blackout: its "would go
+    ahead" is what the CLI announces a reboot on."""
+    rig.agent.prepare(PrepareOptions(kernel=rig.target))
+    rig.sim.host().kexec.unload()          # kexec -u by someone else
+    with pytest.raises(NotPrepared, match="no longer loaded"):
+        rig.agent.commit(CommitOptions(dry_run=True))
+    assert rig.state()["phase"] == "prepared"
+
+
+def test_a_target_that_is_not_a_kernel_is_invalid_not_a_policy_refusal(rig: Rig,
+                                                                        tmp_path: Path) -> None:
+    """prepare in this process (the rehearsal, tests) as through the daemon: a broken input is
+    InvalidArgument (exit 2), not PreflightFailed (3); the state stays as it was."""
+    broken = tmp_path / "vmlinuz-broken"
+    broken.write_bytes(b"not a kernel image" * 64)
+    for attempt in (lambda: rig.agent.prepare(PrepareOptions(kernel=broken)),
+                    lambda: rig.agent.plan_prepare(PrepareOptions(kernel=broken)),
+                    lambda: rig.agent.gather_preflight(broken, None)):
+        with pytest.raises(InvalidArgument, match=str(broken)):
+            attempt()
+    assert rig.state()["phase"] == "idle"
 
 
 def test_verify_proves_the_live_update(rig: Rig) -> None:

@@ -132,7 +132,7 @@ def healthy(tmp_path: Path, fds: list[int], info: SysInfo | None = None) -> Pref
     return PreflightInputs(
         sysinfo=info, simulated=False, device_present=True, device_holders=[],
         kexec_available=True, kho_debugfs=True, debugfs_problem=None, running_luo="luo-v5",
-        compat=compat_report(PAYLOAD_NEW, PAYLOAD_NEW), target_problem=None,
+        compat=compat_report(PAYLOAD_NEW, PAYLOAD_NEW),
         scratch=plan_scratch(info, scratch_areas(100 * MiB, 100 * MiB)),
         sessions=[PlannedSession("vm-1", [memfd(fds, data=64 * 1024)])])
 
@@ -223,12 +223,7 @@ def test_unreadable_target(tmp_path: Path, fds: list[int], content: bytes | None
     with pytest.raises(AgentError) as exc, TargetFiles.open(path, None) as files:
         target_image(files.kernel)
     assert isinstance(exc.value, NotFound if content is None else InvalidArgument)
-    # as the engine gathers it: no image, so neither compatibility nor scratch is known
-    inputs = dataclasses.replace(healthy(tmp_path, fds), target_problem=exc.value.message,
-                                 compat=None, scratch=None)
-    blocker = only_blocker(inputs, "target-abi")
-    assert str(path) in blocker.message
-    assert blocker.fix is not None and "--kernel" in blocker.fix
+    assert str(path) in exc.value.message  # raised as is: test_ctl holds every command to it
 
 
 def test_incompatible_target(tmp_path: Path, fds: list[int]) -> None:
@@ -359,11 +354,44 @@ def test_luo_v1_session_cap_counts_the_agent_session(tmp_path: Path, fds: list[i
     assert check(preflight(inputs), "luo-limits").tier is tier
 
 
-def test_unknown_luo_version_warns_only_with_sessions(tmp_path: Path, fds: list[int]) -> None:
+def test_unknown_luo_version_is_not_run_never_ok(tmp_path: Path, fds: list[int]) -> None:
+    """Limits that are not known were not checked, with sessions or without: not-run, never ok."""
     inputs = dataclasses.replace(healthy(tmp_path, fds), running_luo=None)
-    assert check(preflight(inputs), "luo-limits").tier is Tier.WARNING
-    idle = dataclasses.replace(inputs, sessions=[])
-    assert check(preflight(idle), "luo-limits").tier is Tier.OK
+    for planned in (inputs, dataclasses.replace(inputs, sessions=[])):
+        result = preflight(planned)
+        limits = check(result, "luo-limits")
+        assert limits.tier is Tier.NOT_RUN and limits.message.startswith("not run: ")
+        assert "LUO version is unknown" in limits.message and limits.fix
+        assert result.verdict is Tier.NOT_RUN and result.not_run == [limits]
+    unknown = check(preflight(dataclasses.replace(inputs, running_luo="luo-v99")), "luo-limits")
+    assert unknown.tier is Tier.NOT_RUN and "luo-v99 is not one" in unknown.message
+
+
+def test_a_host_without_kho_reports_what_it_could_not_check(tmp_path: Path,
+                                                           fds: list[int]) -> None:
+    """No /dev/liveupdate, no KHO debugfs: the holder, limits and outgoing-state checks looked
+    at nothing, so none of them is ok (they said so before: issue 15)."""
+    info = sysinfo(tmp_path, cmdline="console=ttyS0")
+    inputs = dataclasses.replace(
+        healthy(tmp_path, fds, info), device_present=False, kho_debugfs=False,
+        debugfs_problem="/sys/kernel/debug/kho does not exist", running_luo=None,
+        outgoing_decoded=False)
+    result = preflight(inputs)
+    tiers = {c.name: c.tier for c in result.checks}
+    assert {name for name, tier in tiers.items() if tier is Tier.NOT_RUN} == \
+        {"device-holder", "luo-limits", "outgoing-state"}
+    assert tiers["kho"] is Tier.BLOCKER and tiers["liveupdate"] is Tier.BLOCKER
+    assert result.verdict is Tier.BLOCKER
+    text = render(result)
+    for name in ("device-holder", "luo-limits", "outgoing-state"):
+        line = next(line for line in text.splitlines() if f" {name} " in line)
+        assert line.startswith("not-run ") and "not run: " in line, line
+    assert "no other process holds" not in text and "has no error findings" not in text
+    # with the blockers gone, what is left is a verdict of its own, not ok
+    ran = dataclasses.replace(inputs, sysinfo=sysinfo(tmp_path), kho_debugfs=True,
+                              device_present=True)
+    assert preflight(ran).verdict is Tier.NOT_RUN
+    assert preflight(ran).to_json()["verdict"] == "not-run"
 
 
 def test_kexec_load_service_enabled(tmp_path: Path, fds: list[int]) -> None:
@@ -409,6 +437,10 @@ def test_debugfs_problem_warns(tmp_path: Path, fds: list[int]) -> None:
     problem = "/sys/kernel/debug/kho does not exist"
     inputs = dataclasses.replace(healthy(tmp_path, fds), debugfs_problem=problem)
     assert only_warnings(inputs) == {"debugfs"}
+    # without the state itself, the check of its findings did not run
+    unread = preflight(dataclasses.replace(inputs, outgoing_decoded=False))
+    assert check(unread, "outgoing-state").tier is Tier.NOT_RUN
+    assert check(unread, "debugfs").tier is Tier.WARNING
     warning = check(preflight(inputs), "debugfs")
     assert problem in warning.message
     assert warning.fix is not None and "mount -t debugfs" in warning.fix
@@ -513,7 +545,7 @@ def test_render(tmp_path: Path, fds: list[int]) -> None:
     # a fix line follows each non-ok check, and only those
     fixes = [line.strip() for line in lines if line.strip().startswith("fix: ")]
     assert fixes == [f"fix: {c.fix}" for c in result.checks if c.tier is not Tier.OK]
-    assert lines[0].split()[0] in {"ok", "warning", "blocker"}
+    assert lines[0].split()[0] in {"ok", "warning", "not-run", "blocker"}
 
 
 def test_render_ok(tmp_path: Path, fds: list[int]) -> None:
@@ -535,7 +567,7 @@ def test_to_json_round_trip(tmp_path: Path, fds: list[int]) -> None:
     assert tiers["kho"] == "ok"
     for raw, original in zip(checks, result.checks, strict=True):
         assert raw["tier"] == raw["tier"].lower()
-        assert Tier[raw["tier"].upper()] is original.tier
+        assert Tier.from_label(raw["tier"]) is original.tier
         assert raw["message"] == original.message
         assert raw["fix"] == original.fix
 
@@ -572,7 +604,7 @@ def test_cli_preflight_json_on_sim_root(tmp_path: Path,
 
     tiers = {c["name"]: c["tier"] for c in data["checks"]}
     assert set(tiers) == CHECK_NAMES
-    assert set(tiers.values()) <= {"ok", "warning", "blocker"}
+    assert set(tiers.values()) <= {"ok", "warning", "not-run", "blocker"}
     # real seams pointed at the sim root: the device node is a plain marker file there, and the
     # sim boots with kho=on liveupdate=on and writes KHO debugfs
     assert tiers["kho"] == "ok"

@@ -52,6 +52,7 @@ from ..errors import (  # noqa: E402
 from ..kernel.callerfile import open_regular  # noqa: E402
 from ..service import contract  # noqa: E402
 from ..service import interfaces as api  # noqa: E402
+from ..service.buses import StartFacts, describe_bus, start_advice  # noqa: E402
 from ..service.errors import (  # noqa: E402
     NOT_ON_BUS_ERRORS,
     DaemonNotResponding,
@@ -102,21 +103,16 @@ class BusTarget:
     address: str | None = None
 
     def describe(self) -> str:
-        return f"the bus at {self.address}" if self.address else f"the {self.kind} bus"
+        """The bus, with the address tried and where it came from."""
+        return describe_bus(self.kind, self.address, os.environ)
 
     def to_json(self) -> dict[str, str | None]:
         return {"bus": "address" if self.address else self.kind, "address": self.address}
 
-    def hint(self) -> str:
-        if self.address:
-            start = f"kho-agentd --bus-address {self.address} --simulate DIR"
-        elif self.kind == "session":
-            start = "kho-agentd --bus session --simulate DIR"
-        else:
-            return ("start it with `systemctl start kho-agent` (or try the simulated kernel: "
-                    "`kho-agentd --bus session --simulate DIR` and `kho-agentctl --bus session "
-                    "...`)")
-        return f"start it with `{start}` (DIR: a simulated host, created when absent)"
+    def hint(self, facts: StartFacts | None = None) -> str:
+        """How to start kho-agentd, in commands that work on this host (`facts`: what it has,
+        probed when not given)."""
+        return start_advice(self.kind, self.address, facts or StartFacts.probe(os.environ))
 
 
 def add_bus_options(parser: argparse.ArgumentParser, *, top_level: bool = False) -> None:
@@ -331,9 +327,9 @@ def _connect(target: BusTarget, deadline: Deadline) -> Gio.DBusConnection:
         else:
             connection = Gio.bus_get_finish(results[0])
     except GLib.Error as err:
-        raise DaemonUnreachable(f"cannot connect to {target.describe()} ({err.message}), "
-                                "so kho-agentd cannot be reached; check that the D-Bus "
-                                f"daemon runs, then {target.hint()}") from err
+        raise DaemonUnreachable(f"cannot connect to {target.describe()}: {err.message}; so "
+                                "kho-agentd cannot be reached (is a D-Bus daemon running "
+                                f"there?); {target.hint()}") from err
     return connection
 
 

@@ -2,9 +2,11 @@
 
 Without `--dry-run` this is the blackout: the daemon writes the final manifest and reboots into
 the loaded kernel; guests pause until the new kernel's agent restores their sessions. There is no
-prompt (fleet tools run it unattended): a warning on stderr says what is about to happen.
-Sessions whose owners have not marked them ready refuse the commit (Busy, exit 3) unless
-`--force`.
+prompt (fleet tools run it unattended): a warning on stderr says what is about to happen, and
+only once kho-agentd's own checks passed (a dry run of the same Commit, which changes nothing):
+a commit that is refused (nothing prepared, the kernel no longer loaded, sessions not ready)
+says why and never announced a reboot. Sessions whose owners have not marked them ready refuse
+the commit (Busy, exit 3) unless `--force`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 import sys
 from typing import Any
 
+from ..errors import Cancelled
 from ..service import interfaces as api
 from .bus import AgentClient, JobInfo, options
 from .common import EXIT_OK
@@ -26,7 +29,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: s
                        "3 refused (nothing prepared, sessions not ready), 4 the kernel refused "
                        "the kexec (everything stays prepared).")
     p.add_argument("--force", action="store_true",
-                   help="commit although some sessions are not marked ready")
+                   help="commit although some sessions are not marked ready (over D-Bus: "
+                   "Commit's option \"force\": true)")
     p.add_argument("--dry-run", action="store_true",
                    help="check and show what commit would do; change nothing")
     add_job_options(p)
@@ -43,10 +47,19 @@ def run(args: argparse.Namespace) -> int:
         props = client.manager_properties()
         if props.get("State") != "prepared":
             return  # the job refuses with the reason; nothing to warn about
+        # the daemon's checks, as a dry run: a commit they refuse announces nothing
+        checked = client.start_job("Commit", options({**opts, "dry_run": True},
+                                                     api.COMMIT_OPTIONS),
+                                   on_progress=lambda _job: None)
+        if checked.state == api.JOB_FAILED:
+            raise checked.error()
+        if checked.state != api.JOB_DONE:
+            raise Cancelled("the checks before the commit were cancelled (by another "
+                            "caller): nothing was handed off")
         target = props.get("TargetKernel") or "?"
-        print(f"kho-agentctl commit: handing off to the loaded kernel ({target}) now: this host "
-              "reboots into it and the guests pause until it restores their sessions",
-              file=sys.stderr, flush=True)
+        print(f"kho-agentctl commit: the checks passed; handing off to the loaded kernel "
+              f"({target}) now: this host reboots into it and the guests pause until it "
+              "restores their sessions", file=sys.stderr, flush=True)
 
     return run_job(args, "commit", "Commit", options(opts, api.COMMIT_OPTIONS), outcome,
                    before=warn)

@@ -1,7 +1,12 @@
 """`kho-agentctl preflight`: can this host live-update (into that kernel)?
 
-Tiered like `criu check`: ok / warning / blocker per check, with the fix for each. Exit 0 no
-blocker, 1 at least one blocker, 2 could not run.
+Tiered like `criu check`: ok / warning / not-run / blocker per check, with the fix for each.
+Exit 0 every check ran and none blocks, 1 at least one blocker, 2 could not run: the checks
+could not be made at all, or no check blocks but one or more could not run (their inputs are
+missing: no /dev/liveupdate, no readable KHO debugfs). An operator's health check takes 0 as
+"this host can live-update": a check that looked at nothing cannot say that, and it is not a
+blocker either (prepare does not refuse on it), so it is "cannot run" (2), with the report
+printed all the same.
 
 Asks kho-agentd (Preflight over D-Bus) by default: the daemon knows the sessions it holds, and it
 holds /dev/liveupdate, which a second process would only see as busy. `--local` runs the checks
@@ -22,7 +27,7 @@ import json
 import sys
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import AgentError
 from ..service import interfaces as api
@@ -36,15 +41,18 @@ from .bus import (
     open_target_files,
     options,
 )
-from .common import EXIT_FINDINGS, EXIT_OK, print_json
+from .common import EXIT_CANNOT_RUN, EXIT_FINDINGS, EXIT_OK, print_json
+
+if TYPE_CHECKING:  # the engine is imported only when a report is rendered (import cost)
+    from ..engine.preflight import Tier
 
 HELP = "check whether this host can live-update, with a tiered verdict"
 DEFAULT_STATE_DIR = Path("/var/lib/kho-agent")
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str) -> None:
-    p = sub.add_parser(name, help=HELP, description=HELP + ". Exit 0 no blocker, 1 blockers, "
-                       "2 could not run.")
+    p = sub.add_parser(name, help=HELP, description=HELP + ". Exit 0 every check ran and none "
+                       "blocks, 1 blockers, 2 could not run (some checks or all).")
     p.add_argument("--kernel", type=Path, metavar="IMAGE", help="target kernel image")
     p.add_argument("--initrd", type=Path, metavar="FILE", help="target initrd")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -58,13 +66,24 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: s
 
 def render_report(report: dict[str, Any]) -> str:
     """The text of a preflight report given as JSON (PreflightResult.to_json())."""
-    from ..engine.preflight import Check, PreflightResult, Tier, render
+    from ..engine.preflight import Check, PreflightResult, render
 
-    checks = [Check(str(c["name"]), Tier[str(c["tier"]).upper()], str(c["message"]),
-                    c.get("fix")) for c in report.get("checks", [])]
+    checks = [Check(str(c["name"]), _tier(c.get("tier")), str(c["message"]), c.get("fix"))
+              for c in report.get("checks", [])]
     if not checks:
         return f"verdict: {report.get('verdict', '?')} (no checks reported)"
     return render(PreflightResult(checks, str(report.get("handoff_mode", "?"))))
+
+
+def _tier(label: object) -> Tier:
+    from ..engine.preflight import Tier
+
+    try:
+        return Tier.from_label(str(label))
+    except KeyError:
+        raise AgentError(f"kho-agentd sent a preflight tier {str(label)[:40]!r} this "
+                         "kho-agentctl does not know; are both the same version? --local runs "
+                         "the checks here") from None
 
 
 def local_report(args: argparse.Namespace) -> dict[str, Any]:
@@ -107,4 +126,12 @@ def run(args: argparse.Namespace) -> int:
         print_json(report)
     else:
         print(render_report(report))
-    return EXIT_FINDINGS if report.get("verdict") == "blocker" else EXIT_OK
+    return exit_status(report)
+
+
+def exit_status(report: dict[str, Any]) -> int:
+    """1 a blocker; 2 no blocker but a check did not run; 0 every check ran and none blocks."""
+    verdict = report.get("verdict")
+    if verdict == "blocker":
+        return EXIT_FINDINGS
+    return EXIT_CANNOT_RUN if verdict == "not-run" else EXIT_OK

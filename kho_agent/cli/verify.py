@@ -3,7 +3,10 @@
 After a live update kho-agentd verifies on its own at start. This command follows that job while
 it runs, and afterwards reports its result (the Manager's LastResult) instead of verifying again:
 the incoming state is consumed by the first verification (the agent's carried manifest copy is
-retrieved once), so a second run cannot repeat it. `--again` starts a new Verify job anyway.
+retrieved once), so a second run cannot repeat it. `--again` starts a new Verify job without
+looking for that result first: it runs when the last verification could not run (no manifest,
+no device: nothing was retrieved), and is refused (NotPrepared, exit 3, naming the result and
+its report) after one that ran.
 Exit 0 verified, 1 verification found problems, 2 cannot run (nothing to verify against),
 3 refused.
 """
@@ -27,7 +30,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: s
     p = sub.add_parser(name, help=HELP, description=HELP + ". Exit 0 verified, 1 problems "
                        "found, 2 cannot run, 3 refused.")
     p.add_argument("--again", action="store_true",
-                   help="start a new Verify job even when kho-agentd verified this boot already")
+                   help="start a new Verify job instead of reporting the last one: it runs "
+                   "when the last verification could not run; after one that ran it is refused "
+                   "(exit 3): "
+                   "that one retrieved the sessions, which the kernel hands out once")
     add_job_options(p)
     p.set_defaults(run=run)
 
@@ -118,5 +124,6 @@ def _report_last(last: dict[str, Any], as_json: bool) -> int:
                     "source": "LastResult"})
     else:
         print(render_summary(last))
-        print("(kho-agentd verified this boot at its start; --again verifies anew)")
+        print("(kho-agentd verified this boot at its start; it retrieved the sessions, which "
+              "the kernel hands out once, so it is not run again)")
     return EXIT_OK if ok else EXIT_FINDINGS

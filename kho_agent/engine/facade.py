@@ -187,9 +187,9 @@ class Engine:
         """A target kernel image read and decoded (kept for the prepare that follows)."""
         return self._ctx.images.get(kernel)
 
-    def plan(self, target: TargetImage | None, initrd_size: int = 0,
-             target_problem: str | None = None, *, margin: float | None = None) -> Plan:
-        return prepare.plan(self._ctx, target, initrd_size, target_problem, margin=margin)
+    def plan(self, target: TargetImage | None, initrd_size: int = 0, *,
+             margin: float | None = None) -> Plan:
+        return prepare.plan(self._ctx, target, initrd_size, margin=margin)
 
     def gather_preflight(self, target_path: Path | None, initrd: Path | None) -> PreflightResult:
         return prepare.gather_preflight(self._ctx, target_path, initrd)

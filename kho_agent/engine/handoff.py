@@ -204,8 +204,13 @@ def _ready(ctx: EngineContext, options: CommitOptions
                for c in ctx.clients.values() if not c.ready]
     if waiting and not options.force:
         raise Busy(f"session(s) not ready: {', '.join(waiting)}; wait for their owners "
-                   "(a new connection of the same uid can SetReady) or commit with "
-                   "force")
+                   "(a new connection of the same uid can SetReady), or commit them as "
+                   "they are: kho-agentctl commit --force (over D-Bus, Commit's option "
+                   "\"force\": true)")
+    # checked before the dry run answers, so that its "would go ahead" holds
+    if not ctx.host.kexec.loaded():
+        raise NotPrepared("the prepared kernel is no longer loaded (kexec -u or another "
+                          "loader?); cancel and prepare again")
     mode = ctx.handoff_mode()
     _check_required_mode(ctx, mode)
     plan = [f"kernel {ctx.state.target.kernel if ctx.state.target else '?'} is loaded",
@@ -218,9 +223,6 @@ def _ready(ctx: EngineContext, options: CommitOptions
     if options.dry_run:
         return CommitResult(True, None, plan)
     start = time.perf_counter()
-    if not ctx.host.kexec.loaded():
-        raise NotPrepared("the prepared kernel is no longer loaded (kexec -u or another "
-                          "loader?); cancel and prepare again")
     info = ctx.sysinfo()
     # The network was recorded at prepare: reading it again (pyroute2) would add to
     # the blackout for no gain.

@@ -1,8 +1,13 @@
-"""Can this host live-update now? A tiered verdict (ok / warning / blocker), like `criu check`.
+"""Can this host live-update now? A tiered verdict (ok / warning / not-run / blocker), like
+`criu check`.
 
 Pure: every fact comes in through `PreflightInputs` (gathered by `facts.py` and the kernel
 readers); each check is a small function registered in CHECKS, returning one `Check`. A blocker
-means prepare refuses; a warning is printed and recorded in the manifest.
+means prepare refuses; a warning is printed and recorded in the manifest. A check whose input
+is missing (no /dev/liveupdate to look for holders of, no LUO version to take limits from, no
+outgoing KHO state to decode) is `not-run`, with the reason: it found nothing wrong because it
+looked at nothing, so it is never reported ok. The verdict is the worst tier: `not-run` ranks
+above warning (the host may be fine, but this preflight cannot say so) and below blocker.
 """
 
 from __future__ import annotations
@@ -25,7 +30,17 @@ FDSTORE_SYSTEMD = 261  # first systemd that carries LUO session fds through its 
 class Tier(enum.IntEnum):
     OK = 0
     WARNING = 1
-    BLOCKER = 2
+    NOT_RUN = 2     # the check could not run: its message says why
+    BLOCKER = 3
+
+    @property
+    def label(self) -> str:
+        """The name in reports and JSON: ok, warning, not-run, blocker."""
+        return self.name.lower().replace("_", "-")
+
+    @classmethod
+    def from_label(cls, label: str) -> Tier:
+        return cls[label.upper().replace("-", "_")]
 
 
 @dataclass
@@ -36,7 +51,7 @@ class Check:
     fix: str | None = None
 
     def to_json(self) -> dict[str, object]:
-        return {"name": self.name, "tier": self.tier.name.lower(), "message": self.message,
+        return {"name": self.name, "tier": self.tier.label, "message": self.message,
                 "fix": self.fix}
 
 
@@ -65,10 +80,10 @@ class PreflightInputs:
     debugfs_problem: str | None
     running_luo: str | None            # LUO compatible of the running kernel, when known
     compat: CompatReport | None        # None: no target image given
-    target_problem: str | None
     scratch: ScratchPlan | None
     sessions: list[PlannedSession] = field(default_factory=list)
     outgoing_errors: list[Finding] = field(default_factory=list)
+    outgoing_decoded: bool = True      # the outgoing KHO state was read and decoded
     # FileDescriptorStoreMax= of the agent's unit, as systemd passed it ($FDSTORE); 0: the unit
     # has no fd store (kho-agent-fdstore.conf is not installed) or the agent is not a service
     fd_store_slots: int = 0
@@ -87,8 +102,12 @@ class PreflightResult:
     def blockers(self) -> list[Check]:
         return [c for c in self.checks if c.tier is Tier.BLOCKER]
 
+    @property
+    def not_run(self) -> list[Check]:
+        return [c for c in self.checks if c.tier is Tier.NOT_RUN]
+
     def to_json(self) -> dict[str, object]:
-        return {"verdict": self.verdict.name.lower(), "handoff_mode": self.handoff_mode,
+        return {"verdict": self.verdict.label, "handoff_mode": self.handoff_mode,
                 "checks": [c.to_json() for c in self.checks]}
 
 
@@ -130,6 +149,9 @@ def _luo(i: PreflightInputs) -> Check:
 
 
 def _holders(i: PreflightInputs) -> Check:
+    if not i.device_present:
+        return Check("device-holder", Tier.NOT_RUN, "not run: /dev/liveupdate does not exist, "
+                     "so no holder can be looked for", "see the liveupdate check")
     if not i.device_holders:
         return Check("device-holder", Tier.OK, "no other process holds /dev/liveupdate")
     pids = ", ".join(str(p) for p in i.device_holders)
@@ -146,9 +168,6 @@ def _kexec(i: PreflightInputs) -> Check:
 
 
 def _target(i: PreflightInputs) -> Check:
-    if i.target_problem:
-        return Check("target-abi", Tier.BLOCKER, i.target_problem,
-                     "give a readable kernel image with --kernel")
     if i.compat is None:
         return Check("target-abi", Tier.WARNING, "no target kernel given: ABI compatibility "
                      "not checked", "pass --kernel IMAGE")
@@ -217,8 +236,14 @@ def _files(i: PreflightInputs) -> Check:
 def _limits(i: PreflightInputs) -> Check:
     limits = LUO_LIMITS.get(i.running_luo or "")
     if limits is None:
-        return Check("luo-limits", Tier.OK if not i.sessions else Tier.WARNING,
-                     f"LUO version {i.running_luo or 'unknown'}: limits not known")
+        source = ("no LUO subtree in the outgoing KHO state" if i.outgoing_decoded
+                  else "the outgoing KHO state could not be read")
+        why = (f"LUO version {i.running_luo} is not one this agent knows the limits of"
+               if i.running_luo else f"the running kernel's LUO version is unknown ({source})")
+        return Check("luo-limits", Tier.NOT_RUN, f"not run: {why}, so the "
+                     f"{len(i.sessions) + 1} planned session(s) cannot be held to its limits",
+                     "make KHO debugfs readable (see the debugfs check) on a kernel with LUO"
+                     if not i.running_luo else "use a kho-agent that knows this LUO version")
     count = len(i.sessions) + 1  # the agent's own session
     widest = max((len(s.files) for s in i.sessions), default=0)
     if count > limits.sessions or widest > limits.files_per_session:
@@ -277,6 +302,9 @@ def _debugfs(i: PreflightInputs) -> Check:
 
 
 def _outgoing(i: PreflightInputs) -> Check:
+    if not i.outgoing_decoded:
+        return Check("outgoing-state", Tier.NOT_RUN, "not run: the outgoing KHO state could "
+                     "not be read, so it was not checked for errors", "see the debugfs check")
     if not i.outgoing_errors:
         return Check("outgoing-state", Tier.OK, "the outgoing KHO state has no error findings")
     first = i.outgoing_errors[0]
@@ -322,8 +350,8 @@ def render(result: PreflightResult) -> str:
     width = max(len(c.name) for c in result.checks)
     lines = []
     for c in result.checks:
-        lines.append(f"{c.tier.name.lower():8} {c.name.ljust(width)}  {c.message}")
+        lines.append(f"{c.tier.label:8} {c.name.ljust(width)}  {c.message}")
         if c.fix and c.tier is not Tier.OK:
             lines.append(f"{'':8} {'':{width}}  fix: {c.fix}")
-    lines.append(f"verdict: {result.verdict.name.lower()} (hand-off mode: {result.handoff_mode})")
+    lines.append(f"verdict: {result.verdict.label} (hand-off mode: {result.handoff_mode})")
     return "\n".join(lines)

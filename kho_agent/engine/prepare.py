@@ -77,8 +77,8 @@ class Plan:
 
 # --------------------------------------------------------------------- planning
 
-def plan(ctx: EngineContext, target: TargetImage | None, initrd_size: int = 0,
-         target_problem: str | None = None, *, margin: float | None = None) -> Plan:
+def plan(ctx: EngineContext, target: TargetImage | None, initrd_size: int = 0, *,
+         margin: float | None = None) -> Plan:
     """Preflight a target (already read and decoded): reads the host, changes nothing."""
     info = ctx.sysinfo()
     out = kho_view(ctx.host, Side.OUT)
@@ -101,11 +101,12 @@ def plan(ctx: EngineContext, target: TargetImage | None, initrd_size: int = 0,
         kexec_available=ctx.host.kexec.available(),
         kho_debugfs=out.directory is not None, debugfs_problem=out.problem,
         running_luo=luo.compatible if luo else None, compat=compat,
-        target_problem=target_problem, scratch=scratch,
+        scratch=scratch,
         sessions=[PlannedSession(c.name, [f.facts for f in c.files.values()],
                                  c.owner_fd_store)
                   for c in ctx.clients.values()],
-        outgoing_errors=errors, fd_store_slots=ctx.fd_store_slots())
+        outgoing_errors=errors, outgoing_decoded=out.state is not None,
+        fd_store_slots=ctx.fd_store_slots())
     return Plan(preflight(inputs), target, scratch,
                 dict(compat.running.contracts) if compat else {},
                 dict(compat.target.contracts) if compat else {})
@@ -113,27 +114,22 @@ def plan(ctx: EngineContext, target: TargetImage | None, initrd_size: int = 0,
 
 def plan_files(ctx: EngineContext, files: TargetFiles | None, *,
                margin: float | None = None) -> Plan:
-    """Preflight open target files; a target that cannot be read or decoded is a blocker
-    of the report, not an error of the call."""
+    """Preflight open target files. A target that cannot be read or decoded is the error
+    that says why (InvalidArgument, NotFound, PermissionDenied: exit 2, "cannot run"), the
+    same in prepare, its dry run, preflight, scratch and compat: a missing or broken input
+    is not a verdict on the host, and not a policy refusal."""
     if files is None:
         return plan(ctx, None, margin=margin)
-    try:
-        target = ctx.images.get(files.kernel)
-    except AgentError as exc:
-        return plan(ctx, None, files.initrd_size, exc.message, margin=margin)
-    return plan(ctx, target, files.initrd_size, margin=margin)
+    return plan(ctx, ctx.images.get(files.kernel), files.initrd_size, margin=margin)
 
 
 def gather_preflight(ctx: EngineContext, target_path: Path | None,
                      initrd: Path | None) -> PreflightResult:
     """Preflight by file names, opened with this process's rights (rehearsal, the local
-    CLI). Names that cannot be opened are a blocker of the report."""
+    CLI). Names that cannot be opened or read raise the error that says why (plan_files)."""
     if target_path is None:
         return plan(ctx, None).result
-    try:
-        files = TargetFiles.open(target_path, initrd)
-    except AgentError as exc:
-        return plan(ctx, None, 0, exc.message).result
+    files = TargetFiles.open(target_path, initrd)
     try:
         return plan_files(ctx, files).result
     finally:

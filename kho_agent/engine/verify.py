@@ -85,9 +85,7 @@ def _verify_begin(ctx: EngineContext) -> VerifyRun:
             state.last_result and "counts" in state.last_result:
         # the sessions were retrieved by that verification and are held (or were
         # handed out): retrieving them again would report false failures
-        raise NotPrepared("this boot was verified already: the result is in the state "
-                          f"({state.last_result.get('result')}); see "
-                          f"{ctx.store.last_verify_path}")
+        raise NotPrepared(_verified_already(state.last_result, ctx.store.last_verify_path))
     if state.phase is Phase.IDLE and not ctx.incoming_present():
         raise NotPrepared("nothing to verify: this boot did not come through a live "
                           "update (no incoming KHO state) and none is recorded")
@@ -103,6 +101,20 @@ def _verify_begin(ctx: EngineContext) -> VerifyRun:
         return _retrieve_incoming(ctx, info, manifest_disk, disk_problem)
     except AgentError as exc:
         raise _verify_failed(ctx, exc)  # noqa: B904 (the error or its copy)
+
+
+def _verified_already(last_result: dict[str, Any], report: Path) -> str:
+    """Why this boot cannot be verified anew once a verification ran: the kernel hands each
+    incoming session out once, and that verification took them all."""
+    counts = last_result.get("counts")
+    tally = ", ".join(f"{n} {verdict}" for verdict, n in sorted(counts.items())) \
+        if isinstance(counts, dict) else ""
+    return (f"this boot was verified already ({last_result.get('result')}"
+            f"{': ' + tally if tally else ''}; the report is {report}) and cannot be verified "
+            "anew: that verification retrieved every incoming session (the kernel hands each "
+            "out once) and holds them for their owners or handed them over, so a second one "
+            "would find them missing. A new verification runs only after one that could not "
+            "run (no manifest, no device)")
 
 
 def _verify_failed(ctx: EngineContext, exc: AgentError) -> AgentError:

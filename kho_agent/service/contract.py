@@ -205,8 +205,12 @@ MANAGER = Interface(
     ),
     methods=(
         Method("Preflight", _args("options:a{sv}"), _args("report:s"), READ_ONLY,
-               PREFLIGHT_OPTIONS, "options: kernel s, initrd s, kernel_fd h, initrd_fd h. "
-               "Returns the preflight report as JSON."),
+               PREFLIGHT_OPTIONS, "options: kernel s, initrd s, kernel_fd h, initrd_fd h "
+               "(a target that cannot be opened or read is the error NotFound, "
+               "InvalidArgument or PermissionDenied, as in Prepare). "
+               "Returns the preflight report as JSON: the verdict "
+               "and each check's tier are ok, warning, not-run (the check could not run: its "
+               "message says why) or blocker."),
         Method("ScratchPlan", _args("options:a{sv}"), _args("plan:s"), READ_ONLY,
                SCRATCH_OPTIONS, "options: kernel s, initrd s, kernel_fd h, initrd_fd h, margin "
                "d (0..10). Returns the scratch plan as JSON."),

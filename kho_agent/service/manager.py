@@ -310,7 +310,7 @@ class AgentService:
         opts = check_options(call)
         caller: Caller = yield Authorize(call.declared.action)
         source = TargetSource.from_options(call, opts, caller)
-        plan: Plan = yield from self._planned(caller, source, preflight=True)
+        plan: Plan = yield from self._planned(caller, source)
         call.reply(json.dumps(plan.result.to_json()))
 
     def _scratch_plan(self, call: Call) -> Steps:
@@ -324,45 +324,36 @@ class AgentService:
             call.reply(json.dumps(own))
             return
         plan: Plan = yield from self._planned(caller, source, margin=margin)
-        if plan.scratch is None:  # the target could not be read: say why
-            raise InvalidArgument(plan.result.blockers[0].message if plan.result.blockers
-                                  else "no scratch plan for this target")
+        if plan.scratch is None:  # a target that cannot be read raised already (_planned)
+            raise InvalidArgument("no scratch plan for this target")
         call.reply(json.dumps(plan.scratch.to_json()))
 
-    def _planned(self, caller: Caller, source: TargetSource, *, preflight: bool = False,
+    def _planned(self, caller: Caller, source: TargetSource, *,
                  margin: float | None = None) -> Generator[Step, Any, Plan]:
         """Plan for the caller's target without touching the prepared update. Root's files are
         opened and read on the engine thread; an unprivileged caller's (always passed fds) are
-        read on the files thread, and its planning waits behind every privileged call. For
-        Preflight a target that cannot be opened or read is a blocker of the report."""
-        def read() -> tuple[TargetImage | None, int, str | None]:
+        read on the files thread, and its planning waits behind every privileged call. A
+        target that cannot be opened or read is the error that says why (NotFound,
+        InvalidArgument, PermissionDenied), for Preflight as for ScratchPlan and Prepare."""
+        def read() -> tuple[TargetImage | None, int]:
             if not source.given:  # the host alone: no target to read
-                return None, 0, None
-            try:
-                files = source.open()
-            except AgentError as exc:
-                if not preflight:
-                    raise
-                return None, 0, exc.message
-            with files:
-                try:
-                    return self.engine.decode_target(files.kernel), files.initrd_size, None
-                except AgentError as exc:
-                    return None, files.initrd_size, exc.message
+                return None, 0
+            with source.open() as files:
+                return self.engine.decode_target(files.kernel), files.initrd_size
 
-        def plan(target: TargetImage | None, initrd_size: int, problem: str | None) -> Plan:
-            return self.engine.plan(target, initrd_size, problem, margin=margin)
+        def plan(target: TargetImage | None, initrd_size: int) -> Plan:
+            return self.engine.plan(target, initrd_size, margin=margin)
 
         priority = _priority(caller)
         if priority is Priority.PRIVILEGED:
             planned: Plan = yield self._engine(lambda: plan(*read()))
             return planned
         try:
-            target, initrd_size, problem = yield Run(self.files, read, Priority.UNPRIVILEGED)
+            target, initrd_size = yield Run(self.files, read, Priority.UNPRIVILEGED)
         except AgentError:
             source.close()  # refused before it was read (Busy); after, the read closed it
             raise
-        planned = yield self._engine(lambda: plan(target, initrd_size, problem), priority)
+        planned = yield self._engine(lambda: plan(target, initrd_size), priority)
         return planned
 
     def _get_manifest(self, call: Call) -> Steps:

@@ -12,10 +12,13 @@ import fcntl
 import hashlib
 import os
 import shutil
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from .progress import REPORTER
 
 CACHE_ENV = "KHO_AGENT_TEST_CACHE"
 DEFAULT_CACHE = Path("/var/cache/kho-agent-tests")
@@ -58,11 +61,14 @@ def _locked(lock_path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def ensure_entry(kind: str, name: str, build: Callable[[Path], None]) -> CacheEntry:
+def ensure_entry(kind: str, name: str, build: Callable[[Path], None],
+                 what: str | None = None) -> CacheEntry:
     """Return the complete entry ``<root>/<kind>/<name>``, building it with ``build(tmpdir)`` once.
 
     ``build`` fills the directory it is given; on success it becomes the entry atomically, on
-    any exception the half-built directory is removed and the exception propagates.
+    any exception the half-built directory is removed and the exception propagates. A build
+    is reported on the terminal (progress.py): ``what`` it is (what and from which source;
+    default ``kind/name``), where, how long it took or why it failed.
     """
     entry = CacheEntry(cache_root() / kind / name)
     if entry.ready():
@@ -74,10 +80,15 @@ def ensure_entry(kind: str, name: str, build: Callable[[Path], None]) -> CacheEn
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(entry.path, ignore_errors=True)
         work.mkdir(parents=True)
+        REPORTER.begin(what or f"{kind}/{name}", entry.path)
+        built = False
         try:
             build(work)
             (work / ".complete").write_text("")
             work.rename(entry.path)
+            built = True
         finally:
+            raised = sys.exc_info()[1]  # what is propagating, reported as it goes
+            REPORTER.end(None if built else str(raised) or type(raised).__name__)
             shutil.rmtree(work, ignore_errors=True)
     return entry

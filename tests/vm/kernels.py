@@ -95,6 +95,7 @@ from pathlib import Path
 
 from kho_agent.kernel.image import ImageError, read_image
 
+from . import progress
 from .cache import cache_root, content_key, ensure_entry
 
 # Bump when the build steps change in a way that changes the result (a new entry, not a stale hit).
@@ -558,19 +559,21 @@ def _run(cmd: Sequence[str], cwd: Path | None, log: Path | None, what: str,
          env: dict[str, str] | None = None) -> str:
     """Run ``cmd``; its output goes to ``log`` (appended) or is returned. Failure raises."""
     full_env = dict(os.environ, LC_ALL="C", **(env or {}))
+    progress.REPORTER.step(what, log)
     try:
         if log is not None:
             with log.open("a") as handle:
                 handle.write(f"\n$ {' '.join(cmd)}\n")
                 handle.flush()
-                code = subprocess.run(cmd, cwd=cwd, env=full_env, stdout=handle,
-                                      stderr=subprocess.STDOUT, check=False).returncode
+                code = progress.wait(subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=handle,
+                                                      stderr=subprocess.STDOUT))
             output = ""
             tail = _tail(log.read_text(errors="replace"))
         else:
-            proc = subprocess.run(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True, check=False)
-            code, output, tail = proc.returncode, proc.stdout, _tail(proc.stdout)
+            proc = subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True)
+            output = progress.communicate(proc)
+            code, tail = proc.returncode, _tail(output)
     except FileNotFoundError as exc:
         raise KernelSetupError(
             f"{what}: {cmd[0]} is not installed",
@@ -604,7 +607,8 @@ def _download_deb(apt: PrivateApt, package: str, version: str) -> tuple[Path, fl
         with apt.locked():
             apt.download(package, version, work)
 
-    entry = ensure_entry("debs", f"{_safe(package)}_{_safe(version)}", fetch)
+    entry = ensure_entry("debs", f"{_safe(package)}_{_safe(version)}", fetch,
+                         f"the download of {package} {version} (from {_mirror()})")
     debs = sorted(entry.path.glob("*.deb"))
     if len(debs) != 1:
         raise KernelSetupError(f"the cache entry {entry.path} should hold one .deb, "
@@ -770,7 +774,9 @@ def ensure_kernel(series: str) -> KernelImage:
                       version: str = version) -> None:
                 _build_kernel(source, version, deb, download_s, fragment, work)
 
-            entry_path = ensure_entry("kernels", name, build).path
+            entry_path = ensure_entry(
+                "kernels", name, build, f"the {source.series} kernel from {source.package} "
+                f"{version} ({source.suite}, {deb.name}) with {FRAGMENT.name}").path
         return KernelImage(
             path=entry_path / "bzImage",
             release=(entry_path / "kernelrelease").read_text().strip(),
@@ -917,7 +923,8 @@ def _stock_entry(apt: PrivateApt) -> Path:
                 "kexec_handover": options.get("KEXEC_HANDOVER", "n")}
         (work / "build-info.json").write_text(json.dumps(info, indent=2) + "\n")
 
-    entry = ensure_entry("stock-kernels", f"{_safe(image_pkg)}_{_safe(version)}", build)
+    entry = ensure_entry("stock-kernels", f"{_safe(image_pkg)}_{_safe(version)}", build,
+                         f"Debian's stock kernel {image_pkg} {version}")
     images = sorted(entry.path.glob("vmlinuz-*"))
     if len(images) != 1:
         raise KernelSetupError(f"the cache entry {entry.path} should hold one vmlinuz-*",

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from . import progress
 from .cache import content_key, ensure_entry
 
 REPO = Path(__file__).resolve().parents[2]
@@ -176,13 +177,15 @@ def mirror() -> str:
 def _run(argv: Sequence[str | Path], what: str, *, cwd: Path | None = None,
          env: dict[str, str] | None = None) -> str:
     """Run a build step; on failure raise BuildError with the step and the tail of its output."""
-    proc = subprocess.run([str(a) for a in argv], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, errors="replace", check=False)
+    progress.REPORTER.step(what)
+    proc = subprocess.Popen([str(a) for a in argv], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, errors="replace")
+    output = progress.communicate(proc)
     if proc.returncode != 0:
-        tail = "\n".join(proc.stdout.splitlines()[-40:])
+        tail = "\n".join(output.splitlines()[-40:])
         raise BuildError(f"{what} failed (exit {proc.returncode}): {' '.join(map(str, argv))}\n"
                          f"{tail}")
-    return proc.stdout
+    return output
 
 
 def _chroot_env() -> dict[str, str]:
@@ -286,7 +289,9 @@ def ensure_base_tree(release: GuestRelease) -> BaseTree:
     """The cached base tree, built with debootstrap on a miss (about a minute, needs network)."""
     key = base_key(release)
     entry = ensure_entry("rootfs-base", f"{release.name}-{key}",
-                         lambda path: _build_base(path, release))
+                         lambda path: _build_base(path, release),
+                         f"the {release.name} base tree (debootstrap {release.suite} from "
+                         f"{mirror()})")
     prune("rootfs-base", keep=entry.path, spare=KEEP_BASE_TREES)
     return BaseTree(entry.path / "rootfs", key)
 
@@ -504,7 +509,9 @@ def ensure_guest_image(guest: str = DEFAULT_GUEST) -> GuestImage:
     base = ensure_base_tree(release)
     key = agent_key(release)
     entry = ensure_entry("rootfs-agent", f"{release.name}-{key}",
-                         lambda path: _build_agent(path, release, base, key))
+                         lambda path: _build_agent(path, release, base, key),
+                         f"the {release.name} guest image (kho-agent from this checkout on the "
+                         "base tree)")
     prune("rootfs-agent", keep=entry.path, spare=KEEP_AGENT_IMAGES)
     info = json.loads((entry.path / "build.json").read_text())
     return GuestImage(entry.path / IMAGE_NAME, key, base.key, info, release)
