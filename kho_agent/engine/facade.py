@@ -30,7 +30,7 @@ from .handoff import CommitOptions, CommitResult, SessionFdStore
 from .manifest import Manifest, VerifyItem, VerifyReport
 from .phase import AgentState, StateStore
 from .preflight import PreflightResult
-from .prepare import Plan, PrepareOptions
+from .prepare import CANCELLED_ON_REQUEST, Plan, PrepareOptions
 from .recovery import RecoveryResult
 from .scratch_plan import ScratchPlan
 from .verifyrun import HostObservation, Retrieved, VerifyRun
@@ -191,8 +191,9 @@ class Engine:
     def prepare(self, options: PrepareOptions) -> Manifest:
         return prepare.prepare(self._ctx, options)
 
-    def cancel(self) -> str:
-        return prepare.cancel(self._ctx)
+    def cancel(self, why: str = CANCELLED_ON_REQUEST) -> str:
+        """`why`: what the owners of the released sessions are told."""
+        return prepare.cancel(self._ctx, why)
 
     # ------------------------------------------------------------------ commit
 

@@ -81,7 +81,11 @@ class Job:
     result: str = ""
     error_name: str = ""
     error_message: str = ""
+    # how the error ended the job (errors.REGISTRY: 3 refused, 2 bad input or cannot run, ...)
+    error: AgentError | None = None
     cancel_requested: bool = False
+    # who started it: "uid 1000 (:1.42)", for the journal
+    caller: str = ""
     obj: ExportedObject | None = None
 
     def value(self, name: str) -> Any:
@@ -356,6 +360,7 @@ class AgentService:
         try:
             caller: Caller = yield Authorize(call.declared.action)
             job = self._begin_job(kind)
+            job.caller = f"uid {caller.uid} ({caller.sender})"
             try:
                 work = make_work(caller, job)
             except AgentError:  # refused before any work: the job never existed
@@ -402,6 +407,7 @@ class AgentService:
             state = api.JOB_CANCELED if isinstance(error, Cancelled) else api.JOB_FAILED
             job.state, job.error_name, job.error_message = (state, error.dbus_name,
                                                             error.message)
+            job.error = error
         else:
             data = outcome(result)
             job.state = api.JOB_CANCELED if data.get("canceled") else api.JOB_DONE
