@@ -56,7 +56,7 @@ from kho_agent.sim.versions import SimAbi
 CTL_TIMEOUT = 30.0
 WAIT_S = 10.0
 INCOMPATIBLE = SimAbi(kho="kho-v3", luo="luo-v1", memfd="memfd-v1")
-PROGRESS_LINE = re.compile(r"^(prepare|commit|cancel|verify): (\d+)%$")
+PROGRESS_LINE = re.compile(r"^(prepare|commit|cancel|verify): (\d+)%(?: .+)?$")
 
 
 # --- fixtures ------------------------------------------------------------------------------
@@ -178,10 +178,15 @@ def test_prepare_prints_progress_lines_and_exits_0(bus: PrivateBus, daemon: Daem
     done = ctl(bus.address, "prepare", "--kernel", str(kernel))
     assert done.returncode == 0, done.stderr
     values = progress_values(done.stderr, "prepare")
-    # not a terminal: one plain line per new value, from the job's start to its end
+    # not a terminal: one plain line per new value or phase, from the job's start to its end
     assert values[0] == 0 and values[-1] == 100
-    assert values == sorted(set(values)), values
+    assert values == sorted(values), values
     assert any(0 < v < 100 for v in values), values
+    # each line names the phase the job is in (issue 15: a bare percentage said nothing)
+    for phase in ("planning: reading the outgoing KHO state", "loading the kernel",
+                  "writing the manifest", "preserving the agent's session"):
+        assert re.search(rf"^prepare: \d+% {re.escape(phase)}$", done.stderr, re.M), \
+            done.stderr
     assert "\r" not in done.stderr
     assert f"prepared {kernel}" in done.stdout
     assert prop(bus, "State") == "prepared"

@@ -51,10 +51,15 @@ class Engine:
         if on_step_timed is not None:
             self._ctx.on_step_timed = on_step_timed
 
-    def set_progress_listener(self, on_progress: Callable[[int], None]) -> None:
-        """Called with a percentage as an operation advances (the daemon's Job.Progress); it
-        runs on the caller's thread and must not call back into the engine."""
+    def set_progress_listener(self, on_progress: Callable[[int], None],
+                              on_phase: Callable[[str, int, int], None] | None = None) -> None:
+        """Called with a percentage as an operation advances (the daemon's Job.Progress), and
+        with (phase, bytes done, bytes total) as it enters a phase or its bytes advance
+        (Job.Phase, Job.Bytes); they run on the caller's thread and must not call back into
+        the engine."""
         self._ctx.on_progress = on_progress
+        if on_phase is not None:
+            self._ctx.on_phase = on_phase
 
     # ------------------------------------------------------------------ read-only queries
 

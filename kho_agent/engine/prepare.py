@@ -208,6 +208,7 @@ def prepare(ctx: EngineContext, options: PrepareOptions) -> Manifest:
         loaded = False
         done = False
         try:
+            ctx.on_phase("planning: reading the outgoing KHO state", 0, 0)
             found = plan_files(ctx, files)
             ctx.on_progress(30)
             if found.result.blockers:
@@ -215,12 +216,15 @@ def prepare(ctx: EngineContext, options: PrepareOptions) -> Manifest:
                     f"{c.name}: {c.message}" for c in found.result.blockers))
             cmdline = _cmdline(options, info, found)
             _check_cancelled(options)
+            ctx.on_phase("loading the kernel", 0, 0)
             ctx.host.kexec.load(files.kernel, files.initrd, cmdline)
             loaded = True
             ctx.on_progress(60)
             _check_cancelled(options)
+            ctx.on_phase("writing the manifest", 0, 0)
             manifest = build_manifest(ctx, info, cmdline, found, final=False)
             write_atomic(ctx.store.manifest_path, manifest_to_json(manifest))
+            ctx.on_phase("preserving the agent's session", 0, 0)
             replace_agent_session(ctx, manifest)
             ctx.on_progress(90)
             _check_cancelled(options)
