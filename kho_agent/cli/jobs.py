@@ -168,8 +168,10 @@ def print_path(path: str, as_json: bool) -> int:
 
 def report(job: JobInfo, as_json: bool, outcome: Outcome) -> int:
     """Print how a job ended; its exit code. A failed job raises its agent error (main prints
-    it, as JSON with --json)."""
+    it, in the JSON envelope with --json, beside the job's document)."""
     if job.state == api.JOB_FAILED:
+        if as_json:  # the envelope's result: which job, beside its error
+            print_json(job.to_json())
         raise job.error()
     if job.state == api.JOB_CANCELED:
         data = job.result_json() or {}
