@@ -5,11 +5,13 @@ simulated kernel; the journal records are checked on what EventLog hands to syst
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
 from typing import Any
 
+import pytest
 from agenthost import PAGE, Host, create_session, host, invoke, kernel_option
 from dbusrig import MANAGER_IFACE, MANAGER_PATH
 from gi.repository import GLib
@@ -65,6 +67,23 @@ def test_a_record_has_its_priority_a_short_message_and_the_details_in_fields(
     assert stopped["MESSAGE_ID"] == Event.STOPPED_PREPARED.message_id
     lines = (tmp_path / "stderr").read_text().splitlines()
     assert len(lines) == 2 and all(len(line) <= LONGEST_LINE for line in lines), lines
+
+
+def test_the_real_journal_send_takes_a_refusal_at_warning_with_its_fields(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # as test_notify does: the real systemd.journal.send, caught at sendv (no journald here)
+    from systemd import journal as sd_journal
+
+    lines: list[tuple[Any, ...]] = []
+    monkeypatch.setattr(sd_journal, "sendv", lambda *args: lines.append(args))
+    EventLog(stream=io.StringIO(), environ={}).log_event(
+        Event.FAILED, "commit refused for uid 1000 (:1.9): session(s) not ready: vm-1",
+        journal.failure_priority(Busy("not ready")), error="org.khoagent.Agent1.Error.Busy",
+        caller="uid 1000 (:1.9)", job="4", job_type="commit", result=None)
+    (fields,) = lines
+    assert "PRIORITY=4" in fields and "PRIORITY=3" not in fields
+    assert "KHO_AGENT_CALLER=uid 1000 (:1.9)" in fields and "KHO_AGENT_JOB_TYPE=commit" in fields
+    assert not any(field.startswith("KHO_AGENT_RESULT=") for field in fields)
 
 
 # --- the daemon -----------------------------------------------------------------------------------
