@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from agenthost import Host, create_session, host, kernel_option
+from agenthost import JOB_IFACE, Host, create_session, host, invoke, kernel_option
 from test_engine import Rig
 
 from kho_agent.cli.bus import JobInfo
@@ -71,11 +71,15 @@ def test_the_job_publishes_its_phases_over_dbus(host: Host) -> None:
         return bool(seen) and seen[-1] == PREPARE_PHASES[-1]
 
     with client.catch_signal("PropertiesChanged", path=None,
-                             iface="org.freedesktop.DBus.Properties") as changes:
-        result, job = host.run_job(client, "Prepare", kernel_option(host))
-        assert result == "done", job
+                             iface="org.freedesktop.DBus.Properties") as changes, \
+            client.catch_signal("JobRemoved") as removed:
+        (path,) = invoke(client, "Prepare", "a{sv}", (kernel_option(host),))
+        assert removed.wait(30, lambda args: args[1] == path)[2] == "done"
         changes.wait(10, phase_of)
     assert seen == PREPARE_PHASES
+    # the properties as the contract declares them (Bytes: (done, total), none counted here)
+    assert client.get_property(path, JOB_IFACE, "Phase") == PREPARE_PHASES[-1]
+    assert tuple(client.get_property(path, JOB_IFACE, "Bytes")) == (0, 0)
 
 
 def test_the_progress_line_shows_the_phase_and_its_bytes() -> None:
