@@ -44,7 +44,7 @@ from .service import interfaces as api
 from .service.auth import Authorizer
 from .service.buses import bus_address, describe_bus
 from .service.fdstore import NotifierSessionStore, take_stored_sessions
-from .service.journal import Event, EventLog
+from .service.journal import LOG_ERR, Event, EventLog, failure_priority, short_line
 from .service.manager import AgentService, Hooks, Job, Snapshot
 from .service.metrics import DEFAULT_METRICS_DIR, MetricsInput, MetricsWriter
 from .service.metrics import render as render_metrics
@@ -227,6 +227,8 @@ class Daemon:
                                  else "no file, the built-in defaults"))
         self.loop = GLib.MainLoop()
         self.exit_code = EXIT_OK
+        # the signal that stopped the agent while an update was prepared (cancelled at exit)
+        self.stopped_prepared_by: int | None = None
         self.host = build_host(args)
         state_dir = args.state_dir or (args.simulate / "state" if args.simulate
                                        else DEFAULT_STATE_DIR)
@@ -254,10 +256,12 @@ class Daemon:
         recovery = self.engine.start()
         log_started("start: state reconciled with this boot")
         log(f"state {recovery.phase.value}: {recovery.message or self.engine.state.message}")
-        if recovery.message not in ("", "started"):
+        if recovery.disrupted:  # something ended halfway: the operator looks at it
             self.events.log_event(Event.RECOVERED, f"kho-agentd started in state "
                                   f"{recovery.phase.value}: {recovery.message}",
                                   state=recovery.phase.value)
+        elif recovery.verify_pending:  # the normal path after a kexec: info
+            log("started after a live update: verifying it")
         bus, polkit_bus = connect(self.args)
         # After the hand-off the bus goes away with the shutdown: the process must stay (it
         # holds the sessions until the kexec), so Gio must not exit it when the bus closes.
@@ -287,6 +291,8 @@ class Daemon:
         Gio.bus_unown_name(owner)
         self.service.close()
         self.worker.shutdown()
+        if self.stopped_prepared_by is not None:
+            self._cancel_at_stop(self.stopped_prepared_by)
         self.engine.close()
         bus.flush_sync(None)
         return self.exit_code
@@ -361,16 +367,22 @@ class Daemon:
 
     def _job_finished(self, job: Job) -> None:
         self._write_metrics()  # a refused commit changes the history, not the state
-        detail = job.error_message if job.error_message else job.result
-        log(f"job {job.id} ({job.type}) {job.state}: {detail}")
+        # one short line; the job's JSON result goes into the journal entry's fields
+        detail = job.error_message or self.engine.state.message
+        log(short_line(f"job {job.id} ({job.type}) {job.state}: {detail}"))
         target = self.engine.state.target
-        fields: dict[str, str] = {"job": str(job.id), "job_type": job.type,
-                                  "state": self.engine.state.phase.value,
-                                  "target": target.kernel if target else ""}
+        fields: dict[str, str | None] = {
+            "job": str(job.id), "job_type": job.type, "state": self.engine.state.phase.value,
+            "target": target.kernel if target else "", "caller": job.caller or "kho-agentd",
+            "result": job.result or None}
         if job.state != "done":
             if job.state == "failed":
-                self.events.log_event(Event.FAILED, f"{job.type} failed: {job.error_message}",
-                                      error=job.error_name, **fields)
+                # a caller's refused or malformed request is not the agent failing
+                priority = failure_priority(job.error)
+                what = "failed" if priority <= LOG_ERR else f"refused for {fields['caller']}"
+                self.events.log_event(Event.FAILED, f"{job.type} {what}: {job.error_message}",
+                                      priority, error=job.error_name,
+                                      error_message=job.error_message, **fields)
             return
         if job.type == "verify":
             if self.engine.state.phase is Phase.VERIFIED:
@@ -430,11 +442,31 @@ class Daemon:
             # stay open until the kernel reboots
             log(f"signal {signum} while handing off: holding the sessions until the kexec")
             return True
-        if phase is Phase.PREPARED:
-            log(f"signal {signum}: stopping while prepared; the sessions close with this process "
-                "and nothing stays preserved (the next start reports it cancelled)")
+        if phase in (Phase.PREPARED, Phase.PREPARING):
+            # the sessions close with this process whatever it does: cancel the update at exit,
+            # so that nothing stays loaded and the state says why (docs/systemd.md)
+            self.stopped_prepared_by = signum
         self.loop.quit()
         return False
+
+    def _cancel_at_stop(self, signum: int) -> None:
+        """Stopped while prepared: the session fds close with this process, so the update is
+        cancelled now (the kernel unloaded, the manifest removed, the state idle with the
+        reason) rather than found broken by the next start."""
+        if self.engine.state.phase is not Phase.PREPARED:  # a prepare that did not finish
+            return
+        sessions = sorted(self.engine.outgoing_sessions())
+        why = (f"kho-agentd was stopped (signal {signum}) while the update was prepared: its "
+               "session fds closed with it and nothing is preserved any more; prepare again "
+               "once it runs")
+        try:
+            message = self.engine.cancel(why)
+        except AgentError as exc:
+            message = f"cancelling failed: {exc.name}: {exc.message}"
+        self.events.log_event(
+            Event.STOPPED_PREPARED, f"stopped (signal {signum}) while prepared: "
+            f"{len(sessions)} session(s) dropped ({', '.join(sessions) or 'none'}); {message}",
+            state=self.engine.state.phase.value, sessions=sessions, signal=signum)
 
 
 def main(argv: list[str] | None = None) -> int:

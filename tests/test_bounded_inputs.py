@@ -10,7 +10,6 @@ or in-process under an interval timer that raises.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -24,6 +23,7 @@ from pathlib import Path
 from types import FrameType
 
 import pytest
+from cliout import cli_json
 
 from kho_agent.abi.errors import AbiError
 from kho_agent.errors import InvalidArgument, NotFound
@@ -76,7 +76,7 @@ def ctl(*argv: str, timeout: float = HANG_S) -> subprocess.CompletedProcess[str]
 def refused(done: subprocess.CompletedProcess[str], name: str, text: str) -> dict[str, object]:
     """A --json run that exited 2 with the error `name` and `text` in its message."""
     assert done.returncode == 2, (done.returncode, done.stdout, done.stderr)
-    doc: dict[str, object] = json.loads(done.stdout)
+    doc: dict[str, object] = cli_json(done.stdout)
     assert doc["error"] == name and doc["exit_code"] == 2, doc
     assert text in str(doc["message"]), doc
     assert text in done.stderr

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 import subprocess
@@ -11,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cliout import cli_json
 
 from kho_agent.cli import main
 
@@ -37,7 +37,7 @@ def test_check_json_incoming(samples_dir: Path, capsys: pytest.CaptureFixture[st
     code, out, _ = run(capsys, "check", "--in", str(case), "--memory",
                        str(case / "memory.core"), "--json")
     assert code == 0
-    doc = json.loads(out)
+    doc = cli_json(out)
     assert doc["summary"]["error"] == 0
     state = doc["state"]
     assert state["side"] == "in" and state["compatible"] == "kho-v4"
@@ -80,7 +80,7 @@ def test_live_reads_debugfs_and_kcore(samples_dir: Path, tmp_path: Path,
     code, out, _ = run(capsys, "check", "--live", "--json", "--debugfs", str(debugfs),
                        "--kcore-path", str(kcore))
     assert code == 0
-    doc = json.loads(out)
+    doc = cli_json(out)
     assert doc["source"].startswith(f"live {debugfs}/kho/out")
     codes = {f["code"] for f in doc["state"]["findings"]}
     assert "debugfs-fdt-truncated" in codes
@@ -160,7 +160,7 @@ def json_error(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dic
                                                                         str]:
     """Run main() with --json among argv; the JSON error document on stdout and stderr."""
     code, out, err = run(capsys, *argv)
-    doc: dict[str, object] = json.loads(out)
+    doc: dict[str, object] = cli_json(out)
     assert set(doc) >= {"error", "message", "exit_code"} and doc["exit_code"] == code, doc
     return code, doc, err
 

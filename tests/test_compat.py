@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import glob
-import json
 import os
 import re
 import shutil
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
+from cliout import cli_json
 
 from kho_agent.abi import CODES, KhoInput, Severity, Side, decode_state
 from kho_agent.abi.compat import (
@@ -407,7 +407,7 @@ def test_cli_two_images_incompatible_json(tmp_path: Path,
     a = write_image(tmp_path / "a", *V73)
     b = write_image(tmp_path / "b", "kho-v4", "luo-v6", "memfd-v2", "memblock-v1")
     assert main(["compat", "--kernel", b, "--running-image", a, "--json"]) == 1
-    doc = json.loads(capsys.readouterr().out)
+    doc = cli_json(capsys.readouterr().out)
     assert set(doc) == {"verdict", "rows", "notes", "running", "target", "images", "findings"}
     assert doc["verdict"] == "incompatible"
     luo = next(r for r in doc["rows"] if r["contract"] == "luo")
@@ -474,7 +474,7 @@ def test_cli_live_compatible(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     host = fake_host(tmp_path, boot=V73)
     target = write_image(tmp_path / "target", *V73)
     assert main(["compat", "--kernel", target, *host, "--json"]) == 0
-    doc = json.loads(capsys.readouterr().out)
+    doc = cli_json(capsys.readouterr().out)
     assert doc["verdict"] == "compatible"
     rows = {r["contract"]: r for r in doc["rows"]}
     assert rows["kho-root"]["running"] == ["kho-v4"]
@@ -499,7 +499,7 @@ def test_cli_live_state_wins_over_running_image(tmp_path: Path,
     host = fake_host(tmp_path, boot=["kho-v3", "luo-v5", "memfd-v2"])
     target = write_image(tmp_path / "target", *V73)
     assert main(["compat", "--kernel", target, *host, "--json"]) == 0
-    doc = json.loads(capsys.readouterr().out)
+    doc = cli_json(capsys.readouterr().out)
     assert next(r for r in doc["rows"] if r["contract"] == "kho-root")["running"] == ["kho-v4"]
 
 
@@ -519,7 +519,7 @@ def test_cli_live_booted_through_kho(tmp_path: Path, capsys: pytest.CaptureFixtu
     host = fake_host(tmp_path, stage="stage2-1-boot", boot=["luo-v5", "memfd-v2"])
     target = write_image(tmp_path / "target", *V73)
     assert main(["compat", "--kernel", target, *host, "--json"]) == 0
-    doc = json.loads(capsys.readouterr().out)
+    doc = cli_json(capsys.readouterr().out)
     root = next(r for r in doc["rows"] if r["contract"] == "kho-root")
     assert root["running"] == ["kho-v4"] and root["verdict"] == "compatible"
     assert doc["running"]["contracts"]["kho-root"]["source"].endswith("(kho/in)")

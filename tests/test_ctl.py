@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cliout import cli_json
 from dbusrig import (
     MANAGER_IFACE,
     MANAGER_PATH,
@@ -60,7 +61,7 @@ from kho_agent.sim.versions import SimAbi
 CTL_TIMEOUT = 30.0
 WAIT_S = 10.0
 INCOMPATIBLE = SimAbi(kho="kho-v3", luo="luo-v1", memfd="memfd-v1")
-PROGRESS_LINE = re.compile(r"^(prepare|commit|cancel|verify): (\d+)%$")
+PROGRESS_LINE = re.compile(r"^(prepare|commit|cancel|verify): (\d+)%(?: .+)?$")
 
 
 # --- fixtures ------------------------------------------------------------------------------
@@ -159,7 +160,7 @@ def test_status_text_and_json_agree_with_busctl(bus: PrivateBus, daemon: Daemon)
 
     done = ctl(bus.address, "status", "--json")
     assert done.returncode == 0, done.stderr
-    doc = json.loads(done.stdout)
+    doc = cli_json(done.stdout)
     # every Manager property, with the value busctl reads
     for name in ("State", "StateMessage", "HandoffMode", "RunningKernel", "TargetKernel",
                  "LiveUpdateNumber", "LastResult", "Simulated"):
@@ -172,7 +173,7 @@ def test_status_text_and_json_agree_with_busctl(bus: PrivateBus, daemon: Daemon)
 def test_bus_option_is_accepted_after_the_command_too(bus: PrivateBus, daemon: Daemon) -> None:
     done = ctl(None, "status", "--json", "--bus-address", bus.address)
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["properties"]["State"] == "idle"
+    assert cli_json(done.stdout)["properties"]["State"] == "idle"
 
 
 # --- prepare ----------------------------------------------------------------------------------
@@ -182,10 +183,15 @@ def test_prepare_prints_progress_lines_and_exits_0(bus: PrivateBus, daemon: Daem
     done = ctl(bus.address, "prepare", "--kernel", str(kernel))
     assert done.returncode == 0, done.stderr
     values = progress_values(done.stderr, "prepare")
-    # not a terminal: one plain line per new value, from the job's start to its end
+    # not a terminal: one plain line per new value or phase, from the job's start to its end
     assert values[0] == 0 and values[-1] == 100
-    assert values == sorted(set(values)), values
+    assert values == sorted(values), values
     assert any(0 < v < 100 for v in values), values
+    # each line names the phase the job is in (issue 15: a bare percentage said nothing)
+    for phase in ("planning: reading the outgoing KHO state", "loading the kernel",
+                  "writing the manifest", "preserving the agent's session"):
+        assert re.search(rf"^prepare: \d+% {re.escape(phase)}$", done.stderr, re.M), \
+            done.stderr
     assert "\r" not in done.stderr
     assert f"prepared {kernel}" in done.stdout
     assert prop(bus, "State") == "prepared"
@@ -199,13 +205,13 @@ def test_prepare_resolves_a_relative_kernel_path(bus: PrivateBus, daemon: Daemon
                            "prepare", "--kernel", kernel.name, "--json"], cwd=kernel.parent,
                           capture_output=True, text=True, timeout=CTL_TIMEOUT, env=client_env())
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["result"]["prepared"] == str(kernel)
+    assert cli_json(done.stdout)["result"]["prepared"] == str(kernel)
 
 
 def test_prepare_dry_run_changes_nothing(bus: PrivateBus, daemon: Daemon, kernel: Path) -> None:
     done = ctl(bus.address, "prepare", "--kernel", str(kernel), "--dry-run", "--json")
     assert done.returncode == 0, done.stderr
-    doc = json.loads(done.stdout)
+    doc = cli_json(done.stdout)
     assert doc["state"] == "done" and doc["type"] == "prepare"
     assert doc["result"]["dry_run"] is True and doc["result"]["would_prepare"] is True
     assert "kho=on" in doc["result"]["cmdline"].split()
@@ -214,7 +220,7 @@ def test_prepare_dry_run_changes_nothing(bus: PrivateBus, daemon: Daemon, kernel
     # no manifest was written
     manifest = ctl(bus.address, "manifest", "--json")
     assert manifest.returncode == 2
-    assert json.loads(manifest.stdout)["error"] == "NotFound"
+    assert cli_json(manifest.stdout)["error"] == "NotFound"
 
 
 def test_dry_run_of_an_incompatible_target_exits_1(bus: PrivateBus, daemon: Daemon,
@@ -234,7 +240,7 @@ def test_refused_prepare_exits_3_with_the_error_name(bus: PrivateBus, daemon: Da
     SimKernel(simdir).write_kernel_image(path, release="6.19-sim", abi=INCOMPATIBLE)
     done = ctl(bus.address, "prepare", "--kernel", str(path), "--json")
     assert done.returncode == 3, done.stderr
-    doc = json.loads(done.stdout)
+    doc = cli_json(done.stdout)
     assert doc["error"] == "PreflightFailed" and doc["exit_code"] == 3
     assert "target-abi" in doc["message"]
     assert "PreflightFailed" in done.stderr
@@ -246,7 +252,7 @@ def test_malformed_scratch_value_is_refused_before_the_call(bus: PrivateBus, dae
     done = ctl(bus.address, "prepare", "--kernel", str(kernel), "--scratch", "64M,,64M",
                "--json")
     assert done.returncode == 2
-    assert json.loads(done.stdout)["error"] == "InvalidArgument"
+    assert cli_json(done.stdout)["error"] == "InvalidArgument"
     assert busctl(bus.address, "tree", api.BUS_NAME).stdout.count("/job/") == 0
 
 
@@ -265,7 +271,7 @@ def test_no_wait_prints_the_job_path(bus: PrivateBus, daemon: Daemon, kernel: Pa
 def test_commit_without_prepare_exits_3(bus: PrivateBus, daemon: Daemon) -> None:
     done = ctl(bus.address, "commit", "--json")
     assert done.returncode == 3
-    doc = json.loads(done.stdout)
+    doc = cli_json(done.stdout)
     assert doc["error"] == "NotPrepared" and doc["exit_code"] == 3
     assert "warning" not in done.stderr and "handing off" not in done.stderr
     assert daemon.returncode is None  # nothing happened to it
@@ -303,7 +309,7 @@ def test_commit_dry_run_and_cancel(bus: PrivateBus, daemon: Daemon, kernel: Path
 
     cancel = ctl(bus.address, "cancel", "--json")
     assert cancel.returncode == 0, cancel.stderr
-    doc = json.loads(cancel.stdout)
+    doc = cli_json(cancel.stdout)
     assert doc["type"] == "cancel" and doc["state"] == "done"
     assert doc["result"]["message"].startswith("cancelled")
     assert prop(bus, "State") == "idle"
@@ -314,7 +320,7 @@ def test_commit_dry_run_and_cancel(bus: PrivateBus, daemon: Daemon, kernel: Path
 def test_verify_with_nothing_to_verify_is_refused(bus: PrivateBus, daemon: Daemon) -> None:
     done = ctl(bus.address, "verify", "--json")
     assert done.returncode == 3
-    assert json.loads(done.stdout)["error"] == "NotPrepared"
+    assert cli_json(done.stdout)["error"] == "NotPrepared"
     assert "nothing to verify" in done.stderr
     assert prop(bus, "State") == "idle"   # refused, not "failed"
 
@@ -327,7 +333,7 @@ def test_prepare_commit_restart_verify(bus: PrivateBus, daemon: Daemon, kernel: 
         create_ready_session(vm_manager, "vm-1", 7, content)
         listed = ctl(bus.address, "sessions", "--json")
         assert listed.returncode == 0, listed.stderr
-        (row,) = json.loads(listed.stdout)
+        (row,) = cli_json(listed.stdout)
         assert row["name"] == "vm-1" and row["ready"] is True and row["incoming"] is False
         assert row["tokens"] == [7] and row["owner_uid"] == 0
         assert row["owner_bus_name"] == vm_manager.unique_name
@@ -336,7 +342,7 @@ def test_prepare_commit_restart_verify(bus: PrivateBus, daemon: Daemon, kernel: 
 
         prepared = ctl(bus.address, "prepare", "--kernel", str(kernel), "--json")
         assert prepared.returncode == 0, prepared.stderr
-        assert json.loads(prepared.stdout)["result"]["sessions"] == ["vm-1"]
+        assert cli_json(prepared.stdout)["result"]["sessions"] == ["vm-1"]
         manifest = ctl(bus.address, "manifest")
         assert manifest.returncode == 0, manifest.stderr
         assert "vm-1" in {s["name"] for s in json.loads(manifest.stdout)["sessions"]}
@@ -355,7 +361,7 @@ def test_prepare_commit_restart_verify(bus: PrivateBus, daemon: Daemon, kernel: 
 
     down = ctl(bus.address, "status", "--json")
     assert down.returncode == 2
-    assert json.loads(down.stdout)["error"] == "DaemonUnreachable"
+    assert cli_json(down.stdout)["error"] == "DaemonUnreachable"
 
     daemon.start()  # the next boot: it verifies on its own
     wait_for_state(bus, "verified")
@@ -366,13 +372,13 @@ def test_prepare_commit_restart_verify(bus: PrivateBus, daemon: Daemon, kernel: 
     status = ctl(bus.address, "status")
     assert re.search(r"^  state: +verified", status.stdout, re.M), status.stdout
     assert re.search(r"^  last result: +verified", status.stdout, re.M)
-    doc = json.loads(ctl(bus.address, "status", "--json").stdout)
+    doc = cli_json(ctl(bus.address, "status", "--json").stdout)
     assert doc["properties"]["State"] == "verified"
     assert doc["last_result"]["ok"] is True
     assert [s["name"] for s in doc["sessions"]] == ["vm-1"]
     assert doc["sessions"][0]["incoming"] is True
 
-    jobs = json.loads(ctl(bus.address, "jobs", "--json").stdout)
+    jobs = cli_json(ctl(bus.address, "jobs", "--json").stdout)
     assert [(j["id"], j["type"], j["state"], j["progress"]) for j in jobs] == \
         [(1, "verify", "done", 100)]
     assert get_property(bus.address, jobs[0]["job"], api.JOB_IFACE, "State") == "done"
@@ -401,9 +407,9 @@ def test_verify_follows_the_daemons_own_verification(bus: PrivateBus, daemon: Da
     # answer is the daemon's verification, not a second one
     done = ctl(bus.address, "verify", "--json")
     assert done.returncode == 0, done.stderr
-    doc = json.loads(done.stdout)
+    doc = cli_json(done.stdout)
     assert doc["result"]["ok"] is True and doc["type"] == "verify"
-    jobs = json.loads(ctl(bus.address, "jobs", "--json").stdout)
+    jobs = cli_json(ctl(bus.address, "jobs", "--json").stdout)
     assert [j["type"] for j in jobs] == ["verify"]
 
 
@@ -439,7 +445,7 @@ def test_kernel_refusals_exit_4_with_the_errno(bus: PrivateBus, daemon: Daemon, 
     sim.inject("load-fails", errno=errno.EBUSY)
     load = ctl(bus.address, "prepare", "--kernel", str(kernel), "--json")
     assert load.returncode == 4, load.stderr
-    doc = json.loads(load.stdout)
+    doc = cli_json(load.stdout)
     assert doc["error"] == "KernelRefused" and doc["exit_code"] == 4
     assert doc["errno"] == errno.EBUSY and doc["errno_name"] == "EBUSY"
     assert prop(bus, "State") == "idle"
@@ -469,7 +475,7 @@ def test_verify_reports_a_damaged_file_and_exits_1(bus: PrivateBus, daemon: Daem
     assert done.returncode == 1, done.stderr
     assert done.stdout.startswith("failed:")
     assert "vm-2" in done.stdout
-    doc = json.loads(ctl(bus.address, "verify", "--json").stdout)
+    doc = cli_json(ctl(bus.address, "verify", "--json").stdout)
     assert doc["result"]["ok"] is False
     assert any("vm-2" in f["name"] for f in doc["result"]["summary"]["failures"])
 
@@ -480,7 +486,7 @@ def test_preflight_and_scratch_go_through_the_daemon(bus: PrivateBus, daemon: Da
                                                      kernel: Path) -> None:
     done = ctl(bus.address, "preflight", "--kernel", str(kernel), "--json")
     assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout)
+    report = cli_json(done.stdout)
     # only the daemon on the simulated kernel reports this mode; this process is not simulated
     assert report["handoff_mode"] == "simulated"
     assert report["verdict"] == "ok"
@@ -490,7 +496,7 @@ def test_preflight_and_scratch_go_through_the_daemon(bus: PrivateBus, daemon: Da
 
     plan = ctl(bus.address, "scratch", "--kernel", str(kernel), "--json")
     assert plan.returncode in (0, 1), plan.stderr
-    doc = json.loads(plan.stdout)
+    doc = cli_json(plan.stdout)
     assert doc["host"] is None and doc["inputs"] is None  # the daemon sends the plan only
     assert (plan.returncode == 0) == doc["sufficient"]
     # the areas are the simulated kernel's, as its debugfs lists them
@@ -532,7 +538,7 @@ def test_preflight_runs_locally_with_a_note_when_no_daemon_answers(bus: PrivateB
     assert done.returncode in (0, 1)
     notes = [line for line in done.stderr.splitlines() if "note:" in line]
     assert len(notes) == 1 and "in this process" in notes[0]
-    assert json.loads(done.stdout)["handoff_mode"] != "simulated"
+    assert cli_json(done.stdout)["handoff_mode"] != "simulated"
 
 
 # --- daemon not reachable ----------------------------------------------------------------------
@@ -543,7 +549,7 @@ def test_a_missing_kernel_is_refused_here_before_any_call(bus: PrivateBus, daemo
     path = tmp_path / "vmlinuz-missing"
     done = ctl(bus.address, "prepare", "--kernel", str(path), "--json")
     assert done.returncode == 2, done.stderr
-    doc = json.loads(done.stdout)
+    doc = cli_json(done.stdout)
     assert doc["error"] == "NotFound" and doc["message"] == f"target kernel {path} does not exist"
     assert busctl(bus.address, "tree", api.BUS_NAME).stdout.count("/job/") == 0
     assert prop(bus, "State") == "idle"
@@ -593,7 +599,7 @@ def test_no_daemon_exits_2_with_how_to_start_it(bus: PrivateBus, tmp_path: Path,
 def test_no_bus_exits_2_in_json(tmp_path: Path) -> None:
     done = ctl(f"unix:path={tmp_path}/no-bus-here", "status", "--json")
     assert done.returncode == 2
-    doc = json.loads(done.stdout)
+    doc = cli_json(done.stdout)
     assert doc["error"] == "DaemonUnreachable" and doc["exit_code"] == 2
     assert "cannot connect" in doc["message"]
 
@@ -803,7 +809,7 @@ def test_a_stopped_daemon_is_daemon_not_responding_within_the_timeout(
             done, took = timed_ctl(bus.address, *argv, "--timeout", "2", "--json")
             assert took < 2 + SLACK_S, (argv, took)
             assert done.returncode == 2, (argv, done.stdout, done.stderr)
-            doc = json.loads(done.stdout)
+            doc = cli_json(done.stdout)
             assert doc["error"] == "DaemonNotResponding" and doc["exit_code"] == 2, (argv, doc)
             assert f"(pid {daemon.pid}, stopped: `kill -CONT {daemon.pid}` resumes it)" in \
                 doc["message"]
@@ -818,7 +824,7 @@ def test_a_stopped_bus_is_bounded_too(tmp_path: Path) -> None:
         done, took = timed_ctl(private.address, "status", "--timeout", "2", "--json")
     assert took < 2 + SLACK_S
     assert done.returncode == 2, done.stderr
-    doc = json.loads(done.stdout)
+    doc = cli_json(done.stdout)
     assert doc["error"] == "DaemonUnreachable"
     assert "did not accept a connection within 2 s" in doc["message"]
 
@@ -881,7 +887,7 @@ def test_following_a_job_is_bounded_when_the_daemon_stops(bus: PrivateBus) -> No
         # a job that runs on: the wait ends at --timeout, and the job continues
         done, took = timed_ctl(bus.address, "cancel", "--timeout", "2", "--json")
         assert took < 2 + SLACK_S and done.returncode == 2, done.stderr
-        assert json.loads(done.stdout)["error"] == "JobNotFinished"
+        assert cli_json(done.stdout)["error"] == "JobNotFinished"
         # the daemon stopped while its job is followed: no news, and no answer to a Ping
         follower = subprocess.Popen(
             [sys.executable, "-m", "kho_agent.cli", "--bus-address", bus.address, "cancel",
@@ -899,7 +905,7 @@ def test_following_a_job_is_bounded_when_the_daemon_stops(bus: PrivateBus) -> No
             follower.wait()
         assert took < 3 + SLACK_S, took
         assert follower.returncode == 2 and "Traceback" not in err, err
-        doc = json.loads(out)
+        doc = cli_json(out)
         assert doc["error"] == "DaemonNotResponding"
         assert f"sent nothing about job {api.JOB_PATH_PREFIX}1 for 3 s" in doc["message"]
         assert f"(pid {fake.pid}, stopped:" in doc["message"]
@@ -929,17 +935,17 @@ def test_kernel_and_initrd_reach_the_daemon_as_fds(bus: PrivateBus, daemon: Daem
 
         dry = run("prepare", "--dry-run")
         assert dry.returncode == 0, dry.stderr
-        result = json.loads(dry.stdout)["result"]
+        result = cli_json(dry.stdout)["result"]
         # the daemon names the files it was passed by where they really are
         assert result["kernel"] == str(kernel) and result["initrd"] == str(initrd)
         assert result["would_prepare"] is True
         report = run("preflight")
         assert report.returncode == 0, report.stderr
-        checks = {c["name"]: c for c in json.loads(report.stdout)["checks"]}
+        checks = {c["name"]: c for c in cli_json(report.stdout)["checks"]}
         assert checks["target-abi"]["tier"] == "ok", checks["target-abi"]
         plan = run("scratch")
         assert plan.returncode in (0, 1), plan.stderr
-        assert json.loads(plan.stdout)["plan"]["segments"]
+        assert cli_json(plan.stdout)["plan"]["segments"]
     finally:
         os.close(kernel_fd)
         os.close(initrd_fd)
@@ -961,5 +967,5 @@ def test_an_unprivileged_client_passes_fds_the_daemon_accepts(bus: PrivateBus, d
     finally:
         shutil.rmtree(public)
     assert done.returncode == 0, done.stderr
-    checks = {c["name"]: c for c in json.loads(done.stdout)["checks"]}
+    checks = {c["name"]: c for c in cli_json(done.stdout)["checks"]}
     assert checks["target-abi"]["tier"] == "ok", checks["target-abi"]

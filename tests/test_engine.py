@@ -11,6 +11,7 @@ from pathlib import Path
 
 import blake3
 import pytest
+from cliout import cli_json
 
 from kho_agent.cli import main as cli_main
 from kho_agent.engine import CommitOptions, Engine, EngineConfig, PrepareOptions
@@ -304,7 +305,7 @@ def test_faults_in_the_handover_fail_verification(rig: Rig, fault: str,
 
 def test_cli_rehearse_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = cli_main(["rehearse", "--dir", str(tmp_path / "r"), "--sessions", "1", "--json"])
-    out = json.loads(capsys.readouterr().out)
+    out = cli_json(capsys.readouterr().out)
     assert code == 0 and out["ok"] is True
     assert out["verify"]["ok"] is True
 

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cliout import cli_json
 
 from kho_agent.abi.compat import (
     KHO_ROOT_MISMATCH,
@@ -600,7 +601,7 @@ def test_cli_preflight_json_on_sim_root(tmp_path: Path,
     assert sim.abi == SimAbi()
     capsys.readouterr()
     code = main(["preflight", "--root", str(sim_root), "--kernel", str(image), "--json"])
-    data = json.loads(capsys.readouterr().out)
+    data = cli_json(capsys.readouterr().out)
 
     tiers = {c["name"]: c["tier"] for c in data["checks"]}
     assert set(tiers) == CHECK_NAMES

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+from cliout import cli_json
 from test_image import bzimage_header
 from test_kho_scratch import REGIONS
 
@@ -343,7 +344,7 @@ def test_cli_json(tmp_path: Path, capsys: pytest.CaptureFixture[str],
     code, out, _ = run_cli(capsys, monkeypatch, "--root", str(root), "--kernel", kernel,
                            "--initrd", initrd, "--json", "--margin", "0")
     assert code == 0
-    doc = json.loads(out)
+    doc = cli_json(out)
     assert doc["sufficient"] is True and doc["verdict"] == "sufficient"
     plan = doc["plan"]
     # margin 0: 80 MiB + 26603520 bytes of segments = 110489600 -> 27 blocks = 108 MiB
@@ -378,7 +379,7 @@ def test_cli_uses_the_running_kernel_from_boot(tmp_path: Path,
     root = fake_host(tmp_path / "root", [100 * MiB, 0, 100 * MiB])
     put(root, "boot/vmlinuz-7.3.0-test", bzimage_header(24 * MiB) + bytes(4096))
     code, out, _ = run_cli(capsys, monkeypatch, "--root", str(root), "--json")
-    doc = json.loads(out)
+    doc = cli_json(out)
     assert code == 0
     assert doc["inputs"]["kernel"]["memory"] == 24 * MiB
     assert any("stand in for the next kernel" in n for n in doc["plan"]["notes"])

@@ -3,14 +3,16 @@
 Exit codes are stable for fleet tooling: 0 ok, 1 a check failed, 2 usage or cannot run, 3 refused
 by policy, 4 the kernel refused (kho_agent.errors maps every error to one of them). Every failure,
 a usage error included, is one agent error with a stable name: printed on stderr, and with
-`--json` also as the JSON error document on stdout (AgentError.to_json(): `error`, `message`,
-`exit_code`, and `errno`/`errno_name` for a failed system call).
+`--json` in the one envelope every command prints on stdout (envelope.py: `schema`, `command`,
+`ok`, `exit_code`, `result`, `error`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import io
 import os
 import sys
 from collections.abc import Callable
@@ -19,6 +21,7 @@ from typing import NoReturn, cast
 
 from ..about import VersionAction
 from ..errors import AgentError, InvalidArgument
+from . import envelope
 from .bus import add_bus_options
 from .common import EXIT_BROKEN_PIPE, Interrupted, UsageError, os_error, print_json
 
@@ -143,11 +146,9 @@ def as_agent_error(exc: BaseException) -> AgentError:
     return InvalidArgument(str(exc))
 
 
-def report(err: AgentError, label: str, as_json: bool) -> int:
-    """Print an error (stderr; and the JSON error document on stdout with --json); its exit
+def report(err: AgentError, label: str) -> int:
+    """Print an error on stderr (main() puts it in the JSON envelope with --json); its exit
     code."""
-    if as_json:
-        print_json(err.to_json())
     if isinstance(err, UsageError):
         # argparse's own form: the usage of the command concerned, then `PROG: error: ...`
         sys.stderr.write(err.usage)
@@ -172,19 +173,40 @@ def _silence_broken_pipe() -> None:
         os.close(devnull)
 
 
+def _run(words: list[str], command: str | None, label: str) -> tuple[int, AgentError | None]:
+    """Parse and run the command; an error is reported on stderr. (exit code, the error)."""
+    try:
+        args = build_parser(command).parse_args(words)
+        code: int = args.run(args)
+    except BrokenPipeError:
+        raise
+    except handled_errors() as exc:
+        err = as_agent_error(exc)
+        return report(err, label), err
+    return code, None
+
+
+def _run_json(words: list[str], command: str | None, label: str) -> int:
+    """--json: what the command prints on stdout becomes the `result` of the one envelope."""
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            code, error = _run(words, command, label)
+    except SystemExit:  # --help (argparse prints and exits): its text, as it is
+        sys.stdout.write(printed.getvalue())
+        raise
+    doc = envelope.document(command, code, printed.getvalue(), error)
+    print_json(doc)
+    return int(doc["exit_code"])
+
+
 def main(argv: list[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     as_json = wants_json(words)
     command = _chosen(words)
     label = f"kho-agentctl {command}" if command else "kho-agentctl"
     try:
-        try:
-            args = build_parser(command).parse_args(words)
-            code: int = args.run(args)
-        except BrokenPipeError:
-            raise
-        except handled_errors() as exc:
-            code = report(as_agent_error(exc), label, as_json)
+        code = _run_json(words, command, label) if as_json else _run(words, command, label)[0]
         # flushed here, not at exit, so that a reader gone away is seen below
         sys.stdout.flush()
         sys.stderr.flush()

@@ -161,16 +161,21 @@ class JobInfo:
     type: str = ""
     state: str = api.JOB_RUNNING
     progress: int = 0
+    phase: str = ""
+    bytes_done: int = 0
+    bytes_total: int = 0
     result: str = ""
     error_name: str = ""
     error_message: str = ""
 
     def update(self, props: dict[str, Any]) -> None:
         for key, attr in (("Id", "id"), ("Type", "type"), ("State", "state"),
-                          ("Progress", "progress"), ("Result", "result"),
+                          ("Progress", "progress"), ("Phase", "phase"), ("Result", "result"),
                           ("ErrorName", "error_name"), ("ErrorMessage", "error_message")):
             if key in props:
                 setattr(self, attr, props[key])
+        if "Bytes" in props:  # an older daemon has neither Phase nor Bytes
+            self.bytes_done, self.bytes_total = props["Bytes"]
 
     @property
     def running(self) -> bool:
@@ -192,7 +197,8 @@ class JobInfo:
 
     def to_json(self) -> dict[str, Any]:
         return {"job": self.path, "id": self.id, "type": self.type, "state": self.state,
-                "progress": self.progress, "result": self.result_json(),
+                "progress": self.progress, "phase": self.phase,
+                "bytes": [self.bytes_done, self.bytes_total], "result": self.result_json(),
                 "error": self.error().to_json() if self.state == api.JOB_FAILED else None}
 
 
@@ -653,7 +659,7 @@ class _JobWatch:
         tick = GLib.timeout_source_new(_TICK_MS)
         tick.set_callback(lambda *_: True)
         tick.attach(self.context)
-        reported = job.progress
+        reported = (job.progress, job.phase, job.bytes_done)
         on_progress(job)
         try:
             while True:
@@ -668,8 +674,9 @@ class _JobWatch:
                     # Progress only grows: a smaller value was sent before the snapshot that
                     # follow() read, and is older news
                     job.progress = max(job.progress, before)
-                    if job.progress != reported:  # every step, not only the latest
-                        reported = job.progress
+                    now = (job.progress, job.phase, job.bytes_done)
+                    if now != reported:  # every step, not only the latest
+                        reported = now
                         on_progress(job)
                 self.seen.changes.clear()
                 ended = [r for r in self.seen.removed if r[1] == job.path]

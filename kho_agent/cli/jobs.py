@@ -56,29 +56,58 @@ def add_job_options(p: argparse.ArgumentParser) -> None:
 
 # ---------------------------------------------------------------------------------- progress
 
+def size_text(n: int) -> str:
+    """412 MiB, 1.0 GiB, 512 B: binary units, three significant figures at most."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            break
+        value /= 1024
+    if unit == "B":
+        return f"{n} B"
+    return f"{value:.1f} {unit}" if value < 10 else f"{value:.0f} {unit}"
+
+
+def phase_text(job: JobInfo) -> str:
+    """`digesting 412 MiB / 1.0 GiB`, `loading the kernel`, or "" before the first phase."""
+    if job.bytes_total > 0:
+        return f"{job.phase} {size_text(job.bytes_done)} / {size_text(job.bytes_total)}"
+    return job.phase
+
+
 class ProgressView:
-    """Job progress on a stream: one line redrawn with \\r on a terminal, else a plain line per
-    new value (logs and pipes stay readable)."""
+    """Job progress on a stream: the percentage, the phase and its bytes. One line redrawn
+    with \\r on a terminal; else a plain line per new percentage or phase, and per tenth of a
+    phase's bytes (logs and pipes stay readable)."""
 
     def __init__(self, label: str, stream: TextIO) -> None:
         self.label = label
         self.stream = stream
         self.tty = stream.isatty()
-        self.last: int | None = None
+        self.last: tuple[int, str, int] | None = None
+        self.width = 0
         self.drawn = False
 
     def update(self, job: JobInfo) -> None:
         percent = max(0, min(100, job.progress))
-        if percent == self.last:
+        # bytes in tenths (lines) or hundredths (a terminal): the daemon sends every 1%
+        steps = 100 if self.tty else 10
+        share = job.bytes_done * steps // job.bytes_total if job.bytes_total > 0 else 0
+        now = (percent, job.phase, share)
+        if now == self.last:
             return
-        self.last = percent
+        self.last = now
+        what = phase_text(job)
         if self.tty:
             filled = BAR_WIDTH * percent // 100
             bar = "#" * filled + "." * (BAR_WIDTH - filled)
-            self.stream.write(f"\r{self.label} [{bar}] {percent:3d}%")
+            line = f"{self.label} [{bar}] {percent:3d}%" + (f" {what}" if what else "")
+            # blank what a longer line before left behind
+            self.stream.write(f"\r{line.ljust(self.width)}")
+            self.width = max(self.width, len(line))
             self.drawn = True
         else:
-            self.stream.write(f"{self.label}: {percent}%\n")
+            self.stream.write(f"{self.label}: {percent}%" + (f" {what}" if what else "") + "\n")
         self.stream.flush()
 
     def finish(self) -> None:
@@ -139,8 +168,10 @@ def print_path(path: str, as_json: bool) -> int:
 
 def report(job: JobInfo, as_json: bool, outcome: Outcome) -> int:
     """Print how a job ended; its exit code. A failed job raises its agent error (main prints
-    it, as JSON with --json)."""
+    it, in the JSON envelope with --json, beside the job's document)."""
     if job.state == api.JOB_FAILED:
+        if as_json:  # the envelope's result: which job, beside its error
+            print_json(job.to_json())
         raise job.error()
     if job.state == api.JOB_CANCELED:
         data = job.result_json() or {}

@@ -23,7 +23,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: s
 def run(args: argparse.Namespace) -> int:
     with AgentClient.from_args(args) as client:
         (text,) = client.manager("GetManifest")
-    # the manifest is JSON either way: --json changes nothing but is accepted everywhere
+    # the manifest is JSON either way: without --json the manifest itself, with it the
+    # manifest as the result of the envelope every --json document is
     try:
         print_json(json.loads(text))
     except json.JSONDecodeError as exc:

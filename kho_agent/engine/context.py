@@ -97,6 +97,10 @@ class EngineContext:
     # Called with a percentage as an operation advances (the daemon's Job.Progress); it
     # runs on the caller's thread and must not call back into the engine.
     on_progress: Callable[[int], None] = lambda percent: None
+    # Called with (phase, bytes done, bytes total) as an operation enters a phase and, where
+    # bytes are what takes the time (digests), as they advance (total 0: not counted in bytes).
+    # The daemon's Job.Phase and Job.Bytes; same thread rules as on_progress.
+    on_phase: Callable[[str, int, int], None] = lambda phase, done, total: None
     # Called with (step, seconds) as verify ends each of its steps (the daemon logs them):
     # after a kexec a VM manager waits on verify, so where its time goes is worth a line.
     on_step_timed: Callable[[str, float], None] = lambda step, seconds: None

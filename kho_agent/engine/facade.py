@@ -31,7 +31,7 @@ from .history import HISTORY_FILE, HistoryLog, HistoryRead
 from .manifest import Manifest, VerifyItem, VerifyReport
 from .phase import AgentState, StateStore
 from .preflight import PreflightResult
-from .prepare import Plan, PrepareOptions
+from .prepare import CANCELLED_ON_REQUEST, Plan, PrepareOptions
 from .recovery import RecoveryResult
 from .scratch_plan import ScratchPlan
 from .verifyrun import HostObservation, Retrieved, VerifyRun
@@ -56,10 +56,15 @@ class Engine:
         if on_step_timed is not None:
             self._ctx.on_step_timed = on_step_timed
 
-    def set_progress_listener(self, on_progress: Callable[[int], None]) -> None:
-        """Called with a percentage as an operation advances (the daemon's Job.Progress); it
-        runs on the caller's thread and must not call back into the engine."""
+    def set_progress_listener(self, on_progress: Callable[[int], None],
+                              on_phase: Callable[[str, int, int], None] | None = None) -> None:
+        """Called with a percentage as an operation advances (the daemon's Job.Progress), and
+        with (phase, bytes done, bytes total) as it enters a phase or its bytes advance
+        (Job.Phase, Job.Bytes); they run on the caller's thread and must not call back into
+        the engine."""
         self._ctx.on_progress = on_progress
+        if on_phase is not None:
+            self._ctx.on_phase = on_phase
 
     # ------------------------------------------------------------------ read-only queries
 
@@ -204,8 +209,9 @@ class Engine:
     def prepare(self, options: PrepareOptions) -> Manifest:
         return prepare.prepare(self._ctx, options)
 
-    def cancel(self) -> str:
-        return prepare.cancel(self._ctx)
+    def cancel(self, why: str = CANCELLED_ON_REQUEST) -> str:
+        """`why`: what the owners of the released sessions are told."""
+        return prepare.cancel(self._ctx, why)
 
     # ------------------------------------------------------------------ commit
 

@@ -207,6 +207,7 @@ def prepare(ctx: EngineContext, options: PrepareOptions) -> Manifest:
         loaded = False
         done = False
         try:
+            ctx.on_phase("planning: reading the outgoing KHO state", 0, 0)
             found = plan_files(ctx, files)
             ctx.on_progress(30)
             if found.result.blockers:
@@ -214,12 +215,15 @@ def prepare(ctx: EngineContext, options: PrepareOptions) -> Manifest:
                     f"{c.name}: {c.message}" for c in found.result.blockers))
             cmdline = _cmdline(options, info, found)
             _check_cancelled(options)
+            ctx.on_phase("loading the kernel", 0, 0)
             ctx.host.kexec.load(files.kernel, files.initrd, cmdline)
             loaded = True
             ctx.on_progress(60)
             _check_cancelled(options)
+            ctx.on_phase("writing the manifest", 0, 0)
             manifest = build_manifest(ctx, info, cmdline, found, final=False)
             write_atomic(ctx.store.manifest_path, manifest_to_json(manifest))
+            ctx.on_phase("preserving the agent's session", 0, 0)
             replace_agent_session(ctx, manifest)
             ctx.on_progress(90)
             _check_cancelled(options)
@@ -338,9 +342,15 @@ def build_manifest(ctx: EngineContext, info: SysInfo, cmdline: str, found: Plan 
 
 # --------------------------------------------------------------------- cancel
 
-def cancel(ctx: EngineContext) -> str:
+CANCELLED_ON_REQUEST = ("the live update was cancelled (kho-agentctl cancel or Cancel()): the "
+                       "session was closed and its files are no longer preserved; create it "
+                       "again for the next update")
+
+
+def cancel(ctx: EngineContext, why: str = CANCELLED_ON_REQUEST) -> str:
     """Cancel the prepared update: unload the kernel, release every client session (their
-    owners are told through `released`), drop the manifest. The kernel is unloaded first:
+    owners are told through `released`, with `why`), drop the manifest. The kernel is unloaded
+    first:
     if that fails nothing else has changed and the update goes back to where it was. The
     steps after it cannot fail halfway, and a state that cannot be saved (disk full) does
     not stop them: the phase ends idle in memory and the message says the file lags."""
@@ -363,9 +373,7 @@ def cancel(ctx: EngineContext) -> str:
             client.close()
         ctx.clients.clear()
         for name in names:
-            ctx.note_released(name, "the live update was cancelled (kho-agentctl cancel "
-                              "or Cancel()): the session was closed and its files are no "
-                              "longer preserved; create it again for the next update")
+            ctx.note_released(name, why)
         if names:
             notes.append(f"released {len(names)} session(s): {', '.join(names)}")
         if ctx.agent_session is not None:
@@ -375,6 +383,8 @@ def cancel(ctx: EngineContext) -> str:
         ctx.prepared = None
         ctx.remove_manifest(notes)
         message = "cancelled: " + (", ".join(notes) or "nothing was held")
+        if why != CANCELLED_ON_REQUEST:  # not asked for: the state says what ended it
+            message += f"; {why}"
         ctx.transition(Phase.IDLE, message, strict=False, loaded_by_us=False, target=None,
                        last_result={"result": "cancelled", "reason": message})
         attempts.end(ctx, history.Verdict.CANCELLED, message=message)

@@ -25,6 +25,10 @@ class RecoveryResult:
     phase: Phase
     message: str
     verify_pending: bool
+    # the previous agent process ended in the middle of something (prepared, verifying, holding
+    # retrieved sessions) or the state was lost, unsaved or in the way: what the operator must
+    # look at. A start after a kexec with verification pending is the normal path, not this.
+    disrupted: bool = False
 
 
 def start(ctx: EngineContext) -> RecoveryResult:
@@ -42,6 +46,10 @@ def start(ctx: EngineContext) -> RecoveryResult:
     if unsaved:
         result = _unsaved_at_start(ctx, result, unsaved[-1])
     return result
+
+
+def _disrupted(result: RecoveryResult) -> RecoveryResult:
+    return RecoveryResult(result.phase, result.message, result.verify_pending, True)
 
 
 def _start(ctx: EngineContext) -> RecoveryResult:
@@ -74,14 +82,16 @@ def _start(ctx: EngineContext) -> RecoveryResult:
         return _recover_lost_state(ctx, boot, corrupt, notes, incoming, verified_here,
                                    record_problem)
     if verified_here is not None:  # the state was not saved after that verification
-        return _adopt_verification(ctx, verified_here, notes)
+        return _disrupted(_adopt_verification(ctx, verified_here, notes))
     phase = ctx.state.phase
     if same_boot and ctx.stored_sessions:
         ctx.release_stored("the fd store handed back session fds in the boot they were "
                            "parked in (the previous agent process stopped after "
                            "parking them)")
+    disrupted = bool(notes)
     if same_boot and ctx.state.awaiting:
         _lost_awaiting(ctx)
+        disrupted = True
     result: RecoveryResult | None = None
     if phase in (Phase.PREPARING, Phase.PREPARED, Phase.COMMITTING, Phase.CANCELLING):
         if same_boot:
@@ -90,12 +100,14 @@ def _start(ctx: EngineContext) -> RecoveryResult:
             result = RecoveryResult(phase, "rebooted since the last state was written: "
                                     "verification is pending", True)
         else:
+            disrupted = True
             ctx.transition(Phase.FAILED, f"the host rebooted while {phase.value}; "
                            "nothing was committed", last_result={
                                "result": "failed", "reason": f"rebooted {phase.value}"})
             attempts.end(ctx, history.Verdict.INTERRUPTED,
                          message=f"the host rebooted while {phase.value}")
     elif phase is Phase.VERIFYING:
+        disrupted = True
         ctx.transition(Phase.FAILED, "verification was interrupted (the agent stopped "
                        "while verifying); sessions it had retrieved were finished when it "
                        "exited", last_result={"result": "failed",
@@ -109,7 +121,7 @@ def _start(ctx: EngineContext) -> RecoveryResult:
         ctx.state.message = "; ".join([ctx.state.message, *notes])
         result = RecoveryResult(result.phase, "; ".join([result.message, *notes]),
                                 result.verify_pending)
-    return result
+    return _disrupted(result) if disrupted or result.disrupted else result
 
 
 def _lost_awaiting(ctx: EngineContext) -> None:
@@ -140,7 +152,7 @@ def _restarted_before_kexec(ctx: EngineContext, phase: Phase) -> RecoveryResult:
     ctx.transition(Phase.IDLE, message, loaded_by_us=False, target=None,
                    last_result={"result": "cancelled", "reason": message})
     attempts.end(ctx, history.Verdict.CANCELLED, message=message)
-    return RecoveryResult(Phase.IDLE, message, False)
+    return RecoveryResult(Phase.IDLE, message, False, True)
 
 
 # --- start without a state to go by (issue 11) ---------------------------------------------------
@@ -190,9 +202,9 @@ def _recover_lost_state(ctx: EngineContext, boot: str, corrupt: str | None, note
         result = _restarted_before_kexec(ctx, Phase.PREPARED)
         message = "; ".join([lost, *notes, result.message])
         ctx.transition(Phase.IDLE, message)
-        return RecoveryResult(Phase.IDLE, message, False)
+        return RecoveryResult(Phase.IDLE, message, False, True)
     if verified is not None:
-        return _adopt_verification(ctx, verified, [lost, *notes])
+        return _disrupted(_adopt_verification(ctx, verified, [lost, *notes]))
     verify = False
     if corrupt is None and not first_after_kexec and record_problem is None:
         parts = ["started", *notes]  # a first start
@@ -214,7 +226,7 @@ def _recover_lost_state(ctx: EngineContext, boot: str, corrupt: str | None, note
                          "(kexec -u)")
     message = "; ".join(parts)
     ctx.transition(Phase.IDLE, message)
-    return RecoveryResult(Phase.IDLE, message, verify)
+    return RecoveryResult(Phase.IDLE, message, verify, parts[0] != "started")
 
 
 def _unsaved_at_start(ctx: EngineContext, result: RecoveryResult,
@@ -233,4 +245,4 @@ def _unsaved_at_start(ctx: EngineContext, result: RecoveryResult,
         note += ("; the pending verification did not start: run `kho-agentctl verify` once "
                  "the state can be saved")
     ctx.state.message = f"{ctx.state.message}; {note}"
-    return RecoveryResult(ctx.state.phase, f"{result.message}; {note}", False)
+    return RecoveryResult(ctx.state.phase, f"{result.message}; {note}", False, True)

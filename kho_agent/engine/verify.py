@@ -142,6 +142,7 @@ def _retrieve_incoming(ctx: EngineContext, info: SysInfo, disk: Manifest | None,
                        f"disk: {disk_problem or 'absent'}; memfd: "
                        f"{memfd_problem or device_problem or 'absent'}")
     ctx.on_progress(10)
+    ctx.on_phase("retrieving the sessions", 0, 0)
     # the sessions without digests first (they are handed back as soon as each is
     # retrieved, the others only at the conclusion), each kind in the manifest's order;
     # popped from the end
@@ -196,7 +197,8 @@ def _retrieved_all(ctx: EngineContext, run: VerifyRun) -> None:
 
 def verify_observe(ctx: EngineContext, run: VerifyRun) -> HostObservation:
     """Step 2: reads the host and the run's fds only, so it may run beside the engine."""
-    return observe(ctx.host, run, ctx.image_strings, ctx.on_step_timed, ctx.on_progress)
+    return observe(ctx.host, run, ctx.image_strings, ctx.on_step_timed, ctx.on_progress,
+                   ctx.on_phase)
 
 
 def verify_conclude(ctx: EngineContext, run: VerifyRun, found: HostObservation) -> VerifyReport:

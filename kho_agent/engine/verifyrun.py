@@ -21,6 +21,7 @@ every preserved byte the owners asked to have checked). So verification runs in 
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -105,26 +106,38 @@ def timed_step(report: Callable[[str, float], None], step: str) -> Iterator[None
         report(step, time.perf_counter() - started)
 
 
+def _digesting(phase: Callable[[str, int, int], None], base: int, total: int,
+               hashed: int) -> None:
+    phase("digesting", base + hashed, total)
+
+
 def observe(host: Host, run: VerifyRun, known: ImageStrings,
             timed: Callable[[str, float], None],
-            progress: Callable[[int], None] = lambda percent: None) -> HostObservation:
+            progress: Callable[[int], None] = lambda percent: None,
+            phase: Callable[[str, int, int], None] = lambda name, done, total: None
+            ) -> HostObservation:
     """Step 2. The digests first (the held sessions wait on them), then the rest."""
     def step(name: str) -> AbstractContextManager[None]:
         return timed_step(timed, name)
 
     total = sum(p.size for p in run.pending)
     done = 0
+    if total:
+        phase("digesting", 0, total)
     with step(f"digests of {len(run.pending)} file(s), {total} bytes"):
         for pending in run.pending:
             files = run.sessions[pending.session].files
             assert files is not None  # pending only for files of a retrieved session
             observed = files[pending.file]
             try:
-                observed.digest = digest_fd(pending.fd, pending.size, pending.alg).hexdigest
+                observed.digest = digest_fd(
+                    pending.fd, pending.size, pending.alg,
+                    on_bytes=functools.partial(_digesting, phase, done, total)).hexdigest
             except AgentError as exc:
                 observed.error = f"cannot read it for its digest: {exc.message}"
             done += pending.size
             progress(50 + 40 * done // max(total, 1))
+    phase("decoding the incoming and outgoing KHO state", 0, 0)
     with step("decoding the incoming and outgoing KHO state"):
         incoming = kho_view(host, Side.IN)
         out = kho_view(host, Side.OUT, with_memory=False)

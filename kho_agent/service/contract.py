@@ -280,6 +280,11 @@ JOB = Interface(
         Property("Id", "u"),
         Property("Type", "s", "prepare, commit, cancel, verify"),
         Property("Progress", "u"),
+        Property("Phase", "s", "what the job does now (\"digesting\", \"loading the kernel\"); "
+                 "\"\" before its first phase"),
+        Property("Bytes", "(tt)", "(done, total) bytes of the phase where bytes are what takes "
+                 "the time (digesting); (0, 0) otherwise. Published at most every 1% of "
+                 "total"),
         Property("State", "s", "running, done, failed, canceled"),
         Property("Result", "s", "when done: the outcome as JSON; when failed: \"\""),
         Property("ErrorName", "s", "when failed: the D-Bus error name and message; else \"\""),

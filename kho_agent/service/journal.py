@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, TextIO
 
-from ..errors import InvalidArgument
+from ..errors import EXIT_REFUSED, AgentError, InvalidArgument, NotFound
 
 FIELD_PREFIX = "KHO_AGENT_"
 SYSLOG_IDENTIFIER = "kho-agentd"
@@ -35,7 +35,8 @@ SYSLOG_IDENTIFIER = "kho-agentd"
 # trusted fields the journal sets itself), at most 64 characters.
 _FIELD_NAME = re.compile(r"[A-Z0-9][A-Z0-9_]{0,63}")
 
-# syslog priorities (syslog.h)
+# syslog priorities (syslog.h). err is kept for the agent's own failures and lost sessions;
+# a caller's refused or malformed request is notice/warning; the normal path is notice/info.
 LOG_ERR = 3
 LOG_WARNING = 4
 LOG_NOTICE = 5
@@ -53,6 +54,7 @@ class Event(enum.Enum):
     SESSION_DISCARDED = "session-discarded"   # unclaimed after the grace period, finished
     RECOVERED = "recovered"                   # started with an update in progress (a restart)
     CONFIG_INVALID = "config-invalid"         # kho-agent.conf(5) cannot be used: not started
+    STOPPED_PREPARED = "stopped-prepared"     # stopped while prepared: the update was cancelled
 
     @property
     def message_id(self) -> str:
@@ -78,12 +80,30 @@ _SPECS: Mapping[Event, _Spec] = MappingProxyType({
     Event.FAILED: _Spec("64051fc43644409f8cdac54b27b90e97", LOG_ERR),
     Event.CANCELLED: _Spec("807f89826e8d46479808bfb2713027c2", LOG_NOTICE),
     Event.SESSION_DISCARDED: _Spec("bd9b5201d9c44ce2a80f1590a5ec43e6", LOG_WARNING),
+    # the default; a start after a kexec (verification pending, the normal path) logs at info
     Event.RECOVERED: _Spec("905acea450fa4177bf5aade8744e2695", LOG_WARNING),
     Event.CONFIG_INVALID: _Spec("e2af0f2798254503bdffee03b516454c", LOG_ERR),
+    Event.STOPPED_PREPARED: _Spec("1c5306d0353741d6829ad8c2e44f2689", LOG_WARNING),
 })
+
+# The longest MESSAGE (and stderr line) an event writes: the details go in fields, not in the
+# message (a job's 2-3 KB JSON result was once its log line).
+MAX_MESSAGE = 480
 
 FieldValue = str | int | float | bool | Sequence[str] | None
 Send = Callable[..., Any]
+
+
+def failure_priority(error: AgentError | None) -> int:
+    """The priority of a failed job: a caller's bad argument or unknown name is notice, a
+    refusal (policy, state, permission, busy) warning, the agent's own failure err."""
+    if error is None:
+        return LOG_ERR
+    if isinstance(error, (InvalidArgument, NotFound)):
+        return LOG_NOTICE
+    if error.exit_code == EXIT_REFUSED:
+        return LOG_WARNING
+    return LOG_ERR
 
 
 def field_name(name: str) -> str:
@@ -140,19 +160,30 @@ class EventLog:
         env = os.environ if environ is None else environ
         self._echo = not _is_journal_stream(self._stream, env)
 
-    def log_event(self, event: Event, message: str, /, **fields: FieldValue) -> None:
+    def log_event(self, event: Event, message: str, priority: int | None = None, /,
+                  **fields: FieldValue) -> None:
+        """`priority` replaces the event's own (a refused request is not the agent's failure);
+        `message` is cut to MAX_MESSAGE characters: details belong in `fields`."""
         if "event" in fields:
             raise InvalidArgument("the field 'event' is set by log_event itself "
                                   "(KHO_AGENT_EVENT=<event name>)")
         entry = {field_name(key): field_value(value)
                  for key, value in fields.items() if value is not None}
+        message = short_line(message)
+        level = event.priority if priority is None else priority
         if self._send is not None:
             caller = sys._getframe(1)
             self._send(message, MESSAGE_ID=event.message_id,
                        CODE_FILE=caller.f_code.co_filename, CODE_LINE=caller.f_lineno,
                        CODE_FUNC=caller.f_code.co_name,
-                       PRIORITY=str(event.priority), SYSLOG_IDENTIFIER=SYSLOG_IDENTIFIER,
+                       PRIORITY=str(level), SYSLOG_IDENTIFIER=SYSLOG_IDENTIFIER,
                        KHO_AGENT_EVENT=event.value, **entry)
         if self._echo:
-            line = " ".join(message.splitlines())
-            print(f"{SYSLOG_IDENTIFIER}: [{event.value}] {line}", file=self._stream, flush=True)
+            print(f"{SYSLOG_IDENTIFIER}: [{event.value}] {message}",
+                  file=self._stream, flush=True)
+
+
+def short_line(text: str, limit: int = MAX_MESSAGE) -> str:
+    """One line of at most `limit` characters ("..." says it was cut)."""
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[:limit - 3] + "..."

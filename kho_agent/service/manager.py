@@ -93,17 +93,25 @@ class Job:
     type: str
     path: str
     progress: int = 0
+    phase: str = ""
+    bytes_done: int = 0
+    bytes_total: int = 0
     state: str = api.JOB_RUNNING
     result: str = ""
     error_name: str = ""
     error_message: str = ""
+    # how the error ended the job (errors.REGISTRY: 3 refused, 2 bad input or cannot run, ...)
+    error: AgentError | None = None
     cancel_requested: bool = False
+    # who started it: "uid 1000 (:1.42)", for the journal
+    caller: str = ""
     obj: ExportedObject | None = None
 
     def value(self, name: str) -> Any:
         """A Job property (its type is the contract's)."""
         values: dict[str, Any] = {
-            "Id": self.id, "Type": self.type, "Progress": self.progress, "State": self.state,
+            "Id": self.id, "Type": self.type, "Progress": self.progress, "Phase": self.phase,
+            "Bytes": (self.bytes_done, self.bytes_total), "State": self.state,
             "Result": self.result, "ErrorName": self.error_name,
             "ErrorMessage": self.error_message}
         return values[name]
@@ -180,7 +188,9 @@ class AgentService:
         self.next_job_id = 1
         self.sessions: dict[str, SessionObject] = {}
         self.handed_off = False
-        engine.set_progress_listener(self._progress_from_engine)
+        engine.set_progress_listener(self._progress_from_engine, self._phase_from_engine)
+        # the last bytes published of the current phase: Bytes changes at most every 1%
+        self._bytes_published = 0
         authorizer.gone_callbacks.append(self._owner_gone)
         self.driver = Driver(authorizer, hooks.log)
         self.inhibitors = Inhibitors(self._inhibitors_changed, hooks.log)
@@ -281,6 +291,29 @@ class AgentService:
     def _progress_from_engine(self, percent: int) -> None:
         # engine thread: hop to the loop
         GLib.idle_add(self._set_progress, percent)
+
+    def _phase_from_engine(self, phase: str, done: int, total: int) -> None:
+        # engine thread: hop to the loop
+        GLib.idle_add(self._set_phase, phase, done, total)
+
+    def _set_phase(self, phase: str, done: int, total: int) -> bool:
+        job = self.current
+        if job is None:
+            return False
+        changed = []
+        if phase != job.phase:
+            job.phase, self._bytes_published = phase, -1
+            changed.append("Phase")
+        step = max(1, total // 100)
+        if (done, total) != (job.bytes_done, job.bytes_total) and (
+                done - self._bytes_published >= step or done == total
+                or self._bytes_published < 0):
+            job.bytes_done, job.bytes_total = done, total
+            self._bytes_published = done
+            changed.append("Bytes")
+        if changed and job.obj is not None:
+            job.obj.changed(changed)
+        return False
 
     def _set_progress(self, percent: int) -> bool:
         job = self.current
@@ -396,6 +429,7 @@ class AgentService:
         try:
             caller: Caller = yield Authorize(call.declared.action)
             job = self._begin_job(kind)
+            job.caller = f"uid {caller.uid} ({caller.sender})"
             try:
                 work = make_work(caller, job)
             except AgentError:  # refused before any work: the job never existed
@@ -442,6 +476,7 @@ class AgentService:
             state = api.JOB_CANCELED if isinstance(error, Cancelled) else api.JOB_FAILED
             job.state, job.error_name, job.error_message = (state, error.dbus_name,
                                                             error.message)
+            job.error = error
         else:
             data = outcome(result)
             job.state = api.JOB_CANCELED if data.get("canceled") else api.JOB_DONE

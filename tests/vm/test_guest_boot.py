@@ -148,7 +148,7 @@ def test_agent_is_active_and_answers_on_the_bus(booted: tuple[qemu.GuestRun, Pat
     assert rc == 0 and state.startswith('s "'), f"{state}\n--- journal ---\n{journal}"
     rc, status = _answer(out, "status")
     assert rc == 0, status
-    report = json.loads(status)
+    report = json.loads(status)["result"]   # the --json envelope's result
     assert report["properties"]["State"] == state.strip()[3:-1]
     restarts = _answer(out, "agent-show")[1]
     assert "NRestarts=0" in restarts, f"{restarts}\n{journal}"
@@ -177,9 +177,9 @@ def test_the_hand_off_mode_is_the_one_the_release_needs(
     _, out = booted
     rc, status = _answer(out, "status")
     assert rc == 0, status
-    assert json.loads(status)["properties"]["HandoffMode"] == guest.handoff
+    assert json.loads(status)["result"]["properties"]["HandoffMode"] == guest.handoff
     rc, text = _answer(out, "preflight")
-    report = json.loads(text)
+    report = json.loads(text)["result"]
     assert report["handoff_mode"] == guest.handoff, text
     handoff = next(c for c in report["checks"] if c["name"] == "handoff")
     assert handoff["tier"] == "ok", handoff

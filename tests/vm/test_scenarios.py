@@ -120,8 +120,8 @@ def test_one_live_update_keeps_every_byte(tmp_path: Path, primary: kernels.Kerne
     # the decoder on the way out and on the way in
     ok_steps(run, 1, "decode-out")
     ok_steps(run, 2, "decode-in")
-    outgoing = json.loads(run.step(1, "decode-out")["stdout"])["state"]
-    incoming = json.loads(run.step(2, "decode-in")["stdout"])["state"]
+    outgoing = json.loads(run.step(1, "decode-out")["stdout"])["result"]["state"]
+    incoming = json.loads(run.step(2, "decode-in")["stdout"])["result"]["state"]
     codes = {f["code"] for f in outgoing["findings"]}
     # debugfs out/fdt is cut short (the known kernel defect): reported, and the decoder still
     # found the FDT's real size, which is what the next kernel received

@@ -77,10 +77,15 @@ class Boot:
 
     def ctl(self, name: str, *args: str, timeout: float = 900) -> dict[str, Any]:
         step = self.run(name, ["kho-agentctl", *args, "--json"], timeout)
+        # the envelope (schema/kho-agentctl-v1.schema.json) as it came, and as "json" what the
+        # readers want: the command's document, or on failure the error's
         try:
-            step["json"] = json.loads(step["stdout"]) if step["stdout"].strip() else None
+            doc = json.loads(step["stdout"]) if step["stdout"].strip() else None
         except json.JSONDecodeError:
-            step["json"] = None
+            doc = None
+        step["envelope"] = doc
+        step["json"] = (doc["result"] if doc["error"] is None else doc["error"]) \
+            if isinstance(doc, dict) and "schema" in doc else doc
         self.save()
         return step
 
