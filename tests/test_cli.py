@@ -262,3 +262,12 @@ def test_a_closed_stdout_ends_the_command_quietly(samples_dir: Path,
         os.close(writer)
     assert proc.returncode == 141  # 128 + SIGPIPE, as a shell shows for a tool SIGPIPE ended
     assert proc.stderr == ""       # no BrokenPipeError, no "Exception ignored"
+
+
+def test_json_after_a_double_dash_belongs_to_the_command_run() -> None:
+    """`inhibit -- kho-agentctl commit --json`: the inner command prints its own document; the
+    outer one must not add a second (it did: stdout held two documents)."""
+    from kho_agent.cli import wants_json
+    assert wants_json(["inhibit", "--why", "x", "--json", "--", "true"])
+    assert not wants_json(["inhibit", "--why", "x", "--", "kho-agentctl", "commit", "--json"])
+    assert wants_json(["status", "--js"])

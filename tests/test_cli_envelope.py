@@ -59,6 +59,15 @@ def test_every_command_prints_one_envelope_when_it_works_and_when_it_fails(
         ("manifest", ["manifest"], []),
         ("commit", ["commit", "--dry-run"], ["commit", "--force", "--bogus"]),
         ("cancel", ["cancel"], []),
+        ("history", ["history"], ["history", "--last", "x"]),
+        # with a command, inhibit's stdout is the command's; without one it holds until
+        # stopped: only its refusal is one of ours
+        ("inhibit", [], ["inhibit", "--why", "x\n" * 5000]),
+        ("kernels", ["kernels", "--state-dir", str(tmp_path / "kernels")],
+         ["kernels", "--forget", "../x", "--state-dir", str(tmp_path / "kernels")]),
+        ("report", ["report", "--no-journal", "--state-dir", str(tmp_path / "state"),
+                    "--output", str(tmp_path / "report.json")],
+         ["report", "--no-journal", "--output", str(tmp_path / "no-such-dir" / "r.json")]),
     ]
     seen_ok: set[str] = set()
     seen_failed: set[str] = set()
@@ -73,7 +82,7 @@ def test_every_command_prints_one_envelope_when_it_works_and_when_it_fails(
             assert doc["error"] is not None and doc["exit_code"] >= 2, (fails, doc)
             seen_failed.add(command)
     assert seen_failed == set(COMMANDS), set(COMMANDS) - seen_failed
-    assert seen_ok >= set(COMMANDS) - {"verify"}, set(COMMANDS) - seen_ok
+    assert seen_ok >= set(COMMANDS) - {"verify", "inhibit"}, set(COMMANDS) - seen_ok
     # no command at all, and a command line that does not parse: an envelope too
     assert one_envelope(address, [], None)["error"]["error"] == "InvalidArgument"  # type: ignore[index]
     assert one_envelope(address, ["nonsense"], None)["exit_code"] == 2

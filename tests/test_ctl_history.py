@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from agenthost import Authority, Host, host, invoke, kernel_option
+from cliout import cli_json
 from dbusrig import (
     BUS_NAME,
     MANAGER_IFACE,
@@ -38,7 +39,7 @@ WAIT_S = 10.0
 def history(bus: PrivateBus) -> dict[str, object]:
     done = ctl(bus.address, "history", "--json")
     assert done.returncode == 0, done.stderr
-    document: dict[str, object] = json.loads(done.stdout)
+    document: dict[str, object] = cli_json(done.stdout)
     return document
 
 
@@ -123,7 +124,7 @@ def test_inhibit_holds_commits_off_while_its_command_runs(bus: PrivateBus, daemo
     held = ctl(bus.address, "inhibit", "--who", "ops", "--why", "database migration", "--",
                *inner)
     assert held.returncode == 3, (held.stdout, held.stderr)  # the command's own exit status
-    refusal = json.loads(held.stdout)
+    refusal = cli_json(held.stdout)
     assert refusal["error"] == "Inhibited"
     assert "ops (uid 0: database migration)" in refusal["message"]
     assert prop(bus, "State") == "prepared"
@@ -152,7 +153,7 @@ def test_an_inhibitor_shows_in_status_and_ends_with_its_holder(bus: PrivateBus,
         assert re.search(r"^  inhibitors: +uid 0 \(uid 0, since \S+\): held until SIGTERM$",
                          status.stdout, re.M), status.stdout
         assert "held until SIGKILL - commits are refused until released" in status.stdout
-        doc = json.loads(ctl(bus.address, "status", "--json").stdout)
+        doc = cli_json(ctl(bus.address, "status", "--json").stdout)
         assert [i["why"] for i in doc["inhibitors"]] == ["held until SIGTERM",
                                                          "held until SIGKILL"]
         holders[0].send_signal(signal.SIGTERM)

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cliout import cli_json
 from test_compat import LUO_MISMATCH, V73, fake_host, write_image
 
 from kho_agent.cli import main
@@ -55,7 +56,7 @@ def test_postinst_records_a_compatible_kernel_and_postrm_removes_it(tmp_path: Pa
                             timeout=120, check=True,
                             env={**os.environ, "PYTHONPATH": str(REPO),
                                  "KHO_AGENT_STATE_DIR": str(state)})
-    assert [k["version"] for k in json.loads(listed.stdout)["kernels"]] == ["7.3.1"]
+    assert [k["version"] for k in cli_json(listed.stdout)["kernels"]] == ["7.3.1"]
 
     done = hook(POSTRM, state, ctl, "7.3.1", image)
     assert done.returncode == 0
@@ -131,12 +132,12 @@ def test_kernels_lists_unreadable_records_without_following_links(
     (records / "7.2.json").write_text("{not json")
     os.mkfifo(records / "7.3.json")  # would block a reader that opens it blocking
     assert main(["kernels", "--state-dir", str(tmp_path), "--json"]) == 0
-    docs = json.loads(capsys.readouterr().out)["kernels"]
+    docs = cli_json(capsys.readouterr().out)["kernels"]
     assert [d["version"] for d in docs] == ["7.1", "7.2", "7.3"]
     assert all("error" in d for d in docs)
     assert main(["kernels", "--state-dir", str(tmp_path / "empty")]) == 0
     assert "no kernel recorded" in capsys.readouterr().out
     (records / "7.2.json").write_text("{}")
     assert main(["kernels", "--forget", "7.2", "--state-dir", str(tmp_path), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == {"version": "7.2", "removed": True}
+    assert cli_json(capsys.readouterr().out) == {"version": "7.2", "removed": True}
     assert not (records / "7.2.json").exists() and (records / "7.1.json").is_symlink()

@@ -4,12 +4,12 @@ missing directory, and a real kho-agentd writing it as its state and history cha
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from cliout import cli_json
 from dbusrig import Daemon, PrivateBus
 from prometheus_client.parser import text_string_to_metric_families
 from test_ctl import bus, ctl, kernel, simdir
@@ -122,5 +122,5 @@ def test_the_daemon_writes_its_metrics_as_things_change(bus: PrivateBus, simdir:
         assert ctl(bus.address, "cancel").returncode == 0
         got = _wait_for(path, ("kho_agent_updates", (("result", "cancelled"),)), 1)
         assert got[("kho_agent_state", (("state", "idle"),))] == 1
-        history = json.loads(ctl(bus.address, "history", "--json").stdout)
+        history = cli_json(ctl(bus.address, "history", "--json").stdout)
         assert [e["verdict"] for e in history["entries"]] == ["cancelled", "commit refused"]

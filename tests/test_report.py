@@ -76,10 +76,10 @@ def test_report_without_a_daemon(tmp_path: Path) -> None:
     assert doc["host"]["cmdline"] == Path("/proc/cmdline").read_text().strip()
     # no daemon: said so, with the error's name
     assert doc["status"]["exit_code"] == 2
-    assert doc["status"]["stdout"]["error"] == "DaemonUnreachable"
+    assert doc["status"]["stdout"]["error"]["error"] == "DaemonUnreachable"  # the envelope
     assert doc["status"]["daemon"].startswith("did not answer")
     # preflight ran here instead (its own fallback) and gave its JSON report
-    assert "verdict" in doc["preflight"]["stdout"]
+    assert "verdict" in doc["preflight"]["stdout"]["result"]
 
     files = by_name(doc["state"]["files"])
     assert json.loads(files["state.json"]["text"]) == {"phase": "idle"}
@@ -123,7 +123,8 @@ def test_report_with_a_daemon_has_its_status(tmp_path: Path) -> None:
     assert doc["status"]["exit_code"] == 0, doc["status"]
     assert doc["status"]["daemon"] == "answered"
     assert "State" in json.dumps(doc["status"]["stdout"])
-    assert doc["preflight"]["stdout"]["verdict"] in ("ok", "warning", "blocker")
+    assert doc["preflight"]["stdout"]["result"]["verdict"] in ("ok", "warning", "not-run",
+                                                           "blocker")
 
 
 def test_report_to_stdout(tmp_path: Path) -> None:

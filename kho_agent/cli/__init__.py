@@ -65,9 +65,11 @@ def wants_json(argv: list[str]) -> bool:
     """Whether the command line asks for --json, known before (and without) parsing it: a usage
     error must come out as JSON too. Matches what argparse takes for it: `--json` or an
     abbreviation down to `--j` (no other option starts so), and `--json=...` (which argparse
-    then refuses, in JSON)."""
+    then refuses, in JSON). Words after `--` are not ours: `inhibit -- kho-agentctl commit
+    --json` runs a command that prints its own document."""
+    ours = argv[:argv.index("--")] if "--" in argv else argv
     return any(word == "--json" or word.startswith("--json=")
-               or (len(word) >= 3 and "--json".startswith(word)) for word in argv)
+               or (len(word) >= 3 and "--json".startswith(word)) for word in ours)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -38,7 +38,7 @@ from ..engine.phase import LAST_VERIFY_FILE, MANIFEST_FILE, STATE_FILE
 from ..kernel.atomicfile import write_atomic
 from ..kernel.debugfs import DEFAULT_DEBUGFS
 from .bus import add_bus_options
-from .common import EXIT_OK, errno_text
+from .common import EXIT_OK, errno_text, print_json
 from .kernels import DEFAULT_STATE_DIR, STATE_DIR_ENV, state_dir_default
 
 HELP = "write one file (JSON) with what a bug report needs"
@@ -72,6 +72,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: s
     p.add_argument("--config-dir", metavar="DIR", default=DEFAULT_CONFIG_DIR,
                    help=f"the configuration directory (default {DEFAULT_CONFIG_DIR})")
     p.add_argument("--no-journal", action="store_true", help="leave the journal out")
+    p.add_argument("--json", action="store_true",
+                   help="say where the report went as JSON (the report itself is JSON already)")
     p.add_argument("--debugfs", default=DEFAULT_DEBUGFS, help=argparse.SUPPRESS)
     add_bus_options(p)
     p.set_defaults(run=run)
@@ -264,11 +266,18 @@ def default_output() -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    document = json.dumps(collect(args), indent=2) + "\n"
+    collected = collect(args)
+    if args.output == "-" and args.json:
+        print_json(collected)  # in the envelope, as every --json document
+        return EXIT_OK
+    document = json.dumps(collected, indent=2) + "\n"
     if args.output == "-":
         sys.stdout.write(document)
         return EXIT_OK
     output = Path(args.output) if args.output else default_output()
     write_atomic(output, document.encode(), mode=0o600)
-    print(f"wrote {output} ({len(document)} bytes); attach it to the bug report")
+    if args.json:
+        print_json({"written": str(output), "bytes": len(document)})
+    else:
+        print(f"wrote {output} ({len(document)} bytes); attach it to the bug report")
     return EXIT_OK
