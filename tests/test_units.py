@@ -352,7 +352,7 @@ def test_polkit_policy_declares_the_actions_the_daemon_checks() -> None:
     assert "<!DOCTYPE policyconfig" in text
     root = ET.fromstring(text)
     actions = {a.attrib["id"]: a for a in root.iter("action")}
-    assert set(actions) == {api.ACTION_MANAGE, api.ACTION_SESSION}
+    assert set(actions) == {api.ACTION_MANAGE, api.ACTION_SESSION, api.ACTION_INHIBIT}
     for action in actions.values():
         defaults = action.find("defaults")
         assert defaults is not None
