@@ -431,7 +431,7 @@ def test_verify_again_after_a_verification_that_ran_is_refused_with_why(
     assert plain.returncode == 0 and "--again verifies anew" not in plain.stdout
     again = ctl(bus.address, "verify", "--again", "--json")
     assert again.returncode == 3, again.stderr
-    doc = json.loads(again.stdout)
+    doc = cli_json(again.stdout)
     assert doc["error"] == "NotPrepared"
     assert "cannot be verified anew" in doc["message"] and "hands each out once" in \
         doc["message"] and re.search(r"\(verified: \d+ ok;", doc["message"])
@@ -516,7 +516,7 @@ def test_preflight_with_checks_that_could_not_run_is_not_ok(bus: PrivateBus, dae
     assert daemon.simulate_dir is not None
     shutil.rmtree(daemon.simulate_dir / "root/sys/kernel/debug/kho")
     done = ctl(bus.address, "preflight", "--json")
-    report = json.loads(done.stdout)
+    report = cli_json(done.stdout)
     assert done.returncode == 2, [c for c in report["checks"] if c["tier"] != "ok"]
     tiers = {c["name"]: c["tier"] for c in report["checks"]}
     assert tiers["outgoing-state"] == "not-run" and tiers["luo-limits"] == "not-run"
@@ -529,7 +529,7 @@ def test_preflight_with_checks_that_could_not_run_is_not_ok(bus: PrivateBus, dae
     assert text.stdout.rstrip().endswith("verdict: not-run (hand-off mode: simulated)")
     # a blocker still wins: with a target, the scratch areas cannot be sized without debugfs
     blocked = ctl(bus.address, "preflight", "--kernel", str(kernel), "--json")
-    assert blocked.returncode == 1 and json.loads(blocked.stdout)["verdict"] == "blocker"
+    assert blocked.returncode == 1 and cli_json(blocked.stdout)["verdict"] == "blocker"
 
 
 def test_preflight_runs_locally_with_a_note_when_no_daemon_answers(bus: PrivateBus,
@@ -571,7 +571,7 @@ def test_an_unreadable_target_kernel_is_the_same_error_in_every_command(
                  ["scratch"], ["compat", "--running-image", str(kernel)]):
         done = ctl(bus.address, *argv, "--kernel", str(path), "--json")
         assert done.returncode == 2, (argv, done.stdout, done.stderr)
-        assert json.loads(done.stdout)["error"] == name, (argv, done.stdout)
+        assert cli_json(done.stdout)["error"] == name, (argv, done.stdout)
         assert str(path) in done.stderr, (argv, done.stderr)
     # a D-Bus caller naming the file (the daemon opens it) gets the same error name
     with GioClient(bus.address) as client:
