@@ -119,6 +119,14 @@ def wait_for_state(bus: PrivateBus, wanted: str) -> None:
     raise AssertionError(f"State stayed {seen!r}, not {wanted!r}, for {WAIT_S} s")
 
 
+def wait_for_exit(daemon: Daemon) -> None:
+    """Until the daemon's process ended (a commit on the simulated kernel ends it, as a kexec
+    would), at most WAIT_S."""
+    deadline = time.monotonic() + WAIT_S
+    while daemon.returncode is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def progress_values(stderr: str, label: str) -> list[int]:
     values = []
     for line in stderr.splitlines():
@@ -354,9 +362,7 @@ def test_prepare_commit_restart_verify(bus: PrivateBus, daemon: Daemon, kernel: 
         assert progress_values(committed.stderr, "commit")[-1] == 100
 
     # the simulated kexec ends the daemon, as a real one ends the host
-    deadline = time.monotonic() + WAIT_S
-    while daemon.returncode is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for_exit(daemon)
     assert daemon.returncode == 0, daemon.stderr_text()
 
     down = ctl(bus.address, "status", "--json")
@@ -399,9 +405,7 @@ def test_verify_follows_the_daemons_own_verification(bus: PrivateBus, daemon: Da
                                                      kernel: Path) -> None:
     assert ctl(bus.address, "prepare", "--kernel", str(kernel)).returncode == 0
     assert ctl(bus.address, "commit").returncode == 0
-    deadline = time.monotonic() + WAIT_S
-    while daemon.returncode is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for_exit(daemon)   # the simulated kexec ends the daemon: the next boot starts it
     daemon.start()
     # whether the boot-time job still runs (followed) or has ended (its result reported), the
     # answer is the daemon's verification, not a second one
@@ -422,9 +426,7 @@ def test_verify_again_after_a_verification_that_ran_is_refused_with_why(
         create_ready_session(vm_manager, "vm-3", 5, b"guest" * 100)
         assert ctl(bus.address, "prepare", "--kernel", str(kernel)).returncode == 0
         assert ctl(bus.address, "commit").returncode == 0
-    deadline = time.monotonic() + WAIT_S
-    while daemon.returncode is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for_exit(daemon)   # the simulated kexec ends the daemon: the next boot starts it
     daemon.start()
     wait_for_state(bus, "verified")
     plain = ctl(bus.address, "verify")
@@ -466,9 +468,7 @@ def test_verify_reports_a_damaged_file_and_exits_1(bus: PrivateBus, daemon: Daem
         assert ctl(bus.address, "prepare", "--kernel", str(kernel)).returncode == 0
         SimKernel(simdir).inject("corrupt-file", session="vm-2", token=3, offset=5)
         assert ctl(bus.address, "commit").returncode == 0
-    deadline = time.monotonic() + WAIT_S
-    while daemon.returncode is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for_exit(daemon)   # the simulated kexec ends the daemon: the next boot starts it
     daemon.start()
     wait_for_state(bus, "failed")
     done = ctl(bus.address, "verify")
