@@ -191,3 +191,30 @@ def test_package_mode_ships_the_fdstore_drop_in_where_systemd_does_not_read_it(
     assert inst.main(["--destdir", str(tmp_path), "--package"], out, err) == 0, err.getvalue()
     assert (tmp_path / "usr/share/kho-agent/kho-agent-fdstore.conf").is_file()
     assert not (tmp_path / "var/lib/kho-agent").exists()
+
+
+@pytest.mark.slow
+def test_building_the_package_prints_no_deprecation_warning(tmp_path: Path) -> None:
+    """A newcomer's first command printed about forty lines of setuptools deprecation warnings
+    (issue 15: the license as a TOML table). pip builds in an isolated environment with the
+    newest setuptools, as it does for a newcomer; the sources are copied so that the build
+    writes nothing into the checkout."""
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        (source / name).write_bytes((REPO / name).read_bytes())
+    for path in (REPO / "kho_agent").rglob("*.py"):
+        target = source / path.relative_to(REPO)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(path.read_bytes())
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", str(source),
+                           "-w", str(tmp_path / "wheels")],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0 and "Could not find a version that satisfies" in done.stdout + \
+            done.stderr:
+        pytest.skip("no package index reachable for pip's isolated build")
+    assert done.returncode == 0, done.stderr[-2000:]
+    output = done.stdout + done.stderr
+    warnings = [line for line in output.splitlines() if "deprecat" in line.lower()]
+    assert warnings == [], warnings[:10]
+    assert len(list((tmp_path / "wheels").glob("kho_agent-*.whl"))) == 1
