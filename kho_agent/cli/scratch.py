@@ -330,7 +330,9 @@ def plan_from_json(raw: dict[str, Any]) -> ScratchPlan:
             node_ids=[int(n) for n in raw["node_ids"]],
             alignment=int(raw["alignment"]),
             margin=float(raw["margin"]),
-            kho_boot=bool(raw["kho_boot"]))
+            kho_boot=bool(raw["kho_boot"]),
+            preserved_left_out=int(raw.get("preserved_left_out", 0)),
+            initrd_limit=None if raw.get("initrd_limit") is None else int(raw["initrd_limit"]))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise AgentError(f"kho-agentd sent a scratch plan this kho-agentctl cannot read "
                          f"({type(exc).__name__}: {exc}); are both the same version? "
