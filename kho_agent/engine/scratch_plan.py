@@ -19,6 +19,12 @@ The plan works per area:
                  SCRATCH_ALIGNMENT_BYTES
 
 and checks that the segments fit into the current areas the way the kernel places them.
+
+On a KHO boot the areas were inherited (not reserved in memblock), so this kernel's own
+allocations inside them count, and the memory the previous kernel preserved (RSV_NIT outside
+the areas, never RSRV_KERN) does not: it is no early allocation of the next boot, and the
+kernel never sizes scratch by it (docs/kernel-abi.md §5.5). As the areas stay until the next
+cold boot, the plan also gives the largest initrd they take next to this kernel.
 """
 
 from __future__ import annotations
