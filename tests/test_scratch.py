@@ -239,6 +239,8 @@ def test_memory_carried_in_is_not_what_the_next_boot_needs_in_scratch() -> None:
     assert plan.preserved_left_out == GiB
     assert any(n.startswith("1024.0 MiB of memory preserved by the previous kernel")
                for n in plan.notes)
+    assert "left out: 1024.0 MiB preserved by the previous kernel" in \
+        scratch_cli.render(plan, None)
 
 
 def test_on_a_cold_boot_rsv_nit_is_counted_and_the_areas_are_not() -> None:
@@ -273,6 +275,8 @@ def test_how_large_an_initrd_the_areas_take() -> None:
     # and its JSON form carries the new fields back (what kho-agentd sends the CLI)
     again = scratch_cli.plan_from_json(json.loads(json.dumps(plan.to_json())))
     assert again.initrd_limit == 100 * MiB and again.preserved_left_out == 0
+    assert "until the next cold boot: an initrd of up to 100.0 MiB fits" in \
+        scratch_cli.render(again, None)
 
 
 def test_unknown_areas_are_not_sufficient() -> None:
