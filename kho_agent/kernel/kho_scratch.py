@@ -33,11 +33,10 @@ KERN_FLAGS = frozenset({"RSV_KERN", "RSV_NIT"})
 # What debugfs prints for the incoming preserved memory on a KHO boot:
 # kho_preserved_memory_reserve() (kernel/liveupdate/kexec_handover.c) calls memblock_reserve(),
 # which adds no flag (only memblock_reserve_kern() and memblock allocations set
-# MEMBLOCK_RSRV_KERN), then
-# memblock_reserved_mark_noinit(): the region's flags are MEMBLOCK_RSRV_NOINIT alone. So the
-# kernel's own sizing (memblock_reserved_kern_size()) never counts preserved memory; debugfs
-# cannot show that, as it names only the lowest set flag (HugeTLB pages with HVO, which are
-# RSRV_KERN too, also print as RSV_NIT).
+# MEMBLOCK_RSRV_KERN), then memblock_reserved_mark_noinit(): the region's flags are
+# MEMBLOCK_RSRV_NOINIT alone. So the kernel's own sizing (memblock_reserved_kern_size()) never
+# counts preserved memory; debugfs cannot show that, as it names only the lowest set flag
+# (HugeTLB pages with HVO, which are RSRV_KERN too, also print as RSV_NIT).
 PRESERVED_FLAG = "RSV_NIT"
 
 _MALFORMED = ("the kernel logs \"Malformed early option 'kho_scratch'\" and keeps the default "
@@ -204,7 +203,9 @@ def incoming_preserved(regions: Sequence[MemblockRegion],
     holds no pinned page; KEXEC_HANDOVER_DEBUG refuses to preserve there). So the RSV_NIT
     regions, outside the scratch areas `areas` (phys, size), are what the previous kernel handed
     over. An RSV_NIT region inside an area is this kernel's own allocation (HugeTLB with HVO,
-    made in scratch-only mode) and is not taken.
+    made in scratch-only mode) and is not taken. On 7.3, boot-time HugeTLB pages that the
+    scratch extension (kho_extend_scratch()) let land outside the areas print the same way and
+    are taken too; 7.3's own sizing leaves those pages out as well.
     """
     out: list[tuple[int, int]] = []
     for r in regions:
