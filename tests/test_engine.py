@@ -18,6 +18,7 @@ from kho_agent.engine import CommitOptions, Engine, EngineConfig, PrepareOptions
 from kho_agent.engine import prepare as prepare_mod
 from kho_agent.engine import sessions as sessions_mod
 from kho_agent.engine.phase import Phase
+from kho_agent.engine.preflight import Check, Tier
 from kho_agent.errors import (
     AgentError,
     Busy,
@@ -39,9 +40,10 @@ PAGE = 4096
 class Rig:
     """A simulated host with an agent, a target image, and helpers to play the clients."""
 
-    def __init__(self, tmp: Path, target_abi: SimAbi | None = None) -> None:
+    def __init__(self, tmp: Path, target_abi: SimAbi | None = None, *, memory_mib: int = 4096,
+                 cmdline: str = "console=ttyS0 kho=on liveupdate=on") -> None:
         self.tmp = tmp
-        self.sim = SimKernel.create(tmp / "sim")
+        self.sim = SimKernel.create(tmp / "sim", memory_mib=memory_mib, cmdline=cmdline)
         self.target = self.sim.write_kernel_image(tmp / "boot" / "vmlinuz-7.3.1-sim",
                                                   release="7.3.1-sim",
                                                   abi=target_abi or SimAbi())
@@ -613,3 +615,92 @@ def test_planning_never_changes_what_prepare_chose(rig: Rig, tmp_path: Path) -> 
     assert agent.verify().ok
     assert agent.verified_manifest is not None
     assert agent.verified_manifest.release_to == "7.3.1-sim"
+
+
+# --- scratch through a chain of live updates ----------------------------------------------------
+# A 1 GiB machine whose cold boot set 64 MiB scratch areas (lowmem and node 0): its own early
+# allocations take 60 MiB (40 MiB kernel, 16 MiB memmap, 4 MiB node data), so every boot of the
+# chain fits them. 96 MiB carried over is more than an area: counted as "kernel-reserved", it
+# made the next preflight block for the whole boot, even after the session was finished.
+CHAIN_CMDLINE = "console=ttyS0 kho=on liveupdate=on kho_scratch=64M,0,64M"
+CARRIED = 96 << 20
+
+
+def _sparse(path: Path, size: int) -> Path:
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+def _scratch_check(agent: Engine, target: Path, initrd: Path | None = None) -> Check:
+    return next(c for c in agent.gather_preflight(target, initrd).checks if c.name == "scratch")
+
+
+def test_memory_a_live_update_carried_is_not_scratch_the_next_one_needs(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, memory_mib=1024, cmdline=CHAIN_CMDLINE)
+    rig.agent.create_session("vm-a", "test")
+    fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, CARRIED)          # the kernel preserves every page, holes filled
+    os.pwrite(fd, b"guest", 0)
+    rig.agent.preserve("vm-a", fd, 1)
+    os.close(fd)
+    rig.agent.set_ready("vm-a", True)
+    rig.agent.prepare(PrepareOptions(kernel=rig.target))
+    rig.agent.commit(CommitOptions())
+    agent = rig.reboot_view()
+    assert agent.verify().ok
+    session = agent.claim_session("vm-a")
+    session.finish()
+    session.close()
+
+    check = _scratch_check(agent, rig.target)
+    assert check.tier is Tier.OK, check.message
+    plan = agent.scratch_plan(rig.target)
+    assert plan.kho_boot and plan.kern_source == "memblock"
+    assert plan.sufficient and plan.warnings == []
+    # what this boot allocated inside the inherited areas, as the next boot will: 60 MiB
+    assert plan.kern.total == 60 << 20
+    assert plan.preserved_left_out >= CARRIED
+
+    # and the simulated kernel agrees: the next update of the chain boots in the same areas
+    agent.prepare(PrepareOptions(kernel=rig.target))
+    agent.commit(CommitOptions())
+    agent.close()
+    after = rig.reboot_view()
+    assert rig.sim.boot_count == 3 and after.verify().ok
+    after.close()
+
+
+def test_a_next_kernel_that_outgrows_the_inherited_areas_still_blocks(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, memory_mib=1024, cmdline=CHAIN_CMDLINE)
+    rig.client("vm-a", {1: b"a"})
+    rig.agent.prepare(PrepareOptions(kernel=rig.target))
+    rig.agent.commit(CommitOptions())
+    agent = rig.reboot_view()
+    assert agent.verify().ok
+    big = _sparse(tmp_path / "initrd-big", 80 << 20)     # more than any 64 MiB area
+    check = _scratch_check(agent, rig.target, big)
+    assert check.tier is Tier.BLOCKER
+    assert "initrd (80.0 MiB) does not fit" in check.message
+    assert "boot cold with kho_scratch=" in check.fix
+    with pytest.raises(PreflightFailed, match="EADDRNOTAVAIL"):
+        agent.prepare(PrepareOptions(kernel=rig.target, initrd=big))
+    agent.close()
+
+
+def test_the_first_prepare_says_how_far_the_areas_go(tmp_path: Path) -> None:
+    """On the cold boot: the areas stay until the next cold boot, so say how large an initrd
+    they take, and warn when the next kernel has less room to grow than the margin."""
+    rig = Rig(tmp_path, memory_mib=1024, cmdline=CHAIN_CMDLINE)
+    check = _scratch_check(rig.agent, rig.target)
+    assert check.tier is Tier.OK
+    assert ("until the next cold boot they take an initrd of up to 64.0 MiB"
+            in check.message)
+    tight = _sparse(tmp_path / "initrd-tight", 56 << 20)  # 56 MiB + 25% > 64 MiB
+    check = _scratch_check(rig.agent, rig.target, tight)
+    assert check.tier is Tier.WARNING
+    assert "stay unchanged through every live update until the next cold boot" in \
+        check.message
+    assert "initrd of at most 64.0 MiB (this one: 56.0 MiB)" in \
+        check.message
+    assert "kho_scratch=" in check.fix

@@ -15,6 +15,7 @@ from kho_agent.kernel.kho_scratch import (
     ScratchParam,
     ScratchSizes,
     count_reserved,
+    incoming_preserved,
     kernel_scratch_sizes,
     parse_kho_scratch,
     scratch_alignment,
@@ -114,6 +115,23 @@ def test_count_reserved_excludes_scratch_areas() -> None:
     kern = count_reserved(REGIONS, exclude=[(0x1200000, 4 * MiB)])
     assert (kern.low, kern.total, kern.per_node[0]) == (LOW - 4 * MiB, TOTAL - 4 * MiB,
                                                         10 * MiB)
+
+
+def test_incoming_preserved_is_rsv_nit_outside_the_scratch_areas() -> None:
+    """kho_preserved_memory_reserve(): memblock_reserve() (no flag) then
+    memblock_reserved_mark_noinit(): RSV_NIT alone. Inside a scratch area an RSV_NIT region is
+    this kernel's own (preserved memory never lies in scratch); RSV_KERN is never preserved."""
+    regions = [
+        MemblockRegion(0x40000000, GiB, 0, ("RSV_NIT",)),          # 1 GiB carried over
+        MemblockRegion(0x90000000, 8 * MiB, 0, ("RSV_NIT",)),      # 4 MiB in the area below
+        MemblockRegion(0xA0000000, 40 * MiB, 0, ("RSV_KERN",)),    # this kernel's allocations
+    ]
+    area = [(0x90400000, 64 * MiB)]                                 # 0x90400000..0x94400000
+    assert incoming_preserved(regions, area) == [(0x40000000, GiB), (0x90000000, 4 * MiB)]
+    # the count the planner makes on a KHO boot: everything kernel-flagged but those
+    kern = count_reserved(regions, exclude=incoming_preserved(regions, area))
+    assert kern.total == 44 * MiB
+    assert incoming_preserved(regions, []) == [(0x40000000, GiB), (0x90000000, 8 * MiB)]
 
 
 @pytest.mark.parametrize("param, hugetlb, expected", [

@@ -20,6 +20,7 @@ from kho_agent.cli import scratch as scratch_cli
 from kho_agent.engine.scratch_plan import (
     ScratchPlan,
     estimate_reserved,
+    largest_initrd,
     plan_scratch,
     smallest_scale,
 )
@@ -220,6 +221,62 @@ def test_hugetlb_exclusion() -> None:
 def test_kho_boot_note() -> None:
     plan = plan_scratch(make_info(regions=FORTY), areas(100 * MiB, 0, 100 * MiB), kho_boot=True)
     assert any("inherited" in n and "cold boot" in n for n in plan.notes)
+
+
+# A KHO boot after a live update that carried 1 GiB: the areas (100 MiB) were inherited, this
+# kernel allocated 40 MiB inside the lowmem one, and the 1 GiB came in as RSV_NIT elsewhere.
+CARRIED = [MemblockRegion(0xC0000000, GiB, 0, ("RSV_NIT",)),
+           MemblockRegion(0x40000000 + 60 * MiB, 40 * MiB, 0, ("RSV_KERN",))]
+
+
+def test_memory_carried_in_is_not_what_the_next_boot_needs_in_scratch() -> None:
+    plan = plan_scratch(make_info(regions=CARRIED), areas(100 * MiB, 0, 100 * MiB),
+                        kho_boot=True)
+    # one copy of this kernel's own 40 MiB, counted inside the inherited area; not the 1 GiB
+    assert plan.kern == KernReserved(40 * MiB, 40 * MiB, {0: 40 * MiB})
+    assert plan.required == ScratchSizes(40 * MiB, 0, 40 * MiB)
+    assert plan.sufficient and plan.warnings == []
+    assert plan.preserved_left_out == GiB
+    assert any(n.startswith("1024.0 MiB of memory preserved by the previous kernel")
+               for n in plan.notes)
+    assert "left out: 1024.0 MiB preserved by the previous kernel" in \
+        scratch_cli.render(plan, None)
+
+
+def test_on_a_cold_boot_rsv_nit_is_counted_and_the_areas_are_not() -> None:
+    # no memory comes in on a cold boot: RSV_NIT there is HugeTLB with HVO (RSRV_KERN too);
+    # the areas are this kernel's own allocations, still listed: 1 GiB + 0 MiB counted
+    regions = [CARRIED[0], MemblockRegion(0x40000000, 100 * MiB, 0, ("RSV_KERN",))]
+    plan = plan_scratch(make_info(regions=regions), areas(100 * MiB, 0, 100 * MiB))
+    assert plan.kern.total == GiB and plan.preserved_left_out == 0
+    assert not plan.sufficient
+
+
+def test_how_large_an_initrd_the_areas_take() -> None:
+    # lowmem [0x40000000, +100 MiB) takes the array, purgatory, boot data and the 30 MiB kernel
+    # (at round_down(0x46400000 - 64K - 256K - 30M, 2M) = 0x44400000), leaving about 68 MiB
+    # below it; node 0's 100 MiB area is empty: the largest initrd is exactly 100 MiB.
+    small = [MemblockRegion(0x10000000, 8 * MiB, 0, ("RSV_KERN",))]
+    room = areas(100 * MiB, 0, 100 * MiB)
+    assert largest_initrd(room, 30 * MiB, 1, 4096) == 100 * MiB
+    assert largest_initrd(room, 120 * MiB, 1, 4096) is None      # the kernel alone does not fit
+    plan = plan_scratch(make_info(regions=small), room, image_bytes=30 * MiB,
+                        initrd_bytes=10 * MiB)
+    assert plan.initrd_limit == 100 * MiB and plan.warnings == []
+    assert any("until the next cold boot: with a 30.0 MiB kernel they take an initrd of at "
+               "most 100.0 MiB (this one: 10.0 MiB)" in n for n in plan.notes)
+    # 30 + 90 MiB grown by the 25% margin is 150 MiB > 30 + 100: warn, at the cold boot
+    plan = plan_scratch(make_info(regions=small), room, image_bytes=30 * MiB,
+                        initrd_bytes=90 * MiB)
+    assert plan.sufficient and len(plan.warnings) == 1
+    assert "sized at this cold boot" in plan.warnings[0]
+    assert "only a cold boot helps; to leave room, boot cold with kho_scratch=" \
+        in plan.warnings[0]
+    # and its JSON form carries the new fields back (what kho-agentd sends the CLI)
+    again = scratch_cli.plan_from_json(json.loads(json.dumps(plan.to_json())))
+    assert again.initrd_limit == 100 * MiB and again.preserved_left_out == 0
+    assert "until the next cold boot: an initrd of up to 100.0 MiB fits" in \
+        scratch_cli.render(again, None)
 
 
 def test_unknown_areas_are_not_sufficient() -> None:

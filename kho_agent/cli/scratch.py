@@ -236,6 +236,9 @@ def render(plan: ScratchPlan, inputs: Inputs | None) -> str:
     per_node = ", ".join(f"node {n} {human(v)}" for n, v in sorted(k.per_node.items()))
     lines += ["", f"kernel-reserved memory ({plan.kern_source}): below 4 GiB {human(k.low)}, "
               f"total {human(k.total)}" + (f", {per_node}" if per_node else "")]
+    if plan.preserved_left_out:
+        lines.append(f"  left out: {human(plan.preserved_left_out)} preserved by the previous "
+                     "kernel (not kernel-reserved, never in scratch)")
     for item in plan.estimate:
         lines.append(f"  {item.label:<36} {human(item.bytes):>12}  {item.note}")
     req, rec = plan.required, plan.recommended
@@ -267,6 +270,9 @@ def render(plan: ScratchPlan, inputs: Inputs | None) -> str:
             where = f"{p.area} at {p.phys:#x}" if p.area is not None and p.phys is not None \
                 else "NO ROOM"
             lines.append(f"  {p.segment.label:<28} {human(p.segment.memsz):>12}  {where}")
+        if plan.initrd_limit is not None:
+            lines.append(f"  until the next cold boot: an initrd of up to "
+                         f"{human(plan.initrd_limit)} fits next to this kernel")
     if plan.warnings:
         lines.append("")
         lines += [f"warning: {w}" for w in plan.warnings]
@@ -330,7 +336,9 @@ def plan_from_json(raw: dict[str, Any]) -> ScratchPlan:
             node_ids=[int(n) for n in raw["node_ids"]],
             alignment=int(raw["alignment"]),
             margin=float(raw["margin"]),
-            kho_boot=bool(raw["kho_boot"]))
+            kho_boot=bool(raw["kho_boot"]),
+            preserved_left_out=int(raw.get("preserved_left_out", 0)),
+            initrd_limit=None if raw.get("initrd_limit") is None else int(raw["initrd_limit"]))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise AgentError(f"kho-agentd sent a scratch plan this kho-agentctl cannot read "
                          f"({type(exc).__name__}: {exc}); are both the same version? "

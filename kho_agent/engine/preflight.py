@@ -22,7 +22,7 @@ from ..abi.findings import Finding
 from ..abi.formats.records import LuoLimits
 from ..facts import FileFacts
 from ..kernel.sysinfo import SysInfo, kho_enabled, luo_enabled
-from .scratch_plan import ScratchPlan
+from .scratch_plan import ScratchPlan, human
 
 FDSTORE_SYSTEMD = 261  # first systemd that carries LUO session fds through its fd store
 
@@ -198,8 +198,13 @@ def _scratch(i: PreflightInputs) -> Check:
     if plan.warnings:
         return Check("scratch", Tier.WARNING, "; ".join(plan.warnings),
                      f"consider {plan.absolute_form()} at the next cold boot")
+    # Said on every boot, the cold one first: the areas never change until the next cold boot,
+    # so how far they go is what decides whether a later update in the chain needs one.
+    until = ("" if plan.initrd_limit is None else
+             f"; until the next cold boot they take an initrd of up to "
+             f"{human(plan.initrd_limit)} with this kernel")
     return Check("scratch", Tier.OK, f"scratch areas hold the next kernel "
-                 f"({plan.reserved_total >> 20} MiB reserved)")
+                 f"({plan.reserved_total >> 20} MiB reserved{until})")
 
 
 def _memory(i: PreflightInputs) -> Check:

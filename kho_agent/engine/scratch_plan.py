@@ -19,6 +19,12 @@ The plan works per area:
                  SCRATCH_ALIGNMENT_BYTES
 
 and checks that the segments fit into the current areas the way the kernel places them.
+
+On a KHO boot the areas were inherited (not reserved in memblock), so this kernel's own
+allocations inside them count, and the memory the previous kernel preserved (RSV_NIT outside
+the areas, never RSRV_KERN) does not: it is no early allocation of the next boot, and the
+kernel never sizes scratch by it (docs/kernel-abi.md §5.5). As the areas stay until the next
+cold boot, the plan also gives the largest initrd they take next to this kernel.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from ..kernel.kho_scratch import (
     ScratchParam,
     ScratchSizes,
     count_reserved,
+    incoming_preserved,
     kernel_scratch_sizes,
     parse_kho_scratch,
     round_up,
@@ -199,6 +206,9 @@ class ScratchPlan:
     alignment: int = SCRATCH_ALIGNMENT_BYTES
     margin: float = DEFAULT_MARGIN
     kho_boot: bool = False
+    preserved_left_out: int = 0            # KHO boot: incoming preserved memory not counted
+    initrd_limit: int | None = None        # the largest initrd that fits the current areas
+                                           # next to this kernel; None: not known
 
     def absolute_form(self) -> str:
         return ScratchParam(sizes=self.recommended).form()
@@ -282,9 +292,9 @@ def plan_scratch(info: SysInfo, areas: Sequence[ScratchArea], *, kho_boot: bool 
     notes: list[str] = list(info.warnings)
 
     current_param = _current_param(info, warnings)
-    kern, source, estimate = _kernel_reserved(info, areas, kho_boot, current_param, nids,
-                                              running_image_bytes, running_initrd_bytes,
-                                              image_size, initrd_size, notes)
+    kern, source, estimate, preserved = _kernel_reserved(
+        info, areas, kho_boot, current_param, nids, running_image_bytes, running_initrd_bytes,
+        image_size, initrd_size, notes)
     hugetlb = None
     if exclude_hugetlb:
         hugetlb = hugetlb_reserved(info)
@@ -323,9 +333,16 @@ def plan_scratch(info: SysInfo, areas: Sequence[ScratchArea], *, kho_boot: bool 
 
     placements = place_segments(segments, areas) if areas else []
     sufficient = bool(areas)
+    initrd_limit = None
     if areas:
         sufficient &= _check_areas(areas, required, target, nids, warnings, notes)
         sufficient &= _check_fit(placements, warnings)
+        if image_size is not None:
+            initrd_limit = largest_initrd(areas, image_size, len(nids), info.page_size)
+            if sufficient and initrd_limit is not None:
+                _chain_headroom(image_size, initrd_size or 0, initrd_limit, margin_ppm,
+                                kho_boot, ScratchParam(sizes=recommended).form(), warnings,
+                                notes)
     else:
         if not kho_boot and not kho_enabled(info):
             notes.append("KHO is off on this boot (no kho=on on the command line), so there are "
@@ -345,7 +362,7 @@ def plan_scratch(info: SysInfo, areas: Sequence[ScratchArea], *, kho_boot: bool 
         sufficient=sufficient, required=required.as_sizes(), kernel_default=kernel_default,
         kern=kern, kern_source=source, estimated=source != "memblock", estimate=estimate,
         segments=placements, node_ids=nids, alignment=align, margin=margin_ppm / MARGIN_PPM,
-        kho_boot=kho_boot)
+        kho_boot=kho_boot, preserved_left_out=preserved, initrd_limit=initrd_limit)
 
 
 def _current_param(info: SysInfo, warnings: list[str]) -> ScratchParam | None:
@@ -361,14 +378,32 @@ def _current_param(info: SysInfo, warnings: list[str]) -> ScratchParam | None:
 def _kernel_reserved(info: SysInfo, areas: list[ScratchArea], kho_boot: bool,
                      param: ScratchParam | None, nids: list[int], running_image: int | None,
                      running_initrd: int | None, next_image: int | None, next_initrd: int | None,
-                     notes: list[str]) -> tuple[KernReserved, str, list[ScratchItem]]:
+                     notes: list[str]) -> tuple[KernReserved, str, list[ScratchItem], int]:
+    """What the next boot's early allocations take in scratch: its source, the estimate's
+    items, and the bytes of incoming preserved memory left out (KHO boot, memblock only)."""
     regions = info.memblock_reserved
     if regions and any(KERN_FLAGS.intersection(r.flags) for r in regions):
-        kern = count_reserved(regions, exclude=[(a.phys, a.size) for a in areas])
+        spans = [(a.phys, a.size) for a in areas]
+        preserved = 0
+        if kho_boot:
+            # The areas were inherited, not allocated: they are not in memblock.reserved, and
+            # what this kernel allocated inside them is what the next boot needs there. The
+            # preserved memory that came in is reserved too but is no kernel allocation, never
+            # lies in scratch and is not what the next kernel sizes or needs: leave it out.
+            incoming = incoming_preserved(regions, spans)
+            preserved = sum(size for _, size in incoming)
+            kern = count_reserved(regions, exclude=incoming)
+            if preserved:
+                notes.append(f"{human(preserved)} of memory preserved by the previous kernel "
+                             "(RSV_NIT outside the scratch areas in memblock/reserved) is not "
+                             "counted: it is no kernel allocation, never lies in scratch, and "
+                             "stays listed for the whole boot even after its sessions finish")
+        else:
+            kern = count_reserved(regions, exclude=spans)
         notes.append("kernel-reserved memory counted from memblock/reserved as it is now, after "
                      "boot (memory freed since scratch was sized, such as the initrd, is not in "
                      "it; the next kernel's image and initrd are added separately)")
-        return kern, "memblock", []
+        return kern, "memblock", [], preserved
     if regions is not None:
         notes.append("memblock/reserved shows no RSV_KERN regions (a kernel before KHO): "
                      "kernel-reserved memory is estimated")
@@ -380,7 +415,7 @@ def _kernel_reserved(info: SysInfo, areas: list[ScratchArea], kho_boot: bool,
             notes.append(f"kernel-reserved memory derived from the scratch areas this kernel "
                          f"sized at boot with scale {scale}% (area x 100 / {scale}, to within "
                          "the alignment); estimated, memblock debugfs is not available")
-            return derived, "areas", []
+            return derived, "areas", [], 0
     notes.append("kernel-reserved memory estimated from MemTotal (memblock debugfs is not "
                  "available, as on x86 without CONFIG_ARCH_KEEP_MEMBLOCK); see the estimate")
     for what, running, proxy in (("image", running_image, next_image),
@@ -394,7 +429,45 @@ def _kernel_reserved(info: SysInfo, areas: list[ScratchArea], kho_boot: bool,
                                     else next_image,
                                     running_initrd if running_initrd is not None
                                     else next_initrd)
-    return kern, "estimate", items
+    return kern, "estimate", items, 0
+
+
+def largest_initrd(areas: Sequence[ScratchArea], image_size: int, node_count: int,
+                   page_size: int) -> int | None:
+    """The largest initrd that kexec_file_load() places in `areas` next to a kernel of
+    `image_size` (a binary search over kernel/kexec_placement.py's placement), or None when
+    the kernel alone does not fit."""
+    def fits(initrd: int) -> bool:
+        return all(p.area is not None for p in place_segments(
+            kexec_segments(image_size, initrd, node_count, page_size), areas))
+
+    if not fits(0):
+        return None
+    lo, hi = 0, sum(a.size for a in areas) // page_size + 1    # pages: lo fits, hi does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid * page_size):
+            lo = mid
+        else:
+            hi = mid
+    return lo * page_size
+
+
+def _chain_headroom(image: int, initrd: int, limit: int, margin_ppm: int, kho_boot: bool,
+                    form: str, warnings: list[str], notes: list[str]) -> None:
+    """Every live update until the next cold boot inherits these areas unchanged, so a next
+    kernel that outgrows them can only be reached by a cold boot: say how far they go, as a
+    warning when a kernel and initrd larger by the margin would not fit."""
+    since = "inherited since the last cold boot" if kho_boot else "sized at this cold boot"
+    this = human(initrd) if initrd else "none"
+    text = (f"the scratch areas ({since}) stay unchanged through every live update until the "
+            f"next cold boot: with a {human(image)} kernel they take an initrd of at most "
+            f"{human(limit)} (this one: {this}); a larger one will not load (EADDRNOTAVAIL) "
+            "and then only a cold boot helps")
+    if image + limit < image + initrd + _margin_of(image + initrd, margin_ppm):
+        warnings.append(f"{text}; to leave room, boot cold with {form}")
+    else:
+        notes.append(text)
 
 
 def _layout(sizes: ScratchSizes, nids: Sequence[int]) -> list[ScratchArea]:

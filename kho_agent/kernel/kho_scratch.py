@@ -30,6 +30,15 @@ SCRATCH_ENTRY_BYTES = 16                  # struct kho_scratch { phys_addr_t add
 # are initialised late, e.g. boot-time HugeTLB pages with HVO.
 KERN_FLAGS = frozenset({"RSV_KERN", "RSV_NIT"})
 
+# What debugfs prints for the incoming preserved memory on a KHO boot:
+# kho_preserved_memory_reserve() (kernel/liveupdate/kexec_handover.c) calls memblock_reserve(),
+# which adds no flag (only memblock_reserve_kern() and memblock allocations set
+# MEMBLOCK_RSRV_KERN), then memblock_reserved_mark_noinit(): the region's flags are
+# MEMBLOCK_RSRV_NOINIT alone. So the kernel's own sizing (memblock_reserved_kern_size()) never
+# counts preserved memory; debugfs cannot show that, as it names only the lowest set flag
+# (HugeTLB pages with HVO, which are RSRV_KERN too, also print as RSV_NIT).
+PRESERVED_FLAG = "RSV_NIT"
+
 _MALFORMED = ("the kernel logs \"Malformed early option 'kho_scratch'\" and keeps the default "
               "200% scale")
 
@@ -173,6 +182,36 @@ def count_reserved(regions: Sequence[MemblockRegion], *, limit: int = ARCH_LOW_A
             low_end = r.end if r.end <= limit else limit
             kern.low += low_end - r.base - _overlap(r.base, low_end, exclude)
     return kern
+
+
+def _outside(base: int, end: int, ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """[base, end) minus `ranges`, as (base, size) pieces."""
+    pieces = [(base, end)]
+    for r_start, r_size in ranges:
+        r_end = r_start + r_size
+        pieces = [part for a, b in pieces
+                  for part in ((a, min(b, r_start)), (max(a, r_end), b)) if part[0] < part[1]]
+    return [(a, b - a) for a, b in pieces]
+
+
+def incoming_preserved(regions: Sequence[MemblockRegion],
+                       areas: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """On a KHO boot: the incoming preserved memory in memblock/reserved, as (base, size).
+
+    The kernel reserves every preserved block as MEMBLOCK_RSRV_NOINIT without RSRV_KERN (see
+    PRESERVED_FLAG), and preserved memory never lies in the scratch areas (they are CMA, which
+    holds no pinned page; KEXEC_HANDOVER_DEBUG refuses to preserve there). So the RSV_NIT
+    regions, outside the scratch areas `areas` (phys, size), are what the previous kernel handed
+    over. An RSV_NIT region inside an area is this kernel's own allocation (HugeTLB with HVO,
+    made in scratch-only mode) and is not taken. On 7.3, boot-time HugeTLB pages that the
+    scratch extension (kho_extend_scratch()) let land outside the areas print the same way and
+    are taken too; 7.3's own sizing leaves those pages out as well.
+    """
+    out: list[tuple[int, int]] = []
+    for r in regions:
+        if r.flags == (PRESERVED_FLAG,):
+            out += _outside(r.base, r.end, areas)
+    return out
 
 
 @dataclass

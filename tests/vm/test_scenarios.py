@@ -268,6 +268,52 @@ def test_the_scratch_plan_is_what_the_next_kernel_reserves(
     assert areas(3) == areas(2)
 
 
+def _check(step: dict[str, Any], name: str) -> dict[str, Any]:
+    """One check of a `kho-agentctl preflight --json` step."""
+    doc = step["json"] or {}
+    checks = doc.get("checks") or (doc.get("preflight") or {}).get("checks") or []
+    for check in checks:
+        if check["name"] == name:
+            return dict(check)
+    raise AssertionError(f"{step['name']}: no {name!r} check in {json.dumps(doc)[:2000]}")
+
+
+@pytest.mark.extended
+def test_memory_a_live_update_carried_does_not_count_against_the_next_ones_scratch(
+        tmp_path: Path, primary: kernels.KernelImage) -> None:
+    """Issue 15: two live updates in a row, each carrying the 256 MiB big file, more than the
+    160 MiB lowmem area a 2 GiB guest sizes at its cold boot. The second kexec boots in the same
+    areas, and the planner on the KHO boot (after the session was finished) does not block."""
+    run = run_scenario(tmp_path, {"kind": "updates", "updates": 2, "target": "kernels/next",
+                                  "scratch_probe": True},
+                       primary, {"kernels/next": primary.path}, timeout_s=1800)
+    cold, kho, last = run.facts(1), run.facts(2), run.facts(3)
+    # the first prepare says how far the areas go, for the whole chain
+    first = _check(run.step(1, "preflight-probe"), "scratch")
+    assert first["tier"] == "ok" and "until the next cold boot" in first["message"], first
+    big = 256 << 20
+    assert cold["kho_scratch_len"] is not None and cold["kho_scratch_len"][0] < big, cold
+    # boot 2 came through KHO with the big file (and its session was checked and finished)
+    assert kho["verify_state"] == "verified", run.describe()
+    workload_ok(run, 2, "workload-check-vm-1")
+    assert kho["kho_scratch_len"] == cold["kho_scratch_len"]      # inherited, unchanged
+    assert kho["kho_scratch_phys"] == cold["kho_scratch_phys"]
+    plan = run.step(2, "scratch-probe")["json"]["plan"]
+    assert plan["kho_boot"] and plan["sufficient"], json.dumps(plan, indent=1)
+    if kho["memblock_reserved"] is not None:   # a kernel that keeps memblock (not x86)
+        assert plan["kern_source"] == "memblock"
+        assert plan["preserved_left_out"] >= big, plan["notes"]
+    else:
+        assert plan["kern_source"] == "estimate"
+    second = _check(run.step(2, "preflight-probe"), "scratch")
+    assert second["tier"] == "ok", second
+    # and the kernel agrees: the second update, carrying the big file again, boots in them
+    assert last["verify_state"] == "verified", run.describe()
+    workload_ok(run, 3, "workload-check-vm-2")
+    assert last["kho_scratch_len"] == cold["kho_scratch_len"]
+    assert last["ended_with"] == "poweroff"
+
+
 _PRINTK = re.compile(r"\[\s*(\d+\.\d+)\]")
 
 

@@ -13,7 +13,10 @@ refuse_target (an image prepare must refuse first), capture (copy the KHO blobs)
 ("auto": prepare with the recommended kho_scratch=), cancel (prepare, cancel, reboot cold),
 kill (SIGKILL the agent after prepare), without_fdstore_dropin (remove the drop-in of hand-off
 mode fdstore at the first boot, before anything else), keeper (a VM manager unit that keeps its
-own fds in its own fd store, tests/vm/jobs/keeper.py, beside the workload).
+own fds in its own fd store, tests/vm/jobs/keeper.py, beside the workload), scratch_probe (on
+every boot of "updates", after the sessions of the previous one were checked and finished:
+record the scratch areas and memblock/reserved, and what kho-agentctl scratch and preflight
+say about the next update).
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ BOOT = int(os.environ.get("KHO_TEST_BOOT", "1"))
 OUT = JOB / "out"
 WORKLOAD = JOB / "workload.py"
 DEBUGFS_KHO = Path("/sys/kernel/debug/kho")
+# only with CONFIG_ARCH_KEEP_MEMBLOCK (arm64, not x86): the planner estimates without it
+MEMBLOCK_RESERVED = Path("/sys/kernel/debug/memblock/reserved")
 BUS = ("org.khoagent.Agent1", "/org/khoagent/Agent1", "org.khoagent.Agent1.Manager")
 
 
@@ -276,6 +281,21 @@ def scratch(boot: Boot, spec: dict[str, Any]) -> int:
     return end(boot, "poweroff")
 
 
+def scratch_probe(boot: Boot, spec: dict[str, Any]) -> None:
+    """What the next live update has to fit into on this boot, and what the planner says: the
+    scratch areas (a KHO boot inherits them unchanged), the reservations the kernel lists (with
+    any preserved memory that came in), the scratch plan and the preflight for the target."""
+    for name in ("scratch_phys", "scratch_len"):
+        path = DEBUGFS_KHO / "out" / name
+        boot.fact(f"kho_{name}", [int(x, 16) for x in path.read_text().split()]
+                  if path.exists() else None)
+    boot.fact("memblock_reserved", MEMBLOCK_RESERVED.read_text()
+              if MEMBLOCK_RESERVED.exists() else None)
+    target = str(JOB / spec["target"])
+    boot.ctl("scratch-probe", "scratch", "--kernel", target)
+    boot.ctl("preflight-probe", "preflight", "--kernel", target)
+
+
 RTC_RD_TIME = 0x80247009  # _IOR('p', 0x09, struct rtc_time): nine ints
 
 
@@ -469,6 +489,8 @@ def main() -> int:
         updates = int(spec.get("updates", 1))
         if BOOT > 1:
             after_update(boot, spec, f"vm-{BOOT - 1}")
+        if spec.get("scratch_probe"):
+            scratch_probe(boot, spec)
         if BOOT == 1 and spec.get("refuse_target"):
             refused = boot.ctl("prepare-refused", "prepare", "--kernel",
                                str(JOB / spec["refuse_target"]))
