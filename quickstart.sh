@@ -115,10 +115,10 @@ run_fuzz() {
 }
 
 install_vm_apt() {
-    # the lists live beside the code that needs them (tests/vm/qemu.py, tests/vm/kernels.py)
+    # the lists live beside the code that needs them (tests/vm/qemu.py, kernels.py, rootfs.py)
     local packages
-    packages=$(.venv/bin/python -c 'from tests.vm import kernels, qemu
-print(" ".join(qemu.VM_APT_PACKAGES + kernels.BUILD_APT_PACKAGES))')
+    packages=$(.venv/bin/python -c 'from tests.vm import kernels, qemu, rootfs
+print(" ".join(qemu.VM_APT_PACKAGES + kernels.BUILD_APT_PACKAGES + rootfs.DEB_BUILD_APT_PACKAGES))')
     # shellcheck disable=SC2206
     APT_PACKAGES=($packages)
     install_apt

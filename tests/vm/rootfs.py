@@ -1,24 +1,28 @@
-"""The guests' root filesystems: Debian with systemd and kho-agent installed as a package, one
-per release in :data:`GUESTS` (bookworm with systemd 252; sid with systemd 262, where systemd
-carries the agent's sessions through the kexec).
+"""The guests' root filesystems: Debian with systemd and kho-agent installed from its Debian
+package, one per release in :data:`GUESTS` (bookworm with systemd 252; sid with systemd 262,
+where systemd carries the agent's sessions through the kexec).
 
 Two cached layers (``tests/vm/cache.py``), each keyed by everything that goes into it:
 
 1. **base** (``rootfs-base/<release>-<key>``): ``debootstrap --variant=minbase`` of the
-   release with the packages the agent and the tests need, plus the configuration that does not
-   depend on this repository (hostname, root password, masked units that would only add noise or
-   want a network, the ``vmm`` user). Keyed by suite, package list and :data:`BASE_RECIPE`;
-   building it takes about a minute and a half and needs the Debian archive.
-2. **agent** (``rootfs-agent/<release>-<key>``): a copy of the base with kho-agent installed the
-   way a distribution package would install it: the wheel built from this repository plus wheels
-   of the dependencies the release lacks (``pip install --no-index`` inside the tree, so pip
-   checks the declared dependencies against Debian's ``python3-*`` packages), the data files through
-   ``packaging/install_data.py`` (with the fdstore drop-in where the release's systemd carries
-   fd stores through LUO), the files of ``tests/vm/guest`` (job-disk mount, test driver,
-   polkit rule, ``/etc/default/kexec``), the units enabled; then turned into an ext4 image with
-   ``mkfs.ext4 -d`` (no loop mount). Keyed by the base key, the package sources, the pinned
-   dependency wheels, the data files and the guest files, so the slow base is reused when only
-   the agent changes.
+   release with the packages the agent and the tests need (the package's Depends and
+   Recommends as the release has them, man-db, QEMU for the VM-manager scenario; no pip), plus
+   the configuration that does not depend on this repository (hostname, root password, masked
+   units that would only add noise or want a network, the ``vmm`` user). Keyed by suite,
+   package list and :data:`BASE_RECIPE`; building it takes about a minute and a half and needs
+   the Debian archive.
+2. **agent** (``rootfs-agent/<release>-<key>``): a copy of the base with kho-agent installed
+   the way a host installs it: ``packaging/build_deb.py`` builds ``kho-agent_<version>_all.deb``
+   from this checkout on the host (kept in the entry), and ``dpkg -i`` installs it inside the
+   tree, so dpkg checks its Depends against what the release has, and the package's
+   maintainer scripts do the rest: they enable the service and, where the release's
+   ``systemctl --version`` is 261 or newer, link the fdstore drop-in (the build checks that
+   the result is the hand-off mode :class:`GuestRelease` expects). Nothing is started: the
+   tree has no ``/run/systemd/system``. Then the files of ``tests/vm/guest`` (job-disk mount,
+   test driver, polkit rule, ``/etc/default/kexec``), the test units enabled, and the tree
+   turned into an ext4 image with ``mkfs.ext4 -d`` (no loop mount). Keyed by the base key,
+   everything that goes into the package (:func:`package_inputs`) and the guest files, so the
+   slow base is reused when only the agent changes.
 
 The guest files are applied in the agent layer, not the base, for the same reason: editing the
 test driver must not redo debootstrap.
@@ -29,17 +33,17 @@ Every run boots a private copy (:func:`scratch_copy`): the cached image is never
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
 import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Literal
 
 from . import progress
@@ -47,21 +51,33 @@ from .cache import content_key, ensure_entry
 
 REPO = Path(__file__).resolve().parents[2]
 GUEST_DIR = Path(__file__).resolve().parent / "guest"
-INSTALL_DATA = REPO / "packaging" / "install_data.py"
+BUILD_DEB = REPO / "packaging" / "build_deb.py"
 
 MIRROR_ENV = "KHO_AGENT_TEST_MIRROR"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 
 # Bump when the base recipe (debootstrap options, configure_base) changes meaning.
-BASE_RECIPE = "base-3"
+BASE_RECIPE = "base-4"
 # Bump when the agent-layer recipe changes meaning.
-AGENT_RECIPE = "agent-3"
+AGENT_RECIPE = "agent-4"
 
-# Tags a wheel for the guest may carry: x86_64 glibc (both releases' glibc is newer than these).
-WHEEL_PLATFORMS: tuple[str, ...] = (
-    "manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_28_x86_64",
-    "manylinux_2_34_x86_64",
+# What packaging/build_deb.py needs on the host (packaging/debian/control's Build-Depends):
+# `./quickstart.sh vm` installs them with the other host packages of the VM suite.
+DEB_BUILD_APT_PACKAGES: tuple[str, ...] = (
+    "build-essential", "debhelper", "dh-python", "pybuild-plugin-pyproject", "python3-all",
+    "python3-setuptools", "fakeroot",
 )
+
+# The parts of the tree that go into the .deb (build_deb.py builds from a copy of the whole
+# tree; these are what packaging/debian/rules and pybuild read from it): the agent layer's key
+# covers every file under them, and every file at the top level (pyproject.toml, README.md,
+# LICENSE).
+PACKAGE_DIRS: tuple[str, ...] = (
+    "kho_agent", "packaging", "systemd", "etc", "share", "catalog", "man", "completion",
+)
+
+# Where the package's postinst links the drop-in of hand-off mode "fdstore" (systemd >= 261).
+FDSTORE_DROPIN = "etc/systemd/system/kho-agent.service.d/fdstore.conf"
 
 
 @dataclass(frozen=True)
@@ -71,53 +87,43 @@ class GuestRelease:
     name: str                      # the guest's name in test ids ("bookworm", "sid")
     suite: str                     # debootstrap's suite
     packages: tuple[str, ...]      # debootstrap --include
-    extra_wheels: tuple[str, ...]  # pyproject dependencies the release lacks, as exact pins
-    python: str                    # the release's python3 ("3.11"): the wheels' tags
-    # The hand-off mode an operator following preflight sets up: "fdstore" installs
-    # systemd/kho-agent-fdstore.conf as the unit's drop-in (systemd >= 261).
+    # The hand-off mode the package sets up on this release: "fdstore" where its systemd is
+    # 261 or newer (the postinst links the drop-in), "direct" below.
     handoff: str
-
-    @property
-    def abi(self) -> str:
-        return "cp" + self.python.replace(".", "")
+    # The digest algorithm the agent takes: "blake3" where python3-blake3 is installed.
+    digest_alg: str
 
 
-# What the agent imports and runs, as Debian packages. polkit is split since bookworm: `polkitd`
-# is the daemon with the JavaScript rules engine (and pkcheck/pkaction), `pkexec` only the setuid
-# tool, which the guest does not need. polkitd depends on the virtual package default-logind,
-# which debootstrap cannot resolve: libpam-systemd provides it. procps is there for debugging a
-# failed run (ps, pgrep). qemu-system-x86 is the VM manager's QEMU (jobs/vmm_qemu.py, TCG inside
-# the guest).
+# What the agent imports and runs, as Debian packages: the Depends of packaging/debian/control
+# and its Recommends as far as the release has them (python3-blake3 only in sid). polkit is
+# split since bookworm: `polkitd` is the daemon with the JavaScript rules engine (and
+# pkcheck/pkaction), `pkexec` only the setuid tool, which the guest does not need. polkitd
+# depends on the virtual package default-logind, which debootstrap cannot resolve:
+# libpam-systemd provides it. For the tests: python3-pydbus (their D-Bus client), man-db (`man
+# kho-agentctl` on an installed host), procps for debugging a failed run (ps, pgrep),
+# qemu-system-x86 the VM manager's QEMU (jobs/vmm_qemu.py, TCG inside the guest). No pip: a
+# host runs the agent on Debian's own Python packages.
 _COMMON_PACKAGES: tuple[str, ...] = (
-    "systemd-sysv", "udev", "dbus", "libpam-systemd", "polkitd", "python3", "python3-pip",
-    "python3-gi", "python3-pydbus", "python3-systemd", "python3-pyroute2", "python3-lz4",
-    "iproute2", "kexec-tools", "procps", "qemu-system-x86",
+    "systemd-sysv", "udev", "dbus", "libpam-systemd", "polkitd", "python3",
+    "python3-gi", "python3-systemd", "python3-pyroute2", "python3-zstandard", "python3-lz4",
+    "kexec-tools", "python3-pydbus", "man-db", "iproute2", "procps", "qemu-system-x86",
 )
 
 GUESTS: dict[str, GuestRelease] = {
-    # Debian 12: systemd 252 (before LUO: hand-off mode "direct"), Python 3.11, QEMU 7.2.
-    # python3-cairo: Debian's python3-gi does not depend on it, but the PyGObject 3.42.2
-    # metadata it installs requires pycairo>=1.16.0, so pip refuses the PyGObject dependency
-    # without it. Not packaged or too old in bookworm, from PyPI (where possible the versions
-    # the host's development venv runs):
-    #   blake3     not packaged in bookworm; 1.0.5, not the venv's 1.0.11: from 1.0.8 on blake3
-    #              requires typing-extensions>=4.6 on Python < 3.12, and bookworm has 4.4.0 (a
-    #              newer one from PyPI would shadow Debian's for every program of the guest);
-    #   zstandard  bookworm has 0.20, the agent needs >= 0.21.
-    # The others come from Debian: PyGObject 3.42.2, systemd-python 235, pyroute2 0.7.2,
-    # lz4 4.0.2. pip checks them inside the guest tree when it installs. (fdt and pydbus are
-    # test dependencies, not the agent's; python3-pydbus is in the base all the same.)
+    # Debian 12: systemd 252 (before LUO: hand-off mode "direct"), Python 3.11, QEMU 7.2,
+    # PyGObject 3.42.2, systemd-python 235, pyroute2 0.7.2, zstandard 0.20, lz4 4.0.2; no
+    # python3-blake3, so the agent digests with SHA-256. python3-cffi-backend: bookworm's
+    # python3-zstandard depends on the virtual python3-cffi-backend-api-{min,max}, which
+    # debootstrap cannot resolve (it fails configuring the base).
     "bookworm": GuestRelease(
-        name="bookworm", suite="bookworm", packages=(*_COMMON_PACKAGES, "python3-cairo"),
-        extra_wheels=("blake3==1.0.5", "zstandard==0.25.0"), python="3.11",
-        handoff="direct"),
+        name="bookworm", suite="bookworm", packages=(*_COMMON_PACKAGES, "python3-cffi-backend"),
+        handoff="direct", digest_alg="sha256"),
     # Debian unstable, what the next release will be: systemd 262 (carries fd stores through
-    # LUO: hand-off mode "fdstore"), Python 3.14, QEMU 11.1, PyGObject 3.58 (read 2026-12-03).
-    # Everything comes from Debian.
+    # LUO: hand-off mode "fdstore"), Python 3.14, QEMU 11.1, PyGObject 3.58, python3-blake3
+    # (read 2026-12-03).
     "sid": GuestRelease(
-        name="sid", suite="sid", packages=(*_COMMON_PACKAGES, "python3-blake3",
-                                           "python3-zstandard"),
-        extra_wheels=(), python="3.14", handoff="fdstore"),
+        name="sid", suite="sid", packages=(*_COMMON_PACKAGES, "python3-blake3"),
+        handoff="fdstore", digest_alg="blake3"),
 }
 DEFAULT_GUEST = "bookworm"
 
@@ -165,7 +171,8 @@ class GuestImage:
     path: Path
     key: str
     base_key: str
-    # What went into the agent layer, as recorded at build time (wheels, pip's report, timings).
+    # What went into the agent layer, as recorded at build time (the .deb, dpkg's output,
+    # timings).
     info: dict[str, object]
     release: GuestRelease
 
@@ -318,61 +325,42 @@ def prune(kind: str, *, keep: Path, spare: int) -> list[Path]:
     return removed
 
 
-# --- host-side wheels ---------------------------------------------------------------------------
+# --- the package -------------------------------------------------------------------------------
 
-def _package_sources() -> list[Path]:
-    """The files that make the kho-agent wheel (what the key must cover)."""
-    files = [REPO / "pyproject.toml", REPO / "README.md"]
-    files += sorted(p for p in (REPO / "kho_agent").rglob("*")
-                    if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc")
-    return files
-
-
-def build_agent_wheel(out: Path) -> Path:
-    """Build the kho-agent wheel with the host's /usr/bin/python3 into ``out``.
-
-    The sources are copied to a temporary directory first: building in the checkout would
-    write ``build/`` and refresh ``kho_agent.egg-info`` in a tree other people are editing.
-    Build isolation is off so that the build needs no network (bookworm's setuptools 66 meets
-    the ``setuptools>=61`` build requirement).
-    """
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="kho-wheel-") as tmp:
-        src = Path(tmp) / "src"
-        for path in _package_sources():
-            target = src / path.relative_to(REPO)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, target)
-        _run(["/usr/bin/python3", "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-              "--no-cache-dir", "-q", "-w", out, src], "building the kho-agent wheel")
-    wheels = sorted(out.glob("kho_agent-*.whl"))
-    if len(wheels) != 1:
-        raise BuildError(f"expected one kho_agent wheel in {out}, found {wheels}")
-    return wheels[0]
+def _load_build_deb() -> ModuleType:
+    # by its path: "packaging" is not a Python package (and must not shadow PyPA's)
+    spec = importlib.util.spec_from_file_location("kho_build_deb_vm", BUILD_DEB)
+    if spec is None or spec.loader is None:
+        raise BuildError(f"cannot load {BUILD_DEB}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _download_extra_wheels(entry: Path, release: GuestRelease) -> None:
-    argv: list[str | Path] = ["/usr/bin/python3", "-m", "pip", "download", "--no-deps",
-                              "--only-binary=:all:", "--implementation", "cp",
-                              "--python-version", release.python, "--abi", release.abi,
-                              "--no-cache-dir",
-                              "-q", "-d", entry]
-    for platform in WHEEL_PLATFORMS:
-        argv += ["--platform", platform]
-    _run([*argv, *release.extra_wheels], "downloading the dependency wheels from PyPI")
+def package_inputs() -> list[Path]:
+    """The files the .deb is built from (what the agent layer's key must cover): those
+    build_deb.py stages (git's files plus untracked ones not ignored) at the top level or under
+    :data:`PACKAGE_DIRS`."""
+    build_deb = _load_build_deb()
+    files = []
+    for relative in build_deb.source_files(REPO):
+        if len(relative.parts) == 1 or relative.parts[0] in PACKAGE_DIRS:
+            path = REPO / relative
+            if path.is_file():
+                files.append(path)
+    return sorted(files)
 
 
-def ensure_extra_wheels(release: GuestRelease) -> list[Path]:
-    """The release's extra wheels for the guest, downloaded once into the cache."""
-    if not release.extra_wheels:
-        return []  # pip download refuses an empty list of requirements
-    key = content_key(["wheels-2", release.python, *release.extra_wheels, *WHEEL_PLATFORMS])
-    entry = ensure_entry("wheels", key, lambda path: _download_extra_wheels(path, release))
-    wheels = sorted(entry.path.glob("*.whl"))
-    if len(wheels) != len(release.extra_wheels):
-        raise BuildError(f"the wheel cache {entry.path} has {len(wheels)} wheels for "
-                         f"{len(release.extra_wheels)} pins; remove it and run again")
-    return wheels
+def build_package(out: Path) -> Path:
+    """Build kho-agent's .deb from this checkout into ``out`` (packaging/build_deb.py: a
+    temporary copy of the tree, dpkg-buildpackage with Debian's python3)."""
+    progress.REPORTER.step("building the kho-agent .deb (packaging/build_deb.py)")
+    build_deb = _load_build_deb()
+    try:
+        return Path(build_deb.build_deb(out, REPO, log=out / "build-deb.log"))
+    except build_deb.BuildError as exc:
+        raise BuildError(f"building the .deb failed: {exc} (host build tools: apt-get install "
+                         f"{' '.join(DEB_BUILD_APT_PACKAGES)})") from exc
 
 
 # --- agent layer --------------------------------------------------------------------------------
@@ -388,11 +376,6 @@ def _files_digest(files: Iterable[Path], base: Path) -> str:
     return digest.hexdigest()
 
 
-def _data_files() -> list[Path]:
-    return sorted(p for d in ("systemd", "etc", "share", "catalog") for p in (REPO / d).rglob("*")
-                  if p.is_file())
-
-
 def _guest_files() -> list[Path]:
     return sorted(p for p in GUEST_DIR.rglob("*") if p.is_file())
 
@@ -401,10 +384,7 @@ def agent_key(release: GuestRelease) -> str:
     """Key of the agent layer: changes with any input, without building anything."""
     return content_key([
         AGENT_RECIPE, base_key(release), IMAGE_SIZE, release.handoff,
-        _files_digest(_package_sources(), REPO),
-        *release.extra_wheels,
-        _files_digest(_data_files(), REPO),
-        _files_digest([INSTALL_DATA], REPO),
+        _files_digest(package_inputs(), REPO),
         _files_digest(_guest_files(), GUEST_DIR),
         _files_digest([Path(__file__)], REPO),
     ])
@@ -439,20 +419,37 @@ def install_guest_files(root: Path) -> None:
     # the rules as its own user, and a root-owned 0644 file in it is readable to it.
 
 
-def _install_agent(tree: Path, wheels: list[Path]) -> str:
-    wheel_dir = tree / "tmp/kho-wheels"
-    wheel_dir.mkdir(parents=True)
-    for wheel in wheels:
-        shutil.copy2(wheel, wheel_dir)
-    # --no-index: the guest has no network and must not need one; pip resolves kho-agent's
-    # declared dependencies against what the tree has (Debian's python3-* packages) plus these
-    # wheels, and fails if a pin is not met.
-    report = _chroot(tree, ["python3", "-m", "pip", "install", "--no-index", "--find-links",
-                            "/tmp/kho-wheels", "--break-system-packages", "--no-cache-dir",
-                            "--root-user-action=ignore", "kho-agent"],
-                     "installing kho-agent with pip inside the guest tree")
-    shutil.rmtree(wheel_dir)
-    return report
+def _install_package(tree: Path, deb: Path) -> str:
+    """``dpkg -i`` the .deb inside the tree; returns dpkg's output (the maintainer scripts')."""
+    # The maintainer scripts start or restart the service only where systemd runs
+    # (/run/systemd/system, as debhelper's snippets and deb-systemd-invoke test it): never in
+    # the tree, whose /run is its own and empty.
+    if (tree / "run/systemd/system").exists():
+        raise BuildError(f"{tree}/run/systemd/system exists: the package's postinst would try "
+                         "to start kho-agent.service from the chroot")
+    inside = Path("/tmp") / deb.name
+    shutil.copy2(deb, tree / inside.relative_to("/"))
+    try:
+        # No network and no apt lists in the tree: dpkg fails if the base lacks a Depends,
+        # which is the check that the package installs on this release as it is.
+        return _chroot(tree, ["dpkg", "-i", str(inside)],
+                       "installing the kho-agent .deb inside the guest tree (dpkg -i)")
+    finally:
+        (tree / inside.relative_to("/")).unlink()
+
+
+def _check_installed(tree: Path, release: GuestRelease) -> None:
+    """What the maintainer scripts did, as this release needs it: the service enabled, the
+    fdstore drop-in linked where (and only where) the release's systemd carries fd stores."""
+    wants = tree / "etc/systemd/system/multi-user.target.wants/kho-agent.service"
+    if not wants.is_symlink():
+        raise BuildError(f"the package did not enable kho-agent.service: no {wants}")
+    dropin = tree / FDSTORE_DROPIN
+    linked = dropin.is_symlink() and (tree / os.readlink(dropin).lstrip("/")).is_file()
+    if linked != (release.handoff == "fdstore"):
+        raise BuildError(f"{release.name} needs hand-off mode {release.handoff}, but the "
+                         f"package's postinst {'linked' if linked else 'did not link'} "
+                         f"/{FDSTORE_DROPIN} (it links it on systemd >= 261)")
 
 
 def _build_agent(entry: Path, release: GuestRelease, base: BaseTree, key: str) -> None:
@@ -465,30 +462,22 @@ def _build_agent(entry: Path, release: GuestRelease, base: BaseTree, key: str) -
     times["copy_base"] = time.monotonic() - start
 
     start = time.monotonic()
-    wheels = ensure_extra_wheels(release)
-    times["download_wheels"] = time.monotonic() - start
-    start = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="kho-agent-wheel-") as tmp:
-        agent_wheel = build_agent_wheel(Path(tmp))
-        times["build_wheel"] = time.monotonic() - start
-        start = time.monotonic()
-        pip_report = _install_agent(tree, [agent_wheel, *wheels])
-        times["pip_install"] = time.monotonic() - start
-        wheel_names = [agent_wheel.name, *(w.name for w in wheels)]
+    deb = build_package(entry)
+    times["build_deb"] = time.monotonic() - start
 
     start = time.monotonic()
-    fdstore = ["--fdstore"] if release.handoff == "fdstore" else []
-    _run([sys.executable, INSTALL_DATA, "--destdir", tree, "--prefix", "/usr", *fdstore],
-         "installing the data files (packaging/install_data.py)")
-    install_guest_files(tree)
+    # /proc: the triggers dpkg runs (systemd's journalctl --update-catalog on sid) need it
     with _proc_mounted(tree):
-        _chroot(tree, ["journalctl", "--update-catalog"], "updating the journal catalog")
+        dpkg_output = _install_package(tree, deb)
+        _check_installed(tree, release)
+        times["dpkg_install"] = time.monotonic() - start
+        start = time.monotonic()
+        install_guest_files(tree)
         # The guest's own systemctl (it works offline in a chroot): the guest's systemd
         # version reads the [Install] sections, and the host needs no systemd.
-        _chroot(tree, ["systemctl", "enable", "kho-agent.service", "kho-test-driver.service",
-                       "kho-test-bus-floor.service"],
-                "enabling the units")
-    times["install_data"] = time.monotonic() - start
+        _chroot(tree, ["systemctl", "enable", "kho-test-driver.service",
+                       "kho-test-bus-floor.service"], "enabling the test units")
+    times["guest_files"] = time.monotonic() - start
 
     start = time.monotonic()
     image = entry / IMAGE_NAME
@@ -497,8 +486,8 @@ def _build_agent(entry: Path, release: GuestRelease, base: BaseTree, key: str) -
     times["mkfs"] = time.monotonic() - start
     shutil.rmtree(tree)
     info = {"key": key, "base_key": base.key, "release": release.name,
-            "handoff": release.handoff, "wheels": wheel_names, "times": times,
-            "pip": pip_report.splitlines()[-3:]}
+            "handoff": release.handoff, "deb": deb.name, "times": times,
+            "dpkg": dpkg_output.splitlines()}
     (entry / "build.json").write_text(json.dumps(info, indent=2) + "\n")
 
 

@@ -9,6 +9,7 @@ checks them. This is the floor under every scenario: if this fails, they all wou
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -46,7 +47,7 @@ rec cmdline cat /proc/cmdline
 rec liveupdate ls -l /dev/liveupdate
 rec status kho-agentctl status --json
 rec preflight kho-agentctl preflight --json
-rec versions dpkg-query -W systemd python3 python3-gi qemu-system-x86
+rec versions dpkg-query -W systemd python3 python3-gi qemu-system-x86 kho-agent
 # The guest's polkit rule: vmm may use sessions (0: authorized) but not manage the update
 # (2: authentication required, which nobody can give for a system user).
 rec pk-vmm-session runuser -u vmm -- sh -c \
@@ -54,6 +55,16 @@ rec pk-vmm-session runuser -u vmm -- sh -c \
 rec pk-vmm-manage runuser -u vmm -- sh -c \
     'exec pkcheck --action-id org.khoagent.Agent1.manage --process $$'
 rec kexec-default cat /etc/default/kexec
+# kho-agent as its Debian package installed it (tests/vm/rootfs.py: dpkg -i in the image)
+rec pkg-status dpkg-query -W -f '${Status} ${Version}\n' kho-agent
+rec pkg-owner dpkg-query -S /usr/lib/systemd/system/kho-agent.service /usr/bin/kho-agentctl
+rec man env MANWIDTH=80 man -P cat kho-agentctl
+rec version kho-agentctl --version
+rec agent-enabled systemctl is-enabled kho-agent.service
+rec agent-unit systemctl show kho-agent.service -p FragmentPath -p DropInPaths
+rec digest-alg python3 -c 'import kho_agent.digest as d; print(d.default_algorithm())'
+rec pip python3 -m pip --version
+rec blake3 dpkg-query -W -f '${Status}\n' python3-blake3
 rec agent-journal journalctl -b -u kho-agent.service --no-pager -o short-monotonic
 rec journal-warnings journalctl -b -p warning --no-pager -o short-monotonic
 echo "KHO-TEST {\"event\":\"checks-done\",\"boot\":1}"
@@ -184,3 +195,38 @@ def test_the_hand_off_mode_is_the_one_the_release_needs(
     handoff = next(c for c in report["checks"] if c["name"] == "handoff")
     assert handoff["tier"] == "ok", handoff
     print(f"\n{guest.name}: {_answer(out, 'versions')[1].strip()}")
+
+
+def test_the_agent_is_the_debian_package(booted: tuple[qemu.GuestRun, Path],
+                                         guest: rootfs.GuestRelease) -> None:
+    """The image installed the .deb built from this checkout (no pip on the guest): dpkg owns
+    the CLI and the unit, the package's postinst enabled the service (and linked the fdstore
+    drop-in where systemd is 261 or newer), its man page renders, and the agent digests with
+    what the release has (python3-blake3 in sid, SHA-256 on bookworm)."""
+    _, out = booted
+    rc, status = _answer(out, "pkg-status")
+    assert rc == 0 and status.startswith("install ok installed "), status
+    version = status.split()[-1]
+    rc, owners = _answer(out, "pkg-owner")
+    assert rc == 0, owners
+    assert [line.split(":")[0] for line in owners.splitlines()] == ["kho-agent"] * 2, owners
+    rc, text = _answer(out, "version")
+    assert rc == 0 and text.splitlines()[0] == f"kho-agentctl {version}", text
+    rc, page = _answer(out, "man")
+    assert rc == 0, page
+    page = re.sub(".\x08", "", page)  # overstrike (bold, underline), if man kept it
+    assert "NAME" in page and "kho-agentctl" in page.split("NAME", 1)[1][:200], page[:500]
+    assert "SYNOPSIS" in page, page[:500]
+    assert _answer(out, "agent-enabled") == (0, "enabled\n")
+    unit = dict(line.split("=", 1) for line in _answer(out, "agent-unit")[1].splitlines())
+    # the package's unit, not a copy in /etc (bookworm's split-/usr systemd 252 finds it
+    # through /lib, which merged /usr makes the same file)
+    assert unit["FragmentPath"] in ("/usr/lib/systemd/system/kho-agent.service",
+                                    "/lib/systemd/system/kho-agent.service"), unit
+    dropin = "/etc/systemd/system/kho-agent.service.d/fdstore.conf"
+    assert (dropin in unit["DropInPaths"].split()) == (guest.handoff == "fdstore"), unit
+    assert _answer(out, "digest-alg") == (0, guest.digest_alg + "\n")
+    blake3_installed = _answer(out, "blake3")[1].startswith("install ok installed")
+    assert blake3_installed == (guest.digest_alg == "blake3")
+    rc, pip = _answer(out, "pip")
+    assert rc != 0 and "No module named pip" in pip, pip

@@ -117,6 +117,13 @@ def test_one_live_update_keeps_every_byte(tmp_path: Path, primary: kernels.Kerne
     # every byte of every file, those preserved straight into the session fd included
     report = workload_ok(run, 2, "workload-check-vm-1")
     assert len(report["files"]) == 5 and report["bytes_checked"] > 256 << 20
+    # the agent checked them too, with the algorithm its manifest recorded: what the release
+    # has (python3-blake3 is in sid, not in bookworm, where the package digests with SHA-256)
+    checked = [item for (kind, _), item in verify_items(run, 2).items() if kind == "file-digest"
+               and item["verdict"] == "ok"]
+    assert {item["name"].split("/")[0] for item in checked} == {"vm-1"}, verify_items(run, 2)
+    assert all(f"({release.digest_alg} digest matches)" in item["detail"]
+               for item in checked), checked
     # the decoder on the way out and on the way in
     ok_steps(run, 1, "decode-out")
     ok_steps(run, 2, "decode-in")

@@ -443,8 +443,9 @@ def start_keeper(boot: Boot, name: str) -> None:
 
 
 def remove_fdstore_dropin(boot: Boot) -> None:
-    """An operator who did not install kho-agent-fdstore.conf: the base unit alone (hand-off
-    mode direct), on whatever systemd this guest runs."""
+    """An operator who removed the fdstore drop-in the package linked at install (the link is
+    the administrator's, README): the base unit alone (hand-off mode direct), on whatever
+    systemd this guest runs."""
     boot.fact("removed_fdstore_dropin", FDSTORE_DROPIN.exists())
     FDSTORE_DROPIN.unlink(missing_ok=True)
     boot.run("daemon-reload", ["systemctl", "daemon-reload"])

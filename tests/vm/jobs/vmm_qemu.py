@@ -28,7 +28,6 @@ the runner measured in each kernel, so a blackout spans the kexec).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -42,6 +41,7 @@ from typing import Any
 from gi.repository import GLib
 
 from kho_agent.client import AgentClient
+from kho_agent.digest import default_algorithm, new_hasher
 from kho_agent.errors import AgentError
 
 MIB = 1 << 20
@@ -166,13 +166,11 @@ def spawn_qemu(argv: list[str], ram_fd: int, log: Path) -> QemuProcess:
 def ram_digest(fd: int) -> str:
     """A digest of the whole guest RAM (the test's proof, timed apart from the blackout)."""
     size = os.fstat(fd).st_size
-    try:
-        from blake3 import blake3  # the agent's own dependency: installed wherever it is
-        digest: Any = blake3(max_threads=blake3.AUTO)
-    except ImportError:
-        digest = hashlib.sha256()
+    # the agent's algorithm on this guest: BLAKE3 where python3-blake3 is installed (sid),
+    # SHA-256 where it is not (bookworm)
+    digest = new_hasher(default_algorithm(), size)
     for offset in range(0, size, 16 * MIB):
-        digest.update(os.pread(fd, min(16 * MIB, size - offset), offset))
+        digest.update(memoryview(os.pread(fd, min(16 * MIB, size - offset), offset)))
     return str(digest.hexdigest())
 
 
