@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
+from test_engine import Rig
 
 from kho_agent.engine import CommitOptions, EngineConfig, PrepareOptions
 from kho_agent.engine.history import (
@@ -21,7 +22,6 @@ from kho_agent.engine.history import (
 )
 from kho_agent.errors import Inhibited, NotPrepared, PreflightFailed
 from kho_agent.sim import SimAbi
-from tests.test_engine import Rig
 
 
 def _attempt(n: int, **changes: object) -> Attempt:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.vm import jobdisk, qemu, rootfs
+from . import jobdisk, qemu, rootfs
 
 pytestmark = pytest.mark.vm
 
@@ -81,7 +81,7 @@ def kernel_path() -> Path:
         pytest.skip(f"{qemu.QEMU} is not installed (apt-get install "
                     f"{' '.join(qemu.VM_APT_PACKAGES)})")
     try:
-        from tests.vm.kernels import KernelSetupError, primary_kernel
+        from .kernels import KernelSetupError, primary_kernel
     except ImportError as exc:
         pytest.skip(f"no kernel provider (tests/vm/kernels.py): {exc}")
     try:

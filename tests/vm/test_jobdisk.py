@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.vm.jobdisk import (
+from .jobdisk import (
     JOB_LABEL,
     JobDiskError,
     job_disk_tools_missing,
@@ -19,7 +19,7 @@ from tests.vm.jobdisk import (
     read_job_disk,
     read_job_file,
 )
-from tests.vm.qemu import parse_frames
+from .qemu import parse_frames
 
 pytestmark = pytest.mark.skipif(bool(job_disk_tools_missing()),
                                 reason=f"e2fsprogs missing: {job_disk_tools_missing()}")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.vm.qemu import (
+from .qemu import (
     BASE_APPEND,
     FRAME_MARKER,
     GuestRun,
@@ -161,7 +161,7 @@ def test_qemu_img_overlay_is_recognised_by_suffix(tmp_path: Path) -> None:
         pytest.skip("qemu-img not installed")
     base = tmp_path / "base.ext4"
     subprocess.run(["mkfs.ext4", "-q", "-F", str(base), "8M"], check=True)
-    from tests.vm.rootfs import scratch_copy
+    from .rootfs import scratch_copy
     overlay = scratch_copy(base, tmp_path / "run", mode="qcow2")
     info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(overlay)],
                                      capture_output=True, text=True, check=True).stdout)

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from tests.vm import rootfs
+from . import rootfs
 
 REPO = rootfs.REPO
 
