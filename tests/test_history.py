@@ -4,6 +4,7 @@ failed prepare, a refused commit, a restart before the kexec)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 from test_engine import Rig
 
 from kho_agent.engine import CommitOptions, EngineConfig, PrepareOptions
+from kho_agent.engine import history as history_module
 from kho_agent.engine.history import (
     HISTORY_FILE,
     Attempt,
@@ -20,7 +22,8 @@ from kho_agent.engine.history import (
     decode,
     encode,
 )
-from kho_agent.errors import Inhibited, NotPrepared, PreflightFailed
+from kho_agent.engine.phase import Phase
+from kho_agent.errors import Inhibited, NotPrepared, PreflightFailed, StorageFailed
 from kho_agent.sim import SimAbi
 
 
@@ -226,11 +229,26 @@ def test_a_corrupt_history_does_not_stop_the_engine(tmp_path: Path) -> None:
     assert read.problems == []  # rewritten without the bad line
 
 
-def test_a_history_that_cannot_be_written_does_not_fail_the_update(tmp_path: Path) -> None:
+def test_a_directory_where_the_history_goes_is_moved_aside(tmp_path: Path) -> None:
     rig = Rig(tmp_path)
     (rig.config.state_dir / HISTORY_FILE).mkdir()
     (rig.config.state_dir / HISTORY_FILE / "x").write_text("keeps the directory non-empty")
-    os.chmod(rig.config.state_dir / HISTORY_FILE, 0o500)
     rig.client("vm-a", {1: b"a"})
     rig.agent.prepare(PrepareOptions(kernel=rig.target))  # moves the directory aside, writes
     assert rig.agent.history().entries[0].verdict == "prepared"
+
+
+def test_a_history_that_cannot_be_written_does_not_fail_the_update(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The write fails (a read-only state directory, as root sees it: EROFS): the prepare goes
+    on, and the history's reader says which write failed and why, errno included."""
+    rig = Rig(tmp_path)
+
+    def read_only(path: Path, data: bytes, mode: int = 0o644) -> None:
+        raise StorageFailed(f"writing {path}", errno.EROFS, "the state directory is read-only")
+    monkeypatch.setattr(history_module, "write_atomic", read_only)
+    rig.client("vm-a", {1: b"a"})
+    rig.agent.prepare(PrepareOptions(kernel=rig.target))
+    assert rig.agent.state.phase is Phase.PREPARED
+    problems = rig.agent.history().problems
+    assert any("the last history write failed" in p and "EROFS" in p for p in problems), problems
