@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from importlib import metadata
 from typing import Any
 
 DISTRIBUTION = "kho-agent"
@@ -16,7 +15,9 @@ DISTRIBUTION = "kho-agent"
 
 def package_version() -> str:
     """The installed distribution's version; a checkout run with PYTHONPATH has no metadata,
-    so the version the package declares."""
+    so the version the package declares. (importlib.metadata is imported here: it pulls in
+    email, zipfile and csv, which no other command needs.)"""
+    from importlib import metadata
     try:
         return metadata.version(DISTRIBUTION)
     except metadata.PackageNotFoundError:

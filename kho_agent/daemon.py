@@ -444,8 +444,11 @@ class Daemon:
             return True
         if phase in (Phase.PREPARED, Phase.PREPARING):
             # the sessions close with this process whatever it does: cancel the update at exit,
-            # so that nothing stays loaded and the state says why (docs/systemd.md)
+            # so that nothing stays loaded and the state says why (docs/systemd.md); a running
+            # prepare is asked to roll back first, as Job.Cancel would
             self.stopped_prepared_by = signum
+            if phase is Phase.PREPARING and self.service is not None:
+                self.service.cancel_running_prepare()
         self.loop.quit()
         return False
 

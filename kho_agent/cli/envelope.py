@@ -1,5 +1,5 @@
 """The one JSON document `kho-agentctl --json` prints on stdout, for every command and every
-error (schema/kho-agent-v1.json):
+error (schema/kho-agentctl-v1.schema.json):
 
     {"schema": "kho-agent/v1", "command": "prepare", "ok": true, "exit_code": 0,
      "result": {...the command's own document...}, "error": null}

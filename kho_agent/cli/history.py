@@ -14,7 +14,7 @@ from typing import Any
 from ..errors import StateCorrupt
 from .bus import AgentClient
 from .common import EXIT_OK, print_json
-from .jobs import add_common_options
+from .jobs import add_common_options, size_text
 
 HELP = "list past live updates and attempts (kept across kexecs)"
 COLUMNS = ("STARTED", "VERDICT", "FROM", "TO", "SESSIONS", "BYTES", "BLACKOUT", "DETAIL")
@@ -23,20 +23,23 @@ COLUMNS = ("STARTED", "VERDICT", "FROM", "TO", "SESSIONS", "BYTES", "BLACKOUT", 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str) -> None:
     p = sub.add_parser(name, help=HELP, description=HELP + ".")
     add_common_options(p)
-    p.add_argument("-n", "--last", type=int, metavar="N",
+    p.add_argument("-n", "--last", type=_positive, metavar="N",
                    help="only the newest N entries")
     p.set_defaults(run=run)
 
 
+def _positive(text: str) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"N is a whole number, not {text!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"N is 1 or more, not {number}")
+    return number
+
+
 def _size(value: object) -> str:
-    if not isinstance(value, int):
-        return "-"
-    size = float(value)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return "-"  # not reached
+    return size_text(value) if isinstance(value, int) else "-"
 
 
 def _cell(value: object) -> str:

@@ -176,9 +176,13 @@ def commit(ctx: EngineContext, options: CommitOptions) -> CommitResult:
             ctx.host.kexec.reboot(via_systemd=mode in ("direct", "fdstore"))
         except AgentError as exc:  # refused by the kernel, an inhibitor, or systemctl
             ctx.unpark_all()  # the agent holds them again; a later cancel must free them
+            # back to prepared first (the kexec did not happen: no commit time to keep), then
+            # the history: a failure to record must not keep the phase at committing
+            raised = ctx.transition_best_effort(
+                exc, Phase.PREPARED, f"the kexec did not happen, nothing lost: {exc.message}",
+                committed_at=None, handoff_seconds=None)
             attempts.commit_refused(ctx, exc)
-            raise ctx.transition_best_effort(  # noqa: B904 (the error or its copy)
-                exc, Phase.PREPARED, f"the kexec did not happen, nothing lost: {exc.message}")
+            raise raised  # noqa: B904 (the error or its copy)
         ctx.handed_off = True  # only the simulator returns from a successful reboot
         return CommitResult(False, handoff, plan)
     finally:

@@ -120,8 +120,12 @@ def new_id() -> str:
 
 def _clean_text(text: str) -> str:
     """Text that survives a round trip as D-Bus-safe UTF-8: no NUL, no lone surrogate."""
-    text = text[:MAX_TEXT].replace("\0", "\\x00")
-    return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode("utf-8")
+    # escaped first, cut last: an escape lengthens the text, and a line longer than MAX_TEXT
+    # would be one the reader refuses
+    text = text.replace("\0", "\\x00")
+    if not text.isascii():
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text[:MAX_TEXT]
 
 
 def encode(attempt: Attempt) -> bytes:

@@ -510,6 +510,13 @@ class AgentService:
         self.jobs.pop(job.id, None)
         return False
 
+    def cancel_running_prepare(self) -> None:
+        """A stop while a prepare runs: it rolls back at its next step rather than running to
+        its end (a long digest would outlast the unit's TimeoutStopSec and be killed)."""
+        job = self.current
+        if job is not None and job.type == "prepare" and job.state == api.JOB_RUNNING:
+            job.cancel_requested = True
+
     def _cancel_job(self, call: Call, job: Job) -> Steps:
         yield Authorize(call.declared.action)
         if job.state != api.JOB_RUNNING:
