@@ -338,3 +338,13 @@ def test_the_effective_configuration_prints_as_a_file_that_parses_to_it() -> Non
     again = parse_config([("/printed", text.encode())])
     assert replace_files(again, ()) == replace_files(config, ())
     assert format_config(AgentConfig()).startswith("# files read: none")
+
+
+@pytest.mark.parametrize("grace", ["30d", "1234567", "1.5s"])
+def test_a_long_or_fractional_grace_prints_as_it_parses(grace: str) -> None:
+    """`:g` printed ClaimGraceSec=30d as 2.592e+06s, which the parser refuses."""
+    from kho_agent.config.parse import format_config
+    config = parse_config([("/etc/kho-agent/agent.conf",
+                            f"[Sessions]\nClaimGraceSec={grace}\n".encode())])
+    again = parse_config([("/printed", format_config(config).encode())])
+    assert again.claim_grace_seconds == config.claim_grace_seconds

@@ -251,6 +251,11 @@ def _format_value(value: Any) -> str:
     return str(value)
 
 
+def _exact(number: float) -> str:
+    """A number as it parses back to itself (`:g` would print 30d as 2.592e+06)."""
+    return str(int(number)) if number.is_integer() else repr(number)
+
+
 def format_config(config: AgentConfig) -> str:
     """The effective configuration as a file would say it, each key after a comment saying
     where it was set (`kho-agentd --check-config`); parsed again, it gives the same values."""
@@ -260,9 +265,9 @@ def format_config(config: AgentConfig) -> str:
         for key in (k for k in KEYS if k.section == section):
             value = getattr(config, key.field)
             if key.field == "scratch_margin":
-                shown = [f"{value * 100:g}%"]
+                shown = [f"{_exact(value * 100)}%"]
             elif key.field == "claim_grace_seconds":
-                shown = ["infinity" if value is None else f"{value:g}s"]
+                shown = ["infinity" if value is None else f"{_exact(value)}s"]
             elif key.is_list:
                 shown = [_format_value(v) for v in value] or [""]
             else:

@@ -127,9 +127,12 @@ class MetricsWriter:
         self.path = directory / METRICS_FILE
         self._log = log
         self._warned = False
+        self._last_written: str | None = None  # the text in the file (no rewrite of the same)
 
     def write(self, text: str) -> bool:
         """Replace the file; False (and one warning until a write succeeds) when it cannot."""
+        if text == self._last_written:
+            return True  # nothing changed: no rewrite (each is two fsyncs)
         if not self.path.parent.is_dir():
             self._warn(f"the metrics directory {self.path.parent} does not exist (is "
                        "node_exporter's textfile collector set up?)")
@@ -142,6 +145,7 @@ class MetricsWriter:
         if self._warned:
             self._log(f"metrics: {self.path} is written again")
         self._warned = False
+        self._last_written = text
         return True
 
     def _warn(self, problem: str) -> None:
