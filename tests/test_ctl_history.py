@@ -170,6 +170,33 @@ def test_an_inhibitor_shows_in_status_and_ends_with_its_holder(bus: PrivateBus,
                 holder.wait()
 
 
+def test_a_sigterm_ends_the_covered_command_before_the_hold(bus: PrivateBus, daemon: Daemon,
+                                                             tmp_path: Path) -> None:
+    """`inhibit -- CMD` under a supervisor's SIGTERM: the command is stopped and waited for
+    before the hold goes (it used to die alone and leave the command running, unheld)."""
+    pid_file = tmp_path / "child.pid"
+    holder = subprocess.Popen(
+        [sys.executable, "-m", "kho_agent.cli", "--bus-address", bus.address, "inhibit",
+         "--why", "covering a command", "--", "sh", "-c", f'echo $$ > {pid_file}; exec sleep 600'],
+        env=client_env(), stdin=subprocess.DEVNULL)
+    try:
+        wait_inhibitors(bus, 1)
+        deadline = time.monotonic() + WAIT_S
+        while not pid_file.exists() or not pid_file.read_text().strip():
+            assert time.monotonic() < deadline, "the covered command did not start"
+            time.sleep(0.05)
+        child = int(pid_file.read_text())
+        holder.send_signal(signal.SIGTERM)
+        holder.wait(WAIT_S)
+        assert not Path(f"/proc/{child}").exists() or \
+            Path(f"/proc/{child}/stat").read_text().split()[2] == "Z", "the command still runs"
+        wait_inhibitors(bus, 0)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+
+
 def test_inhibit_refuses_bad_text_and_needs_its_polkit_action(host: Host) -> None:
     client = host.client()
     for who, why, needle in (("ops", "", "must say something"), ("ops", "a\nb", "one line"),

@@ -66,15 +66,22 @@ def run(args: argparse.Namespace) -> int:
         fd = take(client, args.who, args.why)
     try:
         held = {"who": args.who or f"uid {os.getuid()}", "why": args.why}
+        # a SIGTERM (a supervisor, timeout(1)) releases the hold only after the command it
+        # covers has ended: the command gets it too, and is waited for
+        signal.signal(signal.SIGTERM, _stop)
         if command:
             # the command does not inherit the fd (O_CLOEXEC): the inhibitor is this process's
-            return subprocess.call(command)
+            child = subprocess.Popen(command)
+            try:
+                return child.wait()
+            except (_Stop, KeyboardInterrupt):
+                child.terminate()
+                return child.wait()
         if args.json:
             print_json({"inhibiting": held})
         else:
             print(f"holding live-update commits off ({held['who']}: {args.why}); "
                   "Ctrl-C to release", flush=True)
-        signal.signal(signal.SIGTERM, _stop)
         try:
             while True:
                 signal.pause()
