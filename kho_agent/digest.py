@@ -131,8 +131,10 @@ def new_hasher(alg: str, size_hint: int | None = None) -> Hasher:
     if alg == BLAKE3:
         raise DigestUnavailable(
             "the digest was taken with blake3, and the Python module blake3 is not installed "
-            "here: install it (Debian: apt install python3-blake3; pip: pip install blake3) "
-            "and verify again; no other algorithm can check a blake3 digest")
+            "here, and no other algorithm can check a blake3 digest: install it (Debian: apt "
+            "install python3-blake3; pip: pip install blake3) on every host that verifies "
+            "updates prepared with blake3 (this boot's verification cannot be repeated: the "
+            "sessions are retrieved once)")
     raise DigestUnavailable(f"unknown digest algorithm {alg!r:.40} (known: "
                             f"{', '.join(sorted(HEX_LENGTHS))})")
 
