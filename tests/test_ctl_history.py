@@ -29,7 +29,17 @@ from dbusrig import (
     require_run_as,
 )
 from gi.repository import GLib
-from test_ctl import bus, create_ready_session, ctl, daemon, kernel, prop, simdir, wait_for_state
+from test_ctl import (
+    bus,
+    create_ready_session,
+    ctl,
+    daemon,
+    kernel,
+    prop,
+    simdir,
+    wait_for_exit,
+    wait_for_state,
+)
 
 __all__ = ["bus", "daemon", "host", "kernel", "simdir"]  # fixtures, imported for pytest
 
@@ -68,9 +78,7 @@ def test_history_keeps_a_cancel_and_a_live_update_across_the_kexec(
         create_ready_session(vm_manager, "vm-1", 7, content)
         assert ctl(bus.address, "prepare", "--kernel", str(kernel)).returncode == 0
         assert ctl(bus.address, "commit").returncode == 0
-    deadline = time.monotonic() + WAIT_S
-    while daemon.returncode is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for_exit(daemon)
     daemon.start()  # the next boot
     wait_for_state(bus, "verified")
     document = history(bus)

@@ -108,7 +108,7 @@ def test_a_successful_live_update_logs_no_warning_at_the_next_start(host: Host) 
     assert not _long_lines(log), _long_lines(log)
 
 
-def test_a_refused_prepare_is_logged_as_refused_with_the_caller(host: Host) -> None:
+def test_a_refused_commit_is_logged_as_refused_with_the_caller(host: Host) -> None:
     client = host.client()
     client.call(MANAGER_PATH, MANAGER_IFACE, "CreateSession", GLib.Variant("(s)", ("vm-1",)))
     assert host.run_job(client, "Prepare", kernel_option(host))[0] == "done"

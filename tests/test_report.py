@@ -139,10 +139,9 @@ def test_report_to_stdout(tmp_path: Path) -> None:
     assert doc["kho_debugfs"]["files"][0]["error"] == "ENOENT (No such file or directory)"
 
 
-@pytest.mark.parametrize("name", ["loop"])
-def test_read_file_refuses_a_link_to_a_directory(tmp_path: Path, name: str) -> None:
-    (tmp_path / name).symlink_to(tmp_path)
-    assert report_cmd.read_file(tmp_path / name, 10).error == "a symbolic link: not followed"
+def test_read_file_refuses_a_link_to_a_directory(tmp_path: Path) -> None:
+    (tmp_path / "loop").symlink_to(tmp_path)
+    assert report_cmd.read_file(tmp_path / "loop", 10).error == "a symbolic link: not followed"
 
 
 def test_report_that_cannot_be_written_is_storage_failed(

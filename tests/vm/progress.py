@@ -20,7 +20,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,8 +154,3 @@ def communicate(proc: subprocess.Popen[str]) -> str:
             return out or ""
         except subprocess.TimeoutExpired:
             REPORTER.waiting()
-
-
-def describe_command(cmd: Sequence[str | Path], limit: int = 120) -> str:
-    text = " ".join(str(part) for part in cmd)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
