@@ -82,12 +82,27 @@ def test_one_live_update_keeps_every_byte(tmp_path: Path, primary: kernels.Kerne
     release = rootfs.GUESTS[guest]
     # on sid, beside a VM manager that keeps its own fds in its own fd store (the keeper)
     fdstore = release.handoff == "fdstore"
+    # the package the guest was built with, upgraded over itself while the update is prepared
+    image = rootfs.ensure_guest_image(guest)
+    deb = image.path.parent / str(image.info["deb"])
     run = run_scenario(tmp_path, {"kind": "updates", "updates": 1, "target": "kernels/next",
-                                  "capture": True, "keeper": fdstore}, primary,
-                       {"kernels/next": primary.path}, guest=guest)
+                                  "capture": True, "keeper": fdstore,
+                                  "upgrade": "kho-agent.deb"}, primary,
+                       {"kernels/next": primary.path, "kho-agent.deb": deb}, guest=guest)
     # boot 1: the workload preserved its memfds, the agent prepared and committed
     workload_ok(run, 1, "workload-preserve-vm-1")
-    ok_steps(run, 1, "prepare")  # commit ends boot 1 before its record
+    ok_steps(run, 1, "prepare", "upgrade")  # commit ends boot 1 before its record
+    # the package upgrade left the daemon and its update alone, and said why it did not
+    # restart it (packaging/debian/kho-agent.postinst, restart-check)
+    up_before, up_after = run.facts(1)["upgrade_before"], run.facts(1)["upgrade_after"]
+    def held(fds: list[str]) -> list[str]:   # the device, the sessions, the memfds kept
+        return [fd for fd in fds if "liveupdate" in fd or "luo_session" in fd or "memfd" in fd]
+    assert up_before["state"] == "prepared" and up_before["pid"], up_before
+    assert any("luo_session" in fd for fd in up_before["fds"]), up_before
+    assert (up_after["pid"], up_after["state"], held(up_after["fds"]), up_after["unit"]) == \
+        (up_before["pid"], "prepared", held(up_before["fds"]), "active"), (up_before, up_after)
+    assert "kho-agent.service was not restarted" in run.step(1, "upgrade")["stderr"], \
+        run.step(1, "upgrade")
     before = run.facts(1)
     # bookworm's systemd 252: the agent holds the sessions; sid's 262: systemd's fd store
     assert before["start_HandoffMode"] == release.handoff

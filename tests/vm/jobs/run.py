@@ -16,7 +16,9 @@ mode fdstore at the first boot, before anything else), keeper (a VM manager unit
 own fds in its own fd store, tests/vm/jobs/keeper.py, beside the workload), scratch_probe (on
 every boot of "updates", after the sessions of the previous one were checked and finished:
 record the scratch areas and memblock/reserved, and what kho-agentctl scratch and preflight
-say about the next update).
+say about the next update), upgrade (a .deb on the job disk: `dpkg -i` it while the update is
+prepared, as an unattended upgrade of the package would, and record whether the daemon and the
+update were left alone).
 """
 
 from __future__ import annotations
@@ -232,6 +234,8 @@ def live_update(boot: Boot, spec: dict[str, Any], session: str) -> int:
         return end(boot, "poweroff")
     if spec.get("capture"):
         capture(boot, "out")
+    if spec.get("upgrade") and BOOT == 1:
+        upgrade_while_prepared(boot, JOB / spec["upgrade"])
     boot.fact("before_commit_fds", agent_fds())
     # A successful commit ends this boot (systemctl kexec stops this unit) before the step's
     # record is written: the next boot is the proof.
@@ -241,6 +245,18 @@ def live_update(boot: Boot, spec: dict[str, Any], session: str) -> int:
         return end(boot, "poweroff")
     # systemctl kexec is under way: this unit is stopped with the rest
     return 0
+
+
+def upgrade_while_prepared(boot: Boot, deb: Path) -> None:
+    """The package upgraded under the prepared update (a reinstall runs the same maintainer
+    scripts: prerm upgrade, postinst configure with the old version): the daemon must keep its
+    pid, its state and its session fds."""
+    boot.fact("upgrade_before", {"pid": agent_pid(), "state": prop("State"),
+                                 "fds": agent_fds()})
+    boot.run("upgrade", ["env", "DEBIAN_FRONTEND=noninteractive", "dpkg", "-i", str(deb)],
+             timeout=600)
+    boot.fact("upgrade_after", {"pid": agent_pid(), "state": prop("State"),
+                                "fds": agent_fds(), "unit": unit_state()})
 
 
 def after_update(boot: Boot, spec: dict[str, Any], session: str) -> None:
