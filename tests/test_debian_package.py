@@ -57,7 +57,7 @@ def _control(deb: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
-    missing = [t for t in ("dpkg-buildpackage", "dh", "fakeroot", "lintian")
+    missing = [t for t in ("dpkg-buildpackage", "dh", "lintian")
                if shutil.which(t) is None]
     if missing:
         pytest.skip(f"{', '.join(missing)} not installed (apt-get install the Build-Depends of "
