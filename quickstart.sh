@@ -115,10 +115,12 @@ run_fuzz() {
 }
 
 install_vm_apt() {
-    # the lists live beside the code that needs them (tests/vm/qemu.py, kernels.py, rootfs.py)
+    # the lists live beside the code that needs them (tests/vm/qemu.py, kernels.py; the .deb's
+    # build tools in packaging/debian/control, which build_deb.py reads)
     local packages
-    packages=$(.venv/bin/python -c 'from tests.vm import kernels, qemu, rootfs
-print(" ".join(qemu.VM_APT_PACKAGES + kernels.BUILD_APT_PACKAGES + rootfs.DEB_BUILD_APT_PACKAGES))')
+    packages="$(.venv/bin/python -c 'from tests.vm import kernels, qemu
+print(" ".join(qemu.VM_APT_PACKAGES + kernels.BUILD_APT_PACKAGES))') $(
+        .venv/bin/python packaging/build_deb.py --print-build-deps)"
     # shellcheck disable=SC2206
     APT_PACKAGES=($packages)
     install_apt

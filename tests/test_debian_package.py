@@ -9,18 +9,16 @@ Build-Depends; .ci/run installs them) those tests skip, saying which tool is mis
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shutil
 import stat
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 
+import packaging_scripts
 import pytest
 from agenthost import Host, create_session, host, invoke, kernel_option
 from dbusrig import PrivateBus
@@ -32,18 +30,8 @@ UNIT = "kho-agent.service"
 __all__ = ["host"]  # the fixture, used by name
 
 
-def _load(name: str, path: Path) -> ModuleType:
-    # from their paths: "packaging" is not a Python package (and must not shadow PyPA's)
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-build_deb = _load("kho_build_deb", REPO / "packaging" / "build_deb.py")
-install_data = _load("kho_install_data_deb", REPO / "packaging" / "install_data.py")
+build_deb = packaging_scripts.load("build_deb")
+install_data = packaging_scripts.load("install_data")
 
 
 @dataclass(frozen=True)
@@ -69,7 +57,7 @@ def _control(deb: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
-    missing = [t for t in ("dpkg-buildpackage", "dh", "fakeroot", "lintian")
+    missing = [t for t in ("dpkg-buildpackage", "dh", "lintian")
                if shutil.which(t) is None]
     if missing:
         pytest.skip(f"{', '.join(missing)} not installed (apt-get install the Build-Depends of "

@@ -141,3 +141,26 @@ def test_kernels_lists_unreadable_records_without_following_links(
     assert main(["kernels", "--forget", "7.2", "--state-dir", str(tmp_path), "--json"]) == 0
     assert cli_json(capsys.readouterr().out) == {"version": "7.2", "removed": True}
     assert not (records / "7.2.json").exists() and (records / "7.1.json").is_symlink()
+
+
+def test_kernels_records_an_image_it_cannot_read_as_an_error_without_blocking(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The image is opened as callerfile opens any named file (a FIFO never blocks the hook, a
+    sparse file larger than any kernel image is refused before a read) and the refusal is the
+    record's reason, not a failure of the command."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    huge = tmp_path / "huge"
+    with huge.open("wb") as sparse:
+        sparse.truncate((1 << 30) + 1)
+    expected = {"fifo": "is a FIFO, not a regular file", "huge": "more than the 1073741824",
+                "missing": "does not exist"}
+    for name, reason in expected.items():
+        code = main(["kernels", "--record", "7.3.1", "--image", str(tmp_path / name),
+                     "--state-dir", str(tmp_path / "state"), "--json"])
+        assert code == 0
+        record = cli_json(capsys.readouterr().out)
+        assert (record["verdict"], record["image_sha256"]) == ("error", None), record
+        [said] = record["reasons"]
+        assert said.startswith(f"the image cannot be read: kernel image {tmp_path / name} ")
+        assert reason in said, said

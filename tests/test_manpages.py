@@ -4,15 +4,14 @@ packaging/gen_manpages.py, committed, and complete (every command, option and er
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import shutil
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
-from types import ModuleType
 
+import packaging_scripts
 import pytest
 
 from kho_agent.abi.registry import FORMATS
@@ -26,18 +25,7 @@ ZSH = REPO / "completion" / "zsh" / "_kho-agentctl"
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
 
-def _load() -> ModuleType:
-    # from its path: "packaging" is not a Python package (and must not shadow PyPA's)
-    spec = importlib.util.spec_from_file_location("kho_gen_manpages", REPO / "packaging"
-                                                  / "gen_manpages.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-gen = _load()
+gen = packaging_scripts.load("gen_manpages")
 
 
 def visible_options(parser: argparse.ArgumentParser) -> list[str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import os
 import re
@@ -11,25 +10,15 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 
+import packaging_scripts
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "packaging" / "install_data.py"
 
 
-def _load() -> ModuleType:
-    # Loaded from its path: "packaging" is not a Python package (and must not shadow PyPA's).
-    spec = importlib.util.spec_from_file_location("kho_install_data", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while being created
-    spec.loader.exec_module(module)
-    return module
-
-
-inst = _load()
+inst = packaging_scripts.load("install_data")
 
 
 @pytest.fixture

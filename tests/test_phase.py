@@ -982,3 +982,24 @@ def test_a_file_renamed_into_place_while_it_is_read_back_is_read(
         statefile.read_back(path, "verification record", 1 << 20)
     path.unlink()
     assert statefile.read_back(path, "verification record", 1 << 20) is None
+
+
+def test_read_back_without_following_links_refuses_a_link_even_to_a_regular_file(
+        tmp_path: Path) -> None:
+    """A directory whose entries must be the agent's own files (the kernel records) reads them
+    with follow_symlinks=False: a link to a regular file elsewhere is refused, not read."""
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"version": "leaked"}')
+    path = tmp_path / "7.1.json"
+    path.symlink_to(secret)
+    assert statefile.read_back(path, "kernel record", 1 << 20) == secret.read_bytes()
+    with pytest.raises(StateCorrupt, match="is a symbolic link, not a regular file"):
+        statefile.read_back(path, "kernel record", 1 << 20, follow_symlinks=False)
+    path.unlink()
+    path.symlink_to("nowhere")
+    with pytest.raises(StateCorrupt, match="is a symbolic link, not a regular file"):
+        statefile.read_back(path, "kernel record", 1 << 20, follow_symlinks=False)
+    path.unlink()
+    assert statefile.read_back(path, "kernel record", 1 << 20, follow_symlinks=False) is None
+    path.write_text("{}")
+    assert statefile.read_back(path, "kernel record", 1 << 20, follow_symlinks=False) == b"{}"

@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import os
 import re
-import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import InvalidArgument, NotFound, StateCorrupt
+from ..errors import AgentError, InvalidArgument, NotFound, StateCorrupt
 from ..kernel.atomicfile import write_atomic
 from ..kernel.debugfs import DEFAULT_DEBUGFS
 from .common import EXIT_OK, print_json
@@ -100,19 +98,12 @@ def records_dir(args: argparse.Namespace) -> Path:
 
 def _digest(path: str) -> tuple[int, float, str]:
     """(size, mtime, sha256) of a regular file, read through one descriptor (bounded)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise InvalidArgument(f"{path} is not a regular file")
-        if st.st_size > MAX_IMAGE:
-            raise InvalidArgument(f"{path} is {st.st_size} bytes, more than a kernel image")
-        digest = hashlib.sha256()
-        while chunk := os.read(fd, 1 << 20):
-            digest.update(chunk)
-        return st.st_size, st.st_mtime, digest.hexdigest()
-    finally:
-        os.close(fd)
+    from ..digest import SHA256, digest_fd
+    from ..kernel.callerfile import open_regular
+
+    with open_regular(path, "kernel image", max_size=MAX_IMAGE) as image:
+        digest = digest_fd(image.fd, alg=SHA256)
+        return digest.size, image.identity.mtime_ns / 1e9, digest.hexdigest
 
 
 def _check(args: argparse.Namespace, image: str) -> tuple[str, list[str], list[str]]:
@@ -149,7 +140,7 @@ def record(args: argparse.Namespace) -> KernelRecord:
     notes: list[str] = []
     try:
         size, mtime, sha256 = _digest(image)
-    except (OSError, InvalidArgument) as exc:
+    except AgentError as exc:  # missing, not a regular file, too large, unreadable, changing
         verdict, reasons = "error", [f"the image cannot be read: {exc}"]
     else:
         verdict, reasons, notes = _check(args, image)
@@ -158,16 +149,14 @@ def record(args: argparse.Namespace) -> KernelRecord:
                         datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
 
 
-def _read_record(path: Path) -> dict[str, Any]:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise StateCorrupt(f"{path} is not a regular file")
-        data = os.read(fd, MAX_RECORD + 1)
-    finally:
-        os.close(fd)
-    if len(data) > MAX_RECORD:
-        raise StateCorrupt(f"{path} is larger than {MAX_RECORD} bytes: not a kernel record")
+def _read_record(path: Path) -> dict[str, Any] | None:
+    """The record at `path`; None when it went away since it was listed (a --forget). A link
+    is not followed: the records are the hook's files, not links to anyone's."""
+    from ..engine.phase import read_back
+
+    data = read_back(path, "kernel record", MAX_RECORD, follow_symlinks=False)
+    if data is None:
+        return None
     try:
         doc = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -187,9 +176,12 @@ def list_records(directory: Path) -> list[dict[str, Any]]:
     found = []
     for name in names:
         try:
-            found.append(_read_record(directory / name))
-        except (OSError, StateCorrupt) as exc:
+            doc = _read_record(directory / name)
+        except StateCorrupt as exc:
             found.append({"version": name.removesuffix(".json"), "error": str(exc)})
+        else:
+            if doc is not None:
+                found.append(doc)
     return found
 
 

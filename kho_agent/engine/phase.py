@@ -158,12 +158,14 @@ class VerifyRecord:
 
 # --- reading any shape -------------------------------------------------------------------------
 
-def read_back(path: Path, what: str, limit: int) -> bytes | None:
+def read_back(path: Path, what: str, limit: int, *,
+              follow_symlinks: bool = True) -> bytes | None:
     """The bytes of a file the agent wrote, or None when nothing is at `path`. Anything else
     than a regular file of at most `limit` bytes is a StateCorrupt saying what was found; the
-    open never blocks and nothing but a regular file is opened."""
+    open never blocks and nothing but a regular file is opened. `follow_symlinks=False`: a
+    symbolic link at `path` is one of those (a StateCorrupt), even one to a regular file."""
     try:
-        data = read_if_present(path, what, limit)
+        data = read_if_present(path, what, limit, follow_symlinks=follow_symlinks)
     except AgentError as exc:  # not a regular file, too large, empty, unreadable: it says which
         raise StateCorrupt(exc.message) from exc
     if isinstance(data, Dangling):

@@ -153,12 +153,16 @@ def check_path(path: str | os.PathLike[str], what: str) -> str:
 
 
 def open_regular(path: str | os.PathLike[str], what: str = "", *,
-                 max_size: int | None = None) -> RegularFile:
+                 max_size: int | None = None, follow_symlinks: bool = True) -> RegularFile:
     """Open a named file for reading only if it is a regular file, without ever blocking and
-    without opening anything else. `max_size` refuses a larger file before any read."""
+    without opening anything else. `max_size` refuses a larger file before any read.
+    `follow_symlinks=False` refuses a symbolic link at `path` itself (as "a symbolic link"),
+    for a directory whose entries must be files of its own, not links to anyone's."""
     name = check_path(path, what)
+    nofollow = 0 if follow_symlinks else os.O_NOFOLLOW
     try:
-        handle = os.open(name, os.O_PATH | os.O_CLOEXEC)
+        # O_PATH | O_NOFOLLOW opens the link itself, which fstat then shows as a link
+        handle = os.open(name, os.O_PATH | os.O_CLOEXEC | nofollow)
     except OSError as exc:
         raise _os_error(exc, what, name) from exc
     try:
@@ -170,7 +174,7 @@ def open_regular(path: str | os.PathLike[str], what: str = "", *,
         try:
             fd = _reopen(handle, flags)
             if fd is None:  # no /proc: open by name, then prove it is the same inode
-                fd = os.open(name, flags)
+                fd = os.open(name, flags | nofollow)
                 again = os.fstat(fd)
                 if (again.st_dev, again.st_ino) != (st.st_dev, st.st_ino):
                     os.close(fd)
@@ -228,9 +232,9 @@ def adopt_fd(fd: int, name: str, what: str = "", *, max_size: int | None = None)
 
 
 def read_regular(path: str | os.PathLike[str], what: str, limit: int, *,
-                 allow_empty: bool = False) -> bytes:
+                 allow_empty: bool = False, follow_symlinks: bool = True) -> bytes:
     """The whole of a named regular file of at most `limit` bytes."""
-    with open_regular(path, what, max_size=limit) as opened:
+    with open_regular(path, what, max_size=limit, follow_symlinks=follow_symlinks) as opened:
         return opened.read_all(limit, allow_empty=allow_empty)
 
 
@@ -246,13 +250,15 @@ WRITTEN_MEANWHILE_ATTEMPTS = 3
 
 
 def read_if_present(path: str | os.PathLike[str], what: str, limit: int, *,
-                    allow_empty: bool = False) -> bytes | Dangling | None:
+                    allow_empty: bool = False,
+                    follow_symlinks: bool = True) -> bytes | Dangling | None:
     """read_regular() for a file that may be absent: None when nothing is at `path`, Dangling
     for a symbolic link to nothing. A file renamed into place between the open and the check
     is read, not taken for a dangling link."""
     for attempt in range(WRITTEN_MEANWHILE_ATTEMPTS):
         try:
-            return read_regular(path, what, limit, allow_empty=allow_empty)
+            return read_regular(path, what, limit, allow_empty=allow_empty,
+                                follow_symlinks=follow_symlinks)
         except NotFound:
             if not os.path.lexists(path):
                 return None

@@ -33,7 +33,6 @@ Every run boots a private copy (:func:`scratch_copy`): the cached image is never
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -43,15 +42,15 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Literal
+
+import packaging_scripts
 
 from . import progress
 from .cache import content_key, ensure_entry
 
 REPO = Path(__file__).resolve().parents[2]
 GUEST_DIR = Path(__file__).resolve().parent / "guest"
-BUILD_DEB = REPO / "packaging" / "build_deb.py"
 
 MIRROR_ENV = "KHO_AGENT_TEST_MIRROR"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
@@ -61,20 +60,10 @@ BASE_RECIPE = "base-4"
 # Bump when the agent-layer recipe changes meaning.
 AGENT_RECIPE = "agent-4"
 
-# What packaging/build_deb.py needs on the host (packaging/debian/control's Build-Depends):
-# `./quickstart.sh vm` installs them with the other host packages of the VM suite.
-DEB_BUILD_APT_PACKAGES: tuple[str, ...] = (
-    "build-essential", "debhelper", "dh-python", "pybuild-plugin-pyproject", "python3-all",
-    "python3-setuptools", "fakeroot",
-)
-
-# The parts of the tree that go into the .deb (build_deb.py builds from a copy of the whole
-# tree; these are what packaging/debian/rules and pybuild read from it): the agent layer's key
-# covers every file under them, and every file at the top level (pyproject.toml, README.md,
-# LICENSE).
-PACKAGE_DIRS: tuple[str, ...] = (
-    "kho_agent", "packaging", "systemd", "etc", "share", "catalog", "man", "completion",
-)
+# packaging/build_deb.py: what the .deb is built from (package_inputs), and from its control
+# file, what the build needs on the host (`./quickstart.sh vm` asks it with
+# --print-build-deps) and what the package depends on (the guests' packages below).
+BUILD_DEB = packaging_scripts.load("build_deb")
 
 # Where the package's postinst links the drop-in of hand-off mode "fdstore" (systemd >= 261).
 FDSTORE_DROPIN = "etc/systemd/system/kho-agent.service.d/fdstore.conf"
@@ -95,19 +84,29 @@ class GuestRelease:
 
 
 # What the agent imports and runs, as Debian packages: the Depends of packaging/debian/control
-# and its Recommends as far as the release has them (python3-blake3 only in sid). polkit is
-# split since bookworm: `polkitd` is the daemon with the JavaScript rules engine (and
+# and its Recommends (read from it: guest_packages()) as far as the release has them
+# (python3-blake3 only in sid), python3 for its ${python3:Depends}. polkit is split since
+# bookworm: `polkitd` (a Recommends) is the daemon with the JavaScript rules engine (and
 # pkcheck/pkaction), `pkexec` only the setuid tool, which the guest does not need. polkitd
 # depends on the virtual package default-logind, which debootstrap cannot resolve:
 # libpam-systemd provides it. For the tests: python3-pydbus (their D-Bus client), man-db (`man
 # kho-agentctl` on an installed host), procps for debugging a failed run (ps, pgrep),
 # qemu-system-x86 the VM manager's QEMU (jobs/vmm_qemu.py, TCG inside the guest). No pip: a
 # host runs the agent on Debian's own Python packages.
-_COMMON_PACKAGES: tuple[str, ...] = (
-    "systemd-sysv", "udev", "dbus", "libpam-systemd", "polkitd", "python3",
-    "python3-gi", "python3-systemd", "python3-pyroute2", "python3-zstandard", "python3-lz4",
-    "kexec-tools", "python3-pydbus", "man-db", "iproute2", "procps", "qemu-system-x86",
+_SYSTEM_PACKAGES: tuple[str, ...] = ("systemd-sysv", "udev", "libpam-systemd", "python3")
+_TEST_PACKAGES: tuple[str, ...] = (
+    "python3-pydbus", "man-db", "iproute2", "procps", "qemu-system-x86",
 )
+
+
+def guest_packages(*, lacking: tuple[str, ...] = (),
+                   extra: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """debootstrap's --include for a release: the system, the package's Depends and
+    Recommends but those the release `lacking` has not, the tests' packages, `extra`."""
+    package = [name for field in ("Depends", "Recommends")
+               for name in BUILD_DEB.binary_relations(field) if name not in lacking]
+    return tuple(dict.fromkeys((*_SYSTEM_PACKAGES, *package, *_TEST_PACKAGES, *extra)))
+
 
 GUESTS: dict[str, GuestRelease] = {
     # Debian 12: systemd 252 (before LUO: hand-off mode "direct"), Python 3.11, QEMU 7.2,
@@ -116,13 +115,14 @@ GUESTS: dict[str, GuestRelease] = {
     # python3-zstandard depends on the virtual python3-cffi-backend-api-{min,max}, which
     # debootstrap cannot resolve (it fails configuring the base).
     "bookworm": GuestRelease(
-        name="bookworm", suite="bookworm", packages=(*_COMMON_PACKAGES, "python3-cffi-backend"),
+        name="bookworm", suite="bookworm",
+        packages=guest_packages(lacking=("python3-blake3",), extra=("python3-cffi-backend",)),
         handoff="direct", digest_alg="sha256"),
     # Debian unstable, what the next release will be: systemd 262 (carries fd stores through
     # LUO: hand-off mode "fdstore"), Python 3.14, QEMU 11.1, PyGObject 3.58, python3-blake3
     # (read 2026-12-03).
     "sid": GuestRelease(
-        name="sid", suite="sid", packages=(*_COMMON_PACKAGES, "python3-blake3"),
+        name="sid", suite="sid", packages=guest_packages(),
         handoff="fdstore", digest_alg="blake3"),
 }
 DEFAULT_GUEST = "bookworm"
@@ -327,40 +327,22 @@ def prune(kind: str, *, keep: Path, spare: int) -> list[Path]:
 
 # --- the package -------------------------------------------------------------------------------
 
-def _load_build_deb() -> ModuleType:
-    # by its path: "packaging" is not a Python package (and must not shadow PyPA's)
-    spec = importlib.util.spec_from_file_location("kho_build_deb_vm", BUILD_DEB)
-    if spec is None or spec.loader is None:
-        raise BuildError(f"cannot load {BUILD_DEB}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def package_inputs() -> list[Path]:
-    """The files the .deb is built from (what the agent layer's key must cover): those
-    build_deb.py stages (git's files plus untracked ones not ignored) at the top level or under
-    :data:`PACKAGE_DIRS`."""
-    build_deb = _load_build_deb()
-    files = []
-    for relative in build_deb.source_files(REPO):
-        if len(relative.parts) == 1 or relative.parts[0] in PACKAGE_DIRS:
-            path = REPO / relative
-            if path.is_file():
-                files.append(path)
-    return sorted(files)
+    """The files the .deb is built from, the very list build_deb.py copies into its build tree
+    (package_files): what the agent layer's key covers."""
+    return sorted(path for path in (REPO / relative for relative in BUILD_DEB.package_files(REPO))
+                  if path.is_file())
 
 
 def build_package(out: Path) -> Path:
     """Build kho-agent's .deb from this checkout into ``out`` (packaging/build_deb.py: a
-    temporary copy of the tree, dpkg-buildpackage with Debian's python3)."""
+    temporary copy of what the package is built from, dpkg-buildpackage with Debian's python3)."""
     progress.REPORTER.step("building the kho-agent .deb (packaging/build_deb.py)")
-    build_deb = _load_build_deb()
     try:
-        return Path(build_deb.build_deb(out, REPO, log=out / "build-deb.log"))
-    except build_deb.BuildError as exc:
+        return Path(BUILD_DEB.build_deb(out, REPO, log=out / "build-deb.log"))
+    except BUILD_DEB.BuildError as exc:
         raise BuildError(f"building the .deb failed: {exc} (host build tools: apt-get install "
-                         f"{' '.join(DEB_BUILD_APT_PACKAGES)})") from exc
+                         f"{' '.join(BUILD_DEB.build_depends())})") from exc
 
 
 # --- agent layer --------------------------------------------------------------------------------
