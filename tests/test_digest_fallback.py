@@ -16,12 +16,12 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+from enginerig import Rig
 
 from kho_agent import digest
-from kho_agent.engine import CommitOptions, Engine, EngineConfig, PrepareOptions
+from kho_agent.engine import CommitOptions, Engine, PrepareOptions
 from kho_agent.engine import sessions as sessions_mod
 from kho_agent.errors import EXIT_CODES
-from kho_agent.sim import SimAbi, SimKernel
 
 REPO = Path(__file__).resolve().parent.parent
 SCHEMA = REPO / "schema" / "manifest-v1.schema.json"
@@ -105,48 +105,31 @@ def test_without_blake3_digests_are_sha256_and_a_live_update_verifies(
     jsonschema.validate(manifest, json.loads(SCHEMA.read_text()))
 
 
-class Host:
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.sim = SimKernel.create(tmp / "sim")
-        self.target = self.sim.write_kernel_image(tmp / "boot" / "vmlinuz-7.3.1-sim",
-                                                  release="7.3.1-sim", abi=SimAbi())
-        self.config = EngineConfig(state_dir=tmp / "state")
-        self.agent = self.start()
+def prepare_and_kexec(rig: Rig, data: bytes) -> Engine:
+    """One client file of `data`, prepared and committed; the agent of the next boot."""
+    rig.client("vm-a", {1: data})
+    rig.agent.prepare(PrepareOptions(kernel=rig.target))
+    rig.agent.commit(CommitOptions())
+    rig.agent.close()
+    return rig.reboot_view()
 
-    def start(self) -> Engine:
-        agent = Engine(self.sim.host(), self.config)
-        agent.start()
-        return agent
 
-    def prepare_and_kexec(self, data: bytes) -> Engine:
-        self.agent.create_session("vm-a", "test")
-        fd = memfd_with(data)
-        self.agent.preserve("vm-a", fd, 1)
-        os.close(fd)
-        self.agent.set_ready("vm-a", True)
-        self.agent.prepare(PrepareOptions(kernel=self.target))
-        self.agent.commit(CommitOptions())
-        self.agent.close()
-        self.sim = SimKernel(self.tmp / "sim")
-        return self.start()
-
-    def manifest_algs(self) -> set[str]:
-        doc = json.loads((self.config.state_dir / "manifest.json").read_text())
-        return {f["digest_alg"] for s in doc["sessions"] for f in s["files"]}
+def manifest_algs(rig: Rig) -> set[str]:
+    doc = json.loads((rig.config.state_dir / "manifest.json").read_text())
+    return {f["digest_alg"] for s in doc["sessions"] for f in s["files"]}
 
 
 def test_verify_takes_the_digest_with_the_manifests_algorithm(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A manifest written with SHA-256, verified where blake3 is installed: SHA-256 again (with
     blake3 the digests would differ and the verification would report a mismatch)."""
-    host = Host(tmp_path)
+    rig = Rig(tmp_path)
     monkeypatch.setattr(sessions_mod, "digest_fd",
                         functools.partial(digest.digest_fd, alg=digest.SHA256))
     data = os.urandom(50_000)
-    agent = host.prepare_and_kexec(data)
+    agent = prepare_and_kexec(rig, data)
     monkeypatch.undo()
-    assert host.manifest_algs() == {"sha256"}
+    assert manifest_algs(rig) == {"sha256"}
     report = agent.verify()
     digests = [i for i in report.items if i.kind == "file-digest"]
     assert report.ok, [(i.kind, i.detail) for i in report.items if i.verdict.value != "ok"]
@@ -159,9 +142,9 @@ def test_a_blake3_manifest_where_blake3_is_missing_fails_verification_saying_why
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     if not digest.available(digest.BLAKE3):
         pytest.skip("needs the blake3 module to write the manifest")
-    host = Host(tmp_path)
-    agent = host.prepare_and_kexec(b"x" * 10_000)
-    assert host.manifest_algs() == {"blake3"}
+    rig = Rig(tmp_path)
+    agent = prepare_and_kexec(rig, b"x" * 10_000)
+    assert manifest_algs(rig) == {"blake3"}
     monkeypatch.setattr(digest, "_BLAKE3", None)      # the module is gone after the kexec
     report = agent.verify()
     assert not report.ok
