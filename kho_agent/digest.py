@@ -7,7 +7,8 @@ recommends it). SHA-256 rather than BLAKE2b: through digest_fd on a 256 MiB memf
 extensions; benchmarks/bench_digest_algorithms.py). The manifest records the algorithm of
 every digest, and verification takes the digest after the kexec with that same algorithm; one it
 cannot compute (a manifest written with BLAKE3, read where blake3 is missing) is refused with
-DigestUnavailable, never replaced by another algorithm.
+DigestUnavailable, never replaced by another algorithm. Verification asks require_available
+before it retrieves any session (engine/verify.py), as the kernel hands each out once.
 
 A digest reads the whole file from offset 0 without moving the file position: the fd is shared
 with the VM manager that owns it, and its position is part of what LUO carries (memfd `pos`).
