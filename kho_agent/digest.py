@@ -7,7 +7,8 @@ recommends it). SHA-256 rather than BLAKE2b: through digest_fd on a 256 MiB memf
 extensions; benchmarks/bench_digest_algorithms.py). The manifest records the algorithm of
 every digest, and verification takes the digest after the kexec with that same algorithm; one it
 cannot compute (a manifest written with BLAKE3, read where blake3 is missing) is refused with
-DigestUnavailable, never replaced by another algorithm.
+DigestUnavailable, never replaced by another algorithm. Verification asks require_available
+before it retrieves any session (engine/verify.py), as the kernel hands each out once.
 
 A digest reads the whole file from offset 0 without moving the file position: the fd is shared
 with the VM manager that owns it, and its position is part of what LUO carries (memfd `pos`).
@@ -39,7 +40,7 @@ import queue
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Protocol
@@ -128,15 +129,29 @@ def new_hasher(alg: str, size_hint: int | None = None) -> Hasher:
     if alg == SHA256:
         # hashlib releases the GIL while it hashes a chunk, so the pipeline overlaps as well
         return hashlib.sha256()
+    raise unavailable(alg)
+
+
+def unavailable(alg: str) -> DigestUnavailable:
+    """Why `alg` cannot be computed here, and what to install."""
     if alg == BLAKE3:
-        raise DigestUnavailable(
+        return DigestUnavailable(
             "the digest was taken with blake3, and the Python module blake3 is not installed "
             "here, and no other algorithm can check a blake3 digest: install it (Debian: apt "
             "install python3-blake3; pip: pip install blake3) on every host that verifies "
-            "updates prepared with blake3 (this boot's verification cannot be repeated: the "
-            "sessions are retrieved once)")
-    raise DigestUnavailable(f"unknown digest algorithm {alg!r:.40} (known: "
-                            f"{', '.join(sorted(HEX_LENGTHS))})")
+            "updates prepared with blake3")
+    return DigestUnavailable(f"unknown digest algorithm {alg!r:.40} (known: "
+                             f"{', '.join(sorted(HEX_LENGTHS))})")
+
+
+def require_available(algs: Iterable[str]) -> None:
+    """Raise DigestUnavailable for the first of `algs` (by name) this installation cannot
+    compute; nothing is read. Verification asks this before it retrieves any session: the
+    kernel hands each session out once, so a check that fails after the retrieval cannot be
+    repeated."""
+    for alg in sorted(set(algs)):
+        if not available(alg):
+            raise unavailable(alg)
 
 
 def _read_refused(fd: int, err: OSError, alg: str) -> KernelRefused:

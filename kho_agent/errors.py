@@ -175,7 +175,10 @@ REGISTRY: tuple[Registered, ...] = (
                "error of no other name"),
     Registered(InvalidArgument, "InvalidArgument", EXIT_CANNOT_RUN,
                "bad argument; nothing was changed"),
-    Registered(NotFound, "NotFound", EXIT_CANNOT_RUN, "no such session, file or manifest"),
+    Registered(NotFound, "NotFound", EXIT_CANNOT_RUN,
+               "no such session, file or manifest; or a digest algorithm the manifest names "
+               "that this host cannot compute (blake3 without python3-blake3): "
+               "verification is refused before it retrieves anything"),
     Registered(ConfigInvalid, "ConfigInvalid", EXIT_CANNOT_RUN,
                "the configuration (`/etc/kho-agent/agent.conf` or a drop-in) cannot be used: "
                "the message names the file, line and key; kho-agentd does not start"),

@@ -11,20 +11,24 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import jsonschema
 import pytest
+from agenthost import ERR, PAGE, Host, create_session, host, invoke, kernel_option
+from enginerig import Rig
 
 from kho_agent import digest
-from kho_agent.engine import CommitOptions, Engine, EngineConfig, PrepareOptions
+from kho_agent.engine import CommitOptions, Engine, PrepareOptions
 from kho_agent.engine import sessions as sessions_mod
 from kho_agent.errors import EXIT_CODES
-from kho_agent.sim import SimAbi, SimKernel
 
 REPO = Path(__file__).resolve().parent.parent
 SCHEMA = REPO / "schema" / "manifest-v1.schema.json"
+
+__all__ = ["host"]  # the fixture, imported for pytest
 
 
 def memfd_with(data: bytes) -> int:
@@ -105,48 +109,31 @@ def test_without_blake3_digests_are_sha256_and_a_live_update_verifies(
     jsonschema.validate(manifest, json.loads(SCHEMA.read_text()))
 
 
-class Host:
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.sim = SimKernel.create(tmp / "sim")
-        self.target = self.sim.write_kernel_image(tmp / "boot" / "vmlinuz-7.3.1-sim",
-                                                  release="7.3.1-sim", abi=SimAbi())
-        self.config = EngineConfig(state_dir=tmp / "state")
-        self.agent = self.start()
+def prepare_and_kexec(rig: Rig, data: bytes) -> Engine:
+    """One client file of `data`, prepared and committed; the agent of the next boot."""
+    rig.client("vm-a", {1: data})
+    rig.agent.prepare(PrepareOptions(kernel=rig.target))
+    rig.agent.commit(CommitOptions())
+    rig.agent.close()
+    return rig.reboot_view()
 
-    def start(self) -> Engine:
-        agent = Engine(self.sim.host(), self.config)
-        agent.start()
-        return agent
 
-    def prepare_and_kexec(self, data: bytes) -> Engine:
-        self.agent.create_session("vm-a", "test")
-        fd = memfd_with(data)
-        self.agent.preserve("vm-a", fd, 1)
-        os.close(fd)
-        self.agent.set_ready("vm-a", True)
-        self.agent.prepare(PrepareOptions(kernel=self.target))
-        self.agent.commit(CommitOptions())
-        self.agent.close()
-        self.sim = SimKernel(self.tmp / "sim")
-        return self.start()
-
-    def manifest_algs(self) -> set[str]:
-        doc = json.loads((self.config.state_dir / "manifest.json").read_text())
-        return {f["digest_alg"] for s in doc["sessions"] for f in s["files"]}
+def manifest_algs(rig: Rig) -> set[str]:
+    doc = json.loads((rig.config.state_dir / "manifest.json").read_text())
+    return {f["digest_alg"] for s in doc["sessions"] for f in s["files"]}
 
 
 def test_verify_takes_the_digest_with_the_manifests_algorithm(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A manifest written with SHA-256, verified where blake3 is installed: SHA-256 again (with
     blake3 the digests would differ and the verification would report a mismatch)."""
-    host = Host(tmp_path)
+    rig = Rig(tmp_path)
     monkeypatch.setattr(sessions_mod, "digest_fd",
                         functools.partial(digest.digest_fd, alg=digest.SHA256))
     data = os.urandom(50_000)
-    agent = host.prepare_and_kexec(data)
+    agent = prepare_and_kexec(rig, data)
     monkeypatch.undo()
-    assert host.manifest_algs() == {"sha256"}
+    assert manifest_algs(rig) == {"sha256"}
     report = agent.verify()
     digests = [i for i in report.items if i.kind == "file-digest"]
     assert report.ok, [(i.kind, i.detail) for i in report.items if i.verdict.value != "ok"]
@@ -155,14 +142,66 @@ def test_verify_takes_the_digest_with_the_manifests_algorithm(
     agent.close()
 
 
-def test_a_blake3_manifest_where_blake3_is_missing_fails_verification_saying_why(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def retrieved_sessions(sim_dir: Path) -> set[str]:
+    """The sessions RETRIEVE_SESSION handed out in the simulated kernel's current boot, from its
+    log (kho_agent/sim/retrieval.py: a line `R <hex name> <pid> <start>` per retrieval)."""
+    log = Path(os.path.realpath(sim_dir / "boot.json")).parent / "incoming.log"
+    lines = log.read_text().splitlines() if log.exists() else []
+    return {bytes.fromhex(line.split()[1]).decode() for line in lines if line.startswith("R ")}
+
+
+def blake3_update_verified_without_blake3(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> Engine:
+    """An update prepared with blake3; the agent of the next boot, blake3 gone from it."""
     if not digest.available(digest.BLAKE3):
         pytest.skip("needs the blake3 module to write the manifest")
-    host = Host(tmp_path)
-    agent = host.prepare_and_kexec(b"x" * 10_000)
-    assert host.manifest_algs() == {"blake3"}
+    agent = prepare_and_kexec(rig, b"x" * 10_000)
+    assert manifest_algs(rig) == {"blake3"}
     monkeypatch.setattr(digest, "_BLAKE3", None)      # the module is gone after the kexec
+    return agent
+
+
+@pytest.mark.parametrize("restart", [False, True], ids=["same-agent", "restarted-agent"])
+def test_a_blake3_manifest_where_blake3_is_missing_is_refused_before_any_retrieval(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restart: bool) -> None:
+    """The kernel hands each session out once: a verification that retrieved the sessions and
+    only then found it cannot take their digests was lost for good. It is refused before
+    anything is retrieved or recorded, and runs for real once blake3 is there (a restart of
+    the agent is how an installed module gets loaded)."""
+    rig = Rig(tmp_path)
+    agent = blake3_update_verified_without_blake3(rig, monkeypatch)
+    state_before = (rig.config.state_dir / "state.json").read_bytes()
+    with pytest.raises(digest.DigestUnavailable) as caught:
+        agent.verify()
+    assert caught.value.name == "NotFound" and EXIT_CODES["NotFound"] == 2
+    message = caught.value.message
+    assert "blake3 is not installed" in message and "python3-blake3" in message
+    assert "retrieved no session" in message and "restart" in message
+    assert retrieved_sessions(rig.sim.directory) == set()  # not the VM's, not the agent's own
+    # the state is the kexec's still (verification pending), on disk; memory says why
+    assert (rig.config.state_dir / "state.json").read_bytes() == state_before
+    assert "could not run" in agent.state.message
+    monkeypatch.undo()                                  # blake3 installed
+    if restart:
+        agent.close()
+        agent = rig.new_agent()
+    report = agent.verify()
+    assert report.ok, [(i.kind, i.detail) for i in report.items if i.verdict.value != "ok"]
+    digests = [i for i in report.items if i.kind == "file-digest"]
+    assert len(digests) == 1 and "blake3 digest matches" in digests[0].detail
+    assert "vm-a" in retrieved_sessions(rig.sim.directory)
+    agent.close()
+
+
+def test_without_the_disk_manifest_blake3_missing_fails_the_files_saying_why(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The disk copy lost: the algorithms are known only from the agent's own session, which
+    the kernel hands out once, so the verification goes on (a refusal would leave the VMs'
+    sessions with no manifest to verify them against) and fails each such file with the
+    reason."""
+    rig = Rig(tmp_path)
+    agent = blake3_update_verified_without_blake3(rig, monkeypatch)
+    (rig.config.state_dir / "manifest.json").unlink()
     report = agent.verify()
     assert not report.ok
     failed = [i for i in report.items if i.verdict.value == "failed"]
@@ -170,3 +209,42 @@ def test_a_blake3_manifest_where_blake3_is_missing_fails_verification_saying_why
     assert "blake3 is not installed" in failed[0].detail
     assert "python3-blake3" in failed[0].detail
     agent.close()
+
+
+# kho-agentd in a process where `import blake3` fails, as on a host without python3-blake3
+NO_BLAKE3_DAEMON = ("import sys; sys.modules['blake3'] = None; "
+                    "from kho_agent import daemon; sys.exit(daemon.main(sys.argv[1:]))")
+
+
+def test_the_daemon_refuses_it_too_and_verifies_once_restarted_with_blake3(host: Host) -> None:
+    """The daemon's verification at its start and a Verify job take the same check (both
+    begin in engine/verify.py): refused, nothing retrieved, and the restart that loads the
+    installed module verifies."""
+    if not digest.available(digest.BLAKE3):
+        pytest.skip("needs the blake3 module to write the manifest")
+    client = host.client()
+    create_session(client, "vm-a", {1: os.urandom(3 * PAGE)})
+    assert host.run_job(client, "Prepare", kernel_option(host))[0] == "done"
+    manifest = json.loads(invoke(client, "GetManifest")[0])
+    assert {f["digest_alg"] for s in manifest["sessions"] for f in s["files"]} == {"blake3"}
+    assert host.run_job(client, "Commit", {})[0] == "done"
+    host.restart_wait_exit()
+    with_blake3 = host.daemon.argv
+    host.daemon.argv = [sys.executable, "-c", NO_BLAKE3_DAEMON]
+    host.daemon.start()
+    deadline = time.monotonic() + 30    # its own verification at start, refused
+    while "could not run" not in str(host.prop("StateMessage")):
+        assert time.monotonic() < deadline, host.daemon.stderr_text()
+        time.sleep(0.05)
+    client = host.client()
+    result, job = host.run_job(client, "Verify")
+    assert (result, job["ErrorName"]) == ("failed", ERR + "NotFound"), job
+    assert "python3-blake3" in job["ErrorMessage"]
+    assert "retrieved no session" in job["ErrorMessage"]
+    assert invoke(client, "ListSessions") == ([],)
+    assert retrieved_sessions(host.sim_dir) == set()
+    host.daemon.stop()
+    host.daemon.argv = with_blake3
+    host.daemon.start()
+    assert host.wait_state("verified", "failed") == "verified", host.prop("LastResult")
+    assert "vm-a" in retrieved_sessions(host.sim_dir)

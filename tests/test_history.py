@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
-from test_engine import Rig
+from enginerig import Rig
 
 from kho_agent.engine import CommitOptions, EngineConfig, PrepareOptions
 from kho_agent.engine import history as history_module

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_engine import Rig
+from enginerig import Rig
 
 from kho_agent import facts
 from kho_agent.engine import CommitOptions, PrepareOptions

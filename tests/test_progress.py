@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from agenthost import JOB_IFACE, Host, create_session, host, invoke, kernel_option
-from test_engine import Rig
+from enginerig import Rig
 
 from kho_agent.cli.bus import JobInfo
 from kho_agent.cli.jobs import ProgressView, size_text

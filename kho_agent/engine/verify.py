@@ -17,6 +17,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+from ..digest import DigestUnavailable, require_available
 from ..errors import AgentError, KernelRefused, NotFound, NotPrepared, VerificationFailed
 from ..kernel.atomicfile import write_atomic
 from ..kernel.liveupdate import LiveUpdateDevice, LiveUpdateSession
@@ -96,11 +97,37 @@ def _verify_begin(ctx: EngineContext) -> VerifyRun:
             manifest_disk = read_manifest(ctx.store.manifest_path)
         except (AgentError, OSError) as exc:
             disk_problem = str(exc)
+        if manifest_disk is not None:
+            _require_digest_algorithms(ctx, manifest_disk)
         ctx.transition(Phase.VERIFYING, "verifying the live update", discarded=[])
     try:
         return _retrieve_incoming(ctx, info, manifest_disk, disk_problem)
     except AgentError as exc:
         raise _verify_failed(ctx, exc)  # noqa: B904 (the error or its copy)
+
+
+def _require_digest_algorithms(ctx: EngineContext, manifest: Manifest) -> None:
+    """Refuse the verification before anything is retrieved or recorded when the manifest
+    names a digest algorithm this installation cannot compute (blake3 without its module).
+    Found after the retrieval, it would fail every such file for good: the kernel hands each
+    session out once. Refused here, the sessions stay in the kernel and the state stays
+    "verification pending", so a verification with the module installed runs for real (a
+    restart of the agent, which loads it, verifies at its start). Only the disk copy of the
+    manifest can be read without retrieving a session; without one, the algorithms are known
+    only once the agent's own session is retrieved, and the verification goes on (refusing
+    then would leave the sessions with no manifest to verify them against)."""
+    try:
+        require_available(f.digest_alg for s in manifest.sessions for f in s.files
+                          if f.digest is not None and f.digest_alg is not None)
+    except DigestUnavailable as exc:
+        reason = (f"{exc.message}. The verification did not run and retrieved no session: "
+                  "they wait in the kernel. Once the module is installed, restart kho-agentd "
+                  "(systemctl restart kho-agent.service), which loads it and verifies at its "
+                  "start")
+        # in memory only, as recovery does: saving would stamp the earlier boot's state as
+        # this boot's, and a restart would no longer see the verification pending
+        ctx.state.message = f"verification is pending: it could not run: {reason}"
+        raise DigestUnavailable(reason) from None
 
 
 def _verified_already(last_result: dict[str, Any], report: Path) -> str:
