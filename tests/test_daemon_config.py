@@ -227,3 +227,30 @@ def test_check_config_prints_the_effective_configuration_or_names_the_error(
     done = check()
     assert done.returncode == 2 and done.stdout == ""
     assert f"kho-agentd: ConfigInvalid: {path}:2: [Commit] MaintenanceWindow=" in done.stderr
+
+
+def test_check_config_applies_every_command_line_override(tmp_path: Path) -> None:
+    """`--check-config --metrics-dir DIR` printed the file's MetricsDirectory= (the daemon would
+    have written elsewhere): every option that overrides a key is in the printed configuration,
+    with the option as its origin."""
+    root = tmp_path / "root"
+    write(root / "etc/kho-agent/agent.conf", "[Records]\nMetricsDirectory=/var/lib/node\n")
+
+    def check(*extra: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "kho_agent.daemon", "--check-config",
+                               "--config-root", str(root), *extra], capture_output=True,
+                              text=True, timeout=60, env=client_env(), stdin=subprocess.DEVNULL)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+    assert f"# {root}/etc/kho-agent/agent.conf:2\nMetricsDirectory=/var/lib/node\n" in check()
+    assert ("# the command line (--metrics-dir)\nMetricsDirectory=/srv/metrics\n"
+            in check("--metrics-dir", "/srv/metrics"))
+    assert "# the command line (--metrics-dir)\nMetricsDirectory=\n" in check("--metrics-dir", "")
+    assert "# the command line (--claim-grace)\nClaimGraceSec=90s\n" in check("--claim-grace",
+                                                                             "90")
+    # a simulated host writes no metrics unless something names a directory: said so
+    (root / "etc/kho-agent/agent.conf").unlink()
+    simulated = check("--simulate", str(tmp_path / "sim"))
+    assert "# the command line (--simulate: no metrics unless" in simulated
+    assert "\nMetricsDirectory=\n" in simulated
+    assert not (tmp_path / "sim").exists()   # --check-config touches nothing
