@@ -3,11 +3,13 @@ precedence of the files, the maintenance window and the choice of the target ker
 
 from __future__ import annotations
 
+import errno
 import os
 from datetime import datetime
 from pathlib import Path
 
 import pytest
+from nodac import python_without_dac
 
 from kho_agent.config import AgentConfig, config_files, load_config, parse_config
 from kho_agent.config.load import CONFIG_FILE_MAX
@@ -23,7 +25,7 @@ from kho_agent.config.window import (
     parse_window,
     window_allows,
 )
-from kho_agent.errors import REGISTRY, ConfigInvalid
+from kho_agent.errors import REGISTRY, AgentError, ConfigInvalid
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -322,6 +324,37 @@ def test_the_newest_kernel_that_passes_the_gate_is_chosen(tmp_path: Path) -> Non
     assert nothing.chosen is None
     assert nothing.explain() == "6.12.10: no 6.12.10; 6.12.9: no 6.12.9; 6.2.0: no 6.2.0"
     assert "no kernel is installed" in newest_passing([], gate).explain()
+
+
+@pytest.mark.parametrize(("make", "error", "errno_name"), [
+    ("file", "NotFound", "ENOTDIR"), ("missing", "NotFound", "ENOENT")])
+def test_a_boot_directory_that_cannot_be_listed_names_it_and_the_errno(
+        tmp_path: Path, make: str, error: str, errno_name: str) -> None:
+    """It was PreflightFailed "cannot list /boot: Not a directory": the errno's name and the
+    class an unreadable kernel path gets (callerfile) are what an operator keys on."""
+    boot = tmp_path / "boot"
+    if make == "file":
+        boot.write_bytes(b"not a directory")
+    with pytest.raises(AgentError) as refused:
+        installed_kernels(boot)
+    assert refused.value.name == error
+    assert refused.value.message == (f"the boot directory (Target=newest-compatible) {boot} "
+                                     f"cannot be listed: {errno_name} "
+                                     f"({os.strerror(getattr(errno, errno_name))})")
+
+
+def test_a_boot_directory_the_agent_may_not_read_is_permission_denied(tmp_path: Path) -> None:
+    """EACCES as the unit meets it: root without CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH."""
+    boot = tmp_path / "boot"
+    boot.mkdir(mode=0o000)
+    done = python_without_dac(
+        "import sys\nfrom kho_agent.config.target import installed_kernels\n"
+        "from kho_agent.errors import AgentError\n"
+        f"try:\n    installed_kernels({str(boot)!r})\nexcept AgentError as exc:\n"
+        "    print(exc.name, exc.message)\n")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == (f"PermissionDenied the boot directory (Target=newest-compatible) "
+                           f"{boot} cannot be listed: EACCES (Permission denied)\n")
 
 
 def test_the_effective_configuration_prints_as_a_file_that_parses_to_it() -> None:

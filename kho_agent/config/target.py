@@ -17,12 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import PreflightFailed
+from ..kernel.callerfile import list_directory
 
 KERNEL_PREFIX = "vmlinuz-"
 INITRD_PREFIX = "initrd.img-"
 # what package managers leave beside an installed kernel; never a candidate
 _LEFTOVER = re.compile(r"\.(dpkg-\w+|old|bak|orig|rpmnew|rpmsave)$|~$")
 MAX_CANDIDATES = 256   # /boot is bounded: beyond this many kernels something is wrong
+MAX_BOOT_ENTRIES = 4096   # files of any kind in /boot (a few per kernel, plus the loader's)
 _PART = re.compile(r"\d+|[^\d]+")
 
 
@@ -68,12 +70,11 @@ def newest_passing(candidates: Sequence[KernelCandidate],
 
 def installed_kernels(boot_dir: Path) -> list[KernelCandidate]:
     """The regular files vmlinuz-RELEASE in `boot_dir`, each with initrd.img-RELEASE when that
-    is a regular file too. Symbolic links are not followed (Debian's /vmlinuz links live in /)."""
-    try:
-        entries = sorted(os.listdir(boot_dir))
-    except OSError as exc:
-        raise PreflightFailed(f"Target=newest-compatible: cannot list {boot_dir}: "
-                              f"{exc.strerror}") from exc
+    is a regular file too. Symbolic links are not followed (Debian's /vmlinuz links live in /).
+    A boot directory that cannot be listed is refused as an unreadable kernel path is (NotFound,
+    PermissionDenied, InvalidArgument), naming it and the errno."""
+    entries = sorted(list_directory(boot_dir, "the boot directory (Target=newest-compatible)",
+                                    MAX_BOOT_ENTRIES))
     names = set(entries)
     found: list[KernelCandidate] = []
     for name in entries:
