@@ -15,6 +15,8 @@ from kho_agent.config import AgentConfig, config_files, load_config, parse_confi
 from kho_agent.config.load import CONFIG_FILE_MAX
 from kho_agent.config.target import (
     KernelCandidate,
+    configured_initrd,
+    initrd_beside,
     installed_kernels,
     newest_passing,
     release_key,
@@ -324,6 +326,47 @@ def test_the_newest_kernel_that_passes_the_gate_is_chosen(tmp_path: Path) -> Non
     assert nothing.chosen is None
     assert nothing.explain() == "6.12.10: no 6.12.10; 6.12.9: no 6.12.9; 6.2.0: no 6.2.0"
     assert "no kernel is installed" in newest_passing([], gate).explain()
+
+
+def test_initrd_takes_auto_none_or_a_path_that_goes_with_a_target_path() -> None:
+    assert parse("").initrd == "auto"
+    assert parse("[Prepare]\nInitrd=none\n").initrd == "none"
+    assert parse("[Prepare]\nInitrd=\n").initrd == "auto"   # empty: back to the default
+    config = parse("[Prepare]\nTarget=/boot/vmlinuz-7\nInitrd=/boot/./initramfs-7.img\n")
+    assert (config.target, config.initrd) == ("/boot/vmlinuz-7", "/boot/initramfs-7.img")
+    assert parse("[Prepare]\nTarget=newest-compatible\nInitrd=none\n").initrd == "none"
+    with pytest.raises(ConfigInvalid) as caught:
+        parse("[Prepare]\nInitrd=initrd.img\n")
+    assert "[Prepare] Initrd=: 'initrd.img' is not an absolute path (Initrd= takes auto, " \
+           "none, or an initrd's path)" in caught.value.message
+    for target, said in (("newest-compatible", "Target=newest-compatible (/d.conf:2)"),
+                         ("", "Target= names no kernel")):
+        with pytest.raises(ConfigInvalid) as caught:
+            parse_config([("/d.conf", f"[Prepare]\nTarget={target}\n".encode()),
+                          ("/e.conf", b"[Prepare]\nInitrd=/boot/initrd.img-7\n")])
+        assert caught.value.message.startswith("/e.conf:2: [Prepare] Initrd=/boot/initrd.img-7: "
+                                               f"a path goes with a Target= path only, and "
+                                               f"{said}"), caught.value.message
+
+
+def test_the_initrd_of_a_configured_kernel_is_the_one_installed_beside_it(
+        tmp_path: Path) -> None:
+    boot = tmp_path / "boot"
+    boot.mkdir()
+    for name in ("vmlinuz-6.12.9", "initrd.img-6.12.9", "vmlinuz-6.12.10", "bzImage"):
+        (boot / name).write_bytes(b"x")
+    (boot / "initrd.img-6.12.10").mkdir()   # not a regular file: no initrd
+    os.symlink("boot/vmlinuz-6.12.9", tmp_path / "vmlinuz")     # Debian's links in /
+    os.symlink("boot/initrd.img-6.12.9", tmp_path / "initrd.img")
+    assert initrd_beside(boot / "vmlinuz-6.12.9") == boot / "initrd.img-6.12.9"
+    assert initrd_beside(tmp_path / "vmlinuz") == tmp_path / "initrd.img"
+    assert initrd_beside(boot / "vmlinuz-6.12.10") is None
+    assert initrd_beside(boot / "bzImage") is None
+    assert initrd_beside(boot / "vmlinuz-7.0") is None    # no such kernel, no such initrd
+    kernel = boot / "vmlinuz-6.12.9"
+    assert configured_initrd(kernel, "auto") == boot / "initrd.img-6.12.9"
+    assert configured_initrd(kernel, "none") is None
+    assert configured_initrd(kernel, "/srv/initrd") == Path("/srv/initrd")
 
 
 @pytest.mark.parametrize(("make", "error", "errno_name"), [
