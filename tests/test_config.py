@@ -400,6 +400,19 @@ def test_a_boot_directory_the_agent_may_not_read_is_permission_denied(tmp_path: 
                            f"{boot} cannot be listed: EACCES (Permission denied)\n")
 
 
+def test_a_drop_in_directory_that_cannot_be_listed_names_the_errno(tmp_path: Path) -> None:
+    """It said "cannot list it: Permission denied": the errno's name too, as everywhere."""
+    dropins = tmp_path / "etc/kho-agent/agent.conf.d"
+    dropins.mkdir(parents=True, mode=0o000)
+    done = python_without_dac(
+        "from pathlib import Path\nfrom kho_agent.config import load_config\n"
+        "from kho_agent.errors import ConfigInvalid\n"
+        f"try:\n    load_config(Path({str(tmp_path)!r}))\nexcept ConfigInvalid as exc:\n"
+        "    print(exc.message)\n")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"{dropins}: cannot list it: EACCES (Permission denied)\n"
+
+
 def test_the_effective_configuration_prints_as_a_file_that_parses_to_it() -> None:
     from kho_agent.config.parse import format_config
     config = parse_config([
