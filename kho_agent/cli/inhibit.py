@@ -85,13 +85,13 @@ def run(args: argparse.Namespace) -> int:
             except (_Stop, KeyboardInterrupt):
                 child.terminate()
                 return child.wait()
-        if args.json:
-            # a script learns that it holds now, not at release (envelope.py: two lines)
-            envelope.print_now("inhibit", {"inhibiting": held, "state": "held"})
-        else:
-            print(f"holding live-update commits off ({held['who']}: {args.why}); "
-                  "Ctrl-C to release", flush=True)
-        try:
+        try:   # a SIGTERM while the hold is announced releases it as one while it waits
+            if args.json:
+                # a script learns that it holds now, not at release (envelope.py: two lines)
+                envelope.print_now("inhibit", {"inhibiting": held, "state": "held"})
+            else:
+                print(f"holding live-update commits off ({held['who']}: {args.why}); "
+                      "Ctrl-C to release", flush=True)
             while True:
                 signal.pause()
         except (_Stop, KeyboardInterrupt):
