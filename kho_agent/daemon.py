@@ -74,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read the configuration under DIR instead of / (DIR/etc/kho-agent/"
                         "agent.conf, ...; and Target=newest-compatible looks in DIR/boot)")
     p.add_argument("--check-config", action="store_true",
-                   help="read the configuration, print it as it applies (each key with the file "
-                        "and line that set it) and exit: 0 usable, 2 not (ConfigInvalid)")
+                   help="read the configuration, print it as it applies with this command "
+                        "line's options (each key with the file and line, or the option, that "
+                        "set it) and exit: 0 usable, 2 not (ConfigInvalid)")
     p.add_argument("--claim-grace", type=float, default=None, metavar="SECONDS",
                    help="after verify, how long retrieved sessions wait for their owners before "
                         "they are finished (0 or less: wait forever); overrides ClaimGraceSec= "
@@ -101,7 +102,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def effective_config(args: argparse.Namespace) -> AgentConfig:
-    """The configuration files under --config-root, then the command line's overrides."""
+    """The configuration files under --config-root, then the command line's overrides: every
+    option that overrides a key is applied here, so `--check-config` prints what the daemon
+    would run with (and names the option as the key's origin)."""
     config = load_config(args.config_root)
     origins = dict(config.origins)
     if args.claim_grace is not None:
@@ -111,6 +114,17 @@ def effective_config(args: argparse.Namespace) -> AgentConfig:
     if args.no_digests:
         config = replace(config, digests=False)
         origins["Digests"] = Setting("the command line (--no-digests)", 0)
+    if args.metrics_dir is not None:
+        # absolute, as MetricsDirectory= must be: the printed configuration parses back
+        config = replace(config, metrics_directory=os.path.abspath(args.metrics_dir)
+                         if args.metrics_dir else "")
+        origins["MetricsDirectory"] = Setting("the command line (--metrics-dir)", 0)
+    elif args.simulate is not None and "MetricsDirectory" not in origins:
+        # the default is the real host's collector: a simulated host writes none there
+        config = replace(config, metrics_directory="")
+        origins["MetricsDirectory"] = Setting(
+            "the command line (--simulate: no metrics unless a file or --metrics-dir names a "
+            "directory)", 0)
     return replace(config, origins=tuple(origins.items()))
 
 
@@ -124,13 +138,9 @@ def engine_config(config: AgentConfig, state_dir: Path) -> EngineConfig:
         setting_origins=tuple((key, str(where)) for key, where in config.origins))
 
 
-def metrics_dir(args: argparse.Namespace, config: AgentConfig) -> Path | None:
-    """--metrics-dir, else MetricsDirectory= ("" turns metrics off); a simulated host writes
-    none unless one of them names a directory (the default is the real host's collector)."""
-    if args.metrics_dir is not None:
-        return Path(args.metrics_dir) if args.metrics_dir else None
-    if args.simulate is not None and "MetricsDirectory" not in dict(config.origins):
-        return None
+def metrics_dir(config: AgentConfig) -> Path | None:
+    """MetricsDirectory= of the effective configuration (--metrics-dir and --simulate applied
+    by effective_config); "" turns metrics off."""
     return Path(config.metrics_directory) if config.metrics_directory else None
 
 
@@ -234,7 +244,7 @@ class Daemon:
         state_dir = args.state_dir or (args.simulate / "state" if args.simulate
                                        else DEFAULT_STATE_DIR)
         self.service: AgentService | None = None
-        directory = metrics_dir(args, self.config)
+        directory = metrics_dir(self.config)
         self.metrics = MetricsWriter(directory, log) if directory is not None else None
         self.worker = Worker(log)
         self.notifier = Notifier.from_env()

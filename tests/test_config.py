@@ -3,16 +3,20 @@ precedence of the files, the maintenance window and the choice of the target ker
 
 from __future__ import annotations
 
+import errno
 import os
 from datetime import datetime
 from pathlib import Path
 
 import pytest
+from nodac import python_without_dac
 
 from kho_agent.config import AgentConfig, config_files, load_config, parse_config
 from kho_agent.config.load import CONFIG_FILE_MAX
 from kho_agent.config.target import (
     KernelCandidate,
+    configured_initrd,
+    initrd_beside,
     installed_kernels,
     newest_passing,
     release_key,
@@ -23,7 +27,7 @@ from kho_agent.config.window import (
     parse_window,
     window_allows,
 )
-from kho_agent.errors import REGISTRY, ConfigInvalid
+from kho_agent.errors import REGISTRY, AgentError, ConfigInvalid
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -322,6 +326,91 @@ def test_the_newest_kernel_that_passes_the_gate_is_chosen(tmp_path: Path) -> Non
     assert nothing.chosen is None
     assert nothing.explain() == "6.12.10: no 6.12.10; 6.12.9: no 6.12.9; 6.2.0: no 6.2.0"
     assert "no kernel is installed" in newest_passing([], gate).explain()
+
+
+def test_initrd_takes_auto_none_or_a_path_that_goes_with_a_target_path() -> None:
+    assert parse("").initrd == "auto"
+    assert parse("[Prepare]\nInitrd=none\n").initrd == "none"
+    assert parse("[Prepare]\nInitrd=\n").initrd == "auto"   # empty: back to the default
+    config = parse("[Prepare]\nTarget=/boot/vmlinuz-7\nInitrd=/boot/./initramfs-7.img\n")
+    assert (config.target, config.initrd) == ("/boot/vmlinuz-7", "/boot/initramfs-7.img")
+    assert parse("[Prepare]\nTarget=newest-compatible\nInitrd=none\n").initrd == "none"
+    with pytest.raises(ConfigInvalid) as caught:
+        parse("[Prepare]\nInitrd=initrd.img\n")
+    assert "[Prepare] Initrd=: 'initrd.img' is not an absolute path (Initrd= takes auto, " \
+           "none, or an initrd's path)" in caught.value.message
+    for target, said in (("newest-compatible", "Target=newest-compatible (/d.conf:2)"),
+                         ("", "Target= names no kernel")):
+        with pytest.raises(ConfigInvalid) as caught:
+            parse_config([("/d.conf", f"[Prepare]\nTarget={target}\n".encode()),
+                          ("/e.conf", b"[Prepare]\nInitrd=/boot/initrd.img-7\n")])
+        assert caught.value.message.startswith("/e.conf:2: [Prepare] Initrd=/boot/initrd.img-7: "
+                                               f"a path goes with a Target= path only, and "
+                                               f"{said}"), caught.value.message
+
+
+def test_the_initrd_of_a_configured_kernel_is_the_one_installed_beside_it(
+        tmp_path: Path) -> None:
+    boot = tmp_path / "boot"
+    boot.mkdir()
+    for name in ("vmlinuz-6.12.9", "initrd.img-6.12.9", "vmlinuz-6.12.10", "bzImage"):
+        (boot / name).write_bytes(b"x")
+    (boot / "initrd.img-6.12.10").mkdir()   # not a regular file: no initrd
+    os.symlink("boot/vmlinuz-6.12.9", tmp_path / "vmlinuz")     # Debian's links in /
+    os.symlink("boot/initrd.img-6.12.9", tmp_path / "initrd.img")
+    assert initrd_beside(boot / "vmlinuz-6.12.9") == boot / "initrd.img-6.12.9"
+    assert initrd_beside(tmp_path / "vmlinuz") == tmp_path / "initrd.img"
+    assert initrd_beside(boot / "vmlinuz-6.12.10") is None
+    assert initrd_beside(boot / "bzImage") is None
+    assert initrd_beside(boot / "vmlinuz-7.0") is None    # no such kernel, no such initrd
+    kernel = boot / "vmlinuz-6.12.9"
+    assert configured_initrd(kernel, "auto") == boot / "initrd.img-6.12.9"
+    assert configured_initrd(kernel, "none") is None
+    assert configured_initrd(kernel, "/srv/initrd") == Path("/srv/initrd")
+
+
+@pytest.mark.parametrize(("make", "error", "errno_name"), [
+    ("file", "NotFound", "ENOTDIR"), ("missing", "NotFound", "ENOENT")])
+def test_a_boot_directory_that_cannot_be_listed_names_it_and_the_errno(
+        tmp_path: Path, make: str, error: str, errno_name: str) -> None:
+    """It was PreflightFailed "cannot list /boot: Not a directory": the errno's name and the
+    class an unreadable kernel path gets (callerfile) are what an operator keys on."""
+    boot = tmp_path / "boot"
+    if make == "file":
+        boot.write_bytes(b"not a directory")
+    with pytest.raises(AgentError) as refused:
+        installed_kernels(boot)
+    assert refused.value.name == error
+    assert refused.value.message == (f"the boot directory (Target=newest-compatible) {boot} "
+                                     f"cannot be listed: {errno_name} "
+                                     f"({os.strerror(getattr(errno, errno_name))})")
+
+
+def test_a_boot_directory_the_agent_may_not_read_is_permission_denied(tmp_path: Path) -> None:
+    """EACCES as the unit meets it: root without CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH."""
+    boot = tmp_path / "boot"
+    boot.mkdir(mode=0o000)
+    done = python_without_dac(
+        "import sys\nfrom kho_agent.config.target import installed_kernels\n"
+        "from kho_agent.errors import AgentError\n"
+        f"try:\n    installed_kernels({str(boot)!r})\nexcept AgentError as exc:\n"
+        "    print(exc.name, exc.message)\n")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == (f"PermissionDenied the boot directory (Target=newest-compatible) "
+                           f"{boot} cannot be listed: EACCES (Permission denied)\n")
+
+
+def test_a_drop_in_directory_that_cannot_be_listed_names_the_errno(tmp_path: Path) -> None:
+    """It said "cannot list it: Permission denied": the errno's name too, as everywhere."""
+    dropins = tmp_path / "etc/kho-agent/agent.conf.d"
+    dropins.mkdir(parents=True, mode=0o000)
+    done = python_without_dac(
+        "from pathlib import Path\nfrom kho_agent.config import load_config\n"
+        "from kho_agent.errors import ConfigInvalid\n"
+        f"try:\n    load_config(Path({str(tmp_path)!r}))\nexcept ConfigInvalid as exc:\n"
+        "    print(exc.message)\n")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"{dropins}: cannot list it: EACCES (Permission denied)\n"
 
 
 def test_the_effective_configuration_prints_as_a_file_that_parses_to_it() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import time
 from pathlib import Path
 
 from agenthost import Authority, Host, host, invoke, kernel_option
-from cliout import cli_json
+from cliout import cli_json, envelope
 from dbusrig import (
     BUS_NAME,
     MANAGER_IFACE,
@@ -176,6 +177,41 @@ def test_an_inhibitor_shows_in_status_and_ends_with_its_holder(bus: PrivateBus,
             if holder.poll() is None:
                 holder.kill()
                 holder.wait()
+
+
+def test_inhibit_json_says_it_holds_when_it_holds_and_again_at_release(
+        bus: PrivateBus, daemon: Daemon) -> None:
+    """`inhibit --json --why X` (the waiting form) printed its envelope only at release: a
+    script could not read that it holds. Now one envelope line when the hold is taken, a
+    second at release, each valid against the schema."""
+    holder = subprocess.Popen(
+        [sys.executable, "-m", "kho_agent.cli", "--bus-address", bus.address, "inhibit",
+         "--why", "scripted hold", "--json"], stdout=subprocess.PIPE, text=True,
+        env=client_env(), stdin=subprocess.DEVNULL)
+    try:
+        assert holder.stdout is not None
+        ready, _, _ = select.select([holder.stdout], [], [], WAIT_S)
+        assert ready, "no document while the hold is held"
+        held = envelope(holder.stdout.readline())
+        assert (held["command"], held["ok"], held["exit_code"]) == ("inhibit", True, 0)
+        assert held["result"] == {"inhibiting": {"who": "uid 0", "why": "scripted hold"},
+                                  "state": "held"}
+        # what it says is so: the daemon lists the hold while the document is read
+        assert [h[1] for h in wait_inhibitors(bus, 1)] == ["scripted hold"]
+        holder.send_signal(signal.SIGTERM)
+        rest = holder.stdout.read()
+        assert holder.wait(WAIT_S) == 0
+        lines = rest.splitlines()
+        assert len(lines) == 1, rest
+        released = envelope(lines[0])
+        assert released["exit_code"] == 0 and released["error"] is None
+        assert released["result"] == {"inhibiting": {"who": "uid 0", "why": "scripted hold"},
+                                      "state": "released"}
+        wait_inhibitors(bus, 0)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
 
 
 def test_a_sigterm_ends_the_covered_command_before_the_hold(bus: PrivateBus, daemon: Daemon,

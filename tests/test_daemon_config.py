@@ -110,6 +110,28 @@ def test_prepare_without_a_kernel_takes_the_newest_compatible_and_the_command_li
     assert "/etc/kho-agent/agent.conf.d/10-vendor.conf:2): chose" in log
 
 
+def test_a_configured_kernel_path_takes_the_initrd_installed_beside_it(tmp_path: Path) -> None:
+    """Target=/boot/vmlinuz-X was loaded without an initrd, where newest-compatible takes
+    /boot/initrd.img-X: Initrd=auto (the default) takes it for a path too."""
+    root = tmp_path / "root"
+    kernel = root / "boot/vmlinuz-7.9.2-sim"
+    write(root / "etc/kho-agent/agent.conf", f"[Prepare]\nTarget={kernel}\n")
+    initrd = write(root / "boot/initrd.img-7.9.2-sim", "an initrd\n" * 100)
+    with PrivateBus() as bus:
+        host = start(tmp_path, bus, root)
+        try:
+            done = subprocess.run([sys.executable, "-m", "kho_agent.cli", "--bus-address",
+                                   bus.address, "prepare", "--dry-run", "--json"],
+                                  capture_output=True, text=True, timeout=120, env=client_env(),
+                                  stdin=subprocess.DEVNULL)
+            assert done.returncode == 0, done.stdout + done.stderr
+            plan = json.loads(done.stdout)["result"]["result"]   # the job's, in the envelope
+            assert (plan["kernel"], plan["initrd"]) == (str(kernel), str(initrd)), plan
+            assert f"{kernel} with initrd {initrd} (Initrd=auto)" in host.daemon.stderr_text()
+        finally:
+            host.daemon.close()
+
+
 def test_a_commit_outside_the_window_is_refused_and_force_overrides(configured: Host) -> None:
     client = configured.client()
     create_session(client, "vm1", {1: b"guest" * 100})
@@ -227,3 +249,30 @@ def test_check_config_prints_the_effective_configuration_or_names_the_error(
     done = check()
     assert done.returncode == 2 and done.stdout == ""
     assert f"kho-agentd: ConfigInvalid: {path}:2: [Commit] MaintenanceWindow=" in done.stderr
+
+
+def test_check_config_applies_every_command_line_override(tmp_path: Path) -> None:
+    """`--check-config --metrics-dir DIR` printed the file's MetricsDirectory= (the daemon would
+    have written elsewhere): every option that overrides a key is in the printed configuration,
+    with the option as its origin."""
+    root = tmp_path / "root"
+    write(root / "etc/kho-agent/agent.conf", "[Records]\nMetricsDirectory=/var/lib/node\n")
+
+    def check(*extra: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "kho_agent.daemon", "--check-config",
+                               "--config-root", str(root), *extra], capture_output=True,
+                              text=True, timeout=60, env=client_env(), stdin=subprocess.DEVNULL)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+    assert f"# {root}/etc/kho-agent/agent.conf:2\nMetricsDirectory=/var/lib/node\n" in check()
+    assert ("# the command line (--metrics-dir)\nMetricsDirectory=/srv/metrics\n"
+            in check("--metrics-dir", "/srv/metrics"))
+    assert "# the command line (--metrics-dir)\nMetricsDirectory=\n" in check("--metrics-dir", "")
+    assert "# the command line (--claim-grace)\nClaimGraceSec=90s\n" in check("--claim-grace",
+                                                                             "90")
+    # a simulated host writes no metrics unless something names a directory: said so
+    (root / "etc/kho-agent/agent.conf").unlink()
+    simulated = check("--simulate", str(tmp_path / "sim"))
+    assert "# the command line (--simulate: no metrics unless" in simulated
+    assert "\nMetricsDirectory=\n" in simulated
+    assert not (tmp_path / "sim").exists()   # --check-config touches nothing

@@ -4,18 +4,27 @@ missing directory, and a real kho-agentd writing it as its state and history cha
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 from cliout import cli_json
-from dbusrig import Daemon, PrivateBus
+from dbusrig import NOBODY, Daemon, PrivateBus
+from nodac import python_without_dac
 from prometheus_client.parser import text_string_to_metric_families
 from test_ctl import bus, ctl, kernel, simdir
 
 from kho_agent.engine.history import Attempt
-from kho_agent.service.metrics import METRICS_FILE, MetricsInput, MetricsWriter, render
+from kho_agent.service.metrics import (
+    METRICS_FILE,
+    MetricsInput,
+    MetricsWriter,
+    render,
+    sandbox_advice,
+)
 
 __all__ = ["bus", "kernel", "simdir"]  # fixtures, imported for pytest
 
@@ -90,6 +99,44 @@ def test_a_missing_directory_is_one_warning_and_then_written(tmp_path: Path) -> 
     assert (tmp_path / "node-exporter" / METRICS_FILE).read_text() == text
     assert [p.name for p in (tmp_path / "node-exporter").iterdir()] == [METRICS_FILE]
     assert "written again" in logged[-1]
+
+
+UNIT = Path(__file__).resolve().parent.parent / "systemd" / "kho-agent.service"
+
+
+def test_a_directory_the_unit_may_not_write_says_how_to_allow_it(tmp_path: Path) -> None:
+    """EACCES as kho-agent.service meets it (root without CAP_DAC_OVERRIDE, a directory root
+    does not own): the warning said "run it as root or fix the permissions" to an agent that
+    runs as root; it now names the unit's sandbox and the drop-in that allows a directory."""
+    directory = tmp_path / "collector"
+    directory.mkdir(mode=0o755)
+    os.chown(directory, NOBODY, NOBODY)
+    done = python_without_dac(
+        "from pathlib import Path\nfrom kho_agent.service.metrics import MetricsWriter\n"
+        f"writer = MetricsWriter(Path({str(directory)!r}), print)\n"
+        "print(writer.write('kho_agent_inhibitors 0\\n'))\n")
+    assert done.returncode == 0, done.stderr
+    warning, result = done.stdout.splitlines()
+    assert result == "False" and list(directory.iterdir()) == []
+    assert f"writing {directory / METRICS_FILE} failed: EACCES (Permission denied)" in warning
+    assert "without CAP_DAC_OVERRIDE" in warning
+    assert f"`systemctl edit kho-agent` ([Service] then ReadWritePaths={directory})" in warning
+
+
+def test_the_read_only_advice_names_the_units_own_sandbox() -> None:
+    """EROFS is what ProtectSystem=strict gives outside ReadWritePaths=: the advice says so, and
+    names the paths the unit really lets the agent write."""
+    unit = UNIT.read_text()
+    assert "\nProtectSystem=strict\n" in unit
+    writable = [line.split("=", 1)[1].lstrip("-") for line in unit.splitlines()
+                if line.startswith("ReadWritePaths=")]
+    assert writable == ["/var/lib/kho-agent", "/var/lib/prometheus/node-exporter"]
+    advice = sandbox_advice(errno.EROFS, Path("/srv/metrics"))
+    assert advice is not None
+    assert "ProtectSystem=strict" in advice and " and ".join(writable) in advice
+    assert "`systemctl edit kho-agent` ([Service] then ReadWritePaths=/srv/metrics)" in advice
+    assert "/srv/metrics" in str(sandbox_advice(errno.EACCES, Path("/srv/metrics")))
+    assert sandbox_advice(errno.ENOSPC, Path("/srv/metrics")) is None   # not the sandbox's
 
 
 def _wait_for(path: Path, sample: tuple[str, tuple[tuple[str, str], ...]], value: float

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import io
 import os
 import sys
 from collections.abc import Callable
@@ -190,7 +189,7 @@ def _run(words: list[str], command: str | None, label: str) -> tuple[int, AgentE
 
 def _run_json(words: list[str], command: str | None, label: str) -> int:
     """--json: what the command prints on stdout becomes the `result` of the one envelope."""
-    printed = io.StringIO()
+    printed = envelope.Captured(sys.stdout)
     try:
         with contextlib.redirect_stdout(printed):
             code, error = _run(words, command, label)
@@ -198,7 +197,10 @@ def _run_json(words: list[str], command: str | None, label: str) -> int:
         sys.stdout.write(printed.getvalue())
         raise
     doc = envelope.document(command, code, printed.getvalue(), error)
-    print_json(doc)
+    if printed.streamed:   # after a document printed at once (inhibit's hold): the next line
+        sys.stdout.write(envelope.one_line(doc))
+    else:
+        print_json(doc)
     return int(doc["exit_code"])
 
 

@@ -3,7 +3,11 @@ as `systemd-inhibit` holds shutdowns off. kho-agentd hands out an inhibitor fd (
 commits stay refused (Inhibited, exit 3) while it is open. With a COMMAND, the inhibitor lasts
 while the command runs and the exit status is the command's; without one, until Ctrl-C or
 SIGTERM (exit 0). If this process dies, the kernel closes the fd and the inhibitor goes with it:
-it never outlives its holder. `kho-agentctl status` lists who holds what."""
+it never outlives its holder. `kho-agentctl status` lists who holds what.
+
+With --json and no COMMAND it prints two envelopes, one line each: `{"inhibiting": {"who",
+"why"}, "state": "held"}` as soon as the hold is taken, and the same with "released" when it
+ends (a refused hold prints the one error envelope)."""
 
 from __future__ import annotations
 
@@ -19,15 +23,19 @@ from gi.repository import GLib
 from ..errors import InvalidArgument
 from ..service import contract
 from ..service import interfaces as api
+from . import envelope
 from .bus import AgentClient
 from .common import EXIT_OK, print_json
 from .jobs import add_common_options
 
 HELP = "hold live-update commits off while a command runs, or until interrupted"
+JSON_LINES = ("With --json and no COMMAND: one JSON line (an envelope whose result has state "
+              "'held') as soon as the hold is taken, and a second ('released') when it ends.")
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str) -> None:
-    p = sub.add_parser(name, help=HELP, description=HELP + ". Prepare and cancel are not held.")
+    p = sub.add_parser(name, help=HELP, description=HELP + ". Prepare and cancel are not held. "
+                       + JSON_LINES)
     add_common_options(p)
     p.add_argument("--why", required=True, help="why (shown to whoever tries to commit)")
     p.add_argument("--who", default="", help="who holds it (default: your uid)")
@@ -77,16 +85,19 @@ def run(args: argparse.Namespace) -> int:
             except (_Stop, KeyboardInterrupt):
                 child.terminate()
                 return child.wait()
-        if args.json:
-            print_json({"inhibiting": held})
-        else:
-            print(f"holding live-update commits off ({held['who']}: {args.why}); "
-                  "Ctrl-C to release", flush=True)
-        try:
+        try:   # a SIGTERM while the hold is announced releases it as one while it waits
+            if args.json:
+                # a script learns that it holds now, not at release (envelope.py: two lines)
+                envelope.print_now("inhibit", {"inhibiting": held, "state": "held"})
+            else:
+                print(f"holding live-update commits off ({held['who']}: {args.why}); "
+                      "Ctrl-C to release", flush=True)
             while True:
                 signal.pause()
         except (_Stop, KeyboardInterrupt):
             pass
+        if args.json:   # the second line: the hold is released as this process exits
+            print_json({"inhibiting": held, "state": "released"})
         return EXIT_OK
     finally:
         os.close(fd)

@@ -17,6 +17,7 @@ ROOT is `/` except in tests (kho-agentd --config-root).
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -58,7 +59,9 @@ def config_files(root: Path) -> list[Path]:
             raise ConfigInvalid(f"{where}: not a directory (drop-ins go in a directory "
                                 f"{DROPIN_DIR}/)") from None
         except OSError as exc:
-            raise ConfigInvalid(f"{where}: cannot list it: {exc.strerror}") from None
+            code = exc.errno or errno.EIO
+            raise ConfigInvalid(f"{where}: cannot list it: {errno.errorcode.get(code, code)} "
+                                f"({os.strerror(code)})") from None
         names = [n for n in names if n.endswith(DROPIN_SUFFIX) and not n.startswith(".")]
         if len(names) > DROPINS_MAX:
             raise ConfigInvalid(f"{where}: {len(names)} drop-ins, more than {DROPINS_MAX}")

@@ -11,6 +11,10 @@ from .window import Window
 # kernel that passes the preflight gate, or a fixed path
 TARGET_NONE = ""
 TARGET_NEWEST_COMPATIBLE = "newest-compatible"
+# Initrd=: the initrd of the configured Target=: the one installed beside the kernel
+# (initrd.img-RELEASE for vmlinuz-RELEASE), none, or a fixed path (with a Target= path only)
+INITRD_AUTO = "auto"
+INITRD_NONE = "none"
 
 # HandoffMode=: the mode this host must hand off in; "auto" takes what the host offers
 HANDOFF_MODES = ("auto", "direct", "fdstore", "reboot")
@@ -37,6 +41,7 @@ class Setting:
 class AgentConfig:
     # [Prepare]
     target: str = TARGET_NONE
+    initrd: str = INITRD_AUTO
     command_line: str | None = None          # None: the running kernel's command line
     append_command_line: tuple[str, ...] = ()
     scratch_margin: float = 0.25             # 25 %, the engine's default

@@ -24,7 +24,15 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ..errors import ConfigInvalid
-from .model import HANDOFF_MODES, TARGET_NEWEST_COMPATIBLE, AgentConfig, Setting
+from .model import (
+    HANDOFF_MODES,
+    INITRD_AUTO,
+    INITRD_NONE,
+    TARGET_NEWEST_COMPATIBLE,
+    TARGET_NONE,
+    AgentConfig,
+    Setting,
+)
 from .window import WindowSyntaxError, parse_window
 
 VALUE_MAX = 4096          # bytes of one value (a command line fits; the kernel's limit is 2048+)
@@ -104,6 +112,14 @@ def _target(value: str) -> str:
                           "nothing")
 
 
+def _initrd(value: str) -> str:
+    if value in ("", INITRD_AUTO):
+        return INITRD_AUTO
+    if value == INITRD_NONE:
+        return value
+    return _absolute_path(value, "Initrd= takes auto, none, or an initrd's path")
+
+
 def _metrics_directory(value: str) -> str:
     return "" if not value else _absolute_path(value, "MetricsDirectory= takes a directory, "
                                                       "or nothing to write no metrics")
@@ -147,6 +163,7 @@ class Key:
 
 KEYS: tuple[Key, ...] = (
     Key("Prepare", "Target", "target", _target),
+    Key("Prepare", "Initrd", "initrd", _initrd),
     Key("Prepare", "CommandLine", "command_line", _command_line),
     Key("Prepare", "AppendCommandLine", "append_command_line", _words, is_list=True),
     Key("Prepare", "ScratchMargin", "scratch_margin", _percent),
@@ -237,8 +254,24 @@ def parse_config(files: Sequence[tuple[str, bytes]],
     origins = dict(config.origins)
     for path, data in files:
         config = _apply_file(config, origins, path, data)
-    return replace(config, files=(*config.files, *(path for path, _ in files)),
-                   origins=tuple(origins.items()))
+    config = replace(config, files=(*config.files, *(path for path, _ in files)),
+                     origins=tuple(origins.items()))
+    _check_initrd(config)
+    return config
+
+
+def _check_initrd(config: AgentConfig) -> None:
+    """Initrd=PATH is the initrd of one kernel: it goes with a Target= path only (with
+    newest-compatible the kernel changes as kernels are installed; without a Target= the caller
+    names the kernel, and its initrd)."""
+    if config.initrd in (INITRD_AUTO, INITRD_NONE) or config.target not in (
+            TARGET_NONE, TARGET_NEWEST_COMPATIBLE):
+        return
+    target = (f"Target={config.target} ({config.origin('Target')})" if config.target
+              else "Target= names no kernel")
+    raise ConfigInvalid(f"{config.origin('Initrd')}: [Prepare] Initrd={config.initrd}: a path "
+                        f"goes with a Target= path only, and {target}; use Initrd=auto (the "
+                        "initrd installed beside the kernel) or Initrd=none")
 
 
 # ------------------------------------------------------------------ back to text

@@ -1,4 +1,5 @@
-"""Target=newest-compatible: the newest kernel installed in /boot that passes the gate.
+"""Target=newest-compatible: the newest kernel installed in /boot that passes the gate; and the
+initrd that goes with a configured kernel (Initrd=).
 
 The choice itself (`newest_passing`) is pure: it takes the candidates and a gate (a callable that
 returns why a candidate is refused, or None when it passes) and asks the gate about the
@@ -17,12 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import PreflightFailed
+from ..kernel.callerfile import list_directory
+from .model import INITRD_AUTO, INITRD_NONE
 
 KERNEL_PREFIX = "vmlinuz-"
 INITRD_PREFIX = "initrd.img-"
 # what package managers leave beside an installed kernel; never a candidate
 _LEFTOVER = re.compile(r"\.(dpkg-\w+|old|bak|orig|rpmnew|rpmsave)$|~$")
 MAX_CANDIDATES = 256   # /boot is bounded: beyond this many kernels something is wrong
+MAX_BOOT_ENTRIES = 4096   # files of any kind in /boot (a few per kernel, plus the loader's)
 _PART = re.compile(r"\d+|[^\d]+")
 
 
@@ -68,12 +72,11 @@ def newest_passing(candidates: Sequence[KernelCandidate],
 
 def installed_kernels(boot_dir: Path) -> list[KernelCandidate]:
     """The regular files vmlinuz-RELEASE in `boot_dir`, each with initrd.img-RELEASE when that
-    is a regular file too. Symbolic links are not followed (Debian's /vmlinuz links live in /)."""
-    try:
-        entries = sorted(os.listdir(boot_dir))
-    except OSError as exc:
-        raise PreflightFailed(f"Target=newest-compatible: cannot list {boot_dir}: "
-                              f"{exc.strerror}") from exc
+    is a regular file too. Symbolic links are not followed (Debian's /vmlinuz links live in /).
+    A boot directory that cannot be listed is refused as an unreadable kernel path is (NotFound,
+    PermissionDenied, InvalidArgument), naming it and the errno."""
+    entries = sorted(list_directory(boot_dir, "the boot directory (Target=newest-compatible)",
+                                    MAX_BOOT_ENTRIES))
     names = set(entries)
     found: list[KernelCandidate] = []
     for name in entries:
@@ -91,6 +94,28 @@ def installed_kernels(boot_dir: Path) -> list[KernelCandidate]:
             raise PreflightFailed(f"Target=newest-compatible: more than {MAX_CANDIDATES} "
                                   f"kernels in {boot_dir}")
     return found
+
+
+def initrd_beside(kernel: Path) -> Path | None:
+    """The initrd installed with a kernel named vmlinuz*: initrd.img* in the same directory
+    (/boot/vmlinuz-6.12.9 -> /boot/initrd.img-6.12.9, Debian's /vmlinuz -> /initrd.img), when
+    that is a regular file, links followed as the kernel's path is. None otherwise."""
+    if not kernel.name.startswith("vmlinuz"):
+        return None
+    initrd = kernel.with_name("initrd.img" + kernel.name[len("vmlinuz"):])
+    try:
+        return initrd if stat.S_ISREG(os.stat(initrd).st_mode) else None
+    except OSError:
+        return None
+
+
+def configured_initrd(kernel: Path, initrd: str) -> Path | None:
+    """The initrd for Target=KERNEL by Initrd= (auto: the one beside it; none; a path)."""
+    if initrd == INITRD_NONE:
+        return None
+    if initrd == INITRD_AUTO:
+        return initrd_beside(kernel)
+    return Path(initrd)
 
 
 def _regular(path: Path) -> bool:

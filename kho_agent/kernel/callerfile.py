@@ -10,7 +10,8 @@ read, and a reader states the bound its format allows. A file descriptor that a 
 instead of a path gets the same checks.
 
 Every refusal is an AgentError with a documented name: NotFound, PermissionDenied, or
-InvalidArgument (not a regular file, too large, empty, unreadable with its errno).
+InvalidArgument (not a regular file, too large, empty, unreadable with its errno). A directory
+someone names (/boot for Target=newest-compatible) is listed with the same refusals, bounded.
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ def file_kind(mode: int) -> str:
 
 def _describe(what: str, name: str) -> str:
     return f"{what} {name}" if what else name
+
+
+def _errno_text(code: int) -> str:
+    return f"{errno.errorcode.get(code, str(code))} ({os.strerror(code)})"
 
 
 def _os_error(exc: OSError, what: str, name: str) -> AgentError:
@@ -202,6 +207,32 @@ def _reopen(handle: int, flags: int) -> int | None:
         if os.path.isdir("/proc/self/fd"):
             raise  # /proc is there: the file itself went away
         return None
+
+
+def list_directory(path: str | os.PathLike[str], what: str, max_entries: int) -> list[str]:
+    """The names in a directory, unsorted, at most `max_entries` of them (more is
+    InvalidArgument). One that cannot be listed is refused as an unreadable file is, by its
+    errno (NotFound: ENOENT, ENOTDIR; PermissionDenied: EACCES, EPERM; InvalidArgument: any
+    other), and the message names the directory and the errno. A FIFO or device of that name is
+    not opened (opendir asks for a directory: ENOTDIR)."""
+    name = check_path(path, what)
+    where = _describe(what, name)
+    names: list[str] = []
+    try:
+        with os.scandir(name) as entries:
+            for entry in entries:
+                names.append(entry.name)
+                if len(names) > max_entries:
+                    raise InvalidArgument(f"{where} has more than {max_entries} entries")
+    except OSError as exc:
+        code = exc.errno or errno.EIO
+        message = f"{where} cannot be listed: {_errno_text(code)}"
+        if code in (errno.ENOENT, errno.ENOTDIR):
+            raise NotFound(message) from exc
+        if code in (errno.EACCES, errno.EPERM):
+            raise PermissionDenied(message) from exc
+        raise InvalidArgument(message) from exc
+    return names
 
 
 def adopt_fd(fd: int, name: str, what: str = "", *, max_size: int | None = None) -> RegularFile:

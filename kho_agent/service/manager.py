@@ -24,8 +24,13 @@ from typing import Any
 from gi.repository import Gio, GLib
 
 from ..config import AgentConfig
-from ..config.model import TARGET_NEWEST_COMPATIBLE, TARGET_NONE
-from ..config.target import KernelCandidate, installed_kernels, newest_passing
+from ..config.model import INITRD_NONE, TARGET_NEWEST_COMPATIBLE, TARGET_NONE
+from ..config.target import (
+    KernelCandidate,
+    configured_initrd,
+    installed_kernels,
+    newest_passing,
+)
 from ..engine import CommitOptions, Engine, Plan, PrepareOptions
 from ..engine.manifest import FAILING_VERDICTS, VerifyItem, manifest_to_json, read_manifest
 from ..engine.phase import Phase
@@ -586,14 +591,24 @@ class AgentService:
 
     def _configured_target(self) -> TargetSource:
         """Target= of the configuration (engine thread): a fixed path, or the newest kernel in
-        the boot directory whose preflight has no blocker."""
+        the boot directory whose preflight has no blocker; with its initrd by Initrd= (the one
+        installed beside it, none, or a path). Looked up at each prepare: an initrd installed
+        after the daemon started is found."""
         where = self.config.origin("Target")
         if self.config.target != TARGET_NEWEST_COMPATIBLE:
-            return TargetSource(self.config.target)
+            kernel = Path(self.config.target)
+            initrd = configured_initrd(kernel, self.config.initrd)
+            self.hooks.log(f"Target= ({where}): {kernel} with initrd {initrd or 'none'} "
+                           f"(Initrd={self.config.initrd})")
+            return TargetSource(str(kernel), str(initrd) if initrd else None)
+
+        def initrd_of(candidate: KernelCandidate) -> str | None:
+            if self.config.initrd == INITRD_NONE or candidate.initrd is None:
+                return None
+            return str(candidate.initrd)
 
         def gate(candidate: KernelCandidate) -> str | None:
-            source = TargetSource(str(candidate.kernel),
-                                  str(candidate.initrd) if candidate.initrd else None)
+            source = TargetSource(str(candidate.kernel), initrd_of(candidate))
             try:
                 with source.open() as files:
                     target = self.engine.decode_target(files.kernel)
@@ -610,9 +625,9 @@ class AgentService:
                                   f"{selection.explain()}"[:4000])
         for skipped, why in selection.refused:
             self.hooks.log(f"Target=newest-compatible: skipped {skipped.release}: {why}")
-        self.hooks.log(f"Target=newest-compatible ({where}): chose {chosen.kernel}")
-        return TargetSource(str(chosen.kernel),
-                            str(chosen.initrd) if chosen.initrd else None)
+        self.hooks.log(f"Target=newest-compatible ({where}): chose {chosen.kernel} with "
+                       f"initrd {initrd_of(chosen) or 'none'}")
+        return TargetSource(str(chosen.kernel), initrd_of(chosen))
 
     def _commit(self, call: Call) -> Steps:
         opts = check_options(call)

@@ -10,12 +10,17 @@ as the history is bounded (the newest entries), so are the counts, which is why 
 gauges: a counter must never go down.
 
 `render` is pure; `MetricsWriter` writes, and a directory that is missing or not writable is a
-warning logged once (until a write succeeds again), never a failure of the daemon.
+warning logged once (until a write succeeds again), never a failure of the daemon. The warning
+says what kho-agent.service's sandbox has to do with it (`sandbox_advice`): the unit lets the
+agent write only in its ReadWritePaths=, as root without CAP_DAC_OVERRIDE, so a
+MetricsDirectory= elsewhere fails with EROFS (or EACCES) until a drop-in adds it.
 """
 
 from __future__ import annotations
 
+import errno
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -24,7 +29,7 @@ from pathlib import Path
 from ..config.model import DEFAULT_METRICS_DIRECTORY
 from ..engine.history import Attempt, Kind, Verdict
 from ..engine.phase import Phase
-from ..errors import AgentError
+from ..errors import AgentError, SystemCallFailed
 from ..kernel.atomicfile import write_atomic
 
 METRICS_FILE = "kho_agent.prom"
@@ -122,6 +127,28 @@ def render(data: MetricsInput) -> str:
     return "\n".join(out.lines) + "\n"
 
 
+def sandbox_advice(code: int, directory: Path) -> str | None:
+    """What to do when the agent cannot write in `directory` (errno `code`), knowing the
+    sandbox of systemd/kho-agent.service; None for an errno the sandbox has no part in."""
+    drop_in = (f"add it to the unit with `systemctl edit kho-agent` ([Service] then "
+               f"ReadWritePaths={directory}) and restart the agent while no update is prepared, "
+               "or set MetricsDirectory= (kho-agent.conf(5)) to a directory the unit already "
+               "allows")
+    if code == errno.EROFS:
+        return (f"{directory} is read-only to kho-agentd: under kho-agent.service that is the "
+                "unit's sandbox (ProtectSystem=strict: the agent writes only in its "
+                "ReadWritePaths=, /var/lib/kho-agent and /var/lib/prometheus/node-exporter), "
+                f"not the filesystem: {drop_in}; outside the unit, the filesystem holding "
+                f"{directory} is mounted read-only")
+    if code in (errno.EACCES, errno.EPERM):
+        return (f"kho-agentd may not create files in {directory}: under kho-agent.service it "
+                "runs as root without CAP_DAC_OVERRIDE (CapabilityBoundingSet=), so the "
+                "directory's owner and mode must let uid 0 write there (a root-owned directory "
+                f"of mode 0755 does); if {directory} is not one of the unit's ReadWritePaths=, "
+                f"also {drop_in}")
+    return None
+
+
 class MetricsWriter:
     def __init__(self, directory: Path, log: Callable[[str], None]) -> None:
         self.path = directory / METRICS_FILE
@@ -133,12 +160,21 @@ class MetricsWriter:
         """Replace the file; False (and one warning until a write succeeds) when it cannot."""
         if text == self._last_written:
             return True  # nothing changed: no rewrite (each is two fsyncs)
-        if not self.path.parent.is_dir():
-            self._warn(f"the metrics directory {self.path.parent} does not exist (is "
-                       "node_exporter's textfile collector set up?)")
+        directory = self.path.parent
+        if not directory.is_dir():
+            self._warn(f"the metrics directory {directory} does not exist (is node_exporter's "
+                       "textfile collector set up?); once it is created, restart the agent "
+                       "while no update is prepared: kho-agent.service's sandbox makes a "
+                       "directory writable only if it exists when the agent starts")
             return False
         try:
             write_atomic(self.path, text.encode())
+        except SystemCallFailed as exc:
+            advice = sandbox_advice(exc.errno, directory)
+            self._warn(exc.message if advice is None else
+                       f"writing {self.path} failed: {errno.errorcode.get(exc.errno, '?')} "
+                       f"({os.strerror(exc.errno)}): {advice}")
+            return False
         except AgentError as exc:
             self._warn(exc.message)
             return False
