@@ -138,10 +138,12 @@ def test_inhibit_holds_commits_off_while_its_command_runs(bus: PrivateBus, daemo
     assert prop(bus, "State") == "prepared"
     assert wait_inhibitors(bus, 0) == []
     assert ctl(bus.address, "commit", "--dry-run").returncode == 0
+    # the refusal is counted on the prepared update, not an entry of its own
     entries = history(bus)["entries"]
-    assert [(e["kind"], e["verdict"], e["error_name"])  # type: ignore[index]
-            for e in entries] == [  # type: ignore[union-attr]
-        ("update", "prepared", None), ("commit", "commit refused", "Inhibited")]
+    assert [(e["kind"], e["verdict"], e["commits_refused"],  # type: ignore[index]
+             e["last_commit_error_name"]) for e in entries] == [  # type: ignore[union-attr]
+        ("update", "prepared", 1, "Inhibited")]
+    assert "1 commit(s) refused (last: Inhibited: " in ctl(bus.address, "history").stdout
 
 
 def test_an_inhibitor_shows_in_status_and_ends_with_its_holder(bus: PrivateBus,

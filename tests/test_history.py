@@ -1,6 +1,6 @@
 """The history of attempts: the codec on bytes, the bounds, and the engine's hooks through whole
 cycles on the simulated kernel (prepare and cancel, prepare-commit-verify across the kexec, a
-failed prepare, a refused commit, a restart before the kexec)."""
+failed prepare, refused commits, a restart before the kexec)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from test_engine import Rig
 
+from kho_agent.cli.history import row
 from kho_agent.engine import CommitOptions, EngineConfig, PrepareOptions
 from kho_agent.engine import history as history_module
 from kho_agent.engine.history import (
@@ -23,7 +24,14 @@ from kho_agent.engine.history import (
     encode,
 )
 from kho_agent.engine.phase import Phase
-from kho_agent.errors import Inhibited, NotPrepared, PreflightFailed, StorageFailed
+from kho_agent.errors import (
+    Busy,
+    Inhibited,
+    KernelRefused,
+    NotPrepared,
+    PreflightFailed,
+    StorageFailed,
+)
 from kho_agent.sim import SimAbi
 
 
@@ -77,6 +85,23 @@ def test_a_bad_line_is_skipped_and_reported(line: bytes, problem: str) -> None:
 def test_unknown_members_are_ignored() -> None:
     line = json.dumps({**_attempt(1).to_json(), "from_a_newer_agent": {"x": 1}}).encode()
     assert decode(line).entries == [_attempt(1)]
+
+
+def test_an_earlier_agents_commit_entry_is_still_read() -> None:
+    """Agents before the refusals were counted on the update wrote one entry per refused
+    commit; such a file reads as it did, and the open update is still the open one."""
+    old = (b'{"id":"u1","kind":"update","started":"2026-12-04T12:00:00+00:00","ended":null,'
+           b'"verdict":"prepared","release_from":"7.2.0","sessions":1}\n'
+           b'{"id":"c1","kind":"commit","started":"2026-12-04T12:01:00+00:00","ended":'
+           b'"2026-12-04T12:01:00+00:00","verdict":"commit refused","release_from":"7.2.0",'
+           b'"error_name":"NotPrepared","error_message":"nothing is prepared"}\n')
+    read = decode(old)
+    assert read.problems == []
+    update, commit = read.entries
+    assert update.open and update.commits_refused is None
+    assert (commit.kind, commit.verdict, commit.error_name) == (
+        "commit", "commit refused", "NotPrepared")
+    assert history_module.current(read.entries) == update
 
 
 def test_bound_keeps_the_newest() -> None:
@@ -163,35 +188,101 @@ def test_a_live_update_is_kept_across_the_kexec(tmp_path: Path) -> None:
     agent.close()
 
 
-def test_a_failed_prepare_and_a_refused_commit_are_recorded(tmp_path: Path) -> None:
+def test_a_failed_prepare_is_recorded_and_a_commit_of_nothing_is_not(tmp_path: Path) -> None:
     rig = Rig(tmp_path, target_abi=SimAbi(kho="kho-v3", luo="luo-v1", memfd="memfd-v1"))
     with pytest.raises(PreflightFailed):
         rig.agent.prepare(PrepareOptions(kernel=rig.target))
-    with pytest.raises(NotPrepared):
+    with pytest.raises(NotPrepared):  # nothing prepared: no attempt
         rig.agent.commit(CommitOptions())
     with pytest.raises(NotPrepared):  # a dry run asks: it is not an attempt
         rig.agent.commit(CommitOptions(dry_run=True))
-    failed, refused = _history(rig)
+    (failed,) = _history(rig)
     assert (failed.verdict, failed.error_name) == ("prepare failed", "PreflightFailed")
     assert failed.ended is not None and failed.kernel_to == str(rig.target)
-    assert (refused.kind, refused.verdict, refused.error_name) == (
-        "commit", "commit refused", "NotPrepared")
 
 
-def test_an_inhibited_commit_is_refused_and_the_update_stays(tmp_path: Path) -> None:
+def test_commits_retried_with_nothing_prepared_leave_the_history_as_it_was(
+        tmp_path: Path) -> None:
+    """A script retrying `kho-agentctl commit` in a loop must not push the real updates out of
+    the bounded history (200 entries): a commit with nothing prepared, or refused Busy while
+    nothing is prepared, records nothing."""
+    rig = Rig(tmp_path)
+    rig.agent.prepare(PrepareOptions(kernel=rig.target))
+    rig.agent.cancel()
+    path = rig.config.state_dir / HISTORY_FILE
+    before = path.read_bytes()
+    for _ in range(300):
+        with pytest.raises(NotPrepared):
+            rig.agent.commit(CommitOptions())
+    rig.agent._ctx.lock.acquire()  # another operation runs
+    try:
+        with pytest.raises(Busy):
+            rig.agent.commit(CommitOptions())
+    finally:
+        rig.agent._ctx.lock.release()
+    assert path.read_bytes() == before
+    assert [a.verdict for a in _history(rig)] == ["cancelled"]
+
+
+def test_refused_commits_are_counted_on_the_prepared_update(tmp_path: Path) -> None:
     rig = Rig(tmp_path)
     rig.client("vm-a", {1: b"a"})
     rig.agent.prepare(PrepareOptions(kernel=rig.target))
-    with pytest.raises(Inhibited) as refused:
-        rig.agent.commit(CommitOptions(inhibitors=("ops (database migration)",)))
-    assert "ops (database migration)" in refused.value.message
+    for _ in range(4):
+        with pytest.raises(Inhibited) as refused:
+            rig.agent.commit(CommitOptions(inhibitors=("ops (database migration)",)))
+        assert "ops (database migration)" in refused.value.message
+    rig.agent._ctx.lock.acquire()  # another operation runs
+    try:
+        with pytest.raises(Busy):
+            rig.agent.commit(CommitOptions())
+    finally:
+        rig.agent._ctx.lock.release()
     assert rig.agent.state.phase.value == "prepared"
-    update, commit = _history(rig)
-    assert update.verdict == "prepared" and update.ended is None
-    assert (commit.verdict, commit.error_name, commit.sessions) == (
-        "commit refused", "Inhibited", 1)
+    (update,) = _history(rig)  # one attempt, not one entry per refusal
+    assert update.verdict == "prepared" and update.ended is None and update.open
+    assert (update.commits_refused, update.commits_failed) == (5, None)
+    assert update.last_commit_error_name == "Busy"
+    assert "another operation is running" in (update.last_commit_error_message or "")
+    assert update.last_commit_error_at is not None and update.error_name is None
+    table_row = row(update.to_json())
+    assert "5 commit(s) refused (last: Busy: another operation" in table_row[-1]
     rig.agent.commit(CommitOptions())
     assert rig.agent.state.phase.value == "committing"
+    agent = rig.reboot_view()
+    assert agent.verify().ok
+    (done,) = _history(rig)  # the count stays with the update that ended
+    assert done.verdict == "verified" and done.commits_refused == 5
+    assert done.error_name is None
+    agent.close()
+
+
+def test_a_failed_kexec_is_counted_on_the_update(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    rig.client("vm-a", {1: b"x"})
+    rig.agent.prepare(PrepareOptions(kernel=rig.target))
+    rig.sim.inject("freeze-fails")  # the kexec itself fails: the update stays prepared
+    with pytest.raises(KernelRefused):
+        rig.agent.commit(CommitOptions())
+    assert rig.agent.state.phase is Phase.PREPARED
+    (update,) = _history(rig)
+    assert update.open and (update.commits_refused, update.commits_failed) == (None, 1)
+    assert update.last_commit_error_name == "KernelRefused"
+
+
+def test_a_refusal_while_prepared_is_recorded_when_the_history_was_lost(
+        tmp_path: Path) -> None:
+    """The history file went away after the prepare: the refusal still belongs to the update
+    that is prepared, recorded from its manifest."""
+    rig = Rig(tmp_path)
+    rig.client("vm-a", {1: b"a" * 10})
+    rig.agent.prepare(PrepareOptions(kernel=rig.target))
+    (rig.config.state_dir / HISTORY_FILE).unlink()
+    with pytest.raises(Inhibited):
+        rig.agent.commit(CommitOptions(inhibitors=("ops",)))
+    (update,) = _history(rig)
+    assert update.open and update.commits_refused == 1 and update.bytes == 10
+    assert update.detail == "the history did not see this attempt start"
 
 
 def test_a_restart_before_the_kexec_ends_the_attempt(tmp_path: Path) -> None:
@@ -210,8 +301,8 @@ def test_the_bound_comes_from_the_config(tmp_path: Path) -> None:
     rig.config = EngineConfig(state_dir=rig.config.state_dir, history_max_entries=3)
     rig.agent = rig.new_agent()
     for _ in range(5):
-        with pytest.raises(NotPrepared):
-            rig.agent.commit(CommitOptions())
+        rig.agent.prepare(PrepareOptions(kernel=rig.target))
+        rig.agent.cancel()
     assert len(_history(rig)) == 3
 
 

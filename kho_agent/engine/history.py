@@ -3,10 +3,14 @@
 `history.jsonl` in the state directory holds one JSON object per line, the oldest first. An
 attempt is written when it opens (prepare succeeded: "prepared") and rewritten when it ends
 (verified, verification failed, cancelled, interrupted), after the kexec for a live update:
-nothing is written inside the commit's blackout. A prepare that fails and a commit that is
-refused or fails are attempts that end as they open. The file is bounded by entries and by
-bytes (the oldest go first) and is rewritten whole with the atomic writer, so a crash leaves the
-old file or the new one.
+nothing is written inside the commit's blackout. A prepare that fails is an attempt that ends as
+it opens. A commit that is refused or fails while an update is prepared is counted on that
+update's record (the count, and the last one's time, error name and message), not an entry of
+its own: a script retrying a commit cannot push real updates out of the bounded history; a
+commit with nothing prepared was no attempt and leaves nothing. (Agents before this one wrote
+an entry of kind "commit" per refused commit: they are still read.) The file is bounded by
+entries and by bytes (the oldest go first) and is rewritten whole with the atomic writer, so a
+crash leaves the old file or the new one.
 
 Reading trusts nothing: a line that is not JSON, too long, or has a field of the wrong type is
 skipped and reported (`HistoryRead.problems`), never fatal; a file that is not a regular file or
@@ -49,6 +53,7 @@ class Verdict(enum.Enum):
     VERIFICATION_FAILED = "verification failed"
     CANCELLED = "cancelled"
     PREPARE_FAILED = "prepare failed"
+    # kind "commit" only, written by earlier agents (now counted on the update's record)
     COMMIT_REFUSED = "commit refused"        # the update stays prepared
     COMMIT_FAILED = "commit failed"          # the kexec did not happen; the update stays
     INTERRUPTED = "interrupted"              # a reboot or a stop cut the attempt short
@@ -59,7 +64,9 @@ OPEN = (Verdict.PREPARED.value,)
 
 class Kind(enum.Enum):
     UPDATE = "update"   # a live update, from prepare to its end
-    COMMIT = "commit"   # a commit refused or failed (the update it was for stays open)
+    # a commit refused or failed (the update it was for stays open): written by earlier
+    # agents, one entry per commit; read, no longer written
+    COMMIT = "commit"
 
 
 @dataclass(frozen=True)
@@ -88,6 +95,14 @@ class Attempt:
     error_name: str | None = None
     error_message: str | None = None
     detail: str | None = None
+    # commits that did not happen while this update was prepared: refused (by the agent's
+    # checks, an inhibitor, a busy agent) or failed (the kexec itself); the last one's UTC
+    # time, error name and message
+    commits_refused: int | None = None
+    commits_failed: int | None = None
+    last_commit_error_at: str | None = None
+    last_commit_error_name: str | None = None
+    last_commit_error_message: str | None = None
 
     @property
     def open(self) -> bool:
@@ -146,8 +161,10 @@ class _BadLine(Exception):
 
 _TEXT = {"id", "kind", "started", "verdict", "release_from"}
 _OPT_TEXT = {"ended", "release_to", "kernel_from", "kernel_to", "error_name", "error_message",
-             "detail"}
-_COUNTS = {"sessions", "files", "bytes", "liveupdate_number"}
+             "detail", "last_commit_error_at", "last_commit_error_name",
+             "last_commit_error_message"}
+_COUNTS = {"sessions", "files", "bytes", "liveupdate_number", "commits_refused",
+           "commits_failed"}
 _SECONDS = {"handoff_seconds", "committed_at", "blackout_seconds"}
 
 
