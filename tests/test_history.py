@@ -1,6 +1,7 @@
 """The history of attempts: the codec on bytes, the bounds, and the engine's hooks through whole
 cycles on the simulated kernel (prepare and cancel, prepare-commit-verify across the kexec, a
-failed prepare, refused commits, a restart before the kexec)."""
+failed prepare, refused commits, a cancel from the failed state, a restart before the
+kexec)."""
 
 from __future__ import annotations
 
@@ -283,6 +284,27 @@ def test_a_refusal_while_prepared_is_recorded_when_the_history_was_lost(
     (update,) = _history(rig)
     assert update.open and update.commits_refused == 1 and update.bytes == 10
     assert update.detail == "the history did not see this attempt start"
+
+
+def test_a_cancel_from_the_failed_state_records_no_attempt(tmp_path: Path) -> None:
+    """The attempt ended when it failed (here: verification interrupted); the cancel that
+    clears the failed state cancelled no attempt, and records none."""
+    rig = Rig(tmp_path)
+    rig.client("vm-a", {1: b"x"})
+    rig.agent.prepare(PrepareOptions(kernel=rig.target))
+    rig.agent.commit(CommitOptions())
+    rig.reboot_view().close()
+    state = rig.state()
+    state["phase"] = "verifying"
+    (rig.config.state_dir / "state.json").write_text(json.dumps(state))
+    agent = rig.new_agent()
+    assert agent.state.phase is Phase.FAILED
+    (interrupted,) = _history(rig)
+    assert interrupted.verdict == "interrupted" and not interrupted.open
+    agent.cancel()
+    assert agent.state.phase is Phase.IDLE
+    assert _history(rig) == [interrupted]
+    agent.close()
 
 
 def test_a_restart_before_the_kexec_ends_the_attempt(tmp_path: Path) -> None:

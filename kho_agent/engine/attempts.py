@@ -2,9 +2,9 @@
 
 Each function records one step of an attempt: prepare done or failed, a commit refused (counted
 on the prepared update's record), the end (verified, verification failed, cancelled,
-interrupted). Only what was attempted is recorded: a commit with no update to act on leaves
-the history as it was, so no caller can push real updates out of the bounded history. Nothing
-is written inside the commit's blackout: the time of the kexec is in the state
+interrupted). Only what was attempted is recorded: a commit or a cancel with no update to act
+on leaves the history as it was, so no caller can push real updates out of the bounded
+history. Nothing is written inside the commit's blackout: the time of the kexec is in the state
 (`committed_at`), and the attempt takes it, with the blackout, when it ends after the kexec. A
 history that cannot be written never fails the operation it records: the problem is kept in
 `ctx.history_problem` and the operation goes on.
@@ -91,6 +91,15 @@ def commit_refused(ctx: EngineContext, error: AgentError) -> None:
         commits_failed=(update.commits_failed or 0) + 1 if failed else update.commits_failed,
         last_commit_error_at=now_iso(), last_commit_error_name=error.name,
         last_commit_error_message=error.message))
+
+
+def cancelled(ctx: EngineContext, message: str, *, was_failed: bool) -> None:
+    """cancel ended the update. From the failed state the attempt ended when it failed: the
+    cancel only clears the state and records nothing, unless an attempt is still open (its
+    end was not recorded), which ends cancelled."""
+    if was_failed and _open(ctx) is None:
+        return
+    end(ctx, Verdict.CANCELLED, message=message)
 
 
 def _unseen(ctx: EngineContext, verdict: Verdict, manifest: Manifest | None) -> Attempt:
