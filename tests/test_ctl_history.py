@@ -105,7 +105,7 @@ def test_a_corrupt_history_file_is_reported_not_fatal(bus: PrivateBus, simdir: P
             "verdict": "verified", "release_from": "7.2.0"}
     (state / "history.jsonl").write_bytes(b"\xff{torn\n" + json.dumps(good).encode() + b"\n"
                                          + b'{"id": 5}\n')
-    with Daemon(bus.address, simdir, state):
+    with Daemon(bus.address, simdir, state) as agentd:
         document = history(bus)
         assert [e["id"] for e in document["entries"]] == ["x1"]  # type: ignore[index]
         problems = document["problems"]
@@ -113,12 +113,17 @@ def test_a_corrupt_history_file_is_reported_not_fatal(bus: PrivateBus, simdir: P
         assert "line 1 skipped: not UTF-8" in problems[0] and "line 3" in problems[1]
         text = ctl(bus.address, "history")
         assert text.returncode == 0 and "line 3 skipped" in text.stderr
-        # the daemon goes on: an update is prepared and recorded, the file rewritten clean
+        # the daemon goes on: an update is prepared and recorded, the file rewritten clean,
+        # the lines it left out saved aside first, and its log says so
         assert ctl(bus.address, "prepare", "--kernel", str(kernel)).returncode == 0
         document = history(bus)
         assert document["problems"] == []
         assert [e["verdict"] for e in document["entries"]] == [  # type: ignore[union-attr]
             "verified", "prepared"]
+        saved = (state / "history.jsonl.corrupt").read_bytes()
+        assert b"\n\xff{torn\n" in saved and b'\n{"id": 5}\n' in saved
+        log = agentd.stderr_text()
+        assert "history: 2 unreadable line(s)" in log and "history.jsonl.corrupt" in log, log
 
 
 # --- inhibit ------------------------------------------------------------------------------------
