@@ -261,7 +261,8 @@ class Daemon:
                 + ", ".join(sorted(stored)))
         self.engine = Engine(self.host, engine_config(self.config, state_dir),
             fd_store=fd_store, stored_sessions=stored,
-            on_step_timed=lambda step, seconds: log(f"verify: {step}: {seconds:.2f} s"))
+            on_step_timed=lambda step, seconds: log(f"verify: {step}: {seconds:.2f} s"),
+            on_history_note=lambda note: log(f"history: {note}"))
 
     def run(self) -> int:
         recovery = self.engine.start()

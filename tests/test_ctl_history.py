@@ -106,7 +106,7 @@ def test_a_corrupt_history_file_is_reported_not_fatal(bus: PrivateBus, simdir: P
             "verdict": "verified", "release_from": "7.2.0"}
     (state / "history.jsonl").write_bytes(b"\xff{torn\n" + json.dumps(good).encode() + b"\n"
                                          + b'{"id": 5}\n')
-    with Daemon(bus.address, simdir, state):
+    with Daemon(bus.address, simdir, state) as agentd:
         document = history(bus)
         assert [e["id"] for e in document["entries"]] == ["x1"]  # type: ignore[index]
         problems = document["problems"]
@@ -114,12 +114,17 @@ def test_a_corrupt_history_file_is_reported_not_fatal(bus: PrivateBus, simdir: P
         assert "line 1 skipped: not UTF-8" in problems[0] and "line 3" in problems[1]
         text = ctl(bus.address, "history")
         assert text.returncode == 0 and "line 3 skipped" in text.stderr
-        # the daemon goes on: an update is prepared and recorded, the file rewritten clean
+        # the daemon goes on: an update is prepared and recorded, the file rewritten clean,
+        # the lines it left out saved aside first, and its log says so
         assert ctl(bus.address, "prepare", "--kernel", str(kernel)).returncode == 0
         document = history(bus)
         assert document["problems"] == []
         assert [e["verdict"] for e in document["entries"]] == [  # type: ignore[union-attr]
             "verified", "prepared"]
+        saved = (state / "history.jsonl.corrupt").read_bytes()
+        assert b"\n\xff{torn\n" in saved and b'\n{"id": 5}\n' in saved
+        log = agentd.stderr_text()
+        assert "history: 2 unreadable line(s)" in log and "history.jsonl.corrupt" in log, log
 
 
 # --- inhibit ------------------------------------------------------------------------------------
@@ -139,10 +144,12 @@ def test_inhibit_holds_commits_off_while_its_command_runs(bus: PrivateBus, daemo
     assert prop(bus, "State") == "prepared"
     assert wait_inhibitors(bus, 0) == []
     assert ctl(bus.address, "commit", "--dry-run").returncode == 0
+    # the refusal is counted on the prepared update, not an entry of its own
     entries = history(bus)["entries"]
-    assert [(e["kind"], e["verdict"], e["error_name"])  # type: ignore[index]
-            for e in entries] == [  # type: ignore[union-attr]
-        ("update", "prepared", None), ("commit", "commit refused", "Inhibited")]
+    assert [(e["kind"], e["verdict"], e["commits_refused"],  # type: ignore[index]
+             e["last_commit_error_name"]) for e in entries] == [  # type: ignore[union-attr]
+        ("update", "prepared", 1, "Inhibited")]
+    assert "1 commit(s) refused (last: Inhibited: " in ctl(bus.address, "history").stdout
 
 
 def test_an_inhibitor_shows_in_status_and_ends_with_its_holder(bus: PrivateBus,

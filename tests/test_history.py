@@ -1,6 +1,7 @@
-"""The history of attempts: the codec on bytes, the bounds, and the engine's hooks through whole
-cycles on the simulated kernel (prepare and cancel, prepare-commit-verify across the kexec, a
-failed prepare, a refused commit, a restart before the kexec)."""
+"""The history of attempts: the codec on bytes, the bounds, a rewrite that keeps what it cannot
+read or does not know, and the engine's hooks through whole cycles on the simulated kernel
+(prepare and cancel, prepare-commit-verify across the kexec, a failed prepare, refused commits,
+a cancel from the failed state, a restart before the kexec)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,13 @@ from pathlib import Path
 import pytest
 from enginerig import Rig
 
+from kho_agent.cli.history import row
 from kho_agent.engine import CommitOptions, EngineConfig, PrepareOptions
 from kho_agent.engine import history as history_module
 from kho_agent.engine.history import (
     HISTORY_FILE,
+    MAX_CORRUPT_BYTES,
+    MAX_LINE_BYTES,
     Attempt,
     HistoryLog,
     bound,
@@ -23,7 +27,14 @@ from kho_agent.engine.history import (
     encode,
 )
 from kho_agent.engine.phase import Phase
-from kho_agent.errors import Inhibited, NotPrepared, PreflightFailed, StorageFailed
+from kho_agent.errors import (
+    Busy,
+    Inhibited,
+    KernelRefused,
+    NotPrepared,
+    PreflightFailed,
+    StorageFailed,
+)
 from kho_agent.sim import SimAbi
 
 
@@ -79,6 +90,23 @@ def test_unknown_members_are_ignored() -> None:
     assert decode(line).entries == [_attempt(1)]
 
 
+def test_an_earlier_agents_commit_entry_is_still_read() -> None:
+    """Agents before the refusals were counted on the update wrote one entry per refused
+    commit; such a file reads as it did, and the open update is still the open one."""
+    old = (b'{"id":"u1","kind":"update","started":"2026-12-04T12:00:00+00:00","ended":null,'
+           b'"verdict":"prepared","release_from":"7.2.0","sessions":1}\n'
+           b'{"id":"c1","kind":"commit","started":"2026-12-04T12:01:00+00:00","ended":'
+           b'"2026-12-04T12:01:00+00:00","verdict":"commit refused","release_from":"7.2.0",'
+           b'"error_name":"NotPrepared","error_message":"nothing is prepared"}\n')
+    read = decode(old)
+    assert read.problems == []
+    update, commit = read.entries
+    assert update.open and update.commits_refused is None
+    assert (commit.kind, commit.verdict, commit.error_name) == (
+        "commit", "commit refused", "NotPrepared")
+    assert history_module.current(read.entries) == update
+
+
 def test_bound_keeps_the_newest() -> None:
     entries = [_attempt(n) for n in range(10)]
     assert [a.id for a in bound(entries, 3, 1 << 20)] == ["a7", "a8", "a9"]
@@ -114,6 +142,131 @@ def test_a_file_of_any_shape_is_reported_and_replaced(tmp_path: Path, shape: str
     log.record(_attempt(1))
     assert log.read().entries == [_attempt(1)] and log.read().problems == []
     assert any(p.name.startswith(HISTORY_FILE + ".corrupt-") for p in tmp_path.iterdir())
+
+
+# --- a rewrite keeps what it cannot read or does not know --------------------------------------
+
+def _newer(n: int, **changes: object) -> bytes:
+    """A line as a newer agent may write it: a member this version does not know, its own
+    spacing."""
+    obj = {**_attempt(n, **changes).to_json(), "from_a_newer_agent": {"x": [1, 2.5, None]}}
+    return json.dumps(obj, indent=None, separators=(", ", ": ")).encode()
+
+
+def test_a_trim_keeps_the_lines_it_keeps_as_they_were(tmp_path: Path) -> None:
+    path = tmp_path / HISTORY_FILE
+    lines = [_newer(1), _newer(2), _newer(3, verdict="prepared")]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    log = HistoryLog(path, max_entries=3)
+    log.record(_attempt(4))  # a1 goes (the bound); a2 and a3 stay byte for byte
+    assert path.read_bytes() == lines[1] + b"\n" + lines[2] + b"\n" + encode(_attempt(4))
+    # the record written keeps the members the line it replaces had
+    log.record(_attempt(3, verdict="cancelled"))
+    rewritten = json.loads(path.read_bytes().split(b"\n")[1])
+    assert rewritten["verdict"] == "cancelled"
+    assert rewritten["from_a_newer_agent"] == {"x": [1, 2.5, None]}
+    assert path.read_bytes().split(b"\n")[0] == lines[1]
+    assert [a.id for a in log.read().entries] == ["a2", "a3", "a4"]
+
+
+def test_an_unknown_member_that_cannot_be_written_back_is_left_out(tmp_path: Path) -> None:
+    path = tmp_path / HISTORY_FILE
+    # 1e999 reads as an infinity, which is not JSON: the record is written without it
+    path.write_bytes(b'{"id":"a1","kind":"update","started":"2026-12-04T12:00:00+00:00",'
+                     b'"verdict":"prepared","release_from":"7.2.0","huge":1e999}\n')
+    log = HistoryLog(path)
+    log.record(_attempt(1, verdict="cancelled"))
+    assert path.read_bytes() == encode(_attempt(1, verdict="cancelled"))
+
+
+def test_a_skipped_line_is_saved_once_before_a_rewrite_leaves_it_out(tmp_path: Path) -> None:
+    path = tmp_path / HISTORY_FILE
+    notes: list[str] = []
+    log = HistoryLog(path, on_note=notes.append)
+    torn = b'{"id": "a2", "kind": "upd'
+    path.write_bytes(encode(_attempt(1)) + torn + b"\n" + b"\xff\xfe\n" + encode(_attempt(3)))
+    log.record(_attempt(4))
+    assert [a.id for a in log.read().entries] == ["a1", "a3", "a4"]
+    assert log.read().problems == []
+    side = tmp_path / (HISTORY_FILE + ".corrupt")
+    saved = side.read_bytes()
+    assert b"\n" + torn + b"\n" in saved and b"\n\xff\xfe\n" in saved
+    assert b"line 2 skipped (not JSON" in saved and b"line 3 skipped (not UTF-8)" in saved
+    (note,) = notes
+    assert "2 unreadable line(s)" in note and "line 2, 3" in note and str(side) in note
+    log.record(_attempt(5))  # saved once: nothing more to save
+    assert side.read_bytes() == saved and len(notes) == 1
+
+
+def test_the_side_file_keeps_the_newest_skipped_lines(tmp_path: Path) -> None:
+    path = tmp_path / HISTORY_FILE
+    log = HistoryLog(path)
+    side = tmp_path / (HISTORY_FILE + ".corrupt")
+    log.record(_attempt(99))  # a file of bad lines only is moved aside whole
+    for n in range(12):
+        bad = b"{" + f"bad {n:02} ".encode() + b"x" * (MAX_LINE_BYTES - 20)
+        path.write_bytes(path.read_bytes() + bad + b"\n")
+        log.record(_attempt(n))
+        assert len(side.read_bytes()) <= MAX_CORRUPT_BYTES
+    saved = side.read_bytes()
+    assert saved.startswith(b"# ") and b"{bad 11 " in saved and b"{bad 00 " not in saved
+    assert [a.id for a in log.read().entries] == ["a99", *(f"a{n}" for n in range(12))]
+    # a line longer than a record is saved cut, and says so
+    path.write_bytes(path.read_bytes() + b"y" * (MAX_LINE_BYTES + 10) + b"\n")
+    log.record(_attempt(12))
+    assert f"its first {MAX_LINE_BYTES} of {MAX_LINE_BYTES + 10} bytes".encode() \
+        in side.read_bytes()
+
+
+def test_a_skipped_line_that_cannot_be_saved_stays_in_the_history(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / HISTORY_FILE
+    real_write = history_module.write_atomic
+
+    def side_file_full(target: Path, data: bytes, mode: int = 0o644) -> None:
+        if target.name.endswith(".corrupt"):
+            raise StorageFailed(f"writing {target}", errno.ENOSPC, "the disk is full")
+        real_write(target, data, mode)
+    monkeypatch.setattr(history_module, "write_atomic", side_file_full)
+    notes: list[str] = []
+    log = HistoryLog(path, max_entries=2, on_note=notes.append)
+    path.write_bytes(encode(_attempt(1)) + b"{torn\n" + encode(_attempt(2)))
+    log.record(_attempt(3))
+    assert path.read_bytes() == b"{torn\n" + encode(_attempt(2)) + encode(_attempt(3))
+    read = log.read()
+    assert [a.id for a in read.entries] == ["a2", "a3"] and len(read.problems) == 1
+    assert "kept in the history" in notes[0] and "disk is full" in notes[0]
+
+
+@pytest.mark.parametrize("shape", ["directory", "empty", "huge"])
+def test_a_side_file_of_any_shape_is_moved_aside_and_started_anew(tmp_path: Path,
+                                                                    shape: str) -> None:
+    path = tmp_path / HISTORY_FILE
+    side = tmp_path / (HISTORY_FILE + ".corrupt")
+    if shape == "directory":
+        side.mkdir()
+    else:
+        side.write_bytes(b"" if shape == "empty" else b"z" * (MAX_CORRUPT_BYTES + 1))
+    path.write_bytes(encode(_attempt(1)) + b"{torn\n")
+    HistoryLog(path).record(_attempt(2))
+    assert path.read_bytes() == encode(_attempt(1)) + encode(_attempt(2))
+    assert side.read_bytes().endswith(b"\n{torn\n")
+    kept = list(tmp_path.glob(HISTORY_FILE + ".corrupt.corrupt-*"))  # what was there
+    assert len(kept) == (0 if shape == "empty" else 1)
+
+
+def test_more_skipped_lines_than_the_side_file_keeps_move_the_file_aside(
+        tmp_path: Path) -> None:
+    path = tmp_path / HISTORY_FILE
+    notes: list[str] = []
+    bad = [b"{" + b"x" * (MAX_LINE_BYTES - 10) for _ in range(5)]  # 5 x 64 KiB: > 256 KiB
+    original = encode(_attempt(1)) + b"\n".join(bad) + b"\n" + encode(_attempt(2))
+    path.write_bytes(original)
+    HistoryLog(path, on_note=notes.append).record(_attempt(3))
+    assert path.read_bytes() == encode(_attempt(1)) + encode(_attempt(2)) + encode(_attempt(3))
+    (aside,) = tmp_path.glob(HISTORY_FILE + ".corrupt-*")
+    assert aside.read_bytes() == original  # all of it, in one rename
+    assert "moved aside" in notes[0] and str(aside) in notes[0]
 
 
 # --- the engine --------------------------------------------------------------------------------
@@ -163,35 +316,122 @@ def test_a_live_update_is_kept_across_the_kexec(tmp_path: Path) -> None:
     agent.close()
 
 
-def test_a_failed_prepare_and_a_refused_commit_are_recorded(tmp_path: Path) -> None:
+def test_a_failed_prepare_is_recorded_and_a_commit_of_nothing_is_not(tmp_path: Path) -> None:
     rig = Rig(tmp_path, target_abi=SimAbi(kho="kho-v3", luo="luo-v1", memfd="memfd-v1"))
     with pytest.raises(PreflightFailed):
         rig.agent.prepare(PrepareOptions(kernel=rig.target))
-    with pytest.raises(NotPrepared):
+    with pytest.raises(NotPrepared):  # nothing prepared: no attempt
         rig.agent.commit(CommitOptions())
     with pytest.raises(NotPrepared):  # a dry run asks: it is not an attempt
         rig.agent.commit(CommitOptions(dry_run=True))
-    failed, refused = _history(rig)
+    (failed,) = _history(rig)
     assert (failed.verdict, failed.error_name) == ("prepare failed", "PreflightFailed")
     assert failed.ended is not None and failed.kernel_to == str(rig.target)
-    assert (refused.kind, refused.verdict, refused.error_name) == (
-        "commit", "commit refused", "NotPrepared")
 
 
-def test_an_inhibited_commit_is_refused_and_the_update_stays(tmp_path: Path) -> None:
+def test_commits_retried_with_nothing_prepared_leave_the_history_as_it_was(
+        tmp_path: Path) -> None:
+    """A script retrying `kho-agentctl commit` in a loop must not push the real updates out of
+    the bounded history (200 entries): a commit with nothing prepared, or refused Busy while
+    nothing is prepared, records nothing."""
+    rig = Rig(tmp_path)
+    rig.agent.prepare(PrepareOptions(kernel=rig.target))
+    rig.agent.cancel()
+    path = rig.config.state_dir / HISTORY_FILE
+    before = path.read_bytes()
+    for _ in range(300):
+        with pytest.raises(NotPrepared):
+            rig.agent.commit(CommitOptions())
+    rig.agent._ctx.lock.acquire()  # another operation runs
+    try:
+        with pytest.raises(Busy):
+            rig.agent.commit(CommitOptions())
+    finally:
+        rig.agent._ctx.lock.release()
+    assert path.read_bytes() == before
+    assert [a.verdict for a in _history(rig)] == ["cancelled"]
+
+
+def test_refused_commits_are_counted_on_the_prepared_update(tmp_path: Path) -> None:
     rig = Rig(tmp_path)
     rig.client("vm-a", {1: b"a"})
     rig.agent.prepare(PrepareOptions(kernel=rig.target))
-    with pytest.raises(Inhibited) as refused:
-        rig.agent.commit(CommitOptions(inhibitors=("ops (database migration)",)))
-    assert "ops (database migration)" in refused.value.message
+    for _ in range(4):
+        with pytest.raises(Inhibited) as refused:
+            rig.agent.commit(CommitOptions(inhibitors=("ops (database migration)",)))
+        assert "ops (database migration)" in refused.value.message
+    rig.agent._ctx.lock.acquire()  # another operation runs
+    try:
+        with pytest.raises(Busy):
+            rig.agent.commit(CommitOptions())
+    finally:
+        rig.agent._ctx.lock.release()
     assert rig.agent.state.phase.value == "prepared"
-    update, commit = _history(rig)
-    assert update.verdict == "prepared" and update.ended is None
-    assert (commit.verdict, commit.error_name, commit.sessions) == (
-        "commit refused", "Inhibited", 1)
+    (update,) = _history(rig)  # one attempt, not one entry per refusal
+    assert update.verdict == "prepared" and update.ended is None and update.open
+    assert (update.commits_refused, update.commits_failed) == (5, None)
+    assert update.last_commit_error_name == "Busy"
+    assert "another operation is running" in (update.last_commit_error_message or "")
+    assert update.last_commit_error_at is not None and update.error_name is None
+    table_row = row(update.to_json())
+    assert "5 commit(s) refused (last: Busy: another operation" in table_row[-1]
     rig.agent.commit(CommitOptions())
     assert rig.agent.state.phase.value == "committing"
+    agent = rig.reboot_view()
+    assert agent.verify().ok
+    (done,) = _history(rig)  # the count stays with the update that ended
+    assert done.verdict == "verified" and done.commits_refused == 5
+    assert done.error_name is None
+    agent.close()
+
+
+def test_a_failed_kexec_is_counted_on_the_update(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    rig.client("vm-a", {1: b"x"})
+    rig.agent.prepare(PrepareOptions(kernel=rig.target))
+    rig.sim.inject("freeze-fails")  # the kexec itself fails: the update stays prepared
+    with pytest.raises(KernelRefused):
+        rig.agent.commit(CommitOptions())
+    assert rig.agent.state.phase is Phase.PREPARED
+    (update,) = _history(rig)
+    assert update.open and (update.commits_refused, update.commits_failed) == (None, 1)
+    assert update.last_commit_error_name == "KernelRefused"
+
+
+def test_a_refusal_while_prepared_is_recorded_when_the_history_was_lost(
+        tmp_path: Path) -> None:
+    """The history file went away after the prepare: the refusal still belongs to the update
+    that is prepared, recorded from its manifest."""
+    rig = Rig(tmp_path)
+    rig.client("vm-a", {1: b"a" * 10})
+    rig.agent.prepare(PrepareOptions(kernel=rig.target))
+    (rig.config.state_dir / HISTORY_FILE).unlink()
+    with pytest.raises(Inhibited):
+        rig.agent.commit(CommitOptions(inhibitors=("ops",)))
+    (update,) = _history(rig)
+    assert update.open and update.commits_refused == 1 and update.bytes == 10
+    assert update.detail == "the history did not see this attempt start"
+
+
+def test_a_cancel_from_the_failed_state_records_no_attempt(tmp_path: Path) -> None:
+    """The attempt ended when it failed (here: verification interrupted); the cancel that
+    clears the failed state cancelled no attempt, and records none."""
+    rig = Rig(tmp_path)
+    rig.client("vm-a", {1: b"x"})
+    rig.agent.prepare(PrepareOptions(kernel=rig.target))
+    rig.agent.commit(CommitOptions())
+    rig.reboot_view().close()
+    state = rig.state()
+    state["phase"] = "verifying"
+    (rig.config.state_dir / "state.json").write_text(json.dumps(state))
+    agent = rig.new_agent()
+    assert agent.state.phase is Phase.FAILED
+    (interrupted,) = _history(rig)
+    assert interrupted.verdict == "interrupted" and not interrupted.open
+    agent.cancel()
+    assert agent.state.phase is Phase.IDLE
+    assert _history(rig) == [interrupted]
+    agent.close()
 
 
 def test_a_restart_before_the_kexec_ends_the_attempt(tmp_path: Path) -> None:
@@ -210,8 +450,8 @@ def test_the_bound_comes_from_the_config(tmp_path: Path) -> None:
     rig.config = EngineConfig(state_dir=rig.config.state_dir, history_max_entries=3)
     rig.agent = rig.new_agent()
     for _ in range(5):
-        with pytest.raises(NotPrepared):
-            rig.agent.commit(CommitOptions())
+        rig.agent.prepare(PrepareOptions(kernel=rig.target))
+        rig.agent.cancel()
     assert len(_history(rig)) == 3
 
 
@@ -226,7 +466,8 @@ def test_a_corrupt_history_does_not_stop_the_engine(tmp_path: Path) -> None:
     rig.agent.cancel()
     read = rig.agent.history()
     assert [a.verdict for a in read.entries] == ["verified", "cancelled", "cancelled"]
-    assert read.problems == []  # rewritten without the bad line
+    assert read.problems == []  # rewritten without the bad line, saved aside first
+    assert b"\x00garbage\n" in (rig.config.state_dir / (HISTORY_FILE + ".corrupt")).read_bytes()
 
 
 def test_a_directory_where_the_history_goes_is_moved_aside(tmp_path: Path) -> None:

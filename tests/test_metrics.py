@@ -56,12 +56,15 @@ def test_the_text_reads_back_with_prometheus_clients_parser() -> None:
         _attempt(3, "commit refused", kind="commit"),
         _attempt(4, "cancelled"),
         _attempt(5, 'a "newer"\nverdict\\'),
-        _attempt(6, "prepared", ended=None, sessions=3, bytes=1 << 30),
+        _attempt(6, "prepared", ended=None, sessions=3, bytes=1 << 30, commits_refused=4,
+                 commits_failed=1),
     ]
     got = parse(render(MetricsInput("prepared", 3, 2, history)))
     assert got[("kho_agent_updates", (("result", "verified"),))] == 1
     assert got[("kho_agent_updates", (("result", "verification failed"),))] == 1
-    assert got[("kho_agent_updates", (("result", "commit refused"),))] == 1
+    # an earlier agent's entry of its own, and the refusals counted on the open update
+    assert got[("kho_agent_updates", (("result", "commit refused"),))] == 1 + 4
+    assert got[("kho_agent_updates", (("result", "commit failed"),))] == 1
     assert got[("kho_agent_updates", (("result", "cancelled"),))] == 1
     assert got[("kho_agent_updates", (("result", "prepare failed"),))] == 0
     assert got[("kho_agent_updates", (("result", 'a "newer"\nverdict\\'),))] == 1
@@ -170,4 +173,7 @@ def test_the_daemon_writes_its_metrics_as_things_change(bus: PrivateBus, simdir:
         got = _wait_for(path, ("kho_agent_updates", (("result", "cancelled"),)), 1)
         assert got[("kho_agent_state", (("state", "idle"),))] == 1
         history = cli_json(ctl(bus.address, "history", "--json").stdout)
-        assert [e["verdict"] for e in history["entries"]] == ["cancelled", "commit refused"]
+        # the refusal is counted on the update it was for, and still in the metric
+        assert [(e["verdict"], e["commits_refused"]) for e in history["entries"]] == [
+            ("cancelled", 1)]
+        assert got[("kho_agent_updates", (("result", "commit refused"),))] == 1

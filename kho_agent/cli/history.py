@@ -46,12 +46,29 @@ def _cell(value: object) -> str:
     return "-" if value is None or value == "" else str(value)
 
 
+def _error(name: object, message: object) -> str | None:
+    if message:
+        return f"{name}: {message}" if name else str(message)
+    return None if name is None else str(name)
+
+
+def _refusals(entry: dict[str, Any]) -> str | None:
+    """The commits that did not happen while the update was prepared, and the last one."""
+    counts = [f"{n} commit(s) {what}" for n, what in (
+        (entry.get("commits_refused"), "refused"), (entry.get("commits_failed"), "failed"))
+        if isinstance(n, int) and n > 0]
+    if not counts:
+        return None
+    last = _error(entry.get("last_commit_error_name"), entry.get("last_commit_error_message"))
+    return ", ".join(counts) + (f" (last: {last})" if last else "")
+
+
 def row(entry: dict[str, Any]) -> tuple[str, ...]:
     blackout = entry.get("blackout_seconds")
-    error = entry.get("error_name")
-    message = entry.get("error_message")
-    if message:
-        error = f"{error}: {message}" if error else str(message)
+    error = _error(entry.get("error_name"), entry.get("error_message"))
+    refusals = _refusals(entry)
+    if refusals:
+        error = f"{error}; {refusals}" if error else refusals
     kind = "" if entry.get("kind") == "update" else f"{entry.get('kind')} "
     return (_cell(entry.get("started")), kind + _cell(entry.get("verdict")),
             _cell(entry.get("release_from")), _cell(entry.get("release_to")),

@@ -1,10 +1,12 @@
 """The history's hooks in the phase transitions (history.py holds the records and the file).
 
-Each function records one step of an attempt: prepare done or failed, a commit refused, the end
-(verified, verification failed, cancelled, interrupted). Nothing is written inside the commit's
-blackout: the time of the kexec is in the state (`committed_at`), and the attempt takes it, with
-the blackout, when it ends after the kexec. A history
-that cannot be written never fails the operation it records: the problem is kept in
+Each function records one step of an attempt: prepare done or failed, a commit refused (counted
+on the prepared update's record), the end (verified, verification failed, cancelled,
+interrupted). Only what was attempted is recorded: a commit or a cancel with no update to act
+on leaves the history as it was, so no caller can push real updates out of the bounded
+history. Nothing is written inside the commit's blackout: the time of the kexec is in the state
+(`committed_at`), and the attempt takes it, with the blackout, when it ends after the kexec. A
+history that cannot be written never fails the operation it records: the problem is kept in
 `ctx.history_problem` and the operation goes on.
 """
 
@@ -15,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import AgentError, SystemCallFailed
 from .history import Attempt, Kind, Verdict, current, ended, new_id, now_iso
+from .phase import Phase
 
 if TYPE_CHECKING:
     from .context import EngineContext
@@ -70,19 +73,45 @@ def prepare_failed(ctx: EngineContext, started: str, kernel: str, error: AgentEr
 
 
 def commit_refused(ctx: EngineContext, error: AgentError) -> None:
-    """A commit that did not happen: its own entry; the update it was for stays open."""
+    """A commit that did not happen (refused, or the kexec failed) while an update is prepared
+    belongs to that update: it is counted on the update's record, with the last one's time and
+    error, and the update stays open. With nothing prepared (NotPrepared, a Busy agent while
+    another operation runs) nothing was attempted and nothing is recorded."""
+    if ctx.state.phase is not Phase.PREPARED:
+        return
     update = _open(ctx)
+    if update is None:  # the history was lost, or started after the prepare
+        if ctx.prepared is None:
+            return
+        update = _unseen(ctx, Verdict.PREPARED, ctx.prepared)
+    failed = isinstance(error, SystemCallFailed)
+    _write(ctx, replace(
+        update,
+        commits_refused=update.commits_refused if failed else (update.commits_refused or 0) + 1,
+        commits_failed=(update.commits_failed or 0) + 1 if failed else update.commits_failed,
+        last_commit_error_at=now_iso(), last_commit_error_name=error.name,
+        last_commit_error_message=error.message))
+
+
+def cancelled(ctx: EngineContext, message: str, *, was_failed: bool) -> None:
+    """cancel ended the update. From the failed state the attempt ended when it failed: the
+    cancel only clears the state and records nothing, unless an attempt is still open (its
+    end was not recorded), which ends cancelled."""
+    if was_failed and _open(ctx) is None:
+        return
+    end(ctx, Verdict.CANCELLED, message=message)
+
+
+def _unseen(ctx: EngineContext, verdict: Verdict, manifest: Manifest | None) -> Attempt:
+    """An attempt the history did not see start, from what is known (the manifest)."""
     info = ctx.sysinfo()
-    verdict = (Verdict.COMMIT_FAILED if isinstance(error, SystemCallFailed)
-               else Verdict.COMMIT_REFUSED)
-    base = Attempt(id=new_id(), kind=Kind.COMMIT.value, started=now_iso(),
-                   verdict=verdict.value, release_from=info.release,
-                   kernel_from=running_image(info.params))
-    if update is not None:
-        base = replace(base, release_to=update.release_to, kernel_to=update.kernel_to,
-                       sessions=update.sessions, files=update.files, bytes=update.bytes,
-                       detail=f"for the update prepared at {update.started}")
-    _write(ctx, ended(base, verdict, error=error))
+    update = Attempt(id=new_id(), kind=Kind.UPDATE.value,
+                     started=manifest.created if manifest else now_iso(),
+                     verdict=verdict.value,
+                     release_from=manifest.release_from if manifest else info.release,
+                     release_to=manifest.release_to if manifest else None,
+                     detail="the history did not see this attempt start")
+    return replace(update, **_carried(manifest)) if manifest is not None else update
 
 
 def end(ctx: EngineContext, verdict: Verdict, *, error: AgentError | None = None,
@@ -94,15 +123,7 @@ def end(ctx: EngineContext, verdict: Verdict, *, error: AgentError | None = None
     if update is None:
         if manifest is None and verdict is not Verdict.CANCELLED:
             return  # nothing was attempted that the history could name
-        info = ctx.sysinfo()
-        update = Attempt(id=new_id(), kind=Kind.UPDATE.value,
-                         started=manifest.created if manifest else now_iso(),
-                         verdict=verdict.value,
-                         release_from=manifest.release_from if manifest else info.release,
-                         release_to=manifest.release_to if manifest else None,
-                         detail="the history did not see this attempt start")
-        if manifest is not None:
-            update = replace(update, **_carried(manifest))
+        update = _unseen(ctx, verdict, manifest)
     changes: dict[str, Any] = {}
     if detail is not None:
         changes["detail"] = detail

@@ -41,16 +41,20 @@ class Engine:
     def __init__(self, host: Host, config: EngineConfig, *,
                  fd_store: SessionFdStore | None = None,
                  stored_sessions: dict[str, int] | None = None,
-                 on_step_timed: Callable[[str, float], None] | None = None) -> None:
+                 on_step_timed: Callable[[str, float], None] | None = None,
+                 on_history_note: Callable[[str], None] | None = None) -> None:
         """`fd_store`: where commit parks the session fds in hand-off mode fdstore (None: the
         service has none); `stored_sessions`: the session fds that store handed back at this
         start (name -> fd, now the engine's), which verify adopts instead of retrieving;
-        `on_step_timed`: called with (step, seconds) as verify ends each of its steps."""
+        `on_step_timed`: called with (step, seconds) as verify ends each of its steps;
+        `on_history_note`: told what a history rewrite did to lines it could not read (saved
+        them to a side file, kept them, moved the file aside), for the log."""
         self._ctx = EngineContext(host, config, StateStore(config.state_dir),
                                   ImageStrings(config.state_dir),
                                   HistoryLog(config.state_dir / HISTORY_FILE,
                                              config.history_max_entries,
-                                             config.history_max_bytes),
+                                             config.history_max_bytes,
+                                             on_history_note),
                                   fd_store=fd_store,
                                   stored_sessions=dict(stored_sessions or {}))
         if on_step_timed is not None:

@@ -3,15 +3,25 @@
 `history.jsonl` in the state directory holds one JSON object per line, the oldest first. An
 attempt is written when it opens (prepare succeeded: "prepared") and rewritten when it ends
 (verified, verification failed, cancelled, interrupted), after the kexec for a live update:
-nothing is written inside the commit's blackout. A prepare that fails and a commit that is
-refused or fails are attempts that end as they open. The file is bounded by entries and by
-bytes (the oldest go first) and is rewritten whole with the atomic writer, so a crash leaves the
-old file or the new one.
+nothing is written inside the commit's blackout. A prepare that fails is an attempt that ends as
+it opens. A commit that is refused or fails while an update is prepared is counted on that
+update's record (the count, and the last one's time, error name and message), not an entry of
+its own: a script retrying a commit cannot push real updates out of the bounded history; a
+commit with nothing prepared was no attempt and leaves nothing. (Agents before this one wrote
+an entry of kind "commit" per refused commit: they are still read.) The file is bounded by
+entries and by bytes (the oldest go first) and is rewritten whole with the atomic writer, so a
+crash leaves the old file or the new one.
 
 Reading trusts nothing: a line that is not JSON, too long, or has a field of the wrong type is
 skipped and reported (`HistoryRead.problems`), never fatal; a file that is not a regular file or
 is far larger than the bound is reported and read as empty. A member this version does not know
-is ignored (a newer agent's file survives a downgrade).
+is ignored when reading (a newer agent's file survives a downgrade) and kept when writing: the
+lines of a rewrite that are not the record written are copied as they were, and the record
+written keeps the unknown members of the line it replaces. A line that was skipped is saved to
+`history.jsonl.corrupt` (bounded: its newest MAX_CORRUPT_BYTES) before a rewrite leaves it out,
+and a note says so (the daemon's log); when it cannot be saved there it stays in the file. A
+file that could not be read at all, or with more skipped lines than the side file keeps, is
+moved aside whole (`history.jsonl.corrupt-<time>`).
 
 `encode`, `decode` and `bound` are pure (bytes in, records out); `HistoryLog` does the I/O.
 """
@@ -20,14 +30,16 @@ from __future__ import annotations
 
 import enum
 import json
-from dataclasses import asdict, dataclass, fields, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 from ..config.model import DEFAULT_HISTORY_MAX_ENTRIES
 from ..errors import AgentError, StateCorrupt
 from ..kernel.atomicfile import write_atomic
+from ..kernel.callerfile import read_if_present
 from .phase import move_aside, read_back
 
 HISTORY_FILE = "history.jsonl"
@@ -41,6 +53,8 @@ MAX_LINE_BYTES = 64 << 10
 # and replaced at the next write, not read.
 READ_SLACK = 4
 MAX_TEXT = 4000   # characters kept of a message
+# Skipped lines saved before a rewrite leaves them out: at most this many bytes, the newest.
+MAX_CORRUPT_BYTES = 256 << 10
 
 
 class Verdict(enum.Enum):
@@ -49,6 +63,7 @@ class Verdict(enum.Enum):
     VERIFICATION_FAILED = "verification failed"
     CANCELLED = "cancelled"
     PREPARE_FAILED = "prepare failed"
+    # kind "commit" only, written by earlier agents (now counted on the update's record)
     COMMIT_REFUSED = "commit refused"        # the update stays prepared
     COMMIT_FAILED = "commit failed"          # the kexec did not happen; the update stays
     INTERRUPTED = "interrupted"              # a reboot or a stop cut the attempt short
@@ -59,7 +74,9 @@ OPEN = (Verdict.PREPARED.value,)
 
 class Kind(enum.Enum):
     UPDATE = "update"   # a live update, from prepare to its end
-    COMMIT = "commit"   # a commit refused or failed (the update it was for stays open)
+    # a commit refused or failed (the update it was for stays open): written by earlier
+    # agents, one entry per commit; read, no longer written
+    COMMIT = "commit"
 
 
 @dataclass(frozen=True)
@@ -88,6 +105,14 @@ class Attempt:
     error_name: str | None = None
     error_message: str | None = None
     detail: str | None = None
+    # commits that did not happen while this update was prepared: refused (by the agent's
+    # checks, an inhibitor, a busy agent) or failed (the kexec itself); the last one's UTC
+    # time, error name and message
+    commits_refused: int | None = None
+    commits_failed: int | None = None
+    last_commit_error_at: str | None = None
+    last_commit_error_name: str | None = None
+    last_commit_error_message: str | None = None
 
     @property
     def open(self) -> bool:
@@ -128,8 +153,10 @@ def _clean_text(text: str) -> str:
     return text[:MAX_TEXT]
 
 
-def encode(attempt: Attempt) -> bytes:
-    """One line of the file (with its newline)."""
+def encode(attempt: Attempt, unknown: dict[str, Any] | None = None) -> bytes:
+    """One line of the file (with its newline). `unknown`: members a newer agent wrote into
+    the line this one replaces, carried through when they still make a line the reader takes
+    (else left out: the record itself must be written)."""
     obj: dict[str, Any] = {}
     for key, value in attempt.to_json().items():
         if isinstance(value, str):
@@ -137,7 +164,16 @@ def encode(attempt: Attempt) -> bytes:
         elif isinstance(value, float) and value != value:  # NaN: not JSON
             value = None
         obj[key] = value
-    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode() + b"\n"
+    line = json.dumps(obj, separators=(",", ":"), allow_nan=False).encode() + b"\n"
+    carried = {k: v for k, v in (unknown or {}).items() if k not in obj}
+    if not carried:
+        return line
+    try:
+        longer = json.dumps({**obj, **carried}, separators=(",", ":"),
+                            allow_nan=False).encode() + b"\n"
+    except (ValueError, RecursionError):  # 1e999 read as inf; nested as deep as it may be
+        return line
+    return longer if len(longer) <= MAX_LINE_BYTES else line
 
 
 class _BadLine(Exception):
@@ -146,8 +182,10 @@ class _BadLine(Exception):
 
 _TEXT = {"id", "kind", "started", "verdict", "release_from"}
 _OPT_TEXT = {"ended", "release_to", "kernel_from", "kernel_to", "error_name", "error_message",
-             "detail"}
-_COUNTS = {"sessions", "files", "bytes", "liveupdate_number"}
+             "detail", "last_commit_error_at", "last_commit_error_name",
+             "last_commit_error_message"}
+_COUNTS = {"sessions", "files", "bytes", "liveupdate_number", "commits_refused",
+           "commits_failed"}
 _SECONDS = {"handoff_seconds", "committed_at", "blackout_seconds"}
 
 
@@ -176,72 +214,127 @@ def _field(key: str, value: object) -> object:
     return float(value)
 
 
-def _attempt(obj: object) -> Attempt:
+_KNOWN = frozenset(f.name for f in fields(Attempt))
+
+
+def _attempt(obj: object) -> tuple[Attempt, dict[str, Any]]:
+    """The record of a line, and the members this version does not know."""
     if not isinstance(obj, dict):
         raise _BadLine("not an object")
     for key in ("id", "kind", "started", "verdict"):
         if key not in obj:
             raise _BadLine(f"{key}: required field is missing")
-    known = {f.name for f in fields(Attempt)}
-    values = {key: _field(key, value) for key, value in obj.items() if key in known}
+    values = {key: _field(key, value) for key, value in obj.items() if key in _KNOWN}
     if not values["id"]:
         raise _BadLine("id: empty")
-    return Attempt(**values)  # type: ignore[arg-type]
+    unknown = {key: value for key, value in obj.items() if key not in _KNOWN}
+    return Attempt(**values), unknown  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Line:
+    """A line that was read: its record, its bytes as they are in the file (without the
+    newline), and the members this version does not know."""
+
+    attempt: Attempt
+    text: bytes
+    unknown: dict[str, Any] = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A line that could not be read: where, why, and its bytes."""
+
+    number: int
+    problem: str
+    text: bytes
+
+
+Item: TypeAlias = Line | Skipped
+
+
+@dataclass
+class Parsed:
+    """The lines of a file in its order (an id's earlier lines left out), and the problems."""
+
+    items: list[Item]
+    problems: list[str]
+
+    @property
+    def lines(self) -> list[Line]:
+        return [i for i in self.items if isinstance(i, Line)]
+
+    @property
+    def skipped(self) -> list[Skipped]:
+        return [i for i in self.items if isinstance(i, Skipped)]
+
+
+def _line(line: bytes) -> Line:
+    if len(line) > MAX_LINE_BYTES:
+        raise _BadLine(f"{len(line)} bytes, more than a record holds")
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _BadLine("not UTF-8") from exc
+    try:
+        obj = json.loads(text, parse_constant=_no_constant)
+    except RecursionError as exc:
+        raise _BadLine("nested too deeply") from exc
+    except ValueError as exc:
+        raise _BadLine(f"not JSON ({exc})") from exc
+    attempt, unknown = _attempt(obj)
+    return Line(attempt, line, unknown)
+
+
+def parse(raw: bytes, label: str = "history") -> Parsed:
+    """Every line in file order; each bad one skipped with its line number and why. A later
+    line with the id of an earlier one replaces it (the file is rewritten whole, so that
+    happens only in a file edited by hand)."""
+    items: list[Item] = []
+    problems: list[str] = []
+    last: dict[str, int] = {}  # id -> index in items of its latest line
+    for number, text in enumerate(raw.split(b"\n"), 1):
+        if not text.strip():
+            continue
+        try:
+            line = _line(text)
+        except _BadLine as exc:
+            problem = str(exc)[:200]
+            problems.append(f"{label} line {number} skipped: {problem}")
+            items.append(Skipped(number, problem, text))
+            continue
+        last[line.attempt.id] = len(items)
+        items.append(line)
+    return Parsed([item for index, item in enumerate(items) if isinstance(item, Skipped)
+                   or last[item.attempt.id] == index], problems)
 
 
 def decode(raw: bytes, label: str = "history") -> HistoryRead:
-    """Every well-formed line, oldest first; each bad one skipped with its line number and why.
-    A later line with the id of an earlier one replaces it (the file is rewritten whole, so
-    that happens only in a file edited by hand)."""
-    entries: dict[str, Attempt] = {}
-    problems: list[str] = []
-    for number, line in enumerate(raw.split(b"\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            if len(line) > MAX_LINE_BYTES:
-                raise _BadLine(f"{len(line)} bytes, more than a record holds")
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise _BadLine("not UTF-8") from exc
-            try:
-                obj = json.loads(text, parse_constant=_no_constant)
-            except RecursionError as exc:
-                raise _BadLine("nested too deeply") from exc
-            except ValueError as exc:
-                raise _BadLine(f"not JSON ({exc})") from exc
-            attempt = _attempt(obj)
-        except _BadLine as exc:
-            problems.append(f"{label} line {number} skipped: {str(exc)[:200]}")
-            continue
-        entries.pop(attempt.id, None)
-        entries[attempt.id] = attempt
-    return HistoryRead(list(entries.values()), problems)
+    """Every well-formed line's record, oldest first, and each bad line's number and why."""
+    parsed = parse(raw, label)
+    return HistoryRead([line.attempt for line in parsed.lines], parsed.problems)
 
 
 def _no_constant(name: str) -> object:
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _fitting(sizes: list[int], max_entries: int, max_bytes: int) -> int:
+    """How many of the newest (the last) of `sizes` fit both bounds (at least one)."""
+    kept = 0
+    total = 0
+    for size in reversed(sizes):
+        total += size
+        if kept and (kept >= max_entries or total > max_bytes):
+            break
+        kept += 1
+    return kept
+
+
 def bound(entries: list[Attempt], max_entries: int, max_bytes: int) -> list[Attempt]:
     """The newest entries that fit both bounds (at least the newest one)."""
-    kept: list[Attempt] = []
-    size = 0
-    for attempt in reversed(entries):
-        size += len(encode(attempt))
-        if kept and (len(kept) >= max_entries or size > max_bytes):
-            break
-        kept.append(attempt)
-    return kept[::-1]
-
-
-def upsert(entries: list[Attempt], attempt: Attempt) -> list[Attempt]:
-    """`entries` with `attempt` in place of the one with its id, or appended."""
-    out = [a for a in entries if a.id != attempt.id]
-    if len(out) == len(entries):
-        return [*entries, attempt]
-    return [attempt if a.id == attempt.id else a for a in entries]
+    kept = _fitting([len(encode(a)) for a in entries], max_entries, max_bytes)
+    return entries[len(entries) - kept:]
 
 
 def current(entries: list[Attempt]) -> Attempt | None:
@@ -259,33 +352,117 @@ def ended(attempt: Attempt, verdict: Verdict, *, error: AgentError | None = None
 
 # --- the file -----------------------------------------------------------------------------------
 
+Note: TypeAlias = Callable[[str], None]
+
+
 class HistoryLog:
+    """`on_note`: told what a rewrite did besides recording (skipped lines saved to the side
+    file, or kept): the daemon logs it."""
+
     def __init__(self, path: Path, max_entries: int = DEFAULT_MAX_ENTRIES,
-                 max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+                 max_bytes: int = DEFAULT_MAX_BYTES, on_note: Note | None = None) -> None:
         self.path = path
         self.max_entries = max(1, max_entries)
         self.max_bytes = max(MAX_LINE_BYTES, max_bytes)
+        self.on_note: Note = on_note if on_note is not None else (lambda text: None)
 
-    def read(self) -> HistoryRead:
-        """What the file holds; never raises for what is at the path."""
+    @property
+    def corrupt_path(self) -> Path:
+        """Where skipped lines are saved before a rewrite leaves them out."""
+        return self.path.with_name(self.path.name + ".corrupt")
+
+    def _parse(self) -> Parsed:
+        """What the file holds; never raises for what is at the path (a file that cannot be
+        read at all is one problem and no items)."""
         try:
             raw = read_back(self.path, "history", self.max_bytes * READ_SLACK)
         except StateCorrupt as exc:
-            return HistoryRead([], [exc.message])
+            return Parsed([], [exc.message])
         if raw is None:
-            return HistoryRead([], [])
-        return decode(raw, str(self.path))
+            return Parsed([], [])
+        return parse(raw, str(self.path))
+
+    def read(self) -> HistoryRead:
+        """What the file holds; never raises for what is at the path."""
+        parsed = self._parse()
+        return HistoryRead([line.attempt for line in parsed.lines], parsed.problems)
 
     def record(self, attempt: Attempt) -> None:
         """Write `attempt` (a new one, or the next state of one already there); the oldest
-        entries go when a bound is reached. A file that could not be read at all is moved
-        aside first (kept as evidence). StorageFailed when it cannot be written."""
-        found = self.read()
-        if found.problems and not found.entries:
+        entries go when a bound is reached. The other lines are written back as they were
+        (members a newer agent wrote survive); the record written keeps the unknown members
+        of the line it replaces. Skipped lines are saved to the side file first, or kept in
+        place when they cannot be. A file that could not be read at all is moved aside first
+        (kept as evidence). StorageFailed when it cannot be written."""
+        found = self._parse()
+        if found.problems and not found.lines:
             try:
                 if self.path.exists() or self.path.is_symlink():
-                    move_aside(self.path)
+                    aside = move_aside(self.path)
+                    self.on_note(f"{self.path} could not be read ({found.problems[0]}; "
+                                 f"{len(found.problems)} problem(s)): moved aside to {aside}")
             except AgentError:
                 pass  # the write below says what is wrong with the directory
-        entries = bound(upsert(found.entries, attempt), self.max_entries, self.max_bytes)
-        write_atomic(self.path, b"".join(encode(a) for a in entries))
+            found = Parsed([], [])
+        items = found.items
+        if found.skipped and self._save_skipped(found.skipped):
+            items = [i for i in items if isinstance(i, Line)]
+        replaced = next((i for i in items if isinstance(i, Line)
+                         and i.attempt.id == attempt.id), None)
+        new = Line(attempt, encode(attempt, replaced.unknown if replaced else None)[:-1])
+        items = ([new if i is replaced else i for i in items] if replaced is not None
+                 else [*items, new])
+        lines = [i for i in items if isinstance(i, Line)]
+        kept = _fitting([len(i.text) + 1 for i in lines], self.max_entries, self.max_bytes)
+        dropped = {id(i) for i in lines[:len(lines) - kept]}
+        write_atomic(self.path, b"".join(i.text + b"\n" for i in items if id(i) not in dropped))
+
+    def _save_skipped(self, skipped: list[Skipped]) -> bool:
+        """Save the skipped lines before the rewrite leaves them out: appended to the side file
+        (its newest MAX_CORRUPT_BYTES kept), or, when they alone are more than that, the whole
+        file moved aside (one rename keeps them all). Whether they are saved (else they stay
+        in the history, and the note says why)."""
+        side = self.corrupt_path
+        stamp = now_iso()
+        parts: list[bytes] = []
+        for line in skipped:
+            text = line.text[:MAX_LINE_BYTES]
+            cut = f", its first {len(text)} of {len(line.text)} bytes" \
+                if len(text) < len(line.text) else ""
+            parts.append(f"# {stamp} {self.path.name} line {line.number} skipped "
+                         f"({line.problem}){cut}:\n".encode() + text + b"\n")
+        block = b"".join(parts)
+        numbers = ", ".join(str(s.number) for s in skipped[:10])
+        more = ", ..." if len(skipped) > 10 else ""
+        where = f"{len(skipped)} unreadable line(s) of {self.path} (line {numbers}{more})"
+        try:
+            if len(block) > MAX_CORRUPT_BYTES:
+                aside = move_aside(self.path)
+                self.on_note(f"{where}: more than {side.name} keeps ({len(block)} bytes), so "
+                             f"the whole file was moved aside to {aside}; the readable lines "
+                             "are written back")
+                return True
+            earlier = self._saved_before(side)
+            excess = len(earlier) + len(block) - MAX_CORRUPT_BYTES
+            if excess > 0:  # the oldest saved lines go, from a record's first line on
+                start = earlier.find(b"\n# ", excess - 1)
+                earlier = earlier[start + 1:] if start >= 0 else b""
+            write_atomic(side, earlier + block)
+        except AgentError as exc:
+            self.on_note(f"{where} kept in the history: they could not be saved ({exc.message})")
+            return False
+        self.on_note(f"{where} saved to {side} and left out of the rewritten history")
+        return True
+
+    @staticmethod
+    def _saved_before(side: Path) -> bytes:
+        """What the side file holds. Anything else at its path than a regular file of at most
+        MAX_CORRUPT_BYTES (the agent writes no other) is moved aside, kept, and the side file
+        starts anew; StorageFailed when it cannot be."""
+        try:
+            data = read_if_present(side, "the history's skipped lines", MAX_CORRUPT_BYTES,
+                                   allow_empty=True)
+        except AgentError:
+            move_aside(side)
+            return b""
+        return data if isinstance(data, bytes) else b""  # None: absent; Dangling: replaced

@@ -387,7 +387,7 @@ def cancel(ctx: EngineContext, why: str = CANCELLED_ON_REQUEST) -> str:
             message += f"; {why}"
         ctx.transition(Phase.IDLE, message, strict=False, loaded_by_us=False, target=None,
                        last_result={"result": "cancelled", "reason": message})
-        attempts.end(ctx, history.Verdict.CANCELLED, message=message)
+        attempts.cancelled(ctx, message, was_failed=before is Phase.FAILED)
         if ctx.persist_problem is not None:
             message += (f"; the agent's state could not be saved ({ctx.persist_problem}): "
                         "until it can, a restart of the agent reports an earlier state")

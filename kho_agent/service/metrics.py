@@ -87,10 +87,15 @@ def render(data: MetricsInput) -> str:
     ended = [a for a in data.history if not a.open]
     results = [v.value for v in Verdict if v is not Verdict.PREPARED]
     results += sorted({a.verdict for a in ended} - set(results))  # a newer agent's verdicts
+    # a commit refused or failed is counted on the update's record (earlier agents wrote an
+    # entry of kind "commit" for each: those count too)
+    folded = {Verdict.COMMIT_REFUSED.value: sum(a.commits_refused or 0 for a in data.history),
+              Verdict.COMMIT_FAILED.value: sum(a.commits_failed or 0 for a in data.history)}
     out.family("kho_agent_updates",
                "Live-update attempts by result, over the entries the history keeps (bounded: "
                "the newest ones), kept across restarts and kexecs",
-               [({"result": r}, sum(1 for a in ended if a.verdict == r)) for r in results])
+               [({"result": r}, sum(1 for a in ended if a.verdict == r) + folded.get(r, 0))
+                for r in results])
     blackouts = [a for a in data.history if a.blackout_seconds is not None]
     out.family("kho_agent_last_blackout_seconds",
                "Commit to the next kernel's agent handing the sessions back, of the last live "
