@@ -200,6 +200,9 @@ MANAGER = Interface(
         Property("Simulated", "b"),
         Property("ConfigFiles", "as", "the configuration files kho-agentd read at start, in "
                  "the order they apply (kho-agent.conf(5)); empty: built-in defaults only"),
+        Property("ReadyTimeoutUSec", "t", "how long `kho-agentctl update` waits after its "
+                 "prepare for the clients to be ready, in microseconds ([Update] "
+                 "ReadyTimeoutSec=, kho-agent.conf(5))"),
         Property("Inhibitors", "a(ssut)", "who holds live updates off: (who, why, uid, since "
                  "in microseconds of CLOCK_REALTIME); a commit is refused while any is held"),
     ),
