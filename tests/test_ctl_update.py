@@ -8,6 +8,8 @@ through commits, and the next boot shows the live-update number one higher.
 
 from __future__ import annotations
 
+import argparse
+import errno
 import os
 import shutil
 import signal
@@ -162,15 +164,20 @@ def test_an_inhibitor_refuses_before_the_prepare_and_nothing_changes(
                 os.close(fd)
 
 
-def test_outside_the_maintenance_window_refuses_before_the_prepare(
-        bus: PrivateBus, simdir: Path, kernel: Path, tmp_path: Path) -> None:
-    conf = f"[Commit]\nMaintenanceWindow={closed_window()}\n"
+@pytest.mark.parametrize(("conf", "words"), [
+    (f"[Commit]\nMaintenanceWindow={closed_window()}\n", "outside the maintenance window"),
+    ("[Commit]\nHandoffMode=fdstore\n", "requires hand-off mode fdstore (HandoffMode="),
+])
+def test_a_commit_the_configuration_refuses_is_refused_before_the_prepare(
+        bus: PrivateBus, simdir: Path, kernel: Path, tmp_path: Path, conf: str,
+        words: str) -> None:
     with configured_daemon(bus, simdir, tmp_path, conf):
         before = daemon_view(bus.address)
         done, doc = update(bus.address, "--kernel", str(kernel))
         assert done.returncode == 3, done.stderr
         assert doc["error"]["error"] == "PreflightFailed"
-        assert "outside the maintenance window" in doc["error"]["message"]
+        assert words in doc["error"]["message"]
+        assert doc["result"]["stage"] == "check" and doc["result"]["cancelled"] is False
         assert daemon_view(bus.address) == before
 
 
@@ -293,6 +300,38 @@ def test_update_waits_for_the_clients_then_commits_and_the_number_goes_up(
     assert done.returncode == 0 and doc["result"]["outcome"] == "up-to-date", done.stderr
 
 
+def test_a_kexec_the_kernel_refuses_cancels_the_update(bus: PrivateBus, daemon: Daemon,
+                                                       simdir: Path, kernel: Path) -> None:
+    SimKernel(simdir).inject("freeze-fails")
+    done, doc = update(bus.address, "--kernel", str(kernel))
+    assert done.returncode == 4, done.stderr
+    assert doc["error"]["error"] == "KernelRefused" and doc["error"]["errno"] == errno.EINVAL
+    assert doc["result"]["stage"] == "commit" and doc["result"]["cancelled"] is True
+    assert doc["result"]["outcome"] is None and doc["result"]["waited_ready_s"] is not None
+    assert prop(bus, "State") == "idle" and daemon.returncode is None
+    verdicts = [e.get("verdict") for e in history(bus.address)["entries"]]
+    assert sorted(verdicts) == ["cancelled", "commit failed"], verdicts   # nothing else
+
+
+def test_a_dry_run_of_prepare_says_what_update_decides_on(bus: PrivateBus, daemon: Daemon,
+                                                          simdir: Path, kernel: Path) -> None:
+    with GioClient(bus.address) as backup:
+        _, fds = backup.call_values(MANAGER_PATH, MANAGER_IFACE, "Inhibit", "ss",
+                                    ("backup", "nightly"))
+        try:
+            done = ctl(bus.address, "prepare", "--dry-run", "--kernel", str(kernel), "--json")
+            text = ctl(bus.address, "prepare", "--dry-run", "--kernel",
+                       str(running_image(simdir)))
+        finally:
+            for fd in fds:
+                os.close(fd)
+    result = cli_json(done.stdout)["result"]   # the job's Result
+    assert result["target_is_running"] is False and result["release"] == "7.3.1-sim"
+    assert result["commit_refused"]["error"] == "Inhibited"
+    assert "this is the kernel running" in text.stdout
+    assert "a commit now would be refused: Inhibited: " in text.stdout
+
+
 # --- the pieces -------------------------------------------------------------------------------
 
 def test_the_ready_timeout_is_configured_and_published(bus: PrivateBus, simdir: Path,
@@ -310,7 +349,7 @@ def test_the_ready_timeout_is_configured_and_published(bus: PrivateBus, simdir: 
 def test_ready_timeout_option_bounds() -> None:
     assert ready_seconds("0") == 0.0 and ready_seconds("86400") == 86400.0
     for bad in ("-1", "nan", "inf", "86401", "x"):
-        with pytest.raises(Exception, match="seconds"):
+        with pytest.raises(argparse.ArgumentTypeError, match="seconds"):
             ready_seconds(bad)
 
 

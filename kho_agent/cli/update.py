@@ -52,6 +52,7 @@ from .bus import (
     AgentClient,
     Deadline,
     JobInfo,
+    TargetFiles,
     add_timeout_option,
     open_target_files,
     options,
@@ -140,8 +141,10 @@ class _Stop(Exception):
 
 class StopRequests:
     """SIGTERM (`systemctl stop`, a fleet tool giving up) and SIGINT after the prepare: the
-    update cancels what it prepared before it exits. During a job the request is remembered
-    (the prepare runs on in kho-agentd either way), during the wait it interrupts at once."""
+    update cancels what it prepared before it exits. During the prepare job the request is
+    remembered and acted on when the job ends (the prepare runs on in kho-agentd either way);
+    during the wait it interrupts at once. Not during the commit: a stop then is the shutdown
+    of the kexec itself."""
 
     def __init__(self) -> None:
         self.requested: int | None = None
@@ -359,54 +362,58 @@ def update(args: argparse.Namespace, report: UpdateReport) -> int:
         # opened here, with our rights, before anything is asked (as prepare does)
         files = open_target_files(args.kernel, args.initrd, stack)
         client = stack.enter_context(AgentClient.from_args(args))
-        props = client.manager_properties()
-        report.running["release"] = props.get("RunningKernel") or None
-        report.live_update_number = int(props.get("LiveUpdateNumber", 0))
-        state = props.get("State")
-        if state not in STARTABLE:
-            raise Busy(f"an update is already {state} (target "
-                       f"{props.get('TargetKernel') or '?'}); update leaves it alone: finish "
-                       "it with `kho-agentctl commit` or `kho-agentctl cancel`")
-        ready_timeout = args.ready_timeout
-        if ready_timeout is None:
-            usec = props.get("ReadyTimeoutUSec")
-            ready_timeout = (usec / 1e6 if isinstance(usec, int)
-                             else DEFAULT_READY_TIMEOUT_SECONDS)
+        code = update_on(client, args, report, files)
+    return code
 
-        checked = run_job(client, args.timeout, "Prepare", {**files.options, "dry_run": True},
-                          files.fds).result_json() or {}
-        report.running = dict(checked.get("running") or report.running)
-        report.target = {"kernel": checked.get("kernel"), "initrd": checked.get("initrd"),
-                         "release": checked.get("release"), "version": checked.get("version")}
-        report.preflight = checked.get("preflight")
-        if checked.get("target_is_running"):
-            report.outcome = "up-to-date"
-            return EXIT_OK
-        refused = checked.get("commit_refused")
-        if isinstance(refused, dict):
-            raise from_dbus(api.ERROR_PREFIX + str(refused.get("error")),
-                            str(refused.get("message")))
-        refuse_as_prepare_would(checked)
-        if args.check:
-            report.outcome = "would-update"
-            return EXIT_OK
 
-        with StopRequests() as stops:
-            prepare_and_wait(client, args, report, checked, stops, files.fds,
-                             files.options, ready_timeout)
+def update_on(client: AgentClient, args: argparse.Namespace, report: UpdateReport,
+              files: TargetFiles) -> int:
+    """The steps of the module's docstring, on a connected client."""
+    props = client.manager_properties()
+    report.running["release"] = props.get("RunningKernel") or None
+    report.live_update_number = int(props.get("LiveUpdateNumber", 0))
+    state = props.get("State")
+    if state not in STARTABLE:
+        raise Busy(f"an update is already {state} (target {props.get('TargetKernel') or '?'})"
+                   "; update leaves it alone: finish it with `kho-agentctl commit` or "
+                   "`kho-agentctl cancel`")
+    ready_timeout = args.ready_timeout
+    if ready_timeout is None:
+        usec = props.get("ReadyTimeoutUSec")
+        ready_timeout = usec / 1e6 if isinstance(usec, int) else DEFAULT_READY_TIMEOUT_SECONDS
 
-        report.stage = "commit"
-        say(f"the clients are ready; handing off to {checked.get('kernel')} now: this host "
-            "reboots into it and the guests pause until it restores their sessions")
-        try:
-            run_job(client, args.timeout, "Commit", {}, progress="commit")
-        except AgentError as exc:
-            if client.answers():  # refused, the kexec did not happen: undo the prepare
-                cancel(client, args.timeout, report)
-            raise exc from None
-        report.outcome = "committing"
+    checked = run_job(client, args.timeout, "Prepare", {**files.options, "dry_run": True},
+                      files.fds).result_json() or {}
+    report.running = dict(checked.get("running") or report.running)
+    report.target = {"kernel": checked.get("kernel"), "initrd": checked.get("initrd"),
+                     "release": checked.get("release"), "version": checked.get("version")}
+    report.preflight = checked.get("preflight")
+    if checked.get("target_is_running"):
+        report.outcome = "up-to-date"
         return EXIT_OK
-    raise AssertionError("unreachable")  # ExitStack does not swallow exceptions
+    refused = checked.get("commit_refused")
+    if isinstance(refused, dict):
+        raise from_dbus(api.ERROR_PREFIX + str(refused.get("error")),
+                        str(refused.get("message")))
+    refuse_as_prepare_would(checked)
+    if args.check:
+        report.outcome = "would-update"
+        return EXIT_OK
+
+    with StopRequests() as stops:
+        prepare_and_wait(client, args, report, checked, stops, files, ready_timeout)
+
+    report.stage = "commit"
+    say(f"the clients are ready; handing off to {checked.get('kernel')} now: this host "
+        "reboots into it and the guests pause until it restores their sessions")
+    try:
+        run_job(client, args.timeout, "Commit", {}, progress="commit")
+    except AgentError:
+        if client.answers():  # refused, the kexec did not happen: undo the prepare
+            cancel(client, args.timeout, report)
+        raise
+    report.outcome = "committing"
+    return EXIT_OK
 
 
 def refuse_as_prepare_would(checked: dict[str, Any]) -> None:
@@ -425,12 +432,12 @@ def refuse_as_prepare_would(checked: dict[str, Any]) -> None:
 
 
 def prepare_and_wait(client: AgentClient, args: argparse.Namespace, report: UpdateReport,
-                     checked: dict[str, Any], stops: StopRequests, fds: Sequence[int],
-                     file_options: dict[str, Any], ready_timeout: float) -> None:
+                     checked: dict[str, Any], stops: StopRequests, files: TargetFiles,
+                     ready_timeout: float) -> None:
     """Prepare, then wait for the clients; anything that ends it here cancels the prepare."""
     report.stage = "prepare"
     say(f"preparing {checked.get('kernel')}")
-    prepared = run_job(client, args.timeout, "Prepare", dict(file_options), fds,
+    prepared = run_job(client, args.timeout, "Prepare", dict(files.options), files.fds,
                        progress="prepare").result_json() or {}
     report.stage = "wait"
     try:
