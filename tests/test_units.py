@@ -48,6 +48,7 @@ SYSTEMD_BINARY = Path("/usr/lib/systemd/systemd")
 # tenths `--threshold=` takes: a change that weakens the sandbox fails here.
 EXPOSURE_DIRECT = 21
 EXPOSURE_FDSTORE = 21
+EXPOSURE_UPDATE = 14   # kho-agent-update.service
 # Keys of the fdstore drop-in newer than some systemd this test may run on: (key, first version).
 NEWER_KEYS = {"FileDescriptorStorePreserve": 254}
 
@@ -282,6 +283,16 @@ def test_the_update_unit_runs_kho_agentctl_update_and_leaves_its_result_in_run(
     (output,) = values(UPDATE, "StandardOutput")
     assert output == f"truncate:{notify.DEFAULT_RUNTIME_DIR}/update.json"
     assert values(UNIT, "RuntimeDirectoryPreserve") == ["yes"]
+
+
+def test_the_update_unit_is_sandboxed(unit_dir: Path) -> None:
+    """A D-Bus client as root: no capability, no network, a read-only system."""
+    need("systemd-analyze")
+    unit = unit_dir / "kho-agent-update.service"
+    assert security(unit, f"--threshold={EXPOSURE_UPDATE}").returncode == 0, \
+        security(unit).stdout
+    assert values(UPDATE, "CapabilityBoundingSet") == [""]
+    assert values(UPDATE, "RestrictAddressFamilies") == ["AF_UNIX"]
 
 
 def test_the_timer_starts_the_update_unit_and_is_only_an_example(unit_dir: Path) -> None:
