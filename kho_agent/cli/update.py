@@ -293,15 +293,19 @@ class ChangeWatch:
         self.seen = False
 
 
-def wait_ready(client: AgentClient, timeout: float, ready_timeout: float) -> float:
+def wait_ready(client: AgentClient, timeout: float, ready_timeout: float,
+               stops: StopRequests) -> float:
     """Until a Commit dry run passes (every client session ready), at most `ready_timeout`
     seconds; the seconds waited. A refusal other than Busy ends the wait with it; the timeout
-    is Busy naming the sessions that were not ready."""
+    is Busy naming the sessions that were not ready. A stop request interrupts the waiting
+    between two looks, never a call or a job (a dry run still running would keep the cancel
+    that follows from starting)."""
     start = time.monotonic()
     end = start + ready_timeout
     announced = False
     with ChangeWatch(client.connection) as watch:
         while True:
+            stops.check()
             client.deadline = Deadline.after(timeout)
             waiting = [s.name for s in client.list_sessions() if not s.incoming and not s.ready]
             busy = ""
@@ -322,7 +326,8 @@ def wait_ready(client: AgentClient, timeout: float, ready_timeout: float) -> flo
                 say(f"waiting up to {ready_timeout:g} s for session(s) to be ready: "
                     f"{', '.join(waiting)}")
                 announced = True
-            watch.wait(min(remaining, RECHECK_SECONDS))
+            with stops.interrupting():
+                watch.wait(min(remaining, RECHECK_SECONDS))
 
 
 # ---------------------------------------------------------------------------------- the command
@@ -445,9 +450,9 @@ def prepare_and_wait(client: AgentClient, args: argparse.Namespace, report: Upda
             # Target=newest-compatible chose again, and a kernel installed meanwhile won
             raise Busy(f"the target changed between the check ({checked.get('kernel')}) and "
                        f"the prepare ({prepared.get('prepared')}); run update again")
-        with stops.interrupting():
-            report.waited_ready_s = wait_ready(client, args.timeout, ready_timeout)
+        report.waited_ready_s = wait_ready(client, args.timeout, ready_timeout, stops)
     except _Stop:
+        say(f"{stops.why()}: cancelling what this update prepared")
         cancel(client, args.timeout, report)
         raise Interrupted(f"{stops.why()} while waiting for the clients; the prepared update "
                           "was " + ("cancelled" if report.cancelled else
