@@ -157,13 +157,13 @@ def plan_prepare(ctx: EngineContext, options: PrepareOptions) -> dict[str, Any]:
     date"); nothing is loaded, written or preserved."""
     with ctx.operation("prepare"), _target_files(options) as files:
         found = plan_files(ctx, files)
+        info = ctx.sysinfo()
         cmdline: str | None = None
         problem = None
         try:
-            cmdline = _cmdline(options, ctx.sysinfo(), found)
+            cmdline = _cmdline(options, info, found)
         except InvalidArgument as exc:
             problem = exc.message
-        info = ctx.sysinfo()
         image = found.target.info if found.target else None
         release = image.release if image else None
         version = image.uts_version if image else None
