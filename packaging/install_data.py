@@ -55,6 +55,12 @@ DATA_FILES: tuple[DataFile, ...] = (
     DataFile("systemd/kho-agent.tmpfiles", "{prefix}/lib/tmpfiles.d/kho-agent.conf"),
     DataFile("systemd/kho-agent-verified.target",
              "{prefix}/lib/systemd/system/kho-agent-verified.target"),
+    # one live update on demand (a fleet tool, by hand) and an example timer: shipped, never
+    # enabled by the package
+    DataFile("systemd/kho-agent-update.service",
+             "{prefix}/lib/systemd/system/kho-agent-update.service"),
+    DataFile("systemd/kho-agent-update.timer",
+             "{prefix}/lib/systemd/system/kho-agent-update.timer"),
     DataFile("systemd/kho-agent-fdstore.conf",
              "/etc/systemd/system/kho-agent.service.d/fdstore.conf", fdstore_only=True),
     DataFile("etc/dbus-1/system.d/org.khoagent.Agent1.conf",

@@ -59,6 +59,8 @@ def test_every_command_prints_one_envelope_when_it_works_and_when_it_fails(
         ("manifest", ["manifest"], []),
         ("commit", ["commit", "--dry-run"], ["commit", "--force", "--bogus"]),
         ("cancel", ["cancel"], []),
+        ("update", ["update", "--check", "--kernel", str(kernel)],
+         ["update", "--ready-timeout", "-1"]),
         ("history", ["history"], ["history", "--last", "x"]),
         # with a command, inhibit's stdout is the command's; without one it holds until
         # stopped: only its refusal is one of ours

@@ -49,7 +49,7 @@ def _docs_table() -> dict[str, str]:
 
 def test_table_matches_the_documented_install_locations() -> None:
     documented = _docs_table()
-    assert len(documented) == 11, documented  # the parser found the whole table
+    assert len(documented) == 13, documented  # the parser found the whole table
     ours = {row.source: inst.target_path(row, "/usr") for row in inst.DATA_FILES}
     assert ours == documented
 
@@ -135,8 +135,9 @@ def test_reinstall_replaces_stale_files(tmp_path: Path) -> None:
     assert unit.read_bytes() == (REPO / "systemd/kho-agent.service").read_bytes()
     assert stat.S_IMODE(unit.stat().st_mode) == 0o644
     # no temporary files left beside it
-    assert sorted(p.name for p in unit.parent.iterdir()) == ["kho-agent-verified.target",
-                                                             "kho-agent.service"]
+    assert sorted(p.name for p in unit.parent.iterdir()) == [
+        "kho-agent-update.service", "kho-agent-update.timer", "kho-agent-verified.target",
+        "kho-agent.service"]
 
 
 def test_dry_run_prints_the_plan_and_installs_nothing(tmp_path: Path) -> None:

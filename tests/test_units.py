@@ -26,6 +26,7 @@ import pytest
 from dbusrig import NOBODY, GioClient, PrivateBus, gdbus, require_run_as
 
 from kho_agent import daemon
+from kho_agent.cli import build_parser
 from kho_agent.service import contract, notify
 from kho_agent.service import interfaces as api
 from kho_agent.service.journal import Event
@@ -34,6 +35,8 @@ REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "systemd" / "kho-agent.service"
 DROPIN = REPO / "systemd" / "kho-agent-fdstore.conf"
 TARGET = REPO / "systemd" / "kho-agent-verified.target"
+UPDATE = REPO / "systemd" / "kho-agent-update.service"
+TIMER = REPO / "systemd" / "kho-agent-update.timer"
 BUS_POLICY = REPO / "etc" / "dbus-1" / "system.d" / "org.khoagent.Agent1.conf"
 ACTIVATION = REPO / "share" / "dbus-1" / "system-services" / "org.khoagent.Agent1.service"
 POLKIT_POLICY = REPO / "share" / "polkit-1" / "actions" / "org.khoagent.Agent1.policy"
@@ -45,6 +48,7 @@ SYSTEMD_BINARY = Path("/usr/lib/systemd/systemd")
 # tenths `--threshold=` takes: a change that weakens the sandbox fails here.
 EXPOSURE_DIRECT = 21
 EXPOSURE_FDSTORE = 21
+EXPOSURE_UPDATE = 14   # kho-agent-update.service
 # Keys of the fdstore drop-in newer than some systemd this test may run on: (key, first version).
 NEWER_KEYS = {"FileDescriptorStorePreserve": 254}
 
@@ -91,8 +95,8 @@ def unit_dir() -> Iterator[Path]:
     could take the agent with it."""
     directory = Path(tempfile.mkdtemp(prefix="kho-units-", dir="/tmp"))
     directory.chmod(0o755)
-    shutil.copy(UNIT, directory)
-    shutil.copy(TARGET, directory)
+    for unit in (UNIT, TARGET, UPDATE, TIMER):
+        shutil.copy(unit, directory)
     (directory / "var.mount").write_text("[Mount]\nWhat=/dev/vdb\nWhere=/var\nType=ext4\n")
     (directory / "tmp.mount").write_text("[Mount]\nWhat=tmpfs\nWhere=/tmp\nType=tmpfs\n")
     for path in directory.iterdir():
@@ -112,7 +116,9 @@ def add_dropin(directory: Path) -> None:
 
 def test_units_pass_systemd_analyze_verify(unit_dir: Path) -> None:
     need("systemd-analyze")
-    units = [str(unit_dir / "kho-agent.service"), str(unit_dir / "kho-agent-verified.target")]
+    units = [str(unit_dir / name) for name in ("kho-agent.service", "kho-agent-verified.target",
+                                               "kho-agent-update.service",
+                                               "kho-agent-update.timer")]
     for with_dropin in (False, True):
         if with_dropin:
             add_dropin(unit_dir)
@@ -256,6 +262,47 @@ def test_exec_start_runs_the_daemon_with_arguments_it_accepts() -> None:
     assert dropin_exec == [exec_start.replace("@/usr/bin/python3 @kho-agentd",
                                               "/usr/bin/python3")]
     assert values(UNIT, "BusName") == [api.BUS_NAME]
+
+
+def test_the_update_unit_runs_kho_agentctl_update_and_leaves_its_result_in_run(
+        unit_dir: Path) -> None:
+    dump = loaded_unit(unit_dir, "kho-agent-update.service")
+    deps = dependencies(dump)
+    assert "kho-agent.service" in deps["Requires"] and "kho-agent.service" in deps["After"]
+    # an ordinary unit: stopped on the way to the kexec it starts, never holding it up
+    assert "DefaultDependencies: yes" in dump and "shutdown.target" in deps["Conflicts"]
+    assert values(UPDATE, "Type") == ["oneshot"]
+    assert values(UPDATE, "WantedBy") == []   # started on demand, never enabled
+    (exec_start,) = values(UPDATE, "ExecStart", "Service")
+    python, dash_m, module, *argv = exec_start.split()
+    assert (python, dash_m, module) == ("/usr/bin/python3", "-m", "kho_agent.cli")
+    parsed = build_parser().parse_args(argv)
+    assert parsed.command == "update" and parsed.json and not parsed.check
+    assert parsed.kernel is None and parsed.ready_timeout is None   # the configuration's
+    # the result file is in the daemon's runtime directory, which outlives its restarts
+    (output,) = values(UPDATE, "StandardOutput")
+    assert output == f"truncate:{notify.DEFAULT_RUNTIME_DIR}/update.json"
+    assert values(UNIT, "RuntimeDirectoryPreserve") == ["yes"]
+
+
+def test_the_update_unit_is_sandboxed(unit_dir: Path) -> None:
+    """A D-Bus client as root: no capability, no network, a read-only system."""
+    need("systemd-analyze")
+    unit = unit_dir / "kho-agent-update.service"
+    assert security(unit, f"--threshold={EXPOSURE_UPDATE}").returncode == 0, \
+        security(unit).stdout
+    assert values(UPDATE, "CapabilityBoundingSet") == [""]
+    assert values(UPDATE, "RestrictAddressFamilies") == ["AF_UNIX"]
+
+
+def test_the_timer_starts_the_update_unit_and_is_only_an_example(unit_dir: Path) -> None:
+    dump = loaded_unit(unit_dir, "kho-agent-update.timer")
+    assert "kho-agent-update.service" in dependencies(dump)["Triggers"]
+    assert values(TIMER, "WantedBy") == ["timers.target"]
+    # the package enables the daemon only (packaging/debian/rules)
+    rules = (REPO / "packaging" / "debian" / "rules").read_text()
+    assert re.findall(r"^\tdh_installsystemd .*", rules, re.MULTILINE) == [
+        "\tdh_installsystemd --no-stop-on-upgrade --no-restart-after-upgrade kho-agent.service"]
 
 
 # --- the D-Bus policy -----------------------------------------------------------------------

@@ -44,6 +44,8 @@ COMMANDS: dict[str, str] = {
     "sessions": "sessions",
     "manifest": "manifest",
     "jobs": "jobs",
+    # prepare, wait for the clients and commit in one (kho-agent-update.service runs it)
+    "update": "update",
     # on its own: collects what the others say, with or without a daemon
     "report": "bugreport",  # not "report": main() has a function of that name
     "history": "history",

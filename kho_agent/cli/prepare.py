@@ -101,6 +101,12 @@ def dry_run_text(data: dict[str, Any]) -> tuple[str, int]:
              f"{data.get('initrd') or 'none'})",
              f"  command line: {data.get('cmdline', '?')}",
              f"  sessions:     {sessions}"]
+    if data.get("target_is_running"):
+        lines.append("  note:         this is the kernel running (same release and uname -v)")
+    refused = data.get("commit_refused")
+    if isinstance(refused, dict):
+        lines.append(f"  note:         a commit now would be refused: {refused.get('error')}: "
+                     f"{refused.get('message')}")
     report = data.get("preflight")
     if isinstance(report, dict):
         from .preflight import render_report

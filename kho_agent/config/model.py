@@ -24,6 +24,7 @@ ENGINE_HANDOFF_NAME = {"direct": "direct", "fdstore": "fdstore", "reboot": "rebo
 DEFAULT_METRICS_DIRECTORY = "/var/lib/prometheus/node-exporter"
 # the history (engine/history.py) also stays under 1 MiB, oldest entries dropped first
 DEFAULT_HISTORY_MAX_ENTRIES = 200
+DEFAULT_READY_TIMEOUT_SECONDS = 600.0
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,9 @@ class AgentConfig:
     # [Sessions]
     claim_grace_seconds: float | None = 1800.0   # None: wait until an operator finishes them
     digests: bool = True
+    # [Update]: `kho-agentctl update` (kho-agent-update.service) waits this long after its
+    # prepare for the clients to be ready, then cancels
+    update_ready_timeout_seconds: float = DEFAULT_READY_TIMEOUT_SECONDS
     # [Records]
     metrics_directory: str = DEFAULT_METRICS_DIRECTORY   # "": no metrics written
     history_max_entries: int = DEFAULT_HISTORY_MAX_ENTRIES

@@ -39,6 +39,7 @@ VALUE_MAX = 4096          # bytes of one value (a command line fits; the kernel'
 LIST_MAX = 32             # entries of a list key
 SCRATCH_MARGIN_MAX = 10.0          # 1000 %, as the D-Bus ScratchPlan's margin option
 CLAIM_GRACE_MAX = 30 * 24 * 3600.0
+READY_TIMEOUT_MAX = 24 * 3600.0
 HISTORY_MAX = 100_000
 
 _TIME_UNITS = {"": 1.0, "s": 1.0, "sec": 1.0, "second": 1.0, "seconds": 1.0,
@@ -77,6 +78,14 @@ def _claim_grace(value: str) -> float | None:
     seconds = parse_timespan(value)
     if seconds is not None and not 1 <= seconds <= CLAIM_GRACE_MAX:
         raise BadValue(f"{value!r} is out of range: 1s .. 30d, or infinity")
+    return seconds
+
+
+def _ready_timeout(value: str) -> float:
+    seconds = parse_timespan(value)
+    if seconds is None or not 0 <= seconds <= READY_TIMEOUT_MAX:
+        raise BadValue(f"{value!r} is out of range: 0 .. 24h (0: the clients must be ready at "
+                       "once; an update always ends)")
     return seconds
 
 
@@ -171,6 +180,7 @@ KEYS: tuple[Key, ...] = (
     Key("Commit", "MaintenanceWindow", "maintenance_window", _window, is_list=True),
     Key("Sessions", "ClaimGraceSec", "claim_grace_seconds", _claim_grace),
     Key("Sessions", "Digests", "digests", _boolean),
+    Key("Update", "ReadyTimeoutSec", "update_ready_timeout_seconds", _ready_timeout),
     Key("Records", "MetricsDirectory", "metrics_directory", _metrics_directory),
     Key("Records", "HistoryMaxEntries", "history_max_entries", _history),
 )
@@ -301,6 +311,8 @@ def format_config(config: AgentConfig) -> str:
                 shown = [f"{_exact(value * 100)}%"]
             elif key.field == "claim_grace_seconds":
                 shown = ["infinity" if value is None else f"{_exact(value)}s"]
+            elif key.field == "update_ready_timeout_seconds":
+                shown = [f"{_exact(value)}s"]
             elif key.is_list:
                 shown = [_format_value(v) for v in value] or [""]
             else:

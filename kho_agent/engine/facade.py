@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..errors import AgentError
 from ..facts import TargetImage
 from ..imagestrings import ImageStrings
 from ..kernel.callerfile import RegularFile
@@ -221,6 +222,11 @@ class Engine:
 
     def commit(self, options: CommitOptions) -> CommitResult:
         return handoff.commit(self._ctx, options)
+
+    def commit_policy_refusal(self, options: CommitOptions) -> AgentError | None:
+        """The error a commit would be refused with now by policy (inhibitors, the window, the
+        hand-off mode), asked before anything is prepared; None: none. Changes nothing."""
+        return handoff.policy_refusal(self._ctx, options)
 
     # ------------------------------------------------------------------ verify
 

@@ -153,6 +153,34 @@ def _check_required_mode(ctx: EngineContext, mode: str) -> None:
             "(docs/systemd.md says what each needs); fix the host or set HandoffMode=auto")
 
 
+def check_policy(ctx: EngineContext, options: CommitOptions) -> None:
+    """What refuses a commit whatever is prepared, in the order commit asks: an inhibitor
+    held (Inhibited), a kernel state only a cold reboot is safe from (commit_blocker: a
+    CREATE_SESSION that failed with EEXIST; PreflightFailed), outside the maintenance window
+    unless forced, a hand-off mode other than the configured one (PreflightFailed). Also asked before anything is prepared (`policy_refusal`), so that
+    `kho-agentctl update` refuses with the very error the commit would meet."""
+    if options.inhibitors:
+        # --force is about clients that are not ready; an inhibitor is released by its holder
+        raise Inhibited("live updates are held off by " + "; ".join(options.inhibitors)
+                        + ": commit when they are released (`kho-agentctl status` lists them)")
+    if ctx.commit_blocker:
+        raise PreflightFailed(ctx.commit_blocker)
+    if not options.force:
+        _check_window(ctx, options.now())
+    _check_required_mode(ctx, ctx.handoff_mode())
+
+
+def policy_refusal(ctx: EngineContext, options: CommitOptions) -> AgentError | None:
+    """The error check_policy raises now, or None: a commit would not be refused by policy
+    (whether something is prepared and the clients are ready is not asked). Changes
+    nothing."""
+    try:
+        check_policy(ctx, options)
+    except AgentError as exc:
+        return exc
+    return None
+
+
 def commit(ctx: EngineContext, options: CommitOptions) -> CommitResult:
     """Hand off to the loaded kernel. A commit that does not happen is recorded in the history
     (a dry run is not: it asks, it does not attempt)."""
@@ -196,14 +224,7 @@ def _ready(ctx: EngineContext, options: CommitOptions
     if ctx.state.phase is not Phase.PREPARED:
         raise NotPrepared(f"nothing is prepared (state {ctx.state.phase.value}); run "
                           "prepare first")
-    if options.inhibitors:
-        # --force is about clients that are not ready; an inhibitor is released by its holder
-        raise Inhibited("live updates are held off by " + "; ".join(options.inhibitors)
-                        + ": commit when they are released (`kho-agentctl status` lists them)")
-    if ctx.commit_blocker:
-        raise PreflightFailed(ctx.commit_blocker)
-    if not options.force:
-        _check_window(ctx, options.now())
+    check_policy(ctx, options)
     waiting = [c.name + (" (its owner disconnected)" if c.owner_gone else "")
                for c in ctx.clients.values() if not c.ready]
     if waiting and not options.force:
@@ -216,7 +237,6 @@ def _ready(ctx: EngineContext, options: CommitOptions
         raise NotPrepared("the prepared kernel is no longer loaded (kexec -u or another "
                           "loader?); cancel and prepare again")
     mode = ctx.handoff_mode()
-    _check_required_mode(ctx, mode)
     plan = [f"kernel {ctx.state.target.kernel if ctx.state.target else '?'} is loaded",
             f"{len(ctx.clients)} client session(s), "
             f"{sum(len(c.files) for c in ctx.clients.values())} file(s)",

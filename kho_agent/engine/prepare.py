@@ -153,21 +153,38 @@ def _target_files(options: PrepareOptions) -> Iterator[TargetFiles]:
 
 def plan_prepare(ctx: EngineContext, options: PrepareOptions) -> dict[str, Any]:
     """prepare --dry-run: the preflight and the command line prepare would load the kernel
-    with; nothing is loaded, written or preserved."""
+    with, and whether the target is the kernel running (`kho-agentctl update`'s "up to
+    date"); nothing is loaded, written or preserved."""
     with ctx.operation("prepare"), _target_files(options) as files:
         found = plan_files(ctx, files)
+        info = ctx.sysinfo()
         cmdline: str | None = None
         problem = None
         try:
-            cmdline = _cmdline(options, ctx.sysinfo(), found)
+            cmdline = _cmdline(options, info, found)
         except InvalidArgument as exc:
             problem = exc.message
+        image = found.target.info if found.target else None
+        release = image.release if image else None
+        version = image.uts_version if image else None
         return {"kernel": files.kernel.resolved_path(),
                 "initrd": files.initrd.resolved_path() if files.initrd else None,
+                "release": release, "version": version,
+                "running": {"release": info.release, "version": info.version},
+                "target_is_running": same_build(info, release, version),
                 "cmdline": cmdline, "cmdline_problem": problem,
                 "sessions": sorted(ctx.clients),
                 "would_prepare": not found.result.blockers and problem is None,
                 "preflight": found.result.to_json()}
+
+
+def same_build(running: SysInfo, release: str | None, version: str | None) -> bool:
+    """Whether a kernel image of this release and `uname -v` is the kernel running: both are
+    known and equal. `uname -v` holds the build number and time, so a rebuild under the same
+    release (a developer's habit) is another kernel; an image whose version cannot be read is
+    never taken for the running one."""
+    return (release is not None and version is not None and running.version is not None
+            and (release, version) == (running.release, running.version))
 
 
 def scratch_plan(ctx: EngineContext, kernel: Path | TargetImage | None, initrd_size: int,

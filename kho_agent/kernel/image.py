@@ -105,6 +105,17 @@ class ImageInfo:
             return None
         return self.kernel_version.split()[0]
 
+    @property
+    def uts_version(self) -> str | None:
+        """`uname -v` of the image ("#1 SMP PREEMPT_DYNAMIC ..."): its version string from the
+        '#' on. The setup header's form is `RELEASE (BUILDER) UTS_VERSION`, the banner's
+        `RELEASE (BUILDER) (COMPILER) UTS_VERSION`; UTS_VERSION starts with the build number
+        ("#1"), which neither of the parts before holds."""
+        if not self.kernel_version:
+            return None
+        _, mark, rest = self.kernel_version.partition(" #")
+        return f"#{rest}".strip() if mark else None
+
 
 @dataclass(frozen=True)
 class KernelImage:

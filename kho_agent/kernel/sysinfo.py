@@ -83,6 +83,9 @@ class SysInfo:
     load_kexec_at_shutdown: bool | None  # Debian kexec-tools etc/default/kexec LOAD_KEXEC
     lockdown: str | None      # sys/kernel/security/lockdown: the bracketed mode
     warnings: list[str] = field(default_factory=list)  # optional files present but unusable
+    # proc/sys/kernel/version, `uname -v` ("#1 SMP PREEMPT_DYNAMIC Debian 6.1.76-1 (date)"):
+    # with the release, which build of the kernel runs (None: not readable)
+    version: str | None = None
 
 
 def kho_enabled(info: SysInfo) -> bool:
@@ -354,4 +357,12 @@ def read_sysinfo(root: Path) -> SysInfo:
         load_kexec_at_shutdown=_load_kexec(root),
         lockdown=_lockdown(root),
         warnings=warnings,
+        version=_stripped(_read_optional(root / "proc/sys/kernel/version")),
     )
+
+
+def _stripped(text: str | None) -> str | None:
+    """A one-line file's value; None for a missing or empty one."""
+    if text is None:
+        return None
+    return text.strip() or None

@@ -200,6 +200,9 @@ MANAGER = Interface(
         Property("Simulated", "b"),
         Property("ConfigFiles", "as", "the configuration files kho-agentd read at start, in "
                  "the order they apply (kho-agent.conf(5)); empty: built-in defaults only"),
+        Property("ReadyTimeoutUSec", "t", "how long `kho-agentctl update` waits after its "
+                 "prepare for the clients to be ready, in microseconds ([Update] "
+                 "ReadyTimeoutSec=, kho-agent.conf(5))"),
         Property("Inhibitors", "a(ssut)", "who holds live updates off: (who, why, uid, since "
                  "in microseconds of CLOCK_REALTIME); a commit is refused while any is held"),
     ),
@@ -218,7 +221,11 @@ MANAGER = Interface(
                PREPARE_OPTIONS, "options: kernel s or kernel_fd h (neither, or an empty "
                "kernel: the configured Target=, kho-agent.conf(5)), initrd s, initrd_fd h, "
                "cmdline s (absent: the configured command-line policy), scratch s "
-               "(keep|auto|value), dry_run b"),
+               "(keep|auto|value), dry_run b. A dry run's Result also says whether the "
+               "target is the kernel running (target_is_running: the same release and uname "
+               "-v) and the error a commit would be refused with now by policy, before "
+               "anything is prepared (commit_refused: an inhibitor, the maintenance window, "
+               "the hand-off mode; null: none)"),
         Method("Commit", _args("options:a{sv}"), _args("job:o"), ACTION_MANAGE,
                COMMIT_OPTIONS, "options: force b, dry_run b"),
         Method("Cancel", (), _args("job:o"), ACTION_MANAGE),

@@ -84,6 +84,8 @@ class Snapshot:
             return simulated
         if name == "ConfigFiles":
             return list(config.files)
+        if name == "ReadyTimeoutUSec":
+            return round(config.update_ready_timeout_seconds * 1_000_000)
         return getattr(self, PROPERTY_FIELDS[name])
 
 
@@ -568,9 +570,17 @@ class AgentService:
                                       scratch=scratch,
                                       cancelled=lambda: job.cancel_requested)
             if opts.get("dry_run"):
+                # read on the loop, where inhibitors come and go (as Commit reads them)
+                held = CommitOptions(inhibitors=self.inhibitors.descriptions())
+
                 def dry() -> dict[str, Any]:
                     with source().open() as files:
-                        return self.engine.plan_prepare(options(files))
+                        planned = self.engine.plan_prepare(options(files))
+                    # what a commit of it would be refused with now, whatever the clients
+                    # say: `kho-agentctl update` refuses with it before preparing
+                    refusal = self.engine.commit_policy_refusal(held)
+                    return {**planned, "commit_refused": refusal.to_json() if refusal
+                            else None}
                 return dry
 
             def work() -> dict[str, Any]:

@@ -15,6 +15,7 @@ SETUP_SECTS = 4
 BOOT_PROTOCOL = 0x020F  # 2.15
 VERSION_OFFSET = 0x300  # kernel_version pointer value; the string sits at +0x200
 BUILDER = "sim@kho-agent"
+UTS_VERSION = "#1 SMP PREEMPT_DYNAMIC"   # `uname -v` of every simulated kernel
 
 
 def abi_strings(abi: SimAbi) -> list[str]:
@@ -27,7 +28,7 @@ def abi_strings(abi: SimAbi) -> list[str]:
 
 
 def banner(release: str) -> str:
-    return f"Linux version {release} ({BUILDER}) #1 SMP PREEMPT_DYNAMIC"
+    return f"Linux version {release} ({BUILDER}) {UTS_VERSION}"
 
 
 def build_payload(release: str, abi: SimAbi) -> bytes:
@@ -47,7 +48,7 @@ def build_bzimage(release: str, abi: SimAbi) -> bytes:
     setup[0x202:0x206] = b"HdrS"
     struct.pack_into("<H", setup, 0x206, BOOT_PROTOCOL)
     struct.pack_into("<H", setup, 0x20E, VERSION_OFFSET)
-    version = f"{release} ({BUILDER}) #1 SMP PREEMPT_DYNAMIC".encode()[:255] + b"\0"
+    version = f"{release} ({BUILDER}) {UTS_VERSION}".encode()[:255] + b"\0"
     setup[VERSION_OFFSET + 0x200:VERSION_OFFSET + 0x200 + len(version)] = version
     compressed = gzip.compress(build_payload(release, abi), mtime=0)
     stub = b"\x90" * 0x200

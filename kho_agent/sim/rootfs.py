@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .boot import Memblock, MiB, memblock_debugfs
 from .boot_record import BootState
-from .images import build_bzimage
+from .images import UTS_VERSION, build_bzimage
 from .memory import save_core
 from .store import crash_point, tmp_path, write_atomic, write_new
 
@@ -85,6 +85,7 @@ def write_boot(root: Path, state: BootState, mb: Memblock,
     """Everything that is fixed for a boot, written into the new boot's empty root."""
     _put(root, "proc/cmdline", state.cmdline + "\n")
     _put(root, "proc/sys/kernel/osrelease", state.release + "\n")
+    _put(root, "proc/sys/kernel/version", UTS_VERSION + "\n")
     _put(root, "proc/sys/kernel/random/boot_id", state.boot_id + "\n")
     _put(root, "proc/meminfo", meminfo(state, mb))
     _userspace(root)
