@@ -157,8 +157,9 @@ def check_policy(ctx: EngineContext, options: CommitOptions) -> None:
     """What refuses a commit whatever is prepared, in the order commit asks: an inhibitor
     held (Inhibited), a kernel state only a cold reboot is safe from (commit_blocker: a
     CREATE_SESSION that failed with EEXIST; PreflightFailed), outside the maintenance window
-    unless forced, a hand-off mode other than the configured one (PreflightFailed). Also asked before anything is prepared (`policy_refusal`), so that
-    `kho-agentctl update` refuses with the very error the commit would meet."""
+    unless forced, a hand-off mode other than the configured one (PreflightFailed). Also asked
+    before anything is prepared (`policy_refusal`), so that `kho-agentctl update` refuses with
+    the very error the commit would meet."""
     if options.inhibitors:
         # --force is about clients that are not ready; an inhibitor is released by its holder
         raise Inhibited("live updates are held off by " + "; ".join(options.inhibitors)
