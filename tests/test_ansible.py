@@ -1,0 +1,412 @@
+"""The Ansible collection (packaging/ansible): ansible-lint's production profile, the playbooks'
+syntax, the agent role's drop-in, and the rolling update played with ansible_connection=local
+against three "hosts" that are three simulated daemons (`kho-agentd --simulate`), each on its
+own private dbus-daemon with a VM session to carry. Skipped without ansible-playbook (.ci/run
+installs Debian's ansible-core and ansible-lint; the default test run does not need them).
+
+Each host's kexec is the simulated one: the daemon's process ends as the host would, and the
+test starts it again (the next boot), as the QEMU suite's guests boot their new kernel.
+
+`kho-agentctl update` (the host side of issue 16) is not on this branch yet:
+ansible_update_standin.py stands in for it, ONLY to try the playbook's control flow; everything
+else the playbook runs is the real kho-agentctl.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tarfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dbusrig import Daemon, GioClient, PrivateBus, client_env
+from test_ctl import INCOMPATIBLE, create_ready_session
+
+from kho_agent.sim import SimKernel
+from kho_agent.sim.versions import SimAbi
+
+REPO = Path(__file__).resolve().parent.parent
+COLLECTION = REPO / "packaging" / "ansible"
+PLAYBOOKS = COLLECTION / "playbooks"
+STANDIN = REPO / "tests" / "ansible_update_standin.py"
+PLAYBOOK_TIMEOUT = 300.0
+OLD, NEW = "7.3.0-sim", "7.3.1-sim"
+RECAP = re.compile(r"^(\S+)\s+: ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)",
+                   re.M)
+
+pytestmark = pytest.mark.skipif(shutil.which("ansible-playbook") is None,
+                                reason="ansible-playbook is not installed (.ci/run installs "
+                                "Debian's ansible-core)")
+
+
+def ansible_env(tmp_path: Path) -> dict[str, str]:
+    """ansible-* with the collection found where it is in the checkout (a collections tree in
+    tmp_path whose khoagent/liveupdate is a link to packaging/ansible), nothing read from or
+    written to the machine's ~/.ansible, and no colours."""
+    tree = tmp_path / "collections" / "ansible_collections" / "khoagent"
+    if not tree.exists():
+        tree.mkdir(parents=True)
+        (tree / "liveupdate").symlink_to(COLLECTION)
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    return client_env({"HOME": str(home), "ANSIBLE_COLLECTIONS_PATH": str(tmp_path / "collections"),
+                       "ANSIBLE_LOCAL_TEMP": str(home / "tmp"), "ANSIBLE_NOCOLOR": "1",
+                       "ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_RETRY_FILES_ENABLED": "0",
+                       "ANSIBLE_PYTHON_INTERPRETER": "/usr/bin/python3", "NO_COLOR": "1"})
+
+
+def run(argv: list[str], env: dict[str, str], cwd: Path = REPO
+        ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, env=env, cwd=cwd, check=False,
+                          timeout=PLAYBOOK_TIMEOUT, stdin=subprocess.DEVNULL)
+
+
+def recap(output: str) -> dict[str, dict[str, int]]:
+    """PLAY RECAP: host -> {ok, changed, unreachable, failed}."""
+    return {m.group(1): {"ok": int(m.group(2)), "changed": int(m.group(3)),
+                         "unreachable": int(m.group(4)), "failed": int(m.group(5))}
+            for m in RECAP.finditer(output.split("PLAY RECAP", 1)[-1])}
+
+
+# --- lint and syntax ------------------------------------------------------------------------
+
+@pytest.mark.skipif(shutil.which("ansible-lint") is None, reason="ansible-lint is not installed")
+def test_ansible_lint_passes_with_the_production_profile(tmp_path: Path) -> None:
+    done = run(["ansible-lint", "--offline", "--profile", "production", "--nocolor"],
+               ansible_env(tmp_path), cwd=COLLECTION)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert "Passed with production profile: 0 failure(s), 0 warning(s)" in output, output
+
+
+def test_the_collection_builds_and_its_playbooks_pass_the_syntax_check(tmp_path: Path) -> None:
+    env = ansible_env(tmp_path)
+    built = run(["ansible-galaxy", "collection", "build", "--output-path", str(tmp_path),
+                 str(COLLECTION)], env)
+    assert built.returncode == 0, built.stdout + built.stderr
+    (tarball,) = tmp_path.glob("khoagent-liveupdate-*.tar.gz")
+    with tarfile.open(tarball) as archive:
+        names = set(archive.getnames())
+    assert {"MANIFEST.json", "playbooks/rolling_update.yml",
+            "roles/rolling_update/tasks/main.yml", "roles/agent/tasks/main.yml",
+            "roles/agent/templates/agent.conf.j2"} <= names, sorted(names)
+    # installed as an operator installs it (no network: a local tarball without dependencies)
+    installed = tmp_path / "installed"
+    done = run(["ansible-galaxy", "collection", "install", "--offline", "-p", str(installed),
+                str(tarball)], env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    env["ANSIBLE_COLLECTIONS_PATH"] = str(installed)
+    inventory = tmp_path / "inventory.ini"
+    inventory.write_text("[kho_fleet]\nhost-a\nhost-b\n")
+    for playbook in ("khoagent.liveupdate.rolling_update", "khoagent.liveupdate.agent"):
+        checked = run(["ansible-playbook", "-i", str(inventory), "--syntax-check", playbook], env)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+    listed = run(["ansible-playbook", "-i", str(inventory), "--list-hosts",
+                  "khoagent.liveupdate.rolling_update"], env)
+    assert re.search(r"hosts \(2\):\s+host-[ab]\s+host-[ab]\s*$", listed.stdout), listed.stdout
+
+
+# --- the agent role -------------------------------------------------------------------------
+
+@dataclass
+class AgentHost:
+    """The agent role's programs and directories moved under tmp_path."""
+
+    root: Path
+    inventory: Path
+    env: dict[str, str]
+
+    @property
+    def dropin(self) -> Path:
+        return self.root / "etc" / "kho-agent" / "agent.conf.d" / "50-ansible.conf"
+
+    def play(self, *extra: str) -> subprocess.CompletedProcess[str]:
+        return run(["ansible-playbook", "-i", str(self.inventory), str(PLAYBOOKS / "agent.yml"),
+                    "-e", "kho_become=false", *extra], self.env)
+
+
+@pytest.fixture
+def agent_host(tmp_path: Path) -> AgentHost:
+    root = tmp_path / "root"
+    (root / "etc" / "kho-agent" / "agent.conf.d").mkdir(parents=True)
+    # kho-agentd --check-config reads the configuration under --config-root (the role's scratch
+    # root, or this host's root for the whole-configuration check)
+    agentd = tmp_path / "kho-agentd"
+    agentd.write_text("#!/bin/sh\n"
+                      f"[ \"$2\" = --config-root ] || set -- \"$@\" --config-root {root}\n"
+                      f"PYTHONPATH={REPO} exec {sys.executable} -m kho_agent.daemon \"$@\"\n")
+    # restart-check: an update is held, so the role must not restart the daemon
+    check = tmp_path / "restart-check"
+    check.write_text("#!/bin/sh\necho 'kho-agentd holds a live update (state prepared)'\n"
+                     "exit 1\n")
+    for program in (agentd, check):
+        program.chmod(0o755)
+    inventory = tmp_path / "inventory.yml"
+    inventory.write_text(json.dumps({"kho_fleet": {"hosts": {"host-a": {
+        "ansible_connection": "local", "agent_agentd": str(agentd),
+        "agent_restart_check": str(check), "agent_service_started": False,
+        "agent_config_dir": str(root / "etc" / "kho-agent" / "agent.conf.d")}}}}))
+    return AgentHost(root, inventory, ansible_env(tmp_path))
+
+
+def test_the_agent_role_writes_a_dropin_the_daemon_reads(agent_host: AgentHost) -> None:
+    config = {"agent_target": "newest-compatible", "agent_handoff_mode": "fdstore",
+              "agent_maintenance_windows": ["Mon..Fri 02:00-04:00", "Sat,Sun 00:00-06:00"],
+              "agent_claim_grace_sec": "45min", "agent_digests": False,
+              "agent_metrics_directory": "", "agent_history_max_entries": 50}
+    done = agent_host.play("-e", json.dumps(config))
+    assert done.returncode == 0, done.stdout + done.stderr
+    text = agent_host.dropin.read_text()
+    sections = re.findall(r"^\[(\w+)\]$", text, re.M)
+    assert sections == ["Prepare", "Commit", "Sessions", "Records"], text
+    assignments = [line for line in text.splitlines() if "=" in line and not line.startswith("#")]
+    assert assignments == ["Target=newest-compatible", "HandoffMode=fdstore",
+                           "MaintenanceWindow=", "MaintenanceWindow=Mon..Fri 02:00-04:00",
+                           "MaintenanceWindow=Sat,Sun 00:00-06:00", "ClaimGraceSec=45min",
+                           "Digests=no", "MetricsDirectory=", "HistoryMaxEntries=50"], text
+    # the daemon reads it as meant: --check-config prints each key's effective value
+    shown = subprocess.run([sys.executable, "-m", "kho_agent.daemon", "--check-config",
+                            "--config-root", str(agent_host.root)], capture_output=True,
+                           text=True, env=client_env(), check=False)
+    assert shown.returncode == 0, shown.stderr
+    assert re.search(r"^HandoffMode=fdstore$", shown.stdout, re.M), shown.stdout
+    assert re.search(r"^Digests=no$", shown.stdout, re.M), shown.stdout
+    # restart-check said an update is held: not restarted, and the play says so
+    assert "kho-agent was not restarted: kho-agentd holds a live update" in done.stdout
+    assert recap(done.stdout)["host-a"]["changed"] == 1
+
+    again = agent_host.play("-e", json.dumps(config))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert recap(again.stdout)["host-a"]["changed"] == 0
+    assert "was not restarted" not in again.stdout
+
+
+def test_the_agent_role_refuses_a_value_the_daemon_would_refuse(agent_host: AgentHost) -> None:
+    done = agent_host.play("-e", "agent_handoff_mode=kexec")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert re.search(r"host-a: kho-agentd refuses the configuration this role would write "
+                     r"\(the host keeps its own\): .*\[Commit\] HandoffMode=: 'kexec' is not a "
+                     r"hand-off mode", done.stdout), done.stdout
+    assert not agent_host.dropin.exists()
+
+
+# --- the rolling update -----------------------------------------------------------------------
+
+@dataclass
+class SimHost:
+    """One "host": a private bus, a simulated kernel running OLD, a daemon whose Target= is an
+    image of `target_abi`, and a VM manager holding one ready session."""
+
+    name: str
+    bus: PrivateBus
+    daemon: Daemon
+    simdir: Path
+    result: Path
+    content: bytes
+
+    def ctl(self, *argv: str) -> dict[str, Any]:
+        done = subprocess.run([sys.executable, "-m", "kho_agent.cli", "--bus-address",
+                               self.bus.address, *argv, "--json"], capture_output=True,
+                              text=True, env=client_env(), check=False)
+        doc: dict[str, Any] = json.loads(done.stdout)
+        return doc
+
+    def properties(self) -> dict[str, Any]:
+        props: dict[str, Any] = self.ctl("status")["result"]["properties"]
+        return props
+
+    def history(self) -> list[dict[str, Any]]:
+        entries: list[dict[str, Any]] = self.ctl("history")["result"]["entries"]
+        return entries
+
+    def hostvars(self) -> dict[str, str]:
+        ctl = shlex.join([sys.executable, str(STANDIN), "--bus-address", self.bus.address])
+        # the unit: `update --json` in the background, its document written when it ends
+        unit = shlex.join(["setsid", "--fork", "sh", "-c",
+                           'exec </dev/null >/dev/null 2>&1; $0 update --json >"$1.part"; '
+                           'mv "$1.part" "$1"', ctl, str(self.result)])
+        return {"ansible_connection": "local", "rolling_update_ctl": ctl,
+                "rolling_update_start_command": unit,
+                "rolling_update_result_path": str(self.result),
+                "rolling_update_boot_id_path": str(self.simdir / "root" / "proc" / "sys" /
+                                                   "kernel" / "random" / "boot_id")}
+
+
+class NextBoots:
+    """Starts a host's daemon again once the simulated kexec ended it, as the next boot starts
+    kho-agent.service; stops watching at close."""
+
+    def __init__(self, hosts: list[SimHost]) -> None:
+        self.hosts = hosts
+        self.boots: dict[str, int] = {host.name: 0 for host in hosts}
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.05):
+            for host in self.hosts:
+                code = host.daemon.returncode
+                if code is None:
+                    continue
+                if code != 0:
+                    self.errors.append(f"{host.name}: kho-agentd exited {code}: "
+                                       f"{host.daemon.stderr_text()[-2000:]}")
+                    return
+                host.daemon.start()
+                self.boots[host.name] += 1
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@dataclass
+class Fleet:
+    hosts: list[SimHost]
+    inventory: Path
+    env: dict[str, str]
+    boots: NextBoots
+
+    def play(self, *extra: str) -> subprocess.CompletedProcess[str]:
+        done = run(["ansible-playbook", "-i", str(self.inventory),
+                    str(PLAYBOOKS / "rolling_update.yml"), "-e", "kho_become=false",
+                    "-e", "rolling_update_poll_interval=1", *extra], self.env)
+        assert not self.boots.errors, self.boots.errors
+        return done
+
+    def host(self, name: str) -> SimHost:
+        return next(host for host in self.hosts if host.name == name)
+
+
+def make_fleet(tmp_path: Path, stack: contextlib.ExitStack,
+               target_abis: dict[str, SimAbi]) -> Fleet:
+    hosts = []
+    for index, (name, abi) in enumerate(target_abis.items()):
+        base = tmp_path / name
+        simdir = base / "sim"
+        SimKernel.create(simdir, release=OLD)
+        image = SimKernel(simdir).write_kernel_image(base / "boot" / f"vmlinuz-{NEW}",
+                                                     release=NEW, abi=abi)
+        config = base / "root" / "etc" / "kho-agent"
+        config.mkdir(parents=True)
+        (config / "agent.conf").write_text(f"[Prepare]\nTarget={image}\n")
+        bus = stack.enter_context(PrivateBus("system"))
+        daemon = stack.enter_context(Daemon(bus.address, simdir, base / "state",
+                                            ["--config-root", str(base / "root")]))
+        content = os.urandom(64 * 1024) + bytes([index])
+        client = stack.enter_context(GioClient(bus.address))
+        create_ready_session(client, "vm-1", 7, content)
+        hosts.append(SimHost(name, bus, daemon, simdir, base / "update.json", content))
+    inventory = tmp_path / "inventory.yml"
+    inventory.write_text(json.dumps({"kho_fleet": {"hosts": {h.name: h.hostvars()
+                                                             for h in hosts}}}))
+    boots = NextBoots(hosts)
+    stack.callback(boots.close)
+    return Fleet(hosts, inventory, ansible_env(tmp_path), boots)
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    with contextlib.ExitStack() as stack:
+        yield make_fleet(tmp_path, stack, {"h1": SimAbi(), "h2": SimAbi(), "h3": SimAbi()})
+
+
+@pytest.fixture
+def fleet_with_a_bad_target(tmp_path: Path) -> Iterator[Fleet]:
+    with contextlib.ExitStack() as stack:
+        yield make_fleet(tmp_path, stack, {"h1": SimAbi(), "h2": INCOMPATIBLE,
+                                           "h3": SimAbi()})
+
+
+def test_check_mode_then_a_rolling_update_then_nothing_to_do(fleet: Fleet) -> None:
+    checked = fleet.play("--check")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert {name: row["changed"] for name, row in recap(checked.stdout).items()} == \
+        {"h1": 0, "h2": 0, "h3": 0}
+    for host in fleet.hosts:
+        assert f"{host.name}: would-update: {OLD} -> {NEW}" in checked.stdout
+        props = host.properties()
+        assert (props["State"], props["LiveUpdateNumber"]) == ("idle", 1), props
+        assert host.history() == []
+        assert not host.result.exists()
+
+    done = fleet.play("-e", "kho_serial=1")
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = recap(done.stdout)
+    assert set(rows) == {"h1", "h2", "h3"}
+    for host in fleet.hosts:
+        assert rows[host.name]["failed"] == 0 and rows[host.name]["changed"] >= 1, rows
+        assert re.search(rf"{host.name}: live update #2 verified: {OLD} -> {NEW} \(boot "
+                         r"[-0-9a-f]+ -> [-0-9a-f]+\), 1 session\(s\), 1 file\(s\), "
+                         rf"{len(host.content)} bytes", done.stdout), done.stdout
+        props = host.properties()
+        assert (props["State"], props["RunningKernel"], props["LiveUpdateNumber"]) == \
+            ("verified", NEW, 2), props
+        (entry,) = host.history()
+        assert (entry["verdict"], entry["release_from"], entry["release_to"]) == \
+            ("verified", OLD, NEW)
+        assert fleet.boots.boots[host.name] == 1
+    # serial: 1: one host at a time, in inventory order
+    order = [m.group(1) for m in re.finditer(r"^PLAY \[.*\]|^ok: \[(h\d)\] => \{\n\s+\"msg\": "
+                                             r"\"h\d: live update", done.stdout, re.M)
+             if m.group(1)]
+    assert order == ["h1", "h2", "h3"], order
+
+    again = fleet.play()
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert {name: row["changed"] for name, row in recap(again.stdout).items()} == \
+        {"h1": 0, "h2": 0, "h3": 0}
+    for host in fleet.hosts:
+        assert f"{host.name}: up to date, running {NEW}: nothing to do" in again.stdout
+        assert host.properties()["LiveUpdateNumber"] == 2
+
+
+def test_a_refused_host_stops_the_rollout_and_is_named(fleet_with_a_bad_target: Fleet) -> None:
+    fleet = fleet_with_a_bad_target
+    done = fleet.play("-e", "kho_serial=1")
+    assert done.returncode == 2, done.stdout + done.stderr
+    rows = recap(done.stdout)
+    assert rows["h1"]["failed"] == 0 and rows["h1"]["changed"] >= 1, rows
+    assert rows["h2"]["failed"] == 1 and rows["h2"]["changed"] == 0, rows
+    assert "h3" not in rows, rows   # its batch never started
+    assert re.search(r"h2: kho-agent refuses the update: PreflightFailed: \S", done.stdout), \
+        done.stdout
+    assert fleet.host("h1").properties()["LiveUpdateNumber"] == 2
+    for name in ("h2", "h3"):
+        props = fleet.host(name).properties()
+        assert (props["State"], props["RunningKernel"], props["LiveUpdateNumber"]) == \
+            ("idle", OLD, 1), props
+        assert fleet.host(name).history() == []
+
+
+def test_an_update_that_fails_on_the_host_is_read_from_its_document(fleet: Fleet) -> None:
+    # h1's unit ends without a kexec (as a refusal at commit would), leaving its document
+    h1 = fleet.host("h1")
+    document = {"schema": "kho-agent/v1", "command": "update", "ok": False, "exit_code": 3,
+                "result": None, "error": {"error": "PreflightFailed", "exit_code": 3,
+                                          "message": "outside every MaintenanceWindow="}}
+    writer = shlex.join([sys.executable, "-c",
+                         "import sys; open(sys.argv[1], 'w').write(sys.argv[2])",
+                         str(h1.result), json.dumps(document)])
+    done = fleet.play("-e", "kho_serial=1", "-e",
+                      json.dumps({"rolling_update_start_command": writer}), "--limit", "h1,h2")
+    assert done.returncode == 2, done.stdout + done.stderr
+    rows = recap(done.stdout)
+    assert rows["h1"]["failed"] == 1 and "h2" not in rows, rows
+    assert re.search(r"h1: the live update failed: PreflightFailed: outside every "
+                     r"MaintenanceWindow= \(the host stays in its boot [-0-9a-f]+, release "
+                     rf"{re.escape(OLD)}\)", done.stdout), done.stdout
+    assert h1.properties()["LiveUpdateNumber"] == 1
