@@ -165,6 +165,11 @@ def test_the_agent_role_writes_a_dropin_the_daemon_reads(agent_host: AgentHost) 
               "agent_maintenance_windows": ["Mon..Fri 02:00-04:00", "Sat,Sun 00:00-06:00"],
               "agent_claim_grace_sec": "45min", "agent_digests": False,
               "agent_metrics_directory": "", "agent_history_max_entries": 50}
+    checked = agent_host.play("-e", json.dumps(config), "--check")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert recap(checked.stdout)["host-a"]["changed"] == 1   # it would write the drop-in
+    assert not agent_host.dropin.exists()
+
     done = agent_host.play("-e", json.dumps(config))
     assert done.returncode == 0, done.stdout + done.stderr
     text = agent_host.dropin.read_text()
