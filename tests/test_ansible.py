@@ -381,6 +381,15 @@ def test_check_mode_then_a_rolling_update_then_nothing_to_do(fleet: Fleet) -> No
 
 def test_a_refused_host_stops_the_rollout_and_is_named(fleet_with_a_bad_target: Fleet) -> None:
     fleet = fleet_with_a_bad_target
+    # a dry run of the whole fleet in one batch: every host's answer, then the play fails
+    checked = fleet.play("--check", "-e", "kho_serial=100%")
+    assert checked.returncode == 2, checked.stdout + checked.stderr
+    for name in ("h1", "h3"):
+        assert f"{name}: would-update: {OLD} -> {NEW}" in checked.stdout, checked.stdout
+    assert re.search(r"h2: kho-agent refuses the update: PreflightFailed: target kernel is "
+                     r"incompatible", checked.stdout), checked.stdout
+    assert all(host.properties()["State"] == "idle" for host in fleet.hosts)
+
     done = fleet.play("-e", "kho_serial=1")
     assert done.returncode == 2, done.stdout + done.stderr
     rows = recap(done.stdout)
