@@ -1,11 +1,14 @@
 """The Ansible collection (packaging/ansible): ansible-lint's production profile, the playbooks'
-syntax, the agent role's drop-in, and the rolling update played with ansible_connection=local
+syntax, the agent role's drop-in (ansible_connection=local), and the rolling update played
 against three "hosts" that are three simulated daemons (`kho-agentd --simulate`), each on its
 own private dbus-daemon with a VM session to carry. Skipped without ansible-playbook (.ci/run
 installs Debian's ansible-core and ansible-lint; the default test run does not need them).
 
 Each host's kexec is the simulated one: the daemon's process ends as the host would, and the
-test starts it again (the next boot), as the QEMU suite's guests boot their new kernel.
+test starts it again (the next boot), as the QEMU suite's guests boot their new kernel. The
+rolling update goes through Ansible's ssh connection plugin with a stand-in ssh program
+(KEXEC_SSH) that runs commands here and drops the first connection after a host's boot id
+changed, as the kexec drops a real one.
 
 `kho-agentctl update` (the host side of issue 16) is not on this branch yet:
 ansible_update_standin.py stands in for it, ONLY to try the playbook's control flow; everything
@@ -208,6 +211,33 @@ def test_the_agent_role_refuses_a_value_the_daemon_would_refuse(agent_host: Agen
 
 # --- the rolling update -----------------------------------------------------------------------
 
+# The transport: Ansible's ssh connection plugin with this program as its ssh executable
+# (pipelining on: the module goes on stdin, no file transfer). It runs the command on this
+# machine, as ssh would on the host, except for the first connection after the host's boot id
+# changed: that one fails as ssh does when the kexec took the host away under it (exit 255, which
+# Ansible reports as unreachable). So every kexec costs the play one lost connection, whichever
+# task meets it, as on real hosts.
+KEXEC_SSH = """\
+import os, sys
+args = sys.argv[1:]
+if "-O" in args:                      # ControlMaster check/stop (connection reset)
+    sys.exit(0)
+host, command = args[-2], args[-1]
+state = os.path.join(os.environ["KHO_TEST_SSH_DIR"], host)
+with open(state + ".boot_id_path") as f:
+    boot_id = open(f.read()).read().strip()
+seen = open(state + ".seen").read() if os.path.exists(state + ".seen") else None
+with open(state + ".seen", "w") as f:
+    f.write(boot_id)
+if seen is not None and seen != boot_id:
+    with open(state + ".lost", "a") as f:
+        f.write(boot_id + "\\n")
+    sys.stderr.write(f"Connection to {host} closed by remote host.\\n")
+    sys.exit(255)
+os.execvp("sh", ["sh", "-c", command])
+"""
+
+
 @dataclass
 class SimHost:
     """One "host": a private bus, a simulated kernel running OLD, a daemon whose Target= is an
@@ -219,6 +249,17 @@ class SimHost:
     simdir: Path
     result: Path
     content: bytes
+    ssh: Path
+    ssh_dir: Path
+
+    @property
+    def boot_id_path(self) -> Path:
+        return self.simdir / "root" / "proc" / "sys" / "kernel" / "random" / "boot_id"
+
+    def lost_connections(self) -> list[str]:
+        """The boot ids at which the transport dropped a connection (one per kexec)."""
+        lost = self.ssh_dir / f"{self.name}.lost"
+        return lost.read_text().split() if lost.exists() else []
 
     def ctl(self, *argv: str) -> dict[str, Any]:
         done = subprocess.run([sys.executable, "-m", "kho_agent.cli", "--bus-address",
@@ -241,11 +282,11 @@ class SimHost:
         unit = shlex.join(["setsid", "--fork", "sh", "-c",
                            'exec </dev/null >/dev/null 2>&1; $0 update --json >"$1.part"; '
                            'mv "$1.part" "$1"', ctl, str(self.result)])
-        return {"ansible_connection": "local", "rolling_update_ctl": ctl,
+        return {"ansible_connection": "ssh", "ansible_pipelining": True,
+                "ansible_ssh_executable": str(self.ssh), "rolling_update_ctl": ctl,
                 "rolling_update_start_command": unit,
                 "rolling_update_result_path": str(self.result),
-                "rolling_update_boot_id_path": str(self.simdir / "root" / "proc" / "sys" /
-                                                   "kernel" / "random" / "boot_id")}
+                "rolling_update_boot_id_path": str(self.boot_id_path)}
 
 
 class NextBoots:
@@ -298,6 +339,11 @@ class Fleet:
 
 def make_fleet(tmp_path: Path, stack: contextlib.ExitStack,
                target_abis: dict[str, SimAbi]) -> Fleet:
+    ssh_dir = tmp_path / "ssh"
+    ssh_dir.mkdir()
+    ssh = tmp_path / "kexec-ssh"
+    ssh.write_text(f"#!{sys.executable}\n{KEXEC_SSH}")
+    ssh.chmod(0o755)
     hosts = []
     for index, (name, abi) in enumerate(target_abis.items()):
         base = tmp_path / name
@@ -314,13 +360,17 @@ def make_fleet(tmp_path: Path, stack: contextlib.ExitStack,
         content = os.urandom(64 * 1024) + bytes([index])
         client = stack.enter_context(GioClient(bus.address))
         create_ready_session(client, "vm-1", 7, content)
-        hosts.append(SimHost(name, bus, daemon, simdir, base / "update.json", content))
+        host = SimHost(name, bus, daemon, simdir, base / "update.json", content, ssh, ssh_dir)
+        (ssh_dir / f"{name}.boot_id_path").write_text(str(host.boot_id_path))
+        hosts.append(host)
     inventory = tmp_path / "inventory.yml"
     inventory.write_text(json.dumps({"kho_fleet": {"hosts": {h.name: h.hostvars()
                                                              for h in hosts}}}))
     boots = NextBoots(hosts)
     stack.callback(boots.close)
-    return Fleet(hosts, inventory, ansible_env(tmp_path), boots)
+    env = ansible_env(tmp_path)
+    env["KHO_TEST_SSH_DIR"] = str(ssh_dir)
+    return Fleet(hosts, inventory, env, boots)
 
 
 @pytest.fixture
@@ -364,6 +414,9 @@ def test_check_mode_then_a_rolling_update_then_nothing_to_do(fleet: Fleet) -> No
         assert (entry["verdict"], entry["release_from"], entry["release_to"]) == \
             ("verified", OLD, NEW)
         assert fleet.boots.boots[host.name] == 1
+        # the connection the kexec cut was expected: one lost, at the new boot, and the play
+        # went on
+        assert host.lost_connections() == [host.boot_id_path.read_text().strip()]
     # serial: 1: one host at a time, in inventory order
     order = [m.group(1) for m in re.finditer(r"^PLAY \[.*\]|^ok: \[(h\d)\] => \{\n\s+\"msg\": "
                                              r"\"h\d: live update", done.stdout, re.M)
