@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dbusrig import Daemon, GioClient, PrivateBus, client_env
+from dbusrig import MANAGER_IFACE, MANAGER_PATH, Daemon, GioClient, PrivateBus, client_env
 from test_ctl import INCOMPATIBLE, create_ready_session
 
 from kho_agent.sim import SimKernel
@@ -85,6 +85,12 @@ def recap(output: str) -> dict[str, dict[str, int]]:
     return {m.group(1): {"ok": int(m.group(2)), "changed": int(m.group(3)),
                          "unreachable": int(m.group(4)), "failed": int(m.group(5))}
             for m in RECAP.finditer(output.split("PLAY RECAP", 1)[-1])}
+
+
+def failures(output: str) -> dict[str, str]:
+    """host -> the message of its failed task (`fatal: [host]: FAILED! => {...}`)."""
+    return {m.group(1): json.loads(m.group(2))["msg"]
+            for m in re.finditer(r"^fatal: \[(\S+)\]: FAILED! => (\{.*\})$", output, re.M)}
 
 
 # --- lint and syntax ------------------------------------------------------------------------
@@ -281,12 +287,17 @@ class SimHost:
         entries: list[dict[str, Any]] = self.ctl("history")["result"]["entries"]
         return entries
 
-    def hostvars(self) -> dict[str, str]:
+    def unit(self, *options: str) -> str:
+        """kho-agent-update.service's part: `update --json` in the background, its document
+        written when it ends."""
+        ctl = shlex.join([*CTL, "--bus-address", self.bus.address, "update", *options, "--json"])
+        return shlex.join(["setsid", "--fork", "sh", "-c",
+                           'exec </dev/null >/dev/null 2>&1; $0 >"$1.part"; mv "$1.part" "$1"',
+                           ctl, str(self.result)])
+
+    def hostvars(self) -> dict[str, Any]:
         ctl = shlex.join([*CTL, "--bus-address", self.bus.address])
-        # the unit: `update --json` in the background, its document written when it ends
-        unit = shlex.join(["setsid", "--fork", "sh", "-c",
-                           'exec </dev/null >/dev/null 2>&1; $0 update --json >"$1.part"; '
-                           'mv "$1.part" "$1"', ctl, str(self.result)])
+        unit = self.unit()
         return {"ansible_connection": "ssh", "ansible_pipelining": True,
                 "ansible_ssh_executable": str(self.ssh), "rolling_update_ctl": ctl,
                 "rolling_update_start_command": unit,
@@ -454,8 +465,9 @@ def test_a_refused_host_stops_the_rollout_and_is_named(fleet_with_a_bad_target: 
     assert rows["h1"]["failed"] == 0 and rows["h1"]["changed"] >= 1, rows
     assert rows["h2"]["failed"] == 1 and rows["h2"]["changed"] == 0, rows
     assert "h3" not in rows, rows   # its batch never started
-    assert re.search(r"h2: kho-agent refuses the update: PreflightFailed: .*target kernel is "
-                     r"incompatible", done.stdout), done.stdout
+    assert re.fullmatch(r"h2: kho-agent refuses the update: PreflightFailed: .*target kernel "
+                        r"is incompatible.*", failures(done.stdout)["h2"]), done.stdout
+    assert set(failures(done.stdout)) == {"h2"}
     assert fleet.host("h1").properties()["LiveUpdateNumber"] == 2
     for name in ("h2", "h3"):
         props = fleet.host(name).properties()
@@ -464,21 +476,30 @@ def test_a_refused_host_stops_the_rollout_and_is_named(fleet_with_a_bad_target: 
         assert fleet.host(name).history() == []
 
 
-def test_an_update_that_fails_on_the_host_is_read_from_its_document(fleet: Fleet) -> None:
-    # h1's unit ends without a kexec (as a refusal at commit would), leaving its document
+def test_an_update_that_fails_on_the_host_is_reported_from_its_document(fleet: Fleet) -> None:
+    # h1's VM manager has a second session it never marks ready: the check passes (readiness is
+    # not known before the prepare), the unit prepares, the clients are not ready in time, the
+    # update is cancelled and the unit's document says why
     h1 = fleet.host("h1")
-    document = {"schema": "kho-agent/v1", "command": "update", "ok": False, "exit_code": 3,
-                "result": None, "error": {"error": "PreflightFailed", "exit_code": 3,
-                                          "message": "outside every MaintenanceWindow="}}
-    writer = shlex.join([sys.executable, "-c",
-                         "import sys; open(sys.argv[1], 'w').write(sys.argv[2])",
-                         str(h1.result), json.dumps(document)])
-    done = fleet.play("-e", "kho_serial=1", "-e",
-                      json.dumps({"rolling_update_start_command": writer}), "--limit", "h1,h2")
+    with GioClient(h1.bus.address) as laggard:
+        laggard.call_values(MANAGER_PATH, MANAGER_IFACE, "CreateSession", "s", ("vm-2",))
+        unit = h1.unit("--ready-timeout", "1")
+        done = fleet.play("-e", "kho_serial=1", "-e",
+                          json.dumps({"rolling_update_start_command": unit}), "--limit", "h1,h2")
     assert done.returncode == 2, done.stdout + done.stderr
     rows = recap(done.stdout)
     assert rows["h1"]["failed"] == 1 and "h2" not in rows, rows
-    assert re.search(r"h1: the live update failed: PreflightFailed: outside every "
-                     r"MaintenanceWindow= \(the host stays in its boot [-0-9a-f]+, release "
-                     rf"{re.escape(OLD)}\)", done.stdout), done.stdout
-    assert h1.properties()["LiveUpdateNumber"] == 1
+    found = re.fullmatch(r"h1: the live update failed: (\w+): (.*) \(the host stays in its "
+                         rf"boot ([-0-9a-f]+), release {re.escape(OLD)}\)",
+                         failures(done.stdout)["h1"])
+    assert found, done.stdout
+    document = json.loads(h1.result.read_text())
+    assert (found.group(1), found.group(2)) == (document["error"]["error"],
+                                                document["error"]["message"])
+    assert "vm-2" in found.group(2), found.group(2)
+    assert found.group(3) == h1.boot_id_path.read_text().strip()
+    props = h1.properties()
+    assert (props["State"], props["RunningKernel"], props["LiveUpdateNumber"]) == \
+        ("idle", OLD, 1), props
+    assert h1.lost_connections() == []
+    assert fleet.host("h2").properties()["LiveUpdateNumber"] == 1
