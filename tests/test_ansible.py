@@ -115,12 +115,15 @@ def test_the_collection_builds_and_its_playbooks_pass_the_syntax_check(tmp_path:
     assert {"MANIFEST.json", "playbooks/rolling_update.yml",
             "roles/rolling_update/tasks/main.yml", "roles/agent/tasks/main.yml",
             "roles/agent/templates/agent.conf.j2"} <= names, sorted(names)
-    # installed as an operator installs it (no network: a local tarball without dependencies)
+    # installed as an operator installs it (no network: a local tarball without dependencies),
+    # where nothing else provides it (the checkout's link is not on this path)
     installed = tmp_path / "installed"
+    env["ANSIBLE_COLLECTIONS_PATH"] = str(installed)
     done = run(["ansible-galaxy", "collection", "install", "--offline", "-p", str(installed),
                 str(tarball)], env)
     assert done.returncode == 0, done.stdout + done.stderr
-    env["ANSIBLE_COLLECTIONS_PATH"] = str(installed)
+    assert (installed / "ansible_collections" / "khoagent" / "liveupdate" / "MANIFEST.json"
+            ).is_file()
     inventory = tmp_path / "inventory.ini"
     inventory.write_text("[kho_fleet]\nhost-a\nhost-b\n")
     for playbook in ("khoagent.liveupdate.rolling_update", "khoagent.liveupdate.agent"):
