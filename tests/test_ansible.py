@@ -234,23 +234,37 @@ def test_the_agent_role_refuses_a_value_the_daemon_would_refuse(agent_host: Agen
 # Ansible reports as unreachable). So every kexec costs the play one lost connection, whichever
 # task meets it, as on real hosts.
 KEXEC_SSH = """\
-import os, sys
+import os, subprocess, sys
 args = sys.argv[1:]
 if "-O" in args:                      # ControlMaster check/stop (connection reset)
     sys.exit(0)
 host, command = args[-2], args[-1]
 state = os.path.join(os.environ["KHO_TEST_SSH_DIR"], host)
 with open(state + ".boot_id_path") as f:
-    boot_id = open(f.read()).read().strip()
-seen = open(state + ".seen").read() if os.path.exists(state + ".seen") else None
-with open(state + ".seen", "w") as f:
-    f.write(boot_id)
-if seen is not None and seen != boot_id:
+    boot_id_path = f.read()
+def boot_id():
+    with open(boot_id_path) as f:
+        return f.read().strip()
+def lost(now):
+    with open(state + ".seen", "w") as f:
+        f.write(now)
     with open(state + ".lost", "a") as f:
-        f.write(boot_id + "\\n")
+        f.write(now + "\\n")
     sys.stderr.write(f"Connection to {host} closed by remote host.\\n")
     sys.exit(255)
-os.execvp("sh", ["sh", "-c", command])
+before = boot_id()
+seen = open(state + ".seen").read() if os.path.exists(state + ".seen") else before
+if seen != before:
+    lost(before)
+with open(state + ".seen", "w") as f:
+    f.write(before)
+done = subprocess.run(["sh", "-c", command], capture_output=True)
+after = boot_id()
+if after != before:                   # the kexec came while the command ran: it died with it
+    lost(after)
+sys.stdout.buffer.write(done.stdout)
+sys.stderr.buffer.write(done.stderr)
+sys.exit(done.returncode)
 """
 
 
@@ -316,6 +330,7 @@ class NextBoots:
 
     def __init__(self, hosts: list[SimHost]) -> None:
         self.hosts = hosts
+        self.held: set[str] = set()   # hosts whose agent does not come back (a test's fault)
         self.boots: dict[str, int] = {host.name: 0 for host in hosts}
         self.errors: list[str] = []
         self._stop = threading.Event()
@@ -326,7 +341,7 @@ class NextBoots:
         while not self._stop.wait(0.05):
             for host in self.hosts:
                 code = host.daemon.returncode
-                if code is None:
+                if code is None or host.name in self.held:
                     continue
                 if code != 0:
                     self.errors.append(f"{host.name}: kho-agentd exited {code}: "
@@ -508,3 +523,35 @@ def test_an_update_that_fails_on_the_host_is_reported_from_its_document(fleet: F
         ("idle", OLD, 1), props
     assert h1.lost_connections() == []
     assert fleet.host("h2").properties()["LiveUpdateNumber"] == 1
+
+
+def test_a_host_that_neither_leaves_nor_reports_fails_at_the_bound_and_is_named(
+        fleet: Fleet) -> None:
+    # a start command that starts nothing: no kexec, no document
+    done = fleet.play("-e", "kho_serial=1", "-e", "rolling_update_timeout=2", "-e",
+                      json.dumps({"rolling_update_start_command": "true"}), "--limit", "h1")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert recap(done.stdout)["h1"]["failed"] == 1
+    message = failures(done.stdout)["h1"]
+    assert re.fullmatch(r"h1: no new boot and no result from the update after 2 s \(still boot "
+                        rf"[-0-9a-f]+, release {re.escape(OLD)}; the update's document: none\); "
+                        r"see `systemctl status kho-agent-update.service` and `kho-agentctl "
+                        r"status` on the host", message), message
+    assert fleet.host("h1").properties()["State"] == "idle"
+
+
+def test_a_host_whose_agent_does_not_verify_fails_at_the_bound_and_is_named(
+        fleet: Fleet) -> None:
+    # the kexec happens, but kho-agentd does not start in the new boot
+    fleet.boots.held.add("h1")
+    done = fleet.play("-e", "kho_serial=1", "-e", "rolling_update_verify_timeout=2", "--limit",
+                      "h1,h2")
+    assert done.returncode == 2, done.stdout + done.stderr
+    rows = recap(done.stdout)
+    assert rows["h1"]["failed"] == 1 and "h2" not in rows, rows
+    h1 = fleet.host("h1")
+    new_boot = h1.boot_id_path.read_text().strip()
+    message = failures(done.stdout)["h1"]
+    assert message.startswith(f"h1: the host came back (boot {new_boot}) but kho-agent did not "
+                              "verify the live update: state unknown: "), message
+    assert h1.lost_connections() == [new_boot]
