@@ -555,3 +555,20 @@ def test_a_host_whose_agent_does_not_verify_fails_at_the_bound_and_is_named(
     assert message.startswith(f"h1: the host came back (boot {new_boot}) but kho-agent did not "
                               "verify the live update: state unknown: "), message
     assert h1.lost_connections() == [new_boot]
+
+
+def test_a_host_whose_memory_came_back_damaged_stops_the_rollout(fleet: Fleet) -> None:
+    # the kexec flips a byte of h1's guest memory: the agent's verification fails, and so does
+    # the host, with the agent's state and last result; h2 is not touched
+    h1 = fleet.host("h1")
+    SimKernel(h1.simdir).inject("corrupt-file", session="vm-1", token=7, offset=100)
+    done = fleet.play("-e", "kho_serial=1", "--limit", "h1,h2")
+    assert done.returncode == 2, done.stdout + done.stderr
+    rows = recap(done.stdout)
+    assert rows["h1"]["failed"] == 1 and "h2" not in rows, rows
+    message = failures(done.stdout)["h1"]
+    assert re.match(r"h1: the host came back \(boot [-0-9a-f]+\) but kho-agent did not verify "
+                    r"the live update: state failed: .*; last result: failed \(1 mismatch, \d+ "
+                    r"ok\); mismatch: file-digest vm-1/7: ", message), message
+    assert h1.properties()["State"] == "failed"
+    assert fleet.host("h2").properties()["LiveUpdateNumber"] == 1
