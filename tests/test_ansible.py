@@ -35,7 +35,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dbusrig import MANAGER_IFACE, MANAGER_PATH, Daemon, GioClient, PrivateBus, client_env
+from dbusrig import (
+    MANAGER_IFACE,
+    MANAGER_PATH,
+    Daemon,
+    GioClient,
+    PrivateBus,
+    RigError,
+    client_env,
+)
 from test_ctl import INCOMPATIBLE, create_ready_session
 
 from kho_agent.sim import SimKernel
@@ -347,7 +355,11 @@ class NextBoots:
                     self.errors.append(f"{host.name}: kho-agentd exited {code}: "
                                        f"{host.daemon.stderr_text()[-2000:]}")
                     return
-                host.daemon.start()
+                try:
+                    host.daemon.start()
+                except RigError as err:
+                    self.errors.append(f"{host.name}: the next boot's kho-agentd: {err}")
+                    return
                 self.boots[host.name] += 1
 
     def close(self) -> None:
