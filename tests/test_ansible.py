@@ -10,16 +10,12 @@ rolling update goes through Ansible's ssh connection plugin with a stand-in ssh 
 (KEXEC_SSH) that runs commands here and drops the first connection after a host's boot id
 changed, as the kexec drops a real one.
 
-`kho-agentctl update` (the host side of issue 16) is written on another branch: where it is
-missing (kho_agent/cli/update.py), ansible_update_standin.py stands in for it, ONLY to try the
-playbook's control flow; everything else the playbook runs is the real kho-agentctl. Where it is
-there, the real command is used, and the stand-in can go.
+Everything the playbook runs on a host is the real kho-agentctl (`update` included).
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import re
@@ -52,10 +48,8 @@ from kho_agent.sim.versions import SimAbi
 REPO = Path(__file__).resolve().parent.parent
 COLLECTION = REPO / "packaging" / "ansible"
 PLAYBOOKS = COLLECTION / "playbooks"
-STANDIN = REPO / "tests" / "ansible_update_standin.py"
-# kho-agentctl as the hosts run it: the real one once it has `update`, else the stand-in
-CTL = ([sys.executable, "-m", "kho_agent.cli"] if importlib.util.find_spec("kho_agent.cli.update")
-       else [sys.executable, str(STANDIN)])
+# kho-agentctl as the hosts run it
+CTL = [sys.executable, "-m", "kho_agent.cli"]
 PLAYBOOK_TIMEOUT = 300.0
 OLD, NEW = "7.3.0-sim", "7.3.1-sim"
 RECAP = re.compile(r"^(\S+)\s+: ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)",
