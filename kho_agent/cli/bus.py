@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import gi
 
@@ -601,30 +601,30 @@ class AgentClient:
             return watch.follow(job, on_progress, self)
 
 
-class _JobWatch:
-    """Signal subscriptions on a private main context: every Job's PropertiesChanged, the
-    Manager's JobRemoved, and the agent's name losing its owner."""
+# (sender, interface, member, object path, arg0, callback) of one signal subscription
+Subscription = tuple[str, str, str, str | None, str | None, Callable[..., None]]
+
+
+class SignalWatch:
+    """Signal subscriptions on a private main context, made on entry (before the caller's first
+    look, so no change falls between) and dropped on exit with their queued callbacks. A
+    subclass says which signals (`subscriptions`) and what it keeps of them."""
 
     def __init__(self, connection: Gio.DBusConnection) -> None:
         self.connection = connection
         self.context = GLib.MainContext.new()
-        self.seen = _Collected()
         self._subscriptions: list[int] = []
 
-    def __enter__(self) -> _JobWatch:
+    def subscriptions(self) -> list[Subscription]:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
         self.context.push_thread_default()
         try:
             self._subscriptions = [
-                self.connection.signal_subscribe(
-                    api.BUS_NAME, PROPERTIES_IFACE, "PropertiesChanged", None, api.JOB_IFACE,
-                    Gio.DBusSignalFlags.NONE, self._on_changed),
-                self.connection.signal_subscribe(
-                    api.BUS_NAME, api.MANAGER_IFACE, "JobRemoved", api.MANAGER_PATH, None,
-                    Gio.DBusSignalFlags.NONE, self._on_removed),
-                self.connection.signal_subscribe(
-                    DBUS_NAME, DBUS_IFACE, "NameOwnerChanged", DBUS_PATH, api.BUS_NAME,
-                    Gio.DBusSignalFlags.NONE, self._on_owner),
-            ]
+                self.connection.signal_subscribe(sender, iface, member, path, arg0,
+                                                 Gio.DBusSignalFlags.NONE, callback)
+                for sender, iface, member, path, arg0, callback in self.subscriptions()]
         finally:
             self.context.pop_thread_default()
         return self
@@ -637,6 +637,25 @@ class _JobWatch:
         # let Gio drop the subscriptions' queued callbacks on our context
         while self.context.iteration(False):
             pass
+
+
+class _JobWatch(SignalWatch):
+    """Every Job's PropertiesChanged, the Manager's JobRemoved, and the agent's name losing its
+    owner."""
+
+    def __init__(self, connection: Gio.DBusConnection) -> None:
+        super().__init__(connection)
+        self.seen = _Collected()
+
+    def subscriptions(self) -> list[Subscription]:
+        return [
+            (api.BUS_NAME, PROPERTIES_IFACE, "PropertiesChanged", None, api.JOB_IFACE,
+             self._on_changed),
+            (api.BUS_NAME, api.MANAGER_IFACE, "JobRemoved", api.MANAGER_PATH, None,
+             self._on_removed),
+            (DBUS_NAME, DBUS_IFACE, "NameOwnerChanged", DBUS_PATH, api.BUS_NAME,
+             self._on_owner),
+        ]
 
     def _on_changed(self, _conn: Gio.DBusConnection, _sender: str, path: str, _iface: str,
                     _member: str, params: GLib.Variant) -> None:

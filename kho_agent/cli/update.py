@@ -52,6 +52,8 @@ from .bus import (
     AgentClient,
     Deadline,
     JobInfo,
+    SignalWatch,
+    Subscription,
     TargetFiles,
     add_timeout_option,
     open_target_files,
@@ -238,43 +240,26 @@ def cancel(client: AgentClient, timeout: float, report: UpdateReport) -> None:
 
 # ---------------------------------------------------------------------------------- waiting
 
-class ChangeWatch:
+class ChangeWatch(SignalWatch):
     """Wakes the wait for readiness when something it depends on may have changed: a
     session's properties (Ready), a session released, the Manager's properties (State,
     Inhibitors), the daemon leaving the bus. Subscribed before the first look."""
 
     def __init__(self, connection: Gio.DBusConnection) -> None:
-        self.connection = connection
-        self.context = GLib.MainContext.new()
+        super().__init__(connection)
         self.seen = False
-        self._subscriptions: list[int] = []
 
-    def __enter__(self) -> ChangeWatch:
-        self.context.push_thread_default()
-        try:
-            subscribe = self.connection.signal_subscribe
-            flags = Gio.DBusSignalFlags.NONE
-            self._subscriptions = [
-                subscribe(api.BUS_NAME, PROPERTIES_IFACE, "PropertiesChanged", None,
-                          api.SESSION_IFACE, flags, self._on_signal),
-                subscribe(api.BUS_NAME, PROPERTIES_IFACE, "PropertiesChanged",
-                          api.MANAGER_PATH, api.MANAGER_IFACE, flags, self._on_signal),
-                subscribe(api.BUS_NAME, api.MANAGER_IFACE, "SessionReleased",
-                          api.MANAGER_PATH, None, flags, self._on_signal),
-                subscribe(DBUS_NAME, DBUS_IFACE, "NameOwnerChanged", DBUS_PATH, api.BUS_NAME,
-                          flags, self._on_signal),
-            ]
-        finally:
-            self.context.pop_thread_default()
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        for sub in self._subscriptions:
-            self.connection.signal_unsubscribe(sub)
-        self._subscriptions = []
-        while self.context.iteration(False):
-            pass
+    def subscriptions(self) -> list[Subscription]:
+        return [
+            (api.BUS_NAME, PROPERTIES_IFACE, "PropertiesChanged", None, api.SESSION_IFACE,
+             self._on_signal),
+            (api.BUS_NAME, PROPERTIES_IFACE, "PropertiesChanged", api.MANAGER_PATH,
+             api.MANAGER_IFACE, self._on_signal),
+            (api.BUS_NAME, api.MANAGER_IFACE, "SessionReleased", api.MANAGER_PATH, None,
+             self._on_signal),
+            (DBUS_NAME, DBUS_IFACE, "NameOwnerChanged", DBUS_PATH, api.BUS_NAME,
+             self._on_signal),
+        ]
 
     def _on_signal(self, *_args: object) -> None:
         self.seen = True
