@@ -197,7 +197,8 @@ class FleetGuest:
             raise FleetError(f"{self.name}: QEMU exited before the guest was ready\n"
                              + self.vm.describe())
         now = time.monotonic() - self.vm.started
-        if self.ssh_ready_s is None and self.run("true", timeout_s=30).returncode == 0:
+        if self.ssh_ready_s is None and self.ssh.banner() is not None \
+                and self.run("true", timeout_s=30).returncode == 0:
             self.ssh_ready_s = round(time.monotonic() - self.vm.started, 1)
             self.rss_kib["ssh_ready"] = self.vm.rss_kib()
         if self.boot1_done_s is None and 1 in self.boot_ends():

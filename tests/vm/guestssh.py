@@ -11,6 +11,7 @@ key (tests/vm/rootfs.py make_ssh_access); BatchMode: never a prompt, a refusal i
 from __future__ import annotations
 
 import shlex
+import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,17 @@ class SshTarget:
         for option in COMMON_OPTIONS:
             out += ["-o", option]
         return out
+
+    def banner(self, timeout_s: float = 2.0) -> str | None:
+        """The server's identification line (``SSH-2.0-...``) if sshd answers within
+        ``timeout_s``, else None: a cheap probe to poll with while a guest boots (QEMU accepts
+        the connection at once and resets or stalls it until the guest's sshd listens)."""
+        try:
+            with socket.create_connection((self.host, self.port), timeout=timeout_s) as sock:
+                line = sock.recv(256).split(b"\r\n", 1)[0].decode(errors="replace")
+        except OSError:  # refused, reset or timed out: not yet
+            return None
+        return line if line.startswith("SSH-") else None
 
     def argv(self, command: str) -> list[str]:
         """``ssh ... user@host command``: ``command`` is run by the guest's login shell."""

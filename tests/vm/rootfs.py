@@ -458,12 +458,13 @@ def install_guest_files(root: Path) -> None:
 # it stays through every live update). Every other run boots without it and without a NIC:
 # those units would start for nothing and slow each boot under TCG.
 FLEET_CMDLINE = "kho_test.ssh=1"
-# What `systemctl enable systemd-networkd.service ssh.service` turns on, on both releases (the
-# names of units a release lacks are harmless drop-ins).
+# What `systemctl enable systemd-networkd.service ssh.service` turns on, on both releases (read
+# from the images 2026-12-04; the names of units a release lacks are harmless drop-ins).
 FLEET_UNITS: tuple[str, ...] = (
     "ssh.service", "systemd-networkd.service", "systemd-networkd.socket",
     "systemd-network-generator.service", "systemd-networkd-persistent-storage.service",
-    "systemd-networkd-varlink.socket",
+    "systemd-networkd-varlink.socket", "systemd-networkd-varlink-metrics.socket",
+    "systemd-networkd-resolve-hook.socket",
 )
 FLEET_DROPIN = f"""# tests/vm/rootfs.py: only in the fleet's guests (tests/vm/fleet.py)
 [Unit]

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +83,28 @@ def test_ssh_never_prompts_and_checks_no_host_key(tmp_path: Path) -> None:
     script = tmp_path / "ssh"
     script.write_text(target.script())
     assert subprocess.run(["sh", "-n", str(script)], check=False).returncode == 0
+
+
+def test_the_banner_probe_tells_an_sshd_from_a_closed_or_silent_port(tmp_path: Path) -> None:
+    """What QEMU's forwarding looks like before the guest's sshd listens (accepted, then
+    closed) against an sshd's first line; a port nobody listens on is refused."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(2)
+        target = SshTarget(server.getsockname()[1], tmp_path / "key")
+
+        def answer(greeting: bytes) -> None:
+            conn, _ = server.accept()
+            with conn:
+                conn.sendall(greeting)
+
+        for greeting, expected in ((b"", None), (b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n",
+                                                  "SSH-2.0-OpenSSH_9.2p1 Debian-2")):
+            thread = threading.Thread(target=answer, args=(greeting,))
+            thread.start()
+            assert target.banner() == expected
+            thread.join()
+    assert SshTarget(qemu.free_ports(1)[0], tmp_path / "key").banner() is None
 
 
 def test_the_guest_command_line_turns_ssh_on_and_names_the_guest() -> None:
