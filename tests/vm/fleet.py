@@ -27,15 +27,24 @@ Use::
 and reads each job disk, whatever happened inside the block. ``directory/inventory.ini`` and
 ``directory/<name>/ssh`` (a script: ssh to the guest) stay for running things by hand while
 the fleet is up.
+
+By hand, to work on a play against a fleet that stays up until Ctrl-C (as root, from the
+checkout; the primary kernel, and the target too unless ``--target`` names a vmlinuz)::
+
+    PYTHONPATH=$PWD/tests:$PWD .venv/bin/python -m vm.fleet /tmp/fleet --count 3
+    ansible-playbook -i /tmp/fleet/inventory.ini play.yml     # in another terminal
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -46,6 +55,7 @@ from typing import Any, Protocol
 
 from . import jobdisk, qemu, rootfs, scenarios
 from .guestssh import COMMON_OPTIONS, SshTarget
+from .kernels import primary_kernel
 from .scenarios import ScenarioRun
 
 NAME_PREFIX = "kho-fleet-"
@@ -420,3 +430,38 @@ def running_fleet(directory: Path, kernel: Kernel, *, ready_timeout_s: float = R
         yield fleet
     finally:
         fleet.stop()
+
+
+def main(argv: Sequence[str]) -> int:
+    """Bring a fleet up and keep it until SIGINT or SIGTERM (module docstring)."""
+    parser = argparse.ArgumentParser(prog="python3 -m vm.fleet", description=main.__doc__)
+    parser.add_argument("directory", type=Path)
+    parser.add_argument("--count", type=int, default=3)
+    parser.add_argument("--guest", default=rootfs.DEFAULT_GUEST, choices=sorted(rootfs.GUESTS))
+    parser.add_argument("--target", type=Path, help="a vmlinuz-<release> for every guest's "
+                        "/boot (default: the primary kernel)")
+    args = parser.parse_args(argv)
+    kernel = primary_kernel()  # a kernel build when the cache is cold
+    target: Kernel = TargetImage.from_vmlinuz(args.target) if args.target else kernel
+    # SIGTERM ends the wait as Ctrl-C does, so the guests are stopped and the disks read
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    with running_fleet(args.directory, kernel, count=args.count, target=target,
+                       guest=args.guest) as running:
+        print(json.dumps(running.measurements(), indent=1))
+        print(f"inventory: {running.inventory}")
+        for guest in running.guests:
+            print(f"{guest.name}: {guest.directory / 'ssh'} (port {guest.ssh.port})")
+        print("up until Ctrl-C", flush=True)
+        try:
+            signal.pause()
+        except KeyboardInterrupt:
+            print("stopping the fleet", flush=True)
+    for name, run in running.results.items():
+        how = "powered off" if run.runs[0].powered_off else \
+            "killed" if run.runs[0].timed_out else f"QEMU exited {run.runs[0].returncode}"
+        print(f"{name}: boots recorded {sorted(run.boots)}, {how}; {run.result_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
