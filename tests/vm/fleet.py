@@ -60,8 +60,8 @@ from .scenarios import ScenarioRun
 
 NAME_PREFIX = "kho-fleet-"
 GROUP = "fleet"
-# Under TCG, three guests on two cores: QEMU start to SSH measured 2026-12-04 (the module
-# docstring of tests/vm/test_fleet.py has the figures); the bound is for a hung guest.
+# Under TCG, three guests on two cores answered SSH 77-106 s after QEMU started and were ready
+# (boot 1's run returned) in 108 s (2026-12-04): the bound is for a hung guest.
 READY_TIMEOUT_S = 900.0
 POLL_S = 2.0
 STOP_BOUND_S = 120.0
@@ -263,6 +263,7 @@ class Fleet:
     def _ansible(self, argv: list[str], timeout_s: float,
                  cwd: Path | None) -> subprocess.CompletedProcess[str]:
         log = self.directory / "ansible.log"
+        start = time.monotonic()
         try:
             proc = subprocess.run(argv, env=self.ansible_env(), cwd=cwd, capture_output=True,
                                   text=True, errors="replace", timeout=timeout_s, check=False)
@@ -272,8 +273,8 @@ class Fleet:
             proc = subprocess.CompletedProcess(argv, 124, out,
                                                f"timed out after {timeout_s:.0f} s")
         with log.open("a") as handle:
-            handle.write(f"$ {shlex.join(argv)}\n(exit {proc.returncode})\n{proc.stdout}"
-                         f"{proc.stderr}\n")
+            handle.write(f"$ {shlex.join(argv)}\n(exit {proc.returncode} after "
+                         f"{time.monotonic() - start:.1f} s)\n{proc.stdout}{proc.stderr}\n")
         return proc
 
     def ansible(self, pattern: str, module: str, args: str = "", *extra: str,
