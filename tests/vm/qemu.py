@@ -4,7 +4,13 @@ One guest per call of :func:`run_guest`: QEMU boots ``-kernel`` directly (no fir
 loader, no initramfs) with the root image on the first virtio disk, the serial console written
 to a file and ``-no-reboot``, so it exits when the guest powers off, reboots or panics
 (``panic=-1`` on the kernel command line makes a panic a reboot). A kexec is not a reboot to
-QEMU: the whole boot chain of a live update runs in one QEMU process, one serial log.
+QEMU: the whole boot chain of a live update runs in one QEMU process, one serial log. These
+guests have no network.
+
+:func:`start_guest` is the other way, for the fleet (tests/vm/fleet.py): the same command line
+plus a user-mode NIC whose guest port 22 is forwarded to a port of the host's loopback, QEMU
+started in the background (:class:`BackgroundGuest`), and stopped by the caller (a poweroff
+over SSH, then killed after a bound).
 
 Results leave the guest on the job disk (tests/vm/jobdisk.py) and as framed lines on the serial
 console, ``KHO-TEST <json object>``, which :func:`parse_frames` collects. Nothing here waits on a
@@ -25,9 +31,10 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -37,8 +44,9 @@ from .cache import cache_root, content_key
 # Host packages the VM suite needs (CI installs them with apt-get): QEMU and qemu-img for the
 # guests and overlays, debootstrap for the root filesystem, e2fsprogs for the images, nasm for
 # the boot sector the real-VMM scenario runs (payload/count.asm).
+# openssh-client and ansible-core for the fleet scenario (tests/vm/fleet.py, test_fleet.py).
 VM_APT_PACKAGES: tuple[str, ...] = ("qemu-system-x86", "qemu-utils", "debootstrap", "e2fsprogs",
-                                    "nasm")
+                                    "nasm", "openssh-client", "ansible-core")
 
 QEMU = "qemu-system-x86_64"
 FRAME_MARKER = "KHO-TEST "
@@ -155,7 +163,8 @@ def build_argv(kernel: Path, append: str, disks: Sequence[Path], *, memory_mb: i
     """The QEMU command line of a test guest.
 
     ``-nodefaults``: no NIC, VGA, floppy or CD-ROM (the guest needs no network, and fewer
-    devices boot faster under TCG); the serial port is added explicitly. Disks are virtio-blk in
+    devices boot faster under TCG; the fleet adds its NIC in ``extra_args``: user_network);
+    the serial port is added explicitly. Disks are virtio-blk in
     order (vda, vdb, ...), ``cache=unsafe``: every disk is a scratch copy, and a guest's
     flushes cost real time under TCG; what the guest wrote is in the host's page cache as soon
     as QEMU has written it, so it survives QEMU being killed. A virtio RNG feeds the guest's
@@ -219,6 +228,139 @@ def run_guest(kernel: Path, append: str, disks: Sequence[Path], *, memory_mb: in
     elapsed = time.monotonic() - start
     return GuestRun(proc.returncode, serial_log, elapsed, timed_out, chosen, argv,
                     stderr_path.read_text(errors="replace"))
+
+
+# --- a guest in the background, on a user-mode network --------------------------------------------
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports of 127.0.0.1 that nothing listens on now (the kernel picks
+    them; all are held until the last is picked, so none comes twice).
+
+    Closed again before QEMU binds them, so another process could take one in between: QEMU
+    then exits at once saying it could not set up the forwarding, which the fleet's wait
+    (tests/vm/fleet.py) reports with QEMU's message.
+    """
+    socks = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(sock)
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def user_network(ssh_port: int) -> list[str]:
+    """QEMU arguments for one virtio NIC on QEMU's user-mode network (slirp: no root, no
+    bridge) with the guest's port 22 reachable on the host's ``127.0.0.1:ssh_port``.
+
+    ``restrict=on``: the guest reaches nothing outside (no archive, no host services); the
+    forwarded port and slirp's own DHCP still work.
+    """
+    return ["-nic", f"user,model=virtio-net-pci,restrict=on,"
+                    f"hostfwd=tcp:127.0.0.1:{ssh_port}-:22"]
+
+
+@dataclass
+class BackgroundGuest:
+    """A QEMU process that runs until the caller stops it (:meth:`stop`); the guest's port 22
+    is ``127.0.0.1:ssh_port`` on the host."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    argv: list[str]
+    serial_log: Path
+    stderr_path: Path
+    accel: Accel
+    ssh_port: int
+    started: float        # time.monotonic() when QEMU was started
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def serial_text(self) -> str:
+        try:
+            return self.serial_log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def frames(self) -> list[dict[str, Any]]:
+        return parse_frames(self.serial_text())
+
+    def qemu_stderr(self) -> str:
+        try:
+            return self.stderr_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def rss_kib(self) -> int | None:
+        """QEMU's resident memory now (VmRSS), None once it has exited."""
+        try:
+            status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        except FileNotFoundError:
+            return None
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return None
+
+    def describe(self, lines: int = 40) -> str:
+        """Whether QEMU still runs, what it said, and the console's last lines."""
+        how = "running" if self.running() else f"exited with status {self.proc.returncode}"
+        stderr = self.qemu_stderr().strip()
+        said = f"\nQEMU said: {stderr}" if stderr else ""
+        tail = "\n".join(self.serial_text().splitlines()[-lines:])
+        return (f"guest {self.name} ({self.accel}, ssh port {self.ssh_port}) {how} after "
+                f"{time.monotonic() - self.started:.0f} s; serial log {self.serial_log}{said}\n"
+                f"--- last {lines} lines of its serial console ---\n{tail}")
+
+    def stop(self, poweroff: Callable[[], object] | None = None, *,
+             bound_s: float = 120.0) -> GuestRun:
+        """End the guest: ``poweroff()`` first (it asks the guest to power off, e.g. over SSH;
+        its failure is not an error, the bound catches it), then wait up to ``bound_s`` for QEMU
+        to exit, then SIGTERM and SIGKILL. Returns the run's record, ``timed_out`` if it had to
+        be killed."""
+        if poweroff is not None and self.running():
+            poweroff()
+        killed = False
+        try:
+            self.proc.wait(timeout=bound_s)
+        except subprocess.TimeoutExpired:
+            killed = True
+            _stop(self.proc)
+        return GuestRun(self.proc.returncode, self.serial_log, time.monotonic() - self.started,
+                        killed, self.accel, self.argv, self.qemu_stderr())
+
+
+def start_guest(name: str, kernel: Path, append: str, disks: Sequence[Path], *, ssh_port: int,
+                serial_log: Path, memory_mb: int = 2048, accel: Accel | None = None,
+                smp: int = 1) -> BackgroundGuest:
+    """Start QEMU for ``kernel`` and ``disks`` with :func:`user_network` and return at once.
+
+    As :func:`run_guest` otherwise (``-no-reboot``: a poweroff, cold reboot or panic ends
+    QEMU; a kexec does not). Raises QemuError only if QEMU cannot be started at all.
+    """
+    if not kernel.is_file():
+        raise QemuError(f"kernel image {kernel} does not exist")
+    for disk in disks:
+        if not disk.is_file():
+            raise QemuError(f"disk image {disk} does not exist")
+    chosen: Accel = accel or probe_accel(kernel)
+    serial_log.parent.mkdir(parents=True, exist_ok=True)
+    argv = build_argv(kernel, append, disks, memory_mb=memory_mb, accel=chosen, smp=smp,
+                      serial_log=serial_log, extra_args=user_network(ssh_port))
+    stderr_path = serial_log.with_name(serial_log.name + ".qemu-stderr")
+    with stderr_path.open("wb") as stderr:
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stderr,
+                                    stderr=stderr)
+        except FileNotFoundError as exc:
+            raise QemuError(f"{argv[0]} not found: apt-get install "
+                            f"{' '.join(VM_APT_PACKAGES)}") from exc
+    return BackgroundGuest(name, proc, argv, serial_log, stderr_path, chosen, ssh_port,
+                           time.monotonic())
 
 
 # --- the accelerator probe ------------------------------------------------------------------------

@@ -8,9 +8,11 @@ Two cached layers (``tests/vm/cache.py``), each keyed by everything that goes in
    release with the packages the agent and the tests need (the package's Depends and
    Recommends as the release has them, man-db, QEMU for the VM-manager scenario; no pip), plus
    the configuration that does not depend on this repository (hostname, root password, masked
-   units that would only add noise or want a network, the ``vmm`` user). Keyed by suite,
-   package list and :data:`BASE_RECIPE`; building it takes about a minute and a half and needs
-   the Debian archive.
+   units that would only add noise or wait for a network, the ``vmm`` user), and SSH access:
+   the host keys and a test key pair (ed25519, made with the tree's ``ssh-keygen``; the private
+   key is kept in the entry, outside the tree, the public key is root's ``authorized_keys``).
+   Keyed by suite, package list and :data:`BASE_RECIPE`; building it takes about a minute and a
+   half and needs the Debian archive.
 2. **agent** (``rootfs-agent/<release>-<key>``): a copy of the base with kho-agent installed
    the way a host installs it: ``packaging/build_deb.py`` builds ``kho-agent_<version>_all.deb``
    from this checkout on the host (kept in the entry), and ``dpkg -i`` installs it inside the
@@ -19,10 +21,12 @@ Two cached layers (``tests/vm/cache.py``), each keyed by everything that goes in
    ``systemctl --version`` is 261 or newer, link the fdstore drop-in (the build checks that
    the result is the hand-off mode :class:`GuestRelease` expects). Nothing is started: the
    tree has no ``/run/systemd/system``. Then the files of ``tests/vm/guest`` (job-disk mount,
-   test driver, polkit rule, ``/etc/default/kexec``), the test units enabled, and the tree
-   turned into an ext4 image with ``mkfs.ext4 -d`` (no loop mount). Keyed by the base key,
-   everything that goes into the package (:func:`package_inputs`) and the guest files, so the
-   slow base is reused when only the agent changes.
+   test driver, polkit rule, ``/etc/default/kexec``), the test units enabled, the fleet's
+   network and sshd set up (:func:`configure_fleet_access`: they start only on a kernel command
+   line with ``kho_test.ssh=1``), and the tree turned into an ext4 image with ``mkfs.ext4 -d``
+   (no loop mount); the base's key pair is copied into the entry (:attr:`GuestImage.ssh_key`).
+   Keyed by the base key, everything that goes into the package (:func:`package_inputs`) and
+   the guest files, so the slow base is reused when only the agent changes.
 
 The guest files are applied in the agent layer, not the base, for the same reason: editing the
 test driver must not redo debootstrap.
@@ -56,9 +60,9 @@ MIRROR_ENV = "KHO_AGENT_TEST_MIRROR"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 
 # Bump when the base recipe (debootstrap options, configure_base) changes meaning.
-BASE_RECIPE = "base-4"
+BASE_RECIPE = "base-5"
 # Bump when the agent-layer recipe changes meaning.
-AGENT_RECIPE = "agent-4"
+AGENT_RECIPE = "agent-5"
 
 # packaging/build_deb.py: what the .deb is built from (package_inputs), and from its control
 # file, what the build needs on the host (`./quickstart.sh vm` asks it with
@@ -91,11 +95,15 @@ class GuestRelease:
 # depends on the virtual package default-logind, which debootstrap cannot resolve:
 # libpam-systemd provides it. For the tests: python3-pydbus (their D-Bus client), man-db (`man
 # kho-agentctl` on an installed host), procps for debugging a failed run (ps, pgrep),
-# qemu-system-x86 the VM manager's QEMU (jobs/vmm_qemu.py, TCG inside the guest). No pip: a
+# qemu-system-x86 the VM manager's QEMU (jobs/vmm_qemu.py, TCG inside the guest),
+# openssh-server for the fleet (tests/vm/fleet.py: Ansible over SSH), with the SFTP server that
+# Ansible copies its modules through (a Depends of openssh-server, named because debootstrap
+# does not install Recommends and a split of the package would drop it silently). No pip: a
 # host runs the agent on Debian's own Python packages.
 _SYSTEM_PACKAGES: tuple[str, ...] = ("systemd-sysv", "udev", "libpam-systemd", "python3")
 _TEST_PACKAGES: tuple[str, ...] = (
     "python3-pydbus", "man-db", "iproute2", "procps", "qemu-system-x86",
+    "openssh-server", "openssh-sftp-server",
 )
 
 
@@ -135,7 +143,9 @@ IMAGE_NAME = "rootfs.ext4"
 ROOT_LABEL = "khoroot"
 
 # Timers and services that would want a network, run maintenance at random times under the
-# tests, or put a login prompt between the framed lines on the serial console.
+# tests, or put a login prompt between the framed lines on the serial console. Not
+# systemd-networkd itself: the fleet's guests get their address from it (configure_fleet_access;
+# it starts only where the kernel command line asks for it); nothing waits for it to be online.
 MASKED_UNITS: tuple[str, ...] = (
     "apt-daily.timer",
     "apt-daily-upgrade.timer",
@@ -143,7 +153,6 @@ MASKED_UNITS: tuple[str, ...] = (
     "e2scrub_all.timer",
     "e2scrub_reap.service",
     "fstrim.timer",
-    "systemd-networkd.service",
     "systemd-networkd-wait-online.service",
     "serial-getty@ttyS0.service",
     "getty@tty1.service",
@@ -162,6 +171,7 @@ class BaseTree:
 
     path: Path
     key: str
+    ssh_key: Path          # the test key pair's private half (its .pub beside it), not in the tree
 
 
 @dataclass(frozen=True)
@@ -175,6 +185,9 @@ class GuestImage:
     # timings).
     info: dict[str, object]
     release: GuestRelease
+    # The private key root's authorized_keys in the image accepts (ed25519, mode 0600, made at
+    # the base's build; the .pub beside it): ssh -i it, as tests/vm/fleet.py does.
+    ssh_key: Path
 
 
 def mirror() -> str:
@@ -273,6 +286,42 @@ def configure_base(root: Path) -> None:
     (root / "var/lib/apt/lists/partial").mkdir(parents=True, exist_ok=True)
 
 
+# Where the base entry keeps the test key pair (beside the tree, never in it) and the name the
+# agent entry copies it under.
+SSH_KEY_DIR = "ssh"
+SSH_KEY_NAME = "id_ed25519"
+SSH_KEY_COMMENT = "kho-agent-test"
+
+
+def make_ssh_access(root: Path, key_dir: Path) -> None:
+    """The host keys of the tree's sshd and the test key pair: the private key goes to
+    ``key_dir`` (mode 0600), the public key to root's authorized_keys.
+
+    Made with the tree's own ``ssh-keygen`` (openssh-client comes with openssh-server), so the
+    build needs no SSH on the host. openssh-server's postinst makes the host keys already;
+    ``ssh-keygen -A`` makes whichever are missing, and the check below says if none came.
+    Every guest of an image shares these keys: they are test keys of a test image, and the
+    fleet's ssh does not check host keys (tests/vm/fleet.py).
+    """
+    _chroot(root, ["ssh-keygen", "-A"], "making the guest's SSH host keys")
+    if not (root / "etc/ssh/ssh_host_ed25519_key").is_file():
+        raise BuildError(f"no /etc/ssh/ssh_host_ed25519_key in {root} after ssh-keygen -A")
+    inside = Path("/tmp") / SSH_KEY_NAME
+    made = root / inside.relative_to("/")
+    _chroot(root, ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", SSH_KEY_COMMENT,
+                   "-f", str(inside)], "making the test SSH key pair")
+    key_dir.mkdir(parents=True, exist_ok=True)
+    key_dir.chmod(0o700)
+    for suffix in ("", ".pub"):
+        shutil.move(str(made) + suffix, key_dir / (SSH_KEY_NAME + suffix))
+    (key_dir / SSH_KEY_NAME).chmod(0o600)
+    ssh_dir = root / "root/.ssh"
+    ssh_dir.mkdir(mode=0o700, exist_ok=True)
+    ssh_dir.chmod(0o700)
+    _write(root, "root/.ssh/authorized_keys",
+           (key_dir / (SSH_KEY_NAME + ".pub")).read_text(), mode=0o600)
+
+
 def _build_base(entry: Path, release: GuestRelease) -> None:
     _require_tools(["debootstrap", "chroot"])
     tree = entry / "rootfs"
@@ -286,6 +335,9 @@ def _build_base(entry: Path, release: GuestRelease) -> None:
     start = time.monotonic()
     configure_base(tree)
     times["configure"] = time.monotonic() - start
+    start = time.monotonic()
+    make_ssh_access(tree, entry / SSH_KEY_DIR)
+    times["ssh_keys"] = time.monotonic() - start
     (entry / "build.json").write_text(json.dumps(
         {"key": base_key(release), "suite": release.suite, "packages": release.packages,
          "times": times},
@@ -300,7 +352,7 @@ def ensure_base_tree(release: GuestRelease) -> BaseTree:
                          f"the {release.name} base tree (debootstrap {release.suite} from "
                          f"{mirror()})")
     prune("rootfs-base", keep=entry.path, spare=KEEP_BASE_TREES)
-    return BaseTree(entry.path / "rootfs", key)
+    return BaseTree(entry.path / "rootfs", key, entry.path / SSH_KEY_DIR / SSH_KEY_NAME)
 
 
 # Older complete entries kept besides the current one: each agent image holds ~400 MB, and
@@ -401,6 +453,51 @@ def install_guest_files(root: Path) -> None:
     # the rules as its own user, and a root-owned 0644 file in it is readable to it.
 
 
+# The kernel command line word that turns the guest's network and sshd on (tests/vm/fleet.py
+# boots its guests with it; kho-agent gives the next kernel the running one's command line, so
+# it stays through every live update). Every other run boots without it and without a NIC:
+# those units would start for nothing and slow each boot under TCG.
+FLEET_CMDLINE = "kho_test.ssh=1"
+# What `systemctl enable systemd-networkd.service ssh.service` turns on, on both releases (read
+# from the images 2026-12-04; the names of units a release lacks are harmless drop-ins).
+FLEET_UNITS: tuple[str, ...] = (
+    "ssh.service", "systemd-networkd.service", "systemd-networkd.socket",
+    "systemd-network-generator.service", "systemd-networkd-persistent-storage.service",
+    "systemd-networkd-varlink.socket", "systemd-networkd-varlink-metrics.socket",
+    "systemd-networkd-resolve-hook.socket",
+)
+FLEET_DROPIN = f"""# tests/vm/rootfs.py: only in the fleet's guests (tests/vm/fleet.py)
+[Unit]
+ConditionKernelCommandLine={FLEET_CMDLINE}
+"""
+# QEMU's user-mode network (slirp) answers DHCP on its virtio NIC; no IPv6, nothing waits.
+FLEET_NETWORK = """# tests/vm/rootfs.py: the fleet guest's NIC (QEMU user-mode network) by DHCP
+[Match]
+Type=ether
+
+[Network]
+DHCP=ipv4
+LinkLocalAddressing=no
+IPv6AcceptRA=no
+"""
+# Key logins only (root's authorized_keys holds the test key; root's password is empty, which
+# sshd refuses anyway), and no reverse lookup of the forwarded 10.0.2.2 at every login.
+FLEET_SSHD = """# tests/vm/rootfs.py: the fleet's sshd (included before the settings of sshd_config)
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UseDNS no
+"""
+
+
+def configure_fleet_access(root: Path) -> None:
+    """The network and sshd of the fleet's guests, on only with :data:`FLEET_CMDLINE`."""
+    _write(root, "etc/systemd/network/20-kho-test-dhcp.network", FLEET_NETWORK)
+    _write(root, "etc/ssh/sshd_config.d/kho-test.conf", FLEET_SSHD)
+    for unit in FLEET_UNITS:
+        _write(root, f"etc/systemd/system/{unit}.d/kho-test-fleet.conf", FLEET_DROPIN)
+
+
 def _install_package(tree: Path, deb: Path) -> str:
     """``dpkg -i`` the .deb inside the tree; returns dpkg's output (the maintainer scripts')."""
     # The maintainer scripts start or restart the service only where systemd runs
@@ -455,11 +552,17 @@ def _build_agent(entry: Path, release: GuestRelease, base: BaseTree, key: str) -
         times["dpkg_install"] = time.monotonic() - start
         start = time.monotonic()
         install_guest_files(tree)
+        configure_fleet_access(tree)
         # The guest's own systemctl (it works offline in a chroot): the guest's systemd
         # version reads the [Install] sections, and the host needs no systemd.
         _chroot(tree, ["systemctl", "enable", "kho-test-driver.service",
-                       "kho-test-bus-floor.service"], "enabling the test units")
+                       "kho-test-bus-floor.service", "systemd-networkd.service",
+                       "ssh.service"], "enabling the test units, networkd and sshd")
     times["guest_files"] = time.monotonic() - start
+    key_dir = entry / SSH_KEY_DIR
+    key_dir.mkdir(mode=0o700)
+    for suffix in ("", ".pub"):
+        shutil.copy2(str(base.ssh_key) + suffix, key_dir / (SSH_KEY_NAME + suffix))
 
     start = time.monotonic()
     image = entry / IMAGE_NAME
@@ -485,7 +588,8 @@ def ensure_guest_image(guest: str = DEFAULT_GUEST) -> GuestImage:
                          "base tree)")
     prune("rootfs-agent", keep=entry.path, spare=KEEP_AGENT_IMAGES)
     info = json.loads((entry.path / "build.json").read_text())
-    return GuestImage(entry.path / IMAGE_NAME, key, base.key, info, release)
+    return GuestImage(entry.path / IMAGE_NAME, key, base.key, info, release,
+                      entry.path / SSH_KEY_DIR / SSH_KEY_NAME)
 
 
 def scratch_copy(image: GuestImage | Path, directory: Path, *, mode: Runner = "qcow2",

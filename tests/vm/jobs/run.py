@@ -19,6 +19,13 @@ record the scratch areas and memblock/reserved, and what kho-agentctl scratch an
 say about the next update), upgrade (a .deb on the job disk: `dpkg -i` it while the update is
 prepared, as an unattended upgrade of the package would, and record whether the daemon and the
 update were left alone).
+
+Scenario kind "fleet" (tests/vm/fleet.py) is the one that does not end its boots: something
+outside (Ansible over SSH) does the live update, and the guest stays up for it. Boot 1 installs
+the target kernel in /boot (target, target_release) and preserves the workload's session vm-1;
+every later boot (after a kexec the fleet tool caused) checks what the previous one preserved as
+"updates" does (verification, every byte of vm-<n-1>) and preserves vm-<n> for the next update.
+The host reads each boot's end from the driver-exit frame on the serial console.
 """
 
 from __future__ import annotations
@@ -297,6 +304,31 @@ def scratch(boot: Boot, spec: dict[str, Any]) -> int:
     return end(boot, "poweroff")
 
 
+def install_target(boot: Boot, spec: dict[str, Any]) -> None:
+    """The target kernel where a kernel package puts it, /boot/vmlinuz-<release>, so that the
+    agent can pick it (its newest installed kernel) as an update of the host's would."""
+    if not spec.get("target") or not spec.get("target_release"):
+        return
+    image = Path(f"/boot/vmlinuz-{spec['target_release']}")
+    if not image.exists():
+        shutil.copy(JOB / spec["target"], image)
+    boot.fact("installed_target_image", str(image))
+
+
+def fleet(boot: Boot, spec: dict[str, Any]) -> int:
+    """One boot of a fleet guest: check what the previous boot preserved (after the kexec the
+    fleet tool caused), preserve this boot's session, and return without ending the boot."""
+    if BOOT == 1:
+        install_target(boot, spec)
+    else:
+        after_update(boot, spec, f"vm-{BOOT - 1}")
+    boot.workload("preserve", f"vm-{BOOT}")
+    host_facts(boot, "ready")
+    # kho-test-driver frames driver-exit and leaves the guest running (nothing here powers off)
+    boot.fact("ended_with", "staying-up")
+    return 0
+
+
 def scratch_probe(boot: Boot, spec: dict[str, Any]) -> None:
     """What the next live update has to fit into on this boot, and what the planner says: the
     scratch areas (a KHO boot inherits them unchanged), the reservations the kernel lists (with
@@ -491,7 +523,8 @@ def main() -> int:
         host_facts(boot, "start")
         boot.run("agent-status", ["systemctl", "status", "--no-pager", "kho-agent"])
         boot.run("agent-journal", ["journalctl", "-b", "--no-pager", "-u", "kho-agent"])
-        return end(boot, "poweroff")
+        # a fleet guest stays up: the fleet tool reads the failure over SSH
+        return 1 if spec["kind"] == "fleet" else end(boot, "poweroff")
     if BOOT == 1 and spec.get("without_fdstore_dropin"):
         remove_fdstore_dropin(boot)
     host_facts(boot, "start")
@@ -551,6 +584,8 @@ def main() -> int:
         return end(boot, "poweroff")
     if kind == "scratch":
         return scratch(boot, spec)
+    if kind == "fleet":
+        return fleet(boot, spec)
     if kind == "qemu":
         return qemu_vm(boot, spec)
     boot.fact("error", f"unknown scenario kind {kind!r}")
