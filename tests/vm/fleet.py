@@ -110,11 +110,15 @@ def guest_name(index: int) -> str:
 
 
 def fleet_spec(target: Kernel | None, *, install_target: bool = True,
-               big_mib: int = BIG_MIB) -> dict[str, Any]:
+               big_mib: int = BIG_MIB, agent_target: str | None = None) -> dict[str, Any]:
     """The scenario of one guest's job disk (tests/vm/jobs/run.py kind "fleet"); the target
     image is on the job disk as kernels/target, installed as /boot/vmlinuz-<release> at boot 1
-    when ``install_target``."""
+    when ``install_target``. ``agent_target``: the agent's Target= (kho-agent.conf(5)), set at
+    boot 1 before the workload preserves anything, as the host was configured when installed
+    (a restart of a daemon holding sessions is refused)."""
     spec: dict[str, Any] = {"kind": "fleet", "big_mib": big_mib}
+    if agent_target is not None:
+        spec["agent_conf"] = f"[Prepare]\nTarget={agent_target}\n"
     if target is not None:
         spec["target"] = "kernels/target"
         if install_target:
@@ -371,6 +375,8 @@ def _job_disk(directory: Path, spec: dict[str, Any], files: Mapping[str, Path]) 
 def start_fleet(directory: Path, kernel: Kernel, *, count: int = 3,
                 target: Kernel | None = None, targets: Mapping[str, Kernel | None] | None = None,
                 install_target: bool = True, files: Mapping[str, Path] | None = None,
+                agent_target: str | None = None,
+                agent_targets: Mapping[str, str | None] | None = None,
                 guest: str = rootfs.DEFAULT_GUEST, big_mib: int = BIG_MIB,
                 memory_mb: int = GUEST_MEMORY_MB, append: str = "") -> Fleet:
     """Start ``count`` guests on ``kernel`` (QEMU in the background; :meth:`Fleet.wait_ready`
@@ -380,6 +386,8 @@ def start_fleet(directory: Path, kernel: Kernel, *, count: int = 3,
     guest, None for none), on the job disk as kernels/target either way; ``install_target``
     False leaves it there only (for a play that installs it). ``files``: more files on every
     job disk (name on the disk -> host path). ``append``: more kernel command line.
+    ``agent_target``: every guest's Target= (``agent_targets`` by guest name overrides it);
+    None leaves the agent's configuration as the package installed it.
     """
     if count < 1:
         raise ValueError(f"a fleet of {count} guests")
@@ -387,7 +395,7 @@ def start_fleet(directory: Path, kernel: Kernel, *, count: int = 3,
     accel = qemu.probe_accel(kernel.path)
     directory.mkdir(parents=True, exist_ok=True)
     names = [guest_name(i) for i in range(1, count + 1)]
-    unknown = sorted(set(targets or {}) - set(names))
+    unknown = sorted((set(targets or {}) | set(agent_targets or {})) - set(names))
     if unknown:
         raise ValueError(f"targets for guests the fleet does not have: {unknown}")
     ports = qemu.free_ports(count)
@@ -402,8 +410,11 @@ def start_fleet(directory: Path, kernel: Kernel, *, count: int = 3,
             if own is not None:
                 disk_files["kernels/target"] = own.path
             root = rootfs.scratch_copy(image, here)
+            configured = (agent_targets[name] if agent_targets and name in agent_targets
+                          else agent_target)
             disk = _job_disk(here, fleet_spec(own, install_target=install_target,
-                                              big_mib=big_mib), disk_files)
+                                              big_mib=big_mib, agent_target=configured),
+                             disk_files)
             ssh = SshTarget(port, image.ssh_key)
             (here / "ssh").write_text(ssh.script())
             (here / "ssh").chmod(0o755)

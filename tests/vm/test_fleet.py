@@ -4,13 +4,15 @@
 The tests marked `vm` and `extended` boot three guests on the primary kernel under whatever
 accelerator the machine has (TCG here) and take minutes; the others check the fleet's pure
 parts and the image recipe's network and SSH pieces without a guest. The rolling live update
-across the fleet is a placeholder the lead fills once packaging/ansible's play and
-`kho-agentctl update` are merged.
+across the fleet plays packaging/ansible's rolling_update (the collection from this checkout)
+against guests that start on the 7.2 KHO kernel (a build when cold) with the 7.3 kernel
+installed as their target.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -227,18 +229,121 @@ def test_three_guests_answer_ansible_and_come_back_after_a_live_update(
         assert sorted(running.results[name].boots) == [1], name  # the others were not touched
 
 
+REPO = Path(__file__).resolve().parents[2]
+ROLLING = REPO / "packaging" / "ansible" / "playbooks" / "rolling_update.yml"
+RECAP = re.compile(r"^(\S+)\s+: ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)",
+                   re.M)
+
+
+def _recap(proc: subprocess.CompletedProcess[str]) -> dict[str, dict[str, int]]:
+    """PLAY RECAP of an ansible-playbook run: host -> ok, changed, unreachable, failed."""
+    return {m[1]: dict(zip(("ok", "changed", "unreachable", "failed"),
+                           map(int, m.groups()[1:]), strict=True))
+            for m in RECAP.finditer(proc.stdout)}
+
+
+@pytest.fixture
+def collection(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The collection where ansible finds it: this checkout's packaging/ansible as
+    khoagent.liveupdate (no galaxy, no network)."""
+    tree = tmp_path / "collections" / "ansible_collections" / "khoagent"
+    tree.mkdir(parents=True)
+    (tree / "liveupdate").symlink_to(REPO / "packaging" / "ansible")
+    monkeypatch.setenv("ANSIBLE_COLLECTIONS_PATH", str(tmp_path / "collections"))
+
+
+def _play(running: fleet.Fleet, *extra: str) -> subprocess.CompletedProcess[str]:
+    return running.playbook(ROLLING, *extra,
+                            extra_vars={"kho_hosts": fleet.GROUP, "kho_serial": 1})
+
+
 @pytest.mark.vm
 @pytest.mark.extended
-@pytest.mark.skip(reason="placeholder: the rolling live update across the fleet (issue 16 "
-                         "section 3) is wired in by the lead once packaging/ansible's play "
-                         "(i16-ansible) and kho-agentctl update (i16-host) are merged")
-def test_a_rolling_live_update_across_the_fleet(tmp_path: Path,
-                                                primary: kernels.KernelImage) -> None:
-    """To be written: fleet.running_fleet(tmp_path, primary, count=3, target=<the next
-    kernel>), the rolling play with serial: 1 through running.playbook(...); every guest's
-    boot 2 verified with every byte of vm-1 checked (results[name].facts(2), workload-check-
-    vm-1); a second run changes nothing; a second fleet whose second guest's target is the
-    stock kernel (targets={...: fleet.TargetImage.from_vmlinuz(kernels.
-    ensure_stock_debian_kernel())}) stops the rollout there, that guest untouched with its
-    workload in the old kernel and the third never touched."""
-    raise NotImplementedError
+def test_a_rolling_live_update_across_the_fleet(tmp_path: Path, primary: kernels.KernelImage,
+                                                collection: None) -> None:
+    """Issue 16, section 3: three guests on the 7.2 KHO kernel, each with its workload's
+    session preserved and the 7.3 kernel installed in /boot, the agent configured with
+    Target=newest-compatible. The rolling play (serial 1) updates all three through the KHO
+    path, every byte checked; check mode and a second run change nothing."""
+    start = _kernel("7.2")
+    with fleet.running_fleet(tmp_path, start, count=3, target=primary,
+                             agent_target="newest-compatible") as running:
+        checked = _play(running, "--check")
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        assert all(r["changed"] == 0 and r["failed"] == 0
+                   for r in _recap(checked).values()), checked.stdout
+        assert len(_recap(checked)) == 3, checked.stdout
+        for guest in running.guests:   # check mode prepared nothing
+            assert _json(guest, "kho-agentctl status --json")["properties"]["State"] == "idle"
+
+        began = time.monotonic()
+        rolled = _play(running)
+        rolled_s = time.monotonic() - began
+        assert rolled.returncode == 0, rolled.stdout[-6000:] + rolled.stderr[-3000:]
+        recap = _recap(rolled)
+        assert sorted(recap) == [g.name for g in running.guests], rolled.stdout
+        assert all(r["failed"] == 0 and r["changed"] >= 1 for r in recap.values()), recap
+        for guest in running.guests:
+            guest.wait_for_boot(2)     # boot 2's checks of what boot 1 preserved
+            assert guest.run("uname -r").stdout.strip() == primary.release
+
+        began = time.monotonic()
+        again = _play(running)
+        again_s = time.monotonic() - began
+        assert again.returncode == 0, again.stdout[-6000:] + again.stderr[-3000:]
+        assert all(r["changed"] == 0 and r["failed"] == 0
+                   for r in _recap(again).values()), again.stdout
+        assert "up to date" in again.stdout
+        measured = running.measurements()
+
+    print(f"\nfleet roll: 3 hosts, serial 1: {rolled_s:.1f} s ({rolled_s / 3:.1f} s a host); "
+          f"the second run: {again_s:.1f} s; {json.dumps(measured)}")
+    for name, run in running.results.items():
+        before, after = run.facts(1), run.facts(2)
+        assert before["start_release"] == start.release, name
+        assert after["after_release"] == primary.release, name
+        assert after["after_incoming_kho"] is True, name
+        assert after["verify_state"] == "verified", run.describe()
+        assert after["after_LiveUpdateNumber"] == before["start_LiveUpdateNumber"] + 1, name
+        report = workload_ok(run, 2, "workload-check-vm-1")
+        assert report["bytes_checked"] > fleet.BIG_MIB << 20, name
+        assert sorted(run.boots) == [1, 2], name     # one kexec each, no cold reboot
+
+
+@pytest.mark.vm
+@pytest.mark.extended
+def test_a_failing_host_stops_the_rollout_and_is_left_as_it_was(
+        tmp_path: Path, primary: kernels.KernelImage, collection: None) -> None:
+    """The second host's target is Debian's stock kernel, without KHO: the first host updates,
+    the second refuses before anything changes (its workload still runs in the old kernel),
+    and the rollout stops there: the third host is never touched."""
+    start = _kernel("7.2")
+    stock = fleet.TargetImage.from_vmlinuz(kernels.ensure_stock_debian_kernel())
+    bad = fleet.guest_name(2)
+    with fleet.running_fleet(tmp_path, start, count=3, target=primary, targets={bad: stock},
+                             agent_target="newest-compatible",
+                             agent_targets={bad: f"/boot/vmlinuz-{stock.release}"}) as running:
+        rolled = _play(running)
+        assert rolled.returncode != 0, rolled.stdout[-6000:]
+        recap = _recap(rolled)
+        first, third = fleet.guest_name(1), fleet.guest_name(3)
+        assert recap[first]["failed"] == 0 and recap[first]["changed"] >= 1, recap
+        assert recap[bad]["failed"] == 1, recap
+        assert third not in recap or recap[third]["ok"] == 0, recap
+        # the play says which host failed, with the agent's error name
+        assert re.search(rf"{bad}: kho-agent refuses the update: PreflightFailed", rolled.stdout), \
+            rolled.stdout[-6000:]
+        running.guest(first).wait_for_boot(2)
+        for name in (bad, third):
+            guest = running.guest(name)
+            assert guest.run("uname -r").stdout.strip() == start.release, name
+            status = _json(guest, "kho-agentctl status --json")
+            assert status["properties"]["State"] == "idle", (name, status)
+            assert [s["name"] for s in status["sessions"]] == ["vm-1"], (name, status)
+            assert guest.run("cat /sys/kernel/kexec_loaded").stdout.strip() == "0", name
+            history = _json(guest, "kho-agentctl history --json")
+            assert history["entries"] == [], (name, history)   # no attempt was made
+    for name in (bad, third):
+        assert sorted(running.results[name].boots) == [1], name
+    assert sorted(running.results[first].boots) == [1, 2]
+    assert running.results[first].facts(2)["verify_state"] == "verified"

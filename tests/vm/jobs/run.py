@@ -315,11 +315,25 @@ def install_target(boot: Boot, spec: dict[str, Any]) -> None:
     boot.fact("installed_target_image", str(image))
 
 
+def configure_agent(boot: Boot, spec: dict[str, Any]) -> None:
+    """The agent's configuration as the host's installation set it (a drop-in), applied by a
+    restart while it holds nothing yet."""
+    if not spec.get("agent_conf"):
+        return
+    dropin = Path("/etc/kho-agent/agent.conf.d/50-fleet-test.conf")
+    dropin.parent.mkdir(parents=True, exist_ok=True)
+    dropin.write_text(spec["agent_conf"])
+    boot.run("agent-configure", ["systemctl", "restart", "kho-agent.service"])
+    wait_state(boot, ("idle",), 120)
+    boot.fact("agent_conf", spec["agent_conf"])
+
+
 def fleet(boot: Boot, spec: dict[str, Any]) -> int:
     """One boot of a fleet guest: check what the previous boot preserved (after the kexec the
     fleet tool caused), preserve this boot's session, and return without ending the boot."""
     if BOOT == 1:
         install_target(boot, spec)
+        configure_agent(boot, spec)
     else:
         after_update(boot, spec, f"vm-{BOOT - 1}")
     boot.workload("preserve", f"vm-{BOOT}")
