@@ -70,8 +70,23 @@ class QemuError(RuntimeError):
     """QEMU could not be started at all (missing binary, bad image): the message says what."""
 
 
+class SerialConsole:
+    """The guest's serial console, as QEMU wrote it to `serial_log`: its text and its frames."""
+
+    serial_log: Path
+
+    def serial_text(self) -> str:
+        try:
+            return self.serial_log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def frames(self) -> list[dict[str, Any]]:
+        return parse_frames(self.serial_text())
+
+
 @dataclass(frozen=True)
-class GuestRun:
+class GuestRun(SerialConsole):
     """How one QEMU process ended and where its serial console went."""
 
     returncode: int
@@ -82,15 +97,6 @@ class GuestRun:
     argv: list[str] = field(default_factory=list)
     # QEMU's own messages (not the guest's): "terminating on signal", KVM errors, disk errors.
     qemu_stderr: str = ""
-
-    def serial_text(self) -> str:
-        try:
-            return self.serial_log.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def frames(self) -> list[dict[str, Any]]:
-        return parse_frames(self.serial_text())
 
     def tail(self, lines: int = 40) -> str:
         return "\n".join(self.serial_text().splitlines()[-lines:])
@@ -264,7 +270,7 @@ def user_network(ssh_port: int) -> list[str]:
 
 
 @dataclass
-class BackgroundGuest:
+class BackgroundGuest(SerialConsole):
     """A QEMU process that runs until the caller stops it (:meth:`stop`); the guest's port 22
     is ``127.0.0.1:ssh_port`` on the host."""
 
@@ -279,15 +285,6 @@ class BackgroundGuest:
 
     def running(self) -> bool:
         return self.proc.poll() is None
-
-    def serial_text(self) -> str:
-        try:
-            return self.serial_log.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def frames(self) -> list[dict[str, Any]]:
-        return parse_frames(self.serial_text())
 
     def qemu_stderr(self) -> str:
         try:
