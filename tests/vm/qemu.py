@@ -208,6 +208,26 @@ def run_guest(kernel: Path, append: str, disks: Sequence[Path], *, memory_mb: in
     ``accel=None`` probes (:func:`probe_accel`). Raises QemuError only if QEMU cannot start; a
     guest that fails, panics or hangs is a GuestRun that says so.
     """
+    timed_out = False
+    proc, argv, chosen, stderr_path = _launch(kernel, append, disks, memory_mb=memory_mb,
+                                              accel=accel, smp=smp, serial_log=serial_log,
+                                              extra_args=extra_args)
+    start = time.monotonic()   # QEMU's run, not the accelerator probe before it
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        _stop(proc)
+    elapsed = time.monotonic() - start
+    return GuestRun(proc.returncode, serial_log, elapsed, timed_out, chosen, argv,
+                    stderr_path.read_text(errors="replace"))
+
+
+def _launch(kernel: Path, append: str, disks: Sequence[Path], *, memory_mb: int,
+            accel: Accel | None, smp: int, serial_log: Path, extra_args: Sequence[str]
+            ) -> tuple[subprocess.Popen[bytes], list[str], Accel, Path]:
+    """Check the inputs and start QEMU (its own messages to <serial_log>.qemu-stderr): the
+    process, its argv, the accelerator chosen, the stderr file. QemuError if it cannot start."""
     if not kernel.is_file():
         raise QemuError(f"kernel image {kernel} does not exist")
     for disk in disks:
@@ -218,22 +238,14 @@ def run_guest(kernel: Path, append: str, disks: Sequence[Path], *, memory_mb: in
     argv = build_argv(kernel, append, disks, memory_mb=memory_mb, accel=chosen, smp=smp,
                       serial_log=serial_log, extra_args=extra_args)
     stderr_path = serial_log.with_name(serial_log.name + ".qemu-stderr")
-    start = time.monotonic()
-    timed_out = False
-    with stderr_path.open("wb") as stderr:
+    with stderr_path.open("wb") as stderr:   # the child keeps its own copy of the fd
         try:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr)
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stderr,
+                                    stderr=stderr)
         except FileNotFoundError as exc:
-            raise QemuError(f"{argv[0]} not found: apt-get install {' '.join(VM_APT_PACKAGES)}"
-                            ) from exc
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            _stop(proc)
-    elapsed = time.monotonic() - start
-    return GuestRun(proc.returncode, serial_log, elapsed, timed_out, chosen, argv,
-                    stderr_path.read_text(errors="replace"))
+            raise QemuError(f"{argv[0]} not found: apt-get install "
+                            f"{' '.join(VM_APT_PACKAGES)}") from exc
+    return proc, argv, chosen, stderr_path
 
 
 # --- a guest in the background, on a user-mode network --------------------------------------------
@@ -339,23 +351,9 @@ def start_guest(name: str, kernel: Path, append: str, disks: Sequence[Path], *, 
     As :func:`run_guest` otherwise (``-no-reboot``: a poweroff, cold reboot or panic ends
     QEMU; a kexec does not). Raises QemuError only if QEMU cannot be started at all.
     """
-    if not kernel.is_file():
-        raise QemuError(f"kernel image {kernel} does not exist")
-    for disk in disks:
-        if not disk.is_file():
-            raise QemuError(f"disk image {disk} does not exist")
-    chosen: Accel = accel or probe_accel(kernel)
-    serial_log.parent.mkdir(parents=True, exist_ok=True)
-    argv = build_argv(kernel, append, disks, memory_mb=memory_mb, accel=chosen, smp=smp,
-                      serial_log=serial_log, extra_args=user_network(ssh_port))
-    stderr_path = serial_log.with_name(serial_log.name + ".qemu-stderr")
-    with stderr_path.open("wb") as stderr:
-        try:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stderr,
-                                    stderr=stderr)
-        except FileNotFoundError as exc:
-            raise QemuError(f"{argv[0]} not found: apt-get install "
-                            f"{' '.join(VM_APT_PACKAGES)}") from exc
+    proc, argv, chosen, stderr_path = _launch(kernel, append, disks, memory_mb=memory_mb,
+                                              accel=accel, smp=smp, serial_log=serial_log,
+                                              extra_args=user_network(ssh_port))
     return BackgroundGuest(name, proc, argv, serial_log, stderr_path, chosen, ssh_port,
                            time.monotonic())
 
