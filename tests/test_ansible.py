@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ansiblerig import COLLECTION, link_collection, recap
 from dbusrig import (
     MANAGER_IFACE,
     MANAGER_PATH,
@@ -46,14 +47,11 @@ from kho_agent.sim import SimKernel
 from kho_agent.sim.versions import SimAbi
 
 REPO = Path(__file__).resolve().parent.parent
-COLLECTION = REPO / "packaging" / "ansible"
 PLAYBOOKS = COLLECTION / "playbooks"
 # kho-agentctl as the hosts run it
 CTL = [sys.executable, "-m", "kho_agent.cli"]
 PLAYBOOK_TIMEOUT = 300.0
 OLD, NEW = "7.3.0-sim", "7.3.1-sim"
-RECAP = re.compile(r"^(\S+)\s+: ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)",
-                   re.M)
 
 pytestmark = pytest.mark.skipif(shutil.which("ansible-playbook") is None,
                                 reason="ansible-playbook is not installed (.ci/run installs "
@@ -64,13 +62,10 @@ def ansible_env(tmp_path: Path) -> dict[str, str]:
     """ansible-* with the collection found where it is in the checkout (a collections tree in
     tmp_path whose khoagent/liveupdate is a link to packaging/ansible), nothing read from or
     written to the machine's ~/.ansible, and no colours."""
-    tree = tmp_path / "collections" / "ansible_collections" / "khoagent"
-    if not tree.exists():
-        tree.mkdir(parents=True)
-        (tree / "liveupdate").symlink_to(COLLECTION)
+    collections = link_collection(tmp_path)
     home = tmp_path / "home"
     home.mkdir(exist_ok=True)
-    return client_env({"HOME": str(home), "ANSIBLE_COLLECTIONS_PATH": str(tmp_path / "collections"),
+    return client_env({"HOME": str(home), "ANSIBLE_COLLECTIONS_PATH": str(collections),
                        "ANSIBLE_LOCAL_TEMP": str(home / "tmp"), "ANSIBLE_NOCOLOR": "1",
                        "ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_RETRY_FILES_ENABLED": "0",
                        "ANSIBLE_PYTHON_INTERPRETER": "/usr/bin/python3", "NO_COLOR": "1"})
@@ -80,13 +75,6 @@ def run(argv: list[str], env: dict[str, str], cwd: Path = REPO
         ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, env=env, cwd=cwd, check=False,
                           timeout=PLAYBOOK_TIMEOUT, stdin=subprocess.DEVNULL)
-
-
-def recap(output: str) -> dict[str, dict[str, int]]:
-    """PLAY RECAP: host -> {ok, changed, unreachable, failed}."""
-    return {m.group(1): {"ok": int(m.group(2)), "changed": int(m.group(3)),
-                         "unreachable": int(m.group(4)), "failed": int(m.group(5))}
-            for m in RECAP.finditer(output.split("PLAY RECAP", 1)[-1])}
 
 
 def failures(output: str) -> dict[str, str]:

@@ -329,6 +329,16 @@ def test_a_failed_prepare_is_recorded_and_a_commit_of_nothing_is_not(tmp_path: P
     assert failed.ended is not None and failed.kernel_to == str(rig.target)
 
 
+
+def _commit_while_busy(rig: Rig) -> None:
+    """A commit while another operation holds the engine: refused with Busy."""
+    rig.agent._ctx.lock.acquire()  # another operation runs
+    try:
+        with pytest.raises(Busy):
+            rig.agent.commit(CommitOptions())
+    finally:
+        rig.agent._ctx.lock.release()
+
 def test_commits_retried_with_nothing_prepared_leave_the_history_as_it_was(
         tmp_path: Path) -> None:
     """A script retrying `kho-agentctl commit` in a loop must not push the real updates out of
@@ -342,12 +352,7 @@ def test_commits_retried_with_nothing_prepared_leave_the_history_as_it_was(
     for _ in range(300):
         with pytest.raises(NotPrepared):
             rig.agent.commit(CommitOptions())
-    rig.agent._ctx.lock.acquire()  # another operation runs
-    try:
-        with pytest.raises(Busy):
-            rig.agent.commit(CommitOptions())
-    finally:
-        rig.agent._ctx.lock.release()
+    _commit_while_busy(rig)
     assert path.read_bytes() == before
     assert [a.verdict for a in _history(rig)] == ["cancelled"]
 
@@ -360,12 +365,7 @@ def test_refused_commits_are_counted_on_the_prepared_update(tmp_path: Path) -> N
         with pytest.raises(Inhibited) as refused:
             rig.agent.commit(CommitOptions(inhibitors=("ops (database migration)",)))
         assert "ops (database migration)" in refused.value.message
-    rig.agent._ctx.lock.acquire()  # another operation runs
-    try:
-        with pytest.raises(Busy):
-            rig.agent.commit(CommitOptions())
-    finally:
-        rig.agent._ctx.lock.release()
+    _commit_while_busy(rig)
     assert rig.agent.state.phase.value == "prepared"
     (update,) = _history(rig)  # one attempt, not one entry per refusal
     assert update.verdict == "prepared" and update.ended is None and update.open

@@ -211,13 +211,13 @@ class FleetGuest:
         if not self.vm.running():
             raise FleetError(f"{self.name}: QEMU exited before the guest was ready\n"
                              + self.vm.describe())
-        now = time.monotonic() - self.vm.started
         if self.ssh_ready_s is None and self.ssh.banner() is not None \
                 and self.run("true", timeout_s=30).returncode == 0:
             self.ssh_ready_s = round(time.monotonic() - self.vm.started, 1)
             self.rss_kib["ssh_ready"] = self.vm.rss_kib()
+        # seen now, after the SSH probe (which can take tens of seconds): not earlier
         if self.boot1_done_s is None and 1 in self.boot_ends():
-            self.boot1_done_s = round(now, 1)
+            self.boot1_done_s = round(time.monotonic() - self.vm.started, 1)
             self.rss_kib["boot1_done"] = self.vm.rss_kib()
         return self.ssh_ready_s is not None and self.boot1_done_s is not None
 
@@ -331,24 +331,29 @@ class Fleet:
                 asked.append((guest, subprocess.Popen(
                     guest.ssh.argv("systemctl poweroff"), stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
-        for guest in self.guests:
-            run = guest.vm.stop(bound_s=bound_s)
-            result_dir = guest.directory / "result"
-            shutil.rmtree(result_dir, ignore_errors=True)
-            jobdisk.read_job_disk(guest.job_disk, result_dir)
-            boots = {int(path.stem.split("-")[1]): json.loads(path.read_text())
-                     for path in (result_dir / "out").glob("boot-*.json")}
-            guest.result = ScenarioRun(guest.directory, boots, result_dir,
-                                       [run.serial_text()], [run])
-            self.results[guest.name] = guest.result
+        # every QEMU ends before any disk is read: a disk that cannot be read must not leave
+        # the other guests running (or hide the failure the test is ending on)
+        ended = {guest.name: guest.vm.stop(bound_s=bound_s) for guest in self.guests}
         for _guest, proc in asked:
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        unreadable = []
+        for guest in self.guests:
+            run = ended[guest.name]
+            try:
+                guest.result = scenarios.read_scenario_disk(
+                    guest.job_disk, guest.directory, [run.serial_text()], [run])
+            except (jobdisk.JobDiskError, ValueError) as exc:  # ValueError: a torn boot record
+                unreadable.append(f"{guest.name}: {exc}")
+                continue
+            self.results[guest.name] = guest.result
         shutil.rmtree(self.control_dir, ignore_errors=True)
         self.write_measurements()
+        if unreadable:
+            raise FleetError("job disks not readable after the stop:\n" + "\n".join(unreadable))
         return self.results
 
     def measurements(self) -> dict[str, Any]:
@@ -364,12 +369,6 @@ class Fleet:
     def write_measurements(self) -> None:
         (self.directory / "fleet.json").write_text(
             json.dumps(self.measurements(), indent=1) + "\n")
-
-
-def _job_disk(directory: Path, spec: dict[str, Any], files: Mapping[str, Path]) -> Path:
-    job = scenarios.prepare_job(directory, spec, dict(files))
-    size = 256 + sum(p.stat().st_size for p in files.values()) // (1 << 20) * 2
-    return jobdisk.make_job_disk(job, directory / "job.img", size_mb=size)
 
 
 def start_fleet(directory: Path, kernel: Kernel, *, count: int = 3,
@@ -412,9 +411,9 @@ def start_fleet(directory: Path, kernel: Kernel, *, count: int = 3,
             root = rootfs.scratch_copy(image, here)
             configured = (agent_targets[name] if agent_targets and name in agent_targets
                           else agent_target)
-            disk = _job_disk(here, fleet_spec(own, install_target=install_target,
-                                              big_mib=big_mib, agent_target=configured),
-                             disk_files)
+            spec = fleet_spec(own, install_target=install_target, big_mib=big_mib,
+                              agent_target=configured)
+            disk = scenarios.make_scenario_disk(here, spec, disk_files)
             ssh = SshTarget(port, image.ssh_key)
             (here / "ssh").write_text(ssh.script())
             (here / "ssh").chmod(0o755)

@@ -84,6 +84,9 @@ class SerialConsole:
     def frames(self) -> list[dict[str, Any]]:
         return parse_frames(self.serial_text())
 
+    def tail(self, lines: int = 40) -> str:
+        return "\n".join(self.serial_text().splitlines()[-lines:])
+
 
 @dataclass(frozen=True)
 class GuestRun(SerialConsole):
@@ -97,9 +100,6 @@ class GuestRun(SerialConsole):
     argv: list[str] = field(default_factory=list)
     # QEMU's own messages (not the guest's): "terminating on signal", KVM errors, disk errors.
     qemu_stderr: str = ""
-
-    def tail(self, lines: int = 40) -> str:
-        return "\n".join(self.serial_text().splitlines()[-lines:])
 
     @property
     def panicked(self) -> bool:
@@ -320,7 +320,7 @@ class BackgroundGuest(SerialConsole):
         how = "running" if self.running() else f"exited with status {self.proc.returncode}"
         stderr = self.qemu_stderr().strip()
         said = f"\nQEMU said: {stderr}" if stderr else ""
-        tail = "\n".join(self.serial_text().splitlines()[-lines:])
+        tail = self.tail(lines)
         return (f"guest {self.name} ({self.accel}, ssh port {self.ssh_port}) {how} after "
                 f"{time.monotonic() - self.started:.0f} s; serial log {self.serial_log}{said}\n"
                 f"--- last {lines} lines of its serial console ---\n{tail}")

@@ -99,9 +99,7 @@ def run_scenario(directory: Path, spec: dict[str, Any], kernel: KernelImage,
     image = rootfs.ensure_guest_image(guest)
     root = rootfs.scratch_copy(image, directory)
     files = {"kernels/running": kernel.path, **(files or {})}
-    job = prepare_job(directory, spec, files)
-    size = 256 + sum(p.stat().st_size for p in files.values()) // (1 << 20) * 2
-    disk = jobdisk.make_job_disk(job, directory / "job.img", size_mb=size)
+    disk = make_scenario_disk(directory, spec, files)
     runs = []
     serial = []
     for i in range(cold_boots):
@@ -119,7 +117,23 @@ def run_scenario(directory: Path, spec: dict[str, Any], kernel: KernelImage,
         serial.append(log.read_text(errors="replace"))
         if run.timed_out:
             break
+    return read_scenario_disk(disk, directory, serial, runs)
+
+
+def make_scenario_disk(directory: Path, spec: dict[str, Any], files: dict[str, Path]) -> Path:
+    """The job disk of one guest's scenario: `spec`, the runner and `files` (name on the disk
+    -> host path), sized for them, as directory/job.img."""
+    job = prepare_job(directory, spec, files)
+    size = 256 + sum(p.stat().st_size for p in files.values()) // (1 << 20) * 2
+    return jobdisk.make_job_disk(job, directory / "job.img", size_mb=size)
+
+
+def read_scenario_disk(disk: Path, directory: Path, serial: list[str],
+                       runs: list[qemu.GuestRun]) -> ScenarioRun:
+    """What the guest wrote to its job disk (read into directory/result), with its boots'
+    records, after QEMU exited."""
     result_dir = directory / "result"
+    shutil.rmtree(result_dir, ignore_errors=True)
     jobdisk.read_job_disk(disk, result_dir)
     boots = {}
     for path in sorted((result_dir / "out").glob("boot-*.json")):

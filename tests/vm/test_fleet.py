@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ansiblerig import COLLECTION, link_collection, recap
 
 from . import fleet, kernels, qemu, rootfs
 from .guestssh import SshTarget
@@ -229,27 +230,13 @@ def test_three_guests_answer_ansible_and_come_back_after_a_live_update(
         assert sorted(running.results[name].boots) == [1], name  # the others were not touched
 
 
-REPO = Path(__file__).resolve().parents[2]
-ROLLING = REPO / "packaging" / "ansible" / "playbooks" / "rolling_update.yml"
-RECAP = re.compile(r"^(\S+)\s+: ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)",
-                   re.M)
-
-
-def _recap(proc: subprocess.CompletedProcess[str]) -> dict[str, dict[str, int]]:
-    """PLAY RECAP of an ansible-playbook run: host -> ok, changed, unreachable, failed."""
-    return {m[1]: dict(zip(("ok", "changed", "unreachable", "failed"),
-                           map(int, m.groups()[1:]), strict=True))
-            for m in RECAP.finditer(proc.stdout)}
+ROLLING = COLLECTION / "playbooks" / "rolling_update.yml"
 
 
 @pytest.fixture
 def collection(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The collection where ansible finds it: this checkout's packaging/ansible as
-    khoagent.liveupdate (no galaxy, no network)."""
-    tree = tmp_path / "collections" / "ansible_collections" / "khoagent"
-    tree.mkdir(parents=True)
-    (tree / "liveupdate").symlink_to(REPO / "packaging" / "ansible")
-    monkeypatch.setenv("ANSIBLE_COLLECTIONS_PATH", str(tmp_path / "collections"))
+    """The collection where ansible finds it: this checkout's packaging/ansible."""
+    monkeypatch.setenv("ANSIBLE_COLLECTIONS_PATH", str(link_collection(tmp_path)))
 
 
 def _play(running: fleet.Fleet, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -271,8 +258,8 @@ def test_a_rolling_live_update_across_the_fleet(tmp_path: Path, primary: kernels
         checked = _play(running, "--check")
         assert checked.returncode == 0, checked.stdout + checked.stderr
         assert all(r["changed"] == 0 and r["failed"] == 0
-                   for r in _recap(checked).values()), checked.stdout
-        assert len(_recap(checked)) == 3, checked.stdout
+                   for r in recap(checked.stdout).values()), checked.stdout
+        assert len(recap(checked.stdout)) == 3, checked.stdout
         for guest in running.guests:   # check mode prepared nothing
             assert _json(guest, "kho-agentctl status --json")["properties"]["State"] == "idle"
 
@@ -280,9 +267,9 @@ def test_a_rolling_live_update_across_the_fleet(tmp_path: Path, primary: kernels
         rolled = _play(running)
         rolled_s = time.monotonic() - began
         assert rolled.returncode == 0, rolled.stdout[-6000:] + rolled.stderr[-3000:]
-        recap = _recap(rolled)
-        assert sorted(recap) == [g.name for g in running.guests], rolled.stdout
-        assert all(r["failed"] == 0 and r["changed"] >= 1 for r in recap.values()), recap
+        rows = recap(rolled.stdout)
+        assert sorted(rows) == [g.name for g in running.guests], rolled.stdout
+        assert all(r["failed"] == 0 and r["changed"] >= 1 for r in rows.values()), rows
         for guest in running.guests:
             guest.wait_for_boot(2)     # boot 2's checks of what boot 1 preserved
             assert guest.run("uname -r").stdout.strip() == primary.release
@@ -292,7 +279,7 @@ def test_a_rolling_live_update_across_the_fleet(tmp_path: Path, primary: kernels
         again_s = time.monotonic() - began
         assert again.returncode == 0, again.stdout[-6000:] + again.stderr[-3000:]
         assert all(r["changed"] == 0 and r["failed"] == 0
-                   for r in _recap(again).values()), again.stdout
+                   for r in recap(again.stdout).values()), again.stdout
         assert "up to date" in again.stdout
         measured = running.measurements()
 
@@ -325,11 +312,11 @@ def test_a_failing_host_stops_the_rollout_and_is_left_as_it_was(
                              agent_targets={bad: f"/boot/vmlinuz-{stock.release}"}) as running:
         rolled = _play(running)
         assert rolled.returncode != 0, rolled.stdout[-6000:]
-        recap = _recap(rolled)
+        rows = recap(rolled.stdout)
         first, third = fleet.guest_name(1), fleet.guest_name(3)
-        assert recap[first]["failed"] == 0 and recap[first]["changed"] >= 1, recap
-        assert recap[bad]["failed"] == 1, recap
-        assert third not in recap or recap[third]["ok"] == 0, recap
+        assert rows[first]["failed"] == 0 and rows[first]["changed"] >= 1, rows
+        assert rows[bad]["failed"] == 1, rows
+        assert third not in rows or rows[third]["ok"] == 0, rows
         # the play says which host failed, with the agent's error name
         assert re.search(rf"{bad}: kho-agent refuses the update: PreflightFailed", rolled.stdout), \
             rolled.stdout[-6000:]

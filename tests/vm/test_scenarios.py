@@ -293,8 +293,7 @@ def test_the_scratch_plan_is_what_the_next_kernel_reserves(
 def _check(step: dict[str, Any], name: str) -> dict[str, Any]:
     """One check of a `kho-agentctl preflight --json` step."""
     doc = step["json"] or {}
-    checks = doc.get("checks") or (doc.get("preflight") or {}).get("checks") or []
-    for check in checks:
+    for check in doc.get("checks") or []:
         if check["name"] == name:
             return dict(check)
     raise AssertionError(f"{step['name']}: no {name!r} check in {json.dumps(doc)[:2000]}")
