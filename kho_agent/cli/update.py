@@ -436,6 +436,9 @@ def prepare_and_wait(client: AgentClient, args: argparse.Namespace, report: Upda
             raise Busy(f"the target changed between the check ({checked.get('kernel')}) and "
                        f"the prepare ({prepared.get('prepared')}); run update again")
         report.waited_ready_s = wait_ready(client, args.timeout, ready_timeout, stops)
+        # a stop that came during the last readiness check (a dry-run job, not interrupted)
+        # cancels too: it must not end in the commit
+        stops.check()
     except _Stop:
         say(f"{stops.why()}: cancelling what this update prepared")
         cancel(client, args.timeout, report)
