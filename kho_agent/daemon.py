@@ -450,7 +450,8 @@ class Daemon:
                 "exiting")
             self.loop.quit()
             return False
-        if self.engine.state.boot_id != self.boot_id:
+        if phase in (Phase.PREPARED, Phase.COMMITTING) \
+                and self.engine.state.boot_id != self.boot_id:
             # the state is an earlier boot's: a kexec left it prepared or committing and its
             # verification has not run yet (refused until blake3 is installed, say). This
             # process holds nothing of that update, so there is nothing to hold through a
