@@ -7,12 +7,20 @@ information for the operator, never a verification failure: the network is confi
 software, which may legitimately do things differently on the new boot.
 
 Reading uses rtnetlink dumps through pyroute2, which need no privilege. pyroute2 is imported only
-inside `snapshot()`: the import alone costs ~0.13 s and most commands never need it.
+inside `snapshot()`: the import alone costs ~0.13 s and most commands never need it. The daemon
+reads the network through `observe()`, in a child process (`python3 -m kho_agent.netstate`):
+bookworm's pyroute2 0.7 loads every plugin through importlib.metadata on its first import (365
+modules, a few extension modules among them), and under TCG that import on the daemon's worker
+thread starved the main loop until systemd's watchdog killed the agent mid-verification.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import socket
+import subprocess
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -178,6 +186,10 @@ def snapshot() -> NetState:
     """
     from pyroute2 import IPRoute  # type: ignore[import-untyped]
 
+    # Attributes through get_attr(): pyroute2 0.9's msg.get() also finds attributes by name,
+    # but Debian's 0.7 (bookworm, the package's dependency) looks only at the header fields
+    # there and answers None, which recorded a host without links or addresses.
+
     with IPRoute() as ipr:
         link_msgs = list(ipr.get_links())
         addr_msgs = list(ipr.get_addr())
@@ -185,23 +197,23 @@ def snapshot() -> NetState:
     names: dict[int, str] = {}
     links: list[Link] = []
     for msg in link_msgs:
-        name = msg.get("IFLA_IFNAME")
+        name = msg.get_attr("IFLA_IFNAME")
         if name is None:
             continue
         names[int(msg["index"])] = str(name)
         kind = msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
-        mac = msg.get("IFLA_ADDRESS")
-        mtu = msg.get("IFLA_MTU")
+        mac = msg.get_attr("IFLA_ADDRESS")
+        mtu = msg.get_attr("IFLA_MTU")
         links.append(Link(name=str(name), kind=None if kind is None else str(kind),
                           mac=None if mac is None else str(mac),
                           mtu=None if mtu is None else int(mtu),
-                          state=str(msg.get("IFLA_OPERSTATE") or "UNKNOWN")))
+                          state=str(msg.get_attr("IFLA_OPERSTATE") or "UNKNOWN")))
     addresses: list[Address] = []
     for msg in addr_msgs:
         family = FAMILIES.get(int(msg["family"]))
         # IFA_LOCAL is the interface's own address; on point-to-point links IFA_ADDRESS is
         # the peer's.
-        addr = msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS")
+        addr = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
         if family is None or addr is None:
             continue
         addresses.append(Address(ifname=names.get(int(msg["index"]), f"if{msg['index']}"),
@@ -209,12 +221,12 @@ def snapshot() -> NetState:
     routes: list[Route] = []
     for msg in route_msgs:
         family = FAMILIES.get(int(msg["family"]))
-        table = msg.get("RTA_TABLE")
+        table = msg.get_attr("RTA_TABLE")
         if family is None or (table if table is not None else msg["table"]) != MAIN_TABLE:
             continue
-        dst = msg.get("RTA_DST")
-        oif = msg.get("RTA_OIF")
-        gateway = msg.get("RTA_GATEWAY")
+        dst = msg.get_attr("RTA_DST")
+        oif = msg.get_attr("RTA_OIF")
+        gateway = msg.get_attr("RTA_GATEWAY")
         routes.append(Route(
             family=family,
             dst="default" if dst is None else f"{dst}/{msg['dst_len']}",
@@ -237,6 +249,59 @@ def snapshot_or_reason() -> tuple[NetState | None, str | None]:
         return None, f"network state not recorded: rtnetlink refused the dump ({err})"
     except OSError as err:
         return None, f"network state not recorded: the netlink socket failed ({err})"
+
+
+# A TCG guest takes seconds for the import; a hung dump is not waited for longer than this.
+OBSERVE_TIMEOUT_S = 120.0
+
+
+def running_interpreter() -> str:
+    """The interpreter running this process, to start a child with. sys.executable is not
+    enough: kho-agent.service starts python3 with argv[0] "kho-agentd" (ExecStart=@), and
+    Python derives sys.executable from argv[0], so it is empty, or another program called
+    kho-agentd found in PATH. It is kept when it is the same file as /proc/self/exe (a venv's
+    python is a symlink to it, and the venv's packages come with its name)."""
+    exe = os.path.realpath("/proc/self/exe")
+    if sys.executable and os.path.realpath(sys.executable) == exe:
+        return sys.executable
+    return exe
+
+
+def observe(timeout: float = OBSERVE_TIMEOUT_S,
+            interpreter: str | None = None) -> tuple[NetState | None, str | None]:
+    """`snapshot_or_reason()` run in a child interpreter, so that neither pyroute2's import nor
+    the dump holds this process's GIL: the daemon's main loop keeps answering (and pinging
+    the watchdog) meanwhile. Never raises for a failure of the child: it becomes the reason."""
+    python = interpreter or running_interpreter()
+    try:
+        proc = subprocess.run([python, "-m", "kho_agent.netstate"],
+                              stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout,
+                              check=False)
+    except subprocess.TimeoutExpired:
+        return None, f"network state not recorded: reading it took longer than {timeout:g} s"
+    except OSError as err:
+        return None, f"network state not recorded: cannot start {python} ({err})"
+    if proc.returncode != 0:
+        last = proc.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no message"]
+        return None, (f"network state not recorded: the reader exited with {proc.returncode} "
+                      f"({last[0][:300]})")
+    try:
+        answer = json.loads(proc.stdout)
+        if isinstance(answer, dict) and isinstance(answer.get("reason"), str):
+            return None, str(answer["reason"])
+        if not isinstance(answer, dict):
+            raise NetStateFormatError("", "expected an object with 'state' or 'reason'")
+        return NetState.from_json(answer.get("state")), None
+    except (ValueError, NetStateFormatError) as err:  # JSONDecodeError is a ValueError
+        return None, f"network state not recorded: the reader's answer is not understood ({err})"
+
+
+def main() -> int:
+    """`python3 -m kho_agent.netstate`: one JSON object on stdout, {"state": ...} or
+    {"reason": ...}; what `observe()` reads."""
+    state, reason = snapshot_or_reason()
+    print(json.dumps({"state": state.to_json()} if state is not None else {"reason": reason}))
+    return 0
 
 
 # --- comparing ----------------------------------------------------------------------------------
@@ -327,3 +392,7 @@ def diff(before: NetState | dict[str, object], after: NetState | dict[str, objec
             out.append(f"route {route.describe()} is gone")
     out += [f"route {r.describe()} is new" for r in gained if (r.family, r.dst) not in changed]
     return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

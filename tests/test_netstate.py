@@ -78,12 +78,15 @@ NETNS_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_snapshot_of_a_namespace_with_a_veth_pair() -> None:
+@pytest.mark.parametrize("which", ["venv", "debian"])
+def test_snapshot_of_a_namespace_with_a_veth_pair(which: str) -> None:
+    python = interpreter_with_pyroute2(which)
     unshare = shutil.which("unshare")
     if unshare is None or os.geteuid() != 0:
         pytest.skip("needs root and unshare(1) for a private network namespace")
-    proc = subprocess.run([unshare, "--net", sys.executable, "-c", NETNS_SCRIPT],
-                          capture_output=True, text=True, cwd=REPO, timeout=60)
+    proc = subprocess.run([unshare, "--net", python, "-c", NETNS_SCRIPT],
+                          capture_output=True, text=True, cwd=REPO, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
     if proc.returncode != 0 and "Operation not permitted" in proc.stderr:
         pytest.skip(f"cannot create a network namespace here: {proc.stderr.strip()}")
     assert proc.returncode == 0, proc.stderr
@@ -113,6 +116,89 @@ def test_snapshot_or_reason_turns_a_failure_into_a_reason(
     monkeypatch.undo()
     state, reason = snapshot_or_reason()
     assert state is not None and reason is None
+
+
+DEBIAN_PYTHON = "/usr/bin/python3"
+
+
+def interpreter_with_pyroute2(which: str) -> str:
+    """This venv's python (PyPI's pyroute2), or Debian's python3 with python3-pyroute2 (0.7 on
+    bookworm: what the .deb depends on, and a different API for attributes)."""
+    if which == "venv":
+        return sys.executable
+    probe = subprocess.run([DEBIAN_PYTHON, "-c", "import pyroute2"], capture_output=True,
+                           timeout=60, check=False) if os.path.exists(DEBIAN_PYTHON) else None
+    if probe is None or probe.returncode != 0:
+        pytest.skip("Debian's python3-pyroute2 is not installed (.ci/run installs it)")
+    return DEBIAN_PYTHON
+
+
+OBSERVE_CODE = textwrap.dedent("""
+    import json, sys
+    from kho_agent import netstate
+    state, reason = netstate.observe()
+    print(json.dumps({"state": state.to_json() if state else None, "reason": reason,
+                      "pyroute2_imported": "pyroute2" in sys.modules}))
+""")
+
+
+@pytest.mark.parametrize("argv0", ["python3", "kho-agentd"])
+def test_observe_reads_the_network_in_a_child_without_importing_pyroute2_here(
+        argv0: str, tmp_path: Path) -> None:
+    # The daemon observes on a worker thread; pyroute2's first import there once starved its
+    # main loop until systemd's watchdog fired. observe() must leave this process without it.
+    # kho-agent.service runs python3 with argv[0] "kho-agentd": sys.executable is then a
+    # program of that name in PATH (here one that would only print "wrong"), not python.
+    if argv0 == "kho-agentd":  # the child is then /proc/self/exe: Debian's python, as on a host
+        interpreter_with_pyroute2("debian")
+    decoy = tmp_path / "kho-agentd"
+    decoy.write_text("#!/bin/sh\necho wrong\n")
+    decoy.chmod(0o755)
+    path = [str(tmp_path), str(Path(sys.executable).parent), os.environ.get("PATH", "")]
+    env = dict(os.environ, PATH=os.pathsep.join(path))
+    proc = subprocess.run([argv0, "-c", OBSERVE_CODE], executable=sys.executable, env=env,
+                          capture_output=True, text=True, cwd=REPO, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    answer = json.loads(proc.stdout)
+    assert answer["reason"] is None
+    assert answer["pyroute2_imported"] is False
+    observed = NetState.from_json(answer["state"])
+    assert Address("lo", "inet", "127.0.0.1/8") in observed.addresses
+    assert {x.name for x in observed.links} == {x.name for x in snapshot().links}
+
+
+def test_observe_passes_on_the_childs_reason(tmp_path: Path) -> None:
+    fake = tmp_path / "pyroute2"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('no pyroute2 on this host')\n")
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{REPO}")
+    proc = subprocess.run([sys.executable, "-c", OBSERVE_CODE], capture_output=True, text=True,
+                          cwd=REPO, timeout=120, check=False, env=env)
+    assert proc.returncode == 0, proc.stderr
+    answer = json.loads(proc.stdout)
+    assert answer["state"] is None
+    assert answer["reason"] == ("network state not recorded: pyroute2 is not importable "
+                                "(no pyroute2 on this host)")
+
+
+def test_observe_turns_a_broken_or_hung_reader_into_a_reason(tmp_path: Path) -> None:
+    failing = tmp_path / "failing"
+    failing.write_text("#!/bin/sh\necho 'Traceback: it broke' >&2\nexit 7\n")
+    hanging = tmp_path / "hanging"
+    hanging.write_text("#!/bin/sh\nexec sleep 30\n")
+    garbled = tmp_path / "garbled"
+    garbled.write_text("#!/bin/sh\necho '{\"state\": {\"links\": 3}}'\n")
+    for script in (failing, hanging, garbled):
+        script.chmod(0o755)
+    assert netstate.observe(interpreter=str(failing)) == (
+        None, "network state not recorded: the reader exited with 7 (Traceback: it broke)")
+    assert netstate.observe(timeout=0.5, interpreter=str(hanging)) == (
+        None, "network state not recorded: reading it took longer than 0.5 s")
+    state, reason = netstate.observe(interpreter=str(garbled))
+    assert state is None and reason is not None
+    assert "not understood" in reason and "addresses: required field is missing" in reason
+    state, reason = netstate.observe(interpreter=str(tmp_path / "missing"))
+    assert state is None and reason is not None and "cannot start" in reason
 
 
 def before_state() -> NetState:

@@ -332,7 +332,7 @@ def build_manifest(ctx: EngineContext, info: SysInfo, cmdline: str, found: Plan 
     luo = out.luo
     scratch = found.scratch if found else None
     if network is None:
-        net, _reason = netstate.snapshot_or_reason()
+        net, _reason = netstate.observe()
         network = net.to_json() if net else None
     number = luo.liveupdate_number if luo else None
     mode = ctx.handoff_mode(info)

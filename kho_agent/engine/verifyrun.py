@@ -142,7 +142,7 @@ def observe(host: Host, run: VerifyRun, known: ImageStrings,
         incoming = kho_view(host, Side.IN)
         out = kho_view(host, Side.OUT, with_memory=False)
     with step("reading the network"):
-        net, _ = netstate.snapshot_or_reason()
+        net, _ = netstate.observe()
     with step("reading the running kernel's ABI"):
         abi = {k: v.primary for k, v in running_abi(
             host, run.info.release, out, incoming, known=known).contracts.items() if v.primary}
