@@ -139,6 +139,12 @@ def test_one_live_update_keeps_every_byte(tmp_path: Path, primary: kernels.Kerne
     assert {item["name"].split("/")[0] for item in checked} == {"vm-1"}, verify_items(run, 2)
     assert all(f"({release.digest_alg} digest matches)" in item["detail"]
                for item in checked), checked
+    # the network was recorded with the release's own pyroute2 (bookworm's 0.7 once recorded
+    # no link at all, and an empty state compared equal to itself) and compared after the kexec
+    network = json.loads((run.result_dir / "out" / "boot-2/manifest.json").read_text())["network"]
+    assert "lo" in {link["name"] for link in network["links"]}, network
+    assert {"ifname": "lo", "family": "inet", "address": "127.0.0.1/8"} in network["addresses"]
+    assert verify_items(run, 2)[("network", "state")]["verdict"] == "ok", verify_items(run, 2)
     # the decoder on the way out and on the way in
     ok_steps(run, 1, "decode-out")
     ok_steps(run, 2, "decode-in")

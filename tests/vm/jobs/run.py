@@ -279,6 +279,9 @@ def after_update(boot: Boot, spec: dict[str, Any], session: str) -> None:
     report = Path("/var/lib/kho-agent/last-verify.json")
     if report.exists():  # the agent's full verification report, item by item
         (boot.dir / "last-verify.json").write_bytes(report.read_bytes())
+    manifest = Path("/var/lib/kho-agent/manifest.json")
+    if manifest.exists():  # what the agent recorded before the kexec, the network included
+        (boot.dir / "manifest.json").write_bytes(manifest.read_bytes())
     boot.run("verified-target", ["systemctl", "is-active", "kho-agent-verified.target"])
     boot.workload("check", session)
     boot.ctl("status", "status")
