@@ -11,7 +11,6 @@ Every transition is persisted before the work it announces, so a restart knows w
 from __future__ import annotations
 
 import copy
-import errno
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -21,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..config.window import Window
-from ..errors import AgentError, Busy, with_message
+from ..errors import AgentError, Busy, errno_text, with_message
 from ..facts import TargetImageCache
 from ..imagestrings import ImageStrings
 from ..kernel.host import Host
@@ -218,8 +217,7 @@ class EngineContext:
             except AgentError as exc:
                 notes.append(exc.message)
         except OSError as exc:
-            notes.append(f"the manifest {path} could not be removed "
-                         f"({errno.errorcode.get(exc.errno or 0, exc.errno)})")
+            notes.append(f"the manifest {path} could not be removed: {errno_text(exc)}")
 
     def note_released(self, name: str, why: str) -> None:
         self.released[name] = why
