@@ -25,7 +25,7 @@ from ..facts import TargetImageCache
 from ..imagestrings import ImageStrings
 from ..kernel.host import Host
 from ..kernel.liveupdate import LiveUpdateDevice, LiveUpdateSession
-from ..kernel.sysinfo import SysInfo, read_sysinfo
+from ..kernel.sysinfo import SysInfo, read_boot_id, read_sysinfo
 from .history import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, HistoryLog
 from .manifest import Manifest
 from .phase import AgentState, Phase, StateStore, move_aside
@@ -139,7 +139,7 @@ class EngineContext:
         new = copy.deepcopy(self.state)
         new.phase = phase
         new.message = message
-        new.boot_id = self.sysinfo().boot_id
+        new.boot_id = self.boot_id()
         for key, value in changes.items():
             setattr(new, key, value)
         try:
@@ -170,6 +170,10 @@ class EngineContext:
 
     def sysinfo(self) -> SysInfo:
         return read_sysinfo(self.host.root)
+
+    def boot_id(self) -> str:
+        """This boot's id, without the rest of sysinfo (no `systemctl --version` fork)."""
+        return read_boot_id(self.host.root)
 
     def open_device(self) -> LiveUpdateDevice:
         if self.device is None:

@@ -322,13 +322,19 @@ def _machine(root: Path) -> str:
     return os.uname().machine
 
 
+def read_boot_id(root: Path) -> str:
+    """This boot's id alone (proc/sys/kernel/random/boot_id): one file, where read_sysinfo reads
+    every fact (and on the running root forks `systemctl --version`)."""
+    return _read_mandatory(Path(root), "proc/sys/kernel/random/boot_id", "the boot id").strip()
+
+
 def read_sysinfo(root: Path) -> SysInfo:
     """Read the host facts under `root` (see the module docstring for what is mandatory)."""
     root = Path(root)
     warnings: list[str] = []
     release = _read_mandatory(root, "proc/sys/kernel/osrelease", "the kernel release").strip()
     cmdline = _read_mandatory(root, "proc/cmdline", "the kernel command line").strip()
-    boot_id = _read_mandatory(root, "proc/sys/kernel/random/boot_id", "the boot id").strip()
+    boot_id = read_boot_id(root)
     meminfo_text = _read_mandatory(root, "proc/meminfo", "the memory totals")
     meminfo = _kib_fields(meminfo_text)
     if "MemTotal" not in meminfo:
