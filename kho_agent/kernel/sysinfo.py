@@ -31,7 +31,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import AgentError, NotFound, PermissionDenied
+from ..errors import AgentError, NotFound, PermissionDenied, errno_text
 from .params import cmdline_bool, parse_cmdline
 
 MEMBLOCK_RESERVED = "sys/kernel/debug/memblock/reserved"
@@ -111,7 +111,7 @@ def _read_mandatory(root: Path, rel: str, what: str) -> str:
     except PermissionError as exc:
         raise PermissionDenied(f"{path}: permission denied reading {what}; run as root") from exc
     except OSError as exc:
-        raise AgentError(f"cannot read {path} ({what}): {exc.strerror}") from exc
+        raise AgentError(f"cannot read {path} ({what}): {errno_text(exc)}") from exc
 
 
 def _read_optional(path: Path) -> str | None:
@@ -243,7 +243,7 @@ def _read_memblock(root: Path, warnings: list[str]) -> list[MemblockRegion] | No
                         "memory is estimated instead")
         return None
     except OSError as exc:
-        warnings.append(f"cannot read {path}: {exc.strerror}; kernel-reserved memory is "
+        warnings.append(f"cannot read {path}: {errno_text(exc)}; kernel-reserved memory is "
                         "estimated instead")
         return None
     return parse_memblock(text, str(path))
