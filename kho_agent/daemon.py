@@ -266,7 +266,7 @@ class Daemon:
 
     def run(self) -> int:
         recovery = self.engine.start()
-        self.boot_id = self.engine.sysinfo().boot_id
+        self.boot_id = recovery.boot_id  # read by the recovery (all of sysinfo forks systemctl)
         log_started("start: state reconciled with this boot")
         log(f"state {recovery.phase.value}: {recovery.message or self.engine.state.message}")
         if recovery.disrupted:  # something ended halfway: the operator looks at it

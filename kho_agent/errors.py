@@ -22,6 +22,14 @@ EXIT_REFUSED = 3         # refused by policy: a blocker, the state, a permission
 EXIT_KERNEL = 4          # the kernel refused a system call (the errno is in the message/JSON)
 
 
+def errno_text(err: int | OSError) -> str:
+    """`EBADF (Bad file descriptor)`: an errno (or a failed call's OSError) by its name with its
+    text, never the text alone: the one spelling of every message that names an errno. An
+    OSError raised without an errno reads as EIO."""
+    code = err if isinstance(err, int) else err.errno or errno_mod.EIO
+    return f"{errno_mod.errorcode.get(code, str(code))} ({os.strerror(code)})"
+
+
 class AgentError(Exception):
     """Base of all agent errors: a message a user can act on, plus a stable name and exit code
     (both from REGISTRY below)."""
@@ -76,8 +84,7 @@ class SystemCallFailed(AgentError):
     errno (`EBUSY (Device or resource busy)`)."""
 
     def __init__(self, op: str, err: int, advice: str) -> None:
-        code = errno_mod.errorcode.get(err, str(err))
-        super().__init__(f"{op} failed: {code} ({os.strerror(err)}): {advice}")
+        super().__init__(f"{op} failed: {errno_text(err)}: {advice}")
         self.op = op
         self.errno = err
         self.advice = advice

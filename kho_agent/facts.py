@@ -29,7 +29,7 @@ from .abi.compat import (
 )
 from .abi.kho_state import ScratchArea, scratch_roles
 from .abi.luo_common import LuoState
-from .errors import AgentError, InvalidArgument
+from .errors import AgentError, InvalidArgument, errno_text
 from .imagestrings import ImageStrings, image_digest
 from .kernel import debugfs
 from .kernel.callerfile import FileIdentity, RegularFile, open_regular
@@ -261,6 +261,6 @@ def file_facts(fd: int) -> FileFacts:
         st = os.fstat(fd)
         magic = fs_magic(fd)
     except OSError as exc:
-        raise InvalidArgument(f"fd {fd} cannot be inspected: {exc.strerror}") from exc
+        raise InvalidArgument(f"fd {fd} cannot be inspected: {errno_text(exc)}") from exc
     return FileFacts(fd, st.st_size, st.st_blocks * 512, stat.S_ISREG(st.st_mode)
                      and magic == TMPFS_MAGIC, magic == HUGETLBFS_MAGIC, st.st_nlink > 0)

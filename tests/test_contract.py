@@ -179,6 +179,15 @@ def test_storage_failed_is_not_the_kernel_refusing() -> None:
     assert err.to_json()["errno"] == errno.ENOSPC and err.exit_code == 2
 
 
+def test_errno_text_names_the_errno_with_its_text() -> None:
+    """The one spelling every message naming an errno uses (SystemCallFailed's included)."""
+    assert errors_mod.errno_text(errno.EBADF) == "EBADF (Bad file descriptor)"
+    assert errors_mod.errno_text(OSError(errno.EROFS, "ignored", "/x")) \
+        == "EROFS (Read-only file system)"
+    assert errors_mod.errno_text(OSError("no errno")) == "EIO (Input/output error)"
+    assert errors_mod.errno_text(100000) == "100000 (Unknown error 100000)"
+
+
 def readme_error_rows() -> dict[str, tuple[int, str]]:
     text = (REPO / "README.md").read_text()
     return {name: (int(code), meaning) for name, code, meaning in

@@ -115,16 +115,17 @@ def test_a_corrupt_history_file_is_reported_not_fatal(bus: PrivateBus, simdir: P
         text = ctl(bus.address, "history")
         assert text.returncode == 0 and "line 3 skipped" in text.stderr
         # the daemon goes on: an update is prepared and recorded, the file rewritten clean,
-        # the lines it left out saved aside first, and its log says so
+        # the file with the lines it left out moved aside first, and its log says so
         assert ctl(bus.address, "prepare", "--kernel", str(kernel)).returncode == 0
         document = history(bus)
         assert document["problems"] == []
         assert [e["verdict"] for e in document["entries"]] == [  # type: ignore[union-attr]
             "verified", "prepared"]
-        saved = (state / "history.jsonl.corrupt").read_bytes()
-        assert b"\n\xff{torn\n" in saved and b'\n{"id": 5}\n' in saved
+        (aside,) = state.glob("history.jsonl.corrupt-*")
+        assert aside.read_bytes().startswith(b"\xff{torn\n") \
+            and aside.read_bytes().endswith(b'\n{"id": 5}\n')
         log = agentd.stderr_text()
-        assert "history: 2 unreadable line(s)" in log and "history.jsonl.corrupt" in log, log
+        assert "history: 2 unreadable line(s)" in log and str(aside) in log, log
 
 
 # --- inhibit ------------------------------------------------------------------------------------

@@ -276,6 +276,27 @@ def test_an_upgrade_restarts_an_idle_daemon_and_a_removal_stops_it(built: Built,
 
 
 @pytest.mark.slow  # builds the package (~10 s, once per module)
+def test_a_removal_that_cannot_tell_says_what_works_without_the_daemon(built: Built,
+                                                                       tmp_path: Path) -> None:
+    """restart-check could not read the daemon's state (here: no bus at all). The removal is
+    refused, but not with `kho-agentctl cancel`, which asks the same bus: it says how to see
+    why, and the override, which then stops the daemon."""
+    scripts = _scripts(built, tmp_path, f"unix:path={tmp_path}/no-bus")
+    removal = scripts.run("prerm", "remove")
+    assert removal.returncode == 1
+    assert "not removed: whether kho-agentd holds a live update is unknown: the system bus " \
+        "cannot be asked" in removal.stderr
+    assert "kho-agentctl cancel" not in removal.stderr
+    assert "systemctl status kho-agent.service" in removal.stderr
+    assert "KHO_AGENT_REMOVE_WHILE_HELD=yes" in removal.stderr
+    assert _acts_on_unit(scripts.calls(), "stop") == []
+    scripts.env["KHO_AGENT_REMOVE_WHILE_HELD"] = "yes"
+    removal = scripts.run("prerm", "remove")
+    assert removal.returncode == 0, removal.stderr
+    assert _acts_on_unit(scripts.calls(), "stop") == [f"deb-systemd-invoke stop {UNIT}"]
+
+
+@pytest.mark.slow  # builds the package (~10 s, once per module)
 @pytest.mark.parametrize(("version", "linked"), [(252, False), (262, True)])
 def test_a_first_install_enables_the_fdstore_drop_in_only_on_systemd_261(
         built: Built, tmp_path: Path, version: int, linked: bool) -> None:

@@ -24,6 +24,7 @@ from kho_agent import digest
 from kho_agent.engine import CommitOptions, Engine, PrepareOptions
 from kho_agent.engine import sessions as sessions_mod
 from kho_agent.errors import EXIT_CODES
+from kho_agent.sim import SimKernel
 
 REPO = Path(__file__).resolve().parent.parent
 SCHEMA = REPO / "schema" / "manifest-v1.schema.json"
@@ -142,14 +143,6 @@ def test_verify_takes_the_digest_with_the_manifests_algorithm(
     agent.close()
 
 
-def retrieved_sessions(sim_dir: Path) -> set[str]:
-    """The sessions RETRIEVE_SESSION handed out in the simulated kernel's current boot, from its
-    log (kho_agent/sim/retrieval.py: a line `R <hex name> <pid> <start>` per retrieval)."""
-    log = Path(os.path.realpath(sim_dir / "boot.json")).parent / "incoming.log"
-    lines = log.read_text().splitlines() if log.exists() else []
-    return {bytes.fromhex(line.split()[1]).decode() for line in lines if line.startswith("R ")}
-
-
 def blake3_update_verified_without_blake3(
         rig: Rig, monkeypatch: pytest.MonkeyPatch) -> Engine:
     """An update prepared with blake3; the agent of the next boot, blake3 gone from it."""
@@ -177,7 +170,7 @@ def test_a_blake3_manifest_where_blake3_is_missing_is_refused_before_any_retriev
     message = caught.value.message
     assert "blake3 is not installed" in message and "python3-blake3" in message
     assert "retrieved no session" in message and "restart" in message
-    assert retrieved_sessions(rig.sim.directory) == set()  # not the VM's, not the agent's own
+    assert rig.sim.retrieved_sessions() == set()  # not the VM's, not the agent's own
     # the state is the kexec's still (verification pending), on disk; memory says why
     assert (rig.config.state_dir / "state.json").read_bytes() == state_before
     assert "could not run" in agent.state.message
@@ -189,7 +182,7 @@ def test_a_blake3_manifest_where_blake3_is_missing_is_refused_before_any_retriev
     assert report.ok, [(i.kind, i.detail) for i in report.items if i.verdict.value != "ok"]
     digests = [i for i in report.items if i.kind == "file-digest"]
     assert len(digests) == 1 and "blake3 digest matches" in digests[0].detail
-    assert "vm-a" in retrieved_sessions(rig.sim.directory)
+    assert "vm-a" in rig.sim.retrieved_sessions()
     agent.close()
 
 
@@ -242,9 +235,9 @@ def test_the_daemon_refuses_it_too_and_verifies_once_restarted_with_blake3(host:
     assert "python3-blake3" in job["ErrorMessage"]
     assert "retrieved no session" in job["ErrorMessage"]
     assert invoke(client, "ListSessions") == ([],)
-    assert retrieved_sessions(host.sim_dir) == set()
+    assert SimKernel(host.sim_dir).retrieved_sessions() == set()
     host.daemon.stop()
     host.daemon.argv = with_blake3
     host.daemon.start()
     assert host.wait_state("verified", "failed") == "verified", host.prop("LastResult")
-    assert "vm-a" in retrieved_sessions(host.sim_dir)
+    assert "vm-a" in SimKernel(host.sim_dir).retrieved_sessions()

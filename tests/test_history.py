@@ -18,11 +18,10 @@ from kho_agent.engine import CommitOptions, EngineConfig, PrepareOptions
 from kho_agent.engine import history as history_module
 from kho_agent.engine.history import (
     HISTORY_FILE,
-    MAX_CORRUPT_BYTES,
     MAX_LINE_BYTES,
+    MAX_TEXT,
     Attempt,
     HistoryLog,
-    bound,
     decode,
     encode,
 )
@@ -107,12 +106,19 @@ def test_an_earlier_agents_commit_entry_is_still_read() -> None:
     assert history_module.current(read.entries) == update
 
 
-def test_bound_keeps_the_newest() -> None:
-    entries = [_attempt(n) for n in range(10)]
-    assert [a.id for a in bound(entries, 3, 1 << 20)] == ["a7", "a8", "a9"]
-    one = len(encode(entries[0]))
-    assert [a.id for a in bound(entries, 100, one * 4 + 1)] == ["a6", "a7", "a8", "a9"]
-    assert [a.id for a in bound(entries, 100, 1)] == ["a9"]  # the newest always stays
+def test_the_file_stays_bounded_in_bytes(tmp_path: Path) -> None:
+    """The byte bound (at least MAX_LINE_BYTES, so a bound below it is that): the newest lines
+    that fit it are kept, whole."""
+    path = tmp_path / HISTORY_FILE
+    log = HistoryLog(path, max_entries=1000, max_bytes=1)
+    attempts = [_attempt(n, error_message="x" * MAX_TEXT) for n in range(10, 50)]  # one size
+    one = len(encode(attempts[0]))
+    for attempt in attempts:
+        log.record(attempt)
+    fit = MAX_LINE_BYTES // one
+    assert 1 < fit < len(attempts)
+    assert [a.id for a in log.read().entries] == [f"a{n}" for n in range(50 - fit, 50)]
+    assert len(path.read_bytes()) == fit * one <= MAX_LINE_BYTES
 
 
 def test_the_file_stays_bounded(tmp_path: Path) -> None:
@@ -179,55 +185,37 @@ def test_an_unknown_member_that_cannot_be_written_back_is_left_out(tmp_path: Pat
     assert path.read_bytes() == encode(_attempt(1, verdict="cancelled"))
 
 
-def test_a_skipped_line_is_saved_once_before_a_rewrite_leaves_it_out(tmp_path: Path) -> None:
+def test_a_file_with_skipped_lines_is_moved_aside_once_before_a_rewrite_leaves_them_out(
+        tmp_path: Path) -> None:
+    """One way to keep what a rewrite leaves out, the state files' (move_aside): the whole
+    file, byte for byte, whatever its skipped lines are (torn, not UTF-8, longer than a
+    record)."""
     path = tmp_path / HISTORY_FILE
     notes: list[str] = []
     log = HistoryLog(path, on_note=notes.append)
     torn = b'{"id": "a2", "kind": "upd'
-    path.write_bytes(encode(_attempt(1)) + torn + b"\n" + b"\xff\xfe\n" + encode(_attempt(3)))
+    original = (encode(_attempt(1)) + torn + b"\n" + b"\xff\xfe\n" + encode(_attempt(3))
+                + b"{" + b"y" * (MAX_LINE_BYTES + 10) + b"\n")
+    path.write_bytes(original)
     log.record(_attempt(4))
-    assert [a.id for a in log.read().entries] == ["a1", "a3", "a4"]
+    assert path.read_bytes() == encode(_attempt(1)) + encode(_attempt(3)) + encode(_attempt(4))
     assert log.read().problems == []
-    side = tmp_path / (HISTORY_FILE + ".corrupt")
-    saved = side.read_bytes()
-    assert b"\n" + torn + b"\n" in saved and b"\n\xff\xfe\n" in saved
-    assert b"line 2 skipped (not JSON" in saved and b"line 3 skipped (not UTF-8)" in saved
+    (aside,) = tmp_path.glob(HISTORY_FILE + ".corrupt-*")
+    assert aside.read_bytes() == original
     (note,) = notes
-    assert "2 unreadable line(s)" in note and "line 2, 3" in note and str(side) in note
-    log.record(_attempt(5))  # saved once: nothing more to save
-    assert side.read_bytes() == saved and len(notes) == 1
+    assert "3 unreadable line(s)" in note and "line 2, 3, 5" in note and str(aside) in note
+    assert "the readable lines are written back" in note
+    log.record(_attempt(5))  # moved once: nothing more to keep
+    assert list(tmp_path.glob(HISTORY_FILE + ".corrupt*")) == [aside] and len(notes) == 1
 
 
-def test_the_side_file_keeps_the_newest_skipped_lines(tmp_path: Path) -> None:
-    path = tmp_path / HISTORY_FILE
-    log = HistoryLog(path)
-    side = tmp_path / (HISTORY_FILE + ".corrupt")
-    log.record(_attempt(99))  # a file of bad lines only is moved aside whole
-    for n in range(12):
-        bad = b"{" + f"bad {n:02} ".encode() + b"x" * (MAX_LINE_BYTES - 20)
-        path.write_bytes(path.read_bytes() + bad + b"\n")
-        log.record(_attempt(n))
-        assert len(side.read_bytes()) <= MAX_CORRUPT_BYTES
-    saved = side.read_bytes()
-    assert saved.startswith(b"# ") and b"{bad 11 " in saved and b"{bad 00 " not in saved
-    assert [a.id for a in log.read().entries] == ["a99", *(f"a{n}" for n in range(12))]
-    # a line longer than a record is saved cut, and says so
-    path.write_bytes(path.read_bytes() + b"y" * (MAX_LINE_BYTES + 10) + b"\n")
-    log.record(_attempt(12))
-    assert f"its first {MAX_LINE_BYTES} of {MAX_LINE_BYTES + 10} bytes".encode() \
-        in side.read_bytes()
-
-
-def test_a_skipped_line_that_cannot_be_saved_stays_in_the_history(
+def test_skipped_lines_that_cannot_be_moved_aside_stay_in_the_history(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / HISTORY_FILE
-    real_write = history_module.write_atomic
 
-    def side_file_full(target: Path, data: bytes, mode: int = 0o644) -> None:
-        if target.name.endswith(".corrupt"):
-            raise StorageFailed(f"writing {target}", errno.ENOSPC, "the disk is full")
-        real_write(target, data, mode)
-    monkeypatch.setattr(history_module, "write_atomic", side_file_full)
+    def directory_read_only(target: Path) -> Path:
+        raise StorageFailed(f"moving {target} aside", errno.EROFS, "the directory is read-only")
+    monkeypatch.setattr(history_module, "move_aside", directory_read_only)
     notes: list[str] = []
     log = HistoryLog(path, max_entries=2, on_note=notes.append)
     path.write_bytes(encode(_attempt(1)) + b"{torn\n" + encode(_attempt(2)))
@@ -235,38 +223,7 @@ def test_a_skipped_line_that_cannot_be_saved_stays_in_the_history(
     assert path.read_bytes() == b"{torn\n" + encode(_attempt(2)) + encode(_attempt(3))
     read = log.read()
     assert [a.id for a in read.entries] == ["a2", "a3"] and len(read.problems) == 1
-    assert "kept in the history" in notes[0] and "disk is full" in notes[0]
-
-
-@pytest.mark.parametrize("shape", ["directory", "empty", "huge"])
-def test_a_side_file_of_any_shape_is_moved_aside_and_started_anew(tmp_path: Path,
-                                                                    shape: str) -> None:
-    path = tmp_path / HISTORY_FILE
-    side = tmp_path / (HISTORY_FILE + ".corrupt")
-    if shape == "directory":
-        side.mkdir()
-    else:
-        side.write_bytes(b"" if shape == "empty" else b"z" * (MAX_CORRUPT_BYTES + 1))
-    path.write_bytes(encode(_attempt(1)) + b"{torn\n")
-    HistoryLog(path).record(_attempt(2))
-    assert path.read_bytes() == encode(_attempt(1)) + encode(_attempt(2))
-    assert side.read_bytes().endswith(b"\n{torn\n")
-    kept = list(tmp_path.glob(HISTORY_FILE + ".corrupt.corrupt-*"))  # what was there
-    assert len(kept) == (0 if shape == "empty" else 1)
-
-
-def test_more_skipped_lines_than_the_side_file_keeps_move_the_file_aside(
-        tmp_path: Path) -> None:
-    path = tmp_path / HISTORY_FILE
-    notes: list[str] = []
-    bad = [b"{" + b"x" * (MAX_LINE_BYTES - 10) for _ in range(5)]  # 5 x 64 KiB: > 256 KiB
-    original = encode(_attempt(1)) + b"\n".join(bad) + b"\n" + encode(_attempt(2))
-    path.write_bytes(original)
-    HistoryLog(path, on_note=notes.append).record(_attempt(3))
-    assert path.read_bytes() == encode(_attempt(1)) + encode(_attempt(2)) + encode(_attempt(3))
-    (aside,) = tmp_path.glob(HISTORY_FILE + ".corrupt-*")
-    assert aside.read_bytes() == original  # all of it, in one rename
-    assert "moved aside" in notes[0] and str(aside) in notes[0]
+    assert "stay in the history" in notes[0] and "read-only" in notes[0]
 
 
 # --- the engine --------------------------------------------------------------------------------
@@ -466,8 +423,9 @@ def test_a_corrupt_history_does_not_stop_the_engine(tmp_path: Path) -> None:
     rig.agent.cancel()
     read = rig.agent.history()
     assert [a.verdict for a in read.entries] == ["verified", "cancelled", "cancelled"]
-    assert read.problems == []  # rewritten without the bad line, saved aside first
-    assert b"\x00garbage\n" in (rig.config.state_dir / (HISTORY_FILE + ".corrupt")).read_bytes()
+    assert read.problems == []  # rewritten without the bad line, the file moved aside first
+    (aside,) = rig.config.state_dir.glob(HISTORY_FILE + ".corrupt-*")
+    assert b"\x00garbage\n" in aside.read_bytes()
 
 
 def test_a_directory_where_the_history_goes_is_moved_aside(tmp_path: Path) -> None:

@@ -110,7 +110,8 @@ UNIT = Path(__file__).resolve().parent.parent / "systemd" / "kho-agent.service"
 def test_a_directory_the_unit_may_not_write_says_how_to_allow_it(tmp_path: Path) -> None:
     """EACCES as kho-agent.service meets it (root without CAP_DAC_OVERRIDE, a directory root
     does not own): the warning said "run it as root or fix the permissions" to an agent that
-    runs as root; it now names the unit's sandbox and the drop-in that allows a directory."""
+    runs as root; it now also names the unit's sandbox and the drop-in that allows a directory,
+    after what the write itself said (what failed, its errno, the file left as it was)."""
     directory = tmp_path / "collector"
     directory.mkdir(mode=0o755)
     os.chown(directory, NOBODY, NOBODY)
@@ -121,7 +122,9 @@ def test_a_directory_the_unit_may_not_write_says_how_to_allow_it(tmp_path: Path)
     assert done.returncode == 0, done.stderr
     warning, result = done.stdout.splitlines()
     assert result == "False" and list(directory.iterdir()) == []
-    assert f"writing {directory / METRICS_FILE} failed: EACCES (Permission denied)" in warning
+    target = directory / METRICS_FILE
+    assert warning.startswith(f"warning: metrics not written: writing {target} failed: "
+                              f"EACCES (Permission denied): {target} was left as it was; ")
     assert "without CAP_DAC_OVERRIDE" in warning
     assert f"`systemctl edit kho-agent` ([Service] then ReadWritePaths={directory})" in warning
 

@@ -30,6 +30,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from kho_agent.engine import CommitOptions, Engine, EngineConfig, PrepareOptions
+from kho_agent.engine import context as engine_context
 from kho_agent.engine import phase as statefile
 from kho_agent.engine.manifest import read_manifest
 from kho_agent.engine.phase import (
@@ -613,6 +614,33 @@ def test_the_engine_starts_idle_with_any_shape_kept_aside(rig: Rig, shape: str) 
     assert phase_of(agent) is Phase.PREPARED and rig.loaded()
     agent.cancel()
     assert not rig.loaded()
+
+
+def test_a_start_reads_the_boot_id_alone(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Start needs this boot's id only: all of sysinfo forks `systemctl --version` on the running
+    root, and kho-agentd read it again after the recovery for that id. A restart that cancels a
+    prepared update and the first start after a kexec now read no sysinfo, and hand the boot id
+    they read to the daemon."""
+    def no_sysinfo(root: Path) -> None:
+        raise AssertionError(f"sysinfo of {root} read at start")
+
+    rig.client("vm-a", b"x")
+    rig.agent.prepare(PrepareOptions(kernel=rig.target))
+    with monkeypatch.context() as patch:
+        patch.setattr(engine_context, "read_sysinfo", no_sysinfo)
+        agent = rig.restart()
+    assert agent.state.phase is Phase.IDLE and "restarted while prepared" in agent.state.message
+    assert rig.last_start.boot_id == SimKernel(rig.tmp / "sim").boot_id
+    assert agent.state.boot_id == rig.last_start.boot_id   # the cancel was stamped with it
+    rig.client("vm-a", b"x")
+    agent.prepare(PrepareOptions(kernel=rig.target))
+    agent.commit(CommitOptions())
+    with monkeypatch.context() as patch:
+        patch.setattr(engine_context, "read_sysinfo", no_sysinfo)
+        rig.agent = rig.new_agent()
+    assert rig.last_start.verify_pending
+    after = SimKernel(rig.tmp / "sim").boot_id
+    assert rig.last_start.boot_id == after and after != agent.state.boot_id
 
 
 def test_two_corrupt_starts_in_the_same_second_keep_both(rig: Rig,

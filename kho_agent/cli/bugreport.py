@@ -35,10 +35,11 @@ from typing import Any
 from ..about import known_formats, package_version
 from ..engine.history import HISTORY_FILE
 from ..engine.phase import LAST_VERIFY_FILE, MANIFEST_FILE, STATE_FILE
+from ..errors import errno_text
 from ..kernel.atomicfile import write_atomic
 from ..kernel.debugfs import DEFAULT_DEBUGFS
 from .bus import add_bus_options
-from .common import EXIT_OK, errno_text, print_json
+from .common import EXIT_OK, print_json
 from .kernels import DEFAULT_STATE_DIR, STATE_DIR_ENV, state_dir_default
 
 HELP = "write one file (JSON) with what a bug report needs"

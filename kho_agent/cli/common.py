@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import signal
 import sys
 from typing import Any
@@ -22,10 +21,11 @@ from ..errors import (
     KernelRefused,
     NotFound,
     PermissionDenied,
+    errno_text,
 )
 
 __all__ = ["EXIT_BROKEN_PIPE", "EXIT_CANNOT_RUN", "EXIT_FINDINGS", "EXIT_KERNEL", "EXIT_OK",
-           "EXIT_REFUSED", "CliError", "Interrupted", "UsageError", "errno_text", "os_error",
+           "EXIT_REFUSED", "CliError", "Interrupted", "UsageError", "os_error",
            "print_json"]
 
 # A reader that went away (`kho-agentctl status | head -1`): 128 + SIGPIPE, the status a shell
@@ -47,11 +47,6 @@ class UsageError(InvalidArgument):
         super().__init__(message)
         self.usage = usage
         self.prog = prog
-
-
-def errno_text(code: int) -> str:
-    """`EBADF (Bad file descriptor)`: the errno's name with its text, never the text alone."""
-    return f"{errno.errorcode.get(code, str(code))} ({os.strerror(code)})"
 
 
 def os_error(exc: OSError, what: str = "") -> AgentError:

@@ -17,11 +17,10 @@ ROOT is `/` except in tests (kho-agentd --config-root).
 
 from __future__ import annotations
 
-import errno
 import os
 from pathlib import Path
 
-from ..errors import AgentError, ConfigInvalid, NotFound
+from ..errors import AgentError, ConfigInvalid, NotFound, errno_text
 from ..kernel.callerfile import open_regular
 from .model import AgentConfig
 from .parse import parse_config
@@ -59,9 +58,7 @@ def config_files(root: Path) -> list[Path]:
             raise ConfigInvalid(f"{where}: not a directory (drop-ins go in a directory "
                                 f"{DROPIN_DIR}/)") from None
         except OSError as exc:
-            code = exc.errno or errno.EIO
-            raise ConfigInvalid(f"{where}: cannot list it: {errno.errorcode.get(code, code)} "
-                                f"({os.strerror(code)})") from None
+            raise ConfigInvalid(f"{where}: cannot list it: {errno_text(exc)}") from None
         names = [n for n in names if n.endswith(DROPIN_SUFFIX) and not n.startswith(".")]
         if len(names) > DROPINS_MAX:
             raise ConfigInvalid(f"{where}: {len(names)} drop-ins, more than {DROPINS_MAX}")

@@ -11,7 +11,6 @@ Every transition is persisted before the work it announces, so a restart knows w
 from __future__ import annotations
 
 import copy
-import errno
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -21,12 +20,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..config.window import Window
-from ..errors import AgentError, Busy, with_message
+from ..errors import AgentError, Busy, errno_text, with_message
 from ..facts import TargetImageCache
 from ..imagestrings import ImageStrings
 from ..kernel.host import Host
 from ..kernel.liveupdate import LiveUpdateDevice, LiveUpdateSession
-from ..kernel.sysinfo import SysInfo, read_sysinfo
+from ..kernel.sysinfo import SysInfo, read_boot_id, read_sysinfo
 from .history import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, HistoryLog
 from .manifest import Manifest
 from .phase import AgentState, Phase, StateStore, move_aside
@@ -140,7 +139,7 @@ class EngineContext:
         new = copy.deepcopy(self.state)
         new.phase = phase
         new.message = message
-        new.boot_id = self.sysinfo().boot_id
+        new.boot_id = self.boot_id()
         for key, value in changes.items():
             setattr(new, key, value)
         try:
@@ -171,6 +170,10 @@ class EngineContext:
 
     def sysinfo(self) -> SysInfo:
         return read_sysinfo(self.host.root)
+
+    def boot_id(self) -> str:
+        """This boot's id, without the rest of sysinfo (no `systemctl --version` fork)."""
+        return read_boot_id(self.host.root)
 
     def open_device(self) -> LiveUpdateDevice:
         if self.device is None:
@@ -218,8 +221,7 @@ class EngineContext:
             except AgentError as exc:
                 notes.append(exc.message)
         except OSError as exc:
-            notes.append(f"the manifest {path} could not be removed "
-                         f"({errno.errorcode.get(exc.errno or 0, exc.errno)})")
+            notes.append(f"the manifest {path} could not be removed: {errno_text(exc)}")
 
     def note_released(self, name: str, why: str) -> None:
         self.released[name] = why

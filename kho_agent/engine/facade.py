@@ -48,8 +48,8 @@ class Engine:
         service has none); `stored_sessions`: the session fds that store handed back at this
         start (name -> fd, now the engine's), which verify adopts instead of retrieving;
         `on_step_timed`: called with (step, seconds) as verify ends each of its steps;
-        `on_history_note`: told what a history rewrite did to lines it could not read (saved
-        them to a side file, kept them, moved the file aside), for the log."""
+        `on_history_note`: told what a history rewrite did to lines it could not read (moved
+        the file aside, or kept them), for the log."""
         self._ctx = EngineContext(host, config, StateStore(config.state_dir),
                                   ImageStrings(config.state_dir),
                                   HistoryLog(config.state_dir / HISTORY_FILE,

@@ -17,13 +17,13 @@ skipped and reported (`HistoryRead.problems`), never fatal; a file that is not a
 is far larger than the bound is reported and read as empty. A member this version does not know
 is ignored when reading (a newer agent's file survives a downgrade) and kept when writing: the
 lines of a rewrite that are not the record written are copied as they were, and the record
-written keeps the unknown members of the line it replaces. A line that was skipped is saved to
-`history.jsonl.corrupt` (bounded: its newest MAX_CORRUPT_BYTES) before a rewrite leaves it out,
-and a note says so (the daemon's log); when it cannot be saved there it stays in the file. A
-file that could not be read at all, or with more skipped lines than the side file keeps, is
-moved aside whole (`history.jsonl.corrupt-<time>`).
+written keeps the unknown members of the line it replaces. Before a rewrite leaves out what it
+could not read (skipped lines, or a file that could not be read at all), the file is moved aside
+whole (`history.jsonl.corrupt-<time>`, as the state files are: one rename keeps every line as it
+was) and a note says so (the daemon's log); when it cannot be moved the skipped lines stay in the
+rewritten file.
 
-`encode`, `decode` and `bound` are pure (bytes in, records out); `HistoryLog` does the I/O.
+`encode` and `decode` are pure (bytes in, records out); `HistoryLog` does the I/O.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ from typing import Any, TypeAlias
 from ..config.model import DEFAULT_HISTORY_MAX_ENTRIES
 from ..errors import AgentError, StateCorrupt
 from ..kernel.atomicfile import write_atomic
-from ..kernel.callerfile import read_if_present
 from .phase import move_aside, read_back
 
 HISTORY_FILE = "history.jsonl"
@@ -53,8 +52,6 @@ MAX_LINE_BYTES = 64 << 10
 # and replaced at the next write, not read.
 READ_SLACK = 4
 MAX_TEXT = 4000   # characters kept of a message
-# Skipped lines saved before a rewrite leaves them out: at most this many bytes, the newest.
-MAX_CORRUPT_BYTES = 256 << 10
 
 
 class Verdict(enum.Enum):
@@ -331,12 +328,6 @@ def _fitting(sizes: list[int], max_entries: int, max_bytes: int) -> int:
     return kept
 
 
-def bound(entries: list[Attempt], max_entries: int, max_bytes: int) -> list[Attempt]:
-    """The newest entries that fit both bounds (at least the newest one)."""
-    kept = _fitting([len(encode(a)) for a in entries], max_entries, max_bytes)
-    return entries[len(entries) - kept:]
-
-
 def current(entries: list[Attempt]) -> Attempt | None:
     """The open live update, if any: the newest open one."""
     return next((a for a in reversed(entries) if a.open), None)
@@ -356,8 +347,8 @@ Note: TypeAlias = Callable[[str], None]
 
 
 class HistoryLog:
-    """`on_note`: told what a rewrite did besides recording (skipped lines saved to the side
-    file, or kept): the daemon logs it."""
+    """`on_note`: told what a rewrite did besides recording (the file moved aside before what
+    could not be read was left out, or the skipped lines kept): the daemon logs it."""
 
     def __init__(self, path: Path, max_entries: int = DEFAULT_MAX_ENTRIES,
                  max_bytes: int = DEFAULT_MAX_BYTES, on_note: Note | None = None) -> None:
@@ -365,11 +356,6 @@ class HistoryLog:
         self.max_entries = max(1, max_entries)
         self.max_bytes = max(MAX_LINE_BYTES, max_bytes)
         self.on_note: Note = on_note if on_note is not None else (lambda text: None)
-
-    @property
-    def corrupt_path(self) -> Path:
-        """Where skipped lines are saved before a rewrite leaves them out."""
-        return self.path.with_name(self.path.name + ".corrupt")
 
     def _parse(self) -> Parsed:
         """What the file holds; never raises for what is at the path (a file that cannot be
@@ -391,21 +377,12 @@ class HistoryLog:
         """Write `attempt` (a new one, or the next state of one already there); the oldest
         entries go when a bound is reached. The other lines are written back as they were
         (members a newer agent wrote survive); the record written keeps the unknown members
-        of the line it replaces. Skipped lines are saved to the side file first, or kept in
-        place when they cannot be. A file that could not be read at all is moved aside first
-        (kept as evidence). StorageFailed when it cannot be written."""
+        of the line it replaces. A file with lines that could not be read, or that could not be
+        read at all, is moved aside first (kept as evidence); skipped lines stay in place when
+        it cannot be. StorageFailed when it cannot be written."""
         found = self._parse()
-        if found.problems and not found.lines:
-            try:
-                if self.path.exists() or self.path.is_symlink():
-                    aside = move_aside(self.path)
-                    self.on_note(f"{self.path} could not be read ({found.problems[0]}; "
-                                 f"{len(found.problems)} problem(s)): moved aside to {aside}")
-            except AgentError:
-                pass  # the write below says what is wrong with the directory
-            found = Parsed([], [])
         items = found.items
-        if found.skipped and self._save_skipped(found.skipped):
+        if found.problems and self._set_aside(found):
             items = [i for i in items if isinstance(i, Line)]
         replaced = next((i for i in items if isinstance(i, Line)
                          and i.attempt.id == attempt.id), None)
@@ -417,52 +394,24 @@ class HistoryLog:
         dropped = {id(i) for i in lines[:len(lines) - kept]}
         write_atomic(self.path, b"".join(i.text + b"\n" for i in items if id(i) not in dropped))
 
-    def _save_skipped(self, skipped: list[Skipped]) -> bool:
-        """Save the skipped lines before the rewrite leaves them out: appended to the side file
-        (its newest MAX_CORRUPT_BYTES kept), or, when they alone are more than that, the whole
-        file moved aside (one rename keeps them all). Whether they are saved (else they stay
-        in the history, and the note says why)."""
-        side = self.corrupt_path
-        stamp = now_iso()
-        parts: list[bytes] = []
-        for line in skipped:
-            text = line.text[:MAX_LINE_BYTES]
-            cut = f", its first {len(text)} of {len(line.text)} bytes" \
-                if len(text) < len(line.text) else ""
-            parts.append(f"# {stamp} {self.path.name} line {line.number} skipped "
-                         f"({line.problem}){cut}:\n".encode() + text + b"\n")
-        block = b"".join(parts)
-        numbers = ", ".join(str(s.number) for s in skipped[:10])
-        more = ", ..." if len(skipped) > 10 else ""
-        where = f"{len(skipped)} unreadable line(s) of {self.path} (line {numbers}{more})"
+    def _set_aside(self, found: Parsed) -> bool:
+        """Keep what the rewrite leaves out: the whole file moved aside (move_aside, the state
+        files' way), the readable lines then written back. Whether it was moved (else skipped
+        lines stay in the history, and the note says why)."""
+        if found.skipped:
+            numbers = ", ".join(str(s.number) for s in found.skipped[:10])
+            more = ", ..." if len(found.skipped) > 10 else ""
+            what = (f"{len(found.skipped)} unreadable line(s) of {self.path} "
+                    f"(line {numbers}{more})")
+        else:
+            what = (f"{self.path} could not be read ({found.problems[0]}; "
+                    f"{len(found.problems)} problem(s))")
         try:
-            if len(block) > MAX_CORRUPT_BYTES:
-                aside = move_aside(self.path)
-                self.on_note(f"{where}: more than {side.name} keeps ({len(block)} bytes), so "
-                             f"the whole file was moved aside to {aside}; the readable lines "
-                             "are written back")
-                return True
-            earlier = self._saved_before(side)
-            excess = len(earlier) + len(block) - MAX_CORRUPT_BYTES
-            if excess > 0:  # the oldest saved lines go, from a record's first line on
-                start = earlier.find(b"\n# ", excess - 1)
-                earlier = earlier[start + 1:] if start >= 0 else b""
-            write_atomic(side, earlier + block)
+            aside = move_aside(self.path)
         except AgentError as exc:
-            self.on_note(f"{where} kept in the history: they could not be saved ({exc.message})")
+            kept = "; they stay in the history" if found.skipped else ""
+            self.on_note(f"{what}: it could not be moved aside ({exc.message}){kept}")
             return False
-        self.on_note(f"{where} saved to {side} and left out of the rewritten history")
+        readable = "; the readable lines are written back" if found.lines else ""
+        self.on_note(f"{what}: moved aside to {aside}{readable}")
         return True
-
-    @staticmethod
-    def _saved_before(side: Path) -> bytes:
-        """What the side file holds. Anything else at its path than a regular file of at most
-        MAX_CORRUPT_BYTES (the agent writes no other) is moved aside, kept, and the side file
-        starts anew; StorageFailed when it cannot be."""
-        try:
-            data = read_if_present(side, "the history's skipped lines", MAX_CORRUPT_BYTES,
-                                   allow_empty=True)
-        except AgentError:
-            move_aside(side)
-            return b""
-        return data if isinstance(data, bytes) else b""  # None: absent; Dangling: replaced

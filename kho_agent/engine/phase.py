@@ -42,7 +42,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ..errors import AgentError, StateCorrupt, StorageFailed
+from ..errors import AgentError, StateCorrupt, StorageFailed, errno_text
 from ..kernel.atomicfile import write_atomic
 from ..kernel.callerfile import Dangling, file_kind, read_if_present
 from .manifest.compare import FAILING_VERDICTS, Verdict
@@ -523,8 +523,7 @@ def _shape(path: Path) -> str | None:
         # nothing there (or no state directory): only a dangling symlink is something
         return "a symbolic link to nothing" if os.path.lexists(path) else None
     except OSError as exc:
-        code = exc.errno if exc.errno is not None else errno.EIO
-        return f"unusable ({errno.errorcode.get(code, str(code))}: {os.strerror(code)})"
+        return f"unusable ({errno_text(exc)})"
     return None if stat.S_ISREG(st.st_mode) else file_kind(st.st_mode)
 
 

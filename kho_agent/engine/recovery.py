@@ -9,7 +9,7 @@ the manifest of this boot, the incoming KHO state).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..errors import AgentError, KernelRefused, StateCorrupt
@@ -29,6 +29,7 @@ class RecoveryResult:
     # retrieved sessions) or the state was lost, unsaved or in the way: what the operator must
     # look at. A start after a kexec with verification pending is the normal path, not this.
     disrupted: bool = False
+    boot_id: str = ""  # this boot's, as start read it (set by start(), for the daemon's use)
 
 
 def start(ctx: EngineContext) -> RecoveryResult:
@@ -38,22 +39,22 @@ def start(ctx: EngineContext) -> RecoveryResult:
     (a full disk, a read-only directory, a corrupt state file that cannot be moved aside)
     is reported in the state's message, and the agent runs on with it in memory, so that
     the daemon comes up and says so instead of failing in a restart loop."""
+    boot = ctx.boot_id()
     with ctx.store.deferring_errors() as unsaved:
-        result = _start(ctx)
+        result = _start(ctx, boot)
         if ctx.stored_sessions and not result.verify_pending:
             ctx.release_stored("the fd store handed back session fds but there is "
                                "nothing to verify them against")
     if unsaved:
         result = _unsaved_at_start(ctx, result, unsaved[-1])
-    return result
+    return replace(result, boot_id=boot)
 
 
 def _disrupted(result: RecoveryResult) -> RecoveryResult:
     return RecoveryResult(result.phase, result.message, result.verify_pending, True)
 
 
-def _start(ctx: EngineContext) -> RecoveryResult:
-    boot = ctx.sysinfo().boot_id
+def _start(ctx: EngineContext, boot: str) -> RecoveryResult:
     loaded = ctx.store.load_or_set_aside()
     ctx.state = loaded.state
     incoming = ctx.incoming_present()

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from ..errors import AgentError, InvalidArgument, NotFound, PermissionDenied
+from ..errors import AgentError, InvalidArgument, NotFound, PermissionDenied, errno_text
 
 PATH_MAX = 4096  # the kernel's limit on a path given to open(2), NUL included
 
@@ -45,19 +45,14 @@ def _describe(what: str, name: str) -> str:
     return f"{what} {name}" if what else name
 
 
-def _errno_text(code: int) -> str:
-    return f"{errno.errorcode.get(code, str(code))} ({os.strerror(code)})"
-
-
 def _os_error(exc: OSError, what: str, name: str) -> AgentError:
     where = _describe(what, name)
     code = exc.errno or errno.EIO
     if code in (errno.ENOENT, errno.ENOTDIR):
         return NotFound(f"{where} does not exist")
     if code in (errno.EACCES, errno.EPERM):
-        return PermissionDenied(f"{where} cannot be opened: {os.strerror(code)}")
-    label = errno.errorcode.get(code, str(code))
-    return InvalidArgument(f"{where} cannot be opened: {label} ({os.strerror(code)})")
+        return PermissionDenied(f"{where} cannot be opened: {errno_text(code)}")
+    return InvalidArgument(f"{where} cannot be opened: {errno_text(code)}")
 
 
 @dataclass(frozen=True)
@@ -113,8 +108,7 @@ class RegularFile:
             except OSError as exc:
                 code = exc.errno or errno.EIO
                 raise InvalidArgument(f"{self.label} cannot be read: "
-                                      f"{errno.errorcode.get(code, str(code))} "
-                                      f"({os.strerror(code)})") from exc
+                                      f"{errno_text(code)}") from exc
             if not chunk:
                 break
             chunks.append(chunk)
@@ -226,7 +220,7 @@ def list_directory(path: str | os.PathLike[str], what: str, max_entries: int) ->
                     raise InvalidArgument(f"{where} has more than {max_entries} entries")
     except OSError as exc:
         code = exc.errno or errno.EIO
-        message = f"{where} cannot be listed: {_errno_text(code)}"
+        message = f"{where} cannot be listed: {errno_text(code)}"
         if code in (errno.ENOENT, errno.ENOTDIR):
             raise NotFound(message) from exc
         if code in (errno.EACCES, errno.EPERM):
@@ -245,8 +239,7 @@ def adopt_fd(fd: int, name: str, what: str = "", *, max_size: int | None = None)
         except OSError as exc:
             code = exc.errno or errno.EBADF
             raise InvalidArgument(f"{_describe(what, name)}: the passed fd cannot be used: "
-                                  f"{errno.errorcode.get(code, str(code))} "
-                                  f"({os.strerror(code)})") from exc
+                                  f"{errno_text(code)}") from exc
         if not stat.S_ISREG(st.st_mode):
             raise InvalidArgument(f"{_describe(what, name)} is {file_kind(st.st_mode)}, not a "
                                   "regular file")

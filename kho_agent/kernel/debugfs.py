@@ -17,13 +17,12 @@ whose `kind` is the agent error it amounts to.
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
 from dataclasses import dataclass, field
 
 from ..abi.kho_state import MAX_SIZED_BLOB
-from ..errors import AgentError, InvalidArgument, NotFound, PermissionDenied
+from ..errors import AgentError, InvalidArgument, NotFound, PermissionDenied, errno_text
 from .callerfile import file_kind, open_regular
 
 DEFAULT_DEBUGFS = "/sys/kernel/debug"
@@ -147,15 +146,10 @@ def _directory(path: str, what: str) -> None:
         raise DebugfsError(f"{what} {path} cannot be read: permission denied; run as root",
                            PermissionDenied) from exc
     except OSError as exc:
-        raise DebugfsError(f"{what} {path} cannot be read: {_errno_text(exc)}") from exc
+        raise DebugfsError(f"{what} {path} cannot be read: {errno_text(exc)}") from exc
     if not stat.S_ISDIR(st.st_mode):
         kind = "a regular file" if stat.S_ISREG(st.st_mode) else file_kind(st.st_mode)
         raise DebugfsError(f"{what} {path} is {kind}, not a directory")
-
-
-def _errno_text(exc: OSError) -> str:
-    code = exc.errno or errno.EIO
-    return f"{errno.errorcode.get(code, str(code))} ({os.strerror(code)})"
 
 
 def read_sub_blobs(path: str, what: str = "the subtree directory") -> dict[str, bytes]:
@@ -175,7 +169,7 @@ def read_sub_blobs(path: str, what: str = "the subtree directory") -> dict[str, 
         if isinstance(exc, PermissionError):
             raise DebugfsError(f"{what} {path} cannot be listed: permission denied; run as "
                                "root", PermissionDenied) from exc
-        raise DebugfsError(f"{what} {path} cannot be listed: {_errno_text(exc)}") from exc
+        raise DebugfsError(f"{what} {path} cannot be listed: {errno_text(exc)}") from exc
     blobs: dict[str, bytes] = {}
     total = 0
     for name in sorted(names):
@@ -209,7 +203,7 @@ def kho_dir(debugfs: str, side: str) -> str:
         try:
             empty = not os.listdir(debugfs)
         except OSError as exc:
-            raise DebugfsError(f"debugfs {debugfs} cannot be listed: {_errno_text(exc)}",
+            raise DebugfsError(f"debugfs {debugfs} cannot be listed: {errno_text(exc)}",
                                PermissionDenied if isinstance(exc, PermissionError)
                                else InvalidArgument) from exc
         if empty:

@@ -8,13 +8,13 @@ terabyte-sized virtual layout costs nothing until a page is asked for.
 from __future__ import annotations
 
 import bisect
-import errno
 import os
 import struct
 from dataclasses import dataclass
 from types import TracebackType
 
 from ..abi.errors import AbiError, MemoryUnavailable
+from ..errors import errno_text
 from .callerfile import open_regular
 
 ELF_MAGIC = b"\x7fELF"
@@ -134,7 +134,7 @@ class ElfCoreMemory:
                 chunk = os.pread(self._fd, n, seg.offset + pos - seg.phys)
             except OSError as exc:
                 # /proc/kcore refuses some ranges (e.g. not-present or hwpoisoned pages)
-                raise MemoryUnavailable(phys, length, f"{self.path}: {_errno_text(exc)}") \
+                raise MemoryUnavailable(phys, length, f"{self.path}: {errno_text(exc)}") \
                     from exc
             if len(chunk) != n:
                 raise MemoryUnavailable(phys, length, f"{self.path} is shorter than its headers "
@@ -166,16 +166,10 @@ class RawImageMemory:
         try:
             data = os.pread(self._fd, length, off)
         except OSError as exc:
-            raise MemoryUnavailable(phys, length, f"{self.path}: {_errno_text(exc)}") from exc
+            raise MemoryUnavailable(phys, length, f"{self.path}: {errno_text(exc)}") from exc
         if len(data) != length:
             raise MemoryUnavailable(phys, length, f"{self.path} shrank while it was read")
         return data
-
-
-def _errno_text(exc: OSError) -> str:
-    """`EIO (Input/output error)`: an errno with its name, never its text alone."""
-    code = exc.errno or errno.EIO
-    return f"{errno.errorcode.get(code, str(code))} ({os.strerror(code)})"
 
 
 def write_elf_core(path: str, runs: list[tuple[int, bytes]]) -> None:

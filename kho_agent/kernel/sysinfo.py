@@ -31,7 +31,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import AgentError, NotFound, PermissionDenied
+from ..errors import AgentError, NotFound, PermissionDenied, errno_text
 from .params import cmdline_bool, parse_cmdline
 
 MEMBLOCK_RESERVED = "sys/kernel/debug/memblock/reserved"
@@ -111,7 +111,7 @@ def _read_mandatory(root: Path, rel: str, what: str) -> str:
     except PermissionError as exc:
         raise PermissionDenied(f"{path}: permission denied reading {what}; run as root") from exc
     except OSError as exc:
-        raise AgentError(f"cannot read {path} ({what}): {exc.strerror}") from exc
+        raise AgentError(f"cannot read {path} ({what}): {errno_text(exc)}") from exc
 
 
 def _read_optional(path: Path) -> str | None:
@@ -243,7 +243,7 @@ def _read_memblock(root: Path, warnings: list[str]) -> list[MemblockRegion] | No
                         "memory is estimated instead")
         return None
     except OSError as exc:
-        warnings.append(f"cannot read {path}: {exc.strerror}; kernel-reserved memory is "
+        warnings.append(f"cannot read {path}: {errno_text(exc)}; kernel-reserved memory is "
                         "estimated instead")
         return None
     return parse_memblock(text, str(path))
@@ -322,13 +322,19 @@ def _machine(root: Path) -> str:
     return os.uname().machine
 
 
+def read_boot_id(root: Path) -> str:
+    """This boot's id alone (proc/sys/kernel/random/boot_id): one file, where read_sysinfo reads
+    every fact (and on the running root forks `systemctl --version`)."""
+    return _read_mandatory(Path(root), "proc/sys/kernel/random/boot_id", "the boot id").strip()
+
+
 def read_sysinfo(root: Path) -> SysInfo:
     """Read the host facts under `root` (see the module docstring for what is mandatory)."""
     root = Path(root)
     warnings: list[str] = []
     release = _read_mandatory(root, "proc/sys/kernel/osrelease", "the kernel release").strip()
     cmdline = _read_mandatory(root, "proc/cmdline", "the kernel command line").strip()
-    boot_id = _read_mandatory(root, "proc/sys/kernel/random/boot_id", "the boot id").strip()
+    boot_id = read_boot_id(root)
     meminfo_text = _read_mandatory(root, "proc/meminfo", "the memory totals")
     meminfo = _kib_fields(meminfo_text)
     if "MemTotal" not in meminfo:

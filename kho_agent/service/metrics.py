@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import errno
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -175,10 +174,10 @@ class MetricsWriter:
         try:
             write_atomic(self.path, text.encode())
         except SystemCallFailed as exc:
-            advice = sandbox_advice(exc.errno, directory)
-            self._warn(exc.message if advice is None else
-                       f"writing {self.path} failed: {errno.errorcode.get(exc.errno, '?')} "
-                       f"({os.strerror(exc.errno)}): {advice}")
+            # The sandbox's part comes after what the write said (what failed, its errno, the
+            # file left as it was): under kho-agent.service it is what explains the errno.
+            sandbox = sandbox_advice(exc.errno, directory)
+            self._warn(exc.message if sandbox is None else f"{exc.message}; {sandbox}")
             return False
         except AgentError as exc:
             self._warn(exc.message)

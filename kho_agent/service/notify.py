@@ -30,7 +30,7 @@ from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import AgentError, InvalidArgument, NotFound
+from ..errors import AgentError, InvalidArgument, NotFound, errno_text
 
 # The kernel refuses more fds than this in one SCM_RIGHTS message (include/net/scm.h SCM_MAX_FD).
 SCM_MAX_FD = 253
@@ -144,7 +144,7 @@ class Notifier:
         except OSError as exc:
             # the manager is gone (ECONNREFUSED/ENOENT after PID 1 handed over to
             # systemd-shutdown), its queue is full (EAGAIN), or an fd is bad (EBADF)
-            self.last_error = f"sd_notify to {self.socket_path}: {exc.strerror or exc}"
+            self.last_error = f"sd_notify to {self.socket_path}: {errno_text(exc)}"
             return False
         self.last_error = None
         return True
@@ -251,8 +251,8 @@ class Notifier:
                 fcntl.fcntl(fd, fcntl.F_SETFD, flags | fcntl.FD_CLOEXEC)
             except OSError as exc:
                 raise InvalidArgument(f"LISTEN_FDS={count} but fd {fd} is not open "
-                                      f"({exc.strerror}): the environment does not come from "
-                                      "systemd") from exc
+                                      f"({errno_text(exc)}): the environment does not come "
+                                      "from systemd") from exc
             out.setdefault(name, []).append(fd)
         return out
 
@@ -299,6 +299,6 @@ class Notifier:
                 os.unlink(tmp)
                 raise
         except OSError as exc:
-            raise AgentError(f"cannot write {directory / VERIFIED_FLAG} ({exc.strerror or exc}):"
+            raise AgentError(f"cannot write {directory / VERIFIED_FLAG} ({errno_text(exc)}):"
                              f" {VERIFIED_TARGET} would not be reached; is RuntimeDirectory="
                              "kho-agent set in the unit?") from exc

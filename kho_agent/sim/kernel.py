@@ -416,6 +416,15 @@ class SimKernel:
         """What this boot's kernel logged about the handover (KHO/LUO/memblock lines)."""
         return list(self._rt.state.notes)
 
+    def retrieved_sessions(self) -> set[str]:
+        """The incoming sessions RETRIEVE_SESSION handed out in this boot, by any process
+        (finished since or not): what its retrieval log (retrieval.py) records."""
+        log = retrieval.RetrievalLog(self._rt.directory)
+        try:
+            return log.ever_retrieved()
+        finally:
+            log.close()
+
     def host(self) -> Host:
         from .kexec import SimKexec
         from .liveupdate import SimLiveUpdate
