@@ -28,7 +28,7 @@ from pathlib import Path
 from ..config.model import DEFAULT_METRICS_DIRECTORY
 from ..engine.history import Attempt, Kind, Verdict
 from ..engine.phase import Phase
-from ..errors import AgentError, SystemCallFailed
+from ..errors import AgentError, SystemCallFailed, errno_text
 from ..kernel.atomicfile import write_atomic
 
 METRICS_FILE = "kho_agent.prom"
@@ -174,10 +174,13 @@ class MetricsWriter:
         try:
             write_atomic(self.path, text.encode())
         except SystemCallFailed as exc:
-            # The sandbox's part comes after what the write said (what failed, its errno, the
-            # file left as it was): under kho-agent.service it is what explains the errno.
+            # What failed, its errno and the file left as it was, then the sandbox's part in
+            # place of the write's generic advice ("run it as root" to an agent that is root):
+            # under kho-agent.service the sandbox is what explains the errno.
             sandbox = sandbox_advice(exc.errno, directory)
-            self._warn(exc.message if sandbox is None else f"{exc.message}; {sandbox}")
+            self._warn(exc.message if sandbox is None else
+                       f"{exc.op} failed: {errno_text(exc.errno)}: {self.path} was left as it "
+                       f"was; {sandbox}")
             return False
         except AgentError as exc:
             self._warn(exc.message)
