@@ -15,9 +15,12 @@ target to the commit (what kho-agent-update.service runs, unattended or started 
 5. Prepare, then wait (at most --ready-timeout, default [Update] ReadyTimeoutSec=) until a
    Commit dry run passes: every client session ready. A timeout, or any refusal after the
    prepare, cancels the update (the sessions' owners are told with SessionReleased, as by
-   `kho-agentctl cancel`) and fails with the error; so does SIGTERM (`systemctl stop`).
-6. Commit: the kexec ends this process with the host. The proof is read in the next kernel
-   (`kho-agentctl status --json`, `verify --json`, `history --json`).
+   `kho-agentctl cancel`) and fails with the error; so does SIGTERM (`systemctl stop`). A
+   prepare still running after --timeout is cancelled (Job.Cancel) before update fails.
+6. Commit: the kexec ends this process with the host. A commit refused (or whose job failed)
+   is cancelled as above; one whose outcome is unknown (still running after --timeout, a
+   daemon that does not answer) never: the kexec may be under way. The proof is read in the
+   next kernel (`kho-agentctl status --json`, `verify --json`, `history --json`).
 
 With --json the envelope's result is the UpdateReport below, also beside an error (how far the
 update went: `stage`, and whether it cancelled what it had prepared: `cancelled`).
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import signal
 import sys
 import time
@@ -40,9 +44,17 @@ from gi.repository import Gio, GLib
 
 from ..config.model import DEFAULT_READY_TIMEOUT_SECONDS
 from ..config.parse import READY_TIMEOUT_MAX
-from ..errors import AgentError, Busy, Cancelled, Interrupted, InvalidArgument, PreflightFailed
+from ..errors import (
+    AgentError,
+    Busy,
+    Cancelled,
+    Interrupted,
+    InvalidArgument,
+    JobNotFinished,
+    PreflightFailed,
+)
 from ..service import interfaces as api
-from ..service.errors import from_dbus
+from ..service.errors import DaemonNotResponding, DaemonUnreachable, from_dbus
 from .bus import (
     DBUS_IFACE,
     DBUS_NAME,
@@ -52,6 +64,7 @@ from .bus import (
     AgentClient,
     Deadline,
     JobInfo,
+    Progress,
     SignalWatch,
     Subscription,
     TargetFiles,
@@ -189,16 +202,23 @@ class StopRequests:
 # ---------------------------------------------------------------------------------- jobs
 
 def run_job(client: AgentClient, timeout: float, method: str, opts: dict[str, Any] | None,
-            fds: Sequence[int] = (), progress: str | None = None) -> JobInfo:
+            fds: Sequence[int] = (), progress: str | None = None,
+            started: Progress | None = None) -> JobInfo:
     """Start a job and follow it to its end (each job gets the whole --timeout); a job that
-    failed or was cancelled raises its error."""
+    failed or was cancelled raises its error. `started` sees the job as soon as it exists
+    (before its end: a job that outlives the wait is still known)."""
     client.deadline = Deadline.after(timeout)
     signatures = {"Prepare": api.PREPARE_OPTIONS, "Commit": api.COMMIT_OPTIONS}
     wrapped = options(opts, signatures[method]) if opts is not None else None
     view = ProgressView(progress, sys.stderr) if progress else None
+
+    def on_progress(job: JobInfo) -> None:
+        if started is not None:
+            started(job)
+        if view is not None:
+            view.update(job)
     try:
-        job = client.start_job(method, wrapped, fds=fds,
-                               on_progress=view.update if view else lambda _job: None)
+        job = client.start_job(method, wrapped, fds=fds, on_progress=on_progress)
     finally:
         if view is not None:
             view.finish()
@@ -235,6 +255,63 @@ def cancel(client: AgentClient, timeout: float, report: UpdateReport) -> None:
     else:
         err = job.error()
         say(f"could not cancel the prepared update ({err.name}: {err.message}); run "
+            "`kho-agentctl cancel`")
+
+
+def prepare(client: AgentClient, timeout: float, files: TargetFiles,
+            report: UpdateReport) -> dict[str, Any]:
+    """The Prepare, followed to its end; its result. One still running when the wait ends
+    (--timeout) is cancelled: update must not leave behind a prepared host it gave up on."""
+    jobs: list[str] = []
+
+    def started(job: JobInfo) -> None:
+        if not jobs:
+            jobs.append(job.path)
+    try:
+        job = run_job(client, timeout, "Prepare", dict(files.options), files.fds,
+                      progress="prepare", started=started)
+    except JobNotFinished as exc:
+        if not jobs:  # the job never said it existed: nothing to cancel
+            raise
+        why = (f"--timeout {timeout:g} s" if client.deadline.passed() else exc.message)
+        raise JobNotFinished(f"the prepare did not finish ({why}); "
+                             + abandon_prepare(client, jobs[0], timeout, report)) from None
+    result: dict[str, Any] = job.result_json() or {}
+    return result
+
+
+def abandon_prepare(client: AgentClient, path: str, timeout: float,
+                    report: UpdateReport) -> str:
+    """Cancel a prepare still running (Job.Cancel: it rolls back at its next step and the
+    clients' sessions stay as they were), then follow it to its end (at most `timeout`);
+    what became of it, as the end of a sentence. One that ended just before the cancel
+    reached it is undone as any prepared update (Manager.Cancel, the owners told)."""
+    client.deadline = Deadline.after(timeout)
+    try:
+        _, fds = client.call(path, api.JOB_IFACE, "Cancel")
+        for fd in fds:
+            os.close(fd)
+    except Busy:
+        pass  # it has ended meanwhile: how, the job says below
+    except AgentError as exc:
+        return (f"it could not be cancelled ({exc.name}: {exc.message}): see `kho-agentctl "
+                "jobs`; once it has ended, `kho-agentctl cancel` undoes it")
+    say(f"the prepare did not finish in time: cancelling it ({path})")
+    try:
+        job = client.follow(path, on_progress=lambda _job: None)
+    except AgentError as exc:
+        return (f"kho-agentd was asked to cancel it and rolls it back at its next step (the "
+                f"clients' sessions stay), but it had not yet ended ({exc.name}): see "
+                "`kho-agentctl status`")
+    if job.state == api.JOB_CANCELED:
+        report.cancelled = True
+        return "it was cancelled: nothing is prepared, the clients' sessions are as they were"
+    if job.state == api.JOB_FAILED:
+        err = job.error()
+        return f"it failed meanwhile ({err.name}: {err.message}): nothing is prepared"
+    cancel(client, timeout, report)  # done just before the cancel came
+    return ("it ended just before the cancel and was cancelled then" if report.cancelled
+            else "it ended just before the cancel and could NOT be cancelled: run "
             "`kho-agentctl cancel`")
 
 
@@ -398,9 +475,14 @@ def update_on(client: AgentClient, args: argparse.Namespace, report: UpdateRepor
         "reboots into it and the guests pause until it restores their sessions")
     try:
         run_job(client, args.timeout, "Commit", {}, progress="commit")
+    except (JobNotFinished, DaemonNotResponding, DaemonUnreachable) as exc:
+        # the commit may be under way (the shutdown, the kexec): nothing may touch it now
+        raise type(exc)(f"{exc.message}; the commit was not cancelled: it may be handing off "
+                        "now (see `kho-agentctl status`, after a reboot `kho-agentctl verify`)"
+                        ) from None
     except AgentError:
-        if client.answers():  # refused, the kexec did not happen: undo the prepare
-            cancel(client, args.timeout, report)
+        # kho-agentd refused it or its job failed: the kexec did not happen, undo the prepare
+        cancel(client, args.timeout, report)
         raise
     report.outcome = "committing"
     return EXIT_OK
@@ -427,8 +509,7 @@ def prepare_and_wait(client: AgentClient, args: argparse.Namespace, report: Upda
     """Prepare, then wait for the clients; anything that ends it here cancels the prepare."""
     report.stage = "prepare"
     say(f"preparing {checked.get('kernel')}")
-    prepared = run_job(client, args.timeout, "Prepare", dict(files.options), files.fds,
-                       progress="prepare").result_json() or {}
+    prepared = prepare(client, args.timeout, files, report)
     report.stage = "wait"
     try:
         if prepared.get("prepared") != checked.get("kernel"):
