@@ -31,16 +31,14 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import signal
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
-from types import FrameType, TracebackType
 from typing import Any
 
-from gi.repository import Gio, GLib
+from gi.repository import Gio
 
 from ..config.model import DEFAULT_READY_TIMEOUT_SECONDS
 from ..config.parse import READY_TIMEOUT_MAX
@@ -69,11 +67,13 @@ from .bus import (
     Subscription,
     TargetFiles,
     add_timeout_option,
+    iterate_until,
     open_target_files,
     options,
 )
 from .common import EXIT_OK, print_json
 from .jobs import ProgressView, add_common_options
+from .stops import StopRequested, StopRequests
 
 HELP = "perform one live update under the host's configuration: check, prepare, wait, commit"
 LABEL = "kho-agentctl update"
@@ -82,7 +82,6 @@ STARTABLE = ("idle", "verified", "failed")
 # without news from the daemon, readiness is asked again this often (a signal missed while
 # the bus was busy must not cost the whole timeout)
 RECHECK_SECONDS = 15.0
-_TICK_MS = 100
 
 
 def ready_seconds(text: str) -> float:
@@ -146,57 +145,6 @@ class UpdateReport:
 def say(text: str) -> None:
     """A step, on stderr (the journal of kho-agent-update.service)."""
     print(f"{LABEL}: {text}", file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------------------------- stops
-
-class _Stop(Exception):
-    """SIGTERM or SIGINT while the update holds something it prepared."""
-
-
-class StopRequests:
-    """SIGTERM (`systemctl stop`, a fleet tool giving up) and SIGINT after the prepare: the
-    update cancels what it prepared before it exits. During the prepare job the request is
-    remembered and acted on when the job ends (the prepare runs on in kho-agentd either way);
-    during the wait it interrupts at once. Not during the commit: a stop then is the shutdown
-    of the kexec itself."""
-
-    def __init__(self) -> None:
-        self.requested: int | None = None
-        self._raising = False
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopRequests:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            self._previous[signum] = signal.signal(signum, self._on_signal)
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
-        self.requested = signum
-        if self._raising:
-            raise _Stop
-
-    def check(self) -> None:
-        if self.requested is not None:
-            raise _Stop
-
-    @contextmanager
-    def interrupting(self) -> Iterator[None]:
-        self.check()
-        self._raising = True
-        try:
-            yield
-        finally:
-            self._raising = False
-
-    def why(self) -> str:
-        name = signal.Signals(self.requested).name if self.requested is not None else "?"
-        return f"stopped by {name}"
 
 
 # ---------------------------------------------------------------------------------- jobs
@@ -341,17 +289,9 @@ class ChangeWatch(SignalWatch):
     def _on_signal(self, *_args: object) -> None:
         self.seen = True
 
-    def wait(self, seconds: float) -> None:
-        """Until a change is seen or `seconds` passed."""
-        end = time.monotonic() + seconds
-        tick = GLib.timeout_source_new(_TICK_MS)
-        tick.set_callback(lambda *_: True)
-        tick.attach(self.context)
-        try:
-            while not self.seen and time.monotonic() < end:
-                self.context.iteration(True)
-        finally:
-            tick.destroy()
+    def wait(self, seconds: float, stopped: Callable[[], bool]) -> None:
+        """Until a change is seen, stopped() or `seconds` passed."""
+        iterate_until(self.context, lambda: self.seen or stopped(), Deadline.after(seconds))
         self.seen = False
 
 
@@ -388,8 +328,7 @@ def wait_ready(client: AgentClient, timeout: float, ready_timeout: float,
                 say(f"waiting up to {ready_timeout:g} s for session(s) to be ready: "
                     f"{', '.join(waiting)}")
                 announced = True
-            with stops.interrupting():
-                watch.wait(min(remaining, RECHECK_SECONDS))
+            watch.wait(min(remaining, RECHECK_SECONDS), lambda: stops.requested is not None)
 
 
 # ---------------------------------------------------------------------------------- the command
@@ -467,6 +406,10 @@ def update_on(client: AgentClient, args: argparse.Namespace, report: UpdateRepor
         report.outcome = "would-update"
         return EXIT_OK
 
+    # SIGTERM (`systemctl stop`, a fleet tool giving up) or SIGINT from here on: the update
+    # cancels what it prepared before it exits. Remembered during the prepare job (which runs
+    # on in kho-agentd either way) and acted on when it ends; during the wait for the clients
+    # at the next tick. Not during the commit: a stop then is the shutdown of the kexec itself.
     with StopRequests() as stops:
         prepare_and_wait(client, args, report, checked, stops, files, ready_timeout)
 
@@ -520,7 +463,7 @@ def prepare_and_wait(client: AgentClient, args: argparse.Namespace, report: Upda
         # a stop that came during the last readiness check (a dry-run job, not interrupted)
         # cancels too: it must not end in the commit
         stops.check()
-    except _Stop:
+    except StopRequested:
         say(f"{stops.why()}: cancelling what this update prepared")
         cancel(client, args.timeout, report)
         raise Interrupted(f"{stops.why()} while waiting for the clients; the prepared update "
