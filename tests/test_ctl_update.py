@@ -381,8 +381,26 @@ def test_a_dry_run_of_prepare_says_what_update_decides_on(bus: PrivateBus, daemo
     result = cli_json(done.stdout)["result"]   # the job's Result
     assert result["target_is_running"] is False and result["release"] == "7.3.1-sim"
     assert result["commit_refused"]["error"] == "Inhibited"
+    assert result["prepare_refused"] is None and result["would_prepare"] is True
     assert "this is the kernel running" in text.stdout
     assert "a commit now would be refused: Inhibited: " in text.stdout
+
+
+def test_a_dry_run_of_prepare_says_the_prepare_is_refused_while_one_is_prepared(
+        bus: PrivateBus, daemon: Daemon, kernel: Path) -> None:
+    """The dry run runs the prepare's own start check: update reads which states allow a
+    prepare from it, not from a copy of the engine's rule."""
+    assert ctl(bus.address, "prepare", "--kernel", str(kernel)).returncode == 0
+    done = ctl(bus.address, "prepare", "--dry-run", "--kernel", str(kernel), "--json")
+    assert done.returncode == 1, done.stderr
+    result = cli_json(done.stdout)["result"]
+    assert result["would_prepare"] is False
+    assert result["prepare_refused"]["error"] == "Busy"
+    assert result["prepare_refused"]["message"] == "cannot prepare while prepared; cancel first"
+    text = ctl(bus.address, "prepare", "--dry-run", "--kernel", str(kernel))
+    assert "verdict: prepare would be refused: Busy: cannot prepare while prepared" in \
+        text.stdout
+    assert prop(bus, "State") == "prepared"
 
 
 # --- the pieces -------------------------------------------------------------------------------

@@ -3,14 +3,17 @@ target to the commit (what kho-agent-update.service runs, unattended or started 
 
     kho-agentctl update [--kernel IMAGE [--initrd FILE]] [--ready-timeout SECONDS] [--check]
 
-1. An update already prepared (or running) is left alone: Busy.
-2. The target is resolved and checked by a Prepare dry run (without --kernel: the daemon's
+1. The target is resolved and checked by a Prepare dry run (without --kernel: the daemon's
    Target=, kho-agent.conf(5)), which changes nothing.
+2. An update already prepared (or running) is left alone: Busy (the dry run's
+   `prepare_refused`, or the daemon's refusal of the dry run while a job runs).
 3. A target that is the kernel running (same release and `uname -v`) is "up-to-date": exit 0,
    nothing done.
 4. Refused before anything changes, with the error the commit or the prepare would meet: an
    inhibitor held (Inhibited), outside MaintenanceWindow= or a hand-off mode other than
-   HandoffMode= (PreflightFailed), a preflight blocker (PreflightFailed). `--check` ends here
+   HandoffMode= (PreflightFailed), then what the prepare would refuse (the dry run's
+   `prepare_refused`, from the daemon's own checks): a preflight blocker (PreflightFailed), a
+   command line the next kernel would not take (InvalidArgument). `--check` ends here
    ("would-update").
 5. Prepare, then wait (at most --ready-timeout, default [Update] ReadyTimeoutSec=) until a
    Commit dry run passes: every client session ready. A timeout, or any refusal after the
@@ -49,7 +52,6 @@ from ..errors import (
     Interrupted,
     InvalidArgument,
     JobNotFinished,
-    PreflightFailed,
 )
 from ..service import interfaces as api
 from ..service.errors import DaemonNotResponding, DaemonUnreachable, from_dbus
@@ -77,8 +79,6 @@ from .stops import StopRequested, StopRequests
 
 HELP = "perform one live update under the host's configuration: check, prepare, wait, commit"
 LABEL = "kho-agentctl update"
-# the states in which an update may start (anything else: one is prepared or under way)
-STARTABLE = ("idle", "verified", "failed")
 # without news from the daemon, readiness is asked again this often (a signal missed while
 # the bus was busy must not cost the whole timeout)
 RECHECK_SECONDS = 15.0
@@ -378,11 +378,6 @@ def update_on(client: AgentClient, args: argparse.Namespace, report: UpdateRepor
     props = client.manager_properties()
     report.running["release"] = props.get("RunningKernel") or None
     report.live_update_number = int(props.get("LiveUpdateNumber", 0))
-    state = props.get("State")
-    if state not in STARTABLE:
-        raise Busy(f"an update is already {state} (target {props.get('TargetKernel') or '?'})"
-                   "; update leaves it alone: finish it with `kho-agentctl commit` or "
-                   "`kho-agentctl cancel`")
     ready_timeout = args.ready_timeout
     if ready_timeout is None:
         usec = props.get("ReadyTimeoutUSec")
@@ -394,14 +389,17 @@ def update_on(client: AgentClient, args: argparse.Namespace, report: UpdateRepor
     report.target = {"kernel": checked.get("kernel"), "initrd": checked.get("initrd"),
                      "release": checked.get("release"), "version": checked.get("version")}
     report.preflight = checked.get("preflight")
+    prepare_refused = refusal_in(checked, "prepare_refused")
+    if isinstance(prepare_refused, Busy):  # whatever the target: the host is not idle
+        raise Busy(f"an update is already {props.get('State')} (target "
+                   f"{props.get('TargetKernel') or '?'}); update leaves it alone: finish it "
+                   "with `kho-agentctl commit` or `kho-agentctl cancel`")
     if checked.get("target_is_running"):
         report.outcome = "up-to-date"
         return EXIT_OK
-    refused = checked.get("commit_refused")
-    if isinstance(refused, dict):
-        raise from_dbus(api.ERROR_PREFIX + str(refused.get("error")),
-                        str(refused.get("message")))
-    refuse_as_prepare_would(checked)
+    for refused in (refusal_in(checked, "commit_refused"), prepare_refused):
+        if refused is not None:
+            raise refused
     if args.check:
         report.outcome = "would-update"
         return EXIT_OK
@@ -431,19 +429,13 @@ def update_on(client: AgentClient, args: argparse.Namespace, report: UpdateRepor
     return EXIT_OK
 
 
-def refuse_as_prepare_would(checked: dict[str, Any]) -> None:
-    """PreflightFailed for what the prepare would refuse: the preflight's blockers, a command
-    line the next kernel would not take."""
-    preflight = checked.get("preflight") or {}
-    blockers = [f"{c.get('name')}: {c.get('message')}" for c in preflight.get("checks") or []
-                if c.get("tier") == "blocker"]
-    if blockers:
-        raise PreflightFailed("preflight found blockers: " + "; ".join(blockers))
-    problem = checked.get("cmdline_problem")
-    if problem:
-        raise PreflightFailed(f"the next kernel's command line: {problem}")
-    if not checked.get("would_prepare", False):
-        raise PreflightFailed("prepare would be refused (see `kho-agentctl prepare --dry-run`)")
+def refusal_in(checked: dict[str, Any], key: str) -> AgentError | None:
+    """The error a dry run's result says a step would be refused with (commit_refused,
+    prepare_refused: the daemon's own check), or None."""
+    refused = checked.get(key)
+    if not isinstance(refused, dict):
+        return None
+    return from_dbus(api.ERROR_PREFIX + str(refused.get("error")), str(refused.get("message")))
 
 
 def prepare_and_wait(client: AgentClient, args: argparse.Namespace, report: UpdateReport,
