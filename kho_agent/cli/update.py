@@ -190,20 +190,14 @@ def cancel(client: AgentClient, timeout: float, report: UpdateReport) -> None:
     """Undo what this update prepared (the sessions' owners get SessionReleased). A cancel
     that fails is said, and the update's own error is still the one reported."""
     try:
-        client.deadline = Deadline.after(timeout)
-        job = client.start_job("Cancel", None, on_progress=lambda _job: None)
+        run_job(client, timeout, "Cancel", None)
     except AgentError as exc:
         say(f"could not cancel the prepared update ({exc.name}: {exc.message}); run "
             "`kho-agentctl cancel`")
         return
-    if job.state == api.JOB_DONE:
-        report.cancelled = True
-        say("cancelled the update it had prepared; the clients' owners were told "
-            "(SessionReleased)")
-    else:
-        err = job.error()
-        say(f"could not cancel the prepared update ({err.name}: {err.message}); run "
-            "`kho-agentctl cancel`")
+    report.cancelled = True
+    say("cancelled the update it had prepared; the clients' owners were told "
+        "(SessionReleased)")
 
 
 def prepare(client: AgentClient, timeout: float, files: TargetFiles,
