@@ -23,6 +23,7 @@ from cliout import cli_json, envelope
 from dbusrig import MANAGER_IFACE, MANAGER_PATH, Daemon, GioClient, PrivateBus, client_env
 from test_ctl import (
     CTL_TIMEOUT,
+    WAIT_S,
     bus,
     create_ready_session,
     ctl,
@@ -242,6 +243,7 @@ def test_a_stop_while_waiting_cancels_the_prepared_update(bus: PrivateBus, daemo
         finally:
             stop(waiting)
     assert waiting.returncode == 2, err
+    assert "Traceback" not in err  # the handler raises nothing inside a GLib dispatch
     doc = envelope(out)
     assert doc["error"]["error"] == "Interrupted"
     assert "stopped by SIGTERM" in doc["error"]["message"] and "was cancelled" in \
@@ -316,6 +318,54 @@ def test_a_kexec_the_kernel_refuses_cancels_the_update(bus: PrivateBus, daemon: 
     assert entries[0]["last_commit_error_name"] == "KernelRefused", entries
 
 
+def test_a_prepare_that_outlives_the_timeout_is_cancelled_and_the_next_update_runs(
+        bus: PrivateBus, daemon: Daemon, simdir: Path, kernel: Path) -> None:
+    """The kexec load takes far longer than --timeout: update cancels the prepare (Job.Cancel)
+    instead of leaving the host prepared behind it, and the next run is not Busy."""
+    with GioClient(bus.address) as vm_manager:
+        create_ready_session(vm_manager, "vm-1", 1, b"guest")
+        SimKernel(simdir).inject("slow-load", seconds=8.0)
+        with vm_manager.catch_signal("SessionReleased") as released, \
+                vm_manager.catch_signal("JobRemoved") as removed:
+            done, doc = update(bus.address, "--kernel", str(kernel), "--timeout", "3")
+            # the prepare rolls back at its next step (after the load), never prepared
+            removed.wait(WAIT_S, lambda args: args[2] == "canceled")
+            assert prop(bus, "State") == "idle"
+            assert done.returncode == 2, done.stderr
+            assert doc["error"]["error"] == "JobNotFinished"
+            message = doc["error"]["message"]
+            assert message.startswith("the prepare did not finish (--timeout 3 s); "), message
+            assert "cancel" in message, message
+            assert doc["result"]["stage"] == "prepare" and doc["result"]["outcome"] is None
+            assert not SimKernel(simdir).host().kexec.loaded()
+            assert released.received == []  # the clients' sessions stay, as they were
+        status = cli_json(ctl(bus.address, "status", "--json").stdout)
+        assert [(s["name"], s["ready"]) for s in status["sessions"]] == [("vm-1", True)]
+        checked, doc = update(bus.address, "--check", "--kernel", str(kernel))
+        assert checked.returncode == 0, checked.stderr
+        assert doc["result"]["outcome"] == "would-update"
+
+
+def test_a_commit_that_outlives_the_timeout_is_never_cancelled(
+        bus: PrivateBus, daemon: Daemon, simdir: Path, kernel: Path) -> None:
+    """Once the Commit started the kexec may be under way: a wait that ends (--timeout) says
+    so and leaves the commit alone, which then hands off."""
+    number = prop(bus, "LiveUpdateNumber")
+    SimKernel(simdir).inject("slow-reboot", seconds=9.0)
+    done, doc = update(bus.address, "--kernel", str(kernel), "--timeout", "5")
+    assert "cancel the prepared update" not in done.stderr  # not even tried
+    assert "cancelled the update" not in done.stderr
+    assert done.returncode == 2, done.stderr
+    assert doc["error"]["error"] == "JobNotFinished"
+    assert "the commit was not cancelled: it may be handing off" in doc["error"]["message"]
+    assert doc["result"]["stage"] == "commit" and doc["result"]["cancelled"] is False
+    wait_for_exit(daemon)  # the commit went on: the simulated kexec ends the daemon
+    assert daemon.returncode == 0, daemon.stderr_text()
+    daemon.start()
+    wait_for_state(bus, "verified")
+    assert prop(bus, "LiveUpdateNumber") == number + 1
+
+
 def test_a_dry_run_of_prepare_says_what_update_decides_on(bus: PrivateBus, daemon: Daemon,
                                                           simdir: Path, kernel: Path) -> None:
     with GioClient(bus.address) as backup:
@@ -331,8 +381,26 @@ def test_a_dry_run_of_prepare_says_what_update_decides_on(bus: PrivateBus, daemo
     result = cli_json(done.stdout)["result"]   # the job's Result
     assert result["target_is_running"] is False and result["release"] == "7.3.1-sim"
     assert result["commit_refused"]["error"] == "Inhibited"
+    assert result["prepare_refused"] is None and result["would_prepare"] is True
     assert "this is the kernel running" in text.stdout
     assert "a commit now would be refused: Inhibited: " in text.stdout
+
+
+def test_a_dry_run_of_prepare_says_the_prepare_is_refused_while_one_is_prepared(
+        bus: PrivateBus, daemon: Daemon, kernel: Path) -> None:
+    """The dry run runs the prepare's own start check: update reads which states allow a
+    prepare from it, not from a copy of the engine's rule."""
+    assert ctl(bus.address, "prepare", "--kernel", str(kernel)).returncode == 0
+    done = ctl(bus.address, "prepare", "--dry-run", "--kernel", str(kernel), "--json")
+    assert done.returncode == 1, done.stderr
+    result = cli_json(done.stdout)["result"]
+    assert result["would_prepare"] is False
+    assert result["prepare_refused"]["error"] == "Busy"
+    assert result["prepare_refused"]["message"] == "cannot prepare while prepared; cancel first"
+    text = ctl(bus.address, "prepare", "--dry-run", "--kernel", str(kernel))
+    assert "verdict: prepare would be refused: Busy: cannot prepare while prepared" in \
+        text.stdout
+    assert prop(bus, "State") == "prepared"
 
 
 # --- the pieces -------------------------------------------------------------------------------

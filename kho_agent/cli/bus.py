@@ -285,9 +285,11 @@ class Deadline:
         return max(1, math.ceil(min(self.remaining(), cap_ms / 1000) * 1000))
 
 
-def _wait(context: GLib.MainContext, done: Callable[[], bool], deadline: Deadline) -> None:
+def iterate_until(context: GLib.MainContext, done: Callable[[], bool],
+                  deadline: Deadline) -> None:
     """Run `context` until done() or the deadline; each blocking iteration ends at the next
-    tick at the latest, so the deadline is checked."""
+    tick at the latest, so the deadline is checked (and done(): it may look at a flag that a
+    signal handler sets, stops.py)."""
     tick = GLib.timeout_source_new(_TICK_MS)
     tick.set_callback(lambda *_: True)
     tick.attach(context)
@@ -319,7 +321,7 @@ def _connect(target: BusTarget, deadline: Deadline) -> Gio.DBusConnection:
             Gio.bus_get(kind, cancellable, finished)
     finally:
         context.pop_thread_default()
-    _wait(context, lambda: bool(results), deadline)
+    iterate_until(context, lambda: bool(results), deadline)
     if not results:
         cancellable.cancel()
         raise DaemonUnreachable(f"{target.describe()} did not accept a connection within "

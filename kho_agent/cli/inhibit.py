@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import subprocess
 import sys
-from types import FrameType
 
 from gi.repository import GLib
 
@@ -27,6 +25,7 @@ from . import envelope
 from .bus import AgentClient
 from .common import EXIT_OK, print_json
 from .jobs import add_common_options
+from .stops import StopRequests
 
 HELP = "hold live-update commits off while a command runs, or until interrupted"
 JSON_LINES = ("With --json and no COMMAND: one JSON line (an envelope whose result has state "
@@ -42,14 +41,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: s
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
                    help="run this and release when it exits")
     p.set_defaults(run=run)
-
-
-class _Stop(Exception):
-    pass
-
-
-def _stop(_signum: int, _frame: FrameType | None) -> None:
-    raise _Stop
 
 
 def take(client: AgentClient, who: str, why: str) -> int:
@@ -74,30 +65,40 @@ def run(args: argparse.Namespace) -> int:
         fd = take(client, args.who, args.why)
     try:
         held = {"who": args.who or f"uid {os.getuid()}", "why": args.why}
-        # a SIGTERM (a supervisor, timeout(1)) releases the hold only after the command it
-        # covers has ended: the command gets it too, and is waited for
-        signal.signal(signal.SIGTERM, _stop)
-        if command:
-            # the command does not inherit the fd (O_CLOEXEC): the inhibitor is this process's
-            child = subprocess.Popen(command)
-            try:
-                return child.wait()
-            except (_Stop, KeyboardInterrupt):
-                child.terminate()
-                return child.wait()
-        try:   # a SIGTERM while the hold is announced releases it as one while it waits
+        # SIGTERM (a supervisor, timeout(1)) or SIGINT releases the hold only after the
+        # command it covers has ended: the command gets it too, and is waited for
+        with StopRequests() as stops:
+            if command:
+                return run_covered(command, stops)
             if args.json:
                 # a script learns that it holds now, not at release (envelope.py: two lines)
                 envelope.print_now("inhibit", {"inhibiting": held, "state": "held"})
             else:
                 print(f"holding live-update commits off ({held['who']}: {args.why}); "
                       "Ctrl-C to release", flush=True)
-            while True:
-                signal.pause()
-        except (_Stop, KeyboardInterrupt):
-            pass
+            while stops.requested is None:
+                stops.wait()
         if args.json:   # the second line: the hold is released as this process exits
             print_json({"inhibiting": held, "state": "released"})
         return EXIT_OK
     finally:
         os.close(fd)
+
+
+def run_covered(command: list[str], stops: StopRequests) -> int:
+    """Run the command under the hold; its exit status. The first stop request is passed on
+    to it (SIGTERM) and it is waited for still: the hold covers it until it has ended; later
+    requests change nothing (it has been told, and a Ctrl-C reaches it from the terminal)."""
+    # the command does not inherit the inhibitor fd (O_CLOEXEC): the hold is this process's
+    child = subprocess.Popen(command)
+    pidfd = os.pidfd_open(child.pid)   # readable once it has exited
+    try:
+        told = False
+        while child.poll() is None:
+            if stops.requested is not None and not told:
+                child.terminate()
+                told = True
+            stops.wait([pidfd])
+        return child.returncode
+    finally:
+        os.close(pidfd)

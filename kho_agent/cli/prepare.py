@@ -112,7 +112,13 @@ def dry_run_text(data: dict[str, Any]) -> tuple[str, int]:
         from .preflight import render_report
 
         lines += ["", render_report(report), ""]
-    lines.append("verdict: prepare would go ahead" if would else
-                 "verdict: prepare would be refused (the blockers above)")
+    refusal = data.get("prepare_refused")
+    if would:
+        lines.append("verdict: prepare would go ahead")
+    elif isinstance(refusal, dict):
+        lines.append(f"verdict: prepare would be refused: {refusal.get('error')}: "
+                     f"{refusal.get('message')}")
+    else:  # a daemon from before prepare_refused
+        lines.append("verdict: prepare would be refused (the blockers above)")
     lines.append("nothing was loaded, written or preserved")
     return "\n".join(lines), EXIT_OK if would else EXIT_FINDINGS

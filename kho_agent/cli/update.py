@@ -3,21 +3,27 @@ target to the commit (what kho-agent-update.service runs, unattended or started 
 
     kho-agentctl update [--kernel IMAGE [--initrd FILE]] [--ready-timeout SECONDS] [--check]
 
-1. An update already prepared (or running) is left alone: Busy.
-2. The target is resolved and checked by a Prepare dry run (without --kernel: the daemon's
+1. The target is resolved and checked by a Prepare dry run (without --kernel: the daemon's
    Target=, kho-agent.conf(5)), which changes nothing.
+2. An update already prepared (or running) is left alone: Busy (the dry run's
+   `prepare_refused`, or the daemon's refusal of the dry run while a job runs).
 3. A target that is the kernel running (same release and `uname -v`) is "up-to-date": exit 0,
    nothing done.
 4. Refused before anything changes, with the error the commit or the prepare would meet: an
    inhibitor held (Inhibited), outside MaintenanceWindow= or a hand-off mode other than
-   HandoffMode= (PreflightFailed), a preflight blocker (PreflightFailed). `--check` ends here
+   HandoffMode= (PreflightFailed), then what the prepare would refuse (the dry run's
+   `prepare_refused`, from the daemon's own checks): a preflight blocker (PreflightFailed), a
+   command line the next kernel would not take (InvalidArgument). `--check` ends here
    ("would-update").
 5. Prepare, then wait (at most --ready-timeout, default [Update] ReadyTimeoutSec=) until a
    Commit dry run passes: every client session ready. A timeout, or any refusal after the
    prepare, cancels the update (the sessions' owners are told with SessionReleased, as by
-   `kho-agentctl cancel`) and fails with the error; so does SIGTERM (`systemctl stop`).
-6. Commit: the kexec ends this process with the host. The proof is read in the next kernel
-   (`kho-agentctl status --json`, `verify --json`, `history --json`).
+   `kho-agentctl cancel`) and fails with the error; so does SIGTERM (`systemctl stop`). A
+   prepare still running after --timeout is cancelled (Job.Cancel) before update fails.
+6. Commit: the kexec ends this process with the host. A commit refused (or whose job failed)
+   is cancelled as above; one whose outcome is unknown (still running after --timeout, a
+   daemon that does not answer) never: the kexec may be under way. The proof is read in the
+   next kernel (`kho-agentctl status --json`, `verify --json`, `history --json`).
 
 With --json the envelope's result is the UpdateReport below, also beside an error (how far the
 update went: `stage`, and whether it cancelled what it had prepared: `cancelled`).
@@ -27,22 +33,28 @@ from __future__ import annotations
 
 import argparse
 import math
-import signal
+import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
-from types import FrameType, TracebackType
 from typing import Any
 
-from gi.repository import Gio, GLib
+from gi.repository import Gio
 
 from ..config.model import DEFAULT_READY_TIMEOUT_SECONDS
 from ..config.parse import READY_TIMEOUT_MAX
-from ..errors import AgentError, Busy, Cancelled, Interrupted, InvalidArgument, PreflightFailed
+from ..errors import (
+    AgentError,
+    Busy,
+    Cancelled,
+    Interrupted,
+    InvalidArgument,
+    JobNotFinished,
+)
 from ..service import interfaces as api
-from ..service.errors import from_dbus
+from ..service.errors import DaemonNotResponding, DaemonUnreachable, from_dbus
 from .bus import (
     DBUS_IFACE,
     DBUS_NAME,
@@ -52,24 +64,24 @@ from .bus import (
     AgentClient,
     Deadline,
     JobInfo,
+    Progress,
     SignalWatch,
     Subscription,
     TargetFiles,
     add_timeout_option,
+    iterate_until,
     open_target_files,
     options,
 )
 from .common import EXIT_OK, print_json
 from .jobs import ProgressView, add_common_options
+from .stops import StopRequested, StopRequests
 
 HELP = "perform one live update under the host's configuration: check, prepare, wait, commit"
 LABEL = "kho-agentctl update"
-# the states in which an update may start (anything else: one is prepared or under way)
-STARTABLE = ("idle", "verified", "failed")
 # without news from the daemon, readiness is asked again this often (a signal missed while
 # the bus was busy must not cost the whole timeout)
 RECHECK_SECONDS = 15.0
-_TICK_MS = 100
 
 
 def ready_seconds(text: str) -> float:
@@ -135,70 +147,26 @@ def say(text: str) -> None:
     print(f"{LABEL}: {text}", file=sys.stderr, flush=True)
 
 
-# ---------------------------------------------------------------------------------- stops
-
-class _Stop(Exception):
-    """SIGTERM or SIGINT while the update holds something it prepared."""
-
-
-class StopRequests:
-    """SIGTERM (`systemctl stop`, a fleet tool giving up) and SIGINT after the prepare: the
-    update cancels what it prepared before it exits. During the prepare job the request is
-    remembered and acted on when the job ends (the prepare runs on in kho-agentd either way);
-    during the wait it interrupts at once. Not during the commit: a stop then is the shutdown
-    of the kexec itself."""
-
-    def __init__(self) -> None:
-        self.requested: int | None = None
-        self._raising = False
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopRequests:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            self._previous[signum] = signal.signal(signum, self._on_signal)
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
-        self.requested = signum
-        if self._raising:
-            raise _Stop
-
-    def check(self) -> None:
-        if self.requested is not None:
-            raise _Stop
-
-    @contextmanager
-    def interrupting(self) -> Iterator[None]:
-        self.check()
-        self._raising = True
-        try:
-            yield
-        finally:
-            self._raising = False
-
-    def why(self) -> str:
-        name = signal.Signals(self.requested).name if self.requested is not None else "?"
-        return f"stopped by {name}"
-
-
 # ---------------------------------------------------------------------------------- jobs
 
 def run_job(client: AgentClient, timeout: float, method: str, opts: dict[str, Any] | None,
-            fds: Sequence[int] = (), progress: str | None = None) -> JobInfo:
+            fds: Sequence[int] = (), progress: str | None = None,
+            started: Progress | None = None) -> JobInfo:
     """Start a job and follow it to its end (each job gets the whole --timeout); a job that
-    failed or was cancelled raises its error."""
+    failed or was cancelled raises its error. `started` sees the job as soon as it exists
+    (before its end: a job that outlives the wait is still known)."""
     client.deadline = Deadline.after(timeout)
     signatures = {"Prepare": api.PREPARE_OPTIONS, "Commit": api.COMMIT_OPTIONS}
     wrapped = options(opts, signatures[method]) if opts is not None else None
     view = ProgressView(progress, sys.stderr) if progress else None
+
+    def on_progress(job: JobInfo) -> None:
+        if started is not None:
+            started(job)
+        if view is not None:
+            view.update(job)
     try:
-        job = client.start_job(method, wrapped, fds=fds,
-                               on_progress=view.update if view else lambda _job: None)
+        job = client.start_job(method, wrapped, fds=fds, on_progress=on_progress)
     finally:
         if view is not None:
             view.finish()
@@ -222,19 +190,70 @@ def cancel(client: AgentClient, timeout: float, report: UpdateReport) -> None:
     """Undo what this update prepared (the sessions' owners get SessionReleased). A cancel
     that fails is said, and the update's own error is still the one reported."""
     try:
-        client.deadline = Deadline.after(timeout)
-        job = client.start_job("Cancel", None, on_progress=lambda _job: None)
+        run_job(client, timeout, "Cancel", None)
     except AgentError as exc:
         say(f"could not cancel the prepared update ({exc.name}: {exc.message}); run "
             "`kho-agentctl cancel`")
         return
-    if job.state == api.JOB_DONE:
+    report.cancelled = True
+    say("cancelled the update it had prepared; the clients' owners were told "
+        "(SessionReleased)")
+
+
+def prepare(client: AgentClient, timeout: float, files: TargetFiles,
+            report: UpdateReport) -> dict[str, Any]:
+    """The Prepare, followed to its end; its result. One still running when the wait ends
+    (--timeout) is cancelled: update must not leave behind a prepared host it gave up on."""
+    jobs: list[str] = []
+
+    def started(job: JobInfo) -> None:
+        if not jobs:
+            jobs.append(job.path)
+    try:
+        job = run_job(client, timeout, "Prepare", dict(files.options), files.fds,
+                      progress="prepare", started=started)
+    except JobNotFinished as exc:
+        if not jobs:  # the job never said it existed: nothing to cancel
+            raise
+        why = (f"--timeout {timeout:g} s" if client.deadline.passed() else exc.message)
+        raise JobNotFinished(f"the prepare did not finish ({why}); "
+                             + abandon_prepare(client, jobs[0], timeout, report)) from None
+    result: dict[str, Any] = job.result_json() or {}
+    return result
+
+
+def abandon_prepare(client: AgentClient, path: str, timeout: float,
+                    report: UpdateReport) -> str:
+    """Cancel a prepare still running (Job.Cancel: it rolls back at its next step and the
+    clients' sessions stay as they were), then follow it to its end (at most `timeout`);
+    what became of it, as the end of a sentence. One that ended just before the cancel
+    reached it is undone as any prepared update (Manager.Cancel, the owners told)."""
+    client.deadline = Deadline.after(timeout)
+    try:
+        _, fds = client.call(path, api.JOB_IFACE, "Cancel")
+        for fd in fds:
+            os.close(fd)
+    except Busy:
+        pass  # it has ended meanwhile: how, the job says below
+    except AgentError as exc:
+        return (f"it could not be cancelled ({exc.name}: {exc.message}): see `kho-agentctl "
+                "jobs`; once it has ended, `kho-agentctl cancel` undoes it")
+    say(f"the prepare did not finish in time: cancelling it ({path})")
+    try:
+        job = client.follow(path, on_progress=lambda _job: None)
+    except AgentError as exc:
+        return (f"kho-agentd was asked to cancel it and rolls it back at its next step (the "
+                f"clients' sessions stay), but it had not yet ended ({exc.name}): see "
+                "`kho-agentctl status`")
+    if job.state == api.JOB_CANCELED:
         report.cancelled = True
-        say("cancelled the update it had prepared; the clients' owners were told "
-            "(SessionReleased)")
-    else:
+        return "it was cancelled: nothing is prepared, the clients' sessions are as they were"
+    if job.state == api.JOB_FAILED:
         err = job.error()
-        say(f"could not cancel the prepared update ({err.name}: {err.message}); run "
+        return f"it failed meanwhile ({err.name}: {err.message}): nothing is prepared"
+    cancel(client, timeout, report)  # done just before the cancel came
+    return ("it ended just before the cancel and was cancelled then" if report.cancelled
+            else "it ended just before the cancel and could NOT be cancelled: run "
             "`kho-agentctl cancel`")
 
 
@@ -264,17 +283,9 @@ class ChangeWatch(SignalWatch):
     def _on_signal(self, *_args: object) -> None:
         self.seen = True
 
-    def wait(self, seconds: float) -> None:
-        """Until a change is seen or `seconds` passed."""
-        end = time.monotonic() + seconds
-        tick = GLib.timeout_source_new(_TICK_MS)
-        tick.set_callback(lambda *_: True)
-        tick.attach(self.context)
-        try:
-            while not self.seen and time.monotonic() < end:
-                self.context.iteration(True)
-        finally:
-            tick.destroy()
+    def wait(self, seconds: float, stopped: Callable[[], bool]) -> None:
+        """Until a change is seen, stopped() or `seconds` passed."""
+        iterate_until(self.context, lambda: self.seen or stopped(), Deadline.after(seconds))
         self.seen = False
 
 
@@ -311,8 +322,7 @@ def wait_ready(client: AgentClient, timeout: float, ready_timeout: float,
                 say(f"waiting up to {ready_timeout:g} s for session(s) to be ready: "
                     f"{', '.join(waiting)}")
                 announced = True
-            with stops.interrupting():
-                watch.wait(min(remaining, RECHECK_SECONDS))
+            watch.wait(min(remaining, RECHECK_SECONDS), lambda: stops.requested is not None)
 
 
 # ---------------------------------------------------------------------------------- the command
@@ -362,11 +372,6 @@ def update_on(client: AgentClient, args: argparse.Namespace, report: UpdateRepor
     props = client.manager_properties()
     report.running["release"] = props.get("RunningKernel") or None
     report.live_update_number = int(props.get("LiveUpdateNumber", 0))
-    state = props.get("State")
-    if state not in STARTABLE:
-        raise Busy(f"an update is already {state} (target {props.get('TargetKernel') or '?'})"
-                   "; update leaves it alone: finish it with `kho-agentctl commit` or "
-                   "`kho-agentctl cancel`")
     ready_timeout = args.ready_timeout
     if ready_timeout is None:
         usec = props.get("ReadyTimeoutUSec")
@@ -378,18 +383,25 @@ def update_on(client: AgentClient, args: argparse.Namespace, report: UpdateRepor
     report.target = {"kernel": checked.get("kernel"), "initrd": checked.get("initrd"),
                      "release": checked.get("release"), "version": checked.get("version")}
     report.preflight = checked.get("preflight")
+    prepare_refused = refusal_in(checked, "prepare_refused")
+    if isinstance(prepare_refused, Busy):  # whatever the target: the host is not idle
+        raise Busy(f"an update is already {props.get('State')} (target "
+                   f"{props.get('TargetKernel') or '?'}); update leaves it alone: finish it "
+                   "with `kho-agentctl commit` or `kho-agentctl cancel`")
     if checked.get("target_is_running"):
         report.outcome = "up-to-date"
         return EXIT_OK
-    refused = checked.get("commit_refused")
-    if isinstance(refused, dict):
-        raise from_dbus(api.ERROR_PREFIX + str(refused.get("error")),
-                        str(refused.get("message")))
-    refuse_as_prepare_would(checked)
+    for refused in (refusal_in(checked, "commit_refused"), prepare_refused):
+        if refused is not None:
+            raise refused
     if args.check:
         report.outcome = "would-update"
         return EXIT_OK
 
+    # SIGTERM (`systemctl stop`, a fleet tool giving up) or SIGINT from here on: the update
+    # cancels what it prepared before it exits. Remembered during the prepare job (which runs
+    # on in kho-agentd either way) and acted on when it ends; during the wait for the clients
+    # at the next tick. Not during the commit: a stop then is the shutdown of the kexec itself.
     with StopRequests() as stops:
         prepare_and_wait(client, args, report, checked, stops, files, ready_timeout)
 
@@ -398,27 +410,26 @@ def update_on(client: AgentClient, args: argparse.Namespace, report: UpdateRepor
         "reboots into it and the guests pause until it restores their sessions")
     try:
         run_job(client, args.timeout, "Commit", {}, progress="commit")
+    except (JobNotFinished, DaemonNotResponding, DaemonUnreachable) as exc:
+        # the commit may be under way (the shutdown, the kexec): nothing may touch it now
+        raise type(exc)(f"{exc.message}; the commit was not cancelled: it may be handing off "
+                        "now (see `kho-agentctl status`, after a reboot `kho-agentctl verify`)"
+                        ) from None
     except AgentError:
-        if client.answers():  # refused, the kexec did not happen: undo the prepare
-            cancel(client, args.timeout, report)
+        # kho-agentd refused it or its job failed: the kexec did not happen, undo the prepare
+        cancel(client, args.timeout, report)
         raise
     report.outcome = "committing"
     return EXIT_OK
 
 
-def refuse_as_prepare_would(checked: dict[str, Any]) -> None:
-    """PreflightFailed for what the prepare would refuse: the preflight's blockers, a command
-    line the next kernel would not take."""
-    preflight = checked.get("preflight") or {}
-    blockers = [f"{c.get('name')}: {c.get('message')}" for c in preflight.get("checks") or []
-                if c.get("tier") == "blocker"]
-    if blockers:
-        raise PreflightFailed("preflight found blockers: " + "; ".join(blockers))
-    problem = checked.get("cmdline_problem")
-    if problem:
-        raise PreflightFailed(f"the next kernel's command line: {problem}")
-    if not checked.get("would_prepare", False):
-        raise PreflightFailed("prepare would be refused (see `kho-agentctl prepare --dry-run`)")
+def refusal_in(checked: dict[str, Any], key: str) -> AgentError | None:
+    """The error a dry run's result says a step would be refused with (commit_refused,
+    prepare_refused: the daemon's own check), or None."""
+    refused = checked.get(key)
+    if not isinstance(refused, dict):
+        return None
+    return from_dbus(api.ERROR_PREFIX + str(refused.get("error")), str(refused.get("message")))
 
 
 def prepare_and_wait(client: AgentClient, args: argparse.Namespace, report: UpdateReport,
@@ -427,8 +438,7 @@ def prepare_and_wait(client: AgentClient, args: argparse.Namespace, report: Upda
     """Prepare, then wait for the clients; anything that ends it here cancels the prepare."""
     report.stage = "prepare"
     say(f"preparing {checked.get('kernel')}")
-    prepared = run_job(client, args.timeout, "Prepare", dict(files.options), files.fds,
-                       progress="prepare").result_json() or {}
+    prepared = prepare(client, args.timeout, files, report)
     report.stage = "wait"
     try:
         if prepared.get("prepared") != checked.get("kernel"):
@@ -439,7 +449,7 @@ def prepare_and_wait(client: AgentClient, args: argparse.Namespace, report: Upda
         # a stop that came during the last readiness check (a dry-run job, not interrupted)
         # cancels too: it must not end in the commit
         stops.check()
-    except _Stop:
+    except StopRequested:
         say(f"{stops.why()}: cancelling what this update prepared")
         cancel(client, args.timeout, report)
         raise Interrupted(f"{stops.why()} while waiting for the clients; the prepared update "

@@ -151,19 +151,49 @@ def _target_files(options: PrepareOptions) -> Iterator[TargetFiles]:
         yield TargetFiles(kernel, initrd)
 
 
+# the phases a prepare may start from (any other: an update is prepared or under way)
+PREPARABLE = (Phase.IDLE, Phase.VERIFIED, Phase.FAILED)
+
+
+def check_start(ctx: EngineContext, options: PrepareOptions) -> None:
+    """What a prepare checks before it changes anything: Busy unless one may start now,
+    InvalidArgument for a command line no kernel would take."""
+    if ctx.state.phase not in PREPARABLE:
+        raise Busy(f"cannot prepare while {ctx.state.phase.value}; cancel first")
+    if options.cmdline is not None:
+        target_cmdline(options.cmdline)
+
+
+def no_blockers(found: Plan) -> None:
+    """PreflightFailed naming the preflight's blockers, if it found any."""
+    if found.result.blockers:
+        raise PreflightFailed("preflight found blockers: " + "; ".join(
+            f"{c.name}: {c.message}" for c in found.result.blockers))
+
+
 def plan_prepare(ctx: EngineContext, options: PrepareOptions) -> dict[str, Any]:
     """prepare --dry-run: the preflight and the command line prepare would load the kernel
-    with, and whether the target is the kernel running (`kho-agentctl update`'s "up to
-    date"); nothing is loaded, written or preserved."""
+    with, whether the target is the kernel running (`kho-agentctl update`'s "up to date"),
+    and the error the prepare would be refused with now (`prepare_refused`: the state, a
+    blocker, the command line; the prepare's own checks, in its order); nothing is loaded,
+    written or preserved."""
     with ctx.operation("prepare"), _target_files(options) as files:
         found = plan_files(ctx, files)
         info = ctx.sysinfo()
         cmdline: str | None = None
-        problem = None
+        problem: InvalidArgument | None = None
         try:
             cmdline = _cmdline(options, info, found)
         except InvalidArgument as exc:
-            problem = exc.message
+            problem = exc
+        refusal: AgentError | None = None
+        try:
+            check_start(ctx, options)
+            no_blockers(found)
+        except (Busy, InvalidArgument, PreflightFailed) as exc:
+            refusal = exc
+        if refusal is None:  # the last check the prepare makes
+            refusal = problem
         image = found.target.info if found.target else None
         release = image.release if image else None
         version = image.uts_version if image else None
@@ -172,9 +202,10 @@ def plan_prepare(ctx: EngineContext, options: PrepareOptions) -> dict[str, Any]:
                 "release": release, "version": version,
                 "running": {"release": info.release, "version": info.version},
                 "target_is_running": same_build(info, release, version),
-                "cmdline": cmdline, "cmdline_problem": problem,
+                "cmdline": cmdline, "cmdline_problem": problem.message if problem else None,
                 "sessions": sorted(ctx.clients),
-                "would_prepare": not found.result.blockers and problem is None,
+                "would_prepare": refusal is None,
+                "prepare_refused": refusal.to_json() if refusal else None,
                 "preflight": found.result.to_json()}
 
 
@@ -211,12 +242,9 @@ def outgoing_liveupdate_number(ctx: EngineContext) -> int | None:
 
 def prepare(ctx: EngineContext, options: PrepareOptions) -> Manifest:
     with ctx.operation("prepare"), _target_files(options) as files:
-        if ctx.state.phase not in (Phase.IDLE, Phase.VERIFIED, Phase.FAILED):
-            raise Busy(f"cannot prepare while {ctx.state.phase.value}; cancel first")
         # checked before anything changes: a refusal here leaves the state as it was
+        check_start(ctx, options)
         info = ctx.sysinfo()
-        if options.cmdline is not None:
-            target_cmdline(options.cmdline)
         previous = ctx.state.phase
         started = history.now_iso()
         ctx.transition(Phase.PREPARING, f"preparing {files.kernel.resolved_path()}",
@@ -227,9 +255,7 @@ def prepare(ctx: EngineContext, options: PrepareOptions) -> Manifest:
             ctx.on_phase("planning: reading the outgoing KHO state", 0, 0)
             found = plan_files(ctx, files)
             ctx.on_progress(30)
-            if found.result.blockers:
-                raise PreflightFailed("preflight found blockers: " + "; ".join(
-                    f"{c.name}: {c.message}" for c in found.result.blockers))
+            no_blockers(found)
             cmdline = _cmdline(options, info, found)
             _check_cancelled(options)
             ctx.on_phase("loading the kernel", 0, 0)

@@ -225,7 +225,10 @@ MANAGER = Interface(
                "target is the kernel running (target_is_running: the same release and uname "
                "-v) and the error a commit would be refused with now by policy, before "
                "anything is prepared (commit_refused: an inhibitor, the maintenance window, "
-               "the hand-off mode; null: none)"),
+               "the hand-off mode; null: none), and the error the prepare itself would be "
+               "refused with now, from its own checks (prepare_refused: Busy while an update "
+               "is prepared or under way, PreflightFailed for a blocker, InvalidArgument for "
+               "the command line; null: none; would_prepare is whether it is null)"),
         Method("Commit", _args("options:a{sv}"), _args("job:o"), ACTION_MANAGE,
                COMMIT_OPTIONS, "options: force b, dry_run b"),
         Method("Cancel", (), _args("job:o"), ACTION_MANAGE),

@@ -15,6 +15,8 @@ Every fault fires once and is consumed when it fires:
     load-fails          errno=N: the next kexec load fails with that errno
     slow-load           seconds=S: the next kexec load takes S seconds more (a kernel that
                         verifies a large image's signature, or measures it for IMA)
+    slow-reboot         seconds=S: the next reboot() starts S seconds late (a slow shutdown:
+                        `systemctl kexec` stopping the services first)
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ FAULTS: dict[str, FaultSpec] = {
     "luo-mismatch": FaultSpec({}, {}),
     "load-fails": FaultSpec({}, {"errno": (int, errno_mod.ENOMEM)}),
     "slow-load": FaultSpec({"seconds": float}, {}),
+    "slow-reboot": FaultSpec({"seconds": float}, {}),
 }
 
 

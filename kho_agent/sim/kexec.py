@@ -109,6 +109,9 @@ class SimKexec:
         """reboot(LINUX_REBOOT_CMD_KEXEC): liveupdate_reboot() (freeze, serialize), the handover,
         then the loaded kernel boots. `via_systemd` makes no difference here (no service
         manager runs in the simulation)."""
+        slow = faults_mod.take(self._rt.directory, "slow-reboot")
+        if slow is not None:  # outside the lock: the sessions are served meanwhile
+            time.sleep(float(str(slow["seconds"])))
         # the kernel serializes the sessions with no session request in flight (handed-out
         # session fds are served on other threads: kernel/sessionwire.py)
         with self._rt.lock:
