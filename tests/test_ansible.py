@@ -126,9 +126,22 @@ def test_the_collection_builds_and_its_playbooks_pass_the_syntax_check(tmp_path:
 
 # --- the agent role -------------------------------------------------------------------------
 
+# The agent role writes where the daemon reads, /etc/kho-agent: the play runs in a private mount
+# namespace whose /etc is an overlay with its upper directory in the test's root, so that what it
+# writes lands in ROOT/etc and this machine's /etc is not touched.
+PRIVATE_ETC = ('mount -t overlay overlay -o "lowerdir=/etc,upperdir=$0/etc,workdir=$0/work" /etc '
+               '&& exec "$@"')
+
+
+def in_private_etc(root: Path, argv: list[str]) -> list[str]:
+    """`argv` run with /etc overlaid by ROOT/etc (ROOT/work: the overlay's work directory)."""
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", PRIVATE_ETC,
+            str(root), *argv]
+
+
 @dataclass
 class AgentHost:
-    """The agent role's programs and directories moved under tmp_path."""
+    """The agent role's programs moved under tmp_path, and the /etc it writes to."""
 
     root: Path
     inventory: Path
@@ -139,8 +152,9 @@ class AgentHost:
         return self.root / "etc" / "kho-agent" / "agent.conf.d" / "50-ansible.conf"
 
     def play(self, *extra: str) -> subprocess.CompletedProcess[str]:
-        return run(["ansible-playbook", "-i", str(self.inventory), str(PLAYBOOKS / "agent.yml"),
-                    "-e", "kho_become=false", *extra], self.env)
+        return run(in_private_etc(self.root, [
+            "ansible-playbook", "-i", str(self.inventory), str(PLAYBOOKS / "agent.yml"),
+            "-e", "kho_become=false", *extra]), self.env)
 
 
 @pytest.fixture
@@ -149,6 +163,11 @@ def agent_host(tmp_path: Path) -> AgentHost:
         pytest.skip("the agent role makes its files root's (CI runs as root)")
     root = tmp_path / "root"
     (root / "etc" / "kho-agent" / "agent.conf.d").mkdir(parents=True)
+    (root / "work").mkdir()
+    probe = subprocess.run(in_private_etc(root, ["true"]), capture_output=True, text=True,
+                           check=False)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot overlay /etc in a private mount namespace: {probe.stderr.strip()}")
     # kho-agentd --check-config reads the configuration under --config-root (the role's scratch
     # root, or this host's root for the whole-configuration check)
     agentd = tmp_path / "kho-agentd"
@@ -164,13 +183,13 @@ def agent_host(tmp_path: Path) -> AgentHost:
     inventory = tmp_path / "inventory.yml"
     inventory.write_text(json.dumps({"kho_fleet": {"hosts": {"host-a": {
         "ansible_connection": "local", "agent_agentd": str(agentd),
-        "agent_restart_check": str(check), "agent_service_started": False,
-        "agent_config_dir": str(root / "etc" / "kho-agent" / "agent.conf.d")}}}}))
+        "agent_restart_check": str(check), "agent_service_started": False}}}}))
     return AgentHost(root, inventory, ansible_env(tmp_path))
 
 
 def test_the_agent_role_writes_a_dropin_the_daemon_reads(agent_host: AgentHost) -> None:
-    config = {"agent_target": "newest-compatible", "agent_handoff_mode": "fdstore",
+    config = {"agent_target": "newest-compatible", "agent_initrd": "none",
+              "agent_handoff_mode": "fdstore",
               "agent_maintenance_windows": ["Mon..Fri 02:00-04:00", "Sat,Sun 00:00-06:00"],
               "agent_claim_grace_sec": "45min", "agent_digests": False,
               "agent_metrics_directory": "", "agent_history_max_entries": 50}
@@ -185,7 +204,7 @@ def test_the_agent_role_writes_a_dropin_the_daemon_reads(agent_host: AgentHost) 
     sections = re.findall(r"^\[(\w+)\]$", text, re.M)
     assert sections == ["Prepare", "Commit", "Sessions", "Records"], text
     assignments = [line for line in text.splitlines() if "=" in line and not line.startswith("#")]
-    assert assignments == ["Target=newest-compatible", "HandoffMode=fdstore",
+    assert assignments == ["Target=newest-compatible", "Initrd=none", "HandoffMode=fdstore",
                            "MaintenanceWindow=", "MaintenanceWindow=Mon..Fri 02:00-04:00",
                            "MaintenanceWindow=Sat,Sun 00:00-06:00", "ClaimGraceSec=45min",
                            "Digests=no", "MetricsDirectory=", "HistoryMaxEntries=50"], text
@@ -196,6 +215,7 @@ def test_the_agent_role_writes_a_dropin_the_daemon_reads(agent_host: AgentHost) 
     assert shown.returncode == 0, shown.stderr
     assert re.search(r"^HandoffMode=fdstore$", shown.stdout, re.M), shown.stdout
     assert re.search(r"^Digests=no$", shown.stdout, re.M), shown.stdout
+    assert re.search(r"^Initrd=none$", shown.stdout, re.M), shown.stdout
     # restart-check said an update is held: not restarted, and the play says so
     assert "kho-agent was not restarted: kho-agentd holds a live update" in done.stdout
     assert recap(done.stdout)["host-a"]["changed"] == 1
@@ -212,6 +232,14 @@ def test_the_agent_role_refuses_a_value_the_daemon_would_refuse(agent_host: Agen
     assert re.search(r"host-a: kho-agentd refuses the configuration this role would write "
                      r"\(the host keeps its own\): .*\[Commit\] HandoffMode=: 'kexec' is not a "
                      r"hand-off mode", done.stdout), done.stdout
+    assert not agent_host.dropin.exists()
+    # an initrd's path goes with a kernel's path only, not with newest-compatible
+    done = agent_host.play("-e", json.dumps({"agent_target": "newest-compatible",
+                                             "agent_initrd": "/boot/initrd.img-7.3.1"}))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert re.search(r"host-a: kho-agentd refuses the configuration this role would write "
+                     r"\(the host keeps its own\): .*\[Prepare\] Initrd=/boot/initrd.img-7.3.1: a "
+                     r"path goes with a Target= path only", done.stdout), done.stdout
     assert not agent_host.dropin.exists()
 
 
