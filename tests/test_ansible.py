@@ -8,9 +8,11 @@ Each host's kexec is the simulated one: the daemon's process ends as the host wo
 test starts it again (the next boot), as the QEMU suite's guests boot their new kernel. The
 rolling update goes through Ansible's ssh connection plugin with a stand-in ssh program
 (KEXEC_SSH) that runs commands here and drops the first connection after a host's boot id
-changed, as the kexec drops a real one.
+changed, as the kexec drops a real one (and one more where a test asks: the network's blip).
 
-Everything the playbook runs on a host is the real kho-agentctl (`update` included).
+Everything the playbook runs on a host is the real kho-agentctl (`update` included), except
+systemctl and journalctl, stand-ins that say what a test wrote for them (there is no systemd to
+ask here).
 """
 
 from __future__ import annotations
@@ -126,9 +128,22 @@ def test_the_collection_builds_and_its_playbooks_pass_the_syntax_check(tmp_path:
 
 # --- the agent role -------------------------------------------------------------------------
 
+# The agent role writes where the daemon reads, /etc/kho-agent: the play runs in a private mount
+# namespace whose /etc is an overlay with its upper directory in the test's root, so that what it
+# writes lands in ROOT/etc and this machine's /etc is not touched.
+PRIVATE_ETC = ('mount -t overlay overlay -o "lowerdir=/etc,upperdir=$0/etc,workdir=$0/work" /etc '
+               '&& exec "$@"')
+
+
+def in_private_etc(root: Path, argv: list[str]) -> list[str]:
+    """`argv` run with /etc overlaid by ROOT/etc (ROOT/work: the overlay's work directory)."""
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", PRIVATE_ETC,
+            str(root), *argv]
+
+
 @dataclass
 class AgentHost:
-    """The agent role's programs and directories moved under tmp_path."""
+    """The agent role's programs moved under tmp_path, and the /etc it writes to."""
 
     root: Path
     inventory: Path
@@ -139,8 +154,9 @@ class AgentHost:
         return self.root / "etc" / "kho-agent" / "agent.conf.d" / "50-ansible.conf"
 
     def play(self, *extra: str) -> subprocess.CompletedProcess[str]:
-        return run(["ansible-playbook", "-i", str(self.inventory), str(PLAYBOOKS / "agent.yml"),
-                    "-e", "kho_become=false", *extra], self.env)
+        return run(in_private_etc(self.root, [
+            "ansible-playbook", "-i", str(self.inventory), str(PLAYBOOKS / "agent.yml"),
+            "-e", "kho_become=false", *extra]), self.env)
 
 
 @pytest.fixture
@@ -149,6 +165,11 @@ def agent_host(tmp_path: Path) -> AgentHost:
         pytest.skip("the agent role makes its files root's (CI runs as root)")
     root = tmp_path / "root"
     (root / "etc" / "kho-agent" / "agent.conf.d").mkdir(parents=True)
+    (root / "work").mkdir()
+    probe = subprocess.run(in_private_etc(root, ["true"]), capture_output=True, text=True,
+                           check=False)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot overlay /etc in a private mount namespace: {probe.stderr.strip()}")
     # kho-agentd --check-config reads the configuration under --config-root (the role's scratch
     # root, or this host's root for the whole-configuration check)
     agentd = tmp_path / "kho-agentd"
@@ -164,13 +185,13 @@ def agent_host(tmp_path: Path) -> AgentHost:
     inventory = tmp_path / "inventory.yml"
     inventory.write_text(json.dumps({"kho_fleet": {"hosts": {"host-a": {
         "ansible_connection": "local", "agent_agentd": str(agentd),
-        "agent_restart_check": str(check), "agent_service_started": False,
-        "agent_config_dir": str(root / "etc" / "kho-agent" / "agent.conf.d")}}}}))
+        "agent_restart_check": str(check), "agent_service_started": False}}}}))
     return AgentHost(root, inventory, ansible_env(tmp_path))
 
 
 def test_the_agent_role_writes_a_dropin_the_daemon_reads(agent_host: AgentHost) -> None:
-    config = {"agent_target": "newest-compatible", "agent_handoff_mode": "fdstore",
+    config = {"agent_target": "newest-compatible", "agent_initrd": "none",
+              "agent_handoff_mode": "fdstore",
               "agent_maintenance_windows": ["Mon..Fri 02:00-04:00", "Sat,Sun 00:00-06:00"],
               "agent_claim_grace_sec": "45min", "agent_digests": False,
               "agent_metrics_directory": "", "agent_history_max_entries": 50}
@@ -185,7 +206,7 @@ def test_the_agent_role_writes_a_dropin_the_daemon_reads(agent_host: AgentHost) 
     sections = re.findall(r"^\[(\w+)\]$", text, re.M)
     assert sections == ["Prepare", "Commit", "Sessions", "Records"], text
     assignments = [line for line in text.splitlines() if "=" in line and not line.startswith("#")]
-    assert assignments == ["Target=newest-compatible", "HandoffMode=fdstore",
+    assert assignments == ["Target=newest-compatible", "Initrd=none", "HandoffMode=fdstore",
                            "MaintenanceWindow=", "MaintenanceWindow=Mon..Fri 02:00-04:00",
                            "MaintenanceWindow=Sat,Sun 00:00-06:00", "ClaimGraceSec=45min",
                            "Digests=no", "MetricsDirectory=", "HistoryMaxEntries=50"], text
@@ -196,6 +217,7 @@ def test_the_agent_role_writes_a_dropin_the_daemon_reads(agent_host: AgentHost) 
     assert shown.returncode == 0, shown.stderr
     assert re.search(r"^HandoffMode=fdstore$", shown.stdout, re.M), shown.stdout
     assert re.search(r"^Digests=no$", shown.stdout, re.M), shown.stdout
+    assert re.search(r"^Initrd=none$", shown.stdout, re.M), shown.stdout
     # restart-check said an update is held: not restarted, and the play says so
     assert "kho-agent was not restarted: kho-agentd holds a live update" in done.stdout
     assert recap(done.stdout)["host-a"]["changed"] == 1
@@ -213,6 +235,14 @@ def test_the_agent_role_refuses_a_value_the_daemon_would_refuse(agent_host: Agen
                      r"\(the host keeps its own\): .*\[Commit\] HandoffMode=: 'kexec' is not a "
                      r"hand-off mode", done.stdout), done.stdout
     assert not agent_host.dropin.exists()
+    # an initrd's path goes with a kernel's path only, not with newest-compatible
+    done = agent_host.play("-e", json.dumps({"agent_target": "newest-compatible",
+                                             "agent_initrd": "/boot/initrd.img-7.3.1"}))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert re.search(r"host-a: kho-agentd refuses the configuration this role would write "
+                     r"\(the host keeps its own\): .*\[Prepare\] Initrd=/boot/initrd.img-7.3.1: a "
+                     r"path goes with a Target= path only", done.stdout), done.stdout
+    assert not agent_host.dropin.exists()
 
 
 # --- the rolling update -----------------------------------------------------------------------
@@ -222,7 +252,11 @@ def test_the_agent_role_refuses_a_value_the_daemon_would_refuse(agent_host: Agen
 # machine, as ssh would on the host, except for the first connection after the host's boot id
 # changed: that one fails as ssh does when the kexec took the host away under it (exit 255, which
 # Ansible reports as unreachable). So every kexec costs the play one lost connection, whichever
-# task meets it, as on real hosts.
+# task meets it, as on real hosts. A test drops one more connection, not a kexec, by making the
+# file HOST.blip (the connection that finds it removes it; the first command that runs after it
+# makes HOST.answered). The commands run with the ssh
+# directory's bin first on PATH: the stand-ins for systemctl and journalctl (SYSTEMCTL and
+# JOURNALCTL).
 KEXEC_SSH = """\
 import os, subprocess, sys
 args = sys.argv[1:]
@@ -246,15 +280,49 @@ before = boot_id()
 seen = open(state + ".seen").read() if os.path.exists(state + ".seen") else before
 if seen != before:
     lost(before)
+if os.path.exists(state + ".blip"):   # the network, not the kexec
+    os.unlink(state + ".blip")
+    with open(state + ".blips", "a") as f:
+        f.write(before + "\\n")
+    sys.stderr.write(f"Connection to {host} closed by remote host.\\n")
+    sys.exit(255)
 with open(state + ".seen", "w") as f:
     f.write(before)
-done = subprocess.run(["sh", "-c", command], capture_output=True)
+bin_dir = os.path.join(os.environ["KHO_TEST_SSH_DIR"], "bin")
+env = dict(os.environ, PATH=bin_dir + ":" + os.environ["PATH"], KHO_TEST_HOST_STATE=state)
+done = subprocess.run(["sh", "-c", command], capture_output=True, env=env)
 after = boot_id()
 if after != before:                   # the kexec came while the command ran: it died with it
     lost(after)
+if os.path.exists(state + ".blips"):  # the host answered again after a blip
+    open(state + ".answered", "w").close()
 sys.stdout.buffer.write(done.stdout)
 sys.stderr.buffer.write(done.stderr)
 sys.exit(done.returncode)
+"""
+
+# `systemctl show UNIT -p ...` as the test has it for a host (HOST.unit: the KEY=VALUE lines
+# systemctl would print), and `systemctl is-system-running` (HOST.system-state, or running);
+# without HOST.unit,
+# systemctl's answer where systemd does not run.
+SYSTEMCTL = """\
+#!/bin/sh
+if [ "$1" = show ] && [ -f "$KHO_TEST_HOST_STATE.unit" ]; then
+    exec cat "$KHO_TEST_HOST_STATE.unit"
+fi
+if [ "$1" = is-system-running ] && [ -f "$KHO_TEST_HOST_STATE.unit" ]; then
+    cat "$KHO_TEST_HOST_STATE.system-state" 2>/dev/null || echo running
+    exit 0
+fi
+echo "System has not been booted with systemd as init system (PID 1). Can't operate." >&2
+exit 1
+"""
+# `journalctl --unit UNIT ...`: HOST.journal.
+JOURNALCTL = """\
+#!/bin/sh
+[ -f "$KHO_TEST_HOST_STATE.journal" ] && exec cat "$KHO_TEST_HOST_STATE.journal"
+echo "No journal files were found." >&2
+exit 1
 """
 
 
@@ -280,6 +348,15 @@ class SimHost:
         """The boot ids at which the transport dropped a connection (one per kexec)."""
         lost = self.ssh_dir / f"{self.name}.lost"
         return lost.read_text().split() if lost.exists() else []
+
+    def blips(self) -> list[str]:
+        """The boot ids at which the transport dropped a connection for HOST.blip."""
+        blips = self.ssh_dir / f"{self.name}.blips"
+        return blips.read_text().split() if blips.exists() else []
+
+    def state_file(self, suffix: str) -> Path:
+        """HOST.SUFFIX in the transport's directory (unit, journal, blip)."""
+        return self.ssh_dir / f"{self.name}.{suffix}"
 
     def ctl(self, *argv: str) -> dict[str, Any]:
         done = subprocess.run([sys.executable, "-m", "kho_agent.cli", "--bus-address",
@@ -374,6 +451,10 @@ def make_fleet(tmp_path: Path, stack: contextlib.ExitStack,
     ssh = tmp_path / "kexec-ssh"
     ssh.write_text(f"#!{sys.executable}\n{KEXEC_SSH}")
     ssh.chmod(0o755)
+    (ssh_dir / "bin").mkdir()
+    for name, text in (("systemctl", SYSTEMCTL), ("journalctl", JOURNALCTL)):
+        (ssh_dir / "bin" / name).write_text(text)
+        (ssh_dir / "bin" / name).chmod(0o755)
     hosts = []
     for index, (name, abi) in enumerate(target_abis.items()):
         base = tmp_path / name
@@ -566,3 +647,107 @@ def test_a_host_whose_memory_came_back_damaged_stops_the_rollout(fleet: Fleet) -
                     r"ok\); mismatch: file-digest vm-1/7: ", message), message
     assert h1.properties()["State"] == "failed"
     assert fleet.host("h2").properties()["LiveUpdateNumber"] == 1
+
+
+def blip_then(host: SimHost, then: str, *, interim: bool) -> str:
+    """A start command that arms a dropped connection (HOST.blip, for the next command: the
+    role's first poll) and runs `then` in the background once the host answered again after
+    it (HOST.answered), so that the kexec comes after the role got over the blip. `interim`:
+    the unit's document says "committing" first, as kho-agentctl's does once the commit job
+    returned and the kexec is under way."""
+    interim_doc = json.dumps({"ok": True, "result": {"outcome": "committing"}})
+    script = ("{ [ -z \"$4\" ] || printf '%s\\n' \"$4\" >\"$3\"; } && touch \"$0\" && "
+              "setsid --fork sh -c 'while [ ! -e \"$0\" ]; do sleep 0.05; done; "
+              "exec sh -c \"$1\"' \"$1\" \"$2\" </dev/null >/dev/null 2>&1")
+    return shlex.join(["sh", "-c", script, str(host.state_file("blip")),
+                       str(host.state_file("answered")), then, str(host.result),
+                       interim_doc if interim else ""])
+
+
+@pytest.mark.parametrize("interim", [False, True], ids=["while-preparing", "after-committing"])
+def test_a_lost_connection_that_is_not_the_kexec_does_not_end_the_wait(
+        fleet: Fleet, interim: bool) -> None:
+    # the first poll after the start loses its connection (the network, not the kexec: the
+    # update starts only after it); the role waits for the host, polls again, meets the kexec's
+    # lost connection, and verifies the update
+    h1 = fleet.host("h1")
+    start = blip_then(h1, h1.unit(), interim=interim)
+    done = fleet.play("-e", json.dumps({"rolling_update_start_command": start}), "--limit", "h1")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert recap(done.stdout)["h1"]["failed"] == 0
+    assert re.search(rf"h1: live update #2 verified: {OLD} -> {NEW}", done.stdout), done.stdout
+    new_boot = h1.boot_id_path.read_text().strip()
+    assert len(h1.blips()) == 1 and h1.blips() != [new_boot], h1.blips()
+    assert h1.lost_connections() == [new_boot]
+    assert h1.properties()["LiveUpdateNumber"] == 2
+
+
+UNIT_DEAD = "ActiveState=inactive\nSubState=dead\nResult=success\nExecMainStatus=0\n"
+
+
+@pytest.mark.parametrize("how", ["dependency", "exit-code"])
+def test_a_unit_that_ends_without_a_document_fails_the_host_at_once(fleet: Fleet,
+                                                                    how: str) -> None:
+    # systemd's word on the unit while the role waits: a start job for a unit whose dependency
+    # (kho-agent.service) failed ends without running it, the unit as it was (its invocation
+    # too), and nothing written; a unit whose command failed before it printed ends failed,
+    # in a new invocation, with systemd's empty file. The bound (600 s) is not waited for.
+    h1 = fleet.host("h1")
+    h1.state_file("unit").write_text(UNIT_DEAD + "InvocationID=0a0a\n")
+    if how == "dependency":
+        h1.state_file("journal").write_text(
+            "Dependency failed for kho-agent live update (check, prepare, wait for the "
+            "clients, commit).\n")
+        start = "true"
+    else:
+        h1.state_file("journal").write_text("Traceback (most recent call last):\n"
+                                            "ModuleNotFoundError: No module named 'kho_agent'\n")
+        failed = ("ActiveState=failed\nSubState=failed\nResult=exit-code\nExecMainStatus=1\n"
+                  "InvocationID=0b0b\n")
+        start = shlex.join(["sh", "-c", 'printf "%s" "$0" >"$1" && : >"$2"', failed,
+                            str(h1.state_file("unit")), str(h1.result)])
+    done = fleet.play("-e", "rolling_update_timeout=600", "-e",
+                      json.dumps({"rolling_update_start_command": start}), "--limit", "h1")
+    assert done.returncode == 2, done.stdout + done.stderr
+    message = failures(done.stdout)["h1"]
+    if how == "dependency":
+        assert re.fullmatch(
+            r"h1: kho-agent-update.service did not run \(a dependency failed, such as "
+            r"kho-agent.service\?\) without writing a result: systemd says ActiveState=inactive, "
+            r"SubState=dead, Result=success, ExecMainStatus=0; its journal: Dependency failed for "
+            r"kho-agent live update \(check, prepare, wait for the clients, commit\). \(the host "
+            rf"stays in its boot [-0-9a-f]+, release {re.escape(OLD)}\)", message), message
+    else:
+        assert re.fullmatch(
+            r"h1: kho-agent-update.service ended without writing a result: systemd says "
+            r"ActiveState=failed, SubState=failed, Result=exit-code, ExecMainStatus=1; its "
+            r"journal: Traceback \(most recent call last\): / ModuleNotFoundError: No module "
+            r"named 'kho_agent' \(the host stays in its boot [-0-9a-f]+, release "
+            rf"{re.escape(OLD)}\)", message), message
+    assert h1.properties()["State"] == "idle"
+
+
+def test_a_unit_stopped_by_the_shutdown_for_the_kexec_is_not_a_failure(fleet: Fleet) -> None:
+    # the `systemctl kexec` of a commit stops the unit with the rest of the host: while systemd
+    # says the host is stopping, a unit that ended without a document is the kexec on its way
+    h1 = fleet.host("h1")
+    h1.state_file("unit").write_text(UNIT_DEAD + "InvocationID=0a0a\n")
+    h1.state_file("system-state").write_text("stopping\n")
+    done = fleet.play("--limit", "h1")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.search(rf"h1: live update #2 verified: {OLD} -> {NEW}", done.stdout), done.stdout
+
+
+def test_a_host_that_rebooted_cold_fails_as_soon_as_it_is_back(fleet: Fleet) -> None:
+    # the new kernel panics (another LUO version) and the machine resets into the old kernel,
+    # a cold boot: a new boot id, but not a live update; the verification's bound (600 s) is not
+    # waited for
+    h1 = fleet.host("h1")
+    SimKernel(h1.simdir).inject("luo-mismatch")
+    done = fleet.play("-e", "rolling_update_verify_timeout=600", "--limit", "h1")
+    assert done.returncode == 2, done.stdout + done.stderr
+    new_boot = h1.boot_id_path.read_text().strip()
+    message = failures(done.stdout)["h1"]
+    assert message.startswith(f"h1: host rebooted cold: boot {new_boot}, release {OLD}, "
+                              "LiveUpdateNumber 1 where the live update's is 2 "), message
+    assert h1.lost_connections() == [new_boot]
