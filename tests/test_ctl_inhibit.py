@@ -60,6 +60,7 @@ def test_a_second_stop_signal_still_waits_for_the_covered_command(bus: PrivateBu
         holder.stdin.close()  # the command ends its step
         assert holder.wait(WAIT_S) == 7, holder.stderr.read() if holder.stderr else ""
         assert holder.stderr is not None and "Traceback" not in holder.stderr.read()
+        assert holder.stdout.read() == ""  # the later stops were not passed on again
         wait_held(bus, [])
     finally:
         if holder.poll() is None:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -229,22 +228,20 @@ def abandon_prepare(client: AgentClient, path: str, timeout: float,
     what became of it, as the end of a sentence. One that ended just before the cancel
     reached it is undone as any prepared update (Manager.Cancel, the owners told)."""
     client.deadline = Deadline.after(timeout)
+    say(f"the prepare did not finish in time: cancelling it ({path})")
     try:
-        _, fds = client.call(path, api.JOB_IFACE, "Cancel")
-        for fd in fds:
-            os.close(fd)
+        client.call(path, api.JOB_IFACE, "Cancel", reply_type="()")
     except Busy:
         pass  # it has ended meanwhile: how, the job says below
     except AgentError as exc:
         return (f"it could not be cancelled ({exc.name}: {exc.message}): see `kho-agentctl "
                 "jobs`; once it has ended, `kho-agentctl cancel` undoes it")
-    say(f"the prepare did not finish in time: cancelling it ({path})")
     try:
         job = client.follow(path, on_progress=lambda _job: None)
     except AgentError as exc:
-        return (f"kho-agentd was asked to cancel it and rolls it back at its next step (the "
-                f"clients' sessions stay), but it had not yet ended ({exc.name}): see "
-                "`kho-agentctl status`")
+        return (f"kho-agentd was asked to cancel it, but it had not ended when update last "
+                f"looked ({exc.name}: {exc.message}); a cancelled prepare rolls back at its "
+                "next step and the clients' sessions stay: see `kho-agentctl status`")
     if job.state == api.JOB_CANCELED:
         report.cancelled = True
         return "it was cancelled: nothing is prepared, the clients' sessions are as they were"

@@ -105,10 +105,9 @@ class RegularFile:
         while length > 0:
             try:
                 chunk = os.pread(self.fd, min(length, 1 << 24), offset)
-            except OSError as exc:
-                code = exc.errno or errno.EIO
+            except OSError as exc:  # errno_text reads an OSError without errno as EIO
                 raise InvalidArgument(f"{self.label} cannot be read: "
-                                      f"{errno_text(code)}") from exc
+                                      f"{errno_text(exc)}") from exc
             if not chunk:
                 break
             chunks.append(chunk)

@@ -30,7 +30,6 @@ class RetrievalLog:
         self._read = 0          # bytes of the log applied so far
         self._retrieved: dict[str, tuple[int, int | None]] = {}  # hex name -> (pid, start)
         self._finished: set[str] = set()
-        self._ever: set[str] = set()  # hex names retrieved at some time, finished ones too
 
     def _open(self) -> int:
         if self._fd < 0:
@@ -58,7 +57,6 @@ class RetrievalLog:
                 # a line of an earlier version has no start time
                 start = int(fields[3]) if len(fields) == 4 else None
                 self._retrieved[fields[1]] = (int(fields[2]), start)
-                self._ever.add(fields[1])
             elif len(fields) == 2 and fields[0] == "F":
                 self._retrieved.pop(fields[1], None)
                 self._finished.add(fields[1])
@@ -71,7 +69,9 @@ class RetrievalLog:
         """The names RETRIEVE_SESSION handed out in this boot, by any process, finished since
         or not."""
         self._refresh()
-        return {bytes.fromhex(key).decode(errors="surrogateescape") for key in self._ever}
+        # FINISH is refused on a session not retrieved: every finished one was retrieved first
+        ever = set(self._retrieved) | self._finished
+        return {bytes.fromhex(key).decode(errors="surrogateescape") for key in ever}
 
     def finished(self, name: str) -> bool:
         self._refresh()
@@ -94,7 +94,6 @@ class RetrievalLog:
         pid, start = own_identity()
         self._append(f"R {_key(name)} {pid} {start}")
         self._retrieved[_key(name)] = (pid, start)
-        self._ever.add(_key(name))
 
     def mark_finished(self, name: str) -> None:
         key = _key(name)
